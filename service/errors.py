@@ -1,0 +1,73 @@
+"""One error tree; every error a client can cause maps to a status and a stable ``code``.
+
+ServiceError (500 internal_error)
+├── InvalidRequest (400 invalid_request)
+│   ├── PayloadTooLarge (413 invalid_request)
+│   └── UnsupportedMediaType (415 invalid_request)
+├── NotFound (404 not_found)
+├── MethodNotAllowed (405 method_not_allowed)
+├── Unauthorized (401 unauthorized)
+├── Overloaded (429 overloaded, Retry-After)
+├── NotReady (503 router_not_ready, Retry-After)
+└── ShuttingDown (503 shutting_down, Retry-After)
+"""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    status: int = 500
+    code: str = "internal_error"
+    retry_after: bool = False
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if status is not None:
+            self.status = status
+
+
+class InvalidRequest(ServiceError):
+    status = 400
+    code = "invalid_request"
+
+
+class PayloadTooLarge(InvalidRequest):
+    status = 413
+
+
+class UnsupportedMediaType(InvalidRequest):
+    status = 415
+
+
+class NotFound(ServiceError):
+    status = 404
+    code = "not_found"
+
+
+class MethodNotAllowed(ServiceError):
+    status = 405
+    code = "method_not_allowed"
+
+
+class Unauthorized(ServiceError):
+    status = 401
+    code = "unauthorized"
+
+
+class Overloaded(ServiceError):
+    status = 429
+    code = "overloaded"
+    retry_after = True
+
+
+class NotReady(ServiceError):
+    status = 503
+    code = "router_not_ready"
+    retry_after = True
+
+
+class ShuttingDown(ServiceError):
+    status = 503
+    code = "shutting_down"
+    retry_after = True

@@ -1,0 +1,1 @@
+"""HTTP plumbing shared by the services: JSON responses, errors, middleware, the Hypercorn runner."""

@@ -1,0 +1,57 @@
+"""Pure ASGI middleware: per-request metrics and the in-flight count that graceful drain waits on."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Collection
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.metrics import HttpMetrics
+
+OTHER_ROUTE = "other"
+
+
+class RequestMetricsMiddleware:
+    """Counts requests by route template and status, times them, and tracks how many are open.
+
+    Unknown paths are labelled ``other`` so a scanner cannot blow up the label set.
+    """
+
+    def __init__(self, app: ASGIApp, *, metrics: HttpMetrics, routes: Collection[str]) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.routes = frozenset(routes)
+        self.in_flight = 0
+        self.idle = asyncio.Event()  # set while no request is open; graceful drain waits on it
+        self.idle.set()
+        self._durations = {route: metrics.request_duration.labels(route=route) for route in (*routes, OTHER_ROUTE)}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        route = path if path in self.routes else OTHER_ROUTE
+        status = 500
+        started = time.perf_counter()
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        self.in_flight += 1
+        self.idle.clear()
+        self.metrics.in_flight.inc()
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                self.idle.set()
+            self.metrics.in_flight.dec()
+            self.metrics.requests.labels(route=route, method=scope["method"], status=str(status)).inc()
+            self._durations[route].observe(time.perf_counter() - started)

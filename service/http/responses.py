@@ -1,0 +1,62 @@
+"""JSON responses (orjson) and the one error body: ``{"error": {"code": ..., "message": ...}}``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from service.errors import (
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    ServiceError,
+    UnsupportedMediaType,
+)
+
+
+class ORJSONResponse(JSONResponse):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def error_response(error: ServiceError, *, retry_after_s: int) -> Response:
+    headers = {"Retry-After": str(retry_after_s)} if error.retry_after else None
+    return ORJSONResponse(
+        {"error": {"code": error.code, "message": error.message}}, status_code=error.status, headers=headers
+    )
+
+
+def http_exception_to_error(exc: HTTPException) -> ServiceError:
+    """Starlette's own 404/405 (unknown route, wrong method) in our error shape."""
+    if exc.status_code == 404:
+        return NotFound("no such endpoint")
+    if exc.status_code == 405:
+        return MethodNotAllowed("method not allowed on this endpoint")
+    if exc.status_code < 500:
+        return InvalidRequest(str(exc.detail), status=exc.status_code)
+    return ServiceError(str(exc.detail), status=exc.status_code)
+
+
+async def read_json_body(request: Request, *, max_bytes: int) -> bytes:
+    """The raw body, refusing non-JSON content types and bodies over ``max_bytes`` (413)."""
+    content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    if content_type != "application/json" and not content_type.endswith("+json"):
+        raise UnsupportedMediaType(f"content type must be application/json, got {content_type!r}")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise PayloadTooLarge(f"body of {declared} bytes is over the {max_bytes}-byte limit")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise PayloadTooLarge(f"body is over the {max_bytes}-byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)

@@ -1,0 +1,128 @@
+"""Run a service under Hypercorn (uvloop where available), one or several processes on one port.
+
+Signals, per worker process:
+* SIGTERM / SIGINT: drain. The service stops admitting (health 503, new work 503), finishes what it
+  admitted, then Hypercorn stops listening and the process exits.
+* SIGHUP: the service's reload hook (the router reloads its weights file).
+
+With ``workers > 1`` a parent binds the socket once, starts the workers (each its own event loop,
+batcher and model) and forwards SIGTERM, SIGINT and SIGHUP to them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from hypercorn.asyncio.run import worker_serve
+from hypercorn.config import Config, Sockets
+from hypercorn.utils import wrap_app
+from starlette.types import ASGIApp
+
+from service.config import BaseSettings
+
+logger = logging.getLogger(__name__)
+
+# Seconds Hypercorn waits for open connections after the service has drained its own work.
+CONNECTION_CLOSE_GRACE_S = 5.0
+KEEP_ALIVE_S = 75  # above common load-balancer idle timeouts (60 s), so the LB closes first
+
+
+class Service(Protocol):
+    """What the runner needs from a service besides its ASGI app."""
+
+    @property
+    def asgi(self) -> ASGIApp: ...
+
+    def begin_drain(self) -> None:
+        """Stop admitting work (idempotent)."""
+
+    async def drained(self) -> None:
+        """Return once admitted work is finished (or the drain timeout passed)."""
+
+    def on_reload_signal(self) -> None:
+        """SIGHUP."""
+
+
+ServiceFactory = Callable[[], Service]
+
+
+def hypercorn_config(settings: BaseSettings) -> Config:
+    config = Config()
+    config.bind = [f"{settings.host}:{settings.port}"]
+    config.graceful_timeout = CONNECTION_CLOSE_GRACE_S
+    config.keep_alive_timeout = KEEP_ALIVE_S
+    config.accesslog = None  # per-request logging costs throughput; metrics count requests instead
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.loglevel = settings.log_level.upper()
+    return config
+
+
+def serve(factory: ServiceFactory, settings: BaseSettings) -> int:
+    config = hypercorn_config(settings)
+    if settings.workers <= 1:
+        run_worker(factory, config, None)
+        return 0
+    return _run_supervisor(factory, config, settings.workers)
+
+
+def run_worker(factory: ServiceFactory, config: Config, sockets: Sockets | None) -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        asyncio.run(_serve(factory, config, sockets))
+    else:
+        uvloop.run(_serve(factory, config, sockets))
+
+
+async def _serve(factory: ServiceFactory, config: Config, sockets: Sockets | None) -> None:
+    service = factory()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, service.begin_drain)
+    loop.add_signal_handler(signal.SIGHUP, service.on_reload_signal)
+    await worker_serve(
+        wrap_app(service.asgi, config.wsgi_max_body_size, "asgi"),
+        config,
+        sockets=sockets,
+        shutdown_trigger=service.drained,
+    )
+
+
+def _run_supervisor(factory: ServiceFactory, config: Config, workers: int) -> int:
+    sockets = config.create_sockets()
+    ctx = multiprocessing.get_context("spawn")
+    processes = [
+        ctx.Process(target=run_worker, args=(factory, config, sockets), daemon=False, name=f"worker-{i}")
+        for i in range(workers)
+    ]
+    for process in processes:
+        process.start()
+    logger.info("started %d workers on %s", workers, ", ".join(config.bind))
+
+    def forward(signum: int, _frame: Any) -> None:
+        for process in processes:
+            if process.is_alive() and process.pid is not None:
+                os.kill(process.pid, signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    exit_code = 0
+    for process in processes:
+        process.join()
+        exit_code = exit_code or (process.exitcode or 0)
+    for sock in (*sockets.secure_sockets, *sockets.insecure_sockets):
+        sock.close()
+    return exit_code
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s"
+    )

@@ -1,0 +1,127 @@
+"""Every Prometheus metric the router exports, on a registry of its own per app instance.
+
+Durations are in seconds and share one bucket set; label values are bounded (route templates,
+status codes, error codes, model ids and cluster ids from the weights file).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+DURATION_BUCKETS_S = (
+    0.0005,
+    0.001,
+    0.002,
+    0.004,
+    0.006,
+    0.008,
+    0.01,
+    0.015,
+    0.02,
+    0.03,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 256, 512)
+BATCH_TOKEN_BUCKETS = (16, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+
+PROMETHEUS_CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class HttpMetrics:
+    """Request counts and latency by route template and status; shared by both services."""
+
+    def __init__(self, registry: CollectorRegistry, prefix: str) -> None:
+        self.registry = registry
+        self.requests = Counter(
+            f"{prefix}_http_requests",
+            "HTTP requests by route and status",
+            ["route", "method", "status"],
+            registry=registry,
+        )
+        self.request_duration = Histogram(
+            f"{prefix}_http_request_duration_seconds",
+            "Time from request start to response end, by route",
+            ["route"],
+            buckets=DURATION_BUCKETS_S,
+            registry=registry,
+        )
+        self.in_flight = Gauge(f"{prefix}_http_requests_in_flight", "Requests being handled", registry=registry)
+        self.errors = Counter(f"{prefix}_errors", "Error answers by error code", ["code"], registry=registry)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class RouterMetrics(HttpMetrics):
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        registry = registry or CollectorRegistry(auto_describe=True)
+        super().__init__(registry, "router")
+        self.queue_wait = Histogram(
+            "router_queue_wait_seconds",
+            "Time a prompt waited before its batch started",
+            buckets=DURATION_BUCKETS_S,
+            registry=registry,
+        )
+        self.embedding_duration = Histogram(
+            "router_embedding_duration_seconds",
+            "Forward pass time per batch (model + centroid search)",
+            buckets=DURATION_BUCKETS_S,
+            registry=registry,
+        )
+        self.tokenize_duration = Histogram(
+            "router_tokenize_duration_seconds",
+            "Tokenization time per tokenizer pass",
+            buckets=DURATION_BUCKETS_S,
+            registry=registry,
+        )
+        self.routing_duration = Histogram(
+            "router_routing_duration_seconds",
+            "Routing logic per request (cache, search, scoring)",
+            buckets=DURATION_BUCKETS_S,
+            registry=registry,
+        )
+        self.batch_size = Histogram(
+            "router_batch_size", "Prompts per forward pass", buckets=BATCH_SIZE_BUCKETS, registry=registry
+        )
+        self.batch_tokens = Histogram(
+            "router_batch_tokens",
+            "Tokens per forward pass (no padding)",
+            buckets=BATCH_TOKEN_BUCKETS,
+            registry=registry,
+        )
+        self.queue_depth = Gauge("router_queue_depth", "Prompts waiting for a batch", registry=registry)
+        self.admitted = Gauge(
+            "router_admitted_prompts", "Prompts admitted and not finished (bounded by max_queue)", registry=registry
+        )
+        self.dropped = Counter(
+            "router_dropped_prompts", "Prompts dropped before compute because every client left", registry=registry
+        )
+        self.batch_failures = Counter("router_batch_failures", "Batches whose compute raised", registry=registry)
+        self.cache_hits = Counter("router_cache_hits", "Prompt lookups answered by the LRU cache", registry=registry)
+        self.cache_misses = Counter("router_cache_misses", "Prompt lookups not in the LRU cache", registry=registry)
+        self.singleflight_joins = Counter(
+            "router_singleflight_joins", "Requests that shared an identical prompt's computation", registry=registry
+        )
+        self.selections = Counter(
+            "router_selections", "Routing decisions by selected model", ["model"], registry=registry
+        )
+        self.cluster_requests = Counter(
+            "router_cluster_requests", "Routing decisions by cluster", ["cluster"], registry=registry
+        )
+        self.ready = Gauge("router_ready", "1 when weights and model are loaded and not draining", registry=registry)
+        self.weights_info = Gauge(
+            "router_weights_info", "The serving weights (value 1)", ["version", "models", "clusters"], registry=registry
+        )
+        self.reloads = Counter(
+            "router_weights_reloads", "Weights reload attempts by result", ["result"], registry=registry
+        )

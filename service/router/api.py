@@ -1,0 +1,135 @@
+"""Thin HTTP handlers for the router. All logic lives in the engine; these only translate."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from collections.abc import Awaitable
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import Receive
+
+from service.errors import InvalidRequest, NotReady, ShuttingDown, Unauthorized
+from service.http.responses import ORJSONResponse, read_json_body
+from service.metrics import PROMETHEUS_CONTENT_TYPE
+from service.router.schemas import parse_route_request
+from service.router.weights import WeightsError
+
+if TYPE_CHECKING:
+    from service.router.app import RouterService
+
+T = TypeVar("T")
+
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away first"
+
+
+class ClientGone(Exception):
+    pass
+
+
+class RouterApi:
+    def __init__(self, service: RouterService) -> None:
+        self.service = service
+
+    async def route(self, request: Request) -> Response:
+        service = self.service
+        if service.draining:
+            raise ShuttingDown("the router is draining; send new requests elsewhere")
+        engine = service.engine
+        if engine is None:
+            raise NotReady(service.not_ready_reason())
+        settings = service.settings
+        body = await read_json_body(request, max_bytes=settings.max_body_bytes)
+        route_request = parse_route_request(body, max_prompt_chars=settings.max_prompt_chars)
+        try:
+            decision = await _unless_disconnected(request.receive, engine.route(route_request))
+        except ClientGone:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        return ORJSONResponse(decision.to_json())
+
+    async def health(self, request: Request) -> Response:
+        body = self.service.health()
+        return ORJSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
+
+    async def metrics(self, request: Request) -> Response:
+        return Response(self.service.metrics.render(), media_type=PROMETHEUS_CONTENT_TYPE)
+
+    async def openapi(self, request: Request) -> Response:
+        from service.router.openapi import router_openapi
+
+        return ORJSONResponse(router_openapi())
+
+    async def reload(self, request: Request) -> Response:
+        """POST /admin/reload {"path": optional}: validate, swap atomically, clear the cache."""
+        service = self.service
+        _check_admin(request, service.settings.admin_token)
+        if service.engine is None:
+            raise NotReady(service.not_ready_reason())
+        body = await read_json_body(request, max_bytes=service.settings.max_body_bytes)
+        path = _reload_path(body) or service.settings.resolved_weights()
+        try:
+            weights = await service.engine.reload(path)
+        except WeightsError as exc:
+            raise InvalidRequest(f"weights rejected, still serving the previous ones: {exc}") from None
+        return ORJSONResponse(
+            {
+                "status": "reloaded",
+                "weights_version": weights.version,
+                "path": str(path),
+                "models": weights.num_models,
+                "clusters": weights.num_clusters,
+            }
+        )
+
+
+def _reload_path(body: bytes) -> Path | None:
+    if not body.strip():
+        return None
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("body must be a JSON object")
+    path = data.get("path")
+    if path is None:
+        return None
+    if not isinstance(path, str) or not path:
+        raise InvalidRequest("'path' must be a non-empty string")
+    return Path(path)
+
+
+def _check_admin(request: Request, token: str | None) -> None:
+    if token is None:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
+        raise Unauthorized("admin endpoints need 'Authorization: Bearer <admin token>'")
+
+
+async def _unless_disconnected(receive: Receive, work: Awaitable[T]) -> T:
+    """Await ``work``; if the client disconnects first, cancel it (its prompt is then dropped
+    before compute) and raise ``ClientGone``."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(receive))
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    raise ClientGone
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass

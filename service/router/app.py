@@ -1,0 +1,219 @@
+"""The router service: Starlette app, background loading, readiness, drain and reload.
+
+The server listens at once. Loading (model, weights, warm-up) runs in the background; until it
+is done ``/health`` and ``/v1/route`` answer 503 ``router_not_ready``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from enum import StrEnum
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import ASGIApp
+
+from service import __version__
+from service.config import RouterSettings, settings_summary
+from service.errors import ServiceError
+from service.http.middleware import RequestMetricsMiddleware
+from service.http.responses import error_response, http_exception_to_error
+from service.metrics import RouterMetrics
+from service.router.api import RouterApi
+from service.router.embedder import Embedder, MiniLMEmbedder
+from service.router.engine import RouterEngine, build_state
+from service.router.state import StateHolder
+from service.router.weights import WeightsError
+
+logger = logging.getLogger(__name__)
+
+WARMUP_TEXTS = ("warm up the router", "a second, somewhat longer prompt to warm up another sequence length")
+
+EmbedderFactory = Callable[[], Embedder]
+
+
+class Phase(StrEnum):
+    LOADING = "loading"
+    READY = "ok"
+    DRAINING = "draining"
+    FAILED = "failed"
+
+
+class RouterService:
+    def __init__(self, settings: RouterSettings, *, embedder_factory: EmbedderFactory | None = None) -> None:
+        self.settings = settings
+        self.metrics = RouterMetrics()
+        self.holder = StateHolder()
+        self.engine: RouterEngine | None = None
+        self.phase = Phase.LOADING
+        self.load_error: str | None = None
+        self._embedder: Embedder | None = None
+        self._embedder_factory = embedder_factory or (
+            lambda: MiniLMEmbedder(model_dir=settings.model_dir, device=settings.device, dtype=settings.dtype)
+        )
+        self._drain_requested = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        api = RouterApi(self)
+        routes = [
+            Route("/v1/route", self._guard(api.route), methods=["POST"]),
+            Route("/health", self._guard(api.health), methods=["GET"]),
+            Route("/metrics", self._guard(api.metrics), methods=["GET"]),
+            Route("/openapi.json", self._guard(api.openapi), methods=["GET"]),
+            Route("/admin/reload", self._guard(api.reload), methods=["POST"]),
+        ]
+        app = Starlette(
+            routes=routes,
+            exception_handlers={HTTPException: self._http_exception},  # type: ignore[dict-item]
+            lifespan=self._lifespan,
+        )
+        self._middleware = RequestMetricsMiddleware(app, metrics=self.metrics, routes=[r.path for r in routes])
+        self._asgi: ASGIApp = self._middleware
+
+    @property
+    def asgi(self) -> ASGIApp:
+        return self._asgi
+
+    @property
+    def draining(self) -> bool:
+        return self.phase is Phase.DRAINING
+
+    def not_ready_reason(self) -> str:
+        if self.phase is Phase.FAILED:
+            return f"router failed to load: {self.load_error}"
+        return "router is loading its model and weights; retry shortly"
+
+    def health(self) -> dict[str, Any]:
+        state = self.holder.current()
+        body: dict[str, Any] = {"status": self.phase.value, "version": __version__}
+        if self._embedder is not None:
+            body["device"] = self._embedder.device
+            body["embedder"] = self._embedder.model_id
+        if state is not None:
+            body.update(
+                models=state.weights.num_models,
+                clusters=state.weights.num_clusters,
+                weights_version=state.weights.version,
+                default_cost_weight=state.weights.default_lambda,
+            )
+        if self.engine is not None:
+            body["queue"] = self.engine.queued
+        if self.load_error is not None:
+            body["error"] = self.load_error
+        return body
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        logger.info("router settings: %s", settings_summary(self.settings))
+        self._spawn(self._load())
+        try:
+            yield
+        finally:
+            for task in list(self._tasks):
+                task.cancel()
+            if self.engine is not None:
+                await self.engine.close()
+
+    async def _load(self) -> None:
+        started = time.perf_counter()
+        try:
+            embedder = await asyncio.to_thread(self._embedder_factory)
+            self._embedder = embedder
+            state = await asyncio.to_thread(build_state, self.settings.resolved_weights(), embedder)
+            engine = RouterEngine(embedder=embedder, holder=self.holder, settings=self.settings, metrics=self.metrics)
+            engine.install(state)
+            await asyncio.to_thread(_warm_up, embedder)
+            engine.start()
+        except Exception as exc:  # a bad model or weights file must not kill the process
+            self.phase = Phase.FAILED
+            self.load_error = str(exc)
+            logger.exception("router failed to load")
+            return
+        self.engine = engine
+        if self.phase is Phase.LOADING:
+            self.phase = Phase.READY
+            self.metrics.ready.set(1)
+        logger.info("router ready in %.1fs on %s", time.perf_counter() - started, embedder.device)
+
+    def begin_drain(self) -> None:
+        if self.phase is not Phase.DRAINING:
+            logger.info("draining: refusing new work, finishing admitted requests")
+        self.phase = Phase.DRAINING
+        self.metrics.ready.set(0)
+        self._drain_requested.set()
+
+    async def drained(self) -> None:
+        await self._drain_requested.wait()
+        try:
+            await asyncio.wait_for(self._finish_admitted(), timeout=self.settings.drain_timeout_s)
+        except TimeoutError:
+            logger.warning("drain timeout (%.0fs) reached with work still open", self.settings.drain_timeout_s)
+        logger.info("drained")
+
+    async def _finish_admitted(self) -> None:
+        if self.engine is not None:
+            await self.engine.drain()
+        await self._middleware.idle.wait()
+
+    def on_reload_signal(self) -> None:
+        self._spawn(self._reload_from_signal())
+
+    async def _reload_from_signal(self) -> None:
+        if self.engine is None:
+            logger.warning("SIGHUP ignored: the router is not loaded yet")
+            return
+        path = self.settings.resolved_weights()
+        try:
+            weights = await self.engine.reload(path)
+        except WeightsError as exc:
+            logger.error("SIGHUP reload rejected, previous weights keep serving: %s", exc)
+        else:
+            logger.info("SIGHUP reload: now serving %s from %s", weights.version, path)
+
+    # -- plumbing -------------------------------------------------------------------------------
+    def _guard(self, handler: Callable[[Request], Any]) -> Callable[[Request], Any]:
+        """Every ServiceError becomes its JSON answer; anything else a logged 500, never a crash."""
+        retry_after = self.settings.retry_after_s
+        errors = self.metrics.errors
+
+        async def endpoint(request: Request) -> Response:
+            try:
+                response: Response = await handler(request)
+                return response
+            except ServiceError as exc:
+                errors.labels(code=exc.code).inc()
+                return error_response(exc, retry_after_s=retry_after)
+            except Exception:
+                logger.exception("unhandled error in %s", request.url.path)
+                errors.labels(code=ServiceError.code).inc()
+                return error_response(ServiceError("internal error"), retry_after_s=retry_after)
+
+        return endpoint
+
+    async def _http_exception(self, request: Request, exc: HTTPException) -> Response:
+        error = http_exception_to_error(exc)
+        self.metrics.errors.labels(code=error.code).inc()
+        return error_response(error, retry_after_s=self.settings.retry_after_s)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+def _warm_up(embedder: Embedder) -> None:
+    """First calls allocate and pick kernels; pay that before declaring ready."""
+    embedder.embed_ids(embedder.tokenize(list(WARMUP_TEXTS)))
+
+
+def build_router_service(settings: RouterSettings) -> RouterService:
+    """Picklable factory for the server runner (worker processes call it)."""
+    return RouterService(settings)

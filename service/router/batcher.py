@@ -1,0 +1,243 @@
+"""Continuous micro-batching of prompts, as TEI does it.
+
+Two stages, each in its own thread pool, so neither tokenization nor the forward pass ever runs on
+the event loop:
+
+    submit() --> [incoming] --tokenizer thread--> [ready] --compute workers--> on_batch()
+
+* A batch starts as soon as a compute worker is free: no timer when idle. While the workers are
+  busy, prompts pile up in ``ready`` and the next batch takes all it can: batch size follows load.
+* A batch is cut by ``max_batch_size`` prompts and ``max_batch_tokens`` tokens. The model packs a
+  batch without padding and attends per equal-length run (see ``minilm.py``), so a batch costs
+  its real tokens, not ``size x longest``.
+* Jobs whose clients all went away are dropped before tokenization and again before compute.
+* Admission is bounded: past ``max_queue`` prompts admitted and not finished, ``submit`` raises
+  ``Overloaded`` (429 with Retry-After) instead of growing the queue.
+* A failing batch fails only its own jobs; the loop keeps going.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
+
+from service.errors import Overloaded, ShuttingDown
+from service.metrics import RouterMetrics
+
+logger = logging.getLogger(__name__)
+
+
+class BatchJob(Protocol):
+    text: str
+    ids: list[int] | None
+    enqueued_at: float
+
+    def abandoned(self) -> bool:
+        """True when nobody waits for the result any more."""
+        ...
+
+
+J = TypeVar("J", bound=BatchJob)
+R = TypeVar("R")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BatcherConfig:
+    max_batch_size: int
+    max_batch_tokens: int
+    max_queue: int
+    workers: int
+
+
+class MicroBatcher(Generic[J, R]):
+    """``compute`` runs in a worker thread on a batch; ``on_batch``/``on_error`` run on the loop."""
+
+    def __init__(
+        self,
+        *,
+        config: BatcherConfig,
+        tokenize: Callable[[list[str]], list[list[int]]],
+        compute: Callable[[list[J]], R],
+        on_batch: Callable[[list[J], R], None],
+        on_error: Callable[[list[J], BaseException], None],
+        metrics: RouterMetrics,
+        worker_init: Callable[[], None] | None = None,
+    ) -> None:
+        if config.max_batch_size < 1 or config.max_batch_tokens < 1 or config.max_queue < 1 or config.workers < 1:
+            raise ValueError(f"invalid batcher config: {config}")
+        self.config = config
+        self._tokenize = tokenize
+        self._compute = compute
+        self._on_batch = on_batch
+        self._on_error = on_error
+        self._metrics = metrics
+        self._incoming: deque[J] = deque()
+        self._ready: deque[J] = deque()
+        self._incoming_event = asyncio.Event()
+        self._ready_event = asyncio.Event()
+        self._idle_event = asyncio.Event()
+        self._idle_event.set()
+        self._free_workers = asyncio.Semaphore(config.workers)
+        self._admitted = 0
+        self._closed = False
+        self._tokenizer_pool = ThreadPoolExecutor(1, thread_name_prefix="tokenizer")
+        self._compute_pool = ThreadPoolExecutor(config.workers, thread_name_prefix="compute", initializer=worker_init)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- public ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        for loop_fn in (self._tokenizer_loop, self._scheduler_loop):
+            self._spawn(loop_fn())
+
+    def submit(self, job: J) -> None:
+        """Queue a job or raise ``Overloaded`` (queue full) / ``ShuttingDown`` (stopped)."""
+        if self._closed:
+            raise ShuttingDown("the router is shutting down")
+        if self._admitted >= self.config.max_queue:
+            raise Overloaded(f"router queue is full ({self.config.max_queue} prompts); retry later")
+        self._admitted += 1
+        self._metrics.admitted.set(self._admitted)
+        self._idle_event.clear()
+        self._incoming.append(job)
+        self._incoming_event.set()
+        self._update_depth()
+
+    @property
+    def admitted(self) -> int:
+        return self._admitted
+
+    async def drain(self) -> None:
+        """Stop admitting; wait until every admitted job is finished."""
+        self._closed = True
+        await self._idle_event.wait()
+
+    async def close(self) -> None:
+        self._closed = True
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tokenizer_pool.shutdown(wait=True, cancel_futures=True)
+        self._compute_pool.shutdown(wait=True, cancel_futures=True)
+
+    # -- stages -----------------------------------------------------------------------------------
+    async def _tokenizer_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._incoming_event.wait()
+            self._incoming_event.clear()
+            jobs = self._take_live(self._incoming, limit=len(self._incoming))
+            if not jobs:
+                continue
+            started = time.perf_counter()
+            try:
+                ids = await loop.run_in_executor(self._tokenizer_pool, self._tokenize, [job.text for job in jobs])
+            except Exception as exc:
+                logger.exception("tokenization failed for %d prompts", len(jobs))
+                self._finish(jobs, error=exc)
+                continue
+            self._metrics.tokenize_duration.observe(time.perf_counter() - started)
+            for job, seq in zip(jobs, ids, strict=True):
+                job.ids = seq
+            self._ready.extend(jobs)
+            self._ready_event.set()
+
+    async def _scheduler_loop(self) -> None:
+        while True:
+            await self._ready_event.wait()
+            # Take a batch only once a worker is free: meanwhile the queue keeps filling.
+            await self._free_workers.acquire()
+            batch = self._next_batch()
+            if not self._ready:
+                self._ready_event.clear()
+            if not batch:
+                self._free_workers.release()
+                continue
+            self._spawn(self._run(batch))
+
+    async def _run(self, batch: list[J]) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            started = time.monotonic()
+            for job in batch:
+                self._metrics.queue_wait.observe(started - job.enqueued_at)
+            self._metrics.batch_size.observe(len(batch))
+            self._metrics.batch_tokens.observe(sum(len(job.ids or ()) for job in batch))
+            try:
+                result = await loop.run_in_executor(self._compute_pool, self._compute, batch)
+            except Exception as exc:
+                self._metrics.batch_failures.inc()
+                logger.exception("batch of %d prompts failed", len(batch))
+                self._finish(batch, error=exc)
+            else:
+                self._finish(batch, result=result)
+        finally:
+            self._free_workers.release()
+
+    # -- helpers ----------------------------------------------------------------------------------
+    def _next_batch(self) -> list[J]:
+        """FIFO up to the size and token caps; the first job always fits (it is <= max_seq_length)."""
+        batch: list[J] = []
+        tokens = 0
+        while self._ready and len(batch) < self.config.max_batch_size:
+            job = self._ready[0]
+            if job.abandoned():
+                self._ready.popleft()
+                self._drop(job)
+                continue
+            size = len(job.ids or ())
+            if batch and tokens + size > self.config.max_batch_tokens:
+                break
+            self._ready.popleft()
+            batch.append(job)
+            tokens += size
+        self._update_depth()
+        return batch
+
+    def _take_live(self, queue: deque[J], limit: int) -> list[J]:
+        jobs: list[J] = []
+        for _ in range(limit):
+            job = queue.popleft()
+            if job.abandoned():
+                self._drop(job)
+            else:
+                jobs.append(job)
+        self._update_depth()
+        return jobs
+
+    def _drop(self, job: J) -> None:
+        self._metrics.dropped.inc()
+        self._release(1)
+
+    def _finish(self, jobs: Sequence[J], *, result: R | None = None, error: BaseException | None = None) -> None:
+        try:
+            if error is not None:
+                self._on_error(list(jobs), error)
+            else:
+                self._on_batch(list(jobs), result)  # type: ignore[arg-type]
+        except Exception:
+            logger.exception("delivering batch results failed")
+        finally:
+            self._release(len(jobs))
+
+    def _release(self, count: int) -> None:
+        self._admitted -= count
+        self._metrics.admitted.set(self._admitted)
+        if self._admitted == 0:
+            self._idle_event.set()
+
+    def _update_depth(self) -> None:
+        self._metrics.queue_depth.set(len(self._incoming) + len(self._ready))
+
+    def _spawn(self, coro: object) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

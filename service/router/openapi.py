@@ -1,0 +1,233 @@
+"""OpenAPI 3.1 description of the router's HTTP API (served at /openapi.json)."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from service import __version__
+from service.router.embedder import EMBEDDING_DIM
+
+
+def _error(description: str, *, retry_after: bool = False) -> dict[str, Any]:
+    response: dict[str, Any] = {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+    }
+    if retry_after:
+        response["headers"] = {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}}
+    return response
+
+
+_ROUTE_REQUEST = {
+    "type": "object",
+    "description": "Give `prompt` or `embedding` (with both, the embedding is used). Unknown fields are ignored.",
+    "properties": {
+        "prompt": {"type": "string", "minLength": 1, "description": "The user text to route."},
+        "embedding": {
+            "type": "array",
+            "items": {"type": "number"},
+            "minItems": EMBEDDING_DIM,
+            "maxItems": EMBEDDING_DIM,
+            "description": f"A precomputed {EMBEDDING_DIM}-d all-MiniLM-L6-v2 embedding; skips the embedder.",
+        },
+        "available_models": {
+            "type": "array",
+            "items": {"type": "string", "minLength": 1},
+            "minItems": 1,
+            "description": "Restrict candidates to these models (all models when omitted).",
+        },
+        "cost_weight": {
+            "type": "number",
+            "minimum": 0,
+            "description": "lambda for this call: 0 = quality first, 1 and more = cheap first. "
+            "Default: the weights' default_lambda.",
+        },
+    },
+    "anyOf": [{"required": ["prompt"]}, {"required": ["embedding"]}],
+}
+
+_ROUTE_RESPONSE = {
+    "type": "object",
+    "required": [
+        "selected_model",
+        "cluster_id",
+        "expected_error",
+        "cost_adjusted_score",
+        "all_scores",
+        "cache_hit",
+        "usage",
+    ],
+    "properties": {
+        "selected_model": {"type": "string", "description": "argmin of expected_error + lambda * cost_per_1k"},
+        "cluster_id": {"type": "integer", "minimum": 0, "description": "nearest centroid"},
+        "expected_error": {"type": "number", "description": "predicted error of selected_model on cluster_id"},
+        "cost_adjusted_score": {"type": "number", "description": "the minimised score"},
+        "all_scores": {
+            "type": "object",
+            "additionalProperties": {"type": "number"},
+            "description": "score of every candidate considered",
+        },
+        "cache_hit": {"type": "boolean", "description": "cluster came from the LRU cache"},
+        "usage": {
+            "type": "object",
+            "required": ["routing_ms", "embedding_ms"],
+            "properties": {
+                "routing_ms": {"type": "number", "description": "cache lookup, centroid search and scoring"},
+                "embedding_ms": {
+                    "type": "number",
+                    "description": "forward pass of the batch (0 on cache hit or when an embedding was supplied)",
+                },
+                "queue_ms": {"type": "number", "description": "time waiting for a batch"},
+            },
+        },
+        "cost_weight": {"type": "number", "description": "lambda used"},
+        "clusters": {
+            "type": "array",
+            "description": "nearest clusters, best first, with cosine similarity",
+            "items": {
+                "type": "object",
+                "properties": {"cluster_id": {"type": "integer"}, "similarity": {"type": "number"}},
+            },
+        },
+        "weights_version": {"type": "string"},
+    },
+}
+
+_HEALTH = {
+    "type": "object",
+    "required": ["status"],
+    "properties": {
+        "status": {"type": "string", "enum": ["ok", "loading", "draining", "failed"]},
+        "version": {"type": "string"},
+        "device": {"type": "string"},
+        "embedder": {"type": "string"},
+        "models": {"type": "integer"},
+        "clusters": {"type": "integer"},
+        "weights_version": {"type": "string"},
+        "default_cost_weight": {"type": "number"},
+        "queue": {"type": "integer"},
+        "error": {"type": "string"},
+    },
+}
+
+
+@functools.cache
+def router_openapi() -> dict[str, Any]:
+    json_body = {"application/json": {"schema": {"$ref": "#/components/schemas/RouteRequest"}}}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "LLM model router", "version": __version__},
+        "paths": {
+            "/v1/route": {
+                "post": {
+                    "summary": "Pick the model for a prompt",
+                    "operationId": "route",
+                    "requestBody": {"required": True, "content": json_body},
+                    "responses": {
+                        "200": {
+                            "description": "routing decision",
+                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/RouteResponse"}}},
+                        },
+                        "400": _error("invalid_request: malformed body, wrong types, unknown models, bad embedding"),
+                        "413": _error("invalid_request: body or prompt over the configured limit"),
+                        "415": _error("invalid_request: content type is not application/json"),
+                        "429": _error("overloaded: the admission queue is full", retry_after=True),
+                        "503": _error("router_not_ready (loading) or shutting_down (draining)", retry_after=True),
+                    },
+                }
+            },
+            "/health": {
+                "get": {
+                    "summary": "Readiness for load balancers: 200 when serving, 503 while loading or draining",
+                    "operationId": "health",
+                    "responses": {
+                        "200": {"description": "ready", "content": {"application/json": {"schema": _HEALTH}}},
+                        "503": {
+                            "description": "loading, draining or failed",
+                            "content": {"application/json": {"schema": _HEALTH}},
+                        },
+                    },
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics",
+                    "operationId": "metrics",
+                    "responses": {
+                        "200": {
+                            "description": "text exposition format",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        }
+                    },
+                }
+            },
+            "/openapi.json": {
+                "get": {
+                    "summary": "This document",
+                    "operationId": "openapi",
+                    "responses": {
+                        "200": {
+                            "description": "OpenAPI 3.1",
+                            "content": {"application/json": {"schema": {"type": "object"}}},
+                        }
+                    },
+                }
+            },
+            "/admin/reload": {
+                "post": {
+                    "summary": "Load a new weights file without downtime: validated, swapped atomically, cache cleared",
+                    "operationId": "reload",
+                    "security": [{"adminToken": []}],
+                    "requestBody": {
+                        "required": False,
+                        "content": {
+                            "application/json": {
+                                "schema": {"type": "object", "properties": {"path": {"type": "string", "minLength": 1}}}
+                            }
+                        },
+                    },
+                    "responses": {
+                        "200": {
+                            "description": "reloaded",
+                            "content": {
+                                "application/json": {
+                                    "schema": {
+                                        "type": "object",
+                                        "properties": {
+                                            "status": {"type": "string"},
+                                            "weights_version": {"type": "string"},
+                                            "path": {"type": "string"},
+                                            "models": {"type": "integer"},
+                                            "clusters": {"type": "integer"},
+                                        },
+                                    }
+                                }
+                            },
+                        },
+                        "400": _error("invalid_request: the file was rejected; the previous weights keep serving"),
+                        "401": _error("unauthorized: missing or wrong admin token"),
+                        "503": _error("router_not_ready", retry_after=True),
+                    },
+                }
+            },
+        },
+        "components": {
+            "schemas": {
+                "RouteRequest": _ROUTE_REQUEST,
+                "RouteResponse": _ROUTE_RESPONSE,
+                "Error": {
+                    "type": "object",
+                    "required": ["error"],
+                    "properties": {
+                        "error": {
+                            "type": "object",
+                            "required": ["code", "message"],
+                            "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
+                        }
+                    },
+                },
+            },
+            "securitySchemes": {"adminToken": {"type": "http", "scheme": "bearer"}},
+        },
+    }

@@ -1,0 +1,138 @@
+"""POST /v1/route: request parsing and validation, and the response body.
+
+Validation here needs no weights; checks against the serving weights (model names) happen in
+``engine.RouteQuery.build``. Unknown fields are ignored, as most JSON APIs do.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+
+from service.errors import InvalidRequest, PayloadTooLarge
+from service.router.embedder import EMBEDDING_DIM
+
+
+@dataclass(frozen=True)
+class RouteRequest:
+    prompt: str | None
+    embedding: np.ndarray | None  # [dim] float32, unit norm
+    available_models: list[str] | None
+    cost_weight: float | None
+
+
+def parse_route_request(body: bytes, *, max_prompt_chars: int, dim: int = EMBEDDING_DIM) -> RouteRequest:
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("body must be a JSON object")
+    prompt = _prompt(data.get("prompt"), max_prompt_chars)
+    embedding = _embedding(data.get("embedding"), dim)
+    if prompt is None and embedding is None:
+        raise InvalidRequest("give a 'prompt' (string) or an 'embedding' (array of numbers)")
+    return RouteRequest(
+        prompt=prompt,
+        embedding=embedding,
+        available_models=_available_models(data.get("available_models")),
+        cost_weight=_cost_weight(data.get("cost_weight")),
+    )
+
+
+def _prompt(value: Any, max_chars: int) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidRequest(f"'prompt' must be a string, got {_json_type(value)}")
+    if not value.strip():
+        raise InvalidRequest("'prompt' must not be empty or only whitespace")
+    if len(value) > max_chars:
+        raise PayloadTooLarge(f"'prompt' has {len(value)} characters; the limit is {max_chars}")
+    return value
+
+
+def _embedding(value: Any, dim: int) -> np.ndarray | None:
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise InvalidRequest(f"'embedding' must be an array of {dim} numbers, got {_json_type(value)}")
+    if len(value) != dim:
+        raise InvalidRequest(f"'embedding' must have exactly {dim} numbers, got {len(value)}")
+    if not all(isinstance(x, int | float) and not isinstance(x, bool) for x in value):
+        raise InvalidRequest("'embedding' must contain only numbers")
+    vector = np.asarray(value, dtype=np.float64)
+    if not np.isfinite(vector).all():
+        raise InvalidRequest("'embedding' must contain only finite numbers")
+    norm = float(np.linalg.norm(vector))
+    if norm == 0.0 or not math.isfinite(norm):
+        raise InvalidRequest("'embedding' must have a non-zero, finite norm")
+    return (vector / norm).astype(np.float32)
+
+
+def _available_models(value: Any) -> list[str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise InvalidRequest(f"'available_models' must be an array of strings, got {_json_type(value)}")
+    if not value:
+        raise InvalidRequest("'available_models' must not be empty (omit it to consider every model)")
+    if not all(isinstance(name, str) for name in value):
+        raise InvalidRequest("'available_models' must contain only strings")
+    if any(not name for name in value):
+        raise InvalidRequest("'available_models' must not contain empty names")
+    return list(dict.fromkeys(value))
+
+
+def _cost_weight(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidRequest(f"'cost_weight' must be a number, got {_json_type(value)}")
+    weight = float(value)
+    if not math.isfinite(weight) or weight < 0:
+        raise InvalidRequest(f"'cost_weight' must be a finite number >= 0, got {value}")
+    return weight
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+@dataclass(frozen=True)
+class RouteDecision:
+    selected_model: str
+    cluster_id: int
+    expected_error: float
+    cost_adjusted_score: float
+    all_scores: dict[str, float]
+    cache_hit: bool
+    routing_ms: float
+    embedding_ms: float
+    queue_ms: float
+    cost_weight: float
+    clusters: list[tuple[int, float]]  # nearest clusters with cosine similarity, best first
+    weights_version: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "selected_model": self.selected_model,
+            "cluster_id": self.cluster_id,
+            "expected_error": self.expected_error,
+            "cost_adjusted_score": self.cost_adjusted_score,
+            "all_scores": self.all_scores,
+            "cache_hit": self.cache_hit,
+            "usage": {
+                "routing_ms": round(self.routing_ms, 4),
+                "embedding_ms": round(self.embedding_ms, 4),
+                "queue_ms": round(self.queue_ms, 4),
+            },
+            "cost_weight": self.cost_weight,
+            "clusters": [{"cluster_id": cid, "similarity": sim} for cid, sim in self.clusters],
+            "weights_version": self.weights_version,
+        }

@@ -1,0 +1,60 @@
+"""The router's immutable serving state and the holder that swaps it atomically on reload.
+
+A request reads ``holder.current()`` once and uses that snapshot to the end, so a reload in the
+middle of a request can never mix one file's centroids with another's error table.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service.router.index import CentroidIndex
+from service.router.scoring import ScoreTable
+from service.router.weights import RouterWeights
+
+_generations = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class RouterState:
+    weights: RouterWeights
+    index: CentroidIndex
+    table: ScoreTable
+    model_index: dict[str, int]
+    generation: int = field(default_factory=lambda: next(_generations))
+
+    @classmethod
+    def build(cls, weights: RouterWeights, *, use_gpu_index: bool = True) -> RouterState:
+        """Everything derived from a validated weights file, built before it is swapped in."""
+        table = ScoreTable.build(weights.models, weights.expected_error, weights.cost_per_1k)
+        return cls(
+            weights=weights,
+            index=CentroidIndex(weights.centroids, use_gpu=use_gpu_index),
+            table=table,
+            model_index=table.model_index(),
+        )
+
+    def allowed_mask(self, available: list[str] | None) -> np.ndarray:
+        mask = np.zeros(len(self.table.models), dtype=bool)
+        if available is None:
+            mask[:] = True
+        else:
+            mask[[self.model_index[name] for name in available]] = True
+        return mask
+
+
+class StateHolder:
+    """``current()`` is a plain attribute read; ``swap()`` one assignment (atomic under the GIL)."""
+
+    def __init__(self) -> None:
+        self._state: RouterState | None = None
+
+    def current(self) -> RouterState | None:
+        return self._state
+
+    def swap(self, state: RouterState) -> RouterState | None:
+        previous, self._state = self._state, state
+        return previous

@@ -1,0 +1,80 @@
+"""Test doubles: a deterministic embedder and toy weights built in code."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from service.router.weights import RouterWeights
+
+FAKE_SHA = "f" * 64
+DIM = 8
+
+
+def unit(vector: Sequence[float]) -> np.ndarray:
+    v = np.asarray(vector, dtype=np.float32)
+    return v / np.linalg.norm(v)
+
+
+class FakeEmbedder:
+    """Maps a text to a fixed unit vector: texts starting with "c<k>" land on axis k (cluster k).
+
+    Counts calls and can be slowed down so tests can pile up a queue.
+    """
+
+    model_id = "fake/embedder"
+    model_sha256 = FAKE_SHA
+    dim = DIM
+    device = "cpu"
+
+    def __init__(self, *, delay_s: float = 0.0) -> None:
+        self.delay_s = delay_s
+        self.batches: list[int] = []
+        self.texts_embedded = 0
+        self._lock = threading.Lock()
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        return [[*text.encode()[:32]] or [0] for text in texts]
+
+    def embed_ids(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        with self._lock:
+            self.batches.append(len(sequences))
+            self.texts_embedded += len(sequences)
+        return np.stack([self.vector_for(bytes(seq).decode(errors="replace")) for seq in sequences])
+
+    @staticmethod
+    def vector_for(text: str) -> np.ndarray:
+        if text.startswith("c") and text[1:2].isdigit():
+            axis = int(text[1]) % DIM
+        else:
+            axis = int(hashlib.sha256(text.encode()).hexdigest(), 16) % DIM
+        v = np.full(DIM, 0.01, dtype=np.float32)
+        v[axis] = 1.0
+        return unit(v)
+
+
+def toy_weights(*, default_lambda: float = 0.1, sha: str = FAKE_SHA, bump: float = 0.0) -> RouterWeights:
+    """Three models over DIM clusters (cluster k = axis k).
+
+    cheap: cost 0.01, error 0.6 everywhere; mid: cost 0.1, error 0.3; big: cost 1.0, error 0.1 —
+    except cluster 0, where every model has error 0.2 (a tie that the cheaper model must win).
+    """
+    models = ("big", "cheap", "mid")
+    error = np.array([[0.1] * DIM, [0.6] * DIM, [0.3] * DIM], dtype=np.float32) + bump
+    error[:, 0] = 0.2
+    return RouterWeights(
+        models=models,
+        centroids=np.eye(DIM, dtype=np.float32),
+        expected_error=np.clip(error, 0, 1),
+        cost_per_1k=np.array([1.0, 0.01, 0.1], dtype=np.float32),
+        default_lambda=default_lambda,
+        embedder_id="fake/embedder",
+        embedder_sha256=sha,
+        metadata={"note": "toy weights for tests"},
+    )

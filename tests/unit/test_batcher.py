@@ -1,0 +1,177 @@
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass, field
+
+import pytest
+
+from service.errors import Overloaded, ShuttingDown
+from service.metrics import RouterMetrics
+from service.router.batcher import BatcherConfig, MicroBatcher
+
+
+@dataclass(eq=False)
+class Job:
+    text: str
+    enqueued_at: float = field(default_factory=time.monotonic)
+    ids: list[int] | None = None
+    future: asyncio.Future[str] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+    def abandoned(self) -> bool:
+        return self.future.done()
+
+
+class Harness:
+    def __init__(self, *, size: int = 8, tokens: int = 1000, queue: int = 100, workers: int = 1,
+                 delay_s: float = 0.02, fail_on: str | None = None) -> None:  # fmt: skip
+        self.batches: list[list[str]] = []
+        self.tokenize_threads: set[str] = set()
+        self.compute_threads: set[str] = set()
+        self.delay_s = delay_s
+        self.fail_on = fail_on
+        self.metrics = RouterMetrics()
+        self.batcher: MicroBatcher[Job, list[str]] = MicroBatcher(
+            config=BatcherConfig(max_batch_size=size, max_batch_tokens=tokens, max_queue=queue, workers=workers),
+            tokenize=self.tokenize,
+            compute=self.compute,
+            on_batch=self.on_batch,
+            on_error=self.on_error,
+            metrics=self.metrics,
+        )
+
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        self.tokenize_threads.add(threading.current_thread().name)
+        return [list(range(len(t))) for t in texts]
+
+    def compute(self, jobs: list[Job]) -> list[str]:
+        self.compute_threads.add(threading.current_thread().name)
+        self.batches.append([j.text for j in jobs])
+        time.sleep(self.delay_s)
+        if self.fail_on is not None and any(j.text == self.fail_on for j in jobs):
+            raise RuntimeError("boom")
+        return [j.text.upper() for j in jobs]
+
+    def on_batch(self, jobs: list[Job], result: list[str]) -> None:
+        for job, value in zip(jobs, result, strict=True):
+            if not job.future.done():
+                job.future.set_result(value)
+
+    def on_error(self, jobs: list[Job], error: BaseException) -> None:
+        for job in jobs:
+            if not job.future.done():
+                job.future.set_exception(error)
+
+    async def submit(self, text: str) -> Job:
+        job = Job(text)
+        self.batcher.submit(job)
+        return job
+
+
+async def test_batches_follow_load_and_every_job_is_answered() -> None:
+    h = Harness(size=16)
+    h.batcher.start()
+    jobs = [await h.submit(f"p{i}") for i in range(100)]
+    results = await asyncio.gather(*(j.future for j in jobs))
+    assert results == [f"P{i}" for i in range(100)]
+    assert max(len(b) for b in h.batches) > 1
+    assert all(len(b) <= 16 for b in h.batches)
+    assert sum(len(b) for b in h.batches) == 100
+    # neither stage ran on the event loop thread
+    assert h.tokenize_threads and all(n.startswith("tokenizer") for n in h.tokenize_threads)
+    assert h.compute_threads and all(n.startswith("compute") for n in h.compute_threads)
+    assert h.batcher.admitted == 0
+    await h.batcher.close()
+
+
+async def test_idle_batcher_runs_a_lone_job_at_once() -> None:
+    h = Harness(delay_s=0.0)
+    h.batcher.start()
+    started = time.perf_counter()
+    job = await h.submit("solo")
+    assert await job.future == "SOLO"
+    assert time.perf_counter() - started < 0.5  # no batching timer to wait out
+    assert h.batches == [["solo"]]
+    await h.batcher.close()
+
+
+async def test_token_budget_cuts_batches() -> None:
+    h = Harness(size=100, tokens=10, delay_s=0.05)
+    h.batcher.start()
+    first = await h.submit("x")  # occupies the worker so the rest queue up
+    await asyncio.sleep(0.02)
+    jobs = [await h.submit("abcd") for _ in range(6)]  # 4 tokens each
+    await asyncio.gather(first.future, *(j.future for j in jobs))
+    for batch in h.batches[1:]:
+        assert sum(len(t) for t in batch) <= 10
+    assert [len(b) for b in h.batches[1:]] == [2, 2, 2]
+    await h.batcher.close()
+
+
+async def test_abandoned_jobs_are_dropped_before_compute() -> None:
+    h = Harness(delay_s=0.1)
+    h.batcher.start()
+    first = await h.submit("first")
+    await asyncio.sleep(0.02)  # first is computing
+    gone = [await h.submit(f"gone{i}") for i in range(5)]
+    kept = await h.submit("kept")
+    for job in gone:
+        job.future.cancel()
+    assert await kept.future == "KEPT"
+    assert await first.future == "FIRST"
+    computed = [t for b in h.batches for t in b]
+    assert not any(t.startswith("gone") for t in computed)
+    assert h.metrics.dropped._value.get() == 5
+    assert h.batcher.admitted == 0
+    await h.batcher.close()
+
+
+async def test_full_queue_raises_overloaded() -> None:
+    h = Harness(queue=3, delay_s=0.05)
+    h.batcher.start()
+    jobs = [await h.submit(f"p{i}") for i in range(3)]
+    with pytest.raises(Overloaded) as info:
+        await h.submit("one too many")
+    assert info.value.status == 429
+    assert info.value.retry_after
+    await asyncio.gather(*(j.future for j in jobs))
+    assert (await h.submit("room again")).text == "room again"  # admission frees as jobs finish
+    await h.batcher.drain()
+    await h.batcher.close()
+
+
+async def test_a_failing_batch_fails_only_its_jobs_and_the_loop_goes_on() -> None:
+    h = Harness(size=1, fail_on="bad")
+    h.batcher.start()
+    bad = await h.submit("bad")
+    good = await h.submit("good")
+    with pytest.raises(RuntimeError, match="boom"):
+        await bad.future
+    assert await good.future == "GOOD"
+    after = await h.submit("after")
+    assert await after.future == "AFTER"
+    assert h.metrics.batch_failures._value.get() == 1
+    await h.batcher.close()
+
+
+async def test_several_workers_compute_batches_concurrently() -> None:
+    h = Harness(size=2, workers=2, delay_s=0.1)
+    h.batcher.start()
+    started = time.perf_counter()
+    jobs = [await h.submit(f"p{i}") for i in range(4)]
+    await asyncio.gather(*(j.future for j in jobs))
+    assert time.perf_counter() - started < 0.35  # two workers: ~0.2 s rather than ~0.3-0.4 s
+    assert len(h.compute_threads) == 2
+    await h.batcher.close()
+
+
+async def test_drain_waits_for_admitted_work_then_refuses_new() -> None:
+    h = Harness(delay_s=0.05)
+    h.batcher.start()
+    jobs = [await h.submit(f"p{i}") for i in range(10)]
+    await h.batcher.drain()
+    assert all(j.future.done() for j in jobs)
+    with pytest.raises(ShuttingDown):
+        await h.submit("late")
+    await h.batcher.close()

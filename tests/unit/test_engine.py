@@ -1,0 +1,213 @@
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.config import RouterSettings
+from service.errors import InvalidRequest, NotReady, Overloaded
+from service.metrics import RouterMetrics
+from service.router.engine import RouterEngine, build_state
+from service.router.schemas import RouteRequest
+from service.router.state import RouterState, StateHolder
+from service.router.weights import WeightsError, save_weights
+from tests.fakes import DIM, FakeEmbedder, toy_weights
+
+
+def request(prompt: str | None = None, *, embedding: np.ndarray | None = None, models: list[str] | None = None,
+            cost_weight: float | None = None) -> RouteRequest:  # fmt: skip
+    return RouteRequest(prompt=prompt, embedding=embedding, available_models=models, cost_weight=cost_weight)
+
+
+def make_engine(embedder: FakeEmbedder, **overrides: object) -> tuple[RouterEngine, RouterMetrics]:
+    settings = RouterSettings.from_env({}, compute_threads=1, **overrides)
+    metrics = RouterMetrics()
+    holder = StateHolder()
+    engine = RouterEngine(embedder=embedder, holder=holder, settings=settings, metrics=metrics)
+    engine.install(RouterState.build(toy_weights()))
+    engine.start()
+    return engine, metrics
+
+
+@pytest.fixture
+async def engine() -> AsyncIterator[tuple[RouterEngine, FakeEmbedder, RouterMetrics]]:
+    embedder = FakeEmbedder()
+    eng, metrics = make_engine(embedder)
+    yield eng, embedder, metrics
+    await eng.close()
+
+
+async def test_prompt_is_routed_on_its_cluster(engine: tuple[RouterEngine, FakeEmbedder, RouterMetrics]) -> None:
+    eng, _, _ = engine
+    decision = await eng.route(request("c3 some prompt", cost_weight=0.0))
+    assert decision.cluster_id == 3
+    assert decision.selected_model == "big"  # quality first
+    assert decision.expected_error == pytest.approx(0.1)
+    assert decision.cost_adjusted_score == pytest.approx(0.1)
+    assert decision.all_scores == pytest.approx({"big": 0.1, "cheap": 0.6, "mid": 0.3})
+    assert decision.cache_hit is False
+    assert decision.embedding_ms >= 0 and decision.routing_ms > 0
+    assert decision.clusters[0][0] == 3 and len(decision.clusters) == 3
+
+
+async def test_cost_weight_and_default_lambda(engine: tuple[RouterEngine, FakeEmbedder, RouterMetrics]) -> None:
+    eng, _, _ = engine
+    # lambda 1: big 0.1+1.0, mid 0.3+0.1, cheap 0.6+0.01 -> mid; lambda 5: 5.1, 0.8, 0.65 -> cheap
+    assert (await eng.route(request("c2 x", cost_weight=1.0))).selected_model == "mid"
+    assert (await eng.route(request("c2 x", cost_weight=5.0))).selected_model == "cheap"
+    default = await eng.route(request("c2 y"))
+    assert default.cost_weight == 0.1
+    # lambda 0.1: big 0.1+0.1=0.2, mid 0.3+0.01=0.31, cheap 0.6+0.001 -> big
+    assert default.selected_model == "big"
+
+
+async def test_tie_goes_to_the_cheaper_model(engine: tuple[RouterEngine, FakeEmbedder, RouterMetrics]) -> None:
+    eng, _, _ = engine
+    decision = await eng.route(request("c0 tie", cost_weight=0.0))  # every model has error 0.2 on cluster 0
+    assert decision.selected_model == "cheap"
+
+
+async def test_available_models_restricts_and_unknown_names_are_named(
+    engine: tuple[RouterEngine, FakeEmbedder, RouterMetrics],
+) -> None:
+    eng, _, _ = engine
+    decision = await eng.route(request("c3 x", models=["cheap", "mid"], cost_weight=0.0))
+    assert decision.selected_model == "mid"
+    assert set(decision.all_scores) == {"cheap", "mid"}
+    with pytest.raises(InvalidRequest, match="'nope'.*'gone'"):
+        await eng.route(request("c3 x", models=["mid", "nope", "gone"]))
+
+
+async def test_embedding_input_skips_the_embedder(engine: tuple[RouterEngine, FakeEmbedder, RouterMetrics]) -> None:
+    eng, embedder, _ = engine
+    vector = np.zeros(DIM, dtype=np.float32)
+    vector[5] = 1.0
+    decision = await eng.route(request(embedding=vector, cost_weight=0.0))
+    assert decision.cluster_id == 5
+    assert decision.embedding_ms == 0.0
+    assert embedder.texts_embedded == 0
+
+
+async def test_cache_hit_on_repeat(engine: tuple[RouterEngine, FakeEmbedder, RouterMetrics]) -> None:
+    eng, embedder, metrics = engine
+    first = await eng.route(request("c4 repeat me"))
+    second = await eng.route(request("c4 repeat me", cost_weight=0.0))
+    assert (first.cache_hit, second.cache_hit) == (False, True)
+    assert second.cluster_id == first.cluster_id == 4
+    assert second.embedding_ms == 0.0
+    assert embedder.texts_embedded == 1
+    assert metrics.cache_hits._value.get() == 1
+    assert metrics.cache_misses._value.get() == 1
+
+
+async def test_singleflight_shares_one_computation() -> None:
+    embedder = FakeEmbedder(delay_s=0.05)
+    eng, metrics = make_engine(embedder)
+    decisions = await asyncio.gather(*(eng.route(request("c6 same prompt", cost_weight=w)) for w in (0.0, 0.5, 5.0)))
+    assert embedder.texts_embedded == 1
+    assert [d.cluster_id for d in decisions] == [6, 6, 6]
+    assert [d.selected_model for d in decisions] == ["big", "mid", "cheap"]  # each waiter scored with its own lambda
+    assert metrics.singleflight_joins._value.get() == 2
+    await eng.close()
+
+
+async def test_departed_client_prompt_is_not_computed() -> None:
+    embedder = FakeEmbedder(delay_s=0.1)
+    eng, metrics = make_engine(embedder)
+    busy = asyncio.ensure_future(eng.route(request("c1 busy")))
+    await asyncio.sleep(0.03)
+    gone = asyncio.ensure_future(eng.route(request("c2 gone")))
+    await asyncio.sleep(0.01)
+    gone.cancel()
+    await busy
+    await asyncio.sleep(0.15)
+    assert embedder.texts_embedded == 1
+    assert metrics.dropped._value.get() == 1
+    assert eng.queued == 0
+    await eng.close()
+
+
+async def test_many_concurrent_prompts_are_batched() -> None:
+    embedder = FakeEmbedder(delay_s=0.01)
+    eng, _ = make_engine(embedder)
+    decisions = await asyncio.gather(*(eng.route(request(f"c{i % DIM} prompt {i}")) for i in range(200)))
+    assert [d.cluster_id for d in decisions] == [i % DIM for i in range(200)]
+    assert max(embedder.batches) > 1
+    assert sum(embedder.batches) == 200
+    await eng.close()
+
+
+async def test_queue_limit_answers_overloaded() -> None:
+    embedder = FakeEmbedder(delay_s=0.05)
+    eng, _ = make_engine(embedder, max_queue=4)
+    results = await asyncio.gather(*(eng.route(request(f"p{i}")) for i in range(10)), return_exceptions=True)
+    overloaded = [r for r in results if isinstance(r, Overloaded)]
+    assert len(overloaded) == 6
+    assert all(not isinstance(r, Exception) for r in results[:4])
+    await eng.close()
+
+
+async def test_not_ready_without_weights() -> None:
+    settings = RouterSettings.from_env({}, compute_threads=1)
+    eng = RouterEngine(embedder=FakeEmbedder(), holder=StateHolder(), settings=settings, metrics=RouterMetrics())
+    with pytest.raises(NotReady):
+        await eng.route(request("x"))
+    await eng.close()
+
+
+async def test_reload_swaps_weights_and_clears_cache(
+    engine: tuple[RouterEngine, FakeEmbedder, RouterMetrics], tmp_path: Path
+) -> None:
+    eng, embedder, _ = engine
+    before = await eng.route(request("c3 reload", cost_weight=0.0))
+    path = tmp_path / "new.safetensors"
+    new = toy_weights(bump=0.05)
+    save_weights(new, path)
+    loaded = await eng.reload(path)
+    assert loaded.version == new.version != before.weights_version
+    after = await eng.route(request("c3 reload", cost_weight=0.0))
+    assert after.cache_hit is False  # cache cleared
+    assert after.weights_version == new.version
+    assert after.expected_error == pytest.approx(0.15)
+    assert embedder.texts_embedded == 2
+
+
+async def test_bad_reload_keeps_the_old_weights(
+    engine: tuple[RouterEngine, FakeEmbedder, RouterMetrics], tmp_path: Path
+) -> None:
+    eng, _, metrics = engine
+    before = await eng.route(request("c3 keep"))
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a weights file")
+    with pytest.raises(WeightsError):
+        await eng.reload(garbage)
+    other_embedder = tmp_path / "other.safetensors"
+    save_weights(toy_weights(sha="0" * 64), other_embedder)
+    with pytest.raises(WeightsError, match="running embedder"):
+        await eng.reload(other_embedder)
+    with pytest.raises(WeightsError):
+        await eng.reload(tmp_path / "missing.safetensors")
+    after = await eng.route(request("c3 keep"))
+    assert after.weights_version == before.weights_version
+    assert after.cache_hit is True  # a rejected file does not clear the cache
+    assert metrics.reloads.labels(result="rejected")._value.get() == 3
+
+
+async def test_batch_computed_under_old_weights_is_rescored_with_the_request_snapshot() -> None:
+    embedder = FakeEmbedder(delay_s=0.1)
+    eng, _ = make_engine(embedder)
+    pending = asyncio.ensure_future(eng.route(request("c3 racing", cost_weight=0.0)))
+    await asyncio.sleep(0.03)  # the batch is computing with the first weights
+    eng.install(RouterState.build(toy_weights(bump=0.2)))
+    decision = await pending
+    assert decision.expected_error == pytest.approx(0.1)  # the request's own snapshot, consistently
+    await eng.close()
+
+
+def test_build_state_checks_the_embedder(tmp_path: Path) -> None:
+    path = tmp_path / "w.safetensors"
+    save_weights(toy_weights(), path)
+    assert build_state(path, FakeEmbedder()).weights.num_clusters == DIM

@@ -1,0 +1,100 @@
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import orjson
+import pytest
+
+from service.errors import InvalidRequest, PayloadTooLarge
+from service.router.schemas import parse_route_request
+
+LIMIT = 100
+
+
+def parse(payload: object) -> object:
+    return parse_route_request(orjson.dumps(payload), max_prompt_chars=LIMIT, dim=4)
+
+
+def test_prompt_and_options() -> None:
+    req = parse({"prompt": "hello", "cost_weight": 0.7, "available_models": ["a", "b", "a"], "extra": 1})
+    assert req.prompt == "hello"
+    assert req.cost_weight == 0.7
+    assert req.available_models == ["a", "b"]  # de-duplicated, order kept
+    assert req.embedding is None
+
+
+def test_integer_cost_weight_is_accepted() -> None:
+    assert parse({"prompt": "x", "cost_weight": 1}).cost_weight == 1.0
+
+
+def test_embedding_is_normalised() -> None:
+    req = parse({"embedding": [3, 0, 0, 4]})
+    assert req.prompt is None
+    np.testing.assert_allclose(req.embedding, [0.6, 0, 0, 0.8], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("payload", "fragment"),
+    [
+        ({}, "give a 'prompt'"),
+        ({"prompt": None}, "give a 'prompt'"),
+        ([1, 2], "JSON object"),
+        ("just a string", "JSON object"),
+        ({"prompt": 5}, "'prompt' must be a string, got number"),
+        ({"prompt": ["a"]}, "got array"),
+        ({"prompt": ""}, "must not be empty"),
+        ({"prompt": "   \n\t "}, "must not be empty"),
+        ({"embedding": "0.1,0.2"}, "'embedding' must be an array"),
+        ({"embedding": [0.1, 0.2]}, "exactly 4 numbers, got 2"),
+        ({"embedding": [0.1, 0.2, "x", 0.3]}, "only numbers"),
+        ({"embedding": [0.1, 0.2, True, 0.3]}, "only numbers"),
+        ({"embedding": [0, 0, 0, 0]}, "non-zero"),
+        ({"prompt": "x", "available_models": "gpt"}, "'available_models' must be an array"),
+        ({"prompt": "x", "available_models": []}, "must not be empty"),
+        ({"prompt": "x", "available_models": ["a", ""]}, "empty names"),
+        ({"prompt": "x", "available_models": ["a", 3]}, "only strings"),
+        ({"prompt": "x", "cost_weight": "high"}, "'cost_weight' must be a number, got string"),
+        ({"prompt": "x", "cost_weight": True}, "got boolean"),
+        ({"prompt": "x", "cost_weight": -0.1}, ">= 0"),
+    ],
+)
+def test_invalid_requests(payload: object, fragment: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        parse_route_request(orjson.dumps(payload), max_prompt_chars=LIMIT, dim=4)
+    assert fragment in info.value.message
+    assert info.value.status == 400
+    assert info.value.code == "invalid_request"
+
+
+@pytest.mark.parametrize("literal", [b"NaN", b"Infinity", b"-Infinity", b"1e400"])
+def test_non_finite_numbers_are_rejected(literal: bytes) -> None:
+    # orjson refuses these non-standard literals: the body is not JSON
+    with pytest.raises(InvalidRequest):
+        parse_route_request(b'{"prompt": "x", "cost_weight": ' + literal + b"}", max_prompt_chars=LIMIT)
+    with pytest.raises(InvalidRequest):
+        parse_route_request(b'{"embedding": [' + literal + b", 0, 0, 1]}", max_prompt_chars=LIMIT, dim=4)
+
+
+def test_nan_after_parsing_is_rejected() -> None:
+    # guards the check itself, independent of the JSON parser's strictness
+    from service.router.schemas import _cost_weight, _embedding
+
+    with pytest.raises(InvalidRequest):
+        _cost_weight(math.nan)
+    with pytest.raises(InvalidRequest):
+        _embedding([math.inf, 0.0, 0.0, 1.0], 4)
+
+
+@pytest.mark.parametrize("body", [b"", b"{", b"not json", b'{"prompt": "x",}', b"\xff\xfe"])
+def test_malformed_json(body: bytes) -> None:
+    with pytest.raises(InvalidRequest, match="not valid JSON"):
+        parse_route_request(body, max_prompt_chars=LIMIT)
+
+
+def test_prompt_over_the_limit_is_413() -> None:
+    with pytest.raises(PayloadTooLarge) as info:
+        parse({"prompt": "x" * (LIMIT + 1)})
+    assert info.value.status == 413
+    assert info.value.code == "invalid_request"
+    assert parse({"prompt": "x" * LIMIT}).prompt == "x" * LIMIT
