@@ -39,7 +39,9 @@ from common import (
     WRK_DIR,
     ServerProcess,
     WrkResult,
+    cpu_snapshot,
     find_free_port,
+    foreign_cpu,
     generate_prompts,
     machine_info,
     run_wrk,
@@ -73,6 +75,9 @@ SAMPLE_START_ID = 20_000_000
 
 TARGET_RATIO = 1.3
 TARGET_C1_P50_MS = 15.0
+
+# Warn when other processes used more than this many cores during a timed phase (the box may be shared).
+FOREIGN_CPU_WARN_CORES = 0.15
 
 SERVER_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -172,8 +177,12 @@ def time_st_encode(prompts: list[str], warmup: list[str], batch_size: int) -> di
     }
 
 
-def wrk_phase(url: str, prompts_file: Path, threads: int, connections: int, duration_s: float) -> WrkResult:
-    return run_wrk(
+def wrk_phase(
+    url: str, prompts_file: Path, threads: int, connections: int, duration_s: float, server_pid: int | None
+) -> tuple[WrkResult, dict[str, float] | None]:
+    """One wrk run with the unique-prompt script, plus the CPU that other processes used meanwhile."""
+    before = cpu_snapshot(server_pid)
+    result = run_wrk(
         url,
         LUA_SCRIPT,
         threads=threads,
@@ -181,10 +190,12 @@ def wrk_phase(url: str, prompts_file: Path, threads: int, connections: int, dura
         duration_s=duration_s,
         script_args=[str(prompts_file), str(threads)],
     )
+    return result, foreign_cpu(before, cpu_snapshot(server_pid))
 
 
-def phase_summary(result: WrkResult) -> dict[str, Any]:
+def phase_summary(result: WrkResult, cpu: dict[str, float] | None) -> dict[str, Any]:
     data = result.to_dict()
+    data["cpu"] = cpu
     data["rps"] = round(result.rps, 2)
     data["ok_rps"] = round(result.ok_rps, 2)
     data["duration_s"] = round(result.duration_s, 3)
@@ -236,19 +247,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         try:
             with running_server(server, args.health_timeout, args.stop_timeout):
                 print(f"healthy after {server.startup_s:.2f} s; checking a sample response", flush=True)
+                pid = server.proc.pid if server.proc else None
                 sample = check_sample(base_url, sample_prompt)
                 result["sample_response"] = sample
                 if not sample["ok"]:
                     raise RuntimeError(f"sample /v1/route check failed: {json.dumps(sample)[:1000]}")
                 if args.warmup > 0:
                     print(f"warm-up: {args.warmup:g} s at c={args.concurrency}", flush=True)
-                    warm = wrk_phase(url, files["warmup"], args.threads, args.concurrency, args.warmup)
+                    warm, _ = wrk_phase(url, files["warmup"], args.threads, args.concurrency, args.warmup, pid)
                     result["warmup"] = {"requests": warm.requests, "ok_rps": round(warm.ok_rps, 2)}
                 print(f"recorded: {args.duration:g} s at c={args.concurrency} t={args.threads}", flush=True)
-                high = wrk_phase(url, files["main"], args.threads, args.concurrency, args.duration)
+                high, high_cpu = wrk_phase(url, files["main"], args.threads, args.concurrency, args.duration, pid)
                 print(f"  {high.ok_rps:.1f} ok req/s, p50 {high.latency_ms['p50']:.2f} ms", flush=True)
                 print(f"concurrency 1: {args.c1_duration:g} s", flush=True)
-                low = wrk_phase(url, files["c1"], 1, 1, args.c1_duration)
+                low, low_cpu = wrk_phase(url, files["c1"], 1, 1, args.c1_duration, pid)
                 print(f"  p50 {low.latency_ms['p50']:.2f} ms, {low.ok_rps:.1f} req/s", flush=True)
         except Exception:
             print("---- server log tail ----\n" + server.log_tail(), file=sys.stderr)
@@ -262,8 +274,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if server.killed:
             warnings.append("server did not exit after SIGTERM in time and was killed")
 
-    result["http_concurrent"] = phase_summary(high)
-    result["http_c1"] = phase_summary(low)
+    result["http_concurrent"] = phase_summary(high, high_cpu)
+    result["http_c1"] = phase_summary(low, low_cpu)
     for name, phase in (("concurrent", high), ("c1", low)):
         if phase.extra.get("prompt_wraps", 0):
             warnings.append(f"{name} run reused prompts (raise --prompts): cache hits may inflate the numbers")
@@ -280,9 +292,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         pool = main_prompts + c1_prompts + warm_prompts
         count = min(len(pool), max(args.st_min_prompts, high.ok_requests))
         print(f"sentence-transformers encode: {count} prompts, batch {args.st_batch_size} (server stopped)", flush=True)
+        before = cpu_snapshot()
         st = time_st_encode(pool[:count], st_warm_prompts, args.st_batch_size)
+        st["cpu"] = foreign_cpu(before, cpu_snapshot())
         print(f"  {st['prompts_per_s']:.1f} prompts/s", flush=True)
     result["st_encode"] = st
+
+    for name, cpu in (("concurrent", high_cpu), ("c1", low_cpu), ("st_encode", st["cpu"] if st else None)):
+        if cpu and cpu["foreign_cores"] > FOREIGN_CPU_WARN_CORES:
+            warnings.append(
+                f"{name}: other processes used {cpu['foreign_cores']:.2f} cores meanwhile; the numbers are skewed"
+            )
 
     ratio = http_rps / st["prompts_per_s"] if st else None
     c1_p50 = low.latency_ms["p50"]
@@ -315,10 +335,16 @@ def markdown_summary(result: dict[str, Any]) -> str:
         q = phase["latency_ms"]
         return f"{q['p50']:.2f} / {q['p90']:.2f} / {q['p99']:.2f} / {q['p99.9']:.2f}"
 
+    def foreign(cpu: dict[str, float] | None) -> str:
+        return "n/a" if not cpu else f"{cpu['foreign_cores']:.2f}"
+
     ratio = "n/a" if tg["ratio"] is None else f"{tg['ratio']:.2f}"
     st_rps = "skipped"
     if st is not None:
-        st_rps = f"{st['prompts_per_s']:.1f} prompts/s ({st['prompts']} prompts, batch {st['batch_size']})"
+        st_rps = (
+            f"{st['prompts_per_s']:.1f} prompts/s ({st['prompts']} prompts, batch {st['batch_size']}, "
+            f"{st['torch_threads']} torch threads; other procs {foreign(st.get('cpu'))} cores)"
+        )
     lines = [
         f"# Router benchmark ({m['date']})",
         "",
@@ -327,12 +353,12 @@ def markdown_summary(result: dict[str, Any]) -> str:
         f"- Commit: `{m['git_commit'] or 'n/a'}`",
         f"- Server: `{' '.join(cfg['server_cmd'])}` (healthy after {result['server']['startup_to_healthy_s']:.2f} s)",
         "",
-        "| run | requests | ok req/s | p50 / p90 / p99 / p99.9 ms | non-2xx | socket errors |",
-        "| --- | ---: | ---: | --- | ---: | ---: |",
+        "| run | requests | ok req/s | p50 / p90 / p99 / p99.9 ms | non-2xx | socket errors | other procs (cores) |",
+        "| --- | ---: | ---: | --- | ---: | ---: | ---: |",
         f"| c={hi['connections']} t={hi['threads']}, {hi['duration_s']:.1f} s | {hi['requests']} | {hi['ok_rps']:.1f} "
-        f"| {lat(hi)} | {hi['non_2xx']} | {hi['socket_errors']['total']} |",
+        f"| {lat(hi)} | {hi['non_2xx']} | {hi['socket_errors']['total']} | {foreign(hi.get('cpu'))} |",
         f"| c=1 t=1, {lo['duration_s']:.1f} s | {lo['requests']} | {lo['ok_rps']:.1f} | {lat(lo)} "
-        f"| {lo['non_2xx']} | {lo['socket_errors']['total']} |",
+        f"| {lo['non_2xx']} | {lo['socket_errors']['total']} | {foreign(lo.get('cpu'))} |",
         "",
         f"- sentence-transformers `encode` (CPU, server stopped): {st_rps}",
         f"- http_rps / st_encode_rps = **{ratio}** (target >= {tg['ratio_min']}): **{verdict(tg['ratio_pass'])}**",

@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import random
+import resource
 import shutil
 import signal
 import socket
@@ -296,6 +297,93 @@ def run_wrk(
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# CPU accounting: how much CPU went to processes other than ours during a phase (a shared box skews numbers)
+# ---------------------------------------------------------------------------------------------------------------
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+# /proc/stat "cpu" line: user nice system idle iowait irq softirq steal ...
+_STAT_BUSY_FIELDS = (0, 1, 2, 5, 6)
+_STAT_STEAL_FIELD = 7
+# /proc/PID/stat fields counted after the ")" that ends the command name (state is 0).
+_PID_PPID, _PID_UTIME, _PID_STIME, _PID_CUTIME, _PID_CSTIME = 1, 11, 12, 13, 14
+
+
+def _system_cpu_s() -> tuple[float, float]:
+    """(busy, steal) CPU seconds since boot, all cores together."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    busy = sum(fields[i] for i in _STAT_BUSY_FIELDS)
+    steal = fields[_STAT_STEAL_FIELD] if len(fields) > _STAT_STEAL_FIELD else 0
+    return busy / _CLK_TCK, steal / _CLK_TCK
+
+
+def _process_tree_cpu_s(root_pid: int) -> float:
+    """CPU seconds of ``root_pid`` and its live descendants (plus children they have reaped)."""
+    stats: dict[int, list[str]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            text = (entry / "stat").read_text()
+        except OSError:
+            continue
+        stats[int(entry.name)] = text[text.rindex(")") + 2 :].split()
+    children: dict[int, list[int]] = {}
+    for pid, fields in stats.items():
+        children.setdefault(int(fields[_PID_PPID]), []).append(pid)
+    total, todo = 0, [root_pid]
+    while todo:
+        pid = todo.pop()
+        fields = stats.get(pid)
+        if fields is None:
+            continue
+        total += sum(int(fields[i]) for i in (_PID_UTIME, _PID_STIME, _PID_CUTIME, _PID_CSTIME))
+        todo.extend(children.get(pid, []))
+    return total / _CLK_TCK
+
+
+def _own_cpu_s() -> float:
+    """This process and its reaped children (e.g. a finished wrk)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+@dataclass
+class CpuSnapshot:
+    wall: float
+    busy_s: float
+    steal_s: float
+    tracked_s: float
+
+
+def cpu_snapshot(server_pid: int | None = None) -> CpuSnapshot | None:
+    """System CPU use and our own (this process, reaped children, the server's tree); None off Linux."""
+    try:
+        busy, steal = _system_cpu_s()
+        tracked = _own_cpu_s() + (_process_tree_cpu_s(server_pid) if server_pid else 0.0)
+    except (OSError, ValueError, IndexError):
+        return None
+    return CpuSnapshot(time.monotonic(), busy, steal, tracked)
+
+
+def foreign_cpu(before: CpuSnapshot | None, after: CpuSnapshot | None) -> dict[str, float] | None:
+    """CPU that went to other processes between two snapshots, in seconds and in cores (seconds per wall second)."""
+    if before is None or after is None or after.wall <= before.wall:
+        return None
+    wall = after.wall - before.wall
+    busy = after.busy_s - before.busy_s
+    tracked = after.tracked_s - before.tracked_s
+    foreign = max(0.0, busy - tracked)
+    return {
+        "wall_s": round(wall, 3),
+        "system_busy_cores": round(busy / wall, 3),
+        "ours_cores": round(tracked / wall, 3),
+        "foreign_cores": round(foreign / wall, 3),
+        "steal_cores": round((after.steal_s - before.steal_s) / wall, 3),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Machine facts and output
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -334,6 +422,7 @@ def machine_info() -> dict[str, Any]:
         "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
         "platform": platform.platform(),
         "python": sys.version.split()[0],
         "torch": package_version("torch"),

@@ -73,6 +73,8 @@ def serve(factory: ServiceFactory, settings: BaseSettings) -> int:
 
 
 def run_worker(factory: ServiceFactory, config: Config, sockets: Sockets | None) -> None:
+    if sockets is not None:  # a spawned worker process starts with logging unconfigured
+        configure_logging(config.loglevel)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux

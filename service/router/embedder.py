@@ -7,10 +7,12 @@ ever called on the event loop: the batcher runs them in its worker threads.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -94,6 +96,9 @@ class MiniLMEmbedder:
         self._tokenizer.enable_truncation(max_length=self.max_seq_length)
         self._tokenizer.no_padding()
         self._model = MiniLM.from_pretrained(folder).to(self.torch_device, self.dtype)
+        self._cpu_cores = os.cpu_count() or 1
+        self._running = 0
+        self._running_lock = threading.Lock()
         if self._model.cfg.hidden_size != self.dim:
             raise ValueError(f"{folder}: hidden size {self._model.cfg.hidden_size}, expected {self.dim}")
 
@@ -122,11 +127,32 @@ class MiniLMEmbedder:
         if self.torch_device.type == "cuda":
             ids = ids.pin_memory().to(self.torch_device, non_blocking=True)
             pos = pos.pin_memory().to(self.torch_device, non_blocking=True)
-        with torch.inference_mode():
-            pooled = self._model(ids, pos, groups).cpu().numpy()
+            with torch.inference_mode():
+                pooled = self._model(ids, pos, groups).cpu().numpy()
+        else:
+            with self._cpu_share(), torch.inference_mode():
+                pooled = self._model(ids, pos, groups).numpy()
         out = np.empty_like(pooled)
         out[order] = pooled
         return out
+
+    @contextlib.contextmanager
+    def _cpu_share(self) -> Iterator[None]:
+        """Split the cores among the forward passes running now.
+
+        torch's intra-op thread count is per calling thread. Alone, a pass uses every core (lowest
+        latency); when the batcher runs several at once each takes its share, so the cores are never
+        oversubscribed (busy-waiting OpenMP threads make oversubscription very costly).
+        """
+        with self._running_lock:
+            self._running += 1
+            share = max(1, self._cpu_cores // self._running)
+        torch.set_num_threads(share)
+        try:
+            yield
+        finally:
+            with self._running_lock:
+                self._running -= 1
 
     def embed(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         """Convenience for offline use (fit, tests): tokenize and embed in length-sorted batches."""

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from prometheus_client import Counter
 
 from service.config import RouterSettings
@@ -356,13 +355,11 @@ def build_state(path: Path, embedder: Embedder) -> RouterState:
 
 
 def compute_workers(settings: RouterSettings, device: str) -> int:
-    """CPU: one single-threaded worker per core beats one two-threaded one (small GEMMs scale
-    poorly across cores). CUDA: one worker; the GPU serialises batches anyway."""
+    """CPU: one worker per core; under load each forward pass gets one core, which beats one pass on
+    all cores (small GEMMs scale poorly across cores). CUDA: one worker; the GPU serialises batches."""
     if not device.startswith("cpu"):
         return 1
-    workers = settings.compute_threads or (os.cpu_count() or 1)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
-    return workers
+    return settings.compute_threads or (os.cpu_count() or 1)
 
 
 def _weights_labels(weights: RouterWeights) -> tuple[str, str, str]:

@@ -68,10 +68,11 @@ def _embedding(value: Any, dim: int) -> np.ndarray | None:
     vector = np.asarray(value, dtype=np.float64)
     if not np.isfinite(vector).all():
         raise InvalidRequest("'embedding' must contain only finite numbers")
-    norm = float(np.linalg.norm(vector))
-    if norm == 0.0 or not math.isfinite(norm):
-        raise InvalidRequest("'embedding' must have a non-zero, finite norm")
-    return (vector / norm).astype(np.float32)
+    largest = float(np.max(np.abs(vector)))
+    if largest == 0.0:
+        raise InvalidRequest("'embedding' must not be all zeros")
+    vector /= largest  # scale first so that squaring huge (finite) values cannot overflow
+    return (vector / np.linalg.norm(vector)).astype(np.float32)
 
 
 def _available_models(value: Any) -> list[str] | None:

@@ -77,7 +77,7 @@ async def test_available_models_restricts_and_unknown_names_are_named(
     decision = await eng.route(request("c3 x", models=["cheap", "mid"], cost_weight=0.0))
     assert decision.selected_model == "mid"
     assert set(decision.all_scores) == {"cheap", "mid"}
-    with pytest.raises(InvalidRequest, match="'nope'.*'gone'"):
+    with pytest.raises(InvalidRequest, match=r"'nope'.*'gone'"):
         await eng.route(request("c3 x", models=["mid", "nope", "gone"]))
 
 

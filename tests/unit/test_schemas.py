@@ -32,6 +32,8 @@ def test_embedding_is_normalised() -> None:
     req = parse({"embedding": [3, 0, 0, 4]})
     assert req.prompt is None
     np.testing.assert_allclose(req.embedding, [0.6, 0, 0, 0.8], rtol=1e-6)
+    huge = parse({"embedding": [3e307, 0, 0, 4e307]})  # squaring would overflow
+    np.testing.assert_allclose(huge.embedding, [0.6, 0, 0, 0.8], rtol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -49,7 +51,7 @@ def test_embedding_is_normalised() -> None:
         ({"embedding": [0.1, 0.2]}, "exactly 4 numbers, got 2"),
         ({"embedding": [0.1, 0.2, "x", 0.3]}, "only numbers"),
         ({"embedding": [0.1, 0.2, True, 0.3]}, "only numbers"),
-        ({"embedding": [0, 0, 0, 0]}, "non-zero"),
+        ({"embedding": [0, 0, 0, 0]}, "all zeros"),
         ({"prompt": "x", "available_models": "gpt"}, "'available_models' must be an array"),
         ({"prompt": "x", "available_models": []}, "must not be empty"),
         ({"prompt": "x", "available_models": ["a", ""]}, "empty names"),

@@ -1,0 +1,172 @@
+"""Start-up, admission limit, hot reload, graceful drain and several workers, each on its own server."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from service.router.weights import RouterWeights, default_weights_path, load_weights, save_weights
+from tests.e2e.conftest import STARTUP_TIMEOUT_S, start_server
+
+LONG_PROMPT = "Explain in detail how a transformer encoder computes attention over a sequence. " * 12
+
+
+def test_listens_at_once_and_answers_503_until_ready(tmp_path: Path) -> None:
+    server = start_server(tmp_path, wait=False)
+    try:
+        seen: list[tuple[int, str]] = []
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            try:
+                r = httpx.post(f"{server.url}/v1/route", json={"prompt": "hello"}, timeout=5)
+            except httpx.TransportError:
+                time.sleep(0.02)
+                continue
+            seen.append((r.status_code, r.json().get("error", {}).get("code", "")))
+            if r.status_code == 200:
+                break
+            assert r.headers["retry-after"]
+            time.sleep(0.02)
+        assert seen[0] == (503, "router_not_ready")
+        assert seen[-1][0] == 200
+    finally:
+        assert server.stop() == 0, server.log()
+
+
+async def test_full_queue_answers_429_with_retry_after(tmp_path: Path) -> None:
+    server = start_server(tmp_path, "--max-queue", "4", "--max-batch-size", "1", "--cache-size", "0")
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=120,
+                                     limits=httpx.Limits(max_connections=64)) as client:  # fmt: skip
+            responses = await asyncio.gather(
+                *(client.post("/v1/route", json={"prompt": f"{LONG_PROMPT} {i}"}) for i in range(64))
+            )
+            queue_after = (await client.get("/health")).json()["queue"]
+        statuses = [r.status_code for r in responses]
+        assert set(statuses) == {200, 429}
+        assert statuses.count(429) > 0 and statuses.count(200) >= 4
+        for r in responses:
+            if r.status_code == 429:
+                assert r.json()["error"]["code"] == "overloaded"
+                assert r.headers["retry-after"] == "1"
+        assert queue_after == 0
+    finally:
+        assert server.stop() == 0, server.log()
+
+
+def _shifted(weights: RouterWeights, delta: float) -> RouterWeights:
+    return RouterWeights(
+        models=weights.models,
+        centroids=weights.centroids,
+        expected_error=np.clip(weights.expected_error + delta, 0, 1).astype(np.float32),
+        cost_per_1k=weights.cost_per_1k,
+        default_lambda=weights.default_lambda,
+        embedder_id=weights.embedder_id,
+        embedder_sha256=weights.embedder_sha256,
+        metadata=weights.metadata,
+    )
+
+
+def test_hot_reload_by_admin_endpoint_and_sighup(tmp_path: Path) -> None:
+    live = tmp_path / "live.safetensors"
+    shutil.copy(default_weights_path(), live)
+    original = load_weights(live)
+    server = start_server(tmp_path, "--weights", str(live), "--admin-token", "tok")
+    auth = {"authorization": "Bearer tok"}
+    try:
+        prompt = {"prompt": "Is a whale a fish or a mammal?", "cost_weight": 0.0}
+        first = httpx.post(f"{server.url}/v1/route", json=prompt).json()
+        assert first["weights_version"] == original.version
+
+        # a good file through the admin endpoint
+        newer = _shifted(original, 0.01)
+        new_path = tmp_path / "newer.safetensors"
+        save_weights(newer, new_path)
+        r = httpx.post(f"{server.url}/admin/reload", json={"path": str(new_path)}, headers=auth)
+        assert r.status_code == 200, r.text
+        second = httpx.post(f"{server.url}/v1/route", json=prompt).json()
+        assert second["weights_version"] == newer.version
+        assert second["cache_hit"] is False  # the cache was cleared
+        assert second["expected_error"] > first["expected_error"]
+
+        # a bad file: rejected, the previous weights keep serving
+        bad = tmp_path / "bad.safetensors"
+        bad.write_bytes(new_path.read_bytes()[:100])
+        r = httpx.post(f"{server.url}/admin/reload", json={"path": str(bad)}, headers=auth)
+        assert r.status_code == 400
+        assert httpx.get(f"{server.url}/health").json()["weights_version"] == newer.version
+        assert httpx.post(f"{server.url}/admin/reload", json={"path": str(new_path)}).status_code == 401
+
+        # SIGHUP re-reads the configured file
+        third_weights = _shifted(original, 0.02)
+        save_weights(third_weights, live)
+        server.process.send_signal(signal.SIGHUP)
+        _wait_for_version(server.url, third_weights.version)
+        # SIGHUP with a broken configured file leaves the weights in place
+        live.write_bytes(b"garbage")
+        server.process.send_signal(signal.SIGHUP)
+        time.sleep(1.0)
+        assert httpx.get(f"{server.url}/health").json()["weights_version"] == third_weights.version
+        assert httpx.post(f"{server.url}/v1/route", json=prompt).status_code == 200
+    finally:
+        assert server.stop() == 0, server.log()
+    assert "SIGHUP reload rejected" in server.log()
+
+
+def _wait_for_version(url: str, version: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while httpx.get(f"{url}/health").json().get("weights_version") != version:
+        assert time.monotonic() < deadline, "reload did not happen"
+        time.sleep(0.05)
+
+
+async def test_sigterm_drains_admitted_work_then_exits(tmp_path: Path) -> None:
+    server = start_server(tmp_path, "--max-batch-size", "8")
+    url = server.url
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=httpx.Limits(max_connections=100)) as client:
+        tasks = [
+            asyncio.ensure_future(client.post("/v1/route", json={"prompt": f"{LONG_PROMPT} drain {i}"}))
+            for i in range(60)
+        ]
+        await _wait_admitted(client, 60)
+        server.process.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.2)
+        assert not all(t.done() for t in tasks)  # there is work left to drain
+        health = await client.get("/health")
+        assert (health.status_code, health.json()["status"]) == (503, "draining")
+        refused = await client.post("/v1/route", json={"prompt": "arrived after SIGTERM"})
+        assert refused.status_code == 503
+        assert refused.json()["error"]["code"] == "shutting_down"
+        responses = await asyncio.gather(*tasks)
+    assert [r.status_code for r in responses] == [200] * 60
+    assert await asyncio.to_thread(server.process.wait, 60) == 0
+    assert "drained" in server.log()
+
+
+async def _wait_admitted(client: httpx.AsyncClient, count: int, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        text = (await client.get("/metrics")).text
+        admitted = float(text.split("\nrouter_admitted_prompts ")[1].split("\n")[0])
+        if admitted >= count:
+            return
+        assert time.monotonic() < deadline, f"only {admitted} admitted"
+        await asyncio.sleep(0.01)
+
+
+def test_several_workers_share_one_port(tmp_path: Path) -> None:
+    server = start_server(tmp_path, "--workers", "2")
+    try:
+        for i in range(20):
+            r = httpx.post(f"{server.url}/v1/route", json={"prompt": f"worker test {i}"}, timeout=30)
+            assert r.status_code == 200
+        assert httpx.get(f"{server.url}/health").status_code == 200
+    finally:
+        assert server.stop() == 0, server.log()
+    assert server.log().count("router ready") == 2

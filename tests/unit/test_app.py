@@ -1,0 +1,208 @@
+"""The HTTP layer over the ASGI app (Starlette TestClient, lifespan included), with a fake embedder."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from openapi_spec_validator import validate
+from starlette.testclient import TestClient
+
+from service.config import RouterSettings
+from service.router.app import RouterService
+from service.router.weights import save_weights
+from tests.fakes import DIM, FakeEmbedder, toy_weights
+
+READY_TIMEOUT_S = 10.0
+
+
+@pytest.fixture
+def weights_file(tmp_path: Path) -> Path:
+    path = tmp_path / "toy.safetensors"
+    save_weights(toy_weights(), path)
+    return path
+
+
+def make_service(
+    weights: Path, factory: Callable[[], FakeEmbedder] = FakeEmbedder, **overrides: object
+) -> RouterService:
+    settings = RouterSettings.from_env({}, weights=weights, compute_threads=1, **overrides)
+    return RouterService(settings, embedder_factory=factory)
+
+
+def wait_ready(client: TestClient) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while client.get("/health").status_code != 200:
+        assert time.monotonic() < deadline, client.get("/health").json()
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def client(weights_file: Path) -> Iterator[TestClient]:
+    with TestClient(make_service(weights_file).asgi) as c:
+        wait_ready(c)
+        yield c
+
+
+def test_route_answer_has_every_field(client: TestClient) -> None:
+    r = client.post("/v1/route", json={"prompt": "c3 hello", "cost_weight": 0.0})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["selected_model"] == "big"
+    assert body["cluster_id"] == 3
+    assert body["expected_error"] == pytest.approx(0.1)
+    assert body["cost_adjusted_score"] == pytest.approx(0.1)
+    assert body["all_scores"] == pytest.approx({"big": 0.1, "cheap": 0.6, "mid": 0.3})
+    assert body["cache_hit"] is False
+    assert set(body["usage"]) >= {"routing_ms", "embedding_ms"}
+    assert r.headers["content-type"] == "application/json"
+
+
+def test_health_when_ready(client: TestClient) -> None:
+    body = client.get("/health").json()
+    assert body["status"] == "ok"
+    assert body["device"] == "cpu"
+    assert (body["models"], body["clusters"]) == (3, DIM)
+    assert body["weights_version"] == toy_weights().version
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "kwargs", "status", "code"),
+    [
+        ("post", "/v1/route", {"content": b"{nope"}, 400, "invalid_request"),
+        ("post", "/v1/route", {"json": {"cost_weight": 1}}, 400, "invalid_request"),
+        ("post", "/v1/route", {"json": {"prompt": "x", "available_models": ["zzz"]}}, 400, "invalid_request"),
+        ("post", "/v1/route", {"json": {"embedding": [0.1] * 5}}, 400, "invalid_request"),
+        ("post", "/v1/route", {"content": b"prompt=x", "headers": {"content-type": "text/plain"}}, 415,
+         "invalid_request"),
+        ("get", "/v1/route", {}, 405, "method_not_allowed"),
+        ("get", "/no/such/path", {}, 404, "not_found"),
+    ],
+)  # fmt: skip
+def test_client_errors_are_json(
+    client: TestClient, method: str, path: str, kwargs: dict[str, object], status: int, code: str
+) -> None:
+    r = getattr(client, method)(path, **kwargs)
+    assert r.status_code == status
+    assert r.json()["error"]["code"] == code
+    assert r.json()["error"]["message"]
+
+
+def test_unknown_models_are_named(client: TestClient) -> None:
+    r = client.post("/v1/route", json={"prompt": "x", "available_models": ["big", "zzz", "yyy"]})
+    assert "'zzz'" in r.json()["error"]["message"] and "'yyy'" in r.json()["error"]["message"]
+
+
+def test_body_over_the_limit_is_413(weights_file: Path) -> None:
+    with TestClient(make_service(weights_file, max_body_bytes=100).asgi) as c:
+        wait_ready(c)
+        r = c.post("/v1/route", json={"prompt": "x" * 200})
+        assert r.status_code == 413
+        assert r.json()["error"]["code"] == "invalid_request"
+
+
+def test_not_ready_while_loading(weights_file: Path) -> None:
+    release = threading.Event()
+
+    def slow_factory() -> FakeEmbedder:
+        release.wait(READY_TIMEOUT_S)
+        return FakeEmbedder()
+
+    with TestClient(make_service(weights_file, slow_factory).asgi) as c:
+        r = c.post("/v1/route", json={"prompt": "x"})
+        assert r.status_code == 503
+        assert r.json()["error"]["code"] == "router_not_ready"
+        assert r.headers["retry-after"] == "1"
+        health = c.get("/health")
+        assert (health.status_code, health.json()["status"]) == (503, "loading")
+        release.set()
+        wait_ready(c)
+        assert c.post("/v1/route", json={"prompt": "x"}).status_code == 200
+
+
+def test_failed_load_reports_why(tmp_path: Path) -> None:
+    with TestClient(make_service(tmp_path / "missing.safetensors").asgi) as c:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while c.get("/health").json()["status"] != "failed":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        health = c.get("/health")
+        assert health.status_code == 503
+        assert "missing.safetensors" in health.json()["error"]
+        r = c.post("/v1/route", json={"prompt": "x"})
+        assert r.status_code == 503
+        assert "failed to load" in r.json()["error"]["message"]
+
+
+def test_draining_refuses_new_work(weights_file: Path) -> None:
+    service = make_service(weights_file)
+    with TestClient(service.asgi) as c:
+        wait_ready(c)
+        service.begin_drain()
+        health = c.get("/health")
+        assert (health.status_code, health.json()["status"]) == (503, "draining")
+        r = c.post("/v1/route", json={"prompt": "x"})
+        assert r.status_code == 503
+        assert r.json()["error"]["code"] == "shutting_down"
+        assert "retry-after" in r.headers
+
+
+def test_admin_reload_needs_the_token_and_validates(weights_file: Path, tmp_path: Path) -> None:
+    with TestClient(make_service(weights_file, admin_token="s3cret").asgi) as c:
+        wait_ready(c)
+        new = tmp_path / "new.safetensors"
+        save_weights(toy_weights(bump=0.05), new)
+        assert c.post("/admin/reload", json={"path": str(new)}).status_code == 401
+        wrong = c.post("/admin/reload", json={"path": str(new)}, headers={"authorization": "Bearer nope"})
+        assert wrong.status_code == 401
+        auth = {"authorization": "Bearer s3cret"}
+        ok = c.post("/admin/reload", json={"path": str(new)}, headers=auth)
+        assert ok.status_code == 200, ok.text
+        assert ok.json()["weights_version"] == toy_weights(bump=0.05).version
+        bad = tmp_path / "bad.safetensors"
+        bad.write_bytes(b"\x00" * 64)
+        rejected = c.post("/admin/reload", json={"path": str(bad)}, headers=auth)
+        assert rejected.status_code == 400
+        assert "still serving" in rejected.json()["error"]["message"]
+        assert c.get("/health").json()["weights_version"] == toy_weights(bump=0.05).version
+        # no path: reload the configured file
+        again = c.post("/admin/reload", headers=auth)
+        assert again.json()["weights_version"] == toy_weights().version
+
+
+def test_metrics_exposition(client: TestClient) -> None:
+    client.post("/v1/route", json={"prompt": "c2 one"})
+    client.post("/v1/route", json={"prompt": "c2 one"})
+    client.post("/v1/route", json={"prompt": 1})
+    text = client.get("/metrics").text
+    for name in (
+        'router_http_requests_total{method="POST",route="/v1/route",status="200"} 2.0',
+        'router_http_requests_total{method="POST",route="/v1/route",status="400"} 1.0',
+        "router_http_request_duration_seconds_bucket",
+        "router_queue_wait_seconds_bucket",
+        "router_embedding_duration_seconds_bucket",
+        "router_routing_duration_seconds_bucket",
+        "router_batch_size_bucket",
+        "router_batch_tokens_bucket",
+        "router_queue_depth",
+        "router_cache_hits_total 1.0",
+        "router_cache_misses_total 1.0",
+        'router_cluster_requests_total{cluster="2"} 2.0',
+        "router_selections_total{model=",
+        'router_errors_total{code="invalid_request"} 1.0',
+        "router_ready 1.0",
+    ):
+        assert name in text, name
+
+
+def test_openapi_is_valid_and_lists_the_endpoints(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    validate(spec)
+    assert set(spec["paths"]) == {"/v1/route", "/health", "/metrics", "/openapi.json", "/admin/reload"}
+    required = spec["components"]["schemas"]["RouteResponse"]["required"]
+    assert set(required) == {
+        "selected_model", "cluster_id", "expected_error", "cost_adjusted_score", "all_scores", "cache_hit", "usage",
+    }  # fmt: skip

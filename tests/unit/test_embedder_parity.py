@@ -1,0 +1,94 @@
+"""Our packed MiniLM against sentence-transformers' own encode (fp32, CPU): the reference."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+
+from service.router.embedder import MiniLMEmbedder, default_model_dir, file_sha256
+from service.router.index import CentroidIndex
+from service.router.weights import default_weights_path, load_weights
+
+OFFICIAL_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+MIN_COSINE = 0.9999
+
+PROMPTS = [
+    "hi",
+    "Prove the square root of 2 is irrational.",
+    "Classify this ticket: billing | technical | other",
+    "What is the capital of Australia?",
+    # long, past the 256-token truncation
+    "The history of the Roman Empire spans many centuries and includes " * 40,
+    " ".join(f"token{i}" for i in range(600)),
+    # unicode
+    "日本語のテキストと絵文字 🎉🚀, café, naïve, Straße, Ελληνικά, русский текст, عربى",
+    "\uff26\uff55\uff4c\uff4c\uff57\uff49\uff44\uff54\uff48 (fullwidth) and combining e\u0301 accents \u200b zero-width",
+    # code
+    "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n\nprint([fib(i) for i in range(10)])",
+    "SELECT u.id, COUNT(*) FROM users u JOIN orders o ON o.user_id = u.id GROUP BY u.id HAVING COUNT(*) > 3;",
+    '{"json": [1, 2, {"nested": true}], "key": null}',
+    # whitespace-heavy
+    "   leading and trailing   \n\n\t\t  ",
+    "many\n\n\n\nblank\n\n\n\nlines\t\ttabs     spaces",
+    " \u00a0 non-breaking \u3000 ideographic space ",
+    # a few-shot style block
+    "Question: Which gas do plants absorb?\nA. Oxygen\nB. Carbon dioxide\nC. Nitrogen\nD. Helium\nAnswer:",
+]
+
+
+@pytest.fixture(scope="module")
+def ours() -> Iterator[MiniLMEmbedder]:
+    yield MiniLMEmbedder(device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def reference() -> np.ndarray:
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(default_model_dir()), device="cpu")
+    return model.encode(PROMPTS, batch_size=4, convert_to_numpy=True, normalize_embeddings=False)
+
+
+def test_model_file_is_the_official_one(ours: MiniLMEmbedder) -> None:
+    assert ours.model_sha256 == OFFICIAL_SHA256
+    assert file_sha256(default_model_dir() / "model.safetensors") == OFFICIAL_SHA256
+
+
+def test_truncates_at_256_tokens_like_sentence_transformers(ours: MiniLMEmbedder) -> None:
+    ids = ours.tokenize([PROMPTS[4], "hi"])
+    assert len(ids[0]) == 256
+    assert ids[1] == [101, 7632, 102]  # [CLS] hi [SEP]
+
+
+def test_cosine_parity_and_same_cluster(ours: MiniLMEmbedder, reference: np.ndarray) -> None:
+    got = ours.embed(PROMPTS, batch_size=7)  # batches mix lengths: exercises packing
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, rtol=1e-5)
+    ref = reference / np.linalg.norm(reference, axis=1, keepdims=True)
+    cosine = (got * ref).sum(axis=1)
+    assert cosine.min() >= MIN_COSINE, dict(zip(PROMPTS, cosine, strict=True))
+    index = CentroidIndex(load_weights(default_weights_path()).centroids)
+    np.testing.assert_array_equal(index.search(got).ids[:, 0], index.search(ref).ids[:, 0])
+
+
+def test_batch_composition_does_not_change_results(ours: MiniLMEmbedder) -> None:
+    one_by_one = np.stack([ours.embed([p])[0] for p in PROMPTS])
+    together = ours.embed(PROMPTS, batch_size=len(PROMPTS))
+    np.testing.assert_allclose(together, one_by_one, atol=2e-5)
+
+
+def test_empty_batch(ours: MiniLMEmbedder) -> None:
+    assert ours.embed_ids([]).shape == (0, 384)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_half_precision_parity(reference: np.ndarray) -> None:
+    gpu = MiniLMEmbedder(device="cuda")  # fp16 by default on CUDA
+    got = gpu.embed(PROMPTS, batch_size=7)
+    ref = reference / np.linalg.norm(reference, axis=1, keepdims=True)
+    assert (got * ref).sum(axis=1).min() >= MIN_COSINE
+    index = CentroidIndex(load_weights(default_weights_path()).centroids)
+    np.testing.assert_array_equal(index.search(got).ids[:, 0], index.search(ref).ids[:, 0])
