@@ -25,7 +25,7 @@ PROMPTS = [
     " ".join(f"token{i}" for i in range(600)),
     # unicode
     "日本語のテキストと絵文字 🎉🚀, café, naïve, Straße, Ελληνικά, русский текст, عربى",
-    "\uff26\uff55\uff4c\uff4c\uff57\uff49\uff44\uff54\uff48 (fullwidth) and combining e\u0301 accents \u200b zero-width",
+    "\uff26\uff55\uff4c\uff4c\uff57\uff49\uff44\uff54\uff48 fullwidth, combining e\u0301, zero\u200bwidth",
     # code
     "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n\nprint([fib(i) for i in range(10)])",
     "SELECT u.id, COUNT(*) FROM users u JOIN orders o ON o.user_id = u.id GROUP BY u.id HAVING COUNT(*) > 3;",
