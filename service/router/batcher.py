@@ -86,6 +86,7 @@ class MicroBatcher(Generic[J, R]):
         self._idle_event.set()
         self._free_workers = asyncio.Semaphore(config.workers)
         self._admitted = 0
+        self._running = 0
         self._closed = False
         self._tokenizer_pool = ThreadPoolExecutor(1, thread_name_prefix="tokenizer")
         self._compute_pool = ThreadPoolExecutor(config.workers, thread_name_prefix="compute", initializer=worker_init)
@@ -112,6 +113,15 @@ class MicroBatcher(Generic[J, R]):
     @property
     def admitted(self) -> int:
         return self._admitted
+
+    @property
+    def running(self) -> int:
+        """Batches computing now (read from worker threads too: a plain int read)."""
+        return self._running
+
+    @property
+    def queued(self) -> int:
+        return len(self._incoming) + len(self._ready)
 
     async def drain(self) -> None:
         """Stop admitting; wait until every admitted job is finished."""
@@ -171,6 +181,7 @@ class MicroBatcher(Generic[J, R]):
                 self._metrics.queue_wait.observe(started - job.enqueued_at)
             self._metrics.batch_size.observe(len(batch))
             self._metrics.batch_tokens.observe(sum(len(job.ids or ()) for job in batch))
+            self._running += 1
             try:
                 result = await loop.run_in_executor(self._compute_pool, self._compute, batch)
             except Exception as exc:
@@ -180,6 +191,7 @@ class MicroBatcher(Generic[J, R]):
             else:
                 self._finish(batch, result=result)
         finally:
+            self._running -= 1
             self._free_workers.release()
 
     # -- helpers ----------------------------------------------------------------------------------
@@ -235,7 +247,7 @@ class MicroBatcher(Generic[J, R]):
             self._idle_event.set()
 
     def _update_depth(self) -> None:
-        self._metrics.queue_depth.set(len(self._incoming) + len(self._ready))
+        self._metrics.queue_depth.set(self.queued)
 
     def _spawn(self, coro: object) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)  # type: ignore[arg-type]

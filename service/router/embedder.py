@@ -7,12 +7,10 @@ ever called on the event loop: the batcher runs them in its worker threads.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -41,8 +39,9 @@ class Embedder(Protocol):
         """Token ids per text, truncated to the model's maximum sequence length."""
         ...
 
-    def embed_ids(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
-        """``[len(sequences), dim]`` float32, L2-normalised, in input order."""
+    def embed_ids(self, sequences: Sequence[Sequence[int]], *, cpu_threads: int | None = None) -> np.ndarray:
+        """``[len(sequences), dim]`` float32, L2-normalised, in input order, using ``cpu_threads``
+        intra-op threads on CPU (None: leave the calling thread's setting)."""
         ...
 
 
@@ -96,9 +95,6 @@ class MiniLMEmbedder:
         self._tokenizer.enable_truncation(max_length=self.max_seq_length)
         self._tokenizer.no_padding()
         self._model = MiniLM.from_pretrained(folder).to(self.torch_device, self.dtype)
-        self._cpu_cores = os.cpu_count() or 1
-        self._running = 0
-        self._running_lock = threading.Lock()
         if self._model.cfg.hidden_size != self.dim:
             raise ValueError(f"{folder}: hidden size {self._model.cfg.hidden_size}, expected {self.dim}")
 
@@ -107,7 +103,9 @@ class MiniLMEmbedder:
         encodings = self._tokenizer.encode_batch([text.strip() for text in texts], add_special_tokens=True)
         return [enc.ids for enc in encodings]
 
-    def embed_ids(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
+    def embed_ids(self, sequences: Sequence[Sequence[int]], *, cpu_threads: int | None = None) -> np.ndarray:
+        """``cpu_threads``: intra-op threads for this call (torch's setting is per calling thread);
+        None leaves the thread's current setting."""
         if not sequences:
             return np.zeros((0, self.dim), dtype=np.float32)
         order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
@@ -130,29 +128,13 @@ class MiniLMEmbedder:
             with torch.inference_mode():
                 pooled = self._model(ids, pos, groups).cpu().numpy()
         else:
-            with self._cpu_share(), torch.inference_mode():
+            if cpu_threads is not None:
+                torch.set_num_threads(cpu_threads)
+            with torch.inference_mode():
                 pooled = self._model(ids, pos, groups).numpy()
         out = np.empty_like(pooled)
         out[order] = pooled
         return out
-
-    @contextlib.contextmanager
-    def _cpu_share(self) -> Iterator[None]:
-        """Split the cores among the forward passes running now.
-
-        torch's intra-op thread count is per calling thread. Alone, a pass uses every core (lowest
-        latency); when the batcher runs several at once each takes its share, so the cores are never
-        oversubscribed (busy-waiting OpenMP threads make oversubscription very costly).
-        """
-        with self._running_lock:
-            self._running += 1
-            share = max(1, self._cpu_cores // self._running)
-        torch.set_num_threads(share)
-        try:
-            yield
-        finally:
-            with self._running_lock:
-                self._running -= 1
 
     def embed(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         """Convenience for offline use (fit, tests): tokenize and embed in length-sorted batches."""

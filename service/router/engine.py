@@ -109,6 +109,9 @@ class RouterEngine:
         self._inflight: dict[bytes, PromptJob] = {}
         self._reload_lock = asyncio.Lock()
         workers = compute_workers(settings, embedder.device)
+        self._cpu = embedder.device.startswith("cpu")
+        self._cores = os.cpu_count() or 1
+        self._workers = workers
         self._batcher: MicroBatcher[PromptJob, BatchResult] = MicroBatcher(
             config=BatcherConfig(
                 max_batch_size=settings.max_batch_size,
@@ -196,7 +199,7 @@ class RouterEngine:
         assert state is not None
         started = time.monotonic()
         t0 = time.perf_counter()
-        embeddings = self._embedder.embed_ids([job.ids or [] for job in jobs])
+        embeddings = self._embedder.embed_ids([job.ids or [] for job in jobs], cpu_threads=self._cpu_threads())
         t1 = time.perf_counter()
         nearest = state.index.search(embeddings, self._top_k)
         t2 = time.perf_counter()
@@ -204,6 +207,15 @@ class RouterEngine:
         return BatchResult(
             state=state, embeddings=embeddings, nearest=nearest, started=started, embedding_s=t1 - t0, search_s=t2 - t1
         )
+
+    def _cpu_threads(self) -> int | None:
+        """A lone batch with nothing waiting gets every core (lowest latency); under load each
+        worker keeps to its share, since oversubscribed OpenMP teams stall on each other."""
+        if not self._cpu:
+            return None
+        if self._batcher.running <= 1 and self._batcher.queued == 0:
+            return self._cores
+        return max(1, self._cores // self._workers)
 
     def _on_batch(self, jobs: list[PromptJob], result: BatchResult) -> None:
         """Event loop: cache the clusters, then score every live waiter of the batch at once."""

@@ -10,8 +10,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import faiss
 import numpy as np
+
+try:
+    import faiss
+except ImportError as exc:  # pragma: no cover - depends on the install
+    raise ImportError(
+        "FAISS is missing: pip install 'llm-routing-service[cpu]' (or '[faiss-gpu]' on CUDA hosts)"
+    ) from exc
 
 logger = logging.getLogger(__name__)
 
