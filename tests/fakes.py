@@ -40,7 +40,7 @@ class FakeEmbedder:
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         return [[*text.encode()[:32]] or [0] for text in texts]
 
-    def embed_ids(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
+    def embed_ids(self, sequences: Sequence[Sequence[int]], *, cpu_threads: int | None = None) -> np.ndarray:
         if self.delay_s:
             time.sleep(self.delay_s)
         with self._lock:

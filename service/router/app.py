@@ -57,7 +57,12 @@ class RouterService:
         self.load_error: str | None = None
         self._embedder: Embedder | None = None
         self._embedder_factory = embedder_factory or (
-            lambda: MiniLMEmbedder(model_dir=settings.model_dir, device=settings.device, dtype=settings.dtype)
+            lambda: MiniLMEmbedder(
+                model_dir=settings.model_dir,
+                device=settings.device,
+                dtype=settings.dtype,
+                torchscript=settings.torchscript,
+            )
         )
         self._drain_requested = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()

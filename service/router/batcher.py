@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections import deque
@@ -81,10 +82,8 @@ class MicroBatcher(Generic[J, R]):
         self._incoming: deque[J] = deque()
         self._ready: deque[J] = deque()
         self._incoming_event = asyncio.Event()
-        self._ready_event = asyncio.Event()
         self._idle_event = asyncio.Event()
         self._idle_event.set()
-        self._free_workers = asyncio.Semaphore(config.workers)
         self._admitted = 0
         self._running = 0
         self._closed = False
@@ -94,8 +93,7 @@ class MicroBatcher(Generic[J, R]):
 
     # -- public ---------------------------------------------------------------------------------
     def start(self) -> None:
-        for loop_fn in (self._tokenizer_loop, self._scheduler_loop):
-            self._spawn(loop_fn())
+        self._spawn(self._tokenizer_loop())
 
     def submit(self, job: J) -> None:
         """Queue a job or raise ``Overloaded`` (queue full) / ``ShuttingDown`` (stopped)."""
@@ -158,48 +156,53 @@ class MicroBatcher(Generic[J, R]):
             for job, seq in zip(jobs, ids, strict=True):
                 job.ids = seq
             self._ready.extend(jobs)
-            self._ready_event.set()
+            self._dispatch()
 
-    async def _scheduler_loop(self) -> None:
-        while True:
-            await self._ready_event.wait()
-            # Take a batch only once a worker is free: meanwhile the queue keeps filling.
-            await self._free_workers.acquire()
-            batch = self._next_batch()
-            if not self._ready:
-                self._ready_event.clear()
-            if not batch:
-                self._free_workers.release()
-                continue
-            self._spawn(self._run(batch))
+    def _dispatch(self) -> None:
+        """Start batches while a worker is free and prompts are ready (runs on the loop, no hop).
 
-    async def _run(self, batch: list[J]) -> None:
+        Called when prompts become ready and, before its results are delivered, when a batch
+        ends: a freed worker starts on what waits now instead of after the loop has sent every
+        response of the finished batch.
+        """
         loop = asyncio.get_running_loop()
-        try:
+        while self._running < self.config.workers and self._ready:
+            batch = self._next_batch()
+            if not batch:
+                return
+            self._running += 1
             started = time.monotonic()
             for job in batch:
                 self._metrics.queue_wait.observe(started - job.enqueued_at)
             self._metrics.batch_size.observe(len(batch))
             self._metrics.batch_tokens.observe(sum(len(job.ids or ()) for job in batch))
-            self._running += 1
-            try:
-                result = await loop.run_in_executor(self._compute_pool, self._compute, batch)
-            except Exception as exc:
-                self._metrics.batch_failures.inc()
-                logger.exception("batch of %d prompts failed", len(batch))
-                self._finish(batch, error=exc)
-            else:
-                self._finish(batch, result=result)
-        finally:
-            self._running -= 1
-            self._free_workers.release()
+            future = loop.run_in_executor(self._compute_pool, self._compute, batch)
+            future.add_done_callback(functools.partial(self._computed, batch))
+
+    def _computed(self, batch: list[J], future: asyncio.Future[R]) -> None:
+        self._running -= 1
+        self._dispatch()
+        if future.cancelled():
+            self._finish(batch, error=ShuttingDown("the router is shutting down"))
+        elif (error := future.exception()) is not None:
+            self._metrics.batch_failures.inc()
+            logger.error("batch of %d prompts failed", len(batch), exc_info=error)
+            self._finish(batch, error=error)
+        else:
+            self._finish(batch, result=future.result())
 
     # -- helpers ----------------------------------------------------------------------------------
     def _next_batch(self) -> list[J]:
-        """FIFO up to the size and token caps; the first job always fits (it is <= max_seq_length)."""
+        """FIFO up to the size and token caps; the first job always fits (it is <= max_seq_length).
+
+        With several workers a batch takes only its share of what waits (``ceil(ready / workers)``):
+        taking everything would leave the other workers idle until this batch is done.
+        """
+        share = -(-len(self._ready) // self.config.workers)
+        limit = min(self.config.max_batch_size, max(1, share))
         batch: list[J] = []
         tokens = 0
-        while self._ready and len(batch) < self.config.max_batch_size:
+        while self._ready and len(batch) < limit:
             job = self._ready[0]
             if job.abandoned():
                 self._ready.popleft()

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from service.router.minilm import MiniLM
+from service.router.minilm import MiniLM, script_for_inference
 
 MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
 EMBEDDING_DIM = 384
@@ -82,7 +82,9 @@ class MiniLMEmbedder:
 
     dim = EMBEDDING_DIM
 
-    def __init__(self, *, model_dir: Path | None = None, device: str = "auto", dtype: str = "auto") -> None:
+    def __init__(
+        self, *, model_dir: Path | None = None, device: str = "auto", dtype: str = "auto", torchscript: bool = True
+    ) -> None:
         folder = model_dir or default_model_dir()
         self.model_id = MODEL_ID
         self.model_sha256 = file_sha256(folder / "model.safetensors")
@@ -94,9 +96,11 @@ class MiniLMEmbedder:
         self._tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         self._tokenizer.enable_truncation(max_length=self.max_seq_length)
         self._tokenizer.no_padding()
-        self._model = MiniLM.from_pretrained(folder).to(self.torch_device, self.dtype)
-        if self._model.cfg.hidden_size != self.dim:
-            raise ValueError(f"{folder}: hidden size {self._model.cfg.hidden_size}, expected {self.dim}")
+        model = MiniLM.from_pretrained(folder).to(self.torch_device, self.dtype)
+        if model.cfg.hidden_size != self.dim:
+            raise ValueError(f"{folder}: hidden size {model.cfg.hidden_size}, expected {self.dim}")
+        self._model = script_for_inference(model) if torchscript else model
+        self.scripted = isinstance(self._model, torch.jit.ScriptModule)
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         # sentence-transformers strips each input before tokenizing; parity needs the same.

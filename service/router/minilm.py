@@ -10,7 +10,8 @@ Outputs are the sentence-transformers embedding: mean pooling over tokens, then 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,8 +20,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-# (sequence length, number of sequences) runs, in packing order.
-Groups = Sequence[tuple[int, int]]
+logger = logging.getLogger(__name__)
+
+# A batch's runs of equal-length sequences, in packing order: (sequence length, number of sequences).
+# Spelled out as list[tuple[int, int]] in signatures, the type TorchScript understands.
 
 
 @dataclass(frozen=True)
@@ -63,7 +66,7 @@ class BertLayer(nn.Module):
         self.ffn_out = nn.Linear(cfg.intermediate_size, h)
         self.ffn_norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
 
-    def forward(self, x: Tensor, groups: Groups) -> Tensor:
+    def forward(self, x: Tensor, groups: list[tuple[int, int]]) -> Tensor:
         hidden = x.shape[1]
         qkv = self.qkv(x)
         attn = torch.empty_like(x)
@@ -92,7 +95,7 @@ class MiniLM(nn.Module):
         self.embed_norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
         self.layers = nn.ModuleList(BertLayer(cfg) for _ in range(cfg.num_layers))
 
-    def forward(self, input_ids: Tensor, positions: Tensor, groups: Groups) -> Tensor:
+    def forward(self, input_ids: Tensor, positions: Tensor, groups: list[tuple[int, int]]) -> Tensor:
         """``input_ids``/``positions``: ``[tokens]``; ``groups``: (length, count) runs. -> ``[sequences, hidden]``."""
         x = self.word_embeddings(input_ids) + self.position_embeddings(positions) + self.token_type
         x = self.embed_norm(x)
@@ -114,6 +117,24 @@ class MiniLM(nn.Module):
         model = cls(cfg)
         model.load_state_dict(_convert_hf_state(state, cfg.num_layers), strict=True)
         return model.eval()
+
+
+def script_for_inference(model: MiniLM) -> torch.jit.ScriptModule | MiniLM:
+    """TorchScript the encoder, or return it unchanged where scripting is unavailable.
+
+    A scripted forward runs in C++ without taking the GIL between operators, so the event loop's
+    Python work (HTTP, scoring) no longer stalls the compute threads: +10-25% routes/s through
+    HTTP on 2 CPU cores (benchmarks/). Numerically identical to eager mode.
+    """
+    try:
+        with warnings.catch_warnings():
+            # torch marks TorchScript deprecated in favour of torch.compile, which does not yet
+            # release the GIL for a whole forward pass; the eager fallback covers its removal.
+            warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated", category=DeprecationWarning)
+            return torch.jit.script(model)
+    except Exception:
+        logger.warning("TorchScript unavailable; running the encoder in eager mode", exc_info=True)
+        return model
 
 
 def _convert_hf_state(hf: dict[str, Tensor], num_layers: int) -> dict[str, Tensor]:

@@ -79,6 +79,13 @@ def test_batch_composition_does_not_change_results(ours: MiniLMEmbedder) -> None
     np.testing.assert_allclose(together, one_by_one, atol=2e-5)
 
 
+def test_torchscript_is_used_and_matches_eager(ours: MiniLMEmbedder) -> None:
+    assert ours.scripted
+    eager = MiniLMEmbedder(device="cpu", dtype="float32", torchscript=False)
+    assert not eager.scripted
+    np.testing.assert_allclose(ours.embed(PROMPTS, batch_size=5), eager.embed(PROMPTS, batch_size=5), atol=1e-6)
+
+
 def test_empty_batch(ours: MiniLMEmbedder) -> None:
     assert ours.embed_ids([]).shape == (0, 384)
 
