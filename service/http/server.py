@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable
+from multiprocessing.sharedctypes import Synchronized
 from typing import Any, Protocol
 
 from hypercorn.asyncio.run import worker_serve
@@ -50,7 +51,35 @@ class Service(Protocol):
         """SIGHUP."""
 
 
-ServiceFactory = Callable[[], Service]
+class Fleet:
+    """Readiness shared by the worker processes behind one port.
+
+    Requests land on whichever worker accepts, so the server is ready only when every worker is:
+    each one's ``/health`` is 200 only once ``all_ready()``.
+    """
+
+    def __init__(self, size: int = 1, counter: Synchronized[int] | None = None) -> None:
+        self.size = size
+        self._counter = counter
+        self._local = 0
+        self._marked = False
+
+    def mark_ready(self) -> None:
+        if self._marked:
+            return
+        self._marked = True
+        if self._counter is None:
+            self._local += 1
+            return
+        with self._counter.get_lock():
+            self._counter.value += 1
+
+    def all_ready(self) -> bool:
+        count = self._local if self._counter is None else self._counter.value
+        return count >= self.size
+
+
+ServiceFactory = Callable[[Fleet], Service]
 
 
 def hypercorn_config(settings: BaseSettings) -> Config:
@@ -67,24 +96,24 @@ def hypercorn_config(settings: BaseSettings) -> Config:
 def serve(factory: ServiceFactory, settings: BaseSettings) -> int:
     config = hypercorn_config(settings)
     if settings.workers <= 1:
-        run_worker(factory, config, None)
+        run_worker(factory, config, None, Fleet())
         return 0
     return _run_supervisor(factory, config, settings.workers)
 
 
-def run_worker(factory: ServiceFactory, config: Config, sockets: Sockets | None) -> None:
+def run_worker(factory: ServiceFactory, config: Config, sockets: Sockets | None, fleet: Fleet) -> None:
     if sockets is not None:  # a spawned worker process starts with logging unconfigured
         configure_logging(config.loglevel)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        asyncio.run(_serve(factory, config, sockets))
+        asyncio.run(_serve(factory, config, sockets, fleet))
     else:
-        uvloop.run(_serve(factory, config, sockets))
+        uvloop.run(_serve(factory, config, sockets, fleet))
 
 
-async def _serve(factory: ServiceFactory, config: Config, sockets: Sockets | None) -> None:
-    service = factory()
+async def _serve(factory: ServiceFactory, config: Config, sockets: Sockets | None, fleet: Fleet) -> None:
+    service = factory(fleet)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, service.begin_drain)
@@ -100,8 +129,9 @@ async def _serve(factory: ServiceFactory, config: Config, sockets: Sockets | Non
 def _run_supervisor(factory: ServiceFactory, config: Config, workers: int) -> int:
     sockets = config.create_sockets()
     ctx = multiprocessing.get_context("spawn")
+    fleet = Fleet(workers, ctx.Value("i", 0))
     processes = [
-        ctx.Process(target=run_worker, args=(factory, config, sockets), daemon=False, name=f"worker-{i}")
+        ctx.Process(target=run_worker, args=(factory, config, sockets, fleet), daemon=False, name=f"worker-{i}")
         for i in range(workers)
     ]
     for process in processes:

@@ -26,6 +26,7 @@ from service.config import RouterSettings, settings_summary
 from service.errors import ServiceError
 from service.http.middleware import RequestMetricsMiddleware
 from service.http.responses import error_response, http_exception_to_error
+from service.http.server import Fleet
 from service.metrics import RouterMetrics
 from service.router.api import RouterApi
 from service.router.embedder import Embedder, MiniLMEmbedder
@@ -36,6 +37,7 @@ from service.router.weights import WeightsError
 logger = logging.getLogger(__name__)
 
 WARMUP_TEXTS = ("warm up the router", "a second, somewhat longer prompt to warm up another sequence length")
+WARMUP_ROUNDS = 3
 
 EmbedderFactory = Callable[[], Embedder]
 
@@ -48,8 +50,11 @@ class Phase(StrEnum):
 
 
 class RouterService:
-    def __init__(self, settings: RouterSettings, *, embedder_factory: EmbedderFactory | None = None) -> None:
+    def __init__(
+        self, settings: RouterSettings, *, embedder_factory: EmbedderFactory | None = None, fleet: Fleet | None = None
+    ) -> None:
         self.settings = settings
+        self.fleet = fleet or Fleet()
         self.metrics = RouterMetrics()
         self.holder = StateHolder()
         self.engine: RouterEngine | None = None
@@ -97,7 +102,10 @@ class RouterService:
 
     def health(self) -> dict[str, Any]:
         state = self.holder.current()
-        body: dict[str, Any] = {"status": self.phase.value, "version": __version__}
+        status = self.phase.value
+        if self.phase is Phase.READY and not self.fleet.all_ready():
+            status = Phase.LOADING.value  # this worker is ready, a sibling behind the same port is not
+        body: dict[str, Any] = {"status": status, "version": __version__}
         if self._embedder is not None:
             body["device"] = self._embedder.device
             body["embedder"] = self._embedder.model_id
@@ -145,6 +153,7 @@ class RouterService:
         self.engine = engine
         if self.phase is Phase.LOADING:
             self.phase = Phase.READY
+            self.fleet.mark_ready()
             self.metrics.ready.set(1)
         logger.info("router ready in %.1fs on %s", time.perf_counter() - started, embedder.device)
 
@@ -215,10 +224,14 @@ class RouterService:
 
 
 def _warm_up(embedder: Embedder) -> None:
-    """First calls allocate and pick kernels; pay that before declaring ready."""
-    embedder.embed_ids(embedder.tokenize(list(WARMUP_TEXTS)))
+    """First calls allocate, pick kernels and (TorchScript) profile and optimise the graph; pay
+    that before declaring ready, for a lone prompt and for a mixed-length batch."""
+    single, batch = embedder.tokenize(WARMUP_TEXTS[:1]), embedder.tokenize(list(WARMUP_TEXTS))
+    for _ in range(WARMUP_ROUNDS):
+        embedder.embed_ids(single)
+        embedder.embed_ids(batch)
 
 
-def build_router_service(settings: RouterSettings) -> RouterService:
+def build_router_service(settings: RouterSettings, fleet: Fleet) -> RouterService:
     """Picklable factory for the server runner (worker processes call it)."""
-    return RouterService(settings)
+    return RouterService(settings, fleet=fleet)

@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import multiprocessing
+from pathlib import Path
+
+from starlette.testclient import TestClient
+
+from service.config import RouterSettings
+from service.http.server import Fleet, hypercorn_config
+from service.router.weights import save_weights
+from tests.fakes import toy_weights
+from tests.unit.test_app import make_service, wait_ready
+
+
+def test_fleet_is_ready_when_every_worker_is() -> None:
+    counter = multiprocessing.get_context("spawn").Value("i", 0)
+    first, second = Fleet(2, counter), Fleet(2, counter)
+    assert not first.all_ready()
+    first.mark_ready()
+    first.mark_ready()  # once per worker
+    assert not second.all_ready()
+    second.mark_ready()
+    assert first.all_ready() and second.all_ready()
+
+
+def test_single_process_fleet() -> None:
+    fleet = Fleet()
+    assert not fleet.all_ready()
+    fleet.mark_ready()
+    assert fleet.all_ready()
+
+
+def test_health_waits_for_sibling_workers(tmp_path: Path) -> None:
+    path = tmp_path / "w.safetensors"
+    save_weights(toy_weights(), path)
+    counter = multiprocessing.get_context("spawn").Value("i", 0)
+    service = make_service(path)
+    service.fleet = Fleet(2, counter)
+    with TestClient(service.asgi) as client:
+        deadline_ok = False
+        for _ in range(1000):
+            if client.post("/v1/route", json={"prompt": "x"}).status_code == 200:
+                deadline_ok = True
+                break
+        assert deadline_ok  # this worker serves...
+        health = client.get("/health")
+        assert (health.status_code, health.json()["status"]) == (503, "loading")  # ...but the server is not ready
+        Fleet(2, counter).mark_ready()  # the sibling finishes loading
+        wait_ready(client)
+
+
+def test_hypercorn_config_from_settings() -> None:
+    config = hypercorn_config(RouterSettings.from_env({}, host="0.0.0.0", port=9999))
+    assert config.bind == ["0.0.0.0:9999"]
+    assert config.accesslog is None
