@@ -1,4 +1,5 @@
-"""JSON responses (orjson) and the one error body: ``{"error": {"code": ..., "message": ...}}``."""
+"""JSON in and out (orjson): request bodies, responses, and the one error body
+``{"error": {"code": ..., "message": ...}}``."""
 
 from __future__ import annotations
 
@@ -60,3 +61,14 @@ async def read_json_body(request: Request, *, max_bytes: int) -> bytes:
             raise PayloadTooLarge(f"body is over the {max_bytes}-byte limit")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def parse_json_object(body: bytes) -> dict[str, Any]:
+    """The body as a JSON object, or ``InvalidRequest`` saying what is wrong with it."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("body must be a JSON object")
+    return data

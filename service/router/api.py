@@ -8,13 +8,12 @@ from collections.abc import Awaitable
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive
 
 from service.errors import InvalidRequest, NotReady, ShuttingDown, Unauthorized
-from service.http.responses import ORJSONResponse, read_json_body
+from service.http.responses import ORJSONResponse, parse_json_object, read_json_body
 from service.metrics import PROMETHEUS_CONTENT_TYPE
 from service.router.schemas import parse_route_request
 from service.router.weights import WeightsError
@@ -89,13 +88,7 @@ class RouterApi:
 def _reload_path(body: bytes) -> Path | None:
     if not body.strip():
         return None
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidRequest(f"body is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise InvalidRequest("body must be a JSON object")
-    path = data.get("path")
+    path = parse_json_object(body).get("path")
     if path is None:
         return None
     if not isinstance(path, str) or not path:

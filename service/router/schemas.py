@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import orjson
 
 from service.errors import InvalidRequest, PayloadTooLarge
+from service.http.responses import parse_json_object
 from service.router.embedder import EMBEDDING_DIM
 
 
@@ -26,12 +26,7 @@ class RouteRequest:
 
 
 def parse_route_request(body: bytes, *, max_prompt_chars: int, dim: int = EMBEDDING_DIM) -> RouteRequest:
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidRequest(f"body is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise InvalidRequest("body must be a JSON object")
+    data = parse_json_object(body)
     prompt = _prompt(data.get("prompt"), max_prompt_chars)
     embedding = _embedding(data.get("embedding"), dim)
     if prompt is None and embedding is None:
