@@ -117,7 +117,7 @@ class RouterService:
                 default_cost_weight=state.weights.default_lambda,
             )
         if self.engine is not None:
-            body["queue"] = self.engine.queued
+            body["queue"] = self.engine.admitted
         if self.load_error is not None:
             body["error"] = self.load_error
         return body

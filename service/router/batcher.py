@@ -6,7 +6,8 @@ the event loop:
     submit() --> [incoming] --tokenizer thread--> [ready] --compute workers--> on_batch()
 
 * A batch starts as soon as a compute worker is free: no timer when idle. While the workers are
-  busy, prompts pile up in ``ready`` and the next batch takes all it can: batch size follows load.
+  busy, prompts pile up in ``ready`` and a freed worker takes its share of them (all of them when
+  there is one worker, as on a GPU): batch size follows load.
 * A batch is cut by ``max_batch_size`` prompts and ``max_batch_tokens`` tokens. The model packs a
   batch without padding and attends per equal-length run (see ``minilm.py``), so a batch costs
   its real tokens, not ``size x longest``.
@@ -24,7 +25,7 @@ import functools
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
@@ -69,7 +70,6 @@ class MicroBatcher(Generic[J, R]):
         on_batch: Callable[[list[J], R], None],
         on_error: Callable[[list[J], BaseException], None],
         metrics: RouterMetrics,
-        worker_init: Callable[[], None] | None = None,
     ) -> None:
         if config.max_batch_size < 1 or config.max_batch_tokens < 1 or config.max_queue < 1 or config.workers < 1:
             raise ValueError(f"invalid batcher config: {config}")
@@ -88,12 +88,12 @@ class MicroBatcher(Generic[J, R]):
         self._running = 0
         self._closed = False
         self._tokenizer_pool = ThreadPoolExecutor(1, thread_name_prefix="tokenizer")
-        self._compute_pool = ThreadPoolExecutor(config.workers, thread_name_prefix="compute", initializer=worker_init)
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._compute_pool = ThreadPoolExecutor(config.workers, thread_name_prefix="compute")
+        self._tokenizer_task: asyncio.Task[None] | None = None
 
     # -- public ---------------------------------------------------------------------------------
     def start(self) -> None:
-        self._spawn(self._tokenizer_loop())
+        self._tokenizer_task = asyncio.ensure_future(self._tokenizer_loop())
 
     def submit(self, job: J) -> None:
         """Queue a job or raise ``Overloaded`` (queue full) / ``ShuttingDown`` (stopped)."""
@@ -128,11 +128,10 @@ class MicroBatcher(Generic[J, R]):
 
     async def close(self) -> None:
         self._closed = True
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
+        if self._tokenizer_task is not None:
+            self._tokenizer_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await task
+                await self._tokenizer_task
         self._tokenizer_pool.shutdown(wait=True, cancel_futures=True)
         self._compute_pool.shutdown(wait=True, cancel_futures=True)
 
@@ -150,7 +149,7 @@ class MicroBatcher(Generic[J, R]):
                 ids = await loop.run_in_executor(self._tokenizer_pool, self._tokenize, [job.text for job in jobs])
             except Exception as exc:
                 logger.exception("tokenization failed for %d prompts", len(jobs))
-                self._finish(jobs, error=exc)
+                self._fail(jobs, exc)
                 continue
             self._metrics.tokenize_duration.observe(time.perf_counter() - started)
             for job, seq in zip(jobs, ids, strict=True):
@@ -183,13 +182,13 @@ class MicroBatcher(Generic[J, R]):
         self._running -= 1
         self._dispatch()
         if future.cancelled():
-            self._finish(batch, error=ShuttingDown("the router is shutting down"))
+            self._fail(batch, ShuttingDown("the router is shutting down"))
         elif (error := future.exception()) is not None:
             self._metrics.batch_failures.inc()
             logger.error("batch of %d prompts failed", len(batch), exc_info=error)
-            self._finish(batch, error=error)
+            self._fail(batch, error)
         else:
-            self._finish(batch, result=future.result())
+            self._deliver(batch, future.result())
 
     # -- helpers ----------------------------------------------------------------------------------
     def _next_batch(self) -> list[J]:
@@ -232,15 +231,20 @@ class MicroBatcher(Generic[J, R]):
         self._metrics.dropped.inc()
         self._release(1)
 
-    def _finish(self, jobs: Sequence[J], *, result: R | None = None, error: BaseException | None = None) -> None:
+    def _deliver(self, jobs: list[J], result: R) -> None:
         try:
-            if error is not None:
-                self._on_error(list(jobs), error)
-            else:
-                self._on_batch(list(jobs), result)  # type: ignore[arg-type]
+            self._on_batch(jobs, result)
         except Exception:
             logger.exception("delivering batch results failed")
-        finally:
+            self._fail(jobs, RuntimeError("delivering batch results failed"), release=False)
+        self._release(len(jobs))
+
+    def _fail(self, jobs: list[J], error: BaseException, *, release: bool = True) -> None:
+        try:
+            self._on_error(jobs, error)
+        except Exception:
+            logger.exception("failing a batch failed")
+        if release:
             self._release(len(jobs))
 
     def _release(self, count: int) -> None:
@@ -251,8 +255,3 @@ class MicroBatcher(Generic[J, R]):
 
     def _update_depth(self) -> None:
         self._metrics.queue_depth.set(self.queued)
-
-    def _spawn(self, coro: object) -> None:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)  # type: ignore[arg-type]
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)

@@ -102,7 +102,6 @@ class RouterEngine:
     ) -> None:
         self._embedder = embedder
         self._holder = holder
-        self._settings = settings
         self._metrics = metrics
         self._top_k = max(1, settings.top_clusters)
         self._cache: LRUCache[CachedRoute] = LRUCache(max_entries=settings.cache_size, ttl_s=settings.cache_ttl_s)
@@ -140,7 +139,8 @@ class RouterEngine:
         await self._batcher.close()
 
     @property
-    def queued(self) -> int:
+    def admitted(self) -> int:
+        """Prompts queued or computing (what ``max_queue`` bounds)."""
         return self._batcher.admitted
 
     # -- routing --------------------------------------------------------------------------------

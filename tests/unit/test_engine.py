@@ -126,7 +126,7 @@ async def test_departed_client_prompt_is_not_computed() -> None:
     await asyncio.sleep(0.15)
     assert embedder.texts_embedded == 1
     assert metrics.dropped._value.get() == 1
-    assert eng.queued == 0
+    assert eng.admitted == 0
     await eng.close()
 
 
