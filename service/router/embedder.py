@@ -25,6 +25,9 @@ EMBEDDING_DIM = 384
 
 # Weights never come from a hub at run time.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Tokenization runs on the batcher's own thread beside busy compute workers; the Rust tokenizer's
+# extra worker threads would only compete with them for cores (measured: 5-10 % fewer routes/s).
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 class Embedder(Protocol):
