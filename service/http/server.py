@@ -19,7 +19,7 @@ import signal
 import sys
 from collections.abc import Callable
 from multiprocessing.sharedctypes import Synchronized
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from hypercorn.asyncio.run import worker_serve
 from hypercorn.config import Config, Sockets
@@ -119,7 +119,8 @@ async def _serve(factory: ServiceFactory, config: Config, sockets: Sockets | Non
         loop.add_signal_handler(sig, service.begin_drain)
     loop.add_signal_handler(signal.SIGHUP, service.on_reload_signal)
     await worker_serve(
-        wrap_app(service.asgi, config.wsgi_max_body_size, "asgi"),
+        # Starlette's and Hypercorn's ASGI type aliases differ in spelling only
+        wrap_app(cast(Any, service.asgi), config.wsgi_max_body_size, "asgi"),
         config,
         sockets=sockets,
         shutdown_trigger=service.drained,

@@ -225,7 +225,7 @@ class RouterEngine:
             if self._inflight.get(job.key) is job:
                 del self._inflight[job.key]
             self._cache.put((result.state.generation, job.key), CachedRoute(ids[row].copy(), sims[row].copy()))
-            queue_s = result.started - job.enqueued_at
+            waited_s = result.started - job.enqueued_at
             for waiter in job.waiters:
                 if waiter.future.done():
                     continue
@@ -233,8 +233,8 @@ class RouterEngine:
                 group = by_state.setdefault(state.generation, (state, [], [], []))
                 group[1].append(waiter)
                 group[2].append(row)
-                group[3].append(queue_s)
-        for state, waiters, rows, queue_s in by_state.values():
+                group[3].append(waited_s)
+        for state, waiters, rows, waits_s in by_state.values():
             if state is result.state:
                 found_ids, found_sims = ids[rows], sims[rows]
             else:  # the weights were swapped during this batch: use the waiter's own snapshot
@@ -247,7 +247,7 @@ class RouterEngine:
                 found_sims,
                 cache_hit=False,
                 embedding_s=result.embedding_s,
-                queue_s=queue_s,
+                queue_s=waits_s,
                 routing_s=[result.search_s + w.lookup_s for w in waiters],
             )
             for waiter, decision in zip(waiters, decisions, strict=True):

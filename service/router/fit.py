@@ -88,6 +88,7 @@ def kmeans_centroids(
         max_points_per_centroid=x.shape[0],
     )
     kmeans.train(x)
+    assert kmeans.centroids is not None
     return normalise_rows(kmeans.centroids)
 
 
