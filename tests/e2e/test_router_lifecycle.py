@@ -170,3 +170,35 @@ def test_several_workers_share_one_port(tmp_path: Path) -> None:
     finally:
         assert server.stop() == 0, server.log()
     assert server.log().count("router ready") == 2
+
+
+async def test_prompts_of_departed_clients_are_dropped_before_compute(tmp_path: Path) -> None:
+    server = start_server(tmp_path, "--max-batch-size", "1", "--compute-threads", "1")
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=0.5,
+                                     limits=httpx.Limits(max_connections=40)) as client:  # fmt: skip
+            results = await asyncio.gather(
+                *(client.post("/v1/route", json={"prompt": f"{LONG_PROMPT} gone {i}"}) for i in range(40)),
+                return_exceptions=True,
+            )
+        assert any(isinstance(r, httpx.TimeoutException) for r in results)  # these clients hung up
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            await _wait_admitted_zero(client)
+            metrics = (await client.get("/metrics")).text
+        dropped = _metric(metrics, "router_dropped_prompts_total")
+        computed = _metric(metrics, "router_batch_size_sum")
+        assert dropped > 0
+        assert dropped + computed == 40  # every prompt was either computed or dropped, never both
+    finally:
+        assert server.stop() == 0, server.log()
+
+
+def _metric(text: str, name: str) -> float:
+    return float(text.split(f"\n{name} ")[1].split("\n")[0])
+
+
+async def _wait_admitted_zero(client: httpx.AsyncClient, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while _metric((await client.get("/metrics")).text, "router_admitted_prompts") > 0:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
