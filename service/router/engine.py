@@ -152,33 +152,13 @@ class RouterEngine:
         started = time.perf_counter()
         if request.embedding is not None:
             nearest = state.index.search(request.embedding[None, :], self._top_k)
-            elapsed = time.perf_counter() - started
-            return self._decide(
-                state,
-                [query],
-                nearest.ids,
-                nearest.similarity,
-                cache_hit=False,
-                embedding_s=0.0,
-                queue_s=[0.0],
-                routing_s=[elapsed],
-            )[0]
+            return self._decide_now(state, query, nearest.ids[0], nearest.similarity[0], False, started)
         assert request.prompt is not None
         key = hashlib.blake2b(request.prompt.encode(), digest_size=CACHE_KEY_BYTES).digest()
         cached = self._cache.get((state.generation, key))
         if cached is not None:
             self._metrics.cache_hits.inc()
-            elapsed = time.perf_counter() - started
-            return self._decide(
-                state,
-                [query],
-                cached.cluster_ids[None, :],
-                cached.similarity[None, :],
-                cache_hit=True,
-                embedding_s=0.0,
-                queue_s=[0.0],
-                routing_s=[elapsed],
-            )[0]
+            return self._decide_now(state, query, cached.cluster_ids, cached.similarity, True, started)
         self._metrics.cache_misses.inc()
         job = self._inflight.get(key)
         if job is None or job.abandoned():
@@ -192,6 +172,22 @@ class RouterEngine:
         # Cancelling this await (client gone) cancels the future; a job with no live waiter is
         # dropped by the batcher before compute.
         return await waiter.future
+
+    def _decide_now(
+        self, state: RouterState, query: RouteQuery, ids: np.ndarray, sims: np.ndarray, cache_hit: bool, started: float
+    ) -> RouteDecision:
+        """One request whose clusters are already known (cache hit or supplied embedding)."""
+        elapsed = time.perf_counter() - started
+        return self._decide(
+            state,
+            [query],
+            ids[None, :],
+            sims[None, :],
+            cache_hit=cache_hit,
+            embedding_s=0.0,
+            queue_s=[0.0],
+            routing_s=[elapsed],
+        )[0]
 
     def _compute(self, jobs: list[PromptJob]) -> BatchResult:
         """Worker thread: one forward pass and one FAISS search for the whole batch."""
