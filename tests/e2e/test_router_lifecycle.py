@@ -6,6 +6,7 @@ import asyncio
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -134,7 +135,7 @@ async def test_sigterm_drains_admitted_work_then_exits(tmp_path: Path) -> None:
             asyncio.ensure_future(client.post("/v1/route", json={"prompt": f"{LONG_PROMPT} drain {i}"}))
             for i in range(60)
         ]
-        await _wait_admitted(client, 60)
+        await _wait_for_admitted(client, lambda n: n >= 60)
         server.process.send_signal(signal.SIGTERM)
         await asyncio.sleep(0.2)
         assert not all(t.done() for t in tasks)  # there is work left to drain
@@ -147,17 +148,6 @@ async def test_sigterm_drains_admitted_work_then_exits(tmp_path: Path) -> None:
     assert [r.status_code for r in responses] == [200] * 60
     assert await asyncio.to_thread(server.process.wait, 60) == 0
     assert "drained" in server.log()
-
-
-async def _wait_admitted(client: httpx.AsyncClient, count: int, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        text = (await client.get("/metrics")).text
-        admitted = float(text.split("\nrouter_admitted_prompts ")[1].split("\n")[0])
-        if admitted >= count:
-            return
-        assert time.monotonic() < deadline, f"only {admitted} admitted"
-        await asyncio.sleep(0.01)
 
 
 def test_several_workers_share_one_port(tmp_path: Path) -> None:
@@ -183,7 +173,7 @@ async def test_prompts_of_departed_clients_are_dropped_before_compute(tmp_path: 
             )
         assert any(isinstance(r, httpx.TimeoutException) for r in results)  # these clients hung up
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
-            await _wait_admitted_zero(client)
+            await _wait_for_admitted(client, lambda n: n == 0)
             metrics = (await client.get("/metrics")).text
         dropped = _metric(metrics, "router_dropped_prompts_total")
         computed = _metric(metrics, "router_batch_size_sum")
@@ -197,8 +187,9 @@ def _metric(text: str, name: str) -> float:
     return float(text.split(f"\n{name} ")[1].split("\n")[0])
 
 
-async def _wait_admitted_zero(client: httpx.AsyncClient, timeout_s: float = 60.0) -> None:
+async def _wait_for_admitted(client: httpx.AsyncClient, done: Callable[[float], bool], timeout_s: float = 60.0) -> None:
+    """Poll /metrics until ``done(router_admitted_prompts)``."""
     deadline = time.monotonic() + timeout_s
-    while _metric((await client.get("/metrics")).text, "router_admitted_prompts") > 0:
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.05)
+    while not done(admitted := _metric((await client.get("/metrics")).text, "router_admitted_prompts")):
+        assert time.monotonic() < deadline, f"{admitted} prompts admitted"
+        await asyncio.sleep(0.01)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from service.router.embedder import MiniLMEmbedder, default_model_dir, file_sha256
+from service.digest import file_sha256
+from service.router.embedder import MiniLMEmbedder, default_model_dir
 from service.router.index import CentroidIndex
 from service.router.weights import default_weights_path, load_weights
 
