@@ -1,4 +1,5 @@
-"""Command line: ``python -m service serve-router | fit | inspect-weights``.
+"""Command line: ``python -m service serve-router | serve-dispatcher | fit | inspect-weights | keygen | add-endpoint
+| add-key``.
 
 Each ``serve-*`` flag maps to an ``LLMROUTER_*`` environment variable (see ``service.config``).
 """
@@ -10,8 +11,9 @@ import functools
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from service.config import RouterSettings
+from service.config import DispatcherSettings, RouterSettings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,6 +23,30 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve-router", help="serve POST /v1/route (model router)")
     RouterSettings.add_arguments(serve)
     serve.set_defaults(handler=_serve_router)
+
+    dispatch = commands.add_parser("serve-dispatcher", help="serve POST /route/ (signed worker assignments)")
+    DispatcherSettings.add_arguments(dispatch)
+    dispatch.set_defaults(handler=_serve_dispatcher)
+
+    keygen = commands.add_parser("keygen", help="create an Ed25519 signing key file for the dispatcher")
+    keygen.add_argument("path", type=Path, help="key file to create (mode 0600; the public key goes to PATH.pub)")
+    keygen.set_defaults(handler=_keygen)
+
+    add_endpoint = commands.add_parser("add-endpoint", help="add an endpoint with a new api key and worker token")
+    add_endpoint.add_argument("name", help="endpoint name (letters, digits, ._:-)")
+    add_endpoint.add_argument("--config", type=Path, required=True, help="endpoints file (TOML), created if absent")
+    add_endpoint.add_argument("--max-queue-time-s", type=float, default=30.0)
+    add_endpoint.add_argument("--target-util", type=float, default=0.9)
+    add_endpoint.add_argument("--min-workers", type=int, default=0)
+    add_endpoint.add_argument("--max-workers", type=int, default=16)
+    add_endpoint.add_argument("--cold-workers", type=int, default=0)
+    add_endpoint.set_defaults(handler=_add_endpoint)
+
+    add_key = commands.add_parser("add-key", help="add another api key or worker token to an endpoint (rotation)")
+    add_key.add_argument("name", help="endpoint name")
+    add_key.add_argument("--config", type=Path, required=True, help="endpoints file (TOML)")
+    add_key.add_argument("--kind", choices=("api", "worker"), default="api", help="client api key or worker token")
+    add_key.set_defaults(handler=_add_key)
 
     from service.router.fit import add_fit_arguments, fit_main
 
@@ -56,6 +82,100 @@ def _serve_router(args: argparse.Namespace) -> int:
         return 2
     configure_logging(settings.log_level)
     return serve(functools.partial(build_router_service, settings), settings)
+
+
+def serve_dispatcher_main() -> int:
+    """Console script ``llm-dispatcher``: the same as ``python -m service serve-dispatcher``."""
+    return main(["serve-dispatcher", *sys.argv[1:]])
+
+
+def _serve_dispatcher(args: argparse.Namespace) -> int:
+    from service.dispatch.app import build_dispatcher_service
+    from service.dispatch.endpoints import ConfigError, load_config
+    from service.dispatch.signing import KeyFileError
+    from service.http.server import configure_logging, serve
+
+    try:
+        settings = DispatcherSettings.from_args(args)
+        if settings.workers > 1 and not settings.redis_url:
+            raise ValueError("several workers need shared state: pass --redis-url (in-memory state is per process)")
+        if settings.config is not None:
+            load_config(settings.config)  # fail before binding, with the file's own error
+        if settings.signing_key_file is not None:
+            from service.dispatch.signing import read_key_file
+
+            read_key_file(settings.signing_key_file)
+    except (ValueError, ConfigError, KeyFileError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    return serve(functools.partial(build_dispatcher_service, settings), settings)
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from service.dispatch.signing import write_key_file
+
+    try:
+        signer = write_key_file(args.path)
+    except FileExistsError:
+        print(f"error: {args.path} exists; refusing to overwrite a signing key", file=sys.stderr)
+        return 1
+    print(f"signing key: {args.path} (mode 0600)\npublic key:  {signer.public_key.hex()} ({args.path}.pub)")
+    print(f"key id:      {signer.key_id}")
+    return 0
+
+
+def _add_endpoint(args: argparse.Namespace) -> int:
+    from service.dispatch.endpoints import (
+        ConfigError,
+        EndpointRegistry,
+        EndpointSpec,
+        hash_key,
+        load_config,
+        new_key,
+        save_config,
+        with_endpoint,
+    )
+
+    try:
+        registry = load_config(args.config) if args.config.exists() else EndpointRegistry()
+        if registry.get(args.name) is not None:
+            raise ConfigError(f"endpoint {args.name!r} exists; use add-key to give it more keys")
+        api_key, worker_token = new_key("dk"), new_key("wt")
+        spec = EndpointSpec(
+            name=args.name,
+            api_key_sha256=(hash_key(api_key),),
+            worker_token_sha256=(hash_key(worker_token),),
+            max_queue_time_s=args.max_queue_time_s,
+            target_util=args.target_util,
+            min_workers=args.min_workers,
+            max_workers=args.max_workers,
+            cold_workers=args.cold_workers,
+        )
+        save_config(args.config, with_endpoint(registry, spec))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"endpoint {args.name} added to {args.config} (only the keys' hashes are stored; keep these now)")
+    print(f"api key:      {api_key}\nworker token: {worker_token}")
+    return 0
+
+
+def _add_key(args: argparse.Namespace) -> int:
+    from service.dispatch.endpoints import ConfigError, add_key, load_config, new_key, save_config, with_endpoint
+
+    try:
+        registry = load_config(args.config)
+        spec = registry.get(args.name)
+        if spec is None:
+            raise ConfigError(f"no endpoint named {args.name!r} in {args.config}")
+        key = new_key("dk" if args.kind == "api" else "wt")
+        save_config(args.config, with_endpoint(registry, add_key(spec, kind=args.kind, key=key)))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"{'api key' if args.kind == 'api' else 'worker token'} for {args.name}: {key}")
+    return 0
 
 
 def _inspect_weights(args: argparse.Namespace) -> int:

@@ -99,6 +99,29 @@ class RouterSettings(BaseSettings):
         return self.weights if self.weights is not None else default_weights_path()
 
 
+@dataclass(frozen=True, kw_only=True)
+class DispatcherSettings(BaseSettings):
+    """The worker dispatcher (POST /route/)."""
+
+    port: int = _opt(8081, "port to bind (0 picks a free one)")
+    config: Path | None = _opt(None, "endpoints file (TOML); none: no endpoints until one is added")
+    redis_url: str | None = _opt(None, "Redis URL for state shared by several replicas (default: in memory)")
+    redis_prefix: str = _opt("dispatch:", "prefix of every Redis key this dispatcher uses")
+    signing_key_file: Path | None = _opt(None, "Ed25519 signing key file from `keygen` (mode 0600)")
+    signing_key: str | None = _opt(None, "Ed25519 signing key seed, hex (instead of a file)")
+    previous_public_keys: str = _opt("", "retired public keys (hex, comma separated) still published")
+    assignment_ttl_s: float = _opt(60.0, "how long a signed assignment stays valid")
+    heartbeat_timeout_s: float = _opt(30.0, "a worker silent this long gets no new requests")
+    request_ttl_s: float = _opt(600.0, "a request never reported done gives its load back after this")
+    max_cost: float = _opt(1e9, "largest accepted request cost (400 above)")
+    load_window_s: float = _opt(60.0, "window of the load rate that autoscaling reads")
+    autoscale_interval_s: float = _opt(5.0, "how often the scaling decisions and worker gauges refresh")
+    admin_token: str | None = _opt(None, "bearer token for GET /endpoints/ (unset: only each endpoint's api key)")
+
+    def store_url(self) -> str:
+        return self.redis_url or "memory://"
+
+
 def _base_type(hint: Any) -> type:
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
@@ -123,7 +146,9 @@ def _parse(hint: Any, raw: str, name: str) -> Any:
         raise ValueError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a valid {kind.__name__}") from exc
 
 
-def settings_summary(settings: BaseSettings, hidden: Sequence[str] = ("admin_token",)) -> dict[str, Any]:
+def settings_summary(
+    settings: BaseSettings, hidden: Sequence[str] = ("admin_token", "signing_key", "redis_url")
+) -> dict[str, Any]:
     """Settings as a loggable dict, secrets masked."""
     out: dict[str, Any] = {}
     for f in dataclasses.fields(settings):

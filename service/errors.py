@@ -9,7 +9,8 @@ ServiceError (500 internal_error)
 ├── Unauthorized (401 unauthorized)
 ├── Overloaded (429 overloaded, Retry-After)
 ├── NotReady (503 router_not_ready, Retry-After)
-└── ShuttingDown (503 shutting_down, Retry-After)
+├── ShuttingDown (503 shutting_down, Retry-After)
+└── StoreUnavailable (503 store_unavailable, Retry-After)
 """
 
 from __future__ import annotations
@@ -70,4 +71,12 @@ class NotReady(ServiceError):
 class ShuttingDown(ServiceError):
     status = 503
     code = "shutting_down"
+    retry_after = True
+
+
+class StoreUnavailable(ServiceError):
+    """The dispatcher's state store (Redis) cannot be reached; the client should retry."""
+
+    status = 503
+    code = "store_unavailable"
     retry_after = True

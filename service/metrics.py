@@ -1,4 +1,4 @@
-"""Every Prometheus metric the router exports, on a registry of its own per app instance.
+"""Every Prometheus metric both services export, on a registry of its own per app instance.
 
 Durations are in seconds and share one bucket set; label values are bounded (route templates,
 status codes, error codes, model ids and cluster ids from the weights file).
@@ -125,3 +125,50 @@ class RouterMetrics(HttpMetrics):
         self.reloads = Counter(
             "router_weights_reloads", "Weights reload attempts by result", ["result"], registry=registry
         )
+
+
+class DispatcherMetrics(HttpMetrics):
+    """Endpoint labels are configured endpoint names only (unauthenticated names never become labels)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        registry = registry or CollectorRegistry(auto_describe=True)
+        super().__init__(registry, "dispatcher")
+        self.routes = Counter(
+            "dispatcher_routes", "POST /route/ answers by endpoint and outcome", ["endpoint", "outcome"],
+            registry=registry,
+        )  # fmt: skip
+        self.pick_duration = Histogram(
+            "dispatcher_pick_duration_seconds",
+            "Time to pick a worker and reserve its load (one store call)",
+            buckets=DURATION_BUCKETS_S,
+            registry=registry,
+        )
+        self.reports = Counter(
+            "dispatcher_worker_reports", "Worker status reports by endpoint", ["endpoint"], registry=registry
+        )
+        self.released = Counter(
+            "dispatcher_released_requests",
+            "Requests reported done by workers, by endpoint and success",
+            ["endpoint", "success"],
+            registry=registry,
+        )
+        self.workers = Gauge(
+            "dispatcher_workers", "Workers by endpoint and state (as routing sees them)", ["endpoint", "state"],
+            registry=registry,
+        )  # fmt: skip
+        self.load = Gauge(
+            "dispatcher_outstanding_load", "Workload assigned and not yet released, per endpoint", ["endpoint"],
+            registry=registry,
+        )  # fmt: skip
+        self.load_rate = Gauge(
+            "dispatcher_load_rate", "Workload units per second routed as new requests (recent window)",
+            ["endpoint"], registry=registry,
+        )  # fmt: skip
+        self.wanted_workers = Gauge(
+            "dispatcher_wanted_workers", "Workers the autoscaling decision wants", ["endpoint"], registry=registry
+        )
+        self.wanted_cold_workers = Gauge(
+            "dispatcher_wanted_cold_workers", "Stopped-but-loaded workers wanted", ["endpoint"], registry=registry
+        )
+        self.store_up = Gauge("dispatcher_store_up", "1 when the state store answered its last call", registry=registry)
+        self.ready = Gauge("dispatcher_ready", "1 when serving and not draining", registry=registry)

@@ -6,11 +6,13 @@ import asyncio
 import time
 from collections.abc import Collection
 
+from prometheus_client import Counter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.metrics import HttpMetrics
 
 OTHER_ROUTE = "other"
+MAX_CACHED_LABEL_SETS = 1024  # methods are client-chosen strings: bound the cache, not just the routes
 
 
 class RequestMetricsMiddleware:
@@ -24,9 +26,11 @@ class RequestMetricsMiddleware:
         self.metrics = metrics
         self.routes = frozenset(routes)
         self.in_flight = 0
+        metrics.in_flight.set_function(lambda: self.in_flight)  # read at scrape time: no lock per request
         self.idle = asyncio.Event()  # set while no request is open; graceful drain waits on it
         self.idle.set()
         self._durations = {route: metrics.request_duration.labels(route=route) for route in (*routes, OTHER_ROUTE)}
+        self._counters: dict[tuple[str, str, int], Counter] = {}  # label lookups cost more than the increment
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -45,13 +49,17 @@ class RequestMetricsMiddleware:
 
         self.in_flight += 1
         self.idle.clear()
-        self.metrics.in_flight.inc()
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
             self.in_flight -= 1
             if self.in_flight == 0:
                 self.idle.set()
-            self.metrics.in_flight.dec()
-            self.metrics.requests.labels(route=route, method=scope["method"], status=str(status)).inc()
+            key = (route, scope["method"], status)
+            counter = self._counters.get(key)
+            if counter is None:
+                counter = self.metrics.requests.labels(route=route, method=key[1], status=str(status))
+                if len(self._counters) < MAX_CACHED_LABEL_SETS:
+                    self._counters[key] = counter
+            counter.inc()
             self._durations[route].observe(time.perf_counter() - started)

@@ -23,7 +23,7 @@ from starlette.types import ASGIApp
 
 from service import __version__
 from service.config import RouterSettings, settings_summary
-from service.errors import ServiceError
+from service.http.handlers import Handler, guarded
 from service.http.middleware import RequestMetricsMiddleware
 from service.http.responses import error_response, http_exception_to_error
 from service.http.server import Fleet
@@ -193,24 +193,8 @@ class RouterService:
             logger.info("SIGHUP reload: now serving %s from %s", weights.version, path)
 
     # -- plumbing -------------------------------------------------------------------------------
-    def _guard(self, handler: Callable[[Request], Any]) -> Callable[[Request], Any]:
-        """Every ServiceError becomes its JSON answer; anything else a logged 500, never a crash."""
-        retry_after = self.settings.retry_after_s
-        errors = self.metrics.errors
-
-        async def endpoint(request: Request) -> Response:
-            try:
-                response: Response = await handler(request)
-                return response
-            except ServiceError as exc:
-                errors.labels(code=exc.code).inc()
-                return error_response(exc, retry_after_s=retry_after)
-            except Exception:
-                logger.exception("unhandled error in %s", request.url.path)
-                errors.labels(code=ServiceError.code).inc()
-                return error_response(ServiceError("internal error"), retry_after_s=retry_after)
-
-        return endpoint
+    def _guard(self, handler: Handler) -> Handler:
+        return guarded(handler, errors=self.metrics.errors, retry_after_s=self.settings.retry_after_s)
 
     async def _http_exception(self, request: Request, exc: HTTPException) -> Response:
         error = http_exception_to_error(exc)

@@ -6,18 +6,8 @@ import functools
 from typing import Any
 
 from service import __version__
+from service.http.openapi import ERROR_SCHEMA, common_paths, error
 from service.router.embedder import EMBEDDING_DIM
-
-
-def _error(description: str, *, retry_after: bool = False) -> dict[str, Any]:
-    response: dict[str, Any] = {
-        "description": description,
-        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
-    }
-    if retry_after:
-        response["headers"] = {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}}
-    return response
-
 
 _ROUTE_REQUEST = {
     "type": "object",
@@ -129,11 +119,11 @@ def router_openapi() -> dict[str, Any]:
                             "description": "routing decision",
                             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/RouteResponse"}}},
                         },
-                        "400": _error("invalid_request: malformed body, wrong types, unknown models, bad embedding"),
-                        "413": _error("invalid_request: body or prompt over the configured limit"),
-                        "415": _error("invalid_request: content type is not application/json"),
-                        "429": _error("overloaded: the admission queue is full", retry_after=True),
-                        "503": _error("router_not_ready (loading) or shutting_down (draining)", retry_after=True),
+                        "400": error("invalid_request: malformed body, wrong types, unknown models, bad embedding"),
+                        "413": error("invalid_request: body or prompt over the configured limit"),
+                        "415": error("invalid_request: content type is not application/json"),
+                        "429": error("overloaded: the admission queue is full", retry_after=True),
+                        "503": error("router_not_ready (loading) or shutting_down (draining)", retry_after=True),
                     },
                 }
             },
@@ -147,30 +137,6 @@ def router_openapi() -> dict[str, Any]:
                             "description": "loading, draining or failed",
                             "content": {"application/json": {"schema": _HEALTH}},
                         },
-                    },
-                }
-            },
-            "/metrics": {
-                "get": {
-                    "summary": "Prometheus metrics",
-                    "operationId": "metrics",
-                    "responses": {
-                        "200": {
-                            "description": "text exposition format",
-                            "content": {"text/plain": {"schema": {"type": "string"}}},
-                        }
-                    },
-                }
-            },
-            "/openapi.json": {
-                "get": {
-                    "summary": "This document",
-                    "operationId": "openapi",
-                    "responses": {
-                        "200": {
-                            "description": "OpenAPI 3.1",
-                            "content": {"application/json": {"schema": {"type": "object"}}},
-                        }
                     },
                 }
             },
@@ -205,28 +171,19 @@ def router_openapi() -> dict[str, Any]:
                                 }
                             },
                         },
-                        "400": _error("invalid_request: the file was rejected; the previous weights keep serving"),
-                        "401": _error("unauthorized: missing or wrong admin token"),
-                        "503": _error("router_not_ready", retry_after=True),
+                        "400": error("invalid_request: the file was rejected; the previous weights keep serving"),
+                        "401": error("unauthorized: missing or wrong admin token"),
+                        "503": error("router_not_ready", retry_after=True),
                     },
                 }
             },
+            **common_paths(),
         },
         "components": {
             "schemas": {
                 "RouteRequest": _ROUTE_REQUEST,
                 "RouteResponse": _ROUTE_RESPONSE,
-                "Error": {
-                    "type": "object",
-                    "required": ["error"],
-                    "properties": {
-                        "error": {
-                            "type": "object",
-                            "required": ["code", "message"],
-                            "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
-                        }
-                    },
-                },
+                "Error": ERROR_SCHEMA,
             },
             "securitySchemes": {"adminToken": {"type": "http", "scheme": "bearer"}},
         },

@@ -1,0 +1,210 @@
+"""Thin HTTP handlers for the dispatcher: parse, authenticate, one store call, sign, answer."""
+
+from __future__ import annotations
+
+import hmac
+import time
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import parse_qs
+
+from prometheus_client import Counter
+from starlette.requests import Request
+from starlette.responses import Response
+
+from service.dispatch import autoscale, schemas
+from service.dispatch.endpoints import EndpointSpec
+from service.dispatch.ids import new_request_id
+from service.dispatch.records import Assigned, PickPolicy
+from service.dispatch.store import StoreUnavailable, UnknownRequest
+from service.errors import InvalidRequest, NotFound, ShuttingDown, Unauthorized
+from service.errors import StoreUnavailable as StoreUnavailableError
+from service.http.fastpath import Headers
+from service.http.responses import ORJSONResponse, parse_json_object, read_json_body
+from service.metrics import PROMETHEUS_CONTENT_TYPE
+
+if TYPE_CHECKING:
+    from service.dispatch.app import DispatcherService
+
+T = TypeVar("T")
+
+MS_PER_S = 1000
+BAD_CLIENT_KEY = "invalid api key for this endpoint"  # one message whether or not the endpoint exists
+BAD_WORKER_TOKEN = "invalid worker token for this endpoint"
+
+
+class DispatcherApi:
+    def __init__(self, service: DispatcherService) -> None:
+        self.service = service
+        self.settings = service.settings
+        self.metrics = service.metrics
+        self._outcomes: dict[tuple[str, str], Counter] = {}
+
+    async def route(self, body: bytes, headers: Headers, query_string: bytes) -> dict[str, Any]:
+        """``POST /route/``, served on the fast path (``service.http.fastpath``): returns the JSON answer."""
+        service, settings = self.service, self.settings
+        if service.draining:
+            raise ShuttingDown("the dispatcher is draining; send new requests elsewhere")
+        authorization = headers.get(b"authorization")
+        route_request = schemas.parse_route_request(
+            parse_json_object(body),
+            authorization=authorization.decode("latin-1") if authorization else None,
+            query_api_key=_query_param(query_string, "api_key"),
+            max_cost=settings.max_cost,
+        )
+        spec = service.registry.authenticate_client(route_request.endpoint, route_request.api_key)
+        if spec is None:
+            raise Unauthorized(BAD_CLIENT_KEY)
+        started = time.perf_counter()
+        try:
+            outcome = await service.store.route(
+                spec.name, route_request.cost, route_request.request_idx, self._policy(spec)
+            )
+        except UnknownRequest:
+            self._count(spec.name, "unknown_request")
+            raise InvalidRequest(
+                f"unknown request_idx {route_request.request_idx} for endpoint {spec.name!r} "
+                "(never issued here, or expired); send request_idx 0 for a new request"
+            ) from None
+        except StoreUnavailable as exc:
+            raise StoreUnavailableError(f"dispatcher state is unavailable: {exc}") from None
+        finally:
+            self.metrics.pick_duration.observe(time.perf_counter() - started)
+        request_id = new_request_id()
+        if not isinstance(outcome, Assigned):
+            self._count(spec.name, "no_ready_worker")
+            return schemas.no_ready_answer(spec.name, outcome, request_id)
+        signer = service.signer
+        assignment = schemas.assignment_for(
+            spec.name,
+            outcome,
+            route_request.cost,
+            expires_at_ms=int((time.time() + settings.assignment_ttl_s) * MS_PER_S),
+            key_id=signer.key_id,
+        )
+        outcome_label = "reassigned" if route_request.request_idx else "assigned"
+        self._count(spec.name, outcome_label)
+        return schemas.assigned_answer(assignment, await service.signing.sign(assignment), request_id)
+
+    async def pubkey(self, request: Request) -> Response:
+        keys = self.service.published_keys
+        current = keys[0]
+        return ORJSONResponse(
+            {
+                "algorithm": "ed25519",
+                "key_id": current.key_id,
+                "public_key": current.public_key_hex,
+                "keys": [key.to_json() for key in keys],
+            }
+        )
+
+    async def worker_status(self, request: Request) -> Response:
+        data = parse_json_object(await read_json_body(request, max_bytes=self.settings.max_body_bytes))
+        name, report = schemas.parse_worker_report(data)
+        spec = self._authenticate_worker(request, name)
+        record = await self._store_call(self.service.store.report(spec.name, report))
+        self.metrics.reports.labels(endpoint=spec.name).inc()
+        return ORJSONResponse(
+            {
+                "ok": True,
+                "endpoint": spec.name,
+                "id": record.worker_id,
+                "reqnum": record.reqnum,
+                "load": record.load,
+                "heartbeat_timeout_s": self.settings.heartbeat_timeout_s,
+            }
+        )
+
+    async def delete_requests(self, request: Request) -> Response:
+        data = parse_json_object(await read_json_body(request, max_bytes=self.settings.max_body_bytes))
+        name, idxs, success = schemas.parse_release(data)
+        spec = self._authenticate_worker(request, name)
+        released = await self._store_call(self.service.store.release(spec.name, idxs))
+        self.metrics.released.labels(endpoint=spec.name, success=str(success).lower()).inc(released.released)
+        return ORJSONResponse({"ok": True, "released": released.released, "unknown": released.unknown})
+
+    async def endpoint_info(self, request: Request) -> Response:
+        """Operator view of one endpoint: settings, workers and the autoscaling decision."""
+        name = request.path_params["name"]
+        spec = self._authenticate_operator(request, name)
+        store = self.service.store
+        workers = await self._store_call(store.workers(spec.name))
+        stats = await self._store_call(store.load_stats(spec.name, self.settings.load_window_s))
+        now = await self._store_call(store.now())
+        timeout = self.settings.heartbeat_timeout_s
+        decision = autoscale.decide(spec, workers, stats, now=now, heartbeat_timeout_s=timeout)
+        return ORJSONResponse(
+            {
+                "endpoint": spec.name,
+                "settings": {
+                    "max_queue_time_s": spec.max_queue_time_s,
+                    "target_util": spec.target_util,
+                    "min_workers": spec.min_workers,
+                    "max_workers": spec.max_workers,
+                    "cold_workers": spec.cold_workers,
+                },
+                "workers": [schemas.worker_json(w, now=now, heartbeat_timeout_s=timeout) for w in workers],
+                "autoscale": decision.to_json(),
+            }
+        )
+
+    async def health(self, request: Request) -> Response:
+        body = await self.service.health()
+        return ORJSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
+
+    async def metrics_text(self, request: Request) -> Response:
+        return Response(self.metrics.render(), media_type=PROMETHEUS_CONTENT_TYPE)
+
+    async def openapi(self, request: Request) -> Response:
+        from service.dispatch.openapi import dispatcher_openapi
+
+        return ORJSONResponse(dispatcher_openapi())
+
+    # -- helpers ------------------------------------------------------------------------------------------------
+    def _count(self, endpoint: str, outcome: str) -> None:
+        key = (endpoint, outcome)
+        counter = self._outcomes.get(key)
+        if counter is None:  # endpoints are configured names and outcomes a fixed set: the cache is bounded
+            counter = self._outcomes[key] = self.metrics.routes.labels(endpoint=endpoint, outcome=outcome)
+        counter.inc()
+
+    def _policy(self, spec: EndpointSpec) -> PickPolicy:
+        return PickPolicy(
+            max_queue_time_s=spec.max_queue_time_s,
+            heartbeat_timeout_s=self.settings.heartbeat_timeout_s,
+            request_ttl_s=self.settings.request_ttl_s,
+        )
+
+    def _authenticate_worker(self, request: Request, name: str) -> EndpointSpec:
+        token = schemas.bearer_token(request.headers.get("authorization"))
+        spec = self.service.registry.authenticate_worker(name, token or "")
+        if spec is None:
+            raise Unauthorized(BAD_WORKER_TOKEN)
+        return spec
+
+    def _authenticate_operator(self, request: Request, name: str) -> EndpointSpec:
+        token = schemas.bearer_token(request.headers.get("authorization")) or ""
+        registry = self.service.registry
+        admin = self.settings.admin_token
+        if admin is not None and hmac.compare_digest(token.encode(), admin.encode()):
+            spec = registry.get(name)
+            if spec is None:
+                raise NotFound(f"no endpoint named {name!r}")
+            return spec
+        spec = registry.authenticate_client(name, token)
+        if spec is None:
+            raise Unauthorized(BAD_CLIENT_KEY)
+        return spec
+
+    async def _store_call(self, call: Awaitable[T]) -> T:
+        try:
+            return await call
+        except StoreUnavailable as exc:
+            raise StoreUnavailableError(f"dispatcher state is unavailable: {exc}") from None
+
+
+def _query_param(query_string: bytes, name: str) -> str | None:
+    if not query_string:
+        return None
+    values = parse_qs(query_string.decode("latin-1")).get(name)
+    return values[-1] if values else None

@@ -1,0 +1,251 @@
+"""The dispatcher service: Starlette app, state store, signing key, endpoints, scaling loop, drain and reload.
+
+SIGHUP re-reads the endpoints file (a bad file is logged and the previous endpoints keep serving).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import ASGIApp
+
+from service import __version__
+from service.config import DispatcherSettings, settings_summary
+from service.dispatch import autoscale
+from service.dispatch.api import DispatcherApi
+from service.dispatch.endpoints import ConfigError, EndpointRegistry, load_config
+from service.dispatch.memory_store import MemoryStore
+from service.dispatch.records import STATUS_KEYS
+from service.dispatch.selection import status_breakdown
+from service.dispatch.signing import PublishedKey, Signer, publish, read_key_file, read_public_keys
+from service.dispatch.signing_thread import SigningThread
+from service.dispatch.store import DispatchStore, StoreUnavailable
+from service.http.fastpath import FastJsonPost
+from service.http.handlers import Handler, guarded
+from service.http.middleware import RequestMetricsMiddleware
+from service.http.responses import error_response, http_exception_to_error
+from service.http.server import Fleet
+from service.metrics import DispatcherMetrics
+
+logger = logging.getLogger(__name__)
+
+EPHEMERAL_KEY_WARNING = (
+    "NO SIGNING KEY CONFIGURED: using an ephemeral Ed25519 key (key id %s). Workers must re-fetch /pubkey/ after "
+    "every restart, and replicas will not share it. Create one with `python -m service keygen` and pass "
+    "--signing-key-file."
+)
+
+
+def load_signer(settings: DispatcherSettings) -> Signer:
+    if settings.signing_key_file is not None:
+        return read_key_file(settings.signing_key_file)
+    if settings.signing_key:
+        return Signer.from_seed_hex(settings.signing_key)
+    return Signer.generate()
+
+
+def open_store(settings: DispatcherSettings) -> DispatchStore:
+    if settings.redis_url:
+        from service.dispatch.redis_store import RedisStore
+
+        return RedisStore(settings.redis_url, prefix=settings.redis_prefix)
+    return MemoryStore()
+
+
+def load_registry(settings: DispatcherSettings) -> EndpointRegistry:
+    return load_config(settings.config) if settings.config is not None else EndpointRegistry()
+
+
+class DispatcherService:
+    def __init__(
+        self,
+        settings: DispatcherSettings,
+        *,
+        store: DispatchStore | None = None,
+        registry: EndpointRegistry | None = None,
+        signer: Signer | None = None,
+        fleet: Fleet | None = None,
+    ) -> None:
+        self.settings = settings
+        self.fleet = fleet or Fleet()
+        self.metrics = DispatcherMetrics()
+        self.store = store if store is not None else open_store(settings)
+        self.registry = registry if registry is not None else load_registry(settings)
+        self.signer = signer if signer is not None else load_signer(settings)
+        self.signing = SigningThread(self.signer)
+        self.published_keys: list[PublishedKey] = publish(self.signer, read_public_keys(settings.previous_public_keys))
+        self.draining = False
+        self._drain_requested = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        api = DispatcherApi(self)
+        routes = [
+            Route("/route/", _served_by_fast_path, methods=["POST"]),
+            Route("/pubkey/", self._guard(api.pubkey), methods=["GET"]),
+            Route("/worker_status/", self._guard(api.worker_status), methods=["POST"]),
+            Route("/delete_requests/", self._guard(api.delete_requests), methods=["POST"]),
+            Route("/endpoints/{name}/", self._guard(api.endpoint_info), methods=["GET"]),
+            Route("/health", self._guard(api.health), methods=["GET"]),
+            Route("/metrics", self._guard(api.metrics_text), methods=["GET"]),
+            Route("/openapi.json", self._guard(api.openapi), methods=["GET"]),
+        ]
+        app = Starlette(
+            routes=routes,
+            exception_handlers={HTTPException: self._http_exception},  # type: ignore[dict-item]
+            lifespan=self._lifespan,
+        )
+        fast = FastJsonPost(
+            app,
+            path="/route/",
+            handler=api.route,
+            max_body_bytes=settings.max_body_bytes,
+            errors=self.metrics.errors,
+            retry_after_s=settings.retry_after_s,
+        )
+        self._middleware = RequestMetricsMiddleware(fast, metrics=self.metrics, routes=[r.path for r in routes])
+
+    @property
+    def asgi(self) -> ASGIApp:
+        return self._middleware
+
+    async def health(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "status": "draining" if self.draining else "ok",
+            "version": __version__,
+            "store": "redis" if self.settings.redis_url else "memory",
+            "endpoints": len(self.registry),
+            "key_id": self.signer.key_id,
+        }
+        try:
+            await self.store.ping()
+        except StoreUnavailable as exc:
+            body.update(status="store_unavailable", error=str(exc))
+            self.metrics.store_up.set(0)
+        else:
+            self.metrics.store_up.set(1)
+        return body
+
+    # -- lifecycle ----------------------------------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        logger.info("dispatcher settings: %s", settings_summary(self.settings))
+        if self.signer.ephemeral:
+            logger.warning(EPHEMERAL_KEY_WARNING, self.signer.key_id)
+        logger.info(
+            "dispatcher serving %d endpoint(s) on %s state, signing key %s",
+            len(self.registry),
+            "redis" if self.settings.redis_url else "in-memory",
+            self.signer.key_id,
+        )
+        self.fleet.mark_ready()
+        self.metrics.ready.set(1)
+        self._spawn(self._refresh_loop())
+        try:
+            yield
+        finally:
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await self.store.close()
+            self.signing.close()
+
+    def begin_drain(self) -> None:
+        if not self.draining:
+            logger.info("draining: refusing new routes, finishing open requests")
+        self.draining = True
+        self.metrics.ready.set(0)
+        self._drain_requested.set()
+
+    async def drained(self) -> None:
+        await self._drain_requested.wait()
+        try:
+            await asyncio.wait_for(self._middleware.idle.wait(), timeout=self.settings.drain_timeout_s)
+        except TimeoutError:
+            logger.warning("drain timeout (%.0fs) reached with requests still open", self.settings.drain_timeout_s)
+        logger.info("drained")
+
+    def on_reload_signal(self) -> None:
+        """SIGHUP: re-read the endpoints file."""
+        if self.settings.config is None:
+            logger.warning("SIGHUP ignored: no endpoints file configured")
+            return
+        try:
+            registry = load_config(self.settings.config)
+        except ConfigError as exc:
+            logger.error("SIGHUP reload rejected, previous endpoints keep serving: %s", exc)
+            return
+        self.registry = registry
+        logger.info("SIGHUP reload: now serving %d endpoint(s)", len(registry))
+
+    # -- scaling decisions and worker gauges --------------------------------------------------------------------
+    async def refresh_gauges(self) -> list[autoscale.ScaleDecision]:
+        """Recompute every endpoint's scaling decision and the per-endpoint gauges from the store."""
+        settings, metrics, store = self.settings, self.metrics, self.store
+        decisions = []
+        now = await store.now()
+        for spec in self.registry.endpoints.values():
+            workers = await store.workers(spec.name)
+            stats = await store.load_stats(spec.name, settings.load_window_s)
+            decision = autoscale.decide(spec, workers, stats, now=now, heartbeat_timeout_s=settings.heartbeat_timeout_s)
+            counts = status_breakdown(
+                workers,
+                now=now,
+                heartbeat_timeout_s=settings.heartbeat_timeout_s,
+                max_queue_time_s=spec.max_queue_time_s,
+            )
+            for state in STATUS_KEYS:
+                metrics.workers.labels(endpoint=spec.name, state=state).set(counts[state])
+            metrics.load.labels(endpoint=spec.name).set(stats.outstanding)
+            metrics.load_rate.labels(endpoint=spec.name).set(stats.load_rate)
+            metrics.wanted_workers.labels(endpoint=spec.name).set(decision.wanted_workers)
+            metrics.wanted_cold_workers.labels(endpoint=spec.name).set(decision.wanted_cold_workers)
+            decisions.append(decision)
+        return decisions
+
+    async def _refresh_loop(self) -> None:
+        up = True
+        while True:
+            try:
+                await self.refresh_gauges()
+            except StoreUnavailable as exc:
+                if up:  # log the transition, not every tick
+                    logger.warning("state store unavailable: %s", exc)
+                up = False
+                self.metrics.store_up.set(0)
+            else:
+                if not up:
+                    logger.info("state store reachable again")
+                up = True
+                self.metrics.store_up.set(1)
+            await asyncio.sleep(self.settings.autoscale_interval_s)
+
+    # -- plumbing -----------------------------------------------------------------------------------------------
+    def _guard(self, handler: Handler) -> Handler:
+        return guarded(handler, errors=self.metrics.errors, retry_after_s=self.settings.retry_after_s)
+
+    async def _http_exception(self, request: Request, exc: HTTPException) -> Response:
+        error = http_exception_to_error(exc)
+        self.metrics.errors.labels(code=error.code).inc()
+        return error_response(error, retry_after_s=self.settings.retry_after_s)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+async def _served_by_fast_path(request: Request) -> Response:  # pragma: no cover - FastJsonPost answers first
+    raise AssertionError("POST /route/ is served by FastJsonPost")
+
+
+def build_dispatcher_service(settings: DispatcherSettings, fleet: Fleet) -> DispatcherService:
+    """Picklable factory for the server runner (worker processes call it)."""
+    return DispatcherService(settings, fleet=fleet)

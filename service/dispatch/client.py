@@ -1,0 +1,312 @@
+"""Client for the dispatcher: route a request, send it to the worker named, and retry the way the dispatcher
+expects.
+
+The dispatcher tracks each request's load under its ``request_idx``. A retry therefore re-routes *with the same
+request_idx*: the dispatcher then moves the load to the newly picked worker (and avoids the one that failed)
+instead of counting the request twice. A fresh request_idx on retry would leak load until its TTL.
+
+Retried (after full-jitter exponential back-off, or the server's ``Retry-After`` when it sends one):
+a "no ready worker" answer, a dispatcher 429/5xx or transport error, a worker transport error, 429 or 5xx, and a
+worker 401 ``invalid_assignment`` (e.g. the assignment expired on the way, or the worker has not seen a key
+rotation yet). Not retried: dispatcher 4xx other than 429 (bad key, bad request: retrying cannot help) and worker
+4xx other than those, which are the worker's answer to the payload and are returned as they are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
+from types import TracebackType
+from typing import Any
+
+import httpx
+import orjson
+
+from service.dispatch.signing import Assignment
+
+ROUTE_PATH = "/route/"
+DEFAULT_MAX_ATTEMPTS = 8
+DEFAULT_BACKOFF_BASE_S = 0.1
+DEFAULT_BACKOFF_MAX_S = 5.0
+DEFAULT_RETRY_AFTER_MAX_S = 30.0  # a Retry-After above this is waited only this long
+DEFAULT_ROUTE_TIMEOUT_S = 10.0
+DEFAULT_WORKER_TIMEOUT_S = 300.0  # a worker call is a whole inference
+MAX_BACKOFF_DOUBLINGS = 32  # beyond this the cap is backoff_max_s anyway; keeps 2**n small
+HTTP_OK = 200
+HTTP_UNAUTHORIZED = 401
+HTTP_TOO_MANY_REQUESTS = 429
+HTTP_SERVER_ERROR = 500
+INVALID_ASSIGNMENT = "invalid_assignment"
+ERROR_TEXT_LIMIT = 200  # characters of a non-JSON error body kept in the message
+
+Sleep = Callable[[float], Awaitable[None]]
+
+
+class DispatchError(Exception):
+    """Routing or serving a request failed; the message says how."""
+
+
+class DispatcherRefused(DispatchError):
+    """The dispatcher answered an HTTP error (``{"error": {"code", "message"}}``)."""
+
+    def __init__(self, status: int, code: str, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(f"dispatcher answered {status} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+        self.retry_after_s = retry_after_s
+
+    @property
+    def retryable(self) -> bool:
+        return is_retryable_status(self.status)
+
+
+class AttemptsExhausted(DispatchError):
+    """Every attempt failed; ``failures`` says why each did, ``last_status`` is the last no-ready breakdown."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        request_idx: int | None,
+        failures: tuple[str, ...],
+        last_status: Mapping[str, int] | None,
+    ) -> None:
+        status = "" if last_status is None else f"; last worker status: {_format_status(last_status)}"
+        super().__init__(
+            f"endpoint {endpoint!r} request_idx {request_idx}: gave up after {len(failures)} attempts "
+            f"({'; '.join(failures)}){status}"
+        )
+        self.endpoint = endpoint
+        self.request_idx = request_idx
+        self.failures = failures
+        self.last_status = last_status
+
+    @property
+    def attempts(self) -> int:
+        return len(self.failures)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerResponse:
+    """A worker's answer, with the assignment it was sent under and how many attempts it took."""
+
+    status: int
+    body: bytes
+    content_type: str
+    assignment: Assignment
+    route_answer: Mapping[str, Any]
+    attempts: int
+
+    def json(self) -> Any:
+        return orjson.loads(self.body)
+
+
+@dataclass(slots=True)
+class _Progress:
+    """What one ``request`` call has learnt so far."""
+
+    request_idx: int | None = None
+    failures: list[str] = field(default_factory=list)
+    last_status: dict[str, int] | None = None
+    retry_after_s: float | None = None
+
+    def fail(self, reason: str, retry_after_s: float | None = None) -> None:
+        self.failures.append(reason)
+        self.retry_after_s = retry_after_s
+
+
+def is_retryable_status(status: int) -> bool:
+    return status == HTTP_TOO_MANY_REQUESTS or status >= HTTP_SERVER_ERROR
+
+
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or an HTTP date); None if absent or bad."""
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def join_url(base: str, path: str) -> str:
+    return base.rstrip("/") + "/" + path.lstrip("/")
+
+
+def _format_status(status: Mapping[str, int]) -> str:
+    return " ".join(f"{name}={count}" for name, count in status.items())
+
+
+def _error_fields(response: httpx.Response) -> tuple[str, str]:
+    """``(code, message)`` of an error answer, whatever its body."""
+    try:
+        error = response.json().get("error")
+        return str(error["code"]), str(error.get("message", ""))
+    except (ValueError, AttributeError, TypeError, KeyError):
+        return "http_error", response.text[:ERROR_TEXT_LIMIT]
+
+
+class DispatchClient:
+    """Routes requests through the dispatcher at ``dispatcher_url`` with a client ``api_key``."""
+
+    def __init__(
+        self,
+        dispatcher_url: str,
+        api_key: str,
+        *,
+        http: httpx.AsyncClient | None = None,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        backoff_base_s: float = DEFAULT_BACKOFF_BASE_S,
+        backoff_max_s: float = DEFAULT_BACKOFF_MAX_S,
+        retry_after_max_s: float = DEFAULT_RETRY_AFTER_MAX_S,
+        route_timeout_s: float = DEFAULT_ROUTE_TIMEOUT_S,
+        worker_timeout_s: float | None = DEFAULT_WORKER_TIMEOUT_S,
+        rng: random.Random | None = None,
+        sleep: Sleep = asyncio.sleep,
+    ) -> None:
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be >= 1")
+        if backoff_base_s < 0 or backoff_max_s < 0 or retry_after_max_s < 0:
+            raise ValueError("back-off times must be >= 0")
+        self._route_url = join_url(dispatcher_url, ROUTE_PATH)
+        self._headers = {"Authorization": f"Bearer {api_key}"}
+        self._owns_http = http is None
+        self._http = http if http is not None else httpx.AsyncClient()
+        self._max_attempts = max_attempts
+        self._backoff_base_s = backoff_base_s
+        self._backoff_max_s = backoff_max_s
+        self._retry_after_max_s = retry_after_max_s
+        self._route_timeout_s = route_timeout_s
+        self._worker_timeout_s = worker_timeout_s
+        self._rng = rng if rng is not None else random.Random()
+        self._sleep = sleep
+
+    async def __aenter__(self) -> DispatchClient:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._owns_http:
+            await self._http.aclose()
+
+    # -- one route call ---------------------------------------------------------------------------------------
+    async def route(self, endpoint: str, cost: float, request_idx: int | None = None) -> dict[str, Any]:
+        """One ``POST /route/``: the raw answer (assigned, or no ready worker). Raises ``DispatcherRefused`` on an
+        HTTP error, ``DispatchError`` on a malformed answer, ``httpx.TransportError`` when unreachable."""
+        body: dict[str, Any] = {"endpoint": endpoint, "cost": cost}
+        if request_idx is not None:
+            body["request_idx"] = request_idx
+        response = await self._http.post(
+            self._route_url, json=body, headers=self._headers, timeout=self._route_timeout_s
+        )
+        if response.status_code != HTTP_OK:
+            code, message = _error_fields(response)
+            retry_after = parse_retry_after(response.headers.get("retry-after"))
+            raise DispatcherRefused(response.status_code, code, message, retry_after)
+        try:
+            answer = response.json()
+        except ValueError:
+            raise DispatchError("dispatcher answered 200 with a body that is not JSON") from None
+        request_idx = answer.get("request_idx") if isinstance(answer, dict) else None
+        if not isinstance(request_idx, int) or isinstance(request_idx, bool):
+            raise DispatchError("route answer is not a JSON object with an integer request_idx")
+        return answer
+
+    # -- a whole request, with retries ------------------------------------------------------------------------
+    async def request(self, endpoint: str, route_path: str, payload: object, cost: float) -> WorkerResponse:
+        """Route, send ``payload`` to the assigned worker at ``route_path``, retrying as the module says.
+
+        Raises ``DispatcherRefused`` at once for a dispatcher 4xx other than 429, ``AttemptsExhausted`` (a
+        ``DispatchError``) when ``max_attempts`` attempts all failed."""
+        progress = _Progress()
+        for attempt in range(1, self._max_attempts + 1):
+            if attempt > 1:
+                await self._sleep(self.backoff_delay(attempt - 1, progress.retry_after_s))
+            served = await self._attempt(progress, endpoint, route_path, payload, cost)
+            if served is not None:
+                assignment, answer, response = served
+                return WorkerResponse(
+                    status=response.status_code,
+                    body=response.content,
+                    content_type=response.headers.get("content-type", ""),
+                    assignment=assignment,
+                    route_answer=answer,
+                    attempts=attempt,
+                )
+        raise AttemptsExhausted(endpoint, progress.request_idx, tuple(progress.failures), progress.last_status)
+
+    def backoff_delay(self, retry: int, retry_after_s: float | None = None) -> float:
+        """Seconds before retry number ``retry`` (1-based): the server's ``Retry-After`` (capped at
+        ``retry_after_max_s``) when given, else full jitter, uniform in [0, min(max, base * 2**(retry-1))]."""
+        if retry_after_s is not None:
+            return min(retry_after_s, self._retry_after_max_s)
+        doublings = min(retry - 1, MAX_BACKOFF_DOUBLINGS)
+        return self._rng.uniform(0.0, min(self._backoff_max_s, self._backoff_base_s * 2**doublings))
+
+    async def _attempt(
+        self, progress: _Progress, endpoint: str, route_path: str, payload: object, cost: float
+    ) -> tuple[Assignment, dict[str, Any], httpx.Response] | None:
+        """One route + worker call; None (with the failure recorded) when it should be retried."""
+        answer = await self._route_once(progress, endpoint, cost)
+        if answer is None:
+            return None
+        url = answer.get("url")
+        if not isinstance(url, str):
+            status = answer.get("status")
+            progress.last_status = dict(status) if isinstance(status, dict) else None
+            progress.fail(f"no ready worker ({_format_status(progress.last_status or {})})")
+            return None
+        try:
+            assignment = Assignment.from_mapping(answer)
+        except ValueError as exc:
+            raise DispatchError(f"route answer is not a valid assignment: {exc}") from None
+        try:
+            response = await self._http.post(
+                join_url(url, route_path),
+                json={"auth_data": answer, "payload": payload},
+                timeout=self._worker_timeout_s,
+            )
+        except httpx.TransportError as exc:
+            progress.fail(f"worker {url}: {type(exc).__name__}")
+            return None
+        if _worker_should_retry(response):
+            code, _ = _error_fields(response)
+            progress.fail(
+                f"worker {url}: {response.status_code} {code}", parse_retry_after(response.headers.get("retry-after"))
+            )
+            return None
+        return assignment, answer, response
+
+    async def _route_once(self, progress: _Progress, endpoint: str, cost: float) -> dict[str, Any] | None:
+        try:
+            answer = await self.route(endpoint, cost, progress.request_idx)
+        except DispatcherRefused as exc:
+            if not exc.retryable:
+                raise
+            progress.fail(f"dispatcher: {exc.status} {exc.code}", exc.retry_after_s)
+            return None
+        except httpx.TransportError as exc:
+            progress.fail(f"dispatcher: {type(exc).__name__}")
+            return None
+        if progress.request_idx is None:
+            progress.request_idx = answer["request_idx"]
+        return answer
+
+
+def _worker_should_retry(response: httpx.Response) -> bool:
+    if is_retryable_status(response.status_code):
+        return True
+    return response.status_code == HTTP_UNAUTHORIZED and _error_fields(response)[0] == INVALID_ASSIGNMENT

@@ -1,0 +1,176 @@
+"""Endpoints (pools of workers serving one model): their hashed credentials and scaling settings, from TOML.
+
+```toml
+[endpoints.gpt-4o]
+api_key_sha256 = ["5e884898..."]        # client keys (POST /route/); plaintext is never stored
+worker_token_sha256 = ["a665a459..."]   # worker tokens (POST /worker_status/, /delete_requests/)
+max_queue_time_s = 30.0
+target_util = 0.9
+min_workers = 0
+max_workers = 16
+cold_workers = 1
+```
+
+Keys are random 256-bit tokens, so one SHA-256 is the right hash (as for API tokens; a slow password hash would
+buy nothing). A check hashes the presented key and compares against every stored digest in constant time, and an
+unknown endpoint is compared against a dummy digest, so the answer and its timing are the same either way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+import tomllib
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+ENDPOINT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+KEY_BYTES = 32
+_DUMMY_DIGEST = hashlib.sha256(b"no such endpoint").hexdigest()
+
+
+class ConfigError(ValueError):
+    """The endpoints file is malformed."""
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def new_key(prefix: str) -> str:
+    """A fresh random key; the prefix tells a leaked key's kind at a glance (``dk_`` client, ``wt_`` worker)."""
+    return f"{prefix}_{secrets.token_urlsafe(KEY_BYTES)}"
+
+
+def _matches(digests: tuple[str, ...], key: str) -> bool:
+    presented = hash_key(key)
+    found = False
+    for digest in digests or (_DUMMY_DIGEST,):
+        found |= hmac.compare_digest(presented, digest)  # no early exit: same work whichever matches
+    return found
+
+
+@dataclass(frozen=True)
+class EndpointSpec:
+    name: str
+    api_key_sha256: tuple[str, ...] = ()
+    worker_token_sha256: tuple[str, ...] = ()
+    max_queue_time_s: float = 30.0
+    target_util: float = 0.9
+    min_workers: int = 0
+    max_workers: int = 16
+    cold_workers: int = 0
+
+    def __post_init__(self) -> None:
+        if not ENDPOINT_NAME.match(self.name):
+            raise ConfigError(f"endpoint name {self.name!r}: letters, digits and ._:- only, at most 128")
+        for digest in (*self.api_key_sha256, *self.worker_token_sha256):
+            if not re.fullmatch(r"[0-9a-f]{64}", digest):
+                raise ConfigError(f"endpoint {self.name}: key digests must be 64 lowercase hex digits")
+        if not self.max_queue_time_s > 0:
+            raise ConfigError(f"endpoint {self.name}: max_queue_time_s must be > 0")
+        if not 0 < self.target_util <= 1:
+            raise ConfigError(f"endpoint {self.name}: target_util must be in (0, 1]")
+        if not 0 <= self.min_workers <= self.max_workers:
+            raise ConfigError(f"endpoint {self.name}: need 0 <= min_workers <= max_workers")
+        if self.cold_workers < 0:
+            raise ConfigError(f"endpoint {self.name}: cold_workers must be >= 0")
+
+    def accepts_api_key(self, key: str) -> bool:
+        return _matches(self.api_key_sha256, key)
+
+    def accepts_worker_token(self, token: str) -> bool:
+        return _matches(self.worker_token_sha256, token)
+
+
+@dataclass(frozen=True)
+class EndpointRegistry:
+    """The configured endpoints, by name. Immutable; a reload builds a new one."""
+
+    endpoints: Mapping[str, EndpointSpec] = field(default_factory=dict)
+
+    def get(self, name: str) -> EndpointSpec | None:
+        return self.endpoints.get(name)
+
+    def authenticate_client(self, name: str, api_key: str) -> EndpointSpec | None:
+        """The endpoint if ``api_key`` is one of its client keys; None otherwise, with the same work done
+        whether or not the endpoint exists."""
+        spec = self.endpoints.get(name)
+        ok = _matches(spec.api_key_sha256 if spec else (), api_key)
+        return spec if spec is not None and ok else None
+
+    def authenticate_worker(self, name: str, token: str) -> EndpointSpec | None:
+        spec = self.endpoints.get(name)
+        ok = _matches(spec.worker_token_sha256 if spec else (), token)
+        return spec if spec is not None and ok else None
+
+    def __len__(self) -> int:
+        return len(self.endpoints)
+
+
+_SPEC_FIELDS = {"api_key_sha256", "worker_token_sha256", "max_queue_time_s", "target_util", "min_workers",
+                "max_workers", "cold_workers"}  # fmt: skip
+
+
+def parse_config(data: Mapping[str, Any]) -> EndpointRegistry:
+    tables = data.get("endpoints", {})
+    if not isinstance(tables, dict):
+        raise ConfigError("[endpoints] must be a table of endpoint tables")
+    specs: dict[str, EndpointSpec] = {}
+    for name, table in tables.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"[endpoints.{name}] must be a table")
+        unknown = set(table) - _SPEC_FIELDS
+        if unknown:
+            raise ConfigError(f"[endpoints.{name}]: unknown keys {sorted(unknown)}")
+        values = dict(table)
+        for key in ("api_key_sha256", "worker_token_sha256"):
+            if key in values:
+                values[key] = tuple(values[key])
+        try:
+            specs[name] = EndpointSpec(name=name, **values)
+        except TypeError as exc:
+            raise ConfigError(f"[endpoints.{name}]: {exc}") from None
+    return EndpointRegistry(specs)
+
+
+def load_config(path: Path) -> EndpointRegistry:
+    try:
+        with path.open("rb") as handle:
+            data = tomllib.load(handle)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return parse_config(data)
+
+
+def save_config(path: Path, registry: EndpointRegistry) -> None:
+    tables = {}
+    for name, spec in sorted(registry.endpoints.items()):
+        table = asdict(spec)
+        del table["name"]
+        table["api_key_sha256"] = list(spec.api_key_sha256)
+        table["worker_token_sha256"] = list(spec.worker_token_sha256)
+        tables[name] = table
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(tomli_w.dumps({"endpoints": tables}).encode())
+    tmp.replace(path)
+
+
+def with_endpoint(registry: EndpointRegistry, spec: EndpointSpec) -> EndpointRegistry:
+    return EndpointRegistry({**registry.endpoints, spec.name: spec})
+
+
+def add_key(spec: EndpointSpec, *, kind: str, key: str) -> EndpointSpec:
+    if kind == "api":
+        return replace(spec, api_key_sha256=(*spec.api_key_sha256, hash_key(key)))
+    if kind == "worker":
+        return replace(spec, worker_token_sha256=(*spec.worker_token_sha256, hash_key(key)))
+    raise ValueError(f"unknown key kind {kind!r}")

@@ -1,0 +1,372 @@
+"""A minimal GPU-worker stand-in: the whole worker side of the dispatch protocol around a trivial ``/echo``.
+
+It exists to show (and to test end to end) what a real worker must do, in the order it must do it:
+
+1. fetch the dispatcher's public keys (``GET /pubkey/``), retrying until the dispatcher answers, and refresh
+   them now and then, and at once (rate-limited) when an assignment names a key it does not know, so a key
+   rotation is picked up;
+2. report ``state: ready`` (``POST /worker_status/``) and, from the answer's ``reqnum``, refuse every
+   assignment issued before this process started (a fresh replay window cannot tell which were served); only
+   then accept work, and keep reporting its load well within the dispatcher's ``heartbeat_timeout_s``;
+3. accept work only with a valid signed assignment (``AssignmentAuthMiddleware``);
+4. give each finished request's load back (``POST /delete_requests/``), without making the client wait for it;
+5. on shutdown, report ``stopped`` so no new work is routed here.
+
+Run it with ``python -m service.dispatch.example_worker --dispatcher URL --endpoint NAME --worker-token TOKEN
+--port 0``: it binds first, so with port 0 the URL it reports carries the port the OS picked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+from collections.abc import AsyncIterator, Coroutine, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, cast
+
+import httpx
+from hypercorn.asyncio.run import worker_serve
+from hypercorn.config import Config, Sockets
+from hypercorn.utils import wrap_app
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from service.dispatch.client import join_url
+from service.dispatch.records import WorkerState
+from service.dispatch.signing import Assignment, KeyRing
+from service.dispatch.verifier import AssignmentRejected, AssignmentVerifier, RejectReason, fetch_keyring
+from service.dispatch.worker_auth import STATE_ASSIGNMENT, STATE_PAYLOAD, AssignmentAuthMiddleware
+from service.http.server import configure_logging
+
+logger = logging.getLogger(__name__)
+
+ECHO_PATH = "/echo"
+HEALTH_PATH = "/health"
+WORKER_STATUS_PATH = "/worker_status/"
+DELETE_REQUESTS_PATH = "/delete_requests/"
+DEFAULT_REPORT_INTERVAL_S = 5.0
+DEFAULT_MAX_PERF = 100.0  # workload units per second this worker claims
+HEARTBEAT_REPORT_FRACTION = 1 / 3  # report at least three times per heartbeat timeout: one lost report is fine
+KEY_REFRESH_INTERVAL_S = 60.0  # how soon a key rotation at the dispatcher is picked up
+KEY_REFRESH_MIN_GAP_S = 5.0  # an unknown key id triggers a refresh, at most this often (forgeries are cheap)
+KEY_RETRY_FIRST_S = 0.2
+KEY_RETRY_MAX_S = 5.0
+HTTP_TIMEOUT_S = 10.0
+STOP_REPORT_TIMEOUT_S = 2.0  # the "stopped" report must not hold up shutdown
+HTTP_OK = 200
+HTTP_SERVICE_UNAVAILABLE = 503
+UNSPECIFIED_HOSTS = frozenset({"", "0.0.0.0", "::"})
+LOOPBACK = "127.0.0.1"
+
+
+class ExampleWorker:
+    """The worker's state and handlers; ``build_example_worker`` wires them into a Starlette app."""
+
+    def __init__(
+        self,
+        *,
+        dispatcher_url: str,
+        endpoint: str,
+        worker_id: str,
+        own_url: str,
+        worker_token: str,
+        max_perf: float,
+        keyring: KeyRing | None,
+        report_interval_s: float,
+        http: httpx.AsyncClient | None = None,
+    ) -> None:
+        self.dispatcher_url = dispatcher_url
+        self.endpoint = endpoint
+        self.worker_id = worker_id
+        self.own_url = own_url
+        self.max_perf = max_perf
+        self.report_interval_s = report_interval_s
+        self.verifier = AssignmentVerifier(keyring or KeyRing([]), own_urls=[own_url], endpoint=endpoint)
+        self.keys_loaded = keyring is not None
+        self.in_flight = 0
+        self.cur_load = 0.0
+        self._headers = {"Authorization": f"Bearer {worker_token}"}
+        self._given_http = http
+        self._http: httpx.AsyncClient | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._last_key_refresh = -KEY_REFRESH_MIN_GAP_S
+
+    # -- lifecycle --------------------------------------------------------------------------------------------
+    @asynccontextmanager
+    async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
+        self._http = self._given_http or httpx.AsyncClient(timeout=HTTP_TIMEOUT_S)
+        self.spawn(self._run())
+        try:
+            yield
+        finally:
+            await self._cancel_tasks()
+            await self._report_stopped()
+            if self._given_http is None:
+                await self._http.aclose()
+            self._http = None
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run ``coro`` in the background, referenced until done; its failure is logged, not lost."""
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("background task failed", exc_info=task.exception())
+
+    async def _cancel_tasks(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _run(self) -> None:
+        keyring = None if self.keys_loaded else await self._fetch_keys_until_answered()
+        interval = await self._first_report()
+        if keyring is not None:
+            self._install_keys(keyring)
+        await self._report_loop(interval)
+
+    # -- talking to the dispatcher ----------------------------------------------------------------------------
+    @property
+    def http(self) -> httpx.AsyncClient:
+        if self._http is None:
+            raise RuntimeError("the worker's lifespan has not started")
+        return self._http
+
+    async def _fetch_keys_until_answered(self) -> KeyRing:
+        delay = KEY_RETRY_FIRST_S
+        while (keyring := await self._fetch_keys()) is None:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, KEY_RETRY_MAX_S)
+        return keyring
+
+    async def _fetch_keys(self) -> KeyRing | None:
+        try:
+            return await fetch_keyring(self.dispatcher_url, self.http)
+        except (httpx.HTTPError, ValueError) as exc:
+            logger.warning("cannot fetch the dispatcher's keys: %s", exc)
+            return None
+
+    def _install_keys(self, keyring: KeyRing) -> None:
+        self.verifier.update_keys(keyring)
+        self.keys_loaded = True
+
+    async def refresh_keys(self) -> bool:
+        """Fetch ``/pubkey/`` once; True when the verifier now has the published keys."""
+        keyring = await self._fetch_keys()
+        if keyring is not None:
+            self._install_keys(keyring)
+        return keyring is not None
+
+    def on_reject(self, rejection: AssignmentRejected) -> None:
+        """The middleware's hook: an unknown key id may mean the dispatcher rotated its key."""
+        if rejection.reason is not RejectReason.UNKNOWN_KEY or not self.keys_loaded or self._http is None:
+            return
+        now = asyncio.get_running_loop().time()
+        if now - self._last_key_refresh >= KEY_REFRESH_MIN_GAP_S:
+            self._last_key_refresh = now
+            self.spawn(self._refresh_keys_task())
+
+    async def _refresh_keys_task(self) -> None:
+        await self.refresh_keys()
+
+    async def _first_report(self) -> float:
+        """Report ready until the dispatcher answers; every reqnum it issued before then is refused from now on.
+
+        Those were issued to this URL before this process started, perhaps served by a previous process on it:
+        an empty replay window could not tell a copy arriving now from a first use."""
+        delay = KEY_RETRY_FIRST_S
+        while (answer := await self._post_report(WorkerState.READY)) is None:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, KEY_RETRY_MAX_S)
+        issued = answer.get("reqnum")
+        if isinstance(issued, int) and not isinstance(issued, bool):
+            self.verifier.reject_up_to(issued)
+        return self._next_report_in(answer)
+
+    async def _report_loop(self, interval: float) -> None:
+        loop = asyncio.get_running_loop()
+        keys_fetched_at = loop.time()
+        while True:
+            await asyncio.sleep(interval)
+            if loop.time() - keys_fetched_at >= KEY_REFRESH_INTERVAL_S:
+                await self.refresh_keys()
+                keys_fetched_at = loop.time()
+            interval = await self.report(WorkerState.READY)
+
+    async def report(self, state: WorkerState, timeout_s: float = HTTP_TIMEOUT_S) -> float:
+        """One ``POST /worker_status/``; the seconds until the next one should go (shorter when the dispatcher's
+        heartbeat timeout asks for it)."""
+        answer = await self._post_report(state, timeout_s)
+        return self.report_interval_s if answer is None else self._next_report_in(answer)
+
+    async def _post_report(self, state: WorkerState, timeout_s: float = HTTP_TIMEOUT_S) -> dict[str, Any] | None:
+        body = {
+            "endpoint": self.endpoint,
+            "id": self.worker_id,
+            "url": self.own_url,
+            "state": state.value,
+            "max_perf": self.max_perf,
+            "cur_load": self.cur_load,
+            "in_flight": self.in_flight,
+        }
+        url = join_url(self.dispatcher_url, WORKER_STATUS_PATH)
+        try:
+            response = await self.http.post(url, json=body, headers=self._headers, timeout=timeout_s)
+            response.raise_for_status()
+            answer = response.json()
+        except (httpx.HTTPError, ValueError) as exc:
+            logger.warning("status report failed: %s", exc)
+            return None
+        return answer if isinstance(answer, dict) else {}
+
+    def _next_report_in(self, answer: dict[str, Any]) -> float:
+        heartbeat = answer.get("heartbeat_timeout_s")
+        if isinstance(heartbeat, int | float) and heartbeat > 0:
+            return min(self.report_interval_s, heartbeat * HEARTBEAT_REPORT_FRACTION)
+        return self.report_interval_s
+
+    async def _report_stopped(self) -> None:
+        if self._http is not None and self.keys_loaded:
+            await self.report(WorkerState.STOPPED, timeout_s=STOP_REPORT_TIMEOUT_S)
+
+    async def release(self, request_idx: int, *, success: bool = True) -> None:
+        body = {"endpoint": self.endpoint, "id": self.worker_id, "request_idxs": [request_idx], "success": success}
+        url = join_url(self.dispatcher_url, DELETE_REQUESTS_PATH)
+        response = await self.http.post(url, json=body, headers=self._headers)
+        response.raise_for_status()
+
+    # -- handlers ---------------------------------------------------------------------------------------------
+    async def echo(self, request: Request) -> Response:
+        assignment: Assignment = getattr(request.state, STATE_ASSIGNMENT)
+        payload: object = getattr(request.state, STATE_PAYLOAD)
+        self.in_flight += 1
+        self.cur_load += assignment.cost
+        try:
+            answer = {
+                "worker_id": self.worker_id,
+                "reqnum": assignment.reqnum,
+                "request_idx": assignment.request_idx,
+                "payload": payload,
+            }
+        finally:
+            self.in_flight -= 1
+            self.cur_load = max(0.0, self.cur_load - assignment.cost)
+        self.spawn(self.release(assignment.request_idx))
+        return JSONResponse(answer)
+
+    async def health(self, _request: Request) -> Response:
+        body = {"ready": self.keys_loaded, "worker_id": self.worker_id, "in_flight": self.in_flight}
+        return JSONResponse(body, status_code=HTTP_OK if self.keys_loaded else HTTP_SERVICE_UNAVAILABLE)
+
+
+def build_example_worker(
+    *,
+    dispatcher_url: str,
+    endpoint: str,
+    worker_id: str,
+    own_url: str,
+    worker_token: str,
+    max_perf: float = DEFAULT_MAX_PERF,
+    keyring: KeyRing | None = None,
+    report_interval_s: float = DEFAULT_REPORT_INTERVAL_S,
+    http: httpx.AsyncClient | None = None,
+) -> Starlette:
+    """The example worker's ASGI app (``app.state.worker`` is its ``ExampleWorker``). With ``keyring`` given
+    it skips the ``/pubkey/`` fetch; with ``http`` given it talks to the dispatcher through that client."""
+    worker = ExampleWorker(
+        dispatcher_url=dispatcher_url,
+        endpoint=endpoint,
+        worker_id=worker_id,
+        own_url=own_url,
+        worker_token=worker_token,
+        max_perf=max_perf,
+        keyring=keyring,
+        report_interval_s=report_interval_s,
+        http=http,
+    )
+    app = Starlette(
+        routes=[Route(ECHO_PATH, worker.echo, methods=["POST"]), Route(HEALTH_PATH, worker.health, methods=["GET"])],
+        middleware=[
+            Middleware(
+                AssignmentAuthMiddleware,
+                verifier=worker.verifier,
+                protected_paths=[ECHO_PATH],
+                on_reject=worker.on_reject,
+            )
+        ],
+        lifespan=worker.lifespan,
+    )
+    app.state.worker = worker
+    return app
+
+
+# -- command line -------------------------------------------------------------------------------------------------
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m service.dispatch.example_worker", description=__doc__)
+    parser.add_argument("--dispatcher", required=True, help="dispatcher base URL, e.g. http://127.0.0.1:8081")
+    parser.add_argument("--endpoint", required=True, help="endpoint this worker serves")
+    parser.add_argument("--worker-token", required=True, help="the endpoint's worker token")
+    parser.add_argument("--port", type=int, required=True, help="port to listen on (0: any free port)")
+    parser.add_argument("--host", default=LOOPBACK, help="address to listen on")
+    parser.add_argument("--id", default=None, help="worker id (default: hostname-port)")
+    parser.add_argument("--url", default=None, help="URL to report (default: http://host:port)")
+    parser.add_argument("--max-perf", type=float, default=DEFAULT_MAX_PERF, help="workload units per second")
+    parser.add_argument("--report-interval", type=float, default=DEFAULT_REPORT_INTERVAL_S, help="seconds")
+    parser.add_argument("--log-level", default="info")
+    return parser.parse_args(argv)
+
+
+def advertised_url(host: str, port: int) -> str:
+    """The URL to report for a socket bound to ``host``: an unspecified address is reported as loopback (pass
+    ``--url`` when the dispatcher runs elsewhere)."""
+    name = LOOPBACK if host in UNSPECIFIED_HOSTS else host
+    return f"http://[{name}]:{port}" if ":" in name else f"http://{name}:{port}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    configure_logging(args.log_level)
+    config = Config()
+    config.bind = [f"[{args.host}]:{args.port}" if ":" in args.host else f"{args.host}:{args.port}"]
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    sockets = config.create_sockets()  # bind now: with port 0, the port is known only after binding
+    port = int(sockets.insecure_sockets[0].getsockname()[1])
+    app = build_example_worker(
+        dispatcher_url=args.dispatcher,
+        endpoint=args.endpoint,
+        worker_id=args.id or f"{socket.gethostname()}-{port}",
+        own_url=args.url or advertised_url(args.host, port),
+        worker_token=args.worker_token,
+        max_perf=args.max_perf,
+        report_interval_s=args.report_interval,
+    )
+    logger.info("example worker %s listening on port %d", app.state.worker.own_url, port)
+    asyncio.run(_serve(app, config, sockets))
+    return 0
+
+
+async def _serve(app: Starlette, config: Config, sockets: Sockets) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):  # no signal handlers on Windows event loops
+            loop.add_signal_handler(sig, stop.set)
+    # Starlette's and Hypercorn's ASGI type aliases differ in spelling only
+    wrapped = wrap_app(cast(Any, app), config.wsgi_max_body_size, "asgi")
+    await worker_serve(wrapped, config, sockets=sockets, shutdown_trigger=stop.wait)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

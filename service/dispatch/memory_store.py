@@ -1,0 +1,187 @@
+"""In-memory dispatcher state for one process. Every method runs without awaiting, so each is atomic on the
+event loop; several server processes would each have their own state (the runner refuses that)."""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import itertools
+import math
+import time
+from collections import defaultdict, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from service.dispatch.records import (
+    REQNUMS_PER_SECOND,
+    Assigned,
+    NoReadyWorker,
+    PickPolicy,
+    Released,
+    RouteOutcome,
+    WorkerRecord,
+    WorkerReport,
+    reqnum_origin,
+)
+from service.dispatch.selection import pick_worker, status_breakdown
+from service.dispatch.store import LOAD_RATE_BUCKET_S, LoadStats, UnknownRequest
+
+EXPIRY_SWEEP_LIMIT = 64  # expired requests released per route call: bounded work per request
+LOAD_HISTORY_S = 600  # how far back the load-rate buckets reach
+ZERO_LOAD = 1e-9  # float sums of released costs below this are zero
+
+
+@dataclass(slots=True)
+class _Request:
+    endpoint: str
+    cost: float
+    worker_id: str | None
+    expires_at: float
+
+
+def _by_id(worker: WorkerRecord) -> str:
+    return worker.worker_id
+
+
+def settle(load: float) -> float:
+    """Float sums of added and removed costs can leave dust; an idle worker's load is exactly zero."""
+    return 0.0 if abs(load) < ZERO_LOAD else load
+
+
+class MemoryStore:
+    def __init__(self, clock: Callable[[], float] = time.time, *, reqnums_per_s: int = REQNUMS_PER_SECOND) -> None:
+        self._clock = clock
+        self._reqnums_per_s = reqnums_per_s
+        self._workers: dict[str, dict[str, WorkerRecord]] = defaultdict(dict)
+        self._requests: dict[int, _Request] = {}
+        self._expiries: list[tuple[float, int]] = []  # heap; an entry is stale once its request moved on
+        self._next_idx = itertools.count(1)
+        self._load_buckets: dict[str, deque[list[float]]] = defaultdict(deque)
+
+    async def route(self, endpoint: str, cost: float, request_idx: int | None, policy: PickPolicy) -> RouteOutcome:
+        now = self._clock()
+        self._expire(now)
+        workers = self._workers[endpoint]
+        previous: _Request | None = None
+        if request_idx is not None:
+            previous = self._requests.get(request_idx)
+            if previous is None or previous.endpoint != endpoint:
+                raise UnknownRequest(request_idx)
+        if previous is not None and previous.worker_id is not None:
+            # a retry's load leaves its old worker before picking, wherever it goes next
+            self._add_load(endpoint, previous.worker_id, -previous.cost)
+        picked = pick_worker(
+            workers.values(),
+            now=now,
+            heartbeat_timeout_s=policy.heartbeat_timeout_s,
+            max_queue_time_s=policy.max_queue_time_s,
+            avoid=previous.worker_id if previous else None,
+        )
+        if previous is None:
+            request_idx = next(self._next_idx)
+            self._add_load_rate(endpoint, now, cost)
+        assert request_idx is not None
+        if picked is None:
+            self._track(request_idx, _Request(endpoint, cost, None, now + policy.request_ttl_s))
+            status = status_breakdown(
+                workers.values(),
+                now=now,
+                heartbeat_timeout_s=policy.heartbeat_timeout_s,
+                max_queue_time_s=policy.max_queue_time_s,
+            )
+            return NoReadyWorker(request_idx=request_idx, status=status)
+        picked.load += cost
+        picked.reqnum += 1
+        self._track(request_idx, _Request(endpoint, cost, picked.worker_id, now + policy.request_ttl_s))
+        return Assigned(request_idx=request_idx, worker_id=picked.worker_id, url=picked.url, reqnum=picked.reqnum)
+
+    async def report(self, endpoint: str, report: WorkerReport) -> WorkerRecord:
+        workers = self._workers[endpoint]
+        old = workers.get(report.worker_id)
+        now = self._clock()
+        record = WorkerRecord(
+            worker_id=report.worker_id,
+            url=report.url,
+            state=report.state,
+            max_perf=report.max_perf,
+            cur_load=report.cur_load,
+            in_flight=report.in_flight,
+            last_seen=now,
+            load=old.load if old else 0.0,
+            reqnum=old.reqnum if old else reqnum_origin(now, self._reqnums_per_s),
+        )
+        workers[report.worker_id] = record
+        return dataclasses.replace(record)
+
+    async def release(self, endpoint: str, request_idxs: Sequence[int]) -> Released:
+        released = unknown = 0
+        for idx in request_idxs:
+            request = self._requests.get(idx)
+            if request is None or request.endpoint != endpoint:
+                unknown += 1
+                continue
+            del self._requests[idx]
+            if request.worker_id is not None:
+                self._add_load(endpoint, request.worker_id, -request.cost)
+            released += 1
+        return Released(released=released, unknown=unknown)
+
+    async def workers(self, endpoint: str) -> list[WorkerRecord]:
+        self._expire(self._clock())
+        return sorted((dataclasses.replace(w) for w in self._workers.get(endpoint, {}).values()), key=_by_id)
+
+    async def load_stats(self, endpoint: str, window_s: float) -> LoadStats:
+        now = self._clock()
+        self._expire(now)
+        current = math.floor(now / LOAD_RATE_BUCKET_S) * LOAD_RATE_BUCKET_S
+        self._trim_load_rate(endpoint, current)
+        # the current bucket and those starting after current - window: window_s seconds of buckets
+        since = current - window_s + LOAD_RATE_BUCKET_S
+        recent = sum(total for start, total in self._load_buckets.get(endpoint, ()) if start >= since)
+        outstanding = sum(w.load for w in self._workers.get(endpoint, {}).values())
+        return LoadStats(load_rate=recent / window_s, outstanding=settle(outstanding))
+
+    async def now(self) -> float:
+        return self._clock()
+
+    async def ping(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    # -- internals ------------------------------------------------------------------------------------------
+    def _add_load(self, endpoint: str, worker_id: str, delta: float) -> None:
+        worker = self._workers[endpoint].get(worker_id)
+        if worker is not None:
+            worker.load = settle(worker.load + delta)
+
+    def _add_load_rate(self, endpoint: str, now: float, cost: float) -> None:
+        buckets = self._load_buckets[endpoint]
+        start = math.floor(now / LOAD_RATE_BUCKET_S) * LOAD_RATE_BUCKET_S
+        if buckets and buckets[-1][0] == start:
+            buckets[-1][1] += cost
+        else:
+            buckets.append([start, cost])
+        self._trim_load_rate(endpoint, start)
+
+    def _trim_load_rate(self, endpoint: str, current: float) -> None:
+        buckets = self._load_buckets.get(endpoint)
+        while buckets and buckets[0][0] < current - LOAD_HISTORY_S:
+            buckets.popleft()
+
+    def _track(self, request_idx: int, request: _Request) -> None:
+        self._requests[request_idx] = request
+        heapq.heappush(self._expiries, (request.expires_at, request_idx))
+
+    def _expire(self, now: float) -> None:
+        swept = 0
+        while self._expiries and self._expiries[0][0] <= now and swept < EXPIRY_SWEEP_LIMIT:
+            expires_at, idx = heapq.heappop(self._expiries)
+            request = self._requests.get(idx)
+            if request is None or request.expires_at != expires_at:
+                continue  # released, or re-routed with a later expiry
+            del self._requests[idx]
+            swept += 1
+            if request.worker_id is not None:
+                self._add_load(request.endpoint, request.worker_id, -request.cost)

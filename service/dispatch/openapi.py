@@ -1,0 +1,185 @@
+"""OpenAPI 3.1 description of the dispatcher's HTTP API (served at /openapi.json)."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from service import __version__
+from service.dispatch.records import STATUS_KEYS, WorkerState
+from service.dispatch.schemas import MAX_REQUEST_IDX
+from service.http.openapi import ERROR_SCHEMA, common_paths, error, json_content
+
+_ROUTE_REQUEST = {
+    "type": "object",
+    "required": ["endpoint", "cost"],
+    "description": "Unknown fields (Vast's SDK sends replay_timeout) are ignored.",
+    "properties": {
+        "endpoint": {"type": "string", "minLength": 1, "maxLength": 256},
+        "api_key": {"type": "string", "description": "or `Authorization: Bearer`, or the `api_key` query parameter"},
+        "cost": {"type": "number", "minimum": 0, "description": "the request's workload in the endpoint's units"},
+        "request_idx": {
+            "type": ["integer", "null"],
+            "minimum": 0,
+            "maximum": MAX_REQUEST_IDX,
+            "description": "only to retry: the request_idx of an earlier answer (0 or absent: a new request)",
+        },
+    },
+}
+
+_ASSIGNED = {
+    "type": "object",
+    "required": [
+        "endpoint",
+        "url",
+        "cost",
+        "reqnum",
+        "request_idx",
+        "signature",
+        "key_id",
+        "expires_at_ms",
+        "__request_id",
+    ],
+    "properties": {
+        "endpoint": {"type": "string"},
+        "url": {"type": "string", "description": "the worker to send the request to"},
+        "cost": {"type": "number"},
+        "reqnum": {"type": "integer", "description": "this worker's request number, increasing"},
+        "request_idx": {"type": "integer", "description": "the request's lifetime id; pass it to retry"},
+        "signature": {"type": "string", "description": "Ed25519 over the canonical assignment, hex"},
+        "key_id": {"type": "string", "description": "which /pubkey/ key signed"},
+        "expires_at_ms": {"type": "integer", "description": "unix milliseconds after which workers refuse it"},
+        "__request_id": {"type": "string", "format": "uuid"},
+    },
+}
+
+_NO_READY = {
+    "type": "object",
+    "required": ["endpoint", "status", "request_idx", "__request_id"],
+    "properties": {
+        "endpoint": {"type": "string"},
+        "status": {
+            "type": "object",
+            "description": "the endpoint's workers by state",
+            "properties": {key: {"type": "integer", "minimum": 0} for key in STATUS_KEYS},
+        },
+        "request_idx": {"type": "integer", "description": "poll /route/ again with it; no load is added"},
+        "__request_id": {"type": "string", "format": "uuid"},
+    },
+}
+
+_WORKER_REPORT = {
+    "type": "object",
+    "required": ["endpoint", "id", "url", "state", "max_perf"],
+    "properties": {
+        "endpoint": {"type": "string", "minLength": 1},
+        "id": {"type": "string", "minLength": 1},
+        "url": {"type": "string", "pattern": "^https?://"},
+        "state": {"type": "string", "enum": [s.value for s in WorkerState]},
+        "max_perf": {"type": "number", "minimum": 0, "description": "workload units per second"},
+        "cur_load": {"type": "number", "minimum": 0},
+        "in_flight": {"type": "integer", "minimum": 0},
+    },
+}
+
+_RELEASE = {
+    "type": "object",
+    "required": ["endpoint", "request_idxs"],
+    "properties": {
+        "endpoint": {"type": "string", "minLength": 1},
+        "id": {"type": "string"},
+        "request_idxs": {"type": "array", "items": {"type": "integer", "minimum": 1}},
+        "success": {"type": "boolean"},
+    },
+}
+
+_OBJECT = {"type": "object"}
+
+
+def _post(summary: str, op: str, body: dict[str, Any], ok: dict[str, Any], *, auth: str) -> dict[str, Any]:
+    return {
+        "post": {
+            "summary": summary,
+            "operationId": op,
+            "security": [{auth: []}],
+            "requestBody": {"required": True, "content": json_content(body)},
+            "responses": {
+                "200": {"description": "ok", "content": json_content(ok)},
+                "400": error("invalid_request: malformed body or wrong types"),
+                "401": error("unauthorized: missing or wrong key"),
+                "413": error("invalid_request: body over the size limit"),
+                "415": error("invalid_request: content type is not application/json"),
+                "503": error("store_unavailable or shutting_down", retry_after=True),
+            },
+        }
+    }
+
+
+@functools.cache
+def dispatcher_openapi() -> dict[str, Any]:
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "LLM worker dispatcher", "version": __version__},
+        "paths": {
+            "/route/": _post(
+                "Pick a ready worker and sign the assignment (or report why none is ready)",
+                "route",
+                _ROUTE_REQUEST,
+                {"oneOf": [_ASSIGNED, _NO_READY]},
+                auth="apiKey",
+            ),
+            "/worker_status/": _post(
+                "A worker reports its state, speed and load (heartbeat)",
+                "workerStatus",
+                _WORKER_REPORT,
+                _OBJECT,
+                auth="workerToken",
+            ),
+            "/delete_requests/": _post(
+                "A worker reports requests done; their load is released",
+                "deleteRequests",
+                _RELEASE,
+                _OBJECT,
+                auth="workerToken",
+            ),
+            "/pubkey/": {
+                "get": {
+                    "summary": "Public keys workers verify assignments with (current first)",
+                    "operationId": "pubkey",
+                    "responses": {"200": {"description": "keys", "content": json_content(_OBJECT)}},
+                }
+            },
+            "/endpoints/{name}/": {
+                "get": {
+                    "summary": "Operator view: workers and the autoscaling decision of one endpoint",
+                    "operationId": "endpointInfo",
+                    "security": [{"apiKey": []}],
+                    "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+                    "responses": {
+                        "200": {"description": "endpoint state", "content": json_content(_OBJECT)},
+                        "401": error("unauthorized"),
+                        "404": error("not_found (admin token, unknown endpoint)"),
+                        "503": error("store_unavailable", retry_after=True),
+                    },
+                }
+            },
+            "/health": {
+                "get": {
+                    "summary": "Readiness: 200 when serving, 503 while draining or when the store is down",
+                    "operationId": "health",
+                    "responses": {
+                        "200": {"description": "ready", "content": json_content(_OBJECT)},
+                        "503": {"description": "not ready", "content": json_content(_OBJECT)},
+                    },
+                }
+            },
+            **common_paths(),
+        },
+        "components": {
+            "schemas": {"Error": ERROR_SCHEMA},
+            "securitySchemes": {
+                "apiKey": {"type": "http", "scheme": "bearer", "description": "an endpoint's client api key"},
+                "workerToken": {"type": "http", "scheme": "bearer", "description": "an endpoint's worker token"},
+            },
+        },
+    }

@@ -1,0 +1,98 @@
+"""The dispatcher's data: worker reports and records, route outcomes, the picking policy."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class WorkerState(StrEnum):
+    """What a worker reports about itself."""
+
+    LOADING = "loading"
+    READY = "ready"
+    ERROR = "error"
+    STOPPED = "stopped"
+
+
+# Breakdown categories in a no-ready answer: the reported states, plus two the dispatcher derives.
+BUSY = "busy"  # ready, but every request would wait longer than the endpoint's max_queue_time_s
+INACTIVE = "inactive"  # has not reported within heartbeat_timeout_s
+# A new worker record's reqnums start at unix time x this, so they keep growing even after a restart lost the
+# counter (in-memory state, or a Redis without persistence): workers refuse reqnums far below the highest they saw.
+# Holds for up to this many requests per second per worker; 2**53 is reached in the year 2255.
+REQNUMS_PER_SECOND = 1_000_000
+
+
+def reqnum_origin(now: float, reqnums_per_s: int = REQNUMS_PER_SECOND) -> int:
+    return math.floor(now * reqnums_per_s)
+
+
+STATUS_KEYS = (WorkerState.READY.value, BUSY, WorkerState.LOADING.value, WorkerState.ERROR.value,
+               WorkerState.STOPPED.value, INACTIVE)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerReport:
+    """``POST /worker_status/``: a worker's view of itself."""
+
+    worker_id: str
+    url: str
+    state: WorkerState
+    max_perf: float  # workload units per second, from the worker's own benchmark
+    cur_load: float = 0.0  # the worker's own count of outstanding workload
+    in_flight: int = 0
+
+
+@dataclass(slots=True)
+class WorkerRecord:
+    """A worker as the store holds it: its last report plus the dispatcher's own ledger. Mutable so the
+    in-memory store updates load and reqnum in place; stores hand out copies."""
+
+    worker_id: str
+    url: str
+    state: WorkerState
+    max_perf: float
+    cur_load: float
+    in_flight: int
+    last_seen: float  # unix seconds of the last report
+    load: float  # sum of the costs of requests assigned here and not yet released
+    reqnum: int  # the last reqnum issued for this worker
+
+    def active(self, now: float, heartbeat_timeout_s: float) -> bool:
+        return now - self.last_seen <= heartbeat_timeout_s
+
+    def wait_s(self) -> float:
+        """How long a new request would queue here: outstanding work over measured speed."""
+        return self.load / self.max_perf
+
+
+@dataclass(frozen=True, slots=True)
+class PickPolicy:
+    max_queue_time_s: float
+    heartbeat_timeout_s: float
+    request_ttl_s: float  # a request not released by then gives its load back
+
+
+@dataclass(frozen=True, slots=True)
+class Assigned:
+    request_idx: int
+    worker_id: str
+    url: str
+    reqnum: int
+
+
+@dataclass(frozen=True, slots=True)
+class NoReadyWorker:
+    request_idx: int
+    status: dict[str, int] = field(default_factory=dict)
+
+
+RouteOutcome = Assigned | NoReadyWorker
+
+
+@dataclass(frozen=True, slots=True)
+class Released:
+    released: int  # requests whose load was given back
+    unknown: int  # already released, expired, or never issued for this endpoint

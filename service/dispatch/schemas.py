@@ -1,0 +1,177 @@
+"""Request parsing and answer shapes for the dispatcher's HTTP API. Unknown fields are ignored everywhere, so
+clients that send more (Vast's SDK adds ``replay_timeout``) keep working."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from service.dispatch.records import Assigned, NoReadyWorker, WorkerRecord, WorkerReport, WorkerState
+from service.dispatch.signing import Assignment, is_safe_text
+from service.errors import InvalidRequest, Unauthorized
+
+MAX_REQUEST_IDX = 2**53  # JSON numbers above this lose precision in many clients
+MAX_ID_CHARS = 256
+MAX_URL_CHARS = 2048
+MAX_RELEASE_BATCH = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRequest:
+    endpoint: str
+    api_key: str
+    cost: float
+    request_idx: int | None  # None (or 0 on the wire): a new request
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    if not authorization:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
+def parse_route_request(
+    data: Mapping[str, Any], *, authorization: str | None, query_api_key: str | None, max_cost: float
+) -> RouteRequest:
+    """The body of ``POST /route/``; the key may be in the body, a Bearer header or the ``api_key`` query
+    parameter, in that order of precedence."""
+    endpoint = _text(data, "endpoint", MAX_ID_CHARS)
+    cost = _number(data, "cost")
+    if not 0 <= cost <= max_cost:
+        raise InvalidRequest(f"'cost' must be between 0 and {max_cost:g}")
+    request_idx = _optional_int(data, "request_idx")
+    if request_idx is not None and not 0 <= request_idx <= MAX_REQUEST_IDX:
+        raise InvalidRequest("'request_idx' must be a non-negative integer")
+    body_key = data.get("api_key")
+    if body_key is not None and not isinstance(body_key, str):
+        raise InvalidRequest("'api_key' must be a string")
+    api_key = body_key or bearer_token(authorization) or query_api_key
+    if not api_key:
+        raise Unauthorized("an api_key is required (body, 'Authorization: Bearer', or ?api_key=)")
+    # Vast's SDK sends request_idx 0 on a first call: that is a new request, not a retry of request 0.
+    return RouteRequest(endpoint=endpoint, api_key=api_key, cost=cost, request_idx=request_idx or None)
+
+
+def parse_worker_report(data: Mapping[str, Any]) -> tuple[str, WorkerReport]:
+    """The body of ``POST /worker_status/``: (endpoint, report)."""
+    endpoint = _text(data, "endpoint", MAX_ID_CHARS)
+    worker_id = _text(data, "id", MAX_ID_CHARS)
+    url = _text(data, "url", MAX_URL_CHARS).rstrip("/")
+    if not url.startswith(("http://", "https://")) or not is_safe_text(url):
+        raise InvalidRequest("'url' must be an http(s) URL of printable ASCII without quotes or backslashes")
+    if not is_safe_text(worker_id):
+        raise InvalidRequest("'id' must be printable ASCII without quotes or backslashes")
+    raw_state = data.get("state")
+    try:
+        state = WorkerState(str(raw_state))
+    except ValueError:
+        allowed = ", ".join(s.value for s in WorkerState)
+        raise InvalidRequest(f"'state' must be one of {allowed}") from None
+    max_perf = _number(data, "max_perf")
+    cur_load = _number(data, "cur_load", default=0.0)
+    in_flight = _optional_int(data, "in_flight") or 0
+    if max_perf < 0 or cur_load < 0 or in_flight < 0:
+        raise InvalidRequest("'max_perf', 'cur_load' and 'in_flight' must be >= 0")
+    report = WorkerReport(worker_id, url, state, max_perf=max_perf, cur_load=cur_load, in_flight=in_flight)
+    return endpoint, report
+
+
+def parse_release(data: Mapping[str, Any]) -> tuple[str, list[int], bool]:
+    """The body of ``POST /delete_requests/``: (endpoint, request_idxs, success)."""
+    endpoint = _text(data, "endpoint", MAX_ID_CHARS)
+    idxs = data.get("request_idxs")
+    if not isinstance(idxs, list) or len(idxs) > MAX_RELEASE_BATCH:
+        raise InvalidRequest(f"'request_idxs' must be a list of at most {MAX_RELEASE_BATCH} integers")
+    if not all(isinstance(i, int) and not isinstance(i, bool) and 0 < i <= MAX_REQUEST_IDX for i in idxs):
+        raise InvalidRequest("'request_idxs' must hold positive integers")
+    success = data.get("success", True)
+    if not isinstance(success, bool):
+        raise InvalidRequest("'success' must be a boolean")
+    return endpoint, idxs, success
+
+
+def assigned_answer(assignment: Assignment, signature: str, request_id: str) -> dict[str, Any]:
+    return {
+        "endpoint": assignment.endpoint,
+        "url": assignment.url,
+        "cost": assignment.cost,
+        "reqnum": assignment.reqnum,
+        "request_idx": assignment.request_idx,
+        "signature": signature,
+        "key_id": assignment.key_id,
+        "expires_at_ms": assignment.expires_at_ms,
+        "__request_id": request_id,
+    }
+
+
+def no_ready_answer(endpoint: str, outcome: NoReadyWorker, request_id: str) -> dict[str, Any]:
+    return {
+        "endpoint": endpoint,
+        "status": outcome.status,
+        "request_idx": outcome.request_idx,
+        "__request_id": request_id,
+    }
+
+
+def assignment_for(endpoint: str, outcome: Assigned, cost: float, *, expires_at_ms: int, key_id: str) -> Assignment:
+    return Assignment(
+        endpoint=endpoint,
+        url=outcome.url,
+        cost=cost,
+        reqnum=outcome.reqnum,
+        request_idx=outcome.request_idx,
+        expires_at_ms=expires_at_ms,
+        key_id=key_id,
+    )
+
+
+# -- field readers ----------------------------------------------------------------------------------------------
+def _text(data: Mapping[str, Any], name: str, max_chars: int) -> str:
+    value = data.get(name)
+    if not isinstance(value, str) or not value:
+        raise InvalidRequest(f"'{name}' is required and must be a non-empty string")
+    if len(value) > max_chars:
+        raise InvalidRequest(f"'{name}' is longer than {max_chars} characters")
+    return value
+
+
+def _number(data: Mapping[str, Any], name: str, default: float | None = None) -> float:
+    value = data.get(name)
+    if value is None:
+        if default is None:
+            raise InvalidRequest(f"'{name}' is required and must be a number")
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidRequest(f"'{name}' must be a number")
+    number = float(value)  # a huge JSON integer overflows here
+    if not math.isfinite(number):
+        raise InvalidRequest(f"'{name}' must be finite")
+    return number
+
+
+def _optional_int(data: Mapping[str, Any], name: str) -> int | None:
+    value = data.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequest(f"'{name}' must be an integer")
+    return value
+
+
+def worker_json(record: WorkerRecord, *, now: float, heartbeat_timeout_s: float) -> dict[str, Any]:
+    return {
+        "id": record.worker_id,
+        "url": record.url,
+        "state": record.state.value,
+        "active": record.active(now, heartbeat_timeout_s),
+        "max_perf": record.max_perf,
+        "cur_load": record.cur_load,
+        "in_flight": record.in_flight,
+        "load": record.load,
+        "reqnum": record.reqnum,
+        "last_seen_s_ago": round(max(0.0, now - record.last_seen), 3),
+    }

@@ -1,0 +1,213 @@
+"""Ed25519 (PyNaCl) signatures over worker assignments, and the one canonical encoding both sides use.
+
+The signed message is ``DOMAIN`` followed by a canonical JSON object of exactly the signed fields::
+
+    llm-dispatch-assignment-v1\\n{"cost":"242","endpoint":"my-endpoint","expires_at_ms":1764000000000,
+    "key_id":"9f86d081884c7d65","reqnum":12345,"request_idx":2421,"url":"http://10.0.0.5:8000"}
+
+* keys in ascending byte order, no whitespace, UTF-8;
+* ``cost`` as a JSON *string*: C ``printf("%.17g", cost)`` (so every language renders the same float the same
+  way: 242.0 -> ``"242"``, 0.1 -> ``"0.10000000000000001"``);
+* ``expires_at_ms``, ``reqnum``, ``request_idx`` as JSON integers;
+* ``endpoint``, ``url`` and ``key_id`` are printable ASCII without ``"`` or ``\\`` (the dispatcher refuses anything
+  else when a worker registers), so they are written verbatim between quotes: no escaping question arises.
+
+``signature`` is the 64-byte Ed25519 signature in lowercase hex; ``key_id`` is the first 16 hex digits of
+SHA-256 over the 32-byte public key. Public keys travel as lowercase hex (``GET /pubkey/``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import stat
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nacl.exceptions import BadSignatureError
+from nacl.signing import SigningKey, VerifyKey
+
+DOMAIN = b"llm-dispatch-assignment-v1\n"
+ALGORITHM = "ed25519"
+SEED_BYTES = 32
+KEY_ID_HEX_DIGITS = 16
+SIGNATURE_HEX_DIGITS = 128
+# Printable ASCII except '"' and '\\': what may appear in a signed string field.
+SAFE_TEXT = re.compile(r"^[\x20\x21\x23-\x5b\x5d-\x7e]+$")
+SIGNED_FIELDS = ("cost", "endpoint", "expires_at_ms", "key_id", "reqnum", "request_idx", "url")
+
+
+class KeyFileError(ValueError):
+    """A signing-key file is missing, malformed or readable by others."""
+
+
+@dataclass(frozen=True, slots=True)
+class Assignment:
+    """What the dispatcher signs: which worker serves which request, until when, under which key."""
+
+    endpoint: str
+    url: str
+    cost: float
+    reqnum: int
+    request_idx: int
+    expires_at_ms: int
+    key_id: str
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> Assignment:
+        """The signed fields of an assignment as received (``auth_data``); ``ValueError`` if any is missing or
+        of the wrong type."""
+        missing = [name for name in SIGNED_FIELDS if name not in data]
+        if missing:
+            raise ValueError(f"assignment lacks {', '.join(missing)}")
+        cost = data["cost"]
+        ints = {name: data[name] for name in ("reqnum", "request_idx", "expires_at_ms")}
+        texts = {name: data[name] for name in ("endpoint", "url", "key_id")}
+        if isinstance(cost, bool) or not isinstance(cost, int | float):
+            raise ValueError("cost must be a number")
+        for name, value in ints.items():
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an integer")
+        for name, value in texts.items():
+            if not isinstance(value, str):
+                raise ValueError(f"{name} must be a string")
+        return cls(cost=float(cost), **ints, **texts)
+
+
+def is_safe_text(value: str) -> bool:
+    return bool(SAFE_TEXT.match(value))
+
+
+def format_cost(cost: float) -> str:
+    return format(cost, ".17g")
+
+
+def canonical_bytes(a: Assignment) -> bytes:
+    """The exact bytes that are signed (see the module docstring)."""
+    for name, value in (("endpoint", a.endpoint), ("url", a.url), ("key_id", a.key_id)):
+        if not is_safe_text(value):
+            raise ValueError(f"{name} must be printable ASCII without quotes or backslashes")
+    return DOMAIN + (
+        f'{{"cost":"{format_cost(a.cost)}","endpoint":"{a.endpoint}","expires_at_ms":{a.expires_at_ms},'
+        f'"key_id":"{a.key_id}","reqnum":{a.reqnum},"request_idx":{a.request_idx},"url":"{a.url}"}}'
+    ).encode("ascii")
+
+
+def key_id_for(public_key: bytes) -> str:
+    return hashlib.sha256(public_key).hexdigest()[:KEY_ID_HEX_DIGITS]
+
+
+class Signer:
+    """The dispatcher's current signing key."""
+
+    def __init__(self, key: SigningKey, *, ephemeral: bool = False) -> None:
+        self._key = key
+        self.public_key = bytes(key.verify_key)
+        self.key_id = key_id_for(self.public_key)
+        self.ephemeral = ephemeral
+
+    @classmethod
+    def generate(cls) -> Signer:
+        return cls(SigningKey.generate(), ephemeral=True)
+
+    @classmethod
+    def from_seed_hex(cls, seed_hex: str) -> Signer:
+        return cls(SigningKey(parse_hex(seed_hex, SEED_BYTES, "signing key")))
+
+    def sign(self, assignment: Assignment) -> str:
+        return self._key.sign(canonical_bytes(assignment)).signature.hex()
+
+
+@dataclass(frozen=True)
+class PublishedKey:
+    key_id: str
+    public_key_hex: str
+    current: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "key_id": self.key_id,
+            "algorithm": ALGORITHM,
+            "public_key": self.public_key_hex,
+            "current": self.current,
+        }
+
+
+class KeyRing:
+    """Public keys a verifier accepts, by key id: the current one plus those still published after a rotation."""
+
+    def __init__(self, public_keys: Iterable[bytes]) -> None:
+        self._keys = {key_id_for(pk): VerifyKey(pk) for pk in public_keys}
+
+    @classmethod
+    def from_hex(cls, public_keys_hex: Iterable[str]) -> KeyRing:
+        return cls(parse_hex(pk, SEED_BYTES, "public key") for pk in public_keys_hex)
+
+    @property
+    def key_ids(self) -> frozenset[str]:
+        return frozenset(self._keys)
+
+    def verify(self, assignment: Assignment, signature_hex: str) -> bool:
+        """True when ``signature_hex`` is a valid signature of ``assignment`` by the key it names."""
+        key = self._keys.get(assignment.key_id)
+        if key is None or len(signature_hex) != SIGNATURE_HEX_DIGITS:
+            return False
+        try:
+            signature = bytes.fromhex(signature_hex)
+            key.verify(canonical_bytes(assignment), signature)
+        except (ValueError, BadSignatureError):
+            return False
+        return True
+
+
+def publish(signer: Signer, previous_public_keys: Iterable[bytes] = ()) -> list[PublishedKey]:
+    """What ``GET /pubkey/`` lists: the current key first, then retired keys workers should still accept."""
+    keys = [PublishedKey(signer.key_id, signer.public_key.hex(), True)]
+    seen = {signer.key_id}
+    for pk in previous_public_keys:
+        key_id = key_id_for(pk)
+        if key_id not in seen:
+            seen.add(key_id)
+            keys.append(PublishedKey(key_id, pk.hex(), False))
+    return keys
+
+
+def parse_hex(text: str, size: int, what: str) -> bytes:
+    try:
+        raw = bytes.fromhex(text.strip())
+    except ValueError:
+        raise KeyFileError(f"{what} is not hex") from None
+    if len(raw) != size:
+        raise KeyFileError(f"{what} must be {size} bytes ({size * 2} hex digits), got {len(raw)}")
+    return raw
+
+
+# -- key files ------------------------------------------------------------------------------------------------
+def write_key_file(path: Path) -> Signer:
+    """Create a new signing key at ``path`` (mode 0600, never overwriting) and its public key at ``path.pub``."""
+    key = SigningKey.generate()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(bytes(key).hex() + "\n")
+    signer = Signer(key)
+    Path(f"{path}.pub").write_text(signer.public_key.hex() + "\n")
+    return signer
+
+
+def read_key_file(path: Path) -> Signer:
+    """The signing key in ``path``; refuses a file that group or others may read (as ssh does)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise KeyFileError(f"cannot read signing key {path}: {exc.strerror}") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise KeyFileError(f"signing key {path} is accessible by others (mode {oct(mode & 0o777)}); chmod 600 it")
+    return Signer.from_seed_hex(path.read_text())
+
+
+def read_public_keys(text: str) -> list[bytes]:
+    """Public keys from a comma/whitespace separated hex list (retired keys still published)."""
+    return [parse_hex(item, SEED_BYTES, "public key") for item in re.split(r"[\s,]+", text) if item]

@@ -1,0 +1,60 @@
+"""The dispatcher's state behind one interface: in memory (one process) or Redis (several replicas).
+
+Contract, which ``tests/unit/test_dispatch_store.py`` checks against both implementations:
+
+* ``route`` is atomic: picking a worker, reserving the request's cost on it, issuing the worker's next
+  ``reqnum`` and (for a new request) a new ``request_idx`` happen as one step.
+* A retry (``request_idx`` given) moves the request's load to the newly picked worker; its load is never counted
+  twice. A request answered "no ready worker" holds no load until a later retry assigns it.
+* ``release`` gives a finished request's load back, once; releasing an unknown or released request is a no-op.
+* A request never released gives its load back after ``PickPolicy.request_ttl_s``.
+* ``reqnum`` only grows per worker; ``request_idx`` is unique and never 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from service.dispatch.records import PickPolicy, Released, RouteOutcome, WorkerRecord, WorkerReport
+
+LOAD_RATE_BUCKET_S = 1  # granularity of the recent-load counters autoscaling reads
+
+
+class UnknownRequest(LookupError):
+    """A retry named a request_idx this endpoint never issued (or one that expired)."""
+
+
+class StoreUnavailable(RuntimeError):
+    """The backing store cannot be reached; the caller answers 503 and the client retries."""
+
+
+@dataclass(frozen=True, slots=True)
+class LoadStats:
+    """Per endpoint, what the autoscaler needs besides the worker records."""
+
+    load_rate: float  # workload units per second routed as new requests over the window
+    outstanding: float  # workload units assigned and not yet released
+
+
+class DispatchStore(Protocol):
+    async def route(self, endpoint: str, cost: float, request_idx: int | None, policy: PickPolicy) -> RouteOutcome: ...
+
+    async def report(self, endpoint: str, report: WorkerReport) -> WorkerRecord: ...
+
+    async def release(self, endpoint: str, request_idxs: Sequence[int]) -> Released: ...
+
+    async def workers(self, endpoint: str) -> list[WorkerRecord]: ...
+
+    async def load_stats(self, endpoint: str, window_s: float) -> LoadStats: ...
+
+    async def now(self) -> float:
+        """The store's clock (unix seconds): records' ``last_seen`` are on it."""
+        ...
+
+    async def ping(self) -> None:
+        """Raise ``StoreUnavailable`` if the store cannot serve."""
+        ...
+
+    async def close(self) -> None: ...

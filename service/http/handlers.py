@@ -1,0 +1,34 @@
+"""Turning handler exceptions into answers, shared by both services."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+from prometheus_client import Counter
+from starlette.requests import Request
+from starlette.responses import Response
+
+from service.errors import ServiceError
+from service.http.responses import error_response
+
+logger = logging.getLogger(__name__)
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def guarded(handler: Handler, *, errors: Counter, retry_after_s: int) -> Handler:
+    """Every ServiceError becomes its JSON answer; anything else a logged 500, never a crash."""
+
+    async def endpoint(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except ServiceError as exc:
+            errors.labels(code=exc.code).inc()
+            return error_response(exc, retry_after_s=retry_after_s)
+        except Exception:
+            logger.exception("unhandled error in %s", request.url.path)
+            errors.labels(code=ServiceError.code).inc()
+            return error_response(ServiceError("internal error"), retry_after_s=retry_after_s)
+
+    return endpoint

@@ -1,0 +1,371 @@
+"""The dispatch client against a fake dispatcher and fake workers (httpx.MockTransport): retries under the same
+request_idx, back-off, giving up, what is never retried; and once end to end with the example worker."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import random
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from service.dispatch.client import (
+    AttemptsExhausted,
+    DispatchClient,
+    DispatcherRefused,
+    DispatchError,
+    parse_retry_after,
+)
+from service.dispatch.example_worker import build_example_worker
+from service.dispatch.signing import Assignment, Signer, publish
+
+DISPATCHER = "http://dispatcher:8081"
+WORKER_URL = "http://worker-1:8000"
+ENDPOINT = "my-endpoint"
+API_KEY = "dk_client"
+WORKER_TOKEN = "wt_worker"
+COST = 25.0
+TTL_MS = 30_000
+FIRST_IDX = 41
+SEED = 1234
+LOADING = {"ready": 0, "busy": 0, "loading": 2, "error": 0, "stopped": 0, "inactive": 0}
+WAIT_TIMEOUT_S = 5.0
+
+# Scripted steps: what the fake dispatcher answers to one /route/, what a fake worker answers to one call.
+ASSIGN = "assign"
+NO_READY = "no_ready"
+Step = str | httpx.Response | Exception
+
+
+class FakeDispatch:
+    """A dispatcher and its workers behind one MockTransport, answering from scripts."""
+
+    def __init__(self, signer: Signer, routes: list[Step], workers: list[Step] | None = None) -> None:
+        self.signer = signer
+        self.routes = list(routes)
+        self.workers = list(workers or [])
+        self.route_calls: list[dict[str, Any]] = []
+        self.worker_calls: list[dict[str, Any]] = []
+        self.reqnum = 0
+        self.next_idx = FIRST_IDX
+
+    def handle(self, request: httpx.Request) -> httpx.Response:
+        if request.url.host == "dispatcher":
+            assert request.headers["authorization"] == f"Bearer {API_KEY}"
+            assert request.url.path == "/route/"
+            return self.answer_route(orjson.loads(request.content))
+        self.worker_calls.append(orjson.loads(request.content))
+        return self.play(self.workers.pop(0))
+
+    def answer_route(self, body: dict[str, Any]) -> httpx.Response:
+        self.route_calls.append(body)
+        step = self.routes.pop(0)
+        idx = body.get("request_idx")
+        if idx is None and step in (ASSIGN, NO_READY):
+            idx, self.next_idx = self.next_idx, self.next_idx + 1
+        if step == NO_READY:
+            return httpx.Response(200, json={"endpoint": ENDPOINT, "status": LOADING, "request_idx": idx})
+        if step == ASSIGN:
+            assert isinstance(idx, int)
+            return httpx.Response(200, json=self.assigned(idx, body["cost"]))
+        return self.play(step)
+
+    def assigned(self, request_idx: int, cost: float) -> dict[str, Any]:
+        self.reqnum += 1
+        a = Assignment(
+            endpoint=ENDPOINT,
+            url=WORKER_URL,
+            cost=cost,
+            reqnum=self.reqnum,
+            request_idx=request_idx,
+            expires_at_ms=int(time.time() * 1000) + TTL_MS,
+            key_id=self.signer.key_id,
+        )
+        return {**dataclasses.asdict(a), "signature": self.signer.sign(a), "__request_id": "r"}
+
+    @staticmethod
+    def play(step: Step) -> httpx.Response:
+        if isinstance(step, Exception):
+            raise step
+        assert isinstance(step, httpx.Response)
+        return step
+
+
+class FakeSleep:
+    def __init__(self) -> None:
+        self.delays: list[float] = []
+
+    async def __call__(self, delay: float) -> None:
+        self.delays.append(delay)
+
+
+@pytest.fixture
+def signer() -> Signer:
+    return Signer.generate()
+
+
+@pytest.fixture
+def sleep() -> FakeSleep:
+    return FakeSleep()
+
+
+@pytest.fixture
+async def make_client(sleep: FakeSleep) -> AsyncIterator[Callable[..., DispatchClient]]:
+    opened: list[httpx.AsyncClient] = []
+
+    def make(fake: FakeDispatch, **options: Any) -> DispatchClient:
+        http = httpx.AsyncClient(transport=httpx.MockTransport(fake.handle))
+        opened.append(http)
+        options = {"rng": random.Random(SEED), "sleep": sleep, **options}
+        return DispatchClient(DISPATCHER, API_KEY, http=http, **options)
+
+    yield make
+    for http in opened:
+        await http.aclose()
+
+
+def ok(body: object) -> httpx.Response:
+    return httpx.Response(200, json=body)
+
+
+def error(status: int, code: str, headers: dict[str, str] | None = None) -> httpx.Response:
+    return httpx.Response(status, json={"error": {"code": code, "message": code}}, headers=headers)
+
+
+# -- the happy path ----------------------------------------------------------------------------------------------
+async def test_a_request_is_routed_and_sent_with_its_assignment(signer: Signer, make_client: Any) -> None:
+    fake = FakeDispatch(signer, [ASSIGN], [ok({"answer": 42})])
+    response = await make_client(fake).request(ENDPOINT, "/generate", {"prompt": "hi"}, COST)
+    assert (response.status, response.json(), response.attempts) == (200, {"answer": 42}, 1)
+    assert response.assignment.request_idx == FIRST_IDX
+    assert fake.route_calls == [{"endpoint": ENDPOINT, "cost": COST}]
+    sent = fake.worker_calls[0]
+    assert sent["payload"] == {"prompt": "hi"}
+    assert sent["auth_data"] == dict(response.route_answer)
+
+
+async def test_route_returns_the_raw_answer(signer: Signer, make_client: Any) -> None:
+    fake = FakeDispatch(signer, [NO_READY, ASSIGN])
+    client = make_client(fake)
+    assert (await client.route(ENDPOINT, COST))["status"] == LOADING
+    answer = await client.route(ENDPOINT, COST, request_idx=FIRST_IDX)
+    assert answer["url"] == WORKER_URL
+    assert fake.route_calls[1] == {"endpoint": ENDPOINT, "cost": COST, "request_idx": FIRST_IDX}
+
+
+# -- retries ----------------------------------------------------------------------------------------------------
+async def test_every_retry_reuses_the_request_idx(signer: Signer, make_client: Any, sleep: FakeSleep) -> None:
+    routes: list[Step] = [NO_READY, error(503, "store_unavailable"), httpx.ConnectError("down"), *[ASSIGN] * 4]
+    workers: list[Step] = [
+        error(503, "overloaded"),
+        httpx.ConnectError("refused"),
+        error(401, "invalid_assignment"),
+        ok({"done": True}),
+    ]
+    fake = FakeDispatch(signer, routes, workers)
+    response = await make_client(fake).request(ENDPOINT, "/generate", {}, COST)
+    assert (response.status, response.attempts) == (200, len(routes))
+    assert "request_idx" not in fake.route_calls[0]
+    assert [call["request_idx"] for call in fake.route_calls[1:]] == [FIRST_IDX] * (len(routes) - 1)
+    assert response.assignment.request_idx == FIRST_IDX
+    assert len(sleep.delays) == len(routes) - 1
+
+
+async def test_backoff_is_full_jitter_and_bounded(signer: Signer, make_client: Any, sleep: FakeSleep) -> None:
+    attempts, base, cap = 8, 0.1, 0.5
+    fake = FakeDispatch(signer, [NO_READY] * attempts)
+    client = make_client(fake, max_attempts=attempts, backoff_base_s=base, backoff_max_s=cap)
+    with pytest.raises(AttemptsExhausted):
+        await client.request(ENDPOINT, "/generate", {}, COST)
+    reference = random.Random(SEED)
+    expected = [reference.uniform(0.0, min(cap, base * 2 ** (retry - 1))) for retry in range(1, attempts)]
+    assert sleep.delays == pytest.approx(expected)
+    assert all(0.0 <= delay <= cap for delay in sleep.delays)
+
+
+async def test_backoff_cap_holds_for_any_retry_count() -> None:
+    async with DispatchClient(DISPATCHER, API_KEY, backoff_max_s=2.0) as client:
+        assert all(0.0 <= client.backoff_delay(retry) <= 2.0 for retry in (1, 10, 100, 10_000))
+        assert client.backoff_delay(3, retry_after_s=100.0) == 30.0  # Retry-After is capped at retry_after_max_s
+
+
+async def test_retry_after_from_the_dispatcher_is_honoured(signer: Signer, make_client: Any, sleep: FakeSleep) -> None:
+    routes: list[Step] = [
+        error(503, "store_unavailable", {"Retry-After": "2"}),
+        error(429, "rate_limited", {"Retry-After": "600"}),
+        ASSIGN,
+    ]
+    fake = FakeDispatch(signer, routes, [ok({})])
+    response = await make_client(fake, retry_after_max_s=10.0).request(ENDPOINT, "/generate", {}, COST)
+    assert response.attempts == len(routes)
+    assert sleep.delays == [2.0, 10.0]
+
+
+async def test_giving_up_says_why(signer: Signer, make_client: Any) -> None:
+    fake = FakeDispatch(signer, [NO_READY, ASSIGN, NO_READY], [error(502, "bad_gateway")])
+    with pytest.raises(DispatchError) as caught:
+        await make_client(fake, max_attempts=3).request(ENDPOINT, "/generate", {}, COST)
+    exc = caught.value
+    assert isinstance(exc, AttemptsExhausted)
+    assert (exc.attempts, exc.request_idx, exc.last_status) == (3, FIRST_IDX, LOADING)
+    assert "loading=2" in str(exc) and "502" in str(exc) and str(FIRST_IDX) in str(exc)
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404])
+async def test_dispatcher_client_errors_are_not_retried(
+    signer: Signer, make_client: Any, sleep: FakeSleep, status: int
+) -> None:
+    fake = FakeDispatch(signer, [error(status, "nope"), ASSIGN])
+    with pytest.raises(DispatcherRefused) as caught:
+        await make_client(fake).request(ENDPOINT, "/generate", {}, COST)
+    assert (caught.value.status, caught.value.code) == (status, "nope")
+    assert (len(fake.route_calls), sleep.delays) == (1, [])
+
+
+async def test_worker_client_errors_are_returned_as_they_are(signer: Signer, make_client: Any) -> None:
+    unauthorised = error(401, "unauthorized")  # a 401 that is not about the assignment
+    fake = FakeDispatch(signer, [ASSIGN, ASSIGN], [error(422, "bad_prompt"), unauthorised])
+    client = make_client(fake)
+    first = await client.request(ENDPOINT, "/generate", {}, COST)
+    second = await client.request(ENDPOINT, "/generate", {}, COST)
+    assert (first.status, first.attempts, first.json()["error"]["code"]) == (422, 1, "bad_prompt")
+    assert (second.status, second.attempts) == (401, 1)
+
+
+async def test_a_malformed_route_answer_is_an_error(signer: Signer, make_client: Any) -> None:
+    fake = FakeDispatch(signer, [ok({"url": WORKER_URL}), ok({"url": WORKER_URL, "request_idx": 1})])
+    client = make_client(fake)
+    with pytest.raises(DispatchError, match="request_idx"):
+        await client.request(ENDPOINT, "/generate", {}, COST)
+    with pytest.raises(DispatchError, match="not a valid assignment"):
+        await client.request(ENDPOINT, "/generate", {}, COST)
+    assert fake.worker_calls == []
+
+
+def test_retry_after_parsing() -> None:
+    now = datetime(2025, 1, 1, tzinfo=UTC)
+    later = format_datetime(now + timedelta(seconds=7), usegmt=True)
+    assert parse_retry_after(later, now=now.timestamp()) == pytest.approx(7.0)
+    assert (parse_retry_after("3"), parse_retry_after("1.5"), parse_retry_after("-1")) == (3.0, 1.5, 0.0)
+    assert (parse_retry_after(None), parse_retry_after("soon")) == (None, None)
+
+
+# -- end to end with the example worker -------------------------------------------------------------------------
+class HostRouter(httpx.AsyncBaseTransport):
+    """Sends each request to the transport for its host."""
+
+    def __init__(self, by_host: dict[str, httpx.AsyncBaseTransport]) -> None:
+        self.by_host = by_host
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        return await self.by_host[request.url.host].handle_async_request(request)
+
+
+class FakeDispatcherForWorker(FakeDispatch):
+    """Also serves what a worker calls: ``/pubkey/``, ``/worker_status/``, ``/delete_requests/``."""
+
+    def __init__(self, signer: Signer) -> None:
+        super().__init__(signer, [])
+        self.reports: list[dict[str, Any]] = []
+        self.deleted: list[dict[str, Any]] = []
+
+    def handle(self, request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if path == "/pubkey/":
+            keys = [key.to_json() for key in publish(self.signer)]
+            return ok({"algorithm": "ed25519", "key_id": self.signer.key_id, "keys": keys})
+        if path in ("/worker_status/", "/delete_requests/"):
+            assert request.headers["authorization"] == f"Bearer {WORKER_TOKEN}"
+            (self.reports if path == "/worker_status/" else self.deleted).append(orjson.loads(request.content))
+            return ok({"ok": True, "heartbeat_timeout_s": 30.0, "reqnum": self.reqnum})
+        ready = any(report["state"] == "ready" for report in self.reports)
+        self.routes.append(ASSIGN if ready else NO_READY)
+        return super().handle(request)
+
+
+async def wait_for(condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + WAIT_TIMEOUT_S
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+@asynccontextmanager
+async def running_worker(
+    dispatcher: FakeDispatcherForWorker,
+) -> AsyncIterator[tuple[httpx.AsyncClient, DispatchClient]]:
+    """The example worker (lifespan running, keys fetched, reported ready) and a client routing to it."""
+    async with httpx.AsyncClient(transport=httpx.MockTransport(dispatcher.handle)) as worker_http:
+        app = build_example_worker(
+            dispatcher_url=DISPATCHER,
+            endpoint=ENDPOINT,
+            worker_id="w1",
+            own_url=WORKER_URL,
+            worker_token=WORKER_TOKEN,
+            max_perf=50.0,
+            http=worker_http,
+        )
+        transport = HostRouter(
+            {"dispatcher": httpx.MockTransport(dispatcher.handle), "worker-1": httpx.ASGITransport(app=app)}
+        )
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(transport=transport) as http,
+            DispatchClient(DISPATCHER, API_KEY, http=http, backoff_base_s=0.01) as client,
+        ):
+            await wait_for(lambda: bool(dispatcher.reports))
+            yield http, client
+
+
+async def test_end_to_end_with_the_example_worker(signer: Signer) -> None:
+    dispatcher = FakeDispatcherForWorker(signer)
+    issued_before_start = dispatcher.assigned(FIRST_IDX - 1, COST)  # e.g. served by a previous worker process
+    async with running_worker(dispatcher) as (http, client):
+        old = await http.post(f"{WORKER_URL}/echo", json={"auth_data": issued_before_start})
+        assert (old.status_code, old.json()["error"]["reason"]) == (401, "replayed")
+        response = await client.request(ENDPOINT, "/echo", {"text": "hello"}, COST)
+        assert response.status == 200, response.body
+        echoed = response.json()
+        assert echoed == {
+            "worker_id": "w1",
+            "reqnum": response.assignment.reqnum,
+            "request_idx": response.assignment.request_idx,
+            "payload": {"text": "hello"},
+        }
+        await wait_for(lambda: bool(dispatcher.deleted))
+        assert dispatcher.deleted == [
+            {"endpoint": ENDPOINT, "id": "w1", "request_idxs": [echoed["request_idx"]], "success": True}
+        ]
+        # the same signed assignment cannot be used twice
+        replay = await http.post(f"{WORKER_URL}/echo", json={"auth_data": dict(response.route_answer)})
+        assert replay.status_code == 401
+        assert replay.json()["error"]["reason"] == "replayed"
+    assert dispatcher.reports[0] == {
+        "endpoint": ENDPOINT,
+        "id": "w1",
+        "url": WORKER_URL,
+        "state": "ready",
+        "max_perf": 50.0,
+        "cur_load": 0.0,
+        "in_flight": 0,
+    }
+    assert dispatcher.reports[-1]["state"] == "stopped"
+
+
+async def test_a_key_rotation_is_picked_up_by_the_worker_and_retried_by_the_client(signer: Signer) -> None:
+    dispatcher = FakeDispatcherForWorker(signer)
+    async with running_worker(dispatcher) as (_http, client):
+        dispatcher.signer = Signer.generate()  # the dispatcher now signs (and publishes) a key the worker lacks
+        response = await client.request(ENDPOINT, "/echo", {"n": 1}, COST)
+    assert response.status == 200, response.body
+    assert response.attempts > 1
+    assert response.assignment.key_id == dispatcher.signer.key_id
+    assert [call.get("request_idx") for call in dispatcher.route_calls[1:]] == [FIRST_IDX] * (response.attempts - 1)

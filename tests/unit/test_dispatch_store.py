@@ -1,0 +1,458 @@
+"""The DispatchStore contract (``service/dispatch/store.py``), run against MemoryStore and RedisStore alike, plus what
+only Redis has: several replicas routing at once, and an unreachable server.
+
+Redis takes ``now`` from its own clock, so time-dependent tests use tiny timeouts and real sleeps."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from service.dispatch.memory_store import MemoryStore
+from service.dispatch.records import (
+    STATUS_KEYS,
+    Assigned,
+    NoReadyWorker,
+    PickPolicy,
+    Released,
+    WorkerRecord,
+    WorkerReport,
+    WorkerState,
+    reqnum_origin,
+)
+from service.dispatch.redis_store import RedisStore
+from service.dispatch.store import DispatchStore, LoadStats, StoreUnavailable, UnknownRequest
+from tests.redis_server import RedisServer, free_port
+
+EP = "ep-a"
+OTHER_EP = "ep-b"
+REDIS_CLOCK_SLACK_REQNUMS = 1_000_000  # the Redis server's clock may trail ours by up to a second
+POLICY = PickPolicy(max_queue_time_s=30.0, heartbeat_timeout_s=60.0, request_ttl_s=600.0)
+
+
+@pytest.fixture(params=["memory", "redis"])
+def make_store(request: pytest.FixtureRequest) -> Callable[[], DispatchStore]:
+    # reqnums_per_s=0: reqnums start at 0, so the tests read plain counts (test_reqnums_start_at_the_clock checks
+    # the default)
+    if request.param == "memory":
+        return lambda: MemoryStore(reqnums_per_s=0)
+    url: str = request.getfixturevalue("redis_url")
+    prefix: str = request.getfixturevalue("redis_prefix")
+    return lambda: RedisStore(url, prefix=prefix, reqnums_per_s=0)
+
+
+@pytest.fixture
+async def store(make_store: Callable[[], DispatchStore]) -> AsyncIterator[DispatchStore]:
+    instance = make_store()
+    yield instance
+    await instance.close()
+
+
+@pytest.fixture
+async def redis_pair(redis_url: str, redis_prefix: str) -> AsyncIterator[tuple[RedisStore, RedisStore]]:
+    """Two replicas' stores: separate connection pools on the same keys."""
+    first, second = RedisStore(redis_url, prefix=redis_prefix), RedisStore(redis_url, prefix=redis_prefix)
+    yield first, second
+    await first.close()
+    await second.close()
+
+
+async def report(
+    store: DispatchStore,
+    worker_id: str,
+    *,
+    max_perf: float = 1.0,
+    state: WorkerState = WorkerState.READY,
+    endpoint: str = EP,
+    url: str | None = None,
+) -> WorkerRecord:
+    report = WorkerReport(worker_id=worker_id, url=url or f"http://{worker_id}:8000", state=state, max_perf=max_perf)
+    return await store.report(endpoint, report)
+
+
+async def assign(
+    store: DispatchStore, cost: float, idx: int | None = None, policy: PickPolicy = POLICY, endpoint: str = EP
+) -> Assigned:
+    outcome = await store.route(endpoint, cost, idx, policy)
+    assert isinstance(outcome, Assigned), outcome
+    return outcome
+
+
+async def no_ready(
+    store: DispatchStore, cost: float, idx: int | None = None, policy: PickPolicy = POLICY, endpoint: str = EP
+) -> NoReadyWorker:
+    outcome = await store.route(endpoint, cost, idx, policy)
+    assert isinstance(outcome, NoReadyWorker), outcome
+    return outcome
+
+
+async def loads(store: DispatchStore, endpoint: str = EP) -> dict[str, float]:
+    return {w.worker_id: w.load for w in await store.workers(endpoint)}
+
+
+def breakdown(**counts: int) -> dict[str, int]:
+    return {**dict.fromkeys(STATUS_KEYS, 0), **counts}
+
+
+# -- picking ----------------------------------------------------------------------------------------------------
+async def test_new_request_goes_to_least_waiting_worker(store: DispatchStore) -> None:
+    await report(store, "w1", max_perf=1.0)
+    await report(store, "w2", max_perf=4.0)
+    picked = [(await assign(store, 2.0)).worker_id for _ in range(6)]
+    # waits (w1, w2) before each pick: (0, 0) tie -> lower load, then id; (2, 0); (2, .5); (2, 1); (2, 1.5);
+    # (2, 2) tie -> lower load (2 < 8)
+    assert picked == ["w1", "w2", "w2", "w2", "w2", "w1"]
+    assert await loads(store) == {"w1": 4.0, "w2": 8.0}
+
+
+async def test_reqnum_counts_per_worker_and_request_idx_is_unique(store: DispatchStore) -> None:
+    await report(store, "w1")
+    await report(store, "w2")
+    outcomes = [await assign(store, 1.0) for _ in range(10)]
+    by_worker: dict[str, list[int]] = defaultdict(list)
+    for outcome in outcomes:
+        by_worker[outcome.worker_id].append(outcome.reqnum)
+    assert by_worker == {"w1": [1, 2, 3, 4, 5], "w2": [1, 2, 3, 4, 5]}
+    idxs = [outcome.request_idx for outcome in outcomes]
+    assert len(set(idxs)) == len(idxs) and 0 not in idxs
+    assert {w.worker_id: w.reqnum for w in await store.workers(EP)} == {"w1": 5, "w2": 5}
+
+
+async def test_float_loads_follow_double_arithmetic_and_settle_to_zero(store: DispatchStore) -> None:
+    await report(store, "w1")
+    first = await assign(store, 0.1)
+    second = await assign(store, 0.2)
+    assert await loads(store) == {"w1": 0.1 + 0.2}  # 0.30000000000000004, as Python adds
+    await store.release(EP, [first.request_idx])
+    await store.release(EP, [second.request_idx])
+    assert await loads(store) == {"w1": 0.0}  # the 5.5e-17 of dust is cleared
+
+
+async def test_workers_over_max_queue_time_are_skipped(store: DispatchStore) -> None:
+    policy = PickPolicy(max_queue_time_s=5.0, heartbeat_timeout_s=60.0, request_ttl_s=600.0)
+    await report(store, "w1", max_perf=2.0)
+    await assign(store, 10.0, policy=policy)  # the wait is judged before the cost lands: 0
+    await assign(store, 1.0, policy=policy)  # wait 10 / 2 = 5: exactly the limit still qualifies
+    refused = await no_ready(store, 1.0, policy=policy)  # wait 5.5
+    assert refused.status == breakdown(busy=1)
+    await report(store, "w2", max_perf=0.5)
+    assert (await assign(store, 1.0, policy=policy)).worker_id == "w2"
+
+
+async def test_stale_workers_are_skipped_and_counted_inactive(store: DispatchStore) -> None:
+    policy = PickPolicy(max_queue_time_s=30.0, heartbeat_timeout_s=0.3, request_ttl_s=600.0)
+    await report(store, "w1")
+    await report(store, "w2")
+    await asyncio.sleep(0.45)
+    await report(store, "w2")
+    assert (await assign(store, 1.0, policy=policy)).worker_id == "w2"  # w1 would win the id tie-break
+    await asyncio.sleep(0.45)
+    refused = await no_ready(store, 1.0, policy=policy)
+    assert refused.status == breakdown(inactive=2)
+
+
+# -- retries ----------------------------------------------------------------------------------------------------
+async def test_retry_moves_load_and_avoids_previous_worker(store: DispatchStore) -> None:
+    await report(store, "w1", max_perf=100.0)
+    await report(store, "w2", max_perf=1.0)
+    first = await assign(store, 1.0)
+    assert first.worker_id == "w1"
+    assert (await assign(store, 5.0)).worker_id == "w2"  # w1 waits 0.01, w2 nothing
+    retried = await assign(store, 1.0, first.request_idx)  # w1 (0.01) beats w2 (5) but is the one to avoid
+    assert (retried.request_idx, retried.worker_id, retried.reqnum) == (first.request_idx, "w2", 2)
+    assert await loads(store) == {"w1": 0.0, "w2": 6.0}
+    again = await assign(store, 2.0, first.request_idx)  # a retry may carry a new cost: that is what moves on
+    assert (again.worker_id, again.reqnum) == ("w1", 2)
+    assert await loads(store) == {"w1": 2.0, "w2": 5.0}
+
+
+async def test_retry_reuses_the_only_worker_without_double_counting(store: DispatchStore) -> None:
+    await report(store, "w1")
+    first = await assign(store, 2.0)
+    retried = await assign(store, 2.0, first.request_idx)
+    assert (retried.request_idx, retried.worker_id, retried.reqnum) == (first.request_idx, "w1", 2)
+    assert await loads(store) == {"w1": 2.0}
+
+
+async def test_a_retry_does_not_wait_behind_its_own_cost(store: DispatchStore) -> None:
+    await report(store, "w1", max_perf=1.0)
+    first = await assign(store, 45.0)  # 45 s of work on the only worker, over the 30 s queue budget
+    retried = await assign(store, 45.0, first.request_idx)  # its own load leaves before the pick
+    assert (retried.worker_id, retried.reqnum) == ("w1", 2)
+    assert await loads(store) == {"w1": 45.0}
+    second = await store.route(EP, 1.0, None, POLICY)  # a new request does wait behind it
+    assert isinstance(second, NoReadyWorker) and second.status["busy"] == 1
+
+
+async def test_retry_of_unknown_or_foreign_request_raises(store: DispatchStore) -> None:
+    await report(store, "w1")
+    await report(store, "v1", endpoint=OTHER_EP)
+    mine = await assign(store, 3.0)
+    for idx in (mine.request_idx + 1000, 0, -1):
+        with pytest.raises(UnknownRequest):
+            await store.route(EP, 1.0, idx, POLICY)
+    with pytest.raises(UnknownRequest):
+        await store.route(OTHER_EP, 1.0, mine.request_idx, POLICY)
+    assert await loads(store) == {"w1": 3.0}
+    assert await loads(store, OTHER_EP) == {"v1": 0.0}
+
+
+async def test_no_ready_worker_breakdown_holds_no_load_until_a_retry_assigns_it(store: DispatchStore) -> None:
+    policy = PickPolicy(max_queue_time_s=30.0, heartbeat_timeout_s=0.3, request_ttl_s=600.0)
+    await report(store, "ready-busy", max_perf=1.0)
+    await assign(store, 100.0, policy=policy)  # now 100 s of queue: busy
+    await report(store, "silent")
+    await asyncio.sleep(0.45)
+    await report(store, "ready-busy")  # a report keeps the load
+    await report(store, "no-perf", max_perf=0.0)  # ready but cannot take work: busy
+    await report(store, "loading", state=WorkerState.LOADING)
+    await report(store, "error", state=WorkerState.ERROR)
+    await report(store, "stopped", state=WorkerState.STOPPED)
+    refused = await no_ready(store, 4.0, policy=policy)
+    assert refused.request_idx > 0
+    assert refused.status == breakdown(busy=2, loading=1, error=1, stopped=1, inactive=1)
+    before = await loads(store)
+    assert before["ready-busy"] == 100.0 and sum(before.values()) == 100.0
+    assert (await store.load_stats(EP, 60.0)).outstanding == 100.0
+
+    await report(store, "fresh")
+    assigned = await assign(store, 4.0, refused.request_idx, policy=policy)
+    assert (assigned.request_idx, assigned.worker_id, assigned.reqnum) == (refused.request_idx, "fresh", 1)
+    assert (await loads(store))["fresh"] == 4.0
+    moved = await assign(store, 4.0, refused.request_idx, policy=policy)  # fresh is avoided, nobody else fits
+    assert moved.worker_id == "fresh"
+    after = await loads(store)
+    assert after["fresh"] == 4.0 and sum(after.values()) == 104.0
+
+
+# -- release and expiry -----------------------------------------------------------------------------------------
+async def test_release_gives_load_back_once(store: DispatchStore) -> None:
+    await report(store, "w1")
+    await report(store, "v1", endpoint=OTHER_EP)
+    first, second = await assign(store, 2.0), await assign(store, 3.0)
+    assert await store.release(OTHER_EP, [first.request_idx]) == Released(released=0, unknown=1)
+    assert await store.release(EP, [first.request_idx]) == Released(released=1, unknown=0)
+    assert await loads(store) == {"w1": 3.0}
+    result = await store.release(EP, [first.request_idx, second.request_idx, 987654, second.request_idx])
+    assert result == Released(released=1, unknown=3)
+    assert await loads(store) == {"w1": 0.0}
+    assert await store.release(EP, []) == Released(released=0, unknown=0)
+    with pytest.raises(UnknownRequest):  # a released request cannot be retried
+        await store.route(EP, 1.0, first.request_idx, POLICY)
+
+
+async def test_release_of_a_request_without_worker(store: DispatchStore) -> None:
+    await report(store, "w1", state=WorkerState.LOADING)
+    refused = await no_ready(store, 5.0)
+    assert await store.release(EP, [refused.request_idx]) == Released(released=1, unknown=0)
+    assert await loads(store) == {"w1": 0.0}
+
+
+async def test_request_ttl_gives_load_back(store: DispatchStore) -> None:
+    policy = PickPolicy(max_queue_time_s=30.0, heartbeat_timeout_s=60.0, request_ttl_s=0.2)
+    await report(store, "w1")
+    expiring = await assign(store, 3.0, policy=policy)
+    kept = await assign(store, 4.0)  # the default policy's TTL is long
+    await asyncio.sleep(0.35)
+    assert await loads(store) == {"w1": 4.0}
+    with pytest.raises(UnknownRequest):
+        await store.route(EP, 3.0, expiring.request_idx, policy)
+    assert await store.release(EP, [expiring.request_idx, kept.request_idx]) == Released(released=1, unknown=1)
+    assert await loads(store) == {"w1": 0.0}
+
+
+async def test_expiry_sweep_is_bounded_per_call(store: DispatchStore) -> None:
+    policy = PickPolicy(max_queue_time_s=1e9, heartbeat_timeout_s=60.0, request_ttl_s=0.2)
+    await report(store, "w1")
+    await report(store, "v1", endpoint=OTHER_EP)
+    for i in range(70):  # more than one sweep's worth, over two endpoints
+        await assign(store, 1.0, policy=policy, endpoint=EP if i % 2 else OTHER_EP)
+    await asyncio.sleep(0.35)
+    # any call sweeps the oldest 64 expired requests, whatever their endpoint: 32 of each endpoint's 35
+    assert await loads(store) == {"w1": 3.0}
+    assert await loads(store, OTHER_EP) == {"v1": 0.0}  # the next call sweeps the last 6
+    assert await loads(store) == {"w1": 0.0}
+
+
+# -- reports and stats ------------------------------------------------------------------------------------------
+async def test_report_keeps_load_and_reqnum(store: DispatchStore) -> None:
+    first = await report(store, "w1", max_perf=2.5)
+    assert (first.load, first.reqnum, first.state, first.max_perf) == (0.0, 0, WorkerState.READY, 2.5)
+    assert abs(first.last_seen - await store.now()) < 1.0
+    await assign(store, 1.5)
+    await assign(store, 2.0)
+    again = await report(store, "w1", max_perf=7.0, state=WorkerState.LOADING, url="http://moved:9000")
+    assert (again.load, again.reqnum) == (3.5, 2)
+    assert again.last_seen >= first.last_seen
+    [record] = await store.workers(EP)
+    assert record == again
+    assert await store.workers(OTHER_EP) == []
+
+
+async def test_load_stats(store: DispatchStore) -> None:
+    await report(store, "w1")
+    await report(store, "w2")
+    first = await assign(store, 2.0)
+    await assign(store, 3.0)
+    await assign(store, 9.0, first.request_idx)  # a retry is not new load
+    await report(store, "v1", endpoint=OTHER_EP)
+    await assign(store, 7.0, endpoint=OTHER_EP)
+    assert await store.load_stats(EP, 10.0) == LoadStats(load_rate=0.5, outstanding=12.0)
+    assert await store.release(EP, [first.request_idx]) == Released(released=1, unknown=0)
+    assert await store.load_stats(EP, 10.0) == LoadStats(load_rate=0.5, outstanding=3.0)
+    assert await store.load_stats("nobody", 10.0) == LoadStats(load_rate=0.0, outstanding=0.0)
+    # a one-second window holds only the current second's bucket
+    assert (await store.load_stats(EP, 1.0)).load_rate in (0.0, 5.0)
+
+
+async def test_reqnums_start_at_the_clock_so_a_lost_counter_never_reissues_one(
+    redis_url: str, redis_prefix: str
+) -> None:
+    before = time.time()
+    memory = MemoryStore()
+    first = await report(memory, "w1")
+    assert reqnum_origin(before) <= first.reqnum <= reqnum_origin(time.time())
+    issued = await assign(memory, 1.0)
+    restarted = MemoryStore()  # a dispatcher restart: in-memory counters are gone
+    await report(restarted, "w1")
+    assert (await assign(restarted, 1.0)).reqnum > issued.reqnum
+    redis_store = RedisStore(redis_url, prefix=redis_prefix)
+    try:
+        assert (await report(redis_store, "w1")).reqnum >= reqnum_origin(before) - REDIS_CLOCK_SLACK_REQNUMS
+    finally:
+        await redis_store.close()
+
+
+async def test_now_and_ping(store: DispatchStore) -> None:
+    await store.ping()
+    assert abs(await store.now() - time.time()) < 5.0  # Redis runs on this machine, on its clock
+
+
+# -- Redis only -------------------------------------------------------------------------------------------------
+async def test_concurrent_routes_from_two_replicas_are_atomic(redis_pair: tuple[RedisStore, RedisStore]) -> None:
+    first, second = redis_pair
+    policy = PickPolicy(max_queue_time_s=1e9, heartbeat_timeout_s=60.0, request_ttl_s=600.0)
+    origins = {w: (await report(first, w, max_perf=10.0)).reqnum for w in ("w1", "w2", "w3")}
+    costs = [float(1 + i % 7) for i in range(500)]  # integers: every sum is exact
+    outcomes = await asyncio.gather(
+        *((first if i % 2 else second).route(EP, cost, None, policy) for i, cost in enumerate(costs))
+    )
+    assigned = [outcome for outcome in outcomes if isinstance(outcome, Assigned)]
+    assert len(assigned) == len(costs)
+    reqnums: dict[str, list[int]] = defaultdict(list)
+    for outcome in assigned:
+        reqnums[outcome.worker_id].append(outcome.reqnum)
+    assert set(reqnums) == {"w1", "w2", "w3"}
+    for worker_id, numbers in reqnums.items():
+        origin = origins[worker_id]
+        assert sorted(numbers) == list(range(origin + 1, origin + len(numbers) + 1))
+    idxs = [outcome.request_idx for outcome in assigned]
+    assert len(set(idxs)) == len(idxs) and 0 not in idxs
+    workers = await second.workers(EP)
+    assert sum(w.load for w in workers) == sum(costs)
+    assert {w.worker_id: w.reqnum for w in workers} == {k: origins[k] + len(v) for k, v in reqnums.items()}
+
+    results = await asyncio.gather(*((first if i % 2 else second).release(EP, [idx]) for i, idx in enumerate(idxs)))
+    assert sum(r.released for r in results) == len(idxs)
+    assert await loads(first) == {"w1": 0.0, "w2": 0.0, "w3": 0.0}
+
+
+async def test_unreachable_redis_fails_fast() -> None:
+    store = RedisStore(f"redis://127.0.0.1:{free_port()}/0", connect_timeout_s=0.5, socket_timeout_s=0.5)
+    try:
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable, match="PING failed"):
+            await store.ping()
+        with pytest.raises(StoreUnavailable, match="route failed"):
+            await store.route(EP, 1.0, None, POLICY)
+        assert time.monotonic() - started < 2.0
+    finally:
+        await store.close()
+
+
+async def test_store_recovers_when_redis_comes_back(tmp_path: Path) -> None:
+    with RedisServer(tmp_path) as server:
+        store = RedisStore(server.url, connect_timeout_s=0.5, socket_timeout_s=0.5)
+        try:
+            await report(store, "w1")
+            before = await assign(store, 1.0)
+            server.kill()
+            with pytest.raises(StoreUnavailable):
+                await store.route(EP, 1.0, None, POLICY)
+            server.start()
+            await report(store, "w1")  # nothing persisted: the worker registers again
+            # the counter was lost, yet reqnums go on growing: they restart at the clock, not at 0
+            assert (await assign(store, 1.0)).reqnum > before.reqnum
+        finally:
+            await store.close()
+
+
+async def test_open_checks_the_server(redis_url: str, redis_prefix: str) -> None:
+    store = await RedisStore.open(redis_url, prefix=redis_prefix)
+    assert store.prefix == redis_prefix
+    await store.close()
+    with pytest.raises(StoreUnavailable):
+        await RedisStore.open(f"redis://:secret@127.0.0.1:{free_port()}/0", connect_timeout_s=0.5)
+
+
+async def test_redis_error_message_hides_the_password() -> None:
+    store = RedisStore(f"redis://user:hunter2@127.0.0.1:{free_port()}/0", connect_timeout_s=0.5)
+    try:
+        with pytest.raises(StoreUnavailable) as caught:
+            await store.ping()
+        assert "hunter2" not in str(caught.value) and "user:***@127.0.0.1" in str(caught.value)
+    finally:
+        await store.close()
+
+
+async def test_redis_mirrors_memory_step_by_step(redis_url: str, redis_prefix: str) -> None:
+    """The same random operations on both stores give the same answers and the same ledgers, bit for bit: the Lua
+    picking, breakdown and float arithmetic are the Python ones. (No time-outs fire: the clocks differ.)"""
+    rng = random.Random(20240611)
+    memory, redis_store = MemoryStore(reqnums_per_s=0), RedisStore(redis_url, prefix=redis_prefix, reqnums_per_s=0)
+    stores: tuple[DispatchStore, DispatchStore] = (memory, redis_store)
+    ids = [f"w{i}" for i in range(6)] + ["W", "w10", "é"]  # "é" and "W": code-point order, not the locale's
+    states = [WorkerState.READY] * 5 + [WorkerState.LOADING, WorkerState.ERROR, WorkerState.STOPPED]
+    issued: list[int] = []
+    seen: set[str] = set()
+    try:
+        for _ in range(400):
+            action = rng.random()
+            endpoint = EP if rng.random() < 0.8 else OTHER_EP
+            if action < 0.2:
+                report_ = WorkerReport(rng.choice(ids), f"http://{rng.randrange(99)}", rng.choice(states),
+                                       max_perf=rng.choice([0.0, 0.5, 1.0, 3.7, 1e-3]))  # fmt: skip
+                results: list[object] = [await store.report(endpoint, report_) for store in stores]
+                results = [(r.load, r.reqnum) for r in results if isinstance(r, WorkerRecord)]
+            elif action < 0.85:
+                cost = rng.choice([0.1, 0.2, 0.3, 1.0, 2.5, 7.0, 1e-10])
+                idx = rng.choice(issued) if issued and rng.random() < 0.3 else None
+                policy = PickPolicy(rng.choice([0.5, 5.0, 30.0]), 600.0, 600.0)
+                results = []
+                for store in stores:
+                    try:
+                        results.append(await store.route(endpoint, cost, idx, policy))
+                    except UnknownRequest:
+                        results.append("unknown")
+                if isinstance(results[0], Assigned | NoReadyWorker) and idx is None:
+                    issued.append(results[0].request_idx)
+            else:
+                batch = rng.sample(issued, min(len(issued), rng.randrange(1, 4))) if issued else [1]
+                results = [await store.release(endpoint, batch) for store in stores]
+            assert results[0] == results[1]
+            seen.add(results[0] if isinstance(results[0], str) else type(results[0]).__name__)
+            if isinstance(results[0], Released) and results[0].released:
+                seen.add("released")
+            for name in (EP, OTHER_EP):
+                ledgers = [[(w.worker_id, w.state, w.max_perf, w.load, w.reqnum) for w in await s.workers(name)]
+                           for s in stores]  # fmt: skip
+                assert ledgers[0] == ledgers[1]
+        assert seen >= {"Assigned", "NoReadyWorker", "unknown", "released"}
+    finally:
+        await redis_store.close()

@@ -1,0 +1,197 @@
+"""The worker's assignment middleware over ASGI (httpx.ASGITransport): what it lets through, what it answers itself."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import Message, Scope
+
+from service.dispatch.signing import Assignment, KeyRing, Signer
+from service.dispatch.verifier import AssignmentRejected, AssignmentVerifier
+from service.dispatch.worker_auth import AssignmentAuthMiddleware, InvalidBody, verify_request_body
+
+NOW_S = 1_764_000_000.0
+URL = "http://worker-1:8000"
+ENDPOINT = "my-endpoint"
+TTL_MS = 30_000
+BASE = "http://worker-1:8000"
+SMALL_LIMIT = 1024
+
+
+@pytest.fixture
+def signer() -> Signer:
+    return Signer.generate()
+
+
+@pytest.fixture
+def verifier(signer: Signer) -> AssignmentVerifier:
+    return AssignmentVerifier(KeyRing([signer.public_key]), own_urls=[URL], endpoint=ENDPOINT, clock=lambda: NOW_S)
+
+
+def auth(signer: Signer, reqnum: int = 1, **overrides: Any) -> dict[str, Any]:
+    a = Assignment(
+        endpoint=ENDPOINT,
+        url=URL,
+        cost=10.0,
+        reqnum=reqnum,
+        request_idx=100 + reqnum,
+        expires_at_ms=int(NOW_S * 1000) + TTL_MS,
+        key_id=signer.key_id,
+    )
+    a = dataclasses.replace(a, **overrides)
+    return {**dataclasses.asdict(a), "signature": signer.sign(a), "__request_id": "req-1"}
+
+
+async def work(request: Request) -> Response:
+    assignment: Assignment = request.state.assignment
+    body = await request.json()  # the middleware replays the body it read
+    return JSONResponse(
+        {"reqnum": assignment.reqnum, "payload": request.state.payload, "body_payload": body.get("payload")}
+    )
+
+
+async def open_route(request: Request) -> Response:
+    return JSONResponse({"open": True, "has_assignment": hasattr(request.state, "assignment")})
+
+
+def build_app(verifier: AssignmentVerifier, protected: list[str] | None = None, **options: Any) -> Starlette:
+    return Starlette(
+        routes=[
+            Route("/work", work, methods=["POST"]),
+            Route("/work", open_route, methods=["GET"]),
+            Route("/open", open_route, methods=["POST"]),
+        ],
+        middleware=[Middleware(AssignmentAuthMiddleware, verifier=verifier, protected_paths=protected, **options)],
+    )
+
+
+@pytest.fixture
+async def client(verifier: AssignmentVerifier) -> AsyncIterator[httpx.AsyncClient]:
+    app = build_app(verifier, ["/work"])
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=BASE) as c:
+        yield c
+
+
+async def test_a_valid_assignment_reaches_the_handler_with_state(client: httpx.AsyncClient, signer: Signer) -> None:
+    r = await client.post("/work", json={"auth_data": auth(signer, 3), "payload": {"prompt": "hi"}})
+    assert r.status_code == 200, r.text
+    assert r.json() == {"reqnum": 3, "payload": {"prompt": "hi"}, "body_payload": {"prompt": "hi"}}
+
+
+async def test_what_vast_sdk_adds_is_tolerated(client: httpx.AsyncClient, signer: Signer) -> None:
+    r = await client.post(
+        "/work?api_key=client-key",
+        json={"auth_data": auth(signer), "payload": [1, 2], "session_id": None},
+        headers={"Authorization": "Bearer client-key"},
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["payload"] == [1, 2]
+
+
+async def rejected(client: httpx.AsyncClient, body: object) -> dict[str, str]:
+    r = await client.post("/work", content=orjson.dumps(body), headers={"content-type": "application/json"})
+    assert r.status_code == 401, r.text
+    error: dict[str, str] = r.json()["error"]
+    assert error["code"] == "invalid_assignment"
+    assert error["reason"] in error["message"]
+    return error
+
+
+async def test_invalid_assignments_answer_401_with_the_reason(client: httpx.AsyncClient, signer: Signer) -> None:
+    tampered = {**auth(signer, 1), "cost": 1.0}
+    assert (await rejected(client, {"auth_data": tampered}))["reason"] == "bad_signature"
+    assert (await rejected(client, {"auth_data": auth(Signer.generate())}))["reason"] == "unknown_key"
+    assert (await rejected(client, {"auth_data": auth(signer, url="http://other:1")}))["reason"] == "wrong_url"
+    assert (await rejected(client, {"payload": {}}))["reason"] == "bad_format"
+    assert (await rejected(client, {"auth_data": "x"}))["reason"] == "bad_format"
+
+
+async def test_a_replayed_request_is_refused(client: httpx.AsyncClient, signer: Signer) -> None:
+    body = {"auth_data": auth(signer, 9), "payload": None}
+    assert (await client.post("/work", json=body)).status_code == 200
+    assert (await rejected(client, body))["reason"] == "replayed"
+
+
+@pytest.mark.parametrize("body", [b"not json", b"[1, 2]", b""])
+async def test_a_body_that_is_not_a_json_object_answers_400(client: httpx.AsyncClient, body: bytes) -> None:
+    r = await client.post("/work", content=body)
+    assert r.status_code == 400
+    assert r.json()["error"]["code"] == "invalid_request"
+
+
+async def test_an_oversized_body_answers_413(verifier: AssignmentVerifier, signer: Signer) -> None:
+    app = build_app(verifier, ["/work"], max_body_bytes=SMALL_LIMIT)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=BASE) as c:
+        r = await c.post("/work", json={"auth_data": auth(signer), "payload": "x" * SMALL_LIMIT})
+    assert r.status_code == 413
+
+
+async def test_unprotected_paths_and_methods_pass_through(client: httpx.AsyncClient) -> None:
+    assert (await client.post("/open", content=b"anything")).json() == {"open": True, "has_assignment": False}
+    assert (await client.get("/work")).json() == {"open": True, "has_assignment": False}
+
+
+async def test_a_trailing_slash_does_not_bypass_the_check(client: httpx.AsyncClient) -> None:
+    r = await client.post("/work/", json={"payload": {}})
+    assert r.status_code == 401
+
+
+async def test_every_post_is_protected_without_a_path_list(verifier: AssignmentVerifier) -> None:
+    app = build_app(verifier, None)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=BASE) as c:
+        assert (await c.post("/open", json={})).status_code == 401
+
+
+async def test_a_chunked_body_is_read_whole_and_replayed(verifier: AssignmentVerifier, signer: Signer) -> None:
+    raw = orjson.dumps({"auth_data": auth(signer), "payload": {"n": 1}})
+    chunks = [raw[:10], raw[10:50], raw[50:]]
+    incoming: list[Message] = [
+        {"type": "http.request", "body": chunk, "more_body": i < len(chunks) - 1} for i, chunk in enumerate(chunks)
+    ]
+    seen: list[bytes] = []
+    scopes: list[Scope] = []
+
+    async def app(scope: Scope, receive: Any, _send: Any) -> None:
+        scopes.append(scope)
+        message = await receive()
+        seen.append(message["body"])
+        assert (await receive())["type"] == "http.disconnect"  # after the replay, the server's own messages
+
+    async def receive() -> Message:
+        return incoming.pop(0) if incoming else {"type": "http.disconnect"}
+
+    async def send(_message: Message) -> None:
+        raise AssertionError("the middleware must not answer a valid request")
+
+    middleware = AssignmentAuthMiddleware(app, verifier, ["/work"])
+    await middleware({"type": "http", "method": "POST", "path": "/work", "headers": []}, receive, send)
+    assert seen == [raw]
+    assert scopes[0]["state"]["assignment"].reqnum == 1
+
+
+def test_verify_request_body_for_other_servers(verifier: AssignmentVerifier, signer: Signer) -> None:
+    assignment, payload = verify_request_body(verifier, orjson.dumps({"auth_data": auth(signer, 4), "payload": 7}))
+    assert (assignment.reqnum, payload) == (4, 7)
+    with pytest.raises(InvalidBody):
+        verify_request_body(verifier, b"{")
+    with pytest.raises(AssignmentRejected):
+        verify_request_body(verifier, orjson.dumps({"auth_data": auth(signer, 4)}))
+
+
+async def test_rejections_are_reported_to_the_hook(verifier: AssignmentVerifier, signer: Signer) -> None:
+    seen: list[str] = []
+    app = build_app(verifier, ["/work"], on_reject=lambda exc: seen.append(exc.reason.value))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=BASE) as c:
+        await c.post("/work", json={"auth_data": auth(Signer.generate())})
+        await c.post("/work", json={"auth_data": auth(signer)})
+    assert seen == ["unknown_key"]
