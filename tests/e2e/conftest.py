@@ -59,16 +59,26 @@ class Server:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
-def start_server(tmp_dir: Path, *args: str, wait: bool = True) -> Server:
-    port = free_port()
-    log_path = tmp_dir / f"router-{port}.log"
+def start_server(
+    tmp_dir: Path, *args: str, wait: bool = True, command: str = "serve-router", port: int | None = None
+) -> Server:
+    """``python -m service <command> --host 127.0.0.1 --port <free> *args``, its output in a log file."""
+    port = port or free_port()
+    return start_process(
+        tmp_dir,
+        [sys.executable, "-m", "service", command, "--host", "127.0.0.1", "--port", str(port), *args],
+        url=f"http://127.0.0.1:{port}",
+        name=f"{command}-{port}",
+        wait=wait,
+    )
+
+
+def start_process(tmp_dir: Path, argv: list[str], *, url: str, name: str, wait: bool = True) -> Server:
+    log_path = tmp_dir / f"{name}.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "service", "serve-router", "--host", "127.0.0.1", "--port", str(port), *args],
-            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    server = Server(process=process, url=f"http://127.0.0.1:{port}", log_path=log_path)
+        process = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    server = Server(process=process, url=url, log_path=log_path)
     if wait:
         server.wait_ready()
     return server

@@ -1,0 +1,402 @@
+"""End-to-end: the real dispatcher (``python -m service serve-dispatcher``), real example workers, real Redis,
+all as subprocesses talking HTTP; endpoints and keys made with the real CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import ssl
+import subprocess
+import sys
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from service.dispatch.client import DispatchClient
+from service.dispatch.verifier import AssignmentRejected, AssignmentVerifier, RejectReason, fetch_keyring
+from tests.e2e.conftest import REPO, Server, free_port, start_process, start_server
+
+ENDPOINT = "echo-ep"
+JSON = {"content-type": "application/json"}
+WAIT_S = 30.0
+POLL_S = 0.05
+HEARTBEAT_TIMEOUT_S = 1.5
+REPORT_INTERVAL_S = 0.3
+BAD_ROUTE_BODIES: tuple[dict[str, Any], ...] = (
+    {"cost": -1},
+    {"cost": 1e300},  # over --max-cost
+    {"cost": "1"},
+    {"cost": True},
+    {"cost": 1, "request_idx": 999_999},  # never issued
+    {"cost": 1, "request_idx": -3},
+    {"cost": 1, "endpoint": 5},
+)
+
+
+@dataclass
+class Deployment:
+    """An endpoints file and a signing key made by the CLI, with the plaintext keys it printed."""
+
+    tmp: Path
+    config: Path
+    key_file: Path
+    api_key: str
+    worker_token: str
+
+    def dispatcher(self, *args: str, wait: bool = True, port: int | None = None) -> Server:
+        base = ("--config", str(self.config), "--signing-key-file", str(self.key_file))
+        return start_server(self.tmp, *base, *args, command="serve-dispatcher", wait=wait, port=port)
+
+    def worker(self, dispatcher: Server, worker_id: str, *, max_perf: float = 1000.0) -> Server:
+        port = free_port()
+        argv = [
+            sys.executable, "-m", "service.dispatch.example_worker", "--dispatcher", dispatcher.url,
+            "--endpoint", ENDPOINT, "--worker-token", self.worker_token, "--port", str(port), "--id", worker_id,
+            "--max-perf", str(max_perf), "--report-interval", str(REPORT_INTERVAL_S),
+        ]  # fmt: skip
+        return start_process(self.tmp, argv, url=f"http://127.0.0.1:{port}", name=f"worker-{worker_id}")
+
+
+def cli(*args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "service", *args], cwd=REPO, capture_output=True, text=True, check=True, timeout=60
+    )
+    return done.stdout
+
+
+def add_endpoint(config: Path, name: str) -> tuple[str, str]:
+    out = cli("add-endpoint", name, "--config", str(config))
+    api_key = re.search(r"api key:\s+(\S+)", out)
+    token = re.search(r"worker token:\s+(\S+)", out)
+    assert api_key and token, out
+    return api_key.group(1), token.group(1)
+
+
+@pytest.fixture
+def deployment(tmp_path: Path) -> Deployment:
+    config, key_file = tmp_path / "endpoints.toml", tmp_path / "dispatch.key"
+    cli("keygen", str(key_file))
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    api_key, worker_token = add_endpoint(config, ENDPOINT)
+    assert api_key not in config.read_text() and worker_token not in config.read_text()  # only hashes stored
+    return Deployment(tmp_path, config, key_file, api_key, worker_token)
+
+
+@pytest.fixture
+def stack(deployment: Deployment) -> Iterator[tuple[Server, list[Server]]]:
+    """A dispatcher (in-memory state) with two example workers."""
+    dispatcher = deployment.dispatcher("--heartbeat-timeout-s", str(HEARTBEAT_TIMEOUT_S))
+    workers = [deployment.worker(dispatcher, f"w{i}") for i in (1, 2)]
+    yield dispatcher, workers
+    for worker in workers:
+        worker.stop()
+    assert dispatcher.stop() == 0, dispatcher.log()
+
+
+def route(dispatcher: Server, api_key: str, **body: Any) -> httpx.Response:
+    return httpx.post(f"{dispatcher.url}/route/", json={"endpoint": ENDPOINT, "cost": 10.0, **body},
+                      headers={"authorization": f"Bearer {api_key}"}, timeout=10)  # fmt: skip
+
+
+def wait_for(predicate: Any, what: str, timeout_s: float = WAIT_S) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(POLL_S)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def endpoint_state(dispatcher: Server, api_key: str, name: str = ENDPOINT) -> dict[str, Any]:
+    answer = httpx.get(f"{dispatcher.url}/endpoints/{name}/", headers={"authorization": f"Bearer {api_key}"})
+    assert answer.status_code == 200, answer.text
+    state: dict[str, Any] = answer.json()
+    return state
+
+
+def ready_workers(dispatcher: Server, api_key: str, count: int) -> bool:
+    workers = endpoint_state(dispatcher, api_key)["workers"]
+    return sum(w["state"] == "ready" and w["active"] for w in workers) >= count
+
+
+def test_route_then_call_the_worker_with_the_signed_assignment(
+    deployment: Deployment, stack: tuple[Server, list[Server]]
+) -> None:
+    dispatcher, _ = stack
+    wait_for(lambda: ready_workers(dispatcher, deployment.api_key, 2), "two ready workers")
+    answer = route(dispatcher, deployment.api_key, cost=242.0)
+    assert answer.status_code == 200, answer.text
+    assignment = answer.json()
+    assert {"endpoint", "url", "cost", "reqnum", "request_idx", "signature", "key_id", "expires_at_ms",
+            "__request_id"} <= set(assignment)  # fmt: skip
+    assert assignment["endpoint"] == ENDPOINT and assignment["cost"] == 242.0
+    uuid.UUID(assignment["__request_id"])
+    pubkey = httpx.get(f"{dispatcher.url}/pubkey/").json()
+    assert pubkey["key_id"] == assignment["key_id"]
+    assert pubkey["public_key"] == (deployment.key_file.parent / "dispatch.key.pub").read_text().strip()
+
+    echo = httpx.post(f"{assignment['url']}/echo", json={"auth_data": assignment, "payload": {"prompt": "hi"}})
+    assert echo.status_code == 200, echo.text
+    assert echo.json()["payload"] == {"prompt": "hi"} and echo.json()["reqnum"] == assignment["reqnum"]
+
+    replay = httpx.post(f"{assignment['url']}/echo", json={"auth_data": assignment, "payload": {"prompt": "hi"}})
+    assert replay.status_code == 401 and replay.json()["error"]["code"] == "invalid_assignment"
+    assert "replayed" in replay.text
+
+    # the worker reported the request done: its load is back to zero
+    wait_for(
+        lambda: all(w["load"] == 0 for w in endpoint_state(dispatcher, deployment.api_key)["workers"]),
+        "the worker to release the request",
+    )
+    metrics = httpx.get(f"{dispatcher.url}/metrics").text
+    assert f'dispatcher_routes_total{{endpoint="{ENDPOINT}",outcome="assigned"}} 1.0' in metrics
+    assert f'dispatcher_released_requests_total{{endpoint="{ENDPOINT}",success="true"}} 1.0' in metrics
+
+
+def test_every_single_byte_change_to_a_signed_field_is_refused_by_the_worker(
+    deployment: Deployment, stack: tuple[Server, list[Server]]
+) -> None:
+    dispatcher, _ = stack
+    wait_for(lambda: ready_workers(dispatcher, deployment.api_key, 2), "two ready workers")
+    assignment = route(dispatcher, deployment.api_key, cost=242.5).json()
+    worker_url = assignment["url"]
+    variants = list(_tampered(assignment))
+    assert len(variants) > 100
+    with httpx.Client(timeout=10) as client:
+        for field_name, tampered in variants:
+            answer = client.post(f"{worker_url}/echo", json={"auth_data": tampered, "payload": {}})
+            assert answer.status_code == 401, (field_name, tampered, answer.text)
+        # untouched, it is still accepted: the refusals did not burn its reqnum
+        assert client.post(f"{worker_url}/echo", json={"auth_data": assignment, "payload": {}}).status_code == 200
+
+
+def _tampered(assignment: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Each signed field with one byte changed, at every position (numbers through their JSON text)."""
+    for name in ("endpoint", "url", "key_id", "signature", "cost", "reqnum", "request_idx", "expires_at_ms"):
+        value = assignment[name]
+        text = value if isinstance(value, str) else repr(value)
+        for position in range(len(text)):
+            original = text[position]
+            replacement = "1" if original != "1" else "2"
+            if not isinstance(value, str) and not original.isdigit():
+                continue  # a number's '.' or 'e' changed to a digit is another number, tried via its digits
+            changed = text[:position] + replacement + text[position + 1 :]
+            new_value: Any = changed if isinstance(value, str) else type(value)(changed)
+            if new_value == value:
+                continue
+            yield name, {**assignment, name: new_value}
+
+
+async def test_expired_assignment_is_refused(deployment: Deployment, tmp_path: Path) -> None:
+    dispatcher = deployment.dispatcher("--assignment-ttl-s", "1")
+    try:
+        async with httpx.AsyncClient() as http:
+            await http.post(
+                f"{dispatcher.url}/worker_status/",
+                json={"endpoint": ENDPOINT, "id": "w", "url": "http://w:1", "state": "ready", "max_perf": 10},
+                headers={"authorization": f"Bearer {deployment.worker_token}"},
+            )
+            answer = (await http.post(f"{dispatcher.url}/route/", json={"endpoint": ENDPOINT, "cost": 1},
+                                      headers={"authorization": f"Bearer {deployment.api_key}"})).json()  # fmt: skip
+            keyring = await fetch_keyring(dispatcher.url, http)
+        now = time.time()
+        fresh = AssignmentVerifier(keyring, own_urls=["http://w:1"], clock=lambda: now)
+        assert fresh.verify(answer).reqnum == answer["reqnum"]
+        later = AssignmentVerifier(keyring, own_urls=["http://w:1"], clock=lambda: now + 1 + 10, clock_skew_s=5)
+        with pytest.raises(AssignmentRejected) as rejected:
+            later.verify(answer)
+        assert rejected.value.reason is RejectReason.EXPIRED
+    finally:
+        assert dispatcher.stop() == 0
+
+
+def test_a_silent_worker_gets_no_more_requests_and_retries_land_elsewhere(
+    deployment: Deployment, stack: tuple[Server, list[Server]]
+) -> None:
+    dispatcher, workers = stack
+    wait_for(lambda: ready_workers(dispatcher, deployment.api_key, 2), "two ready workers")
+    first = route(dispatcher, deployment.api_key).json()
+    victim = next(w for w in workers if w.url == first["url"])
+    survivor = next(w for w in workers if w is not victim)
+    victim.process.send_signal(signal.SIGKILL)
+    victim.process.wait()
+    time.sleep(HEARTBEAT_TIMEOUT_S + REPORT_INTERVAL_S)
+    urls = {route(dispatcher, deployment.api_key).json()["url"] for _ in range(10)}
+    assert urls == {survivor.url}
+    retried = route(dispatcher, deployment.api_key, request_idx=first["request_idx"]).json()
+    assert (retried["url"], retried["request_idx"]) == (survivor.url, first["request_idx"])
+    assert retried["reqnum"] > 0
+    status = endpoint_state(dispatcher, deployment.api_key)
+    by_id = {w["id"]: w for w in status["workers"]}
+    assert [w["active"] for w in by_id.values()].count(False) == 1
+    # the retried request's cost moved: the dead worker holds none of it
+    dead = next(w for w in by_id.values() if not w["active"])
+    assert dead["load"] == 0.0
+
+
+async def test_package_client_retries_with_the_same_request_idx_until_a_worker_is_ready(
+    deployment: Deployment,
+) -> None:
+    dispatcher = deployment.dispatcher()
+    worker: Server | None = None
+    try:
+        async with DispatchClient(dispatcher.url, deployment.api_key, max_attempts=60, backoff_max_s=0.5) as client:
+            pending = asyncio.ensure_future(client.request(ENDPOINT, "/echo", {"n": 1}, cost=5.0))
+            await asyncio.sleep(1.0)
+            assert not pending.done()  # no worker yet: the client polls with its request_idx
+            worker = await asyncio.to_thread(deployment.worker, dispatcher, "late")
+            response = await asyncio.wait_for(pending, WAIT_S)
+        assert response.status == 200 and response.json()["payload"] == {"n": 1}
+        assert response.attempts > 1
+        metrics = (await asyncio.to_thread(httpx.get, f"{dispatcher.url}/metrics")).text
+        assert f'dispatcher_routes_total{{endpoint="{ENDPOINT}",outcome="no_ready_worker"}}' in metrics
+        assert f'dispatcher_routes_total{{endpoint="{ENDPOINT}",outcome="reassigned"}} 1.0' in metrics
+    finally:
+        if worker is not None:
+            worker.stop()
+        assert dispatcher.stop() == 0
+
+
+async def test_vast_sdk_serverless_client_works_unchanged(deployment: Deployment) -> None:
+    """Vast's own SDK (``vastai`` on PyPI) against this dispatcher: request_idx 0 on the first call,
+    ``replay_timeout`` in the body, the key in body, Bearer header and query string, polling while no worker is
+    ready, then the call to the worker with ``auth_data``."""
+    from vastai.serverless.client import CoroutineServerless, Endpoint
+
+    dispatcher = deployment.dispatcher()
+    worker: Server | None = None
+    client = CoroutineServerless(api_key=deployment.api_key, autoscaler_url=dispatcher.url, max_poll_interval=0.5)
+    # The SDK downloads Vast's root certificate for TLS to Vast's servers; nothing here is TLS and there is no
+    # internet, so hand it a default context instead (the protocol is untouched).
+    client._ssl_context = ssl.create_default_context()
+    try:
+        endpoint = Endpoint(client, name=ENDPOINT, id=1, api_key=deployment.api_key)
+        pending = asyncio.ensure_future(endpoint.request("/echo", {"hello": "vast"}, cost=50))
+        await asyncio.sleep(1.0)
+        worker = await asyncio.to_thread(deployment.worker, dispatcher, "sdk")
+        result = await asyncio.wait_for(pending, WAIT_S)
+        assert result["ok"] is True and result["status"] == 200, result
+        assert result["response"]["payload"] == {"hello": "vast"}
+        assert result["request_idx"] > 0 and result["url"] == worker.url
+    finally:
+        await client.close()
+        if worker is not None:
+            worker.stop()
+        assert dispatcher.stop() == 0
+
+
+async def test_two_dispatchers_on_one_redis_keep_reqnums_unique_and_loads_exact(
+    deployment: Deployment, redis_url: str
+) -> None:
+    prefix = f"e2e-{uuid.uuid4().hex[:8]}:"
+    dispatchers = [
+        deployment.dispatcher("--redis-url", redis_url, "--redis-prefix", prefix, "--workers", "2"),
+        deployment.dispatcher("--redis-url", redis_url, "--redis-prefix", prefix),
+    ]
+    auth = {"authorization": f"Bearer {deployment.api_key}"}
+    worker_auth = {"authorization": f"Bearer {deployment.worker_token}"}
+    try:
+        async with httpx.AsyncClient(limits=httpx.Limits(max_connections=200), timeout=30) as http:
+            origins = {}
+            for i in range(3):
+                report = {"endpoint": ENDPOINT, "id": f"w{i}", "url": f"http://10.0.0.{i}:8000", "state": "ready",
+                          "max_perf": 1e9}  # fmt: skip
+                answer = await http.post(f"{dispatchers[i % 2].url}/worker_status/", json=report, headers=worker_auth)
+                origins[report["url"]] = answer.json()["reqnum"]
+            costs = [float(1 + i % 13) for i in range(500)]  # integers: every sum is exact
+
+            async def one(i: int, cost: float) -> dict[str, Any]:
+                body = {"endpoint": ENDPOINT, "cost": cost, "request_idx": 0}
+                answer = await http.post(f"{dispatchers[i % 2].url}/route/", json=body, headers=auth)
+                assert answer.status_code == 200, answer.text
+                return dict(answer.json())
+
+            answers = await asyncio.gather(*(one(i, cost) for i, cost in enumerate(costs)))
+            assert all("url" in a for a in answers)
+            by_worker: dict[str, list[int]] = defaultdict(list)
+            for a in answers:
+                by_worker[a["url"]].append(a["reqnum"])
+            for url, reqnums in by_worker.items():
+                start = origins[url]
+                assert sorted(reqnums) == list(range(start + 1, start + len(reqnums) + 1)), url
+            idxs = [a["request_idx"] for a in answers]
+            assert len(set(idxs)) == len(idxs)
+
+            async def loads(dispatcher: Server) -> dict[str, float]:
+                state = (await http.get(f"{dispatcher.url}/endpoints/{ENDPOINT}/", headers=auth)).json()
+                return {w["url"]: w["load"] for w in state["workers"]}
+
+            expected = defaultdict(float)
+            for a, cost in zip(answers, costs, strict=True):
+                expected[a["url"]] += cost
+            assert await loads(dispatchers[0]) == await loads(dispatchers[1]) == dict(expected)
+
+            released = await asyncio.gather(
+                *(
+                    http.post(f"{dispatchers[n % 2].url}/delete_requests/", headers=worker_auth,
+                              json={"endpoint": ENDPOINT, "request_idxs": idxs[n::10], "success": True})
+                    for n in range(10)
+                )
+            )  # fmt: skip
+            assert sum(r.json()["released"] for r in released) == len(idxs)
+            assert set((await loads(dispatchers[1])).values()) == {0.0}
+    finally:
+        for dispatcher in dispatchers:
+            assert dispatcher.stop() == 0, dispatcher.log()
+
+
+def test_errors_over_http(deployment: Deployment) -> None:
+    dispatcher = deployment.dispatcher()
+    try:
+        wrong_key = httpx.post(f"{dispatcher.url}/route/", json={"endpoint": ENDPOINT, "cost": 1, "api_key": "x"})
+        unknown = httpx.post(f"{dispatcher.url}/route/", json={"endpoint": "nope", "cost": 1, "api_key": "x"})
+        assert wrong_key.status_code == unknown.status_code == 401
+        assert wrong_key.json() == unknown.json()  # the same answer whether or not the endpoint exists
+        assert deployment.api_key not in dispatcher.log()
+        for body in BAD_ROUTE_BODIES:
+            answer = route(dispatcher, deployment.api_key, **body)
+            assert answer.status_code == 400 and answer.json()["error"]["code"] == "invalid_request", body
+        nan = httpx.post(f"{dispatcher.url}/route/", content=b'{"endpoint":"echo-ep","cost":NaN}', headers=JSON)
+        assert nan.status_code == 400
+        text = httpx.post(f"{dispatcher.url}/route/", content=b"{}", headers={"content-type": "text/plain"})
+        assert text.status_code == 415
+        assert httpx.get(f"{dispatcher.url}/route/").status_code == 405
+    finally:
+        assert dispatcher.stop() == 0
+
+
+def test_default_start_sighup_reload_and_drain(deployment: Deployment, tmp_path: Path) -> None:
+    bare = start_server(tmp_path, command="serve-dispatcher")  # no config, no key: the embedded default
+    try:
+        health = httpx.get(f"{bare.url}/health").json()
+        assert health["status"] == "ok" and health["endpoints"] == 0 and health["store"] == "memory"
+        assert "NO SIGNING KEY CONFIGURED" in bare.log()
+    finally:
+        assert bare.stop() == 0
+
+    dispatcher = deployment.dispatcher()
+    try:
+        new_key, _ = add_endpoint(deployment.config, "added-later")
+        body = {"endpoint": "added-later", "cost": 1.0, "api_key": new_key}
+        assert httpx.post(f"{dispatcher.url}/route/", json=body).status_code == 401
+        os.kill(dispatcher.process.pid, signal.SIGHUP)
+        answer = wait_for(
+            lambda: (r := httpx.post(f"{dispatcher.url}/route/", json=body)).status_code == 200 and r,
+            "the reloaded endpoints",
+        )
+        assert answer.json()["status"]["ready"] == 0  # no workers yet: the no-ready breakdown
+        started = time.monotonic()
+        assert dispatcher.stop() == 0
+        assert time.monotonic() - started < 10
+    finally:
+        dispatcher.stop()
