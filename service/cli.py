@@ -15,10 +15,18 @@ from pathlib import Path
 
 from service.config import DispatcherSettings, RouterSettings
 
+CHILD_POLL_S = 0.2  # `serve`: how often it checks that both services still run
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m service", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+
+    both = commands.add_parser("serve", help="run the router and the dispatcher together on their defaults")
+    both.add_argument("--host", default="127.0.0.1", help="address both services bind")
+    both.add_argument("--router-port", type=int, default=RouterSettings.port, help="router port")
+    both.add_argument("--dispatcher-port", type=int, default=DispatcherSettings.port, help="dispatcher port")
+    both.set_defaults(handler=_serve_both)
 
     serve = commands.add_parser("serve-router", help="serve POST /v1/route (model router)")
     RouterSettings.add_arguments(serve)
@@ -82,6 +90,36 @@ def _serve_router(args: argparse.Namespace) -> int:
         return 2
     configure_logging(settings.log_level)
     return serve(functools.partial(build_router_service, settings), settings)
+
+
+def _serve_both(args: argparse.Namespace) -> int:
+    """Both services as child processes (each configurable through its ``LLMROUTER_*`` variables); signals are
+    forwarded, and when one exits the other is stopped."""
+    import signal
+    import subprocess
+    import time
+
+    children = [
+        subprocess.Popen([sys.executable, "-m", "service", command, "--host", args.host, "--port", str(port)])
+        for command, port in (("serve-router", args.router_port), ("serve-dispatcher", args.dispatcher_port))
+    ]
+
+    stopping = False
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = stopping or signum != signal.SIGHUP
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    while all(child.poll() is None for child in children):
+        time.sleep(CHILD_POLL_S)
+    if not stopping:  # one service died on its own: stop the other (signalled once, it drains and exits 0)
+        forward(signal.SIGTERM, None)
+    return max(abs(child.wait()) for child in children)
 
 
 def serve_dispatcher_main() -> int:
