@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
+from nacl.signing import VerifyKey
 
 from service.dispatch.client import DispatchClient
 from service.dispatch.verifier import AssignmentRejected, AssignmentVerifier, RejectReason, fetch_keyring
@@ -144,6 +145,15 @@ def test_route_then_call_the_worker_with_the_signed_assignment(
     pubkey = httpx.get(f"{dispatcher.url}/pubkey/").json()
     assert pubkey["key_id"] == assignment["key_id"]
     assert pubkey["public_key"] == (deployment.key_file.parent / "dispatch.key.pub").read_text().strip()
+
+    # the README's recipe, with nothing of the package: the bytes a worker in another language would build
+    fields = {k: assignment[k] for k in ("endpoint", "expires_at_ms", "key_id", "reqnum", "request_idx", "url")}
+    signed = "llm-dispatch-assignment-v1\n" + (
+        f'{{"cost":"{assignment["cost"]:.17g}","endpoint":"{fields["endpoint"]}",'
+        f'"expires_at_ms":{fields["expires_at_ms"]},"key_id":"{fields["key_id"]}","reqnum":{fields["reqnum"]},'
+        f'"request_idx":{fields["request_idx"]},"url":"{fields["url"]}"}}'
+    )
+    VerifyKey(bytes.fromhex(pubkey["public_key"])).verify(signed.encode(), bytes.fromhex(assignment["signature"]))
 
     echo = httpx.post(f"{assignment['url']}/echo", json={"auth_data": assignment, "payload": {"prompt": "hi"}})
     assert echo.status_code == 200, echo.text
