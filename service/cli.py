@@ -139,10 +139,11 @@ def _serve_dispatcher(args: argparse.Namespace) -> int:
             raise ValueError("several workers need shared state: pass --redis-url (in-memory state is per process)")
         if settings.config is not None:
             load_config(settings.config)  # fail before binding, with the file's own error
-        if settings.signing_key_file is not None:
-            from service.dispatch.signing import read_key_file
+        from service.dispatch.app import load_signer
+        from service.dispatch.signing import read_public_keys
 
-            read_key_file(settings.signing_key_file)
+        load_signer(settings)  # key file, or hex seed: fail before binding
+        read_public_keys(settings.previous_public_keys)
     except (ValueError, ConfigError, KeyFileError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

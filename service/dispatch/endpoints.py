@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import re
 import secrets
 import tomllib
@@ -53,7 +54,7 @@ def _matches(digests: tuple[str, ...], key: str) -> bool:
     found = False
     for digest in digests or (_DUMMY_DIGEST,):
         found |= hmac.compare_digest(presented, digest)  # no early exit: same work whichever matches
-    return found
+    return found and bool(digests)  # the dummy digest only evens out the work; it never opens anything
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ class EndpointSpec:
     cold_workers: int = 0
 
     def __post_init__(self) -> None:
-        if not ENDPOINT_NAME.match(self.name):
+        if not ENDPOINT_NAME.fullmatch(self.name):  # '$' alone would accept a trailing newline
             raise ConfigError(f"endpoint name {self.name!r}: letters, digits and ._:- only, at most 128")
         for digest in (*self.api_key_sha256, *self.worker_token_sha256):
             if not re.fullmatch(r"[0-9a-f]{64}", digest):
@@ -118,7 +119,30 @@ _SPEC_FIELDS = {"api_key_sha256", "worker_token_sha256", "max_queue_time_s", "ta
                 "max_workers", "cold_workers"}  # fmt: skip
 
 
+_INT_FIELDS = ("min_workers", "max_workers", "cold_workers")
+_FLOAT_FIELDS = ("max_queue_time_s", "target_util")
+
+
+def _check_types(name: str, values: dict[str, Any]) -> None:
+    for key in ("api_key_sha256", "worker_token_sha256"):
+        if key in values:
+            if not isinstance(values[key], list) or not all(isinstance(d, str) for d in values[key]):
+                raise ConfigError(f"[endpoints.{name}] {key} must be a list of strings")
+            values[key] = tuple(values[key])
+    for key in _INT_FIELDS:
+        if key in values and (isinstance(values[key], bool) or not isinstance(values[key], int)):
+            raise ConfigError(f"[endpoints.{name}] {key} must be an integer")
+    for key in _FLOAT_FIELDS:
+        value = values.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or
+                                  not math.isfinite(value)):  # fmt: skip
+            raise ConfigError(f"[endpoints.{name}] {key} must be a finite number")
+
+
 def parse_config(data: Mapping[str, Any]) -> EndpointRegistry:
+    unknown_tables = set(data) - {"endpoints"}
+    if unknown_tables:  # a typo such as [endpoint.x] must not silently serve nothing
+        raise ConfigError(f"unknown top-level keys {sorted(unknown_tables)}; endpoints go in [endpoints.NAME]")
     tables = data.get("endpoints", {})
     if not isinstance(tables, dict):
         raise ConfigError("[endpoints] must be a table of endpoint tables")
@@ -130,9 +154,7 @@ def parse_config(data: Mapping[str, Any]) -> EndpointRegistry:
         if unknown:
             raise ConfigError(f"[endpoints.{name}]: unknown keys {sorted(unknown)}")
         values = dict(table)
-        for key in ("api_key_sha256", "worker_token_sha256"):
-            if key in values:
-                values[key] = tuple(values[key])
+        _check_types(name, values)
         try:
             specs[name] = EndpointSpec(name=name, **values)
         except TypeError as exc:

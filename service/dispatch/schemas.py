@@ -147,7 +147,10 @@ def _number(data: Mapping[str, Any], name: str, default: float | None = None) ->
         return default
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidRequest(f"'{name}' must be a number")
-    number = float(value)  # a huge JSON integer overflows here
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond float range (orjson refuses those, direct callers may not)
+        raise InvalidRequest(f"'{name}' is out of range") from None
     if not math.isfinite(number):
         raise InvalidRequest(f"'{name}' must be finite")
     return number

@@ -78,7 +78,7 @@ class Assignment:
 
 
 def is_safe_text(value: str) -> bool:
-    return bool(SAFE_TEXT.match(value))
+    return SAFE_TEXT.fullmatch(value) is not None  # fullmatch: '$' alone would accept a trailing newline
 
 
 def format_cost(cost: float) -> str:
@@ -189,11 +189,14 @@ def parse_hex(text: str, size: int, what: str) -> bytes:
 def write_key_file(path: Path) -> Signer:
     """Create a new signing key at ``path`` (mode 0600, never overwriting) and its public key at ``path.pub``."""
     key = SigningKey.generate()
+    public_path = Path(f"{path}.pub")
+    if public_path.exists():
+        raise FileExistsError(f"{public_path} exists")
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as handle:
         handle.write(bytes(key).hex() + "\n")
     signer = Signer(key)
-    Path(f"{path}.pub").write_text(signer.public_key.hex() + "\n")
+    public_path.write_text(signer.public_key.hex() + "\n")
     return signer
 
 

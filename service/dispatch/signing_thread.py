@@ -20,8 +20,11 @@ class SigningThread:
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="signer")
         self._pending: list[tuple[Assignment, asyncio.Future[str]]] = []
         self._busy = False
+        self._closed = False
 
     async def sign(self, assignment: Assignment) -> str:
+        if self._closed:
+            raise RuntimeError("the signing thread is closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[str] = loop.create_future()
         self._pending.append((assignment, future))
@@ -30,6 +33,7 @@ class SigningThread:
         return await future
 
     def close(self) -> None:
+        self._closed = True
         self._executor.shutdown(wait=True, cancel_futures=True)
 
     def _start_batch(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -38,11 +42,14 @@ class SigningThread:
         self._executor.submit(self._sign_batch, loop, batch)
 
     def _sign_batch(self, loop: asyncio.AbstractEventLoop, batch: list[tuple[Assignment, asyncio.Future[str]]]) -> None:
-        try:
-            results: list[str | BaseException] = [self.signer.sign(assignment) for assignment, _ in batch]
-        except BaseException as exc:
-            results = [exc] * len(batch)
+        results = [self._sign_one(assignment) for assignment, _ in batch]
         loop.call_soon_threadsafe(self._finish_batch, loop, batch, results)
+
+    def _sign_one(self, assignment: Assignment) -> str | BaseException:
+        try:
+            return self.signer.sign(assignment)
+        except Exception as exc:  # handed to that one waiter on the loop; the rest of the batch is unaffected
+            return exc
 
     def _finish_batch(
         self,

@@ -1,0 +1,541 @@
+"""The dispatcher's HTTP API in process: httpx over ASGI, the Starlette lifespan run by hand, in-memory state."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from openapi_spec_validator import validate
+from starlette.types import Message
+
+from service.config import DispatcherSettings
+from service.dispatch.app import DispatcherService
+from service.dispatch.endpoints import EndpointRegistry, EndpointSpec, hash_key
+from service.dispatch.memory_store import MemoryStore
+from service.dispatch.records import STATUS_KEYS, PickPolicy, RouteOutcome
+from service.dispatch.signing import Assignment, KeyRing, Signer
+from service.dispatch.store import StoreUnavailable
+
+EP, API_KEY, WORKER_TOKEN = "ep", "dk_test-client-key", "wt_test-worker-token"
+OTHER, OTHER_API_KEY, OTHER_WORKER_TOKEN = "other", "dk_other-client-key", "wt_other-worker-token"
+WORKER_URL = "http://10.0.0.5:8000"
+LIFESPAN_TIMEOUT_S = 10.0  # a guard against a hang, not an assertion about speed
+
+CLIENT = {"authorization": f"Bearer {API_KEY}"}
+WORKER = {"authorization": f"Bearer {WORKER_TOKEN}"}
+
+
+def registry() -> EndpointRegistry:
+    return EndpointRegistry(
+        {
+            EP: EndpointSpec(EP, api_key_sha256=(hash_key(API_KEY),), worker_token_sha256=(hash_key(WORKER_TOKEN),)),
+            OTHER: EndpointSpec(
+                OTHER, api_key_sha256=(hash_key(OTHER_API_KEY),), worker_token_sha256=(hash_key(OTHER_WORKER_TOKEN),)
+            ),
+        }
+    )
+
+
+def make_service(store: MemoryStore | None = None, **overrides: Any) -> DispatcherService:
+    settings = DispatcherSettings(autoscale_interval_s=3600.0, **overrides)  # the loop refreshes once, at startup
+    return DispatcherService(settings, registry=registry(), store=store or MemoryStore(), signer=Signer.generate())
+
+
+@contextlib.asynccontextmanager
+async def lifespan(service: DispatcherService) -> AsyncIterator[None]:
+    """Run the app's ASGI lifespan (startup, then shutdown, which closes the store and the signing thread)."""
+    to_app: asyncio.Queue[Message] = asyncio.Queue()
+    from_app: asyncio.Queue[Message] = asyncio.Queue()
+    scope = {"type": "lifespan", "asgi": {"version": "3.0", "spec_version": "2.0"}, "state": {}}
+    task = asyncio.ensure_future(service.asgi(scope, to_app.get, from_app.put))
+    await to_app.put({"type": "lifespan.startup"})
+    started = await asyncio.wait_for(from_app.get(), LIFESPAN_TIMEOUT_S)
+    assert started["type"] == "lifespan.startup.complete", started
+    try:
+        yield
+    finally:
+        await to_app.put({"type": "lifespan.shutdown"})
+        stopped = await asyncio.wait_for(from_app.get(), LIFESPAN_TIMEOUT_S)
+        await asyncio.wait_for(task, LIFESPAN_TIMEOUT_S)
+        assert stopped["type"] == "lifespan.shutdown.complete", stopped
+
+
+@contextlib.asynccontextmanager
+async def serving(service: DispatcherService) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=service.asgi)
+    async with lifespan(service), httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        yield client
+
+
+@pytest.fixture
+def service() -> DispatcherService:
+    return make_service()
+
+
+@pytest.fixture
+async def client(service: DispatcherService) -> AsyncIterator[httpx.AsyncClient]:
+    async with serving(service) as c:
+        yield c
+
+
+async def register(
+    client: httpx.AsyncClient,
+    worker_id: str = "w1",
+    *,
+    url: str = WORKER_URL + "/",
+    state: str = "ready",
+    max_perf: float = 100.0,
+    endpoint: str = EP,
+    token: str = WORKER_TOKEN,
+) -> dict[str, Any]:
+    r = await client.post(
+        "/worker_status/",
+        json={"endpoint": endpoint, "id": worker_id, "url": url, "state": state, "max_perf": max_perf},
+        headers={"authorization": f"Bearer {token}"},
+    )
+    assert r.status_code == 200, r.text
+    body: dict[str, Any] = r.json()
+    return body
+
+
+async def route(client: httpx.AsyncClient, **fields: Any) -> dict[str, Any]:
+    r = await client.post("/route/", json={"endpoint": EP, "api_key": API_KEY, "cost": 10.0, **fields})
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "application/json"
+    body: dict[str, Any] = r.json()
+    return body
+
+
+async def workers(client: httpx.AsyncClient, endpoint: str = EP, key: str = API_KEY) -> list[dict[str, Any]]:
+    r = await client.get(f"/endpoints/{endpoint}/", headers={"authorization": f"Bearer {key}"})
+    assert r.status_code == 200, r.text
+    found: list[dict[str, Any]] = r.json()["workers"]
+    return found
+
+
+async def keyring(client: httpx.AsyncClient) -> KeyRing:
+    r = await client.get("/pubkey/")
+    assert r.status_code == 200
+    return KeyRing.from_hex(key["public_key"] for key in r.json()["keys"])
+
+
+def assert_error(r: httpx.Response, status: int, code: str) -> str:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"] == "application/json"
+    error = r.json()["error"]
+    assert error["code"] == code
+    assert error["message"]
+    message: str = error["message"]
+    return message
+
+
+# -- the happy path ---------------------------------------------------------------------------------------------
+async def test_a_registered_worker_gets_a_signed_assignment(
+    client: httpx.AsyncClient, service: DispatcherService
+) -> None:
+    registered = await register(client)
+    assert registered["ok"] is True
+    assert (registered["endpoint"], registered["id"], registered["load"]) == (EP, "w1", 0.0)
+    origin = registered["reqnum"]
+    body = await route(client, request_idx=0, replay_timeout=60)  # what Vast's SDK sends on a first call
+    assert (body["endpoint"], body["url"], body["cost"], body["reqnum"]) == (EP, WORKER_URL, 10.0, origin + 1)
+    assert body["request_idx"] >= 1
+    assert body["key_id"] == service.signer.key_id
+    assert len(body["__request_id"]) == 36
+    pubkey = (await client.get("/pubkey/")).json()
+    assert (pubkey["algorithm"], pubkey["key_id"]) == ("ed25519", service.signer.key_id)
+    assert pubkey["public_key"] == service.signer.public_key.hex()
+    assert [k["current"] for k in pubkey["keys"]] == [True]
+    ring = await keyring(client)
+    assignment = Assignment.from_mapping(body)
+    assert ring.verify(assignment, body["signature"])
+    assert not ring.verify(Assignment.from_mapping({**body, "cost": 1.0}), body["signature"])
+    assert not ring.verify(Assignment.from_mapping({**body, "reqnum": 2}), body["signature"])
+    assert not KeyRing([Signer.generate().public_key]).verify(assignment, body["signature"])
+    (worker,) = await workers(client)
+    assert (worker["id"], worker["load"], worker["reqnum"], worker["state"], worker["active"]) == (
+        "w1", 10.0, origin + 1, "ready", True
+    )  # fmt: skip
+
+
+async def test_new_requests_get_new_idxs_and_the_worker_counts_up(client: httpx.AsyncClient) -> None:
+    origin = (await register(client))["reqnum"]
+    first, second = await route(client), await route(client, request_idx=None, cost=2.5)
+    assert first["request_idx"] != second["request_idx"]
+    assert (first["reqnum"], second["reqnum"]) == (origin + 1, origin + 2)
+    assert (await register(client))["reqnum"] == origin + 2  # a heartbeat keeps the counter
+    (worker,) = await workers(client)
+    assert worker["load"] == 12.5
+
+
+@pytest.mark.parametrize("where", ["body", "bearer", "query"])
+async def test_the_api_key_may_come_from_body_bearer_or_query(client: httpx.AsyncClient, where: str) -> None:
+    await register(client)
+    payload: dict[str, Any] = {"endpoint": EP, "cost": 1.0}
+    headers: dict[str, str] = {}
+    url = "/route/"
+    if where == "body":
+        payload["api_key"] = API_KEY
+    elif where == "bearer":
+        headers = CLIENT
+    else:
+        url = f"/route/?api_key={API_KEY}"
+    r = await client.post(url, json=payload, headers=headers)
+    assert r.status_code == 200, r.text
+    assert r.json()["url"] == WORKER_URL
+
+
+async def test_the_body_key_beats_a_valid_bearer(client: httpx.AsyncClient) -> None:
+    r = await client.post("/route/", json={"endpoint": EP, "cost": 1.0, "api_key": "dk_wrong"}, headers=CLIENT)
+    assert_error(r, 401, "unauthorized")
+
+
+async def test_a_retry_keeps_its_idx_and_does_not_add_load(client: httpx.AsyncClient) -> None:
+    await register(client)
+    first = await route(client)
+    retry = await route(client, request_idx=first["request_idx"])
+    assert retry["request_idx"] == first["request_idx"]
+    assert retry["reqnum"] == first["reqnum"] + 1
+    assert retry["url"] == WORKER_URL  # the only worker, even though a retry avoids its previous one
+    (worker,) = await workers(client)
+    assert worker["load"] == 10.0
+
+
+async def test_a_retry_moves_to_another_worker_when_there_is_one(client: httpx.AsyncClient) -> None:
+    await register(client, "w1", url="http://w1:8000")
+    await register(client, "w2", url="http://w2:8000")
+    first = await route(client)
+    assert first["url"] == "http://w1:8000"  # equal waits and loads: the lower id
+    retry = await route(client, request_idx=first["request_idx"])
+    assert retry["url"] == "http://w2:8000"
+    assert [(w["id"], w["load"]) for w in await workers(client)] == [("w1", 0.0), ("w2", 10.0)]
+
+
+async def test_no_worker_answers_a_status_and_a_later_retry_is_assigned(client: httpx.AsyncClient) -> None:
+    waiting = await route(client)
+    assert "signature" not in waiting and "url" not in waiting
+    assert waiting["endpoint"] == EP
+    assert waiting["status"] == dict.fromkeys(STATUS_KEYS, 0)
+    idx = waiting["request_idx"]
+    assert idx >= 1
+    await register(client, "loader", url="http://loader:1", state="loading", max_perf=0.0)
+    still = await route(client, request_idx=idx)
+    assert still["request_idx"] == idx
+    assert still["status"] == {**dict.fromkeys(STATUS_KEYS, 0), "loading": 1}
+    origin = (await register(client))["reqnum"]
+    assigned = await route(client, request_idx=idx)
+    assert (assigned["request_idx"], assigned["url"], assigned["reqnum"]) == (idx, WORKER_URL, origin + 1)
+    assert (await keyring(client)).verify(Assignment.from_mapping(assigned), assigned["signature"])
+    loads = {w["id"]: w["load"] for w in await workers(client)}
+    assert loads == {"loader": 0.0, "w1": 10.0}
+
+
+async def test_release_gives_the_load_back_and_counts_unknown_requests(client: httpx.AsyncClient) -> None:
+    await register(client)
+    a, b = await route(client), await route(client, cost=5.0)
+    r = await client.post(
+        "/delete_requests/", json={"endpoint": EP, "request_idxs": [a["request_idx"], 999_999]}, headers=WORKER
+    )
+    assert r.status_code == 200, r.text
+    assert r.json() == {"ok": True, "released": 1, "unknown": 1}
+    assert (await workers(client))[0]["load"] == 5.0
+    again = await client.post(
+        "/delete_requests/",
+        json={"endpoint": EP, "request_idxs": [a["request_idx"], b["request_idx"]], "success": False},
+        headers=WORKER,
+    )
+    assert again.json() == {"ok": True, "released": 1, "unknown": 1}  # a was already released
+    assert (await workers(client))[0]["load"] == 0.0
+    # a released request cannot be retried
+    retry = {"endpoint": EP, "api_key": API_KEY, "cost": 1, "request_idx": a["request_idx"]}
+    assert_error(await client.post("/route/", json=retry), 400, "invalid_request")
+
+
+async def test_release_needs_the_endpoints_worker_token(client: httpx.AsyncClient) -> None:
+    await register(client)
+    a = await route(client)
+    body = {"endpoint": EP, "request_idxs": [a["request_idx"]]}
+    for headers in ({}, CLIENT, {"authorization": f"Bearer {OTHER_WORKER_TOKEN}"}):
+        assert_error(await client.post("/delete_requests/", json=body, headers=headers), 401, "unauthorized")
+    # another endpoint's worker cannot release this endpoint's request either
+    r = await client.post(
+        "/delete_requests/",
+        json={"endpoint": OTHER, "request_idxs": [a["request_idx"]]},
+        headers={"authorization": f"Bearer {OTHER_WORKER_TOKEN}"},
+    )
+    assert r.json() == {"ok": True, "released": 0, "unknown": 1}
+    assert (await workers(client))[0]["load"] == 10.0
+
+
+# -- authentication ---------------------------------------------------------------------------------------------
+async def test_wrong_and_unknown_endpoint_keys_get_the_same_401(client: httpx.AsyncClient) -> None:
+    await register(client)
+    wrong = await client.post("/route/", json={"endpoint": EP, "api_key": "dk_wrong", "cost": 1})
+    unknown = await client.post("/route/", json={"endpoint": "nope", "api_key": "dk_wrong", "cost": 1})
+    unknown_right_key = await client.post("/route/", json={"endpoint": "nope", "api_key": API_KEY, "cost": 1})
+    messages = {assert_error(r, 401, "unauthorized") for r in (wrong, unknown, unknown_right_key)}
+    assert len(messages) == 1
+    assert wrong.content == unknown.content
+
+
+@pytest.mark.parametrize(
+    ("body", "headers"),
+    [
+        ({"endpoint": EP, "cost": 1}, {}),  # no key at all
+        ({"endpoint": EP, "cost": 1, "api_key": WORKER_TOKEN}, {}),  # a worker token is not an api key
+        ({"endpoint": EP, "cost": 1}, {"authorization": f"Bearer {WORKER_TOKEN}"}),
+        ({"endpoint": EP, "cost": 1, "api_key": OTHER_API_KEY}, {}),  # another endpoint's key
+        ({"endpoint": OTHER, "cost": 1, "api_key": API_KEY}, {}),
+        ({"endpoint": EP, "cost": 1}, {"authorization": f"Basic {API_KEY}"}),
+    ],
+)
+async def test_route_401s(client: httpx.AsyncClient, body: dict[str, Any], headers: dict[str, str]) -> None:
+    await register(client)
+    assert_error(await client.post("/route/", json=body, headers=headers), 401, "unauthorized")
+
+
+async def test_worker_status_needs_the_worker_token(client: httpx.AsyncClient) -> None:
+    report = {"endpoint": EP, "id": "w1", "url": WORKER_URL, "state": "ready", "max_perf": 1}
+    for headers in ({}, CLIENT, {"authorization": f"Bearer {OTHER_WORKER_TOKEN}"}, {"authorization": "Bearer x"}):
+        assert_error(await client.post("/worker_status/", json=report, headers=headers), 401, "unauthorized")
+    unknown = {**report, "endpoint": "nope"}
+    assert_error(await client.post("/worker_status/", json=unknown, headers=WORKER), 401, "unauthorized")
+    assert await workers(client) == []
+
+
+async def test_endpoint_info_needs_the_endpoints_api_key(client: httpx.AsyncClient) -> None:
+    for token in ("dk_wrong", WORKER_TOKEN, OTHER_API_KEY):
+        r = await client.get(f"/endpoints/{EP}/", headers={"authorization": f"Bearer {token}"})
+        assert_error(r, 401, "unauthorized")
+    assert_error(await client.get(f"/endpoints/{EP}/"), 401, "unauthorized")
+    assert_error(await client.get("/endpoints/nope/", headers=CLIENT), 401, "unauthorized")
+    info = (await client.get(f"/endpoints/{EP}/", headers=CLIENT)).json()
+    assert info["endpoint"] == EP
+    assert info["settings"]["max_queue_time_s"] == 30.0
+    assert info["autoscale"]["action"] == "hold"
+
+
+async def test_the_admin_token_opens_every_endpoint() -> None:
+    async with serving(make_service(admin_token="s3cret")) as client:
+        admin = {"authorization": "Bearer s3cret"}
+        assert (await client.get(f"/endpoints/{OTHER}/", headers=admin)).json()["endpoint"] == OTHER
+        assert_error(await client.get("/endpoints/nope/", headers=admin), 404, "not_found")
+        near_miss = {"authorization": "Bearer s3cre"}
+        assert_error(await client.get("/endpoints/nope/", headers=near_miss), 401, "unauthorized")
+        assert (await client.get(f"/endpoints/{EP}/", headers=CLIENT)).status_code == 200
+
+
+# -- malformed requests -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "fields",
+    [{"cost": -1}, {"cost": 1e10}, {"cost": "10"}, {"cost": True}, {"cost": None}, {"request_idx": -1},
+     {"request_idx": 1.5}, {"request_idx": "1"}, {"endpoint": ""}, {"endpoint": 5}, {"api_key": 5}],
+)  # fmt: skip
+async def test_route_400s(client: httpx.AsyncClient, fields: dict[str, Any]) -> None:
+    await register(client)
+    r = await client.post("/route/", json={"endpoint": EP, "api_key": API_KEY, "cost": 10.0, **fields})
+    assert_error(r, 400, "invalid_request")
+    assert (await workers(client))[0]["load"] == 0.0
+
+
+async def test_an_unknown_request_idx_is_400(client: httpx.AsyncClient) -> None:
+    await register(client)
+    message = assert_error(
+        await client.post("/route/", json={"endpoint": EP, "api_key": API_KEY, "cost": 1, "request_idx": 424242}),
+        400,
+        "invalid_request",
+    )
+    assert "424242" in message
+    # a request_idx issued for one endpoint is unknown to another
+    issued = (await route(client))["request_idx"]
+    r = await client.post(
+        "/route/", json={"endpoint": OTHER, "api_key": OTHER_API_KEY, "cost": 1, "request_idx": issued}
+    )
+    assert_error(r, 400, "invalid_request")
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"{nope", b"", b"[1, 2]", b'"text"', b"null", b'{"endpoint": "ep", "api_key": "k", "cost": NaN}',
+     b'{"endpoint": "ep", "api_key": "k", "cost": Infinity}', b'{"endpoint": "ep", "cost": 1e400}',
+     b'{"endpoint": "ep", "cost": 1' + b"0" * 400 + b"}", b"\xff\xfe"],
+)  # fmt: skip
+async def test_bodies_that_are_not_a_json_object_are_400(client: httpx.AsyncClient, content: bytes) -> None:
+    r = await client.post("/route/", content=content, headers={"content-type": "application/json", **CLIENT})
+    assert_error(r, 400, "invalid_request")
+
+
+@pytest.mark.parametrize("path", ["/route/", "/worker_status/", "/delete_requests/"])
+async def test_wrong_content_type_is_415(client: httpx.AsyncClient, path: str) -> None:
+    r = await client.post(path, content=b'{"endpoint": "ep"}', headers={"content-type": "text/plain", **CLIENT})
+    assert_error(r, 415, "invalid_request")
+
+
+async def test_json_content_types_with_parameters_or_suffixes_are_accepted(client: httpx.AsyncClient) -> None:
+    await register(client)
+    content = b'{"endpoint": "ep", "cost": 1}'
+    for content_type in ("application/json; charset=utf-8", "application/vnd.test+json", "Application/JSON"):
+        r = await client.post("/route/", content=content, headers={"content-type": content_type, **CLIENT})
+        assert r.status_code == 200, (content_type, r.text)
+
+
+@pytest.mark.parametrize("path", ["/route/", "/worker_status/", "/delete_requests/"])
+async def test_a_body_over_max_body_bytes_is_413(path: str) -> None:
+    async with serving(make_service(max_body_bytes=200)) as client:
+        r = await client.post(path, json={"endpoint": EP, "api_key": API_KEY, "cost": 1, "pad": "x" * 300})
+        assert_error(r, 413, "invalid_request")
+        small = await client.post("/route/", json={"endpoint": EP, "api_key": API_KEY, "cost": 1, "pad": "x" * 50})
+        assert small.status_code == 200, small.text
+
+
+async def test_a_chunked_body_over_the_limit_is_413() -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b'{"endpoint": "ep", "api_key": "' + API_KEY.encode() + b'", "cost": 1, "pad": "'
+        for _ in range(10):
+            yield b"x" * 50
+        yield b'"}'
+
+    async with serving(make_service(max_body_bytes=200)) as client:
+        r = await client.post("/route/", content=chunks(), headers={"content-type": "application/json"})
+        assert "content-length" not in r.request.headers
+        assert_error(r, 413, "invalid_request")
+
+
+async def test_wrong_method_and_unknown_path(client: httpx.AsyncClient) -> None:
+    assert_error(await client.get("/route/"), 405, "method_not_allowed")
+    assert_error(await client.post("/pubkey/", json={}), 405, "method_not_allowed")
+    assert_error(await client.get("/no/such/path"), 404, "not_found")
+    redirect = await client.post("/route", json={})  # Starlette's slash redirect keeps the method (307)
+    assert (redirect.status_code, redirect.headers["location"]) == (307, "http://test/route/")
+
+
+# -- draining, health, metrics, docs ----------------------------------------------------------------------------
+async def test_draining_refuses_new_routes_with_retry_after(
+    client: httpx.AsyncClient, service: DispatcherService
+) -> None:
+    await register(client)
+    service.begin_drain()
+    r = await client.post("/route/", json={"endpoint": EP, "api_key": API_KEY, "cost": 1})
+    assert_error(r, 503, "shutting_down")
+    assert r.headers["retry-after"] == "1"
+    health = await client.get("/health")
+    assert (health.status_code, health.json()["status"]) == (503, "draining")
+    await register(client)  # workers still report while the dispatcher drains
+    assert "dispatcher_ready 0.0" in (await client.get("/metrics")).text
+
+
+async def test_health(client: httpx.AsyncClient, service: DispatcherService) -> None:
+    r = await client.get("/health")
+    assert r.status_code == 200
+    assert r.headers["content-type"] == "application/json"
+    body = r.json()
+    assert (body["status"], body["store"], body["endpoints"]) == ("ok", "memory", 2)
+    assert body["key_id"] == service.signer.key_id
+    assert body["version"]
+
+
+async def test_metrics(client: httpx.AsyncClient) -> None:
+    await route(client)  # no worker yet
+    await register(client)
+    first = await route(client)
+    await route(client, request_idx=first["request_idx"])
+    await client.post("/route/", json={"endpoint": EP, "api_key": API_KEY, "cost": 1, "request_idx": 777_777})
+    await client.post("/route/", json={"endpoint": EP, "api_key": "dk_wrong", "cost": 1})
+    r = await client.get("/metrics")
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/plain")
+    text = r.text
+    for line in (
+        'dispatcher_routes_total{endpoint="ep",outcome="no_ready_worker"} 1.0',
+        'dispatcher_routes_total{endpoint="ep",outcome="assigned"} 1.0',
+        'dispatcher_routes_total{endpoint="ep",outcome="reassigned"} 1.0',
+        'dispatcher_routes_total{endpoint="ep",outcome="unknown_request"} 1.0',
+        "dispatcher_pick_duration_seconds_count 4.0",  # every store call, not the 401
+        "dispatcher_pick_duration_seconds_bucket",
+        'dispatcher_worker_reports_total{endpoint="ep"} 1.0',
+        'dispatcher_errors_total{code="unauthorized"} 1.0',
+        'dispatcher_errors_total{code="invalid_request"} 1.0',
+        'dispatcher_http_requests_total{method="POST",route="/route/",status="200"} 3.0',
+        "dispatcher_ready 1.0",
+    ):
+        assert line in text, line
+    assert 'endpoint="nope"' not in text
+
+
+async def test_refresh_gauges_sets_worker_and_scaling_gauges(
+    client: httpx.AsyncClient, service: DispatcherService
+) -> None:
+    await register(client, "w1", url="http://w1:1")
+    await register(client, "w2", url="http://w2:1", state="loading", max_perf=0.0)
+    before = (await client.get("/metrics")).text
+    assert 'dispatcher_workers{endpoint="ep",state="ready"} 1.0' not in before  # the loop ran before the reports
+    await route(client, cost=50.0)
+    decisions = {d.endpoint: d for d in await service.refresh_gauges()}
+    assert set(decisions) == {EP, OTHER}
+    # demand = max(50 / 60 s window, 50 outstanding / 30 s) = 5/3 u/s; perf 100 * 0.9 -> 1 worker wanted
+    assert decisions[EP].wanted_workers == 1
+    assert decisions[OTHER].wanted_workers == 0
+    text = (await client.get("/metrics")).text
+    for line in (
+        'dispatcher_workers{endpoint="ep",state="ready"} 1.0',
+        'dispatcher_workers{endpoint="ep",state="loading"} 1.0',
+        'dispatcher_workers{endpoint="ep",state="inactive"} 0.0',
+        'dispatcher_workers{endpoint="other",state="ready"} 0.0',
+        'dispatcher_wanted_workers{endpoint="ep"} 1.0',
+        'dispatcher_wanted_workers{endpoint="other"} 0.0',
+        'dispatcher_wanted_cold_workers{endpoint="ep"} 0.0',
+        'dispatcher_outstanding_load{endpoint="ep"} 50.0',
+    ):
+        assert line in text, line
+
+
+async def test_openapi_is_valid(client: httpx.AsyncClient) -> None:
+    r = await client.get("/openapi.json")
+    assert r.status_code == 200
+    spec = r.json()
+    validate(spec)
+    assert set(spec["paths"]) == {
+        "/route/", "/worker_status/", "/delete_requests/", "/pubkey/", "/endpoints/{name}/", "/health", "/metrics",
+        "/openapi.json",
+    }  # fmt: skip
+
+
+# -- the state store down ---------------------------------------------------------------------------------------
+class DownStore(MemoryStore):
+    """Routes and pings fail as an unreachable Redis would; everything else works."""
+
+    async def route(self, endpoint: str, cost: float, request_idx: int | None, policy: PickPolicy) -> RouteOutcome:
+        raise StoreUnavailable("connection refused")
+
+    async def ping(self) -> None:
+        raise StoreUnavailable("connection refused")
+
+
+async def test_store_unavailable_is_503_with_retry_after() -> None:
+    async with serving(make_service(DownStore(), retry_after_s=7)) as client:
+        r = await client.post("/route/", json={"endpoint": EP, "api_key": API_KEY, "cost": 1})
+        message = assert_error(r, 503, "store_unavailable")
+        assert "connection refused" in message
+        assert r.headers["retry-after"] == "7"
+        health = await client.get("/health")
+        assert (health.status_code, health.json()["status"]) == (503, "store_unavailable")
+        text = (await client.get("/metrics")).text
+        assert 'dispatcher_errors_total{code="store_unavailable"} 1.0' in text
+        assert "dispatcher_store_up 0.0" in text
+
+
+async def test_handlers_work_without_the_lifespan() -> None:
+    """An embedding server that skips the lifespan still routes; closing the signing thread is then the caller's."""
+    service = make_service()
+    try:
+        transport = httpx.ASGITransport(app=service.asgi)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            await register(client)
+            body = await route(client)
+            assert (await keyring(client)).verify(Assignment.from_mapping(body), body["signature"])
+    finally:
+        service.signing.close()

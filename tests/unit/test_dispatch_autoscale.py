@@ -1,0 +1,152 @@
+"""The autoscaling decision: demand, perf per worker, clamps, cold workers, the action. Numbers worked by hand."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from service.dispatch.autoscale import Action, ScaleDecision, decide
+from service.dispatch.endpoints import EndpointSpec
+from service.dispatch.records import WorkerRecord, WorkerState
+from service.dispatch.store import LoadStats
+
+NOW = 1_000_000.0
+HEARTBEAT_S = 30.0
+
+
+def rec(
+    worker_id: str, *, perf: float = 10.0, state: WorkerState = WorkerState.READY, seen_s_ago: float = 0.0
+) -> WorkerRecord:
+    return WorkerRecord(
+        worker_id=worker_id,
+        url=f"http://{worker_id}:8000",
+        state=state,
+        max_perf=perf,
+        cur_load=0.0,
+        in_flight=0,
+        last_seen=NOW - seen_s_ago,
+        load=0.0,
+        reqnum=0,
+    )
+
+
+def spec(**fields: Any) -> EndpointSpec:
+    return EndpointSpec(**{"name": "ep", "max_queue_time_s": 10.0, "target_util": 0.5, **fields})
+
+
+def run(
+    endpoint: EndpointSpec, workers: list[WorkerRecord], load_rate: float = 0.0, outstanding: float = 0.0
+) -> ScaleDecision:
+    return decide(endpoint, workers, LoadStats(load_rate, outstanding), now=NOW, heartbeat_timeout_s=HEARTBEAT_S)
+
+
+def test_demand_from_the_load_rate() -> None:
+    # perf = mean(10, 20) = 15; demand 30 u/s; 30 / (15 * 0.5) = 4 workers
+    d = run(spec(), [rec("a", perf=10), rec("b", perf=20)], load_rate=30.0, outstanding=50.0)
+    assert d.demand == 30.0  # the backlog term 50 / 10 = 5 is smaller
+    assert d.perf_per_worker == 15.0
+    assert (d.ready_workers, d.starting_workers) == (2, 0)
+    assert d.wanted_workers == 4
+    assert d.action is Action.SCALE_UP
+    assert (d.endpoint, d.load_rate, d.outstanding_load) == ("ep", 30.0, 50.0)
+
+
+def test_a_backlog_counts_as_demand() -> None:
+    # outstanding 300 must drain within max_queue_time_s 10: 30 u/s, above the recent rate of 1
+    d = run(spec(), [rec("a", perf=10)], load_rate=1.0, outstanding=300.0)
+    assert d.demand == 30.0
+    assert d.wanted_workers == 6  # 30 / (10 * 0.5)
+
+
+def test_target_util_leaves_headroom() -> None:
+    workers = [rec("a", perf=10)]
+    assert run(spec(target_util=1.0), workers, load_rate=30.0).wanted_workers == 3  # 30 / 10
+    assert run(spec(target_util=0.5), workers, load_rate=30.0).wanted_workers == 6  # 30 / 5
+    assert run(spec(target_util=1.0), workers, load_rate=30.5).wanted_workers == 4  # ceil(3.05)
+    assert run(spec(target_util=1.0), workers, load_rate=0.25).wanted_workers == 1  # ceil(0.025)
+
+
+def test_wanted_is_clamped_to_min_and_max() -> None:
+    workers = [rec("a", perf=10)]
+    assert run(spec(min_workers=3), workers).wanted_workers == 3  # no demand, but a floor of 3
+    assert run(spec(min_workers=3), workers, load_rate=5.0).wanted_workers == 3  # 1 needed
+    assert run(spec(max_workers=2), workers, load_rate=100.0).wanted_workers == 2  # 20 needed
+    assert run(spec(min_workers=0, max_workers=0), workers, load_rate=100.0).wanted_workers == 0
+
+
+@pytest.mark.parametrize(
+    ("cold", "max_workers", "load_rate", "wanted", "wanted_cold"),
+    [
+        (5, 6, 20.0, 4, 2),  # 4 wanted leave room for 2 of the 5 cold ones
+        (1, 6, 20.0, 4, 1),
+        (3, 4, 20.0, 4, 0),  # no room left
+        (3, 2, 20.0, 2, 0),  # wanted clamped to the max: still no room
+        (2, 16, 0.0, 0, 2),
+    ],
+)
+def test_cold_workers_are_bounded_by_the_room_left(
+    cold: int, max_workers: int, load_rate: float, wanted: int, wanted_cold: int
+) -> None:
+    d = run(spec(cold_workers=cold, max_workers=max_workers), [rec("a", perf=10)], load_rate=load_rate)
+    assert (d.wanted_workers, d.wanted_cold_workers) == (wanted, wanted_cold)
+
+
+def test_without_a_measured_perf_demand_asks_for_one_worker() -> None:
+    unmeasured = [rec("a", perf=0.0, state=WorkerState.LOADING)]
+    d = run(spec(), unmeasured, load_rate=1000.0)
+    assert d.perf_per_worker is None
+    assert d.wanted_workers == 1
+    assert (d.starting_workers, d.action) == (1, Action.HOLD)
+    assert run(spec(), [], load_rate=1000.0).wanted_workers == 1
+    assert run(spec(), [], outstanding=5.0).wanted_workers == 1
+    none = run(spec(), [])
+    assert (none.demand, none.wanted_workers, none.action) == (0.0, 0, Action.HOLD)
+
+
+def test_perf_counts_live_ready_and_loading_workers_that_measured_one() -> None:
+    workers = [
+        rec("ready", perf=10),
+        rec("loading", perf=30, state=WorkerState.LOADING),
+        rec("unmeasured", perf=0.0),
+        rec("error", perf=1000, state=WorkerState.ERROR),
+        rec("stopped", perf=1000, state=WorkerState.STOPPED),
+    ]
+    d = run(spec(), workers, load_rate=40.0)
+    assert d.perf_per_worker == 20.0  # mean(10, 30)
+    assert d.wanted_workers == 4  # 40 / (20 * 0.5)
+    assert (d.ready_workers, d.starting_workers) == (2, 1)  # ready includes the unmeasured ready one
+
+
+def test_stale_workers_are_ignored() -> None:
+    workers = [rec("live", perf=10), rec("stale", perf=1000, seen_s_ago=HEARTBEAT_S + 1),
+               rec("stale-loading", perf=1000, state=WorkerState.LOADING, seen_s_ago=HEARTBEAT_S + 1)]  # fmt: skip
+    d = run(spec(), workers, load_rate=20.0)
+    assert d.perf_per_worker == 10.0
+    assert (d.ready_workers, d.starting_workers) == (1, 0)
+    assert d.wanted_workers == 4
+
+
+def test_actions() -> None:
+    three = [rec("a"), rec("b"), rec("c", state=WorkerState.LOADING)]  # ready + starting = 3, perf 10
+    assert run(spec(), three, load_rate=15.0).action is Action.HOLD  # 15 / 5 = 3
+    assert run(spec(), three, load_rate=15.5).action is Action.SCALE_UP  # 4
+    assert run(spec(), three, load_rate=5.0).action is Action.SCALE_DOWN  # 1
+    assert run(spec(), three).action is Action.SCALE_DOWN  # 0
+    assert run(spec(min_workers=3), three).action is Action.HOLD
+
+
+def test_to_json() -> None:
+    d = run(spec(cold_workers=1), [rec("a", perf=10)], load_rate=10.0)
+    assert d.to_json() == {
+        "endpoint": "ep",
+        "load_rate": 10.0,
+        "outstanding_load": 0.0,
+        "demand": 10.0,
+        "perf_per_worker": 10.0,
+        "ready_workers": 1,
+        "starting_workers": 0,
+        "wanted_workers": 2,
+        "wanted_cold_workers": 1,
+        "action": "scale_up",
+    }

@@ -1,0 +1,213 @@
+"""Parsing the dispatcher's request bodies: what is accepted, normalised and refused."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from service.dispatch.records import WorkerState
+from service.dispatch.schemas import (
+    MAX_RELEASE_BATCH,
+    MAX_REQUEST_IDX,
+    RouteRequest,
+    bearer_token,
+    parse_release,
+    parse_route_request,
+    parse_worker_report,
+)
+from service.errors import InvalidRequest, Unauthorized
+
+MAX_COST = 1000.0
+
+
+def route(data: dict[str, Any], *, authorization: str | None = None, query: str | None = None) -> RouteRequest:
+    return parse_route_request(data, authorization=authorization, query_api_key=query, max_cost=MAX_COST)
+
+
+def body(**fields: Any) -> dict[str, Any]:
+    return {"endpoint": "ep", "cost": 10.0, "api_key": "k-body", **fields}
+
+
+# -- POST /route/ -----------------------------------------------------------------------------------------------
+def test_a_plain_request() -> None:
+    r = route(body(cost=3))
+    assert (r.endpoint, r.api_key, r.cost, r.request_idx) == ("ep", "k-body", 3.0, None)
+    assert isinstance(r.cost, float)
+
+
+def test_api_key_precedence_body_then_bearer_then_query() -> None:
+    assert route(body(), authorization="Bearer k-bearer", query="k-query").api_key == "k-body"
+    no_body_key = body()
+    del no_body_key["api_key"]
+    assert route(no_body_key, authorization="Bearer k-bearer", query="k-query").api_key == "k-bearer"
+    assert route(no_body_key, authorization="bearer  k-bearer ", query="k-query").api_key == "k-bearer"
+    assert route(no_body_key, query="k-query").api_key == "k-query"
+    assert route(no_body_key, authorization="Basic dXNlcjpwdw==", query="k-query").api_key == "k-query"
+    assert route(no_body_key, authorization="Bearer ", query="k-query").api_key == "k-query"
+    assert route(body(api_key=""), authorization="Bearer k-bearer").api_key == "k-bearer"
+
+
+@pytest.mark.parametrize(
+    ("authorization", "query"), [(None, None), ("Bearer ", None), ("Basic abc", None), (None, ""), ("Bearer", "")]
+)
+def test_a_missing_key_is_unauthorized(authorization: str | None, query: str | None) -> None:
+    data = body()
+    del data["api_key"]
+    with pytest.raises(Unauthorized):
+        route(data, authorization=authorization, query=query)
+    with pytest.raises(Unauthorized):
+        route(body(api_key=None), authorization=authorization, query=query)
+
+
+def test_a_non_string_body_key_is_invalid() -> None:
+    with pytest.raises(InvalidRequest, match="api_key"):
+        route(body(api_key=123))
+
+
+def test_bearer_token() -> None:
+    assert bearer_token("Bearer abc") == "abc"
+    assert bearer_token("BEARER abc") == "abc"
+    assert bearer_token("Token abc") is None
+    assert bearer_token("Bearer") is None
+    assert bearer_token("") is None
+    assert bearer_token(None) is None
+
+
+@pytest.mark.parametrize(("given", "parsed"), [(0, None), (None, None), (1, 1), (2421, 2421), (MAX_REQUEST_IDX,) * 2])
+def test_request_idx_zero_or_null_is_a_new_request(given: int | None, parsed: int | None) -> None:
+    assert route(body(request_idx=given)).request_idx == parsed
+
+
+@pytest.mark.parametrize("bad", [-1, True, False, 1.0, 1.5, "3", [1], MAX_REQUEST_IDX + 1])
+def test_bad_request_idx_is_invalid(bad: object) -> None:
+    with pytest.raises(InvalidRequest, match="request_idx"):
+        route(body(request_idx=bad))
+
+
+@pytest.mark.parametrize("bad", [True, False, "10", "abc", -0.001, -1, float("inf"), float("-inf"), float("nan"),
+                                 MAX_COST + 0.001, 10**20, [1], {"units": 1}])  # fmt: skip
+def test_bad_cost_is_invalid(bad: object) -> None:
+    with pytest.raises(InvalidRequest, match="cost"):
+        route(body(cost=bad))
+
+
+def test_cost_is_required_and_its_bounds_are_inclusive() -> None:
+    data = body()
+    del data["cost"]
+    with pytest.raises(InvalidRequest, match="cost"):
+        route(data)
+    with pytest.raises(InvalidRequest, match="cost"):
+        route(body(cost=None))
+    assert route(body(cost=0)).cost == 0.0
+    assert route(body(cost=MAX_COST)).cost == MAX_COST
+
+
+def test_unknown_fields_are_ignored() -> None:
+    r = route(body(request_idx=0, replay_timeout=60, session_id=None, payload={"x": [1]}))
+    assert (r.endpoint, r.cost, r.request_idx) == ("ep", 10.0, None)
+
+
+@pytest.mark.parametrize("bad", [None, "", 5, ["ep"], "x" * 257])
+def test_bad_endpoint_is_invalid(bad: object) -> None:
+    data = body(endpoint=bad)
+    if bad is None:
+        del data["endpoint"]
+    with pytest.raises(InvalidRequest, match="endpoint"):
+        route(data)
+
+
+def test_the_longest_endpoint_is_accepted() -> None:
+    assert route(body(endpoint="x" * 256)).endpoint == "x" * 256
+
+
+def test_invalid_fields_are_reported_before_a_missing_key() -> None:
+    with pytest.raises(InvalidRequest):
+        route({"endpoint": "ep", "cost": -1})
+
+
+# -- POST /worker_status/ ---------------------------------------------------------------------------------------
+def report(**fields: Any) -> dict[str, Any]:
+    return {"endpoint": "ep", "id": "w1", "url": "http://10.0.0.5:8000/", "state": "ready", "max_perf": 50, **fields}
+
+
+def test_a_worker_report() -> None:
+    endpoint, r = parse_worker_report(report(cur_load=2.5, in_flight=3, extra="ignored"))
+    assert endpoint == "ep"
+    assert (r.worker_id, r.url, r.state) == ("w1", "http://10.0.0.5:8000", WorkerState.READY)  # trailing / dropped
+    assert (r.max_perf, r.cur_load, r.in_flight) == (50.0, 2.5, 3)
+    _, defaults = parse_worker_report(report(url="https://w.example"))
+    assert (defaults.url, defaults.cur_load, defaults.in_flight) == ("https://w.example", 0.0, 0)
+
+
+@pytest.mark.parametrize("state", ["loading", "ready", "error", "stopped"])
+def test_every_state_parses(state: str) -> None:
+    assert parse_worker_report(report(state=state))[1].state is WorkerState(state)
+
+
+@pytest.mark.parametrize("bad", ["busy", "READY", "", None, 1, ["ready"]])
+def test_bad_state_is_invalid(bad: object) -> None:
+    with pytest.raises(InvalidRequest, match="state"):
+        parse_worker_report(report(state=bad))
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["10.0.0.5:8000", "ftp://10.0.0.5", "http://", 'http://10.0.0.5:8000/"x', "http://a\\b", "http://a b\n",
+     "http://a\n", "http://w\u00e9.example", "", 5, "http://" + "a" * 2048],
+)  # fmt: skip
+def test_bad_url_is_invalid(bad: object) -> None:
+    with pytest.raises(InvalidRequest, match="url"):
+        parse_worker_report(report(url=bad))
+
+
+@pytest.mark.parametrize("bad", ['w"1', "w\\1", "w\n", "w\u00e9", "", 1])
+def test_bad_worker_id_is_invalid(bad: object) -> None:
+    with pytest.raises(InvalidRequest, match="id"):
+        parse_worker_report(report(id=bad))
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"max_perf": -1}, {"cur_load": -0.5}, {"in_flight": -1}, {"max_perf": None}, {"max_perf": "50"},
+     {"max_perf": True}, {"in_flight": 1.5}, {"in_flight": True}, {"cur_load": float("nan")}],
+)  # fmt: skip
+def test_bad_numbers_are_invalid(fields: dict[str, Any]) -> None:
+    with pytest.raises(InvalidRequest):
+        parse_worker_report(report(**fields))
+
+
+def test_a_report_without_endpoint_is_invalid() -> None:
+    data = report()
+    del data["endpoint"]
+    with pytest.raises(InvalidRequest, match="endpoint"):
+        parse_worker_report(data)
+
+
+# -- POST /delete_requests/ -------------------------------------------------------------------------------------
+def test_a_release() -> None:
+    idxs = [1, 2, MAX_REQUEST_IDX]
+    assert parse_release({"endpoint": "ep", "request_idxs": idxs}) == ("ep", idxs, True)
+    assert parse_release({"endpoint": "ep", "request_idxs": [], "success": False}) == ("ep", [], False)
+    assert parse_release({"endpoint": "ep", "request_idxs": [1] * MAX_RELEASE_BATCH})[1] == [1] * MAX_RELEASE_BATCH
+
+
+@pytest.mark.parametrize(
+    "idxs",
+    [None, "1", 1, {"1": 1}, [True], [1, False], [0], [-1], [1.0], ["1"], [MAX_REQUEST_IDX + 1],
+     [1] * (MAX_RELEASE_BATCH + 1)],
+)  # fmt: skip
+def test_bad_request_idxs_are_invalid(idxs: object) -> None:
+    with pytest.raises(InvalidRequest, match="request_idxs"):
+        parse_release({"endpoint": "ep", "request_idxs": idxs})
+
+
+@pytest.mark.parametrize("success", ["true", 1, None])
+def test_success_must_be_a_boolean(success: object) -> None:
+    with pytest.raises(InvalidRequest, match="success"):
+        parse_release({"endpoint": "ep", "request_idxs": [1], "success": success})
+
+
+def test_a_release_without_endpoint_is_invalid() -> None:
+    with pytest.raises(InvalidRequest, match="endpoint"):
+        parse_release({"request_idxs": [1]})
