@@ -27,7 +27,7 @@ from service.dispatch.memory_store import MemoryStore
 from service.dispatch.records import STATUS_KEYS
 from service.dispatch.selection import status_breakdown
 from service.dispatch.signing import PublishedKey, Signer, publish, read_key_file, read_public_keys
-from service.dispatch.signing_thread import SigningThread
+from service.dispatch.signing_batch import SignatureBatcher
 from service.dispatch.store import DispatchStore, StoreUnavailable
 from service.http.fastpath import FastJsonPost
 from service.http.handlers import Handler, guarded
@@ -81,7 +81,7 @@ class DispatcherService:
         self.store = store if store is not None else open_store(settings)
         self.registry = registry if registry is not None else load_registry(settings)
         self.signer = signer if signer is not None else load_signer(settings)
-        self.signing = SigningThread(self.signer)
+        self.signing = SignatureBatcher(self.signer)
         self.published_keys: list[PublishedKey] = publish(self.signer, read_public_keys(settings.previous_public_keys))
         self.draining = False
         self._drain_requested = asyncio.Event()
@@ -155,7 +155,6 @@ class DispatcherService:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
             await self.store.close()
-            self.signing.close()
 
     def begin_drain(self) -> None:
         if not self.draining:

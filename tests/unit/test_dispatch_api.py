@@ -47,7 +47,7 @@ def make_service(store: MemoryStore | None = None, **overrides: Any) -> Dispatch
 
 @contextlib.asynccontextmanager
 async def lifespan(service: DispatcherService) -> AsyncIterator[None]:
-    """Run the app's ASGI lifespan (startup, then shutdown, which closes the store and the signing thread)."""
+    """Run the app's ASGI lifespan (startup, then shutdown, which closes the store)."""
     to_app: asyncio.Queue[Message] = asyncio.Queue()
     from_app: asyncio.Queue[Message] = asyncio.Queue()
     scope = {"type": "lifespan", "asgi": {"version": "3.0", "spec_version": "2.0"}, "state": {}}
@@ -529,13 +529,10 @@ async def test_store_unavailable_is_503_with_retry_after() -> None:
 
 
 async def test_handlers_work_without_the_lifespan() -> None:
-    """An embedding server that skips the lifespan still routes; closing the signing thread is then the caller's."""
+    """An embedding server that skips the lifespan still routes and signs."""
     service = make_service()
-    try:
-        transport = httpx.ASGITransport(app=service.asgi)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            await register(client)
-            body = await route(client)
-            assert (await keyring(client)).verify(Assignment.from_mapping(body), body["signature"])
-    finally:
-        service.signing.close()
+    transport = httpx.ASGITransport(app=service.asgi)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        await register(client)
+        body = await route(client)
+        assert (await keyring(client)).verify(Assignment.from_mapping(body), body["signature"])
