@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nacl.bindings import crypto_sign
+from nacl.bindings import crypto_sign, crypto_sign_seed_keypair
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
@@ -107,7 +107,7 @@ class Signer:
 
     def __init__(self, key: SigningKey, *, ephemeral: bool = False) -> None:
         self._key = key
-        self._secret = key._signing_key  # libsodium's 64-byte secret key (seed + public key)
+        _, self._secret = crypto_sign_seed_keypair(bytes(key))  # libsodium's 64-byte secret key
         self.public_key = bytes(key.verify_key)
         self.key_id = key_id_for(self.public_key)
         self.ephemeral = ephemeral
