@@ -74,7 +74,7 @@ from common import (
     package_version,
     require_wrk,
     run_wrk,
-    write_json,
+    write_results,
 )
 
 from service.config import ENV_PREFIX
@@ -758,12 +758,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out: Path = args.out or RESULTS_DIR / f"dispatcher-cpu-{dt.date.today().isoformat()}.json"
     result = run(args)
-    summary = markdown_summary(result)
-    write_json(out, result)
-    out.with_suffix(".md").write_text(summary, encoding="utf-8")
-    print()
-    print(summary)
-    print(f"wrote {out} and {out.with_suffix('.md')}")
+    write_results(out, result, markdown_summary(result))
     return 1 if args.strict and not result["pass"] else 0
 
 

@@ -46,8 +46,8 @@ from common import (
     machine_info,
     run_wrk,
     running_server,
-    write_json,
     write_lines,
+    write_results,
 )
 
 ROUTE_PATH = "/v1/route"
@@ -375,12 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out: Path = args.out or RESULTS_DIR / f"router-cpu-{dt.date.today().isoformat()}.json"
     result = run(args)
-    summary = markdown_summary(result)
-    write_json(out, result)
-    out.with_suffix(".md").write_text(summary, encoding="utf-8")
-    print()
-    print(summary)
-    print(f"wrote {out} and {out.with_suffix('.md')}")
+    write_results(out, result, markdown_summary(result))
     return 1 if args.strict and not result["pass"] else 0
 
 

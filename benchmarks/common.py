@@ -446,3 +446,12 @@ def _wrk_version() -> str | None:
 def write_json(path: Path, data: Mapping[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+
+
+def write_results(out: Path, result: Mapping[str, Any], summary: str) -> None:
+    """The JSON result at ``out`` and its markdown summary beside it (same stem), echoed to stdout."""
+    write_json(out, result)
+    out.with_suffix(".md").write_text(summary, encoding="utf-8")
+    print()
+    print(summary)
+    print(f"wrote {out} and {out.with_suffix('.md')}")

@@ -30,10 +30,9 @@ from service.dispatch.signing import PublishedKey, Signer, publish, read_key_fil
 from service.dispatch.signing_batch import SignatureBatcher
 from service.dispatch.store import DispatchStore, StoreUnavailable
 from service.http.fastpath import FastJsonPost
-from service.http.handlers import Handler, guarded
 from service.http.middleware import RequestMetricsMiddleware
-from service.http.responses import error_response, http_exception_to_error
 from service.http.server import Fleet
+from service.http.service_base import ServiceBase
 from service.metrics import DispatcherMetrics
 
 logger = logging.getLogger(__name__)
@@ -65,7 +64,10 @@ def load_registry(settings: DispatcherSettings) -> EndpointRegistry:
     return load_config(settings.config) if settings.config is not None else EndpointRegistry()
 
 
-class DispatcherService:
+class DispatcherService(ServiceBase):
+    settings: DispatcherSettings
+    metrics: DispatcherMetrics
+
     def __init__(
         self,
         settings: DispatcherSettings,
@@ -75,6 +77,7 @@ class DispatcherService:
         signer: Signer | None = None,
         fleet: Fleet | None = None,
     ) -> None:
+        super().__init__()
         self.settings = settings
         self.fleet = fleet or Fleet()
         self.metrics = DispatcherMetrics()
@@ -85,7 +88,6 @@ class DispatcherService:
         self.published_keys: list[PublishedKey] = publish(self.signer, read_public_keys(settings.previous_public_keys))
         self.draining = False
         self._drain_requested = asyncio.Event()
-        self._tasks: set[asyncio.Task[Any]] = set()
         api = DispatcherApi(self)
         routes = [
             Route("/route/", _served_by_fast_path, methods=["POST"]),
@@ -225,20 +227,6 @@ class DispatcherService:
                 up = True
                 self.metrics.store_up.set(1)
             await asyncio.sleep(self.settings.autoscale_interval_s)
-
-    # -- plumbing -----------------------------------------------------------------------------------------------
-    def _guard(self, handler: Handler) -> Handler:
-        return guarded(handler, errors=self.metrics.errors, retry_after_s=self.settings.retry_after_s)
-
-    async def _http_exception(self, request: Request, exc: HTTPException) -> Response:
-        error = http_exception_to_error(exc)
-        self.metrics.errors.labels(code=error.code).inc()
-        return error_response(error, retry_after_s=self.settings.retry_after_s)
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
 
 async def _served_by_fast_path(request: Request) -> Response:  # pragma: no cover - FastJsonPost answers first

@@ -16,17 +16,14 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
-from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from service import __version__
 from service.config import RouterSettings, settings_summary
-from service.http.handlers import Handler, guarded
 from service.http.middleware import RequestMetricsMiddleware
-from service.http.responses import error_response, http_exception_to_error
 from service.http.server import Fleet
+from service.http.service_base import ServiceBase
 from service.metrics import RouterMetrics
 from service.router.api import RouterApi
 from service.router.embedder import Embedder, MiniLMEmbedder
@@ -49,10 +46,14 @@ class Phase(StrEnum):
     FAILED = "failed"
 
 
-class RouterService:
+class RouterService(ServiceBase):
+    settings: RouterSettings
+    metrics: RouterMetrics
+
     def __init__(
         self, settings: RouterSettings, *, embedder_factory: EmbedderFactory | None = None, fleet: Fleet | None = None
     ) -> None:
+        super().__init__()
         self.settings = settings
         self.fleet = fleet or Fleet()
         self.metrics = RouterMetrics()
@@ -70,7 +71,6 @@ class RouterService:
             )
         )
         self._drain_requested = asyncio.Event()
-        self._tasks: set[asyncio.Task[Any]] = set()
         api = RouterApi(self)
         routes = [
             Route("/v1/route", self._guard(api.route), methods=["POST"]),
@@ -191,20 +191,6 @@ class RouterService:
             logger.error("SIGHUP reload rejected, previous weights keep serving: %s", exc)
         else:
             logger.info("SIGHUP reload: now serving %s from %s", weights.version, path)
-
-    # -- plumbing -------------------------------------------------------------------------------
-    def _guard(self, handler: Handler) -> Handler:
-        return guarded(handler, errors=self.metrics.errors, retry_after_s=self.settings.retry_after_s)
-
-    async def _http_exception(self, request: Request, exc: HTTPException) -> Response:
-        error = http_exception_to_error(exc)
-        self.metrics.errors.labels(code=error.code).inc()
-        return error_response(error, retry_after_s=self.settings.retry_after_s)
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
 
 def _warm_up(embedder: Embedder) -> None:

@@ -1,0 +1,37 @@
+"""What both services' app objects share: error answers for handlers and routing errors, and owned tasks."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from service.config import BaseSettings
+from service.http.handlers import Handler, guarded
+from service.http.responses import error_response, http_exception_to_error
+from service.metrics import HttpMetrics
+
+
+class ServiceBase:
+    settings: BaseSettings
+    metrics: HttpMetrics
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[Any]] = set()  # kept referenced; cancelled by the lifespan
+
+    def _guard(self, handler: Handler) -> Handler:
+        return guarded(handler, errors=self.metrics.errors, retry_after_s=self.settings.retry_after_s)
+
+    async def _http_exception(self, request: Request, exc: HTTPException) -> Response:
+        """Starlette's own 404/405 in the service's error shape."""
+        error = http_exception_to_error(exc)
+        self.metrics.errors.labels(code=error.code).inc()
+        return error_response(error, retry_after_s=self.settings.retry_after_s)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
