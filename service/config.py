@@ -22,8 +22,8 @@ ENV_PREFIX = "LLMROUTER_"
 S = TypeVar("S", bound="BaseSettings")
 
 
-def _opt(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
+def _opt(default: Any, help: str, *, aliases: tuple[str, ...] = ()) -> Any:
+    return field(default=default, metadata={"help": help, "aliases": aliases})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,15 +57,15 @@ class BaseSettings:
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             kind = _base_type(hints[f.name])
-            flag = "--" + f.name.replace("_", "-")
+            flags = ["--" + f.name.replace("_", "-"), *f.metadata.get("aliases", ())]
             env_name = ENV_PREFIX + f.name.upper()
             help_text = f"{f.metadata.get('help', '')} [env {env_name}, default {f.default!r}]"
             if kind is bool:
                 parser.add_argument(
-                    flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction, help=help_text
+                    *flags, dest=f.name, default=None, action=argparse.BooleanOptionalAction, help=help_text
                 )
             else:
-                parser.add_argument(flag, dest=f.name, default=None, type=_cli_type(kind), help=help_text)
+                parser.add_argument(*flags, dest=f.name, default=None, type=_cli_type(kind), help=help_text)
 
     @classmethod
     def from_args(cls: type[S], args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> S:
@@ -105,7 +105,9 @@ class DispatcherSettings(BaseSettings):
 
     port: int = _opt(8081, "port to bind (0 picks a free one)")
     config: Path | None = _opt(None, "endpoints file (TOML); none: no endpoints until one is added")
-    redis_url: str | None = _opt(None, "Redis URL for state shared by several replicas (default: in memory)")
+    redis_url: str | None = _opt(
+        None, "Redis URL for state shared by several replicas (default: in memory)", aliases=("--redis",)
+    )
     redis_prefix: str = _opt("dispatch:", "prefix of every Redis key this dispatcher uses")
     signing_key_file: Path | None = _opt(None, "Ed25519 signing key file from `keygen` (mode 0600)")
     signing_key: str | None = _opt(None, "Ed25519 signing key seed, hex (instead of a file)")

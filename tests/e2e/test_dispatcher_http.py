@@ -311,7 +311,7 @@ async def test_two_dispatchers_on_one_redis_keep_reqnums_unique_and_loads_exact(
     prefix = f"e2e-{uuid.uuid4().hex[:8]}:"
     dispatchers = [
         deployment.dispatcher("--redis-url", redis_url, "--redis-prefix", prefix, "--workers", "2"),
-        deployment.dispatcher("--redis-url", redis_url, "--redis-prefix", prefix),
+        deployment.dispatcher("--redis", redis_url, "--redis-prefix", prefix),  # the spelling of the flag
     ]
     auth = {"authorization": f"Bearer {deployment.api_key}"}
     worker_auth = {"authorization": f"Bearer {deployment.worker_token}"}
