@@ -36,6 +36,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from service.dispatch.memory_store import EXPIRY_SWEEP_LIMIT, LOAD_HISTORY_S, ZERO_LOAD, settle
+from service.dispatch.pipelining import ScriptPipeliner
 from service.dispatch.records import (
     REQNUMS_PER_SECOND,
     STATUS_KEYS,
@@ -362,7 +363,7 @@ class RedisStore:
         )
         self._redis = Redis.from_pool(pool)  # owns the pool: close() disconnects it
         self._common = (prefix, _num(ZERO_LOAD), str(EXPIRY_SWEEP_LIMIT))
-        self._route = self._redis.register_script(_ROUTE)
+        self._route = ScriptPipeliner(self._redis, _ROUTE)  # the hot path: concurrent routes share a round trip
         self._report = self._redis.register_script(_REPORT)
         self._release = self._redis.register_script(_RELEASE)
         self._workers = self._redis.register_script(_WORKERS)
@@ -396,7 +397,7 @@ class RedisStore:
             str(LOAD_HISTORY_S),
         )
         with self._unavailable("route"):
-            reply = await self._route(args=args)
+            reply = await self._route.call(args)
         code = int(reply[0])
         if code < 0:
             raise UnknownRequest(request_idx)

@@ -9,8 +9,9 @@ import asyncio
 import random
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -456,3 +457,28 @@ async def test_redis_mirrors_memory_step_by_step(redis_url: str, redis_prefix: s
         assert seen >= {"Assigned", "NoReadyWorker", "unknown", "released"}
     finally:
         await redis_store.close()
+
+
+async def test_concurrent_routes_share_pipelines_and_each_gets_its_own_answer(
+    redis_url: str, redis_prefix: str
+) -> None:
+    store = RedisStore(redis_url, prefix=redis_prefix, reqnums_per_s=0)
+    pipeliner = store._route
+    round_trips = 0
+    execute = pipeliner._execute
+
+    async def counting(calls: list[Sequence[str]]) -> list[Any]:
+        nonlocal round_trips
+        round_trips += 1
+        return await execute(calls)
+
+    pipeliner._execute = counting  # type: ignore[method-assign]
+    try:
+        await report(store, "w1", max_perf=1e9)
+        outcomes = await asyncio.gather(*(store.route(EP, 1.0, None, POLICY) for _ in range(50)))
+        assert sorted(o.reqnum for o in outcomes if isinstance(o, Assigned)) == list(range(1, 51))
+        assert round_trips < 50 / 2  # queued in the same loop iteration: far fewer round trips than routes
+        with pytest.raises(UnknownRequest):  # one caller's failure stays that caller's
+            await asyncio.gather(store.route(EP, 1.0, 10**9, POLICY), store.route(EP, 1.0, None, POLICY))
+    finally:
+        await store.close()
