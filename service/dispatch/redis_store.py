@@ -20,13 +20,14 @@ workers), so this needs a single Redis primary (Sentinel is fine), not Redis Clu
 Numbers cross into Lua as strings (Python ``repr``: shortest round-trip) and come back through
 ``string.format('%.17g', x)``: Lua numbers are C doubles, so loads follow exactly the arithmetic ``MemoryStore``
 does. (``HINCRBYFLOAT`` is not used for that reason: it sums in long double and prints 17 *decimal places*, so
-0.1 + 0.2 gives ``0.3`` and 1e-20 gives ``0``.)
+0.1 + 0.2 gives ``0.3`` and 1e-20 gives ``0``.) The scripts live in ``lua/`` beside this module.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from importlib import resources
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -52,264 +53,23 @@ from service.dispatch.records import (
 from service.dispatch.store import LOAD_RATE_BUCKET_S, LoadStats, StoreUnavailable, UnknownRequest
 
 DEFAULT_PREFIX = "dispatch:"
+_LUA = resources.files("service.dispatch") / "lua"
 
-# Shared by every script. ARGV[1..3]: prefix, ZERO_LOAD, EXPIRY_SWEEP_LIMIT; a script's own arguments follow.
-_PRELUDE = r"""
-local prefix = ARGV[1]
-local zero_load = tonumber(ARGV[2])
-local sweep_limit = tonumber(ARGV[3])
-local expiries = prefix .. 'expiries'
 
-local function fmt(x) return string.format('%.17g', x) end
+def _script(name: str) -> str:
+    """``lua/NAME.lua`` after the shared prelude (ARGV[1..3]: prefix, ZERO_LOAD, EXPIRY_SWEEP_LIMIT)."""
+    return (_LUA / "prelude.lua").read_text(encoding="utf-8") + (_LUA / f"{name}.lua").read_text(encoding="utf-8")
 
-local function clock()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) + tonumber(t[2]) / 1000000
-end
 
--- MemoryStore's settle(): sums of added and removed costs leave float dust; an idle worker's load is exactly 0
-local function settle(x)
-  if math.abs(x) < zero_load then return 0 end
-  return x
-end
-
-local function worker_key(endpoint, worker_id) return prefix .. 'worker:' .. endpoint .. '/' .. worker_id end
-
--- adds delta to a worker's load (if the worker exists); returns the new load or nil
-local function add_load(endpoint, worker_id, delta)
-  local key = worker_key(endpoint, worker_id)
-  local load = redis.call('HGET', key, 'load')
-  if not load then return nil end
-  load = settle(tonumber(load) + delta)
-  redis.call('HSET', key, 'load', fmt(load))
-  return load
-end
-
--- requests never released give their load back; bounded work per call, as MemoryStore._expire
-local function sweep(now)
-  local idxs = redis.call('ZRANGEBYSCORE', expiries, '-inf', fmt(now), 'LIMIT', 0, sweep_limit)
-  for _, idx in ipairs(idxs) do
-    local key = prefix .. 'req:' .. idx
-    local r = redis.call('HMGET', key, 'endpoint', 'cost', 'worker')
-    if r[1] and r[3] then add_load(r[1], r[3], -tonumber(r[2])) end
-    redis.call('DEL', key)
-  end
-  if #idxs > 0 then redis.call('ZREM', expiries, unpack(idxs)) end
-end
-"""
-
-# ARGV[4..]: endpoint, cost, request_idx ('' for a new request), max_queue_time_s, heartbeat_timeout_s,
-# request_ttl_s, LOAD_RATE_BUCKET_S, LOAD_HISTORY_S.
-# Returns {-1} for an unknown request, {1, idx, worker_id, url, reqnum} when assigned, and
-# {0, idx, category, count, ...} when no worker is ready.
-_ROUTE = (
-    _PRELUDE
-    + r"""
-local endpoint = ARGV[4]
-local cost = tonumber(ARGV[5])
-local idx = ARGV[6]
-local max_queue = tonumber(ARGV[7])
-local heartbeat = tonumber(ARGV[8])
-local ttl = tonumber(ARGV[9])
-local bucket = tonumber(ARGV[10])
-local history = ARGV[11]
-
-local now = clock()
-sweep(now)
-
-local retry = idx ~= ''
-local prev_worker, prev_cost = false, 0
-if retry then
-  local r = redis.call('HMGET', prefix .. 'req:' .. idx, 'endpoint', 'cost', 'worker')
-  if r[1] ~= endpoint then return {-1} end
-  prev_worker, prev_cost = r[3], tonumber(r[2])
-end
-
-local workers = {}
-for _, id in ipairs(redis.call('SMEMBERS', prefix .. 'workers:' .. endpoint)) do
-  local r = redis.call('HMGET', worker_key(endpoint, id), 'state', 'max_perf', 'last_seen', 'load', 'url')
-  if r[1] then
-    workers[#workers + 1] = {id = id, state = r[1], max_perf = tonumber(r[2]), last_seen = tonumber(r[3]),
-                             load = tonumber(r[4]), url = r[5]}
-  end
-end
-
-if retry and prev_worker then
-  -- a retry's load leaves its old worker before picking, wherever it goes next (as MemoryStore does)
-  local load = add_load(endpoint, prev_worker, -prev_cost)
-  if load then
-    for _, w in ipairs(workers) do
-      if w.id == prev_worker then w.load = load end
-    end
-  end
-end
-
--- Python's str ordering (code points), not Lua's strcoll: UTF-8 bytes sort the same way
-local function bytes_lt(a, b)
-  for i = 1, math.min(#a, #b) do
-    local x, y = string.byte(a, i), string.byte(b, i)
-    if x ~= y then return x < y end
-  end
-  return #a < #b
-end
-
--- selection.pick_worker: key (avoid, wait, load, worker_id), compared as a Python tuple
-local function key_lt(a, b)
-  if a.avoid ~= b.avoid then return b.avoid end
-  if a.wait ~= b.wait then return a.wait < b.wait end
-  if a.load ~= b.load then return a.load < b.load end
-  return bytes_lt(a.id, b.id)
-end
-
-local best, best_key = nil, nil
-for _, w in ipairs(workers) do
-  -- written as the negations of selection.py's `continue` tests so that NaN behaves the same
-  if w.state == 'ready' and not (w.max_perf <= 0) and now - w.last_seen <= heartbeat then
-    local wait = w.load / w.max_perf
-    if not (wait > max_queue) then
-      local key = {avoid = (w.id == prev_worker), wait = wait, load = w.load, id = w.id}
-      if best_key == nil or key_lt(key, best_key) then best, best_key = w, key end
-    end
-  end
-end
-
-if not retry then
-  idx = fmt(redis.call('INCR', prefix .. 'request_idx'))
-  local rate_key = prefix .. 'rate:' .. endpoint .. ':' .. fmt(math.floor(now / bucket) * bucket)
-  local rate = tonumber(redis.call('GET', rate_key) or '0')
-  redis.call('SET', rate_key, fmt(rate + cost), 'EX', history)
-end
-
-local req_key = prefix .. 'req:' .. idx
-redis.call('DEL', req_key)
-redis.call('ZADD', expiries, fmt(now + ttl), idx)
-
-if best then
-  local key = worker_key(endpoint, best.id)
-  redis.call('HSET', key, 'load', fmt(best.load + cost))
-  local reqnum = redis.call('HINCRBY', key, 'reqnum', 1)
-  redis.call('HSET', req_key, 'endpoint', endpoint, 'cost', ARGV[5], 'worker', best.id)
-  return {1, idx, best.id, best.url, reqnum}
-end
-
-redis.call('HSET', req_key, 'endpoint', endpoint, 'cost', ARGV[5])
--- selection.status_breakdown
-local counts, order = {}, {}
-for _, w in ipairs(workers) do
-  local category
-  if not (now - w.last_seen <= heartbeat) then
-    category = 'inactive'
-  elseif w.state == 'ready' and (w.max_perf <= 0 or w.load / w.max_perf > max_queue) then
-    category = 'busy'
-  else
-    category = w.state
-  end
-  if counts[category] == nil then
-    counts[category] = 0
-    order[#order + 1] = category
-  end
-  counts[category] = counts[category] + 1
-end
-local reply = {0, idx}
-for _, category in ipairs(order) do
-  reply[#reply + 1] = category
-  reply[#reply + 1] = counts[category]
-end
-return reply
-"""
-)
-
-# ARGV[4..]: endpoint, worker_id, url, state, max_perf, cur_load, in_flight, reqnums_per_s.
-# Returns {last_seen, load, reqnum}.
-_REPORT = (
-    _PRELUDE
-    + r"""
-local endpoint, id = ARGV[4], ARGV[5]
-local t = clock()
-local now = fmt(t)
-local key = worker_key(endpoint, id)
-redis.call('HSET', key, 'url', ARGV[6], 'state', ARGV[7], 'max_perf', ARGV[8], 'cur_load', ARGV[9],
-           'in_flight', ARGV[10], 'last_seen', now)
--- the ledger is the dispatcher's own: a report never resets it
-redis.call('HSETNX', key, 'load', '0')
--- a new record's reqnums start at the clock (records.reqnum_origin), above any issued before a lost counter
-redis.call('HSETNX', key, 'reqnum', fmt(math.floor(t * tonumber(ARGV[11]))))
-redis.call('SADD', prefix .. 'workers:' .. endpoint, id)
-local r = redis.call('HMGET', key, 'load', 'reqnum')
-return {now, r[1], r[2]}
-"""
-)
-
-# ARGV[4..]: endpoint, request_idx... Returns {released, unknown}.
-_RELEASE = (
-    _PRELUDE
-    + r"""
-local endpoint = ARGV[4]
-local released, unknown = 0, 0
-for i = 5, #ARGV do
-  local key = prefix .. 'req:' .. ARGV[i]
-  local r = redis.call('HMGET', key, 'endpoint', 'cost', 'worker')
-  if r[1] == endpoint then
-    redis.call('DEL', key)
-    redis.call('ZREM', expiries, ARGV[i])
-    if r[3] then add_load(endpoint, r[3], -tonumber(r[2])) end
-    released = released + 1
-  else
-    unknown = unknown + 1
-  end
-end
-return {released, unknown}
-"""
-)
+_ROUTE = _script("route")
+_REPORT = _script("report")
+_RELEASE = _script("release")
 
 _WORKER_FIELDS = ("url", "state", "max_perf", "cur_load", "in_flight", "last_seen", "load", "reqnum")
 
-# ARGV[4]: endpoint. Returns {worker_id, url, state, max_perf, cur_load, in_flight, last_seen, load, reqnum, ...}.
-_WORKERS = (
-    _PRELUDE
-    + r"""
-local endpoint = ARGV[4]
-sweep(clock())
-local reply = {}
-for _, id in ipairs(redis.call('SMEMBERS', prefix .. 'workers:' .. endpoint)) do
-  local r = redis.call('HMGET', worker_key(endpoint, id), FIELDS)
-  if r[1] then
-    reply[#reply + 1] = id
-    for _, value in ipairs(r) do reply[#reply + 1] = value end
-  end
-end
-return reply
-""".replace("FIELDS", ", ".join(f"'{name}'" for name in _WORKER_FIELDS))
-)
+_WORKERS = _script("workers").replace("FIELDS", ", ".join(f"'{name}'" for name in _WORKER_FIELDS))
 
-# ARGV[4..]: endpoint, window_s, LOAD_RATE_BUCKET_S, LOAD_HISTORY_S.
-# Returns {sum of the buckets in the window, load of each worker...}.
-_LOAD_STATS = (
-    _PRELUDE
-    + r"""
-local endpoint = ARGV[4]
-local window = tonumber(ARGV[5])
-local bucket = tonumber(ARGV[6])
-local history = tonumber(ARGV[7])
-local now = clock()
-sweep(now)
-local start = math.floor(now / bucket) * bucket
--- the window's buckets: the current one and those starting after start - window (as MemoryStore sums);
--- older than the history they have expired anyway
-local back = math.min(math.floor(window / bucket) - 1, math.floor(history / bucket))
-local total = 0
-for k = back, 0, -1 do  -- oldest first, the order MemoryStore sums in
-  local value = redis.call('GET', prefix .. 'rate:' .. endpoint .. ':' .. fmt(start - k * bucket))
-  if value then total = total + tonumber(value) end
-end
-local reply = {fmt(total)}
-for _, id in ipairs(redis.call('SMEMBERS', prefix .. 'workers:' .. endpoint)) do
-  local load = redis.call('HGET', worker_key(endpoint, id), 'load')
-  if load then reply[#reply + 1] = load end
-end
-return reply
-"""
-)
+_LOAD_STATS = _script("load_stats")
 
 
 def _num(value: float) -> str:

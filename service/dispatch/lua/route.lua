@@ -1,0 +1,115 @@
+-- ARGV[4..]: endpoint, cost, request_idx ('' for a new request), max_queue_time_s, heartbeat_timeout_s,
+-- request_ttl_s, LOAD_RATE_BUCKET_S, LOAD_HISTORY_S.
+-- Returns {-1} for an unknown request, {1, idx, worker_id, url, reqnum} when assigned, and
+-- {0, idx, category, count, ...} when no worker is ready.
+local endpoint = ARGV[4]
+local cost = tonumber(ARGV[5])
+local idx = ARGV[6]
+local max_queue = tonumber(ARGV[7])
+local heartbeat = tonumber(ARGV[8])
+local ttl = tonumber(ARGV[9])
+local bucket = tonumber(ARGV[10])
+local history = ARGV[11]
+
+local now = clock()
+sweep(now)
+
+local retry = idx ~= ''
+local prev_worker, prev_cost = false, 0
+if retry then
+  local r = redis.call('HMGET', prefix .. 'req:' .. idx, 'endpoint', 'cost', 'worker')
+  if r[1] ~= endpoint then return {-1} end
+  prev_worker, prev_cost = r[3], tonumber(r[2])
+end
+
+local workers = {}
+for _, id in ipairs(redis.call('SMEMBERS', prefix .. 'workers:' .. endpoint)) do
+  local r = redis.call('HMGET', worker_key(endpoint, id), 'state', 'max_perf', 'last_seen', 'load', 'url')
+  if r[1] then
+    workers[#workers + 1] = {id = id, state = r[1], max_perf = tonumber(r[2]), last_seen = tonumber(r[3]),
+                             load = tonumber(r[4]), url = r[5]}
+  end
+end
+
+if retry and prev_worker then
+  -- a retry's load leaves its old worker before picking, wherever it goes next (as MemoryStore does)
+  local load = add_load(endpoint, prev_worker, -prev_cost)
+  if load then
+    for _, w in ipairs(workers) do
+      if w.id == prev_worker then w.load = load end
+    end
+  end
+end
+
+-- Python's str ordering (code points), not Lua's strcoll: UTF-8 bytes sort the same way
+local function bytes_lt(a, b)
+  for i = 1, math.min(#a, #b) do
+    local x, y = string.byte(a, i), string.byte(b, i)
+    if x ~= y then return x < y end
+  end
+  return #a < #b
+end
+
+-- selection.pick_worker: key (avoid, wait, load, worker_id), compared as a Python tuple
+local function key_lt(a, b)
+  if a.avoid ~= b.avoid then return b.avoid end
+  if a.wait ~= b.wait then return a.wait < b.wait end
+  if a.load ~= b.load then return a.load < b.load end
+  return bytes_lt(a.id, b.id)
+end
+
+local best, best_key = nil, nil
+for _, w in ipairs(workers) do
+  -- written as the negations of selection.py's `continue` tests so that NaN behaves the same
+  if w.state == 'ready' and not (w.max_perf <= 0) and now - w.last_seen <= heartbeat then
+    local wait = w.load / w.max_perf
+    if not (wait > max_queue) then
+      local key = {avoid = (w.id == prev_worker), wait = wait, load = w.load, id = w.id}
+      if best_key == nil or key_lt(key, best_key) then best, best_key = w, key end
+    end
+  end
+end
+
+if not retry then
+  idx = fmt(redis.call('INCR', prefix .. 'request_idx'))
+  local rate_key = prefix .. 'rate:' .. endpoint .. ':' .. fmt(math.floor(now / bucket) * bucket)
+  local rate = tonumber(redis.call('GET', rate_key) or '0')
+  redis.call('SET', rate_key, fmt(rate + cost), 'EX', history)
+end
+
+local req_key = prefix .. 'req:' .. idx
+redis.call('DEL', req_key)
+redis.call('ZADD', expiries, fmt(now + ttl), idx)
+
+if best then
+  local key = worker_key(endpoint, best.id)
+  redis.call('HSET', key, 'load', fmt(best.load + cost))
+  local reqnum = redis.call('HINCRBY', key, 'reqnum', 1)
+  redis.call('HSET', req_key, 'endpoint', endpoint, 'cost', ARGV[5], 'worker', best.id)
+  return {1, idx, best.id, best.url, reqnum}
+end
+
+redis.call('HSET', req_key, 'endpoint', endpoint, 'cost', ARGV[5])
+-- selection.status_breakdown
+local counts, order = {}, {}
+for _, w in ipairs(workers) do
+  local category
+  if not (now - w.last_seen <= heartbeat) then
+    category = 'inactive'
+  elseif w.state == 'ready' and (w.max_perf <= 0 or w.load / w.max_perf > max_queue) then
+    category = 'busy'
+  else
+    category = w.state
+  end
+  if counts[category] == nil then
+    counts[category] = 0
+    order[#order + 1] = category
+  end
+  counts[category] = counts[category] + 1
+end
+local reply = {0, idx}
+for _, category in ipairs(order) do
+  reply[#reply + 1] = category
+  reply[#reply + 1] = counts[category]
+end
+return reply

@@ -1,0 +1,12 @@
+-- ARGV[4]: endpoint. Returns {worker_id, url, state, max_perf, cur_load, in_flight, last_seen, load, reqnum, ...}.
+local endpoint = ARGV[4]
+sweep(clock())
+local reply = {}
+for _, id in ipairs(redis.call('SMEMBERS', prefix .. 'workers:' .. endpoint)) do
+  local r = redis.call('HMGET', worker_key(endpoint, id), FIELDS)
+  if r[1] then
+    reply[#reply + 1] = id
+    for _, value in ipairs(r) do reply[#reply + 1] = value end
+  end
+end
+return reply
