@@ -82,7 +82,9 @@ def choose(expected_error: np.ndarray, route_cost: np.ndarray, lam: float) -> np
     return np.argmin(np.where(score <= best, cost, np.inf), axis=1)
 
 
-def lambda_breakpoints(expected_error: np.ndarray, route_cost: np.ndarray, max_lambdas: int = MAX_LAMBDAS) -> np.ndarray:
+def lambda_breakpoints(
+    expected_error: np.ndarray, route_cost: np.ndarray, max_lambdas: int = MAX_LAMBDAS
+) -> np.ndarray:
     """Sorted lambdas covering every distinct routing decision: 0 and each ``lambda > 0`` at which a row's
     choice can change, ``(e[a] - e[b]) / (c[b] - c[a])`` for pairs with ``c[a] < c[b]`` and ``e[a] > e[b]``.
 
