@@ -1,5 +1,5 @@
-"""Command line: ``python -m service serve-router | serve-dispatcher | fit | inspect-weights | keygen | add-endpoint
-| add-key``.
+"""Command line: ``python -m service serve | serve-router | serve-dispatcher | fit | eval | add-model | inspect-weights
+| keygen | add-endpoint | add-key``.
 
 Each ``serve-*`` flag maps to an ``LLMROUTER_*`` environment variable (see ``service.config``).
 """
@@ -56,11 +56,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_key.add_argument("--kind", choices=("api", "worker"), default="api", help="client api key or worker token")
     add_key.set_defaults(handler=_add_key)
 
-    from service.router.fit import add_fit_arguments, fit_main
+    from service.router.offline.options import add_add_model_arguments, add_eval_arguments, add_fit_arguments
 
     fit = commands.add_parser("fit", help="fit router weights from labelled outcomes")
     add_fit_arguments(fit)
-    fit.set_defaults(handler=fit_main)
+    fit.set_defaults(handler=_fit)
+
+    evaluate = commands.add_parser("eval", help="deferral curves, AUDC and QNC of weights, or of fit by --cv K")
+    add_eval_arguments(evaluate)
+    evaluate.set_defaults(handler=_eval)
+
+    add_model = commands.add_parser("add-model", help="append a model to weights from its outcomes on a small set")
+    add_add_model_arguments(add_model)
+    add_model.set_defaults(handler=_add_model)
 
     inspect = commands.add_parser("inspect-weights", help="validate a weights file and print its summary")
     inspect.add_argument("path", nargs="?", help="weights file (default: the shipped weights)")
@@ -215,6 +223,24 @@ def _add_key(args: argparse.Namespace) -> int:
         return 1
     print(f"{'api key' if args.kind == 'api' else 'worker token'} for {args.name}: {key}")
     return 0
+
+
+def _fit(args: argparse.Namespace) -> int:
+    from service.router.offline.fit import fit_main
+
+    return fit_main(args)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from service.router.offline.eval_cli import eval_main
+
+    return eval_main(args)
+
+
+def _add_model(args: argparse.Namespace) -> int:
+    from service.router.offline.add_model import add_model_main
+
+    return add_model_main(args)
 
 
 def _inspect_weights(args: argparse.Namespace) -> int:

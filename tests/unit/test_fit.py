@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.router import fit
-from service.router.data import DataError, LabelledSet, extract_text, load_prices, load_routerbench
+from service.router.offline import estimate, fit
+from service.router.offline.data import DataError, LabelledSet, extract_text, load_prices, load_routerbench
 from service.router.weights import default_weights_path, load_weights, save_weights
 
 SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "routerbench"
@@ -93,8 +93,9 @@ def test_select_alpha_prefers_little_shrinkage_when_clusters_differ() -> None:
     assign, correct = _synthetic_outcomes(cluster_effect=True)
     choice = fit.select_alpha(assign, correct, 6)
     assert choice.alpha <= 4.0
-    assert min(choice.cv_log_loss) == choice.cv_log_loss[choice.grid.index(choice.alpha)]
-    assert len(choice.cv_log_loss) == len(choice.grid)
+    assert choice.criterion == "log-loss"
+    assert min(choice.cv_score) == choice.cv_score[choice.grid.index(choice.alpha)]
+    assert len(choice.cv_score) == len(choice.grid)
 
 
 def test_select_alpha_prefers_strong_shrinkage_when_clusters_are_alike() -> None:
@@ -178,7 +179,7 @@ def test_fit_weights_produces_valid_round_trippable_weights(tmp_path: Path) -> N
     assert (weights.num_models, weights.num_clusters, weights.dim) == (2, 4, 16)
     np.testing.assert_allclose(weights.cost_per_1k, [0.001 / 0.005, 1.0], rtol=1e-6)
     meta = weights.metadata
-    assert meta["fit"]["alpha"] in fit.DEFAULT_ALPHA_GRID
+    assert meta["fit"]["alpha"] in estimate.DEFAULT_ALPHA_GRID
     assert meta["fit"]["alpha_selection"]["method"].startswith("5-fold")
     assert meta["training_data"]["rows_used"] == len(x)
     assert meta["price_usd_per_1k"]["b"] == {"input": 0.004, "output": 0.008, "blended": pytest.approx(0.005)}
@@ -348,7 +349,7 @@ def test_fit_main_writes_weights(
         json.dumps({m: {"input": 0.001 * (i + 1), "output": 0.002} for i, m in enumerate(MODELS)}), encoding="utf-8"
     )
 
-    def fake_embed(texts: Sequence[str]) -> tuple[np.ndarray, str, str]:
+    def fake_embed(texts: Sequence[str], **_: object) -> tuple[np.ndarray, str, str]:
         return _unit_blobs(n_per=10, k=4)[: len(texts)], "fake-embedder", "f" * 64
 
     monkeypatch.setattr(fit, "_embed", fake_embed)

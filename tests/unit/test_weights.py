@@ -283,4 +283,4 @@ def test_shipped_default_weights_load() -> None:
     assert all(len(f["sha256"]) == 64 for f in meta["training_data"]["files"])
     assert sum(meta["fit"]["cluster_sizes"]) == 2225
     assert "created_at" in meta
-    assert meta["tool"]["name"] == "service.router.fit"
+    assert meta["tool"]["name"] == "service.router.offline.fit"

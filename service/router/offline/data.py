@@ -1,8 +1,10 @@
-"""Labelled outcomes for fitting the router: RouterBench-style CSV files and a price list.
+"""Labelled outcomes for fitting and evaluating the router: RouterBench-style CSV or JSONL files, a price list.
 
-Each CSV row is one prompt; each model has a correctness column (``1.0``/``0.0``, empty = no
-outcome) and a ``<model>|total_cost`` column in USD. Model columns are recognised by their cost
-column, so response and oracle columns are never mistaken for models.
+Each row is one prompt (CSV: a row under a header; JSONL: one JSON object per line, same keys); each
+model has a correctness or score column (``1.0``/``0.0``, partial credit in between; empty or null =
+no outcome) and, optionally, a ``<model>|total_cost`` column in USD. A column is a model's when it
+has such a cost column or when the price list names it, so response and oracle columns are never
+mistaken for models.
 """
 
 from __future__ import annotations
@@ -12,23 +14,21 @@ import csv
 import json
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 
 from service.digest import file_sha256
-
-TextMode = Literal["last_block", "full"]
-TEXT_MODES: tuple[TextMode, ...] = ("last_block", "full")
+from service.router.offline.options import TEXT_MODES, TextMode
 
 PROMPT_COLUMN = "prompt"
 TASK_COLUMN = "eval_name"
 SAMPLE_ID_COLUMN = "sample_id"
 COST_SUFFIX = "|total_cost"
 BLOCK_SEPARATOR = "\n\n"
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
 
 
 class DataError(ValueError):
@@ -125,8 +125,14 @@ def load_prices(path: Path | str) -> dict[str, tuple[float, float]]:
     return prices
 
 
-def load_routerbench(paths: Sequence[Path | str], text_mode: TextMode = "last_block") -> LabelledSet:
-    """Concatenate RouterBench CSV files; every file must have the same set of models."""
+def load_labelled(
+    paths: Sequence[Path | str], text_mode: TextMode = "last_block", price_models: Collection[str] = ()
+) -> LabelledSet:
+    """Concatenate labelled files (CSV, or JSONL by suffix); every file must have the same set of models.
+
+    Models are the columns with a ``<model>|total_cost`` twin, plus the columns named in ``price_models``
+    (a price list: then no per-row cost is needed; missing costs are NaN).
+    """
     if not paths:
         raise DataError("no training files given")
     if text_mode not in TEXT_MODES:
@@ -139,7 +145,7 @@ def load_routerbench(paths: Sequence[Path | str], text_mode: TextMode = "last_bl
     cost_rows: list[list[float]] = []
     sources: list[SourceFile] = []
     for path in map(Path, paths):
-        rows, file_models = _read_csv(path)
+        rows, file_models = _read_jsonl(path, price_models) if _is_jsonl(path) else _read_csv(path, price_models)
         if models is None:
             models = file_models
         elif file_models != models:
@@ -148,8 +154,8 @@ def load_routerbench(paths: Sequence[Path | str], text_mode: TextMode = "last_bl
             texts.append(extract_text(row[PROMPT_COLUMN], text_mode))
             tasks.append(row.get(TASK_COLUMN) or "")
             sample_ids.append(row.get(SAMPLE_ID_COLUMN) or "")
-            correct_rows.append([_parse_outcome(row[m], path, line, m) for m in models])
-            cost_rows.append([_parse_cost(row[m + COST_SUFFIX], path, line, m) for m in models])
+            correct_rows.append([_parse_outcome(row.get(m, ""), path, line, m) for m in models])
+            cost_rows.append([_parse_cost(row.get(m + COST_SUFFIX, ""), path, line, m) for m in models])
         sources.append(SourceFile(name=path.name, sha256=file_sha256(path), rows=len(rows)))
     assert models is not None
     num_models = len(models)
@@ -165,7 +171,33 @@ def load_routerbench(paths: Sequence[Path | str], text_mode: TextMode = "last_bl
     )
 
 
-def _read_csv(path: Path) -> tuple[list[tuple[int, dict[str, str]]], tuple[str, ...]]:
+# The loader's first name, from when it read RouterBench CSV only.
+load_routerbench = load_labelled
+
+Rows = list[tuple[int, dict[str, str]]]
+
+
+def _is_jsonl(path: Path) -> bool:
+    return path.suffix.lower() in JSONL_SUFFIXES
+
+
+def _model_columns(header: Sequence[str], price_models: Collection[str], path: Path) -> tuple[str, ...]:
+    """Sorted model names: columns with a cost twin, and priced columns."""
+    if PROMPT_COLUMN not in header:
+        raise DataError(f"{path}: no {PROMPT_COLUMN!r} column")
+    present = set(header)
+    reserved = {PROMPT_COLUMN, TASK_COLUMN, SAMPLE_ID_COLUMN}
+    candidates = (c for c in present if c and "|" not in c and c not in reserved)
+    models = sorted(c for c in candidates if c + COST_SUFFIX in present or c in price_models)
+    if not models:
+        priced = f"; priced: {', '.join(sorted(price_models))}" if price_models else ""
+        raise DataError(
+            f"{path}: no model columns (a model column X needs a matching 'X{COST_SUFFIX}' column or a price{priced})"
+        )
+    return tuple(models)
+
+
+def _read_csv(path: Path, price_models: Collection[str] = ()) -> tuple[Rows, tuple[str, ...]]:
     """Rows with their line numbers, and the sorted model names found in the header."""
     try:
         with path.open(newline="", encoding="utf-8") as fh:
@@ -174,15 +206,45 @@ def _read_csv(path: Path) -> tuple[list[tuple[int, dict[str, str]]], tuple[str, 
             rows = [(reader.line_num, row) for row in reader]
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"{path}: cannot read CSV ({exc})") from exc
-    if PROMPT_COLUMN not in header:
-        raise DataError(f"{path}: no {PROMPT_COLUMN!r} column")
-    models = tuple(sorted(c for c in header if c and "|" not in c and c + COST_SUFFIX in header))
-    if not models:
-        raise DataError(f"{path}: no model columns (a model column X needs a matching 'X{COST_SUFFIX}' column)")
+    models = _model_columns(header, price_models, path)
     for line, row in rows:
         if None in row or any(value is None for value in row.values()):
             raise DataError(f"{path}:{line}: row length differs from the header")
     return rows, models
+
+
+def _read_jsonl(path: Path, price_models: Collection[str] = ()) -> tuple[Rows, tuple[str, ...]]:
+    """JSON objects, one per non-blank line; values become the strings a CSV cell would hold."""
+    rows: Rows = []
+    header: dict[str, None] = {}
+    try:
+        with path.open(encoding="utf-8") as fh:
+            for line, text in enumerate(fh, start=1):
+                if not text.strip():
+                    continue
+                value = json.loads(text)
+                if not isinstance(value, dict):
+                    raise DataError(f"{path}:{line}: each line must be a JSON object")
+                rows.append((line, {str(k): _cell(v, path, line) for k, v in value.items()}))
+                header.update(dict.fromkeys(map(str, value)))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: cannot read JSONL ({exc})") from exc
+    models = _model_columns(list(header), price_models, path)
+    for line, row in rows:
+        if PROMPT_COLUMN not in row:
+            raise DataError(f"{path}:{line}: no {PROMPT_COLUMN!r}")
+    return rows, models
+
+
+def _cell(value: object, path: Path, line: int) -> str:
+    """A JSON value as CSV text: null -> empty, true/false -> 1/0, numbers and strings as written."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, int | float | str):
+        return str(value)
+    raise DataError(f"{path}:{line}: values must be strings, numbers, booleans or null; got {type(value).__name__}")
 
 
 def _parse_outcome(value: str, path: Path, line: int, model: str) -> float:

@@ -1,0 +1,186 @@
+"""``python -m service add-model``: append a model to existing weights from its outcomes on a small set.
+
+Nothing is refitted: the centroids, the other models' errors and costs stay bit for bit, so routing
+among the old models does not change. The new model's error on cluster ``c`` is estimated as ``fit``
+does it (``estimate.py``)::
+
+    error[new, c] = (wrong[c] + alpha * prior[c]) / (n[c] + alpha)
+
+over the validation prompts whose nearest centroid is ``c``. ``prior[c]`` mixes the new model's per-task
+error rates by the cluster's training task counts (recorded in the weights) when the validation rows
+name those tasks, else it is the new model's overall error rate; ``alpha`` defaults to the strength
+the weights were fitted with. Its cost is given in the weights' own unit, or as USD list prices that
+are converted the way ``fit`` converted the others (same blend, same reference price).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.router.offline.costs import COST_UNIT, COST_UNIT_ROWS, INPUT_PRICE_WEIGHT, OUTPUT_PRICE_WEIGHT
+from service.router.offline.data import DataError, LabelledSet, load_labelled, load_prices
+from service.router.offline.estimate import cluster_error, global_error, task_mix_prior, task_rates
+from service.router.offline.fit import assign_clusters
+from service.router.offline.options import PRICES_FILE, TextMode
+from service.router.weights import RouterWeights, WeightsError, default_weights_path, load_weights, save_weights
+
+
+def new_model_errors(
+    weights: RouterWeights,
+    embeddings: np.ndarray,
+    correct: np.ndarray,
+    tasks: Sequence[str],
+    alpha: float,
+) -> np.ndarray:
+    """``[K]`` float32 per-cluster error of the new model (``correct`` ``[N]``, NaN = no outcome)."""
+    outcomes = np.asarray(correct, dtype=np.float64).reshape(-1, 1)
+    if embeddings.shape != (outcomes.shape[0], weights.dim):
+        raise ValueError(f"embeddings must be [{outcomes.shape[0]}, {weights.dim}]; got {embeddings.shape}")
+    k = weights.num_clusters
+    assign = assign_clusters(embeddings, weights.centroids)
+    prior = _task_prior(weights, outcomes, tasks)
+    if prior is None:
+        prior = np.broadcast_to(global_error(outcomes), (k, 1)).copy()
+    return cluster_error(assign, outcomes, k, alpha, prior)[0]
+
+
+def _task_prior(weights: RouterWeights, outcomes: np.ndarray, tasks: Sequence[str]) -> np.ndarray | None:
+    """``[K, 1]`` the task-mix prior, or None when the weights record no tasks or no validation row has one."""
+    counts_by_task: Mapping[str, Sequence[int]] = weights.metadata.get("fit", {}).get("cluster_task_counts", {})
+    names = list(counts_by_task)
+    known = [t in counts_by_task for t in tasks]
+    if len(names) < 2 or not any(known):
+        return None
+    rows = np.flatnonzero(known)
+    task_ids = np.array([names.index(t) for t, seen in zip(tasks, known, strict=True) if seen], dtype=np.int64)
+    # Tasks without validation rows get the new model's overall rate over the rows that name a task.
+    rates = task_rates(task_ids, outcomes[rows], len(names))
+    counts = np.array([counts_by_task[name] for name in names], dtype=np.float64).T  # [K, T]
+    return task_mix_prior(counts, rates, global_error(outcomes))
+
+
+def relative_cost_from_prices(weights: RouterWeights, input_usd: float, output_usd: float) -> float:
+    """USD list prices per 1k -> the weights' relative unit: the same blend, divided by the same reference."""
+    if weights.metadata.get("cost_unit") != COST_UNIT:
+        raise ValueError("these weights' costs are not relative list prices; give --cost-per-1k in their unit")
+    blend = weights.metadata.get("cost_blend", {})
+    w_in = float(blend.get("input_weight", INPUT_PRICE_WEIGHT))
+    w_out = float(blend.get("output_weight", OUTPUT_PRICE_WEIGHT))
+    blended = (w_in * input_usd + w_out * output_usd) / (w_in + w_out)
+    return blended / reference_price(weights)
+
+
+def reference_price(weights: RouterWeights) -> float:
+    """The blended USD price that cost 1.0 stands for, from any priced model: ``blended / cost_per_1k``."""
+    prices = weights.metadata.get("price_usd_per_1k", {})
+    for i, model in enumerate(weights.models):
+        cost = float(weights.cost_per_1k[i])
+        if model in prices and cost > 0:
+            return float(prices[model]["blended"]) / cost
+    raise ValueError("the weights record no list price to convert USD prices with; give --cost-per-1k")
+
+
+def append_model(
+    weights: RouterWeights, name: str, errors: np.ndarray, cost: float, provenance: Mapping[str, Any]
+) -> RouterWeights:
+    """The same weights with one more model (last): old tensors copied unchanged, one row and one cost added."""
+    if name in weights.models:
+        raise ValueError(f"model {name!r} is already in the weights")
+    if errors.shape != (weights.num_clusters,):
+        raise ValueError(f"errors must be [{weights.num_clusters}]; got {errors.shape}")
+    if not (np.isfinite(cost) and cost >= 0):
+        raise ValueError(f"cost must be finite and >= 0; got {cost}")
+    metadata = copy.deepcopy(dict(weights.metadata))
+    metadata.setdefault("added_models", []).append({"model": name, **provenance})
+    extended = replace(
+        weights,
+        models=(*weights.models, name),
+        expected_error=np.vstack([weights.expected_error, errors[None, :].astype(np.float32)]),
+        cost_per_1k=np.append(weights.cost_per_1k, np.float32(cost)),
+        metadata=metadata,
+    )
+    extended.validate()
+    return extended
+
+
+def add_model_main(args: argparse.Namespace) -> int:
+    """Load, embed, estimate, append, save; returns the process exit code."""
+    from service.router.offline.fit import _embed
+
+    source: Path = args.weights or default_weights_path()
+    try:
+        weights = load_weights(source)
+        mode = weights.metadata.get("fit", {}).get("text_mode", "last_block")
+        text_mode: TextMode = "full" if mode == "full" else "last_block"
+        labelled = load_labelled(args.data, text_mode=text_mode, price_models=(args.model,))
+        if args.model not in labelled.models:
+            raise DataError(f"no outcome column {args.model!r} in the data")
+        column = labelled.models.index(args.model)
+        cost, cost_note = _new_cost(args, weights, labelled, column)
+        vectors, _, embedder_sha256 = _embed(labelled.texts, cache=args.embedding_cache, progress=not args.no_progress)
+        if embedder_sha256 != weights.embedder_sha256:
+            raise WeightsError("the weights were fitted with another embedder than the one installed")
+        alpha = float(args.alpha if args.alpha is not None else weights.metadata.get("fit", {}).get("alpha", 0.0))
+        errors = new_model_errors(weights, vectors, labelled.correct[:, column], labelled.task, alpha)
+        extended = append_model(weights, args.model, errors, cost, _provenance(labelled, column, alpha, cost_note))
+        save_weights(extended, args.out)
+    except (DataError, WeightsError, ValueError, OSError) as exc:
+        print(f"add-model failed: {exc}", file=sys.stderr)
+        return 1
+    observed = int((~np.isnan(labelled.correct[:, column])).sum())
+    print(f"wrote {args.out} ({extended.version}): {args.model} appended to {weights.version}")
+    print(f"{observed} outcomes, error {float(global_error(labelled.correct[:, [column]])[0]):.3f}, alpha {alpha:g}")
+    print(f"cost_per_1k {cost:.4f} ({cost_note})")
+    return 0
+
+
+def relative_cost_from_rows(weights: RouterWeights, cost_usd: np.ndarray) -> float:
+    """Observed USD per call -> the weights' relative unit, for weights whose costs are observed costs."""
+    if weights.metadata.get("cost_unit") != COST_UNIT_ROWS:
+        raise ValueError("these weights' costs are list prices; give --price-usd or --cost-per-1k")
+    observed = weights.metadata.get("observed_cost_usd_per_call", {})
+    priced = [
+        (m, float(c)) for m, c in zip(weights.models, weights.cost_per_1k, strict=True) if m in observed and c > 0
+    ]
+    reference = observed[priced[0][0]] / priced[0][1] if priced else None
+    if reference is None or np.isnan(cost_usd).all():
+        raise ValueError("no observed cost to convert; give --cost-per-1k")
+    return float(np.nanmean(cost_usd)) / float(reference)
+
+
+def _new_cost(
+    args: argparse.Namespace, weights: RouterWeights, labelled: LabelledSet, column: int
+) -> tuple[float, str]:
+    """The new model's cost: given, from USD prices (flag or prices file), or from its observed per-row costs."""
+    if args.cost_per_1k is not None:
+        return float(args.cost_per_1k), "given"
+    if args.price_usd is not None:
+        return relative_cost_from_prices(weights, *args.price_usd), "from the given USD list prices"
+    if weights.metadata.get("cost_unit") == COST_UNIT_ROWS:
+        return relative_cost_from_rows(weights, labelled.cost_usd[:, column]), "from its observed per-row costs"
+    prices_path: Path = args.prices or Path(args.data[0]).parent / PRICES_FILE
+    if prices_path.is_file():
+        prices = load_prices(prices_path)
+        if args.model in prices:
+            return relative_cost_from_prices(weights, *prices[args.model]), f"from {prices_path.name}"
+    raise ValueError(f"no cost for {args.model!r}: give --cost-per-1k, --price-usd, or a prices file that names it")
+
+
+def _provenance(labelled: LabelledSet, column: int, alpha: float, cost_note: str) -> dict[str, Any]:
+    return {
+        "files": [{"name": s.name, "sha256": s.sha256, "rows": s.rows} for s in labelled.sources],
+        "outcomes_observed": int((~np.isnan(labelled.correct[:, column])).sum()),
+        "error": float(global_error(labelled.correct[:, [column]])[0]),
+        "alpha": alpha,
+        "cost": cost_note,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }

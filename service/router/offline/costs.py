@@ -1,0 +1,63 @@
+"""Model costs as the router trades them off: relative list prices, or relative observed costs.
+
+``cost_per_1k[m]`` in the weights is one of (the unit string goes into the weights' metadata):
+
+- list prices: ``blended[m] = (3 * input[m] + 1 * output[m]) / 4`` USD per 1k tokens, divided by the
+  largest, so the most expensive model costs 1.0;
+- observed costs (``fit --costs rows``): the mean observed USD per call, divided by the largest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from service.router.offline.estimate import RoutingCosts
+
+# Typical chat traffic reads more than it writes: blend list prices 3 input : 1 output.
+INPUT_PRICE_WEIGHT = 3.0
+OUTPUT_PRICE_WEIGHT = 1.0
+COST_UNIT = "relative blended list price per 1k tokens (3:1 input:output), most expensive model = 1.0"
+COST_UNIT_ROWS = "relative mean observed cost per call (USD), most expensive model = 1.0"
+
+
+def blended_prices(
+    models: Sequence[str],
+    prices: Mapping[str, tuple[float, float]],
+    input_weight: float = INPUT_PRICE_WEIGHT,
+    output_weight: float = OUTPUT_PRICE_WEIGHT,
+) -> np.ndarray:
+    """``[M]`` USD per 1k tokens: ``(input_weight * input + output_weight * output) / (sum of weights)``."""
+    missing = [m for m in models if m not in prices]
+    if missing:
+        raise ValueError(f"no price for model(s): {', '.join(missing)}")
+    total = input_weight + output_weight
+    return np.array([(input_weight * prices[m][0] + output_weight * prices[m][1]) / total for m in models])
+
+
+def relative_costs(blended: np.ndarray) -> np.ndarray:
+    """Blended prices divided by the largest, so the most expensive model costs 1.0."""
+    top = float(np.max(blended))
+    if top <= 0:
+        raise ValueError("at least one model needs a positive price")
+    return (blended / top).astype(np.float32)
+
+
+def observed_cost_per_call(cost_usd: np.ndarray) -> np.ndarray:
+    """``[M]`` mean observed USD per call (NaN cells left out); a model with no observed cost is an error."""
+    observed = ~np.isnan(cost_usd)
+    calls = observed.sum(axis=0)
+    if (calls == 0).any():
+        raise ValueError(f"models at columns {np.flatnonzero(calls == 0).tolist()} have no observed cost")
+    return np.where(observed, cost_usd, 0.0).sum(axis=0) / calls
+
+
+def routing_costs(cost_usd: np.ndarray, route_cost: np.ndarray) -> RoutingCosts:
+    """Costs for choosing alpha by AUDC: route by ``route_cost``; score each call at its observed cost when
+    every model has some, else at ``route_cost``."""
+    if (~np.isnan(cost_usd)).any(axis=0).all():
+        realised = np.asarray(cost_usd, dtype=np.float64)
+    else:
+        realised = np.broadcast_to(route_cost.astype(np.float64), cost_usd.shape).copy()
+    return RoutingCosts(route=np.asarray(route_cost, dtype=np.float64), realised=realised)

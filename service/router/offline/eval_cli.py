@@ -1,0 +1,166 @@
+"""``python -m service eval``: score weights on labelled outcomes, or cross-validate ``fit`` (``--cv K``).
+
+Writes ``PREFIX.json`` (everything), ``PREFIX.md`` (the table) and ``PREFIX.png`` (the curves), and
+prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service import __version__
+from service.router.offline import fit as fit_module
+from service.router.offline.costs import blended_prices, relative_costs
+from service.router.offline.data import DataError, LabelledSet
+from service.router.offline.options import TextMode
+from service.router.offline.quality import FitSettings, QualityReport, cross_validate, evaluate_weights, realised_costs
+from service.router.offline.quality_report import plot_curves, report_json, report_markdown, write_json
+from service.router.weights import RouterWeights, WeightsError, default_weights_path, load_weights
+
+DEFAULT_PREFIX = "router-quality"
+GIT_TIMEOUT_S = 5.0
+
+
+def eval_main(args: argparse.Namespace) -> int:
+    """Load, embed, evaluate, write; returns the process exit code."""
+    today = datetime.now(UTC).date().isoformat()
+    prefix: Path = args.out or Path(f"{DEFAULT_PREFIX}{f'-cv{args.cv}' if args.cv else ''}-{today}")
+    progress = not args.no_progress
+    if importlib.util.find_spec("matplotlib") is None:
+        print("eval failed: the plot needs matplotlib: pip install -e '.[eval]'", file=sys.stderr)
+        return 1
+    try:
+        weights = None if args.cv else load_weights(args.weights or default_weights_path())
+        text_mode: TextMode = args.text or (_weights_text_mode(weights) if weights else "last_block")
+        labelled, prices, _ = fit_module.load_inputs(args, text_mode)
+        prices_relative = None
+        if prices is not None:
+            prices_relative = relative_costs(blended_prices(labelled.models, prices))
+        realised, cost_source = realised_costs(labelled, prices_relative)
+        embeddings, embedder_id, embedder_sha256 = fit_module._embed(
+            labelled.texts, cache=args.embedding_cache, progress=progress
+        )
+        if weights is None:
+            settings = FitSettings(
+                k=args.clusters,
+                seed=args.seed,
+                n_restarts=args.restarts,
+                alpha=args.alpha,
+                prior=args.prior,
+                alpha_criterion=args.alpha_criterion,
+            )
+            route_cost = prices_relative if args.costs == "prices" else None
+            report = cross_validate(
+                labelled,
+                embeddings,
+                realised,
+                route_cost=route_cost,
+                folds=args.cv,
+                settings=settings,
+                progress=progress,
+            )
+        else:
+            if weights.embedder_sha256 != embedder_sha256:
+                raise WeightsError("the weights were fitted with another embedder than the one installed")
+            report = evaluate_weights(weights, labelled, embeddings, realised)
+        info = _info(args, labelled, text_mode, cost_source, weights, embedder_id, embedder_sha256)
+        title, preamble = _describe(report, info)
+        markdown = report_markdown(report, title, preamble)
+        write_json(prefix.with_name(prefix.name + ".json"), report_json(report, info))
+        prefix.with_name(prefix.name + ".md").write_text(markdown, encoding="utf-8")
+        plot_title = f"{title} (curves pooled out of fold; AUDC in the legend: pooled)" if report.folds else title
+        plot_curves(report, prefix.with_name(prefix.name + ".png"), plot_title)
+    except (DataError, WeightsError, ValueError, OSError) as exc:
+        print(f"eval failed: {exc}", file=sys.stderr)
+        return 1
+    print(markdown)
+    print(f"wrote {prefix}.json, .md, .png")
+    return 0
+
+
+def _weights_text_mode(weights: RouterWeights) -> TextMode:
+    mode = weights.metadata.get("fit", {}).get("text_mode", "last_block")
+    return "full" if mode == "full" else "last_block"
+
+
+def _info(
+    args: argparse.Namespace,
+    labelled: LabelledSet,
+    text_mode: TextMode,
+    cost_source: str,
+    weights: RouterWeights | None,
+    embedder_id: str,
+    embedder_sha256: str,
+) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "kind": "router-quality",
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": ["python", "-m", "service", *sys.argv[1:]],
+        "data": [{"name": s.name, "sha256": s.sha256, "rows": s.rows} for s in labelled.sources],
+        "models": list(labelled.models),
+        "tasks": labelled.task_counts,
+        "text_mode": text_mode,
+        "realised_cost": cost_source,
+        "embedder": {"id": embedder_id, "sha256": embedder_sha256},
+        "tool": {"version": __version__, "numpy": np.__version__, "git_commit": _git_commit()},
+    }
+    if weights is None:
+        info["settings"] = {
+            "clusters": args.clusters,
+            "seed": args.seed,
+            "restarts": args.restarts,
+            "alpha": args.alpha
+            if args.alpha is not None
+            else f"chosen in each fold by inner 5-fold CV ({args.alpha_criterion})",
+            "prior": args.prior,
+            "alpha_criterion": args.alpha_criterion,
+            "route_cost": args.costs,
+        }
+    else:
+        info["weights"] = {"path": str(args.weights or default_weights_path()), "version": weights.version}
+    return info
+
+
+def _describe(report: QualityReport, info: dict[str, Any]) -> tuple[str, list[str]]:
+    files = ", ".join(f"{d['name']} ({d['rows']} rows, sha256 {d['sha256'][:12]})" for d in info["data"])
+    evaluation = report.info
+    lines = [
+        f"Data: {files}; {evaluation['rows_scored']} of {evaluation['rows']} prompts scored (the rest lack an "
+        f"outcome or a cost for some model). Text embedded: {info['text_mode']}. "
+        f"Realised cost: {info['realised_cost']}.",
+        f"Cost axis: mean cost per prompt / that of the most accurate single model on the same prompts "
+        f"({evaluation['reference_model']}, accuracy {evaluation['reference_accuracy']:.4f} over all scored prompts).",
+    ]
+    if report.folds:
+        s = info["settings"]
+        alphas = ", ".join(f"{f['alpha']:g}" for f in report.fold_info)
+        lines.append(
+            f"Router: `fit` with K={s['clusters']}, seed {s['seed']}, {s['restarts']} k-means restarts, prior "
+            f"{s['prior']}; alpha {s['alpha']}: {alphas}."
+        )
+        return f"Router quality: {report.folds}-fold cross-validation", lines
+    lines.append(f"Router: weights {info['weights']['version']} ({info['weights']['path']}).")
+    return "Router quality", lines
+
+
+def _git_commit() -> str | None:
+    try:
+        done = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=GIT_TIMEOUT_S,
+            cwd=Path(__file__).parent,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() or None if done.returncode == 0 else None

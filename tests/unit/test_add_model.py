@@ -1,0 +1,161 @@
+"""add-model: a new model appended from a small validation set, with nothing else touched."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.router.offline import add_model, fit
+from service.router.offline.estimate import TASK_PRIOR_STRENGTH
+from service.router.offline.options import add_add_model_arguments
+from service.router.scoring import ScoreTable, score_batch
+from service.router.weights import RouterWeights, load_weights, save_weights
+
+K, DIM = 4, 8
+EMBEDDER_SHA = "ab" * 32
+
+
+def _centroids() -> np.ndarray:
+    return np.eye(K, DIM, dtype=np.float32)  # cluster c = basis vector c
+
+
+def toy_weights() -> RouterWeights:
+    rng = np.random.default_rng(0)
+    models = ("m-cheap", "m-mid", "m-dear")
+    blended = {"m-cheap": 0.001, "m-mid": 0.004, "m-dear": 0.01}
+    return RouterWeights(
+        models=models,
+        centroids=_centroids(),
+        expected_error=rng.uniform(0.1, 0.6, size=(3, K)).astype(np.float32),
+        cost_per_1k=np.array([0.1, 0.4, 1.0], dtype=np.float32),
+        default_lambda=0.1,
+        embedder_id="toy",
+        embedder_sha256=EMBEDDER_SHA,
+        metadata={
+            "cost_unit": fit.COST_UNIT,
+            "cost_blend": {"input_weight": 3.0, "output_weight": 1.0},
+            "price_usd_per_1k": {m: {"input": b, "output": b, "blended": b} for m, b in blended.items()},
+            "fit": {
+                "alpha": 2.0,
+                "text_mode": "last_block",
+                "cluster_task_counts": {"a": [3, 1, 0, 0], "b": [1, 3, 0, 4]},
+            },
+        },
+    )
+
+
+def _embeddings(clusters: Sequence[int]) -> np.ndarray:
+    return _centroids()[list(clusters)]
+
+
+def test_new_model_errors_with_the_global_prior() -> None:
+    weights = toy_weights()
+    # No task names: prior = the new model's overall error, 2 wrong of 5 = 0.4; alpha = 2.
+    clusters = [0, 0, 1, 1, 1]
+    correct = np.array([1.0, 0.0, 1.0, 1.0, 0.0])
+    errors = add_model.new_model_errors(weights, _embeddings(clusters), correct, [""] * 5, alpha=2.0)
+    assert errors.dtype == np.float32
+    np.testing.assert_allclose(errors, [(1 + 0.8) / 4, (1 + 0.8) / 5, 0.4, 0.4], rtol=1e-6)
+
+
+def test_new_model_errors_with_the_task_prior() -> None:
+    weights = toy_weights()
+    # Task a: 2 rows, both right; task b: 2 rows, both wrong -> overall 0.5; rates shrunk by s pseudo-rows.
+    s = TASK_PRIOR_STRENGTH
+    rate_a, rate_b = (0 + s * 0.5) / (2 + s), (2 + s * 0.5) / (2 + s)
+    clusters, tasks, correct = [0, 0, 3, 3], ["a", "a", "b", "b"], np.array([1.0, 1.0, 0.0, 0.0])
+    errors = add_model.new_model_errors(weights, _embeddings(clusters), correct, tasks, alpha=2.0)
+    prior = [0.75 * rate_a + 0.25 * rate_b, 0.25 * rate_a + 0.75 * rate_b, 0.5, rate_b]  # cluster 2: no training rows
+    expected = [(0 + 2 * prior[0]) / (2 + 2), prior[1], prior[2], (2 + 2 * prior[3]) / (2 + 2)]
+    np.testing.assert_allclose(errors, expected, rtol=1e-6)
+
+
+def test_append_leaves_old_models_and_their_routing_unchanged() -> None:
+    weights = toy_weights()
+    new_errors = np.array([0.0, 0.9, 0.05, 0.3], dtype=np.float32)
+    extended = add_model.append_model(weights, "m-new", new_errors, 0.05, {"note": "test"})
+    assert extended.models == (*weights.models, "m-new")
+    np.testing.assert_array_equal(extended.centroids, weights.centroids)
+    np.testing.assert_array_equal(extended.expected_error[:3], weights.expected_error)
+    np.testing.assert_array_equal(extended.expected_error[3], new_errors)
+    np.testing.assert_array_equal(extended.cost_per_1k[:3], weights.cost_per_1k)
+    assert extended.metadata["added_models"] == [{"model": "m-new", "note": "test"}]
+    assert "added_models" not in weights.metadata
+    assert extended.version != weights.version
+
+    old = ScoreTable.build(weights.models, weights.expected_error, weights.cost_per_1k)
+    new = ScoreTable.build(extended.models, extended.expected_error, extended.cost_per_1k)
+    old_only = np.array([m in weights.models for m in new.models])
+    clusters = np.repeat(np.arange(K), 6)
+    lambdas = np.tile([0.0, 0.05, 0.1, 0.3, 1.0, 5.0], K)
+    before = score_batch(old, clusters, lambdas, np.ones((len(clusters), 3), dtype=bool))
+    after = score_batch(new, clusters, lambdas, np.tile(old_only, (len(clusters), 1)))
+    assert [old.models[c] for c in before.chosen] == [new.models[c] for c in after.chosen]
+    # With the new model allowed it does win somewhere (cluster 0 at lambda 0: error 0).
+    everything = score_batch(new, np.array([0]), np.array([0.0]), np.ones((1, 4), dtype=bool))
+    assert new.models[int(everything.chosen[0])] == "m-new"
+
+
+def test_append_rejects_duplicates_and_bad_values() -> None:
+    weights = toy_weights()
+    with pytest.raises(ValueError, match="already in the weights"):
+        add_model.append_model(weights, "m-mid", np.zeros(K), 0.1, {})
+    with pytest.raises(ValueError, match="errors must be"):
+        add_model.append_model(weights, "m-new", np.zeros(K + 1), 0.1, {})
+    with pytest.raises(ValueError, match="cost must be"):
+        add_model.append_model(weights, "m-new", np.zeros(K), -1.0, {})
+
+
+def test_usd_prices_convert_like_fit_did() -> None:
+    weights = toy_weights()
+    # Reference: blended 0.01 USD is cost 1.0; (3 * 0.002 + 0.006) / 4 = 0.003 -> 0.3.
+    assert add_model.reference_price(weights) == pytest.approx(0.01)
+    assert add_model.relative_cost_from_prices(weights, 0.002, 0.006) == pytest.approx(0.3)
+
+
+def _write_validation(path: Path, rows: list[tuple[str, str, str]]) -> Path:
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["prompt", "eval_name", "m-new"])
+        writer.writerows(rows)
+    return path
+
+
+def test_add_model_main_writes_extended_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = tmp_path / "w.safetensors"
+    save_weights(toy_weights(), source)
+    data = _write_validation(tmp_path / "val.csv", [("c0", "a", "1"), ("c0", "a", "0"), ("c3", "b", "0")])
+    (tmp_path / "prices.json").write_text(json.dumps({"m-new": {"input": 0.002, "output": 0.006}}), encoding="utf-8")
+
+    def fake_embed(texts: Sequence[str], **_: object) -> tuple[np.ndarray, str, str]:
+        return _embeddings([int(t[1:]) for t in texts]), "toy", EMBEDDER_SHA
+
+    monkeypatch.setattr(fit, "_embed", fake_embed)
+    parser = argparse.ArgumentParser()
+    add_add_model_arguments(parser)
+    out = tmp_path / "w2.safetensors"
+    args = parser.parse_args(["--data", str(data), "--model", "m-new", "--weights", str(source), "--out", str(out)])
+    assert add_model.add_model_main(args) == 0
+    extended = load_weights(out)
+    assert extended.models[-1] == "m-new"
+    assert float(extended.cost_per_1k[-1]) == pytest.approx(0.3)
+    info = extended.metadata["added_models"][0]
+    assert info["outcomes_observed"] == 3
+    assert info["alpha"] == 2.0
+    assert info["cost"] == "from prices.json"
+    assert extended.version in capsys.readouterr().out
+
+    again = parser.parse_args(["--data", str(data), "--model", "m-new", "--weights", str(out), "--out", str(out)])
+    assert add_model.add_model_main(again) == 1
+    assert "already in the weights" in capsys.readouterr().err
+    other = parser.parse_args(["--data", str(data), "--model", "m-other", "--weights", str(source), "--out", str(out)])
+    assert add_model.add_model_main(other) == 1
+    assert "priced: m-other" in capsys.readouterr().err

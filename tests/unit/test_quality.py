@@ -1,0 +1,276 @@
+"""Cross-validation and scoring of weights (quality.py), their reports, and the ``eval`` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.router.offline import fit, quality
+from service.router.offline.baselines import ORACLE, RANDOM_MIX, SINGLE_ENVELOPE
+from service.router.offline.data import LabelledSet, load_labelled
+from service.router.offline.eval_cli import eval_main
+from service.router.offline.options import add_eval_arguments
+from service.router.offline.quality_report import report_markdown
+from service.router.weights import save_weights
+
+MODELS = ("cheap", "dear", "mid")
+PRICES = {"cheap": (0.001, 0.001), "dear": (0.01, 0.01), "mid": (0.004, 0.004)}
+BLOBS, PER_BLOB, DIM = 4, 30, 16
+
+
+def _blobs(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(BLOBS, DIM))
+    points = np.repeat(centres, PER_BLOB, axis=0) + 0.1 * rng.normal(size=(BLOBS * PER_BLOB, DIM))
+    return (points / np.linalg.norm(points, axis=1, keepdims=True)).astype(np.float32), np.repeat(
+        np.arange(BLOBS), PER_BLOB
+    )
+
+
+def _labelled(seed: int = 0) -> tuple[LabelledSet, np.ndarray]:
+    """cheap is right on blobs 0-1 only, mid on 0-2, dear on 90 % of everything; tasks = blob parity."""
+    x, blob = _blobs(seed)
+    rng = np.random.default_rng(seed + 1)
+    n = len(blob)
+    correct = np.stack([blob < 2, rng.uniform(size=n) < 0.9, blob < 3], axis=1).astype(np.float32)
+    correct[0, 1] = np.nan  # one missing outcome: trained on per model, left out of scoring
+    cost = np.tile([0.001, 0.01, 0.004], (n, 1))
+    labelled = LabelledSet(
+        texts=[f"b{b}" for b in blob],
+        task=[f"task{b % 2}" for b in blob],
+        sample_ids=[str(i) for i in range(n)],
+        models=MODELS,
+        correct=correct,
+        cost_usd=cost,
+        sources=(),
+        text_mode="last_block",
+    )
+    return labelled, x
+
+
+def test_cross_validate_compares_every_system_on_the_same_folds() -> None:
+    labelled, x = _labelled()
+    route = fit.relative_costs(fit.blended_prices(MODELS, PRICES))
+    settings = quality.FitSettings(k=BLOBS, n_restarts=1)
+    report = quality.cross_validate(labelled, x, labelled.cost_usd, route_cost=route, folds=3, settings=settings)
+    expected = [quality.ROUTER, quality.GLOBAL_SHRINK, quality.PLAIN, quality.TASK_NAME, ORACLE, RANDOM_MIX]
+    assert list(report.metrics)[:6] == expected
+    assert set(report.metrics) == {*expected, SINGLE_ENVELOPE, *MODELS}
+    assert all(len(folds) == 3 for folds in report.metrics.values())
+    assert [f["fold"] for f in report.fold_info] == [0, 1, 2]
+    assert report.info["rows_scored"] == BLOBS * PER_BLOB - 1
+    assert report.info["reference_model"] == "dear"
+    assert report.kinds[quality.ROUTER] == "router"
+    assert report.kinds["cheap"] == "single"
+    router = np.mean([m.audc for m in report.metrics[quality.ROUTER]])
+    oracle = np.mean([m.audc for m in report.metrics[ORACLE]])
+    mix = np.mean([m.audc for m in report.metrics[RANDOM_MIX]])
+    # Clusters are the blobs, so the router finds where the cheap models are right: near the oracle.
+    assert mix < router <= oracle + 1e-12
+    assert router > oracle - 0.05
+    assert set(report.pooled) == set(report.metrics)
+    table = quality.metric_table(report.metrics)
+    assert table[ORACLE]["audc"]["n"] == 3
+    diff = quality.paired_difference(report, quality.ROUTER, quality.PLAIN)
+    assert diff is not None
+    assert diff["n"] == 3
+    markdown = report_markdown(report, "title", ["preamble"])
+    assert "| router |" in markdown
+    assert "Router minus plain k-means" in markdown
+
+
+def test_summarise_spread_and_infinite_folds() -> None:
+    assert quality.summarise([0.8, 0.9, 1.0]) == {
+        "mean": pytest.approx(0.9),
+        "std": pytest.approx(0.1),
+        "min": 0.8,
+        "max": 1.0,
+        "finite": 3,
+        "n": 3,
+    }
+    partial = quality.summarise([0.5, float("inf")])
+    assert partial["mean"] is None
+    assert partial["finite"] == 1
+    assert partial["max"] == 0.5
+
+
+def test_fold_assignment_is_seeded_and_balanced() -> None:
+    folds = quality.fold_assignment(11, 3, seed=4)
+    assert sorted(np.bincount(folds).tolist()) == [3, 4, 4]
+    np.testing.assert_array_equal(folds, quality.fold_assignment(11, 3, seed=4))
+    with pytest.raises(ValueError, match="folds"):
+        quality.fold_assignment(2, 3, seed=0)
+
+
+def test_evaluate_weights_routes_like_the_service() -> None:
+    labelled, x = _labelled()
+    weights = fit.fit_weights(
+        labelled, x, prices=PRICES, embedder_id="toy", embedder_sha256="0" * 64, k=BLOBS, n_restarts=1
+    )
+    report = quality.evaluate_weights(weights, labelled, x, labelled.cost_usd)
+    assert report.folds == 0
+    assert all(len(m) == 1 for m in report.metrics.values())
+    # In-sample, on blob clusters: at a tenth of dear's cost the router already routes blobs 0-2 well.
+    assert report.pooled[quality.ROUTER].audc > report.pooled[SINGLE_ENVELOPE].audc
+    with pytest.raises(ValueError, match="no outcomes for the weights' model"):
+        quality.evaluate_weights(weights, _without_model(labelled, "mid"), x, labelled.cost_usd[:, :2])
+
+
+def _without_model(labelled: LabelledSet, name: str) -> LabelledSet:
+    keep = [i for i, m in enumerate(labelled.models) if m != name]
+    return LabelledSet(
+        texts=labelled.texts,
+        task=labelled.task,
+        sample_ids=labelled.sample_ids,
+        models=tuple(labelled.models[i] for i in keep),
+        correct=labelled.correct[:, keep],
+        cost_usd=labelled.cost_usd[:, keep],
+        sources=(),
+        text_mode="last_block",
+    )
+
+
+def test_realised_costs_fall_back_to_prices() -> None:
+    labelled, _ = _labelled()
+    observed, how = quality.realised_costs(labelled, None)
+    assert how.startswith("observed")
+    assert observed is labelled.cost_usd
+    no_costs = LabelledSet(**{**labelled.__dict__, "cost_usd": np.full_like(labelled.cost_usd, np.nan)})
+    priced, how = quality.realised_costs(no_costs, np.array([0.1, 1.0, 0.4]))
+    assert how == "list price per model"
+    np.testing.assert_allclose(priced[5], [0.1, 1.0, 0.4])
+    with pytest.raises(ValueError, match="no prices"):
+        quality.realised_costs(no_costs, None)
+
+
+# --- the command -------------------------------------------------------------------------------
+
+
+def _write_data(tmp_path: Path) -> Path:
+    labelled, _ = _labelled()
+    path = tmp_path / "train.jsonl"
+    with path.open("w", encoding="utf-8") as fh:
+        for i, text in enumerate(labelled.texts):
+            row: dict[str, object] = {"prompt": text, "eval_name": labelled.task[i]}
+            for m, name in enumerate(MODELS):
+                value = labelled.correct[i, m]
+                row[name] = None if np.isnan(value) else float(value)
+                row[f"{name}|total_cost"] = float(labelled.cost_usd[i, m])
+            fh.write(json.dumps(row) + "\n")
+    prices = {m: {"input": p[0], "output": p[1]} for m, p in PRICES.items()}
+    (tmp_path / "prices.json").write_text(json.dumps(prices), encoding="utf-8")
+    return path
+
+
+def _fake_embed(texts: Sequence[str], **_: object) -> tuple[np.ndarray, str, str]:
+    x, blob = _blobs()
+    first = {int(b): i for i, b in reversed(list(enumerate(blob)))}
+    return x[[first[int(t[1:])] + i % PER_BLOB for i, t in enumerate(texts)]], "toy", "0" * 64
+
+
+def test_eval_main_cross_validates_and_writes_json_markdown_png(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = _write_data(tmp_path)
+    monkeypatch.setattr(fit, "_embed", _fake_embed)
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser)
+    prefix = tmp_path / "out" / "quality"
+    argv = [
+        "--data",
+        str(data),
+        "--cv",
+        "3",
+        "--clusters",
+        "4",
+        "--restarts",
+        "1",
+        "--out",
+        str(prefix),
+        "--no-progress",
+    ]
+    assert eval_main(parser.parse_args(argv)) == 0
+    document = json.loads(prefix.with_suffix(".json").read_text())
+    assert document["folds"] == 3
+    assert document["settings"]["clusters"] == 4
+    assert document["data"][0]["name"] == "train.jsonl"
+    assert set(document["summary"]["router"]) >= {"audc", "qnc", "acc@0.1"}
+    assert document["router_minus_plain_audc"]["n"] == 3
+    assert prefix.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
+    markdown = prefix.with_suffix(".md").read_text()
+    assert markdown.startswith("# Router quality: 3-fold cross-validation")
+    assert markdown in capsys.readouterr().out
+
+
+def test_eval_main_scores_a_weights_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = _write_data(tmp_path)
+    labelled = load_labelled([data])
+    x, _, _ = _fake_embed(labelled.texts)
+    weights = fit.fit_weights(
+        labelled, x, prices=PRICES, embedder_id="toy", embedder_sha256="0" * 64, k=4, n_restarts=1
+    )
+    path = tmp_path / "w.safetensors"
+    save_weights(weights, path)
+    monkeypatch.setattr(fit, "_embed", _fake_embed)
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser)
+    prefix = tmp_path / "scored"
+    argv = ["--data", str(data), "--weights", str(path), "--out", str(prefix), "--no-progress"]
+    assert eval_main(parser.parse_args(argv)) == 0
+    document = json.loads(prefix.with_suffix(".json").read_text())
+    assert document["weights"]["version"] == weights.version
+    assert document["folds"] == 0
+    assert "router" in document["pooled"]
+    assert "± " not in prefix.with_suffix(".md").read_text()
+    bad = parser.parse_args(["--data", str(tmp_path / "missing.csv"), "--weights", str(path), "--out", str(prefix)])
+    assert eval_main(bad) == 1
+    assert "missing.csv" in capsys.readouterr().err
+
+
+def test_loader_reads_jsonl_and_models_named_by_prices(tmp_path: Path) -> None:
+    path = tmp_path / "small.jsonl"
+    rows = [
+        {"prompt": "a\n\nq1", "eval_name": "t", "x": 1, "y": True, "y|total_cost": 0.5, "note": "n"},
+        {"prompt": "q2", "eval_name": "t", "x": None, "y": 0.0, "y|total_cost": None},
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n", encoding="utf-8")
+    only_costed = load_labelled([path])
+    assert only_costed.models == ("y",)
+    data = load_labelled([path], price_models=("x", "unused"))
+    assert data.models == ("x", "y")
+    assert data.texts == ["q1", "q2"]
+    np.testing.assert_array_equal(data.correct, [[1.0, 1.0], [np.nan, 0.0]])
+    np.testing.assert_array_equal(data.cost_usd, [[np.nan, 0.5], [np.nan, np.nan]])
+
+
+def test_loader_rejects_bad_jsonl(tmp_path: Path) -> None:
+    from service.router.offline.data import DataError
+
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "a", "m": 1, "m|total_cost": 0}\n[1, 2]\n', encoding="utf-8")
+    with pytest.raises(DataError, match="each line must be a JSON object"):
+        load_labelled([path])
+    path.write_text('{"prompt": "a", "m": {"nested": 1}, "m|total_cost": 0}\n', encoding="utf-8")
+    with pytest.raises(DataError, match="values must be"):
+        load_labelled([path])
+    path.write_text("not json\n", encoding="utf-8")
+    with pytest.raises(DataError, match="cannot read JSONL"):
+        load_labelled([path])
+
+
+def test_fit_with_costs_from_rows(tmp_path: Path) -> None:
+    labelled, x = _labelled()
+    weights = fit.fit_weights(labelled, x, prices=None, embedder_id="toy", embedder_sha256="0" * 64, k=4, n_restarts=1)
+    np.testing.assert_allclose(weights.cost_per_1k, [0.1, 1.0, 0.4], rtol=1e-6)
+    assert weights.metadata["cost_unit"] == fit.COST_UNIT_ROWS
+    assert weights.metadata["observed_cost_usd_per_call"]["dear"] == pytest.approx(0.01)
+    assert weights.metadata["fit"]["prior"] == "task"
+    assert weights.metadata["fit"]["alpha_selection"]["criterion"] == "audc"
+    assert sum(weights.metadata["fit"]["cluster_task_counts"]["task0"]) == 2 * PER_BLOB
