@@ -119,7 +119,6 @@ class DispatcherSettings(BaseSettings):
     load_window_s: float = _opt(60.0, "window of the load rate that autoscaling reads")
     autoscale_interval_s: float = _opt(5.0, "how often the scaling decisions and worker gauges refresh")
     admin_token: str | None = _opt(None, "bearer token for GET /endpoints/ (unset: only each endpoint's api key)")
-    sign_in_process: bool = _opt(True, "sign in a child process (frees the event loop's core); off: on the loop")
 
     def store_url(self) -> str:
         return self.redis_url or "memory://"

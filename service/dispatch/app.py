@@ -26,7 +26,6 @@ from service.dispatch.endpoints import ConfigError, EndpointRegistry, load_confi
 from service.dispatch.memory_store import MemoryStore
 from service.dispatch.records import STATUS_KEYS
 from service.dispatch.selection import status_breakdown
-from service.dispatch.signer_process import SignerProcess
 from service.dispatch.signing import PublishedKey, Signer, publish, read_key_file, read_public_keys
 from service.dispatch.signing_batch import SignatureBatcher
 from service.dispatch.store import DispatchStore, StoreUnavailable
@@ -85,9 +84,7 @@ class DispatcherService(ServiceBase):
         self.store = store if store is not None else open_store(settings)
         self.registry = registry if registry is not None else load_registry(settings)
         self.signer = signer if signer is not None else load_signer(settings)
-        self.signing: SignerProcess | SignatureBatcher = (
-            SignerProcess(self.signer) if settings.sign_in_process else SignatureBatcher(self.signer)
-        )
+        self.signing = SignatureBatcher(self.signer)
         self.published_keys: list[PublishedKey] = publish(self.signer, read_public_keys(settings.previous_public_keys))
         self.draining = False
         self._drain_requested = asyncio.Event()
@@ -150,8 +147,6 @@ class DispatcherService(ServiceBase):
             "redis" if self.settings.redis_url else "in-memory",
             self.signer.key_id,
         )
-        if isinstance(self.signing, SignerProcess):
-            self.signing.start()
         self.fleet.mark_ready()
         self.metrics.ready.set(1)
         self._spawn(self._refresh_loop())
@@ -162,8 +157,6 @@ class DispatcherService(ServiceBase):
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
             await self.store.close()
-            if isinstance(self.signing, SignerProcess):
-                self.signing.close()
 
     def begin_drain(self) -> None:
         if not self.draining:

@@ -107,7 +107,6 @@ class Signer:
 
     def __init__(self, key: SigningKey, *, ephemeral: bool = False) -> None:
         self._key = key
-        self.seed = bytes(key)  # what a signing process needs; never logged
         _, self._secret = crypto_sign_seed_keypair(bytes(key))  # libsodium's 64-byte secret key
         self.public_key = bytes(key.verify_key)
         self.key_id = key_id_for(self.public_key)
