@@ -120,9 +120,6 @@ class DispatcherSettings(BaseSettings):
     autoscale_interval_s: float = _opt(5.0, "how often the scaling decisions and worker gauges refresh")
     admin_token: str | None = _opt(None, "bearer token for GET /endpoints/ (unset: only each endpoint's api key)")
 
-    def store_url(self) -> str:
-        return self.redis_url or "memory://"
-
 
 def _base_type(hint: Any) -> type:
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:

@@ -1,4 +1,4 @@
-"""Test doubles: a deterministic embedder and toy weights built in code."""
+"""Test doubles: a deterministic embedder, toy weights built in code, dispatcher worker records."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from service.dispatch.records import WorkerRecord, WorkerState
 from service.router.weights import RouterWeights
 
 FAKE_SHA = "f" * 64
@@ -77,4 +78,27 @@ def toy_weights(*, default_lambda: float = 0.1, sha: str = FAKE_SHA, bump: float
         embedder_id="fake/embedder",
         embedder_sha256=sha,
         metadata={"note": "toy weights for tests"},
+    )
+
+
+def worker_record(
+    worker_id: str,
+    *,
+    now: float,
+    load: float = 0.0,
+    perf: float = 10.0,
+    state: WorkerState = WorkerState.READY,
+    seen_s_ago: float = 0.0,
+) -> WorkerRecord:
+    """A dispatcher worker record as a store would hold it, last seen ``seen_s_ago`` before ``now``."""
+    return WorkerRecord(
+        worker_id=worker_id,
+        url=f"http://{worker_id}:8000",
+        state=state,
+        max_perf=perf,
+        cur_load=0.0,
+        in_flight=0,
+        last_seen=now - seen_s_ago,
+        load=load,
+        reqnum=0,
     )

@@ -4,29 +4,25 @@ from __future__ import annotations
 
 import hmac
 import time
-from collections.abc import Awaitable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
 from prometheus_client import Counter
 from starlette.requests import Request
 from starlette.responses import Response
 
-from service.dispatch import autoscale, schemas
+from service.dispatch import schemas
 from service.dispatch.endpoints import EndpointSpec
 from service.dispatch.ids import new_request_id
 from service.dispatch.records import Assigned, PickPolicy
-from service.dispatch.store import StoreUnavailable, UnknownRequest
+from service.dispatch.store import UnknownRequest
 from service.errors import InvalidRequest, NotFound, ShuttingDown, Unauthorized
-from service.errors import StoreUnavailable as StoreUnavailableError
 from service.http.fastpath import Headers
 from service.http.responses import ORJSONResponse, parse_json_object, read_json_body
 from service.metrics import PROMETHEUS_CONTENT_TYPE
 
 if TYPE_CHECKING:
     from service.dispatch.app import DispatcherService
-
-T = TypeVar("T")
 
 MS_PER_S = 1000
 BAD_CLIENT_KEY = "invalid api key for this endpoint"  # one message whether or not the endpoint exists
@@ -66,8 +62,6 @@ class DispatcherApi:
                 f"unknown request_idx {route_request.request_idx} for endpoint {spec.name!r} "
                 "(never issued here, or expired); send request_idx 0 for a new request"
             ) from None
-        except StoreUnavailable as exc:
-            raise StoreUnavailableError(f"dispatcher state is unavailable: {exc}") from None
         finally:
             self.metrics.pick_duration.observe(time.perf_counter() - started)
         request_id = new_request_id()
@@ -102,7 +96,7 @@ class DispatcherApi:
         data = parse_json_object(await read_json_body(request, max_bytes=self.settings.max_body_bytes))
         name, report = schemas.parse_worker_report(data)
         spec = self._authenticate_worker(request, name)
-        record = await self._store_call(self.service.store.report(spec.name, report))
+        record = await self.service.store.report(spec.name, report)
         self.metrics.reports.labels(endpoint=spec.name).inc()
         return ORJSONResponse(
             {
@@ -119,7 +113,7 @@ class DispatcherApi:
         data = parse_json_object(await read_json_body(request, max_bytes=self.settings.max_body_bytes))
         name, idxs, success = schemas.parse_release(data)
         spec = self._authenticate_worker(request, name)
-        released = await self._store_call(self.service.store.release(spec.name, idxs))
+        released = await self.service.store.release(spec.name, idxs)
         self.metrics.released.labels(endpoint=spec.name, success=str(success).lower()).inc(released.released)
         return ORJSONResponse({"ok": True, "released": released.released, "unknown": released.unknown})
 
@@ -127,12 +121,8 @@ class DispatcherApi:
         """Operator view of one endpoint: settings, workers and the autoscaling decision."""
         name = request.path_params["name"]
         spec = self._authenticate_operator(request, name)
-        store = self.service.store
-        workers = await self._store_call(store.workers(spec.name))
-        stats = await self._store_call(store.load_stats(spec.name, self.settings.load_window_s))
-        now = await self._store_call(store.now())
+        view = await self.service.endpoint_view(spec)
         timeout = self.settings.heartbeat_timeout_s
-        decision = autoscale.decide(spec, workers, stats, now=now, heartbeat_timeout_s=timeout)
         return ORJSONResponse(
             {
                 "endpoint": spec.name,
@@ -143,8 +133,8 @@ class DispatcherApi:
                     "max_workers": spec.max_workers,
                     "cold_workers": spec.cold_workers,
                 },
-                "workers": [schemas.worker_json(w, now=now, heartbeat_timeout_s=timeout) for w in workers],
-                "autoscale": decision.to_json(),
+                "workers": [schemas.worker_json(w, now=view.now, heartbeat_timeout_s=timeout) for w in view.workers],
+                "autoscale": view.decision.to_json(),
             }
         )
 
@@ -195,12 +185,6 @@ class DispatcherApi:
         if spec is None:
             raise Unauthorized(BAD_CLIENT_KEY)
         return spec
-
-    async def _store_call(self, call: Awaitable[T]) -> T:
-        try:
-            return await call
-        except StoreUnavailable as exc:
-            raise StoreUnavailableError(f"dispatcher state is unavailable: {exc}") from None
 
 
 def _query_param(query_string: bytes, name: str) -> str | None:

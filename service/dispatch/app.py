@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.applications import Starlette
@@ -22,13 +23,13 @@ from service import __version__
 from service.config import DispatcherSettings, settings_summary
 from service.dispatch import autoscale
 from service.dispatch.api import DispatcherApi
-from service.dispatch.endpoints import ConfigError, EndpointRegistry, load_config
+from service.dispatch.endpoints import ConfigError, EndpointRegistry, EndpointSpec, load_config
 from service.dispatch.memory_store import MemoryStore
-from service.dispatch.records import STATUS_KEYS
+from service.dispatch.records import STATUS_KEYS, WorkerRecord
 from service.dispatch.selection import status_breakdown
 from service.dispatch.signing import PublishedKey, Signer, publish, read_key_file, read_public_keys
 from service.dispatch.signing_batch import SignatureBatcher
-from service.dispatch.store import DispatchStore, StoreUnavailable
+from service.dispatch.store import DispatchStore, LoadStats, StoreUnavailable
 from service.http.fastpath import FastJsonPost
 from service.http.middleware import RequestMetricsMiddleware
 from service.http.server import Fleet
@@ -42,6 +43,14 @@ EPHEMERAL_KEY_WARNING = (
     "every restart, and replicas will not share it. Create one with `python -m service keygen` and pass "
     "--signing-key-file."
 )
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointView:
+    workers: list[WorkerRecord]
+    stats: LoadStats
+    now: float  # the store's clock, which the workers' last_seen are on
+    decision: autoscale.ScaleDecision
 
 
 def load_signer(settings: DispatcherSettings) -> Signer:
@@ -187,28 +196,33 @@ class DispatcherService(ServiceBase):
         logger.info("SIGHUP reload: now serving %d endpoint(s)", len(registry))
 
     # -- scaling decisions and worker gauges --------------------------------------------------------------------
+    async def endpoint_view(self, spec: EndpointSpec) -> EndpointView:
+        """One endpoint's workers, load and scaling decision, read from the store now."""
+        store, settings = self.store, self.settings
+        workers = await store.workers(spec.name)
+        stats = await store.load_stats(spec.name, settings.load_window_s)
+        now = await store.now()
+        decision = autoscale.decide(spec, workers, stats, now=now, heartbeat_timeout_s=settings.heartbeat_timeout_s)
+        return EndpointView(workers=workers, stats=stats, now=now, decision=decision)
+
     async def refresh_gauges(self) -> list[autoscale.ScaleDecision]:
         """Recompute every endpoint's scaling decision and the per-endpoint gauges from the store."""
-        settings, metrics, store = self.settings, self.metrics, self.store
-        decisions = []
-        now = await store.now()
+        metrics, decisions = self.metrics, []
         for spec in self.registry.endpoints.values():
-            workers = await store.workers(spec.name)
-            stats = await store.load_stats(spec.name, settings.load_window_s)
-            decision = autoscale.decide(spec, workers, stats, now=now, heartbeat_timeout_s=settings.heartbeat_timeout_s)
+            view = await self.endpoint_view(spec)
             counts = status_breakdown(
-                workers,
-                now=now,
-                heartbeat_timeout_s=settings.heartbeat_timeout_s,
+                view.workers,
+                now=view.now,
+                heartbeat_timeout_s=self.settings.heartbeat_timeout_s,
                 max_queue_time_s=spec.max_queue_time_s,
             )
             for state in STATUS_KEYS:
                 metrics.workers.labels(endpoint=spec.name, state=state).set(counts[state])
-            metrics.load.labels(endpoint=spec.name).set(stats.outstanding)
-            metrics.load_rate.labels(endpoint=spec.name).set(stats.load_rate)
-            metrics.wanted_workers.labels(endpoint=spec.name).set(decision.wanted_workers)
-            metrics.wanted_cold_workers.labels(endpoint=spec.name).set(decision.wanted_cold_workers)
-            decisions.append(decision)
+            metrics.load.labels(endpoint=spec.name).set(view.stats.outstanding)
+            metrics.load_rate.labels(endpoint=spec.name).set(view.stats.load_rate)
+            metrics.wanted_workers.labels(endpoint=spec.name).set(view.decision.wanted_workers)
+            metrics.wanted_cold_workers.labels(endpoint=spec.name).set(view.decision.wanted_cold_workers)
+            decisions.append(view.decision)
         return decisions
 
     async def _refresh_loop(self) -> None:

@@ -83,12 +83,6 @@ class EndpointSpec:
         if self.cold_workers < 0:
             raise ConfigError(f"endpoint {self.name}: cold_workers must be >= 0")
 
-    def accepts_api_key(self, key: str) -> bool:
-        return _matches(self.api_key_sha256, key)
-
-    def accepts_worker_token(self, token: str) -> bool:
-        return _matches(self.worker_token_sha256, token)
-
 
 @dataclass(frozen=True)
 class EndpointRegistry:

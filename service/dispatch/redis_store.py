@@ -252,4 +252,6 @@ class RedisStore:
             yield
         except (RedisError, OSError) as exc:
             detail = str(exc) or type(exc).__name__
-            raise StoreUnavailable(f"redis at {self._where}: {what} failed: {detail}") from exc
+            raise StoreUnavailable(
+                f"dispatcher state is unavailable: redis at {self._where}: {what} failed: {detail}"
+            ) from exc

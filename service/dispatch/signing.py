@@ -106,7 +106,6 @@ class Signer:
     """The dispatcher's current signing key."""
 
     def __init__(self, key: SigningKey, *, ephemeral: bool = False) -> None:
-        self._key = key
         _, self._secret = crypto_sign_seed_keypair(bytes(key))  # libsodium's 64-byte secret key
         self.public_key = bytes(key.verify_key)
         self.key_id = key_id_for(self.public_key)

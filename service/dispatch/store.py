@@ -18,16 +18,16 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from service.dispatch.records import PickPolicy, Released, RouteOutcome, WorkerRecord, WorkerReport
+from service.errors import StoreUnavailable
+
+# A store that cannot be reached raises the service's own 503 error, which handlers pass through unchanged.
+__all__ = ["LOAD_RATE_BUCKET_S", "DispatchStore", "LoadStats", "StoreUnavailable", "UnknownRequest"]
 
 LOAD_RATE_BUCKET_S = 1  # granularity of the recent-load counters autoscaling reads
 
 
 class UnknownRequest(LookupError):
     """A retry named a request_idx this endpoint never issued (or one that expired)."""
-
-
-class StoreUnavailable(RuntimeError):
-    """The backing store cannot be reached; the caller answers 503 and the client retries."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,25 +10,14 @@ from service.dispatch.autoscale import Action, ScaleDecision, decide
 from service.dispatch.endpoints import EndpointSpec
 from service.dispatch.records import WorkerRecord, WorkerState
 from service.dispatch.store import LoadStats
+from tests.fakes import worker_record
 
 NOW = 1_000_000.0
 HEARTBEAT_S = 30.0
 
 
-def rec(
-    worker_id: str, *, perf: float = 10.0, state: WorkerState = WorkerState.READY, seen_s_ago: float = 0.0
-) -> WorkerRecord:
-    return WorkerRecord(
-        worker_id=worker_id,
-        url=f"http://{worker_id}:8000",
-        state=state,
-        max_perf=perf,
-        cur_load=0.0,
-        in_flight=0,
-        last_seen=NOW - seen_s_ago,
-        load=0.0,
-        reqnum=0,
-    )
+def rec(worker_id: str, **fields: Any) -> WorkerRecord:
+    return worker_record(worker_id, now=NOW, **fields)
 
 
 def spec(**fields: Any) -> EndpointSpec:

@@ -2,35 +2,21 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from service.dispatch.records import BUSY, INACTIVE, STATUS_KEYS, WorkerRecord, WorkerState
 from service.dispatch.selection import pick_worker, status_breakdown
+from tests.fakes import worker_record
 
 NOW = 1_000_000.0
 HEARTBEAT_S = 30.0
 MAX_QUEUE_S = 10.0
 
 
-def rec(
-    worker_id: str,
-    *,
-    load: float = 0.0,
-    perf: float = 10.0,
-    state: WorkerState = WorkerState.READY,
-    seen_s_ago: float = 0.0,
-) -> WorkerRecord:
-    return WorkerRecord(
-        worker_id=worker_id,
-        url=f"http://{worker_id}:8000",
-        state=state,
-        max_perf=perf,
-        cur_load=0.0,
-        in_flight=0,
-        last_seen=NOW - seen_s_ago,
-        load=load,
-        reqnum=0,
-    )
+def rec(worker_id: str, **fields: Any) -> WorkerRecord:
+    return worker_record(worker_id, now=NOW, **fields)
 
 
 def pick(workers: list[WorkerRecord], avoid: str | None = None) -> str | None:
