@@ -2,7 +2,8 @@
 
 Starlette's router, exception middlewares, ``Request`` and ``Response`` objects cost about as much per call as
 the routing work itself; this path skips them and keeps the same contract: 415 for a non-JSON content type,
-413 past ``max_body_bytes``, the one error body for every ``ServiceError``, a logged 500 for anything else.
+413 past ``max_body_bytes`` (``read_asgi_json_body``), the one error body for every ``ServiceError``
+(``error_response``: errors are not the hot path), a logged 500 for anything else.
 Every other path falls through to the wrapped app.
 """
 
@@ -14,9 +15,11 @@ from typing import Any
 
 import orjson
 from prometheus_client import Counter
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.errors import PayloadTooLarge, ServiceError, UnsupportedMediaType
+from service.errors import ServiceError
+from service.http.responses import error_response, read_asgi_json_body
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +45,7 @@ class FastJsonPost:
         self.handler = handler
         self.max_body_bytes = max_body_bytes
         self.errors = errors
-        self.retry_after = str(retry_after_s).encode()
+        self.retry_after_s = retry_after_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] != self.path or scope["method"] != "POST":
@@ -50,14 +53,16 @@ class FastJsonPost:
             return
         headers = dict(scope["headers"])  # ASGI lower-cases names; duplicates: the last wins
         try:
-            body = await self._read_body(headers, receive)
+            body = await read_asgi_json_body(headers, receive, max_bytes=self.max_body_bytes)
             answer = await self.handler(body, headers, scope["query_string"])
+        except ClientDisconnect:
+            return  # nobody to answer
         except ServiceError as exc:
-            await self._send_error(send, exc)
+            await self._send_error(scope, receive, send, exc)
             return
         except Exception:
             logger.exception("unhandled error in %s", self.path)
-            await self._send_error(send, ServiceError("internal error"))
+            await self._send_error(scope, receive, send, ServiceError("internal error"))
             return
         payload = orjson.dumps(answer)
         await send(
@@ -69,29 +74,6 @@ class FastJsonPost:
         )
         await send({"type": "http.response.body", "body": payload})
 
-    async def _read_body(self, headers: Headers, receive: Receive) -> bytes:
-        content_type = headers.get(b"content-type", b"application/json").split(b";")[0].strip().lower()
-        if content_type != b"application/json" and not content_type.endswith(b"+json"):
-            raise UnsupportedMediaType(f"content type must be application/json, got {content_type.decode()!r}")
-        declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            raise PayloadTooLarge(f"body of {declared.decode()} bytes is over the {self.max_body_bytes}-byte limit")
-        body = b""
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":  # the client went away
-                return body
-            body += message.get("body", b"")
-            if len(body) > self.max_body_bytes:
-                raise PayloadTooLarge(f"body is over the {self.max_body_bytes}-byte limit")
-            if not message.get("more_body", False):
-                return body
-
-    async def _send_error(self, send: Send, exc: ServiceError) -> None:
+    async def _send_error(self, scope: Scope, receive: Receive, send: Send, exc: ServiceError) -> None:
         self.errors.labels(code=exc.code).inc()
-        payload = orjson.dumps({"error": {"code": exc.code, "message": exc.message}})
-        headers = [*_JSON_HEADERS, (b"content-length", str(len(payload)).encode())]
-        if exc.retry_after:
-            headers.append((b"retry-after", self.retry_after))
-        await send({"type": "http.response.start", "status": exc.status, "headers": headers})
-        await send({"type": "http.response.body", "body": payload})
+        await error_response(exc, retry_after_s=self.retry_after_s)(scope, receive, send)

@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
+from starlette.types import Receive
 
 from service.errors import (
     InvalidRequest,
@@ -47,20 +49,28 @@ def http_exception_to_error(exc: HTTPException) -> ServiceError:
 
 async def read_json_body(request: Request, *, max_bytes: int) -> bytes:
     """The raw body, refusing non-JSON content types and bodies over ``max_bytes`` (413)."""
-    content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
-    if content_type != "application/json" and not content_type.endswith("+json"):
-        raise UnsupportedMediaType(f"content type must be application/json, got {content_type!r}")
-    declared = request.headers.get("content-length")
+    return await read_asgi_json_body(dict(request.scope["headers"]), request.receive, max_bytes=max_bytes)
+
+
+async def read_asgi_json_body(headers: Mapping[bytes, bytes], receive: Receive, *, max_bytes: int) -> bytes:
+    """``read_json_body`` on raw ASGI (lower-cased header names, as ASGI gives them); ``ClientDisconnect`` if the
+    client leaves before the body is complete."""
+    content_type = headers.get(b"content-type", b"application/json").split(b";")[0].strip().lower()
+    if content_type != b"application/json" and not content_type.endswith(b"+json"):
+        raise UnsupportedMediaType(f"content type must be application/json, got {content_type.decode('latin-1')!r}")
+    declared = headers.get(b"content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise PayloadTooLarge(f"body of {declared} bytes is over the {max_bytes}-byte limit")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
+        raise PayloadTooLarge(f"body of {declared.decode()} bytes is over the {max_bytes}-byte limit")
+    body = b""
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            raise ClientDisconnect()
+        body += message.get("body", b"")
+        if len(body) > max_bytes:
             raise PayloadTooLarge(f"body is over the {max_bytes}-byte limit")
-        chunks.append(chunk)
-    return b"".join(chunks)
+        if not message.get("more_body", False):
+            return body
 
 
 def parse_json_object(body: bytes) -> dict[str, Any]:
