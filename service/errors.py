@@ -7,6 +7,7 @@ ServiceError (500 internal_error)
 ├── NotFound (404 not_found)
 ├── MethodNotAllowed (405 method_not_allowed)
 ├── Unauthorized (401 unauthorized)
+│   └── InvalidAssignment (401 invalid_assignment, a worker refusing an assignment; details: reason)
 ├── Overloaded (429 overloaded, Retry-After)
 ├── NotReady (503 router_not_ready, Retry-After)
 ├── ShuttingDown (503 shutting_down, Retry-After)
@@ -15,15 +16,18 @@ ServiceError (500 internal_error)
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 
 class ServiceError(Exception):
     status: int = 500
     code: str = "internal_error"
     retry_after: bool = False
 
-    def __init__(self, message: str, *, status: int | None = None) -> None:
+    def __init__(self, message: str, *, status: int | None = None, details: Mapping[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.details = dict(details or {})  # extra fields of the error body, e.g. a machine-readable reason
         if status is not None:
             self.status = status
 
@@ -54,6 +58,10 @@ class MethodNotAllowed(ServiceError):
 class Unauthorized(ServiceError):
     status = 401
     code = "unauthorized"
+
+
+class InvalidAssignment(Unauthorized):
+    code = "invalid_assignment"
 
 
 class Overloaded(ServiceError):

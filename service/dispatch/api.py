@@ -15,6 +15,7 @@ from service.dispatch import schemas
 from service.dispatch.endpoints import EndpointSpec
 from service.dispatch.ids import new_request_id
 from service.dispatch.records import Assigned, PickPolicy
+from service.dispatch.signing import ALGORITHM
 from service.dispatch.store import UnknownRequest
 from service.errors import InvalidRequest, NotFound, ShuttingDown, Unauthorized
 from service.http.fastpath import Headers
@@ -85,7 +86,7 @@ class DispatcherApi:
         current = keys[0]
         return ORJSONResponse(
             {
-                "algorithm": "ed25519",
+                "algorithm": ALGORITHM,
                 "key_id": current.key_id,
                 "public_key": current.public_key_hex,
                 "keys": [key.to_json() for key in keys],

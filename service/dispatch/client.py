@@ -27,6 +27,7 @@ import httpx
 import orjson
 
 from service.dispatch.signing import Assignment
+from service.errors import InvalidAssignment
 
 ROUTE_PATH = "/route/"
 DEFAULT_MAX_ATTEMPTS = 8
@@ -40,7 +41,7 @@ HTTP_OK = 200
 HTTP_UNAUTHORIZED = 401
 HTTP_TOO_MANY_REQUESTS = 429
 HTTP_SERVER_ERROR = 500
-INVALID_ASSIGNMENT = "invalid_assignment"
+INVALID_ASSIGNMENT = InvalidAssignment.code  # what a worker answers when it refuses an assignment
 ERROR_TEXT_LIMIT = 200  # characters of a non-JSON error body kept in the message
 
 Sleep = Callable[[float], Awaitable[None]]

@@ -34,6 +34,7 @@ from nacl.signing import SigningKey, VerifyKey
 DOMAIN = b"llm-dispatch-assignment-v1\n"
 ALGORITHM = "ed25519"
 SEED_BYTES = 32
+PUBLIC_KEY_BYTES = 32
 KEY_ID_HEX_DIGITS = 16
 SIGNATURE_BYTES = 64
 SIGNATURE_HEX_DIGITS = 2 * SIGNATURE_BYTES
@@ -150,7 +151,7 @@ class KeyRing:
 
     @classmethod
     def from_hex(cls, public_keys_hex: Iterable[str]) -> KeyRing:
-        return cls(parse_hex(pk, SEED_BYTES, "public key") for pk in public_keys_hex)
+        return cls(parse_hex(pk, PUBLIC_KEY_BYTES, "public key") for pk in public_keys_hex)
 
     @property
     def key_ids(self) -> frozenset[str]:
@@ -219,4 +220,4 @@ def read_key_file(path: Path) -> Signer:
 
 def read_public_keys(text: str) -> list[bytes]:
     """Public keys from a comma/whitespace separated hex list (retired keys still published)."""
-    return [parse_hex(item, SEED_BYTES, "public key") for item in re.split(r"[\s,]+", text) if item]
+    return [parse_hex(item, PUBLIC_KEY_BYTES, "public key") for item in re.split(r"[\s,]+", text) if item]

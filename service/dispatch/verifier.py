@@ -27,15 +27,23 @@ from typing import Any
 
 import httpx
 
-from service.dispatch.signing import ALGORITHM, Assignment, KeyRing, key_id_for, parse_hex
+from service.dispatch.signing import (
+    ALGORITHM,
+    PUBLIC_KEY_BYTES,
+    SIGNATURE_HEX_DIGITS,
+    Assignment,
+    KeyRing,
+    key_id_for,
+    parse_hex,
+)
+from service.errors import InvalidAssignment
 
 DEFAULT_REPLAY_WINDOW = 4096  # reqnums below the highest seen that may still arrive late
 DEFAULT_CLOCK_SKEW_S = 5.0  # how far the worker's clock may run ahead of the dispatcher's
 MS_PER_S = 1000
 PUBKEY_PATH = "/pubkey/"
 PUBKEY_TIMEOUT_S = 10.0
-PUBLIC_KEY_BYTES = 32
-SIGNATURE_HEX = re.compile(r"^[0-9a-f]{128}$")  # lowercase only: one spelling per signature
+SIGNATURE_HEX = re.compile(f"[0-9a-f]{{{SIGNATURE_HEX_DIGITS}}}")  # lowercase only: one spelling per signature
 
 
 class RejectReason(StrEnum):
@@ -51,16 +59,15 @@ class RejectReason(StrEnum):
     TOO_OLD = "too_old"  # below the replay window: it cannot be told from a replay any more
 
 
-class AssignmentRejected(Exception):
-    """``verify`` refused an assignment; ``reason`` is a ``RejectReason`` value."""
+class AssignmentRejected(InvalidAssignment):
+    """``verify`` refused an assignment; ``reason`` is a ``RejectReason`` value (also in the 401 body)."""
 
     def __init__(self, reason: RejectReason, message: str) -> None:
-        super().__init__(f"{reason.value}: {message}")
+        super().__init__(f"{reason.value}: {message}", details={"reason": reason.value})
         self.reason = reason
-        self.message = message
 
 
-class KeyFetchError(RuntimeError):
+class KeyFetchError(ValueError):
     """``GET /pubkey/`` answered something that is not a usable list of keys."""
 
 
@@ -202,7 +209,7 @@ def _parse(auth_data: Mapping[str, Any]) -> tuple[Assignment, str]:
     except ValueError as exc:
         raise AssignmentRejected(RejectReason.BAD_FORMAT, str(exc)) from None
     signature = auth_data.get("signature")
-    if not isinstance(signature, str) or not SIGNATURE_HEX.match(signature):
+    if not isinstance(signature, str) or not SIGNATURE_HEX.fullmatch(signature):
         raise AssignmentRejected(RejectReason.BAD_FORMAT, "signature must be 128 lowercase hex digits")
     return assignment, signature
 

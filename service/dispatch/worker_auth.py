@@ -2,7 +2,8 @@
 
 Clients send ``POST {url}{route}`` with ``{"auth_data": <the route answer>, "payload": {...}}``. This pure-ASGI
 middleware reads that body once, verifies ``auth_data`` (``AssignmentVerifier``) and either answers itself
-(401 ``invalid_assignment``, 400 for a body that is not a JSON object, 413 for an oversized one) or hands the
+(401 ``invalid_assignment`` with the ``reason``; 400, 413, 415 for a body that is not a JSON object, too large, or
+not JSON at all: the service's own body reader and error answers) or hands the
 request on with the body replayed unchanged and the verified ``Assignment`` in ``request.state.assignment`` (the
 payload in ``request.state.payload``). Being plain ASGI it wraps any framework, and it never buffers the bodies
 of paths it does not protect. Whatever else Vast's SDK sends (``session_id``, ``?api_key=``, a Bearer header) is
@@ -15,43 +16,26 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping
 
-import orjson
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.dispatch.signing import Assignment
 from service.dispatch.verifier import AssignmentRejected, AssignmentVerifier, RejectReason, normalise_url
+from service.errors import ServiceError
+from service.http.responses import error_response, parse_json_object, read_asgi_json_body
 
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
 STATE_ASSIGNMENT = "assignment"
 STATE_PAYLOAD = "payload"
-INVALID_ASSIGNMENT = "invalid_assignment"
-INVALID_REQUEST = "invalid_request"
-PAYLOAD_TOO_LARGE = "payload_too_large"
-HTTP_BAD_REQUEST = 400
-HTTP_UNAUTHORIZED = 401
-HTTP_PAYLOAD_TOO_LARGE = 413
-JSON_HEADERS = [(b"content-type", b"application/json")]
-
-
-class InvalidBody(ValueError):
-    """The request body is not a JSON object."""
-
-
-class BodyTooLarge(ValueError):
-    """The request body is over the middleware's limit."""
+RETRY_AFTER_S = 1  # error_response needs one; none of the errors raised here carries Retry-After
 
 
 def verify_request_body(verifier: AssignmentVerifier, body: bytes) -> tuple[Assignment, object]:
     """The verified assignment and the ``payload`` of a worker request body.
 
-    Raises ``InvalidBody`` when the body is not a JSON object, ``AssignmentRejected`` when ``auth_data`` is
+    Raises ``InvalidRequest`` when the body is not a JSON object, ``AssignmentRejected`` when ``auth_data`` is
     missing or does not verify."""
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidBody(f"body is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise InvalidBody("body must be a JSON object")
+    data = parse_json_object(body)
     auth_data = data.get("auth_data")
     if not isinstance(auth_data, Mapping):
         raise AssignmentRejected(RejectReason.BAD_FORMAT, "body has no auth_data object")
@@ -90,37 +74,17 @@ class AssignmentAuthMiddleware:
             await self.app(scope, receive, send)
             return
         try:
-            body = await _read_body(receive, self._max_body_bytes)
+            body = await read_asgi_json_body(dict(scope["headers"]), receive, max_bytes=self._max_body_bytes)
             assignment, payload = verify_request_body(self.verifier, body)
-        except BodyTooLarge as exc:
-            await _send_error(send, HTTP_PAYLOAD_TOO_LARGE, PAYLOAD_TOO_LARGE, str(exc))
-            return
-        except InvalidBody as exc:
-            await _send_error(send, HTTP_BAD_REQUEST, INVALID_REQUEST, str(exc))
-            return
-        except AssignmentRejected as exc:
-            if self._on_reject is not None:
+        except ClientDisconnect:
+            return  # nobody to answer
+        except ServiceError as exc:
+            if isinstance(exc, AssignmentRejected) and self._on_reject is not None:
                 self._on_reject(exc)
-            await _send_error(send, HTTP_UNAUTHORIZED, INVALID_ASSIGNMENT, str(exc), reason=exc.reason.value)
+            await error_response(exc, retry_after_s=RETRY_AFTER_S)(scope, receive, send)
             return
         state = {**scope.get("state", {}), STATE_ASSIGNMENT: assignment, STATE_PAYLOAD: payload}
         await self.app({**scope, "state": state}, _replay(body, receive), send)
-
-
-async def _read_body(receive: Receive, max_bytes: int) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise InvalidBody("client disconnected before sending the whole body")
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > max_bytes:
-            raise BodyTooLarge(f"body is over the {max_bytes}-byte limit")
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:
@@ -135,13 +99,3 @@ def _replay(body: bytes, receive: Receive) -> Receive:
         return {"type": "http.request", "body": body, "more_body": False}
 
     return replayed
-
-
-async def _send_error(send: Send, status: int, code: str, message: str, *, reason: str | None = None) -> None:
-    error = {"code": code, "message": message}
-    if reason is not None:
-        error["reason"] = reason
-    body = orjson.dumps({"error": error})
-    headers = [*JSON_HEADERS, (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})

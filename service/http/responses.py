@@ -31,9 +31,8 @@ class ORJSONResponse(JSONResponse):
 
 def error_response(error: ServiceError, *, retry_after_s: int) -> Response:
     headers = {"Retry-After": str(retry_after_s)} if error.retry_after else None
-    return ORJSONResponse(
-        {"error": {"code": error.code, "message": error.message}}, status_code=error.status, headers=headers
-    )
+    body = {"code": error.code, "message": error.message, **error.details}
+    return ORJSONResponse({"error": body}, status_code=error.status, headers=headers)
 
 
 def http_exception_to_error(exc: HTTPException) -> ServiceError:
@@ -61,16 +60,19 @@ async def read_asgi_json_body(headers: Mapping[bytes, bytes], receive: Receive, 
     declared = headers.get(b"content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise PayloadTooLarge(f"body of {declared.decode()} bytes is over the {max_bytes}-byte limit")
-    body = b""
+    chunks: list[bytes] = []
+    size = 0
     while True:
         message = await receive()
         if message["type"] != "http.request":
             raise ClientDisconnect()
-        body += message.get("body", b"")
-        if len(body) > max_bytes:
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > max_bytes:
             raise PayloadTooLarge(f"body is over the {max_bytes}-byte limit")
+        chunks.append(chunk)
         if not message.get("more_body", False):
-            return body
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def parse_json_object(body: bytes) -> dict[str, Any]:

@@ -369,3 +369,25 @@ async def test_a_key_rotation_is_picked_up_by_the_worker_and_retried_by_the_clie
     assert response.attempts > 1
     assert response.assignment.key_id == dispatcher.signer.key_id
     assert [call.get("request_idx") for call in dispatcher.route_calls[1:]] == [FIRST_IDX] * (response.attempts - 1)
+
+
+class MalformedKeysFirst(FakeDispatcherForWorker):
+    """Answers ``/pubkey/`` with an empty key list at first (a dispatcher mid-deploy, say)."""
+
+    def __init__(self, signer: Signer, bad_answers: int) -> None:
+        super().__init__(signer)
+        self.bad_answers = bad_answers
+
+    def handle(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/pubkey/" and self.bad_answers > 0:
+            self.bad_answers -= 1
+            return ok({"algorithm": "ed25519", "keys": []})
+        return super().handle(request)
+
+
+async def test_a_malformed_pubkey_answer_is_retried_not_fatal(signer: Signer) -> None:
+    dispatcher = MalformedKeysFirst(signer, bad_answers=2)
+    async with running_worker(dispatcher) as (_, client):  # returns once the worker has reported ready
+        assert dispatcher.bad_answers == 0
+        response = await client.request(ENDPOINT, "/echo", {"n": 1}, cost=COST)
+    assert response.status == 200

@@ -17,8 +17,9 @@ from starlette.routing import Route
 from starlette.types import Message, Scope
 
 from service.dispatch.signing import Assignment, KeyRing, Signer
-from service.dispatch.verifier import AssignmentRejected, AssignmentVerifier
-from service.dispatch.worker_auth import AssignmentAuthMiddleware, InvalidBody, verify_request_body
+from service.dispatch.verifier import AssignmentRejected, AssignmentVerifier, RejectReason
+from service.dispatch.worker_auth import AssignmentAuthMiddleware, verify_request_body
+from service.errors import InvalidRequest
 
 NOW_S = 1_764_000_000.0
 URL = "http://worker-1:8000"
@@ -129,6 +130,11 @@ async def test_a_body_that_is_not_a_json_object_answers_400(client: httpx.AsyncC
     assert r.json()["error"]["code"] == "invalid_request"
 
 
+async def test_a_body_that_is_not_json_answers_415(client: httpx.AsyncClient) -> None:
+    r = await client.post("/work", content=b"<x/>", headers={"content-type": "text/xml"})
+    assert (r.status_code, r.json()["error"]["code"]) == (415, "invalid_request")
+
+
 async def test_an_oversized_body_answers_413(verifier: AssignmentVerifier, signer: Signer) -> None:
     app = build_app(verifier, ["/work"], max_body_bytes=SMALL_LIMIT)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=BASE) as c:
@@ -182,10 +188,11 @@ async def test_a_chunked_body_is_read_whole_and_replayed(verifier: AssignmentVer
 def test_verify_request_body_for_other_servers(verifier: AssignmentVerifier, signer: Signer) -> None:
     assignment, payload = verify_request_body(verifier, orjson.dumps({"auth_data": auth(signer, 4), "payload": 7}))
     assert (assignment.reqnum, payload) == (4, 7)
-    with pytest.raises(InvalidBody):
+    with pytest.raises(InvalidRequest):
         verify_request_body(verifier, b"{")
-    with pytest.raises(AssignmentRejected):
+    with pytest.raises(AssignmentRejected) as rejected:  # reqnum 4 was just used
         verify_request_body(verifier, orjson.dumps({"auth_data": auth(signer, 4)}))
+    assert rejected.value.reason is RejectReason.REPLAYED
 
 
 async def test_rejections_are_reported_to_the_hook(verifier: AssignmentVerifier, signer: Signer) -> None:
