@@ -118,6 +118,20 @@ def wait_for(predicate: Any, what: str, timeout_s: float = WAIT_S) -> Any:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+async def polled_without_a_worker(dispatcher: Server, *, times: int) -> None:
+    """Until the dispatcher has answered "no ready worker" ``times`` times."""
+    pattern = re.compile(rf'dispatcher_routes_total{{endpoint="{ENDPOINT}",outcome="no_ready_worker"}} (\S+)')
+
+    def count() -> float:
+        found = pattern.search(httpx.get(f"{dispatcher.url}/metrics").text)
+        return float(found.group(1)) if found else 0.0
+
+    deadline = time.monotonic() + WAIT_S
+    while await asyncio.to_thread(count) < times:
+        assert time.monotonic() < deadline, "no no-ready answers counted"
+        await asyncio.sleep(POLL_S)
+
+
 def endpoint_state(dispatcher: Server, api_key: str, name: str = ENDPOINT) -> dict[str, Any]:
     answer = httpx.get(f"{dispatcher.url}/endpoints/{name}/", headers={"authorization": f"Bearer {api_key}"})
     assert answer.status_code == 200, answer.text
@@ -240,7 +254,10 @@ def test_a_silent_worker_gets_no_more_requests_and_retries_land_elsewhere(
     survivor = next(w for w in workers if w is not victim)
     victim.process.send_signal(signal.SIGKILL)
     victim.process.wait()
-    time.sleep(HEARTBEAT_TIMEOUT_S + REPORT_INTERVAL_S)
+    wait_for(
+        lambda: any(not w["active"] for w in endpoint_state(dispatcher, deployment.api_key)["workers"]),
+        "the killed worker to count as inactive",
+    )
     urls = {route(dispatcher, deployment.api_key).json()["url"] for _ in range(10)}
     assert urls == {survivor.url}
     retried = route(dispatcher, deployment.api_key, request_idx=first["request_idx"]).json()
@@ -262,7 +279,7 @@ async def test_package_client_retries_with_the_same_request_idx_until_a_worker_i
     try:
         async with DispatchClient(dispatcher.url, deployment.api_key, max_attempts=60, backoff_max_s=0.5) as client:
             pending = asyncio.ensure_future(client.request(ENDPOINT, "/echo", {"n": 1}, cost=5.0))
-            await asyncio.sleep(1.0)
+            await polled_without_a_worker(dispatcher, times=2)
             assert not pending.done()  # no worker yet: the client polls with its request_idx
             worker = await asyncio.to_thread(deployment.worker, dispatcher, "late")
             response = await asyncio.wait_for(pending, WAIT_S)
@@ -292,7 +309,7 @@ async def test_vast_sdk_serverless_client_works_unchanged(deployment: Deployment
     try:
         endpoint = Endpoint(client, name=ENDPOINT, id=1, api_key=deployment.api_key)
         pending = asyncio.ensure_future(endpoint.request("/echo", {"hello": "vast"}, cost=50))
-        await asyncio.sleep(1.0)
+        await polled_without_a_worker(dispatcher, times=2)  # the SDK got "no ready worker" and polls
         worker = await asyncio.to_thread(deployment.worker, dispatcher, "sdk")
         result = await asyncio.wait_for(pending, WAIT_S)
         assert result["ok"] is True and result["status"] == 200, result

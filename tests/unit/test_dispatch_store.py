@@ -308,8 +308,6 @@ async def test_load_stats(store: DispatchStore) -> None:
     assert await store.release(EP, [first.request_idx]) == Released(released=1, unknown=0)
     assert await store.load_stats(EP, 10.0) == LoadStats(load_rate=0.5, outstanding=3.0)
     assert await store.load_stats("nobody", 10.0) == LoadStats(load_rate=0.0, outstanding=0.0)
-    # a one-second window holds only the current second's bucket
-    assert (await store.load_stats(EP, 1.0)).load_rate in (0.0, 5.0)
 
 
 async def test_reqnums_start_at_the_clock_so_a_lost_counter_never_reissues_one(
