@@ -79,27 +79,29 @@ def test_accuracy_at_budgets() -> None:
 # --- routing and the lambda sweep --------------------------------------------------------------
 
 
-def test_choose_breaks_ties_by_cost_then_index() -> None:
+def test_choices_break_ties_by_cost_then_index() -> None:
     error = np.array([[0.3, 0.2, 0.2], [0.5, 0.5, 0.5]])
     cost = np.array([0.0, 0.5, 0.5])
+    chosen = ev.chosen_columns(error, cost, np.array([0.2, 0.0]))
     # Row 0 at lambda 0.2: scores 0.3, 0.3, 0.3 -> the cheapest (column 0). Row 1: all 0.5 + ... -> column 0.
-    np.testing.assert_array_equal(ev.choose(error, cost, 0.2), [0, 0])
+    np.testing.assert_array_equal(chosen[0], [0, 0])
     # At lambda 0: row 0 ties columns 1 and 2 (same cost) -> the lower index.
-    np.testing.assert_array_equal(ev.choose(error, cost, 0.0), [1, 0])
+    np.testing.assert_array_equal(chosen[1], [1, 0])
 
 
-def test_choose_matches_the_service_scoring() -> None:
+def test_choices_match_the_service_scoring() -> None:
     rng = np.random.default_rng(0)
+    models = ("a", "b", "c", "d")  # as weights keep them: sorted by name
     error = np.round(rng.uniform(size=(4, 6)), 1).astype(np.float32)  # [M, K], rounded to make ties
+    error[3] = error[1]  # b and d: equal errors and equal costs, so only the tie rule separates them
     cost = np.array([0.2, 0.1, 1.0, 0.1], dtype=np.float32)
-    table = ScoreTable.build(("d", "a", "c", "b"), error, cost)
+    table = ScoreTable.build(models, error, cost)
     clusters = np.arange(6)
-    for lam in (0.0, 0.1, 0.5, 3.0):
+    lambdas = np.array([0.0, 0.1, 0.5, 3.0])
+    ours = ev.chosen_columns(error.T.astype(np.float64)[clusters], cost.astype(np.float64), lambdas)
+    for lam, chosen in zip(lambdas, ours, strict=True):
         served = score_batch(table, clusters, np.full(6, lam), np.ones((6, 4), dtype=bool))
-        ours = ev.choose(error.T.astype(np.float64)[clusters], cost.astype(np.float64), lam)
-        # ScoreTable orders by (cost, name); models here are (d, a, c, b), so map its columns back.
-        order = sorted(range(4), key=lambda m: (float(cost[m]), ("d", "a", "c", "b")[m]))
-        assert [order[c] for c in served.chosen] == ours.tolist()
+        assert [table.models[c] for c in served.chosen] == [models[c] for c in chosen]
 
 
 def test_lambda_breakpoints_visit_every_policy() -> None:
@@ -108,8 +110,7 @@ def test_lambda_breakpoints_visit_every_policy() -> None:
     cost = np.array([0.1, 1.0])
     lambdas = ev.lambda_breakpoints(error, cost)
     np.testing.assert_allclose(lambdas, [0.0, 1 / 3])
-    assert ev.choose(error, cost, 0.0).tolist() == [1]
-    assert ev.choose(error, cost, float(lambdas[1])).tolist() == [0]  # the tie goes to the cheaper
+    assert ev.chosen_columns(error, cost, lambdas).tolist() == [[1], [0]]  # at the breakpoint the cheaper wins
 
 
 def test_lambda_breakpoints_are_thinned_to_the_cap() -> None:

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from service.router.offline import estimate, fit
-from service.router.offline.data import DataError, LabelledSet, extract_text, load_prices, load_routerbench
+from service.router.offline.data import DataError, LabelledSet, extract_text, load_labelled, load_prices
+from service.router.offline.options import add_fit_arguments
 from service.router.weights import default_weights_path, load_weights, save_weights
 
 SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "routerbench"
@@ -264,7 +265,7 @@ def test_loader_reads_outcomes_costs_and_empty_cells(tmp_path: Path) -> None:
             _row("plain\n\nsecond block", ["", "1.0"], ["", "0.3"]),
         ],
     )
-    data = load_routerbench([path])
+    data = load_labelled([path])
     assert data.models == ("model-a", "model-b")  # sorted
     assert data.num_rows == 2
     assert data.texts == ["Q: What is 3+3?\nA) 5\nB) 6\nAnswer:", "second block"]
@@ -275,14 +276,14 @@ def test_loader_reads_outcomes_costs_and_empty_cells(tmp_path: Path) -> None:
     np.testing.assert_array_equal(data.cost_usd, [[0.2, 0.1], [0.3, np.nan]])
     assert data.sources[0].name == "toy.csv"
     assert data.sources[0].rows == 2
-    assert len(data.file_hashes["toy.csv"]) == 64
-    assert load_routerbench([path], text_mode="full").texts[1] == "plain\n\nsecond block"
+    assert [(s.name, len(s.sha256)) for s in data.sources] == [("toy.csv", 64)]
+    assert load_labelled([path], text_mode="full").texts[1] == "plain\n\nsecond block"
 
 
 def test_loader_concatenates_files(tmp_path: Path) -> None:
     first = _write_csv(tmp_path / "one.csv", [_row("a", ["1", "0"])])
     second = _write_csv(tmp_path / "two.csv", [_row("b", ["0", "1"]), _row("c", ["1", "1"])])
-    data = load_routerbench([first, second])
+    data = load_labelled([first, second])
     assert data.texts == ["a", "b", "c"]
     assert [s.rows for s in data.sources] == [1, 2]
 
@@ -291,24 +292,24 @@ def test_loader_rejects_mismatched_models(tmp_path: Path) -> None:
     first = _write_csv(tmp_path / "one.csv", [_row("a", ["1", "0"])])
     other = _write_csv(tmp_path / "two.csv", [{"prompt": "x", "zz": "1", "zz|total_cost": "0"}], models=("zz",))
     with pytest.raises(DataError, match="differ from earlier files"):
-        load_routerbench([first, other])
+        load_labelled([first, other])
 
 
 @pytest.mark.parametrize(("value", "message"), [("yes", "is not a number"), ("2.0", r"outside \[0, 1\]")])
 def test_loader_rejects_bad_outcomes(tmp_path: Path, value: str, message: str) -> None:
     path = _write_csv(tmp_path / "bad.csv", [_row("a", [value, "0"])])
     with pytest.raises(DataError, match=message) as info:
-        load_routerbench([path])
+        load_labelled([path])
     assert "bad.csv" in str(info.value)
 
 
 def test_loader_rejects_missing_file_and_no_models(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="cannot read CSV"):
-        load_routerbench([tmp_path / "missing.csv"])
+        load_labelled([tmp_path / "missing.csv"])
     path = tmp_path / "nomodels.csv"
     path.write_text("prompt,eval_name\nhello,x\n", encoding="utf-8")
     with pytest.raises(DataError, match="no model columns"):
-        load_routerbench([path])
+        load_labelled([path])
 
 
 def test_load_prices_skips_annotations(tmp_path: Path) -> None:
@@ -327,12 +328,12 @@ def test_real_routerbench_files_load() -> None:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"{SHARED_DATA} not present")
     for name, rows in TRAIN_FILES.items():
-        data = load_routerbench([SHARED_DATA / name])
+        data = load_labelled([SHARED_DATA / name])
         assert data.num_rows == rows
         assert len(data.models) == 11
         # The last block is the question itself, not the shared 5-shot prefix.
         assert len(set(data.texts)) > 0.95 * rows
-    arc = load_routerbench([SHARED_DATA / "arc_challenge_train.csv"])
+    arc = load_labelled([SHARED_DATA / "arc_challenge_train.csv"])
     assert np.isnan(arc.correct).any()  # the known empty ARC cells
     assert set(load_prices(SHARED_DATA / "prices.json")) >= set(arc.models)
 
@@ -354,7 +355,7 @@ def test_fit_main_writes_weights(
 
     monkeypatch.setattr(fit, "_embed", fake_embed)
     parser = argparse.ArgumentParser()
-    fit.add_fit_arguments(parser)
+    add_fit_arguments(parser)
     out = tmp_path / "out" / "w.safetensors"
     args = parser.parse_args(["--data", str(data), "--out", str(out), "--clusters", "4", "--restarts", "1"])
     assert fit.fit_main(args) == 0
@@ -369,7 +370,7 @@ def test_fit_main_writes_weights(
 
 def test_fit_main_reports_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     parser = argparse.ArgumentParser()
-    fit.add_fit_arguments(parser)
+    add_fit_arguments(parser)
     args = parser.parse_args(["--data", str(tmp_path / "missing.csv"), "--out", str(tmp_path / "w.safetensors")])
     assert fit.fit_main(args) == 1
     assert "missing.csv" in capsys.readouterr().err
@@ -377,7 +378,7 @@ def test_fit_main_reports_errors(tmp_path: Path, capsys: pytest.CaptureFixture) 
 
 def test_fit_arguments_defaults() -> None:
     parser = argparse.ArgumentParser()
-    fit.add_fit_arguments(parser)
+    add_fit_arguments(parser)
     args = parser.parse_args([])
     assert [p.name for p in args.data] == list(TRAIN_FILES)
     assert args.clusters == 100

@@ -107,7 +107,7 @@ def test_fold_assignment_is_seeded_and_balanced() -> None:
         quality.fold_assignment(2, 3, seed=0)
 
 
-def test_evaluate_weights_routes_like_the_service() -> None:
+def test_evaluate_weights_beats_the_single_models_on_its_training_data() -> None:
     labelled, x = _labelled()
     weights = fit.fit_weights(
         labelled, x, prices=PRICES, embedder_id="toy", embedder_sha256="0" * 64, k=BLOBS, n_restarts=1
@@ -229,6 +229,15 @@ def test_eval_main_scores_a_weights_file(
     assert document["folds"] == 0
     assert "router" in document["pooled"]
     assert "± " not in prefix.with_suffix(".md").read_text()
+    # weights bring their own costs and the rows their realised ones: no price list needed to score them
+    (tmp_path / "prices.json").unlink()
+    assert eval_main(parser.parse_args([*argv[:-3], "--out", str(tmp_path / "no-prices"), "--no-progress"])) == 0
+    again = json.loads((tmp_path / "no-prices.json").read_text())
+    assert again["pooled"]["router"] == document["pooled"]["router"]
+    # fitting folds with --costs prices does need one, and says so
+    cv = parser.parse_args(["--data", str(data), "--cv", "2", "--out", str(tmp_path / "cv"), "--no-progress"])
+    assert eval_main(cv) == 1
+    assert "needs a price list" in capsys.readouterr().err
     bad = parser.parse_args(["--data", str(tmp_path / "missing.csv"), "--weights", str(path), "--out", str(prefix)])
     assert eval_main(bad) == 1
     assert "missing.csv" in capsys.readouterr().err

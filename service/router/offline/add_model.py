@@ -30,7 +30,7 @@ from service.router.offline.costs import COST_UNIT, COST_UNIT_ROWS, INPUT_PRICE_
 from service.router.offline.data import DataError, LabelledSet, load_labelled, load_prices
 from service.router.offline.estimate import cluster_error, global_error, task_mix_prior, task_rates
 from service.router.offline.fit import assign_clusters
-from service.router.offline.options import PRICES_FILE, TextMode
+from service.router.offline.options import TextMode, prices_file
 from service.router.weights import RouterWeights, WeightsError, default_weights_path, load_weights, save_weights
 
 
@@ -167,8 +167,8 @@ def _new_cost(
         return relative_cost_from_prices(weights, *args.price_usd), "from the given USD list prices"
     if weights.metadata.get("cost_unit") == COST_UNIT_ROWS:
         return relative_cost_from_rows(weights, labelled.cost_usd[:, column]), "from its observed per-row costs"
-    prices_path: Path = args.prices or Path(args.data[0]).parent / PRICES_FILE
-    if prices_path.is_file():
+    prices_path = prices_file(args)
+    if prices_path is not None:
         prices = load_prices(prices_path)
         if args.model in prices:
             return relative_cost_from_prices(weights, *prices[args.model]), f"from {prices_path.name}"

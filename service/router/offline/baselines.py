@@ -76,9 +76,6 @@ class Outcomes:
     def target_accuracy(self) -> float:
         return float(self.accuracy[self.reference])
 
-    def subset(self, rows: np.ndarray) -> Outcomes:
-        return Outcomes(models=self.models, correct=self.correct[rows], cost=self.cost[rows])
-
 
 def observed_rows(correct: np.ndarray, cost: np.ndarray) -> np.ndarray:
     """``[N]`` bool: rows where every model has an outcome and a cost (the rest cannot be scored for all)."""

@@ -59,10 +59,6 @@ class LabelledSet:
         return len(self.texts)
 
     @property
-    def file_hashes(self) -> dict[str, str]:
-        return {source.name: source.sha256 for source in self.sources}
-
-    @property
     def task_counts(self) -> dict[str, int]:
         return dict(sorted(Counter(self.task).items()))
 
@@ -172,7 +168,6 @@ def load_labelled(
 
 
 # The loader's first name, from when it read RouterBench CSV only.
-load_routerbench = load_labelled
 
 Rows = list[tuple[int, dict[str, str]]]
 

@@ -40,7 +40,9 @@ def eval_main(args: argparse.Namespace) -> int:
     try:
         weights = None if args.cv else load_weights(args.weights or default_weights_path())
         text_mode: TextMode = args.text or (_weights_text_mode(weights) if weights else "last_block")
-        labelled, prices, _ = fit_module.load_inputs(args, text_mode)
+        # with --cv the folds' fits need prices for --costs prices; weights bring their own costs
+        needs_prices = bool(args.cv) and args.costs == "prices"
+        labelled, prices, _ = fit_module.load_inputs(args, text_mode, require_prices=needs_prices)
         prices_relative = None
         if prices is not None:
             prices_relative = relative_costs(blended_prices(labelled.models, prices))

@@ -75,13 +75,13 @@ class CurveMetrics:
 # --- routing and points ----------------------------------------------------------------------
 
 
-def choose(expected_error: np.ndarray, route_cost: np.ndarray, lam: float) -> np.ndarray:
-    """``[N]`` chosen column per row: ``argmin(error + lam * cost)``, ties to the cheaper, then the lower index."""
-    error = np.asarray(expected_error, dtype=np.float64)
-    cost = np.broadcast_to(np.asarray(route_cost, dtype=np.float64), error.shape)
-    score = error + lam * cost
-    best = score.min(axis=1, keepdims=True)
-    return np.argmin(np.where(score <= best, cost, np.inf), axis=1)
+def chosen_columns(error: np.ndarray, cost: np.ndarray, lambdas: np.ndarray) -> np.ndarray:
+    """``[L, N]`` chosen column per lambda and row: ``argmin(error + lambda * cost)``, ties to the cheaper, then
+    the lower index. Columns are the weights' models, which weights keep sorted by name, so this is the service's
+    rule (``scoring.ScoreTable``: cost, then model id)."""
+    score = error[None] + lambdas[:, None, None] * cost[None]  # [L, N, M]
+    best = score.min(axis=2, keepdims=True)
+    return np.argmin(np.where(score <= best, cost[None], np.inf), axis=2)
 
 
 def lambda_breakpoints(
@@ -119,7 +119,7 @@ def routed_points(
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(mean realised cost, mean accuracy)`` of the routed choices, one pair per lambda (costs not normalised).
 
-    Vectorised over lambdas in chunks of about ``CHUNK_CELLS`` score cells; the same rule as :func:`choose`.
+    Vectorised over lambdas in chunks of about ``CHUNK_CELLS`` score cells (:func:`chosen_columns`).
     """
     error = np.asarray(expected_error, dtype=np.float64)
     cost = np.broadcast_to(np.asarray(route_cost, dtype=np.float64), error.shape)
@@ -128,9 +128,7 @@ def routed_points(
     step = max(1, CHUNK_CELLS // max(error.size, 1))
     costs, accs = [], []
     for start in range(0, lams.size, step):
-        score = error[None] + lams[start : start + step, None, None] * cost[None]  # [L, N, M]
-        best = score.min(axis=2, keepdims=True)
-        chosen = np.argmin(np.where(score <= best, cost[None], np.inf), axis=2)  # [L, N]
+        chosen = chosen_columns(error, cost, lams[start : start + step])
         costs.append(realised_cost[rows, chosen].mean(axis=1))
         accs.append(correct[rows, chosen].mean(axis=1))
     return np.concatenate(costs), np.concatenate(accs)

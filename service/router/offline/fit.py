@@ -6,11 +6,12 @@
 3. Per cluster and model, the error rate is shrunk toward a prior: the mix of the model's per-task
    error rates over the cluster's training tasks (or its global rate when the data has one task), so
    small clusters do not get 0 % or 100 % from a handful of rows (formulas in ``estimate.py``). The
-   strength ``alpha`` is chosen by cross-validated log-loss.
+   strength ``alpha`` is chosen by cross-validation: held-out AUDC by default, or log-loss
+   (``--alpha-criterion``).
 4. Cost is the blended list price relative to the most expensive model, or (``--costs rows``) the mean
    observed cost per call relative to the most expensive model.
 
-``python -m service fit`` calls :func:`fit_main` with the flags from :func:`add_fit_arguments`.
+``python -m service fit`` calls :func:`fit_main` with the flags from ``options.add_fit_arguments``.
 """
 
 from __future__ import annotations
@@ -58,8 +59,8 @@ from service.router.offline.options import (
     Criterion,
     Prior,
     TextMode,
+    prices_file,
 )
-from service.router.offline.options import add_fit_arguments as add_fit_arguments  # `fit`'s flags, kept importable here
 from service.router.weights import RouterWeights, WeightsError, default_weights_path, save_weights
 
 DEFAULT_KMEANS_ITERATIONS = 50
@@ -318,15 +319,18 @@ def _fit_metadata(
 
 
 def load_inputs(
-    args: argparse.Namespace, text_mode: TextMode
+    args: argparse.Namespace, text_mode: TextMode, *, require_prices: bool
 ) -> tuple[LabelledSet, dict[str, tuple[float, float]] | None, Path | None]:
-    """The labelled files and, with ``--costs prices`` (or a given ``--prices``), the price list."""
+    """The labelled files and the price list (``options.prices_file``), which ``require_prices`` makes
+    mandatory: fitting with ``--costs prices`` needs it, scoring weights with their own costs does not."""
     data: list[Path] = list(args.data)
     missing = [str(path) for path in data if not path.is_file()]
     if missing:
         raise DataError(f"no such labelled file: {', '.join(missing)}")
     wants_prices = getattr(args, "costs", "prices") == "prices" or args.prices is not None
-    prices_path: Path | None = (args.prices or data[0].parent / PRICES_FILE) if wants_prices else None
+    prices_path = prices_file(args) if wants_prices else None
+    if prices_path is None and require_prices:
+        raise DataError(f"--costs prices needs a price list: pass --prices or put {PRICES_FILE} beside the data")
     prices = load_prices(prices_path) if prices_path is not None else None
     labelled = load_labelled(data, text_mode=text_mode, price_models=tuple(prices or ()))
     return labelled, prices, prices_path
@@ -337,7 +341,7 @@ def fit_main(args: argparse.Namespace) -> int:
     out: Path = args.out or default_weights_path()
     text_mode: TextMode = args.text
     try:
-        labelled, prices, prices_path = load_inputs(args, text_mode)
+        labelled, prices, prices_path = load_inputs(args, text_mode, require_prices=args.costs == "prices")
         embeddings, embedder_id, embedder_sha256 = _embed(
             labelled.texts, cache=args.embedding_cache, progress=not args.no_progress
         )

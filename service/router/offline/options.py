@@ -77,6 +77,14 @@ def add_fit_settings(parser: argparse.ArgumentParser, *, text_default: TextMode 
     )
 
 
+def prices_file(args: argparse.Namespace) -> Path | None:
+    """``--prices``, else ``prices.json`` beside the first labelled file when there is one."""
+    if args.prices is not None:
+        return Path(args.prices)
+    beside = Path(args.data[0]).parent / PRICES_FILE
+    return beside if beside.is_file() else None
+
+
 def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     add_data_arguments(parser)
     add_fit_settings(parser)
