@@ -27,6 +27,8 @@ from typing import Any
 
 import httpx
 
+from service.digest import git_commit
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = Path(__file__).resolve().parent
 WRK_DIR = BENCH_DIR / "wrk"
@@ -398,16 +400,6 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def git_commit(repo: Path = REPO_ROOT) -> str | None:
-    try:
-        proc = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=False, timeout=10
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return proc.stdout.strip() if proc.returncode == 0 else None
-
-
 def package_version(name: str) -> str | None:
     try:
         return metadata.version(name)
@@ -428,7 +420,7 @@ def machine_info() -> dict[str, Any]:
         "torch": package_version("torch"),
         "sentence_transformers": package_version("sentence-transformers"),
         "wrk": _wrk_version(),
-        "git_commit": git_commit(),
+        "git_commit": git_commit(REPO_ROOT),
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
 

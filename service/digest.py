@@ -1,11 +1,14 @@
-"""File digests, without heavy imports (the fit tool hashes its data, the embedder its model)."""
+"""File digests and the source commit, without heavy imports (the fit tool hashes its data, the embedder its
+model; results record the commit they were measured at)."""
 
 from __future__ import annotations
 
 import hashlib
+import subprocess
 from pathlib import Path
 
 CHUNK_BYTES = 1 << 22
+GIT_TIMEOUT_S = 10.0
 
 
 def file_sha256(path: Path) -> str:
@@ -14,3 +17,16 @@ def file_sha256(path: Path) -> str:
         while chunk := fh.read(CHUNK_BYTES):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def git_commit(directory: Path) -> str | None:
+    """The commit checked out at ``directory``, with ``-dirty`` when tracked files differ from it (a result
+    measured on uncommitted code must say so); None outside a git checkout."""
+    try:
+        done = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--abbrev=40", "--exclude=*"],
+            cwd=directory, capture_output=True, text=True, timeout=GIT_TIMEOUT_S, check=False,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() or None if done.returncode == 0 else None

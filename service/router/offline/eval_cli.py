@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import subprocess
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from service import __version__
+from service.digest import git_commit
 from service.router.offline import fit as fit_module
 from service.router.offline.costs import blended_prices, relative_costs
 from service.router.offline.data import DataError, LabelledSet
@@ -26,7 +26,6 @@ from service.router.offline.quality_report import plot_curves, report_json, repo
 from service.router.weights import RouterWeights, WeightsError, default_weights_path, load_weights
 
 DEFAULT_PREFIX = "router-quality"
-GIT_TIMEOUT_S = 5.0
 
 
 def eval_main(args: argparse.Namespace) -> int:
@@ -112,7 +111,7 @@ def _info(
         "text_mode": text_mode,
         "realised_cost": cost_source,
         "embedder": {"id": embedder_id, "sha256": embedder_sha256},
-        "tool": {"version": __version__, "numpy": np.__version__, "git_commit": _git_commit()},
+        "tool": {"version": __version__, "numpy": np.__version__, "git_commit": git_commit(Path(__file__).parent)},
     }
     if weights is None:
         info["settings"] = {
@@ -151,18 +150,3 @@ def _describe(report: QualityReport, info: dict[str, Any]) -> tuple[str, list[st
         return f"Router quality: {report.folds}-fold cross-validation", lines
     lines.append(f"Router: weights {info['weights']['version']} ({info['weights']['path']}).")
     return "Router quality", lines
-
-
-def _git_commit() -> str | None:
-    try:
-        done = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=GIT_TIMEOUT_S,
-            cwd=Path(__file__).parent,
-            check=False,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip() or None if done.returncode == 0 else None
