@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.router.offline import fit, quality
+from service.router.offline import estimate, fit, quality
 from service.router.offline.baselines import ORACLE, RANDOM_MIX, SINGLE_ENVELOPE
 from service.router.offline.data import LabelledSet, load_labelled
 from service.router.offline.eval_cli import eval_main
@@ -100,11 +100,11 @@ def test_summarise_spread_and_infinite_folds() -> None:
 
 
 def test_fold_assignment_is_seeded_and_balanced() -> None:
-    folds = quality.fold_assignment(11, 3, seed=4)
+    folds = estimate.fold_assignment(11, 3, seed=4)
     assert sorted(np.bincount(folds).tolist()) == [3, 4, 4]
-    np.testing.assert_array_equal(folds, quality.fold_assignment(11, 3, seed=4))
+    np.testing.assert_array_equal(folds, estimate.fold_assignment(11, 3, seed=4))
     with pytest.raises(ValueError, match="folds"):
-        quality.fold_assignment(2, 3, seed=0)
+        estimate.fold_assignment(2, 3, seed=0)
 
 
 def test_evaluate_weights_beats_the_single_models_on_its_training_data() -> None:

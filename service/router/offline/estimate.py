@@ -32,12 +32,11 @@ import numpy as np
 
 from service.router.offline.baselines import Outcomes, observed_rows, system_curve
 from service.router.offline.evaluation import audc
-from service.router.offline.options import Criterion
+from service.router.offline.options import DEFAULT_SEED, Criterion
 
 # Shrinkage strengths tried by cross-validation; the prior counts as this many pseudo-observations.
 DEFAULT_ALPHA_GRID: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0)
 DEFAULT_CV_FOLDS = 5
-DEFAULT_SEED = 0
 # Pseudo-observations pulling a task's error rate toward the model's global rate: negligible for the
 # hundreds of rows a training task has, decisive for a task seen a handful of times (add-model).
 TASK_PRIOR_STRENGTH = 8.0
@@ -181,6 +180,13 @@ def held_out_audc(
     return audc(curve.hull_cost, curve.hull_accuracy)
 
 
+def fold_assignment(n: int, folds: int, seed: int) -> np.ndarray:
+    """``[n]`` fold of each row: a seeded permutation taken modulo ``folds`` (sizes differ by at most one)."""
+    if folds < 2 or n < folds:
+        raise ValueError(f"need 2 <= folds <= rows; got {folds} folds for {n} rows")
+    return np.random.default_rng(seed).permutation(n) % folds
+
+
 def select_alpha(
     assign: np.ndarray,
     correct: np.ndarray,
@@ -199,11 +205,8 @@ def select_alpha(
     Clusters stay fixed across folds: k-means never sees labels, so only the error estimates (and
     the prior, rebuilt from each fold's training rows) need held-out rows.
     """
-    n = correct.shape[0]
-    if n < folds:
-        raise ValueError(f"need at least {folds} rows for {folds}-fold CV; got {n}")
     criterion: Criterion = "audc" if costs is not None else "log-loss"
-    fold_of = np.random.default_rng(seed).permutation(n) % folds
+    fold_of = fold_assignment(correct.shape[0], folds, seed)
     priors = []
     for fold in range(folds):
         train = fold_of != fold

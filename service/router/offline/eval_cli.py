@@ -20,6 +20,7 @@ from service.digest import git_commit
 from service.router.offline import fit as fit_module
 from service.router.offline.costs import blended_prices, relative_costs
 from service.router.offline.data import DataError, LabelledSet
+from service.router.offline.estimate import DEFAULT_CV_FOLDS
 from service.router.offline.options import TextMode
 from service.router.offline.quality import FitSettings, QualityReport, cross_validate, evaluate_weights, realised_costs
 from service.router.offline.quality_report import plot_curves, report_json, report_markdown, write_json
@@ -120,7 +121,7 @@ def _info(
             "restarts": args.restarts,
             "alpha": args.alpha
             if args.alpha is not None
-            else f"chosen in each fold by inner 5-fold CV ({args.alpha_criterion})",
+            else f"chosen in each fold by inner {DEFAULT_CV_FOLDS}-fold CV ({args.alpha_criterion})",
             "prior": args.prior,
             "alpha_criterion": args.alpha_criterion,
             "route_cost": args.costs,

@@ -31,7 +31,13 @@ import numpy as np
 from service.router.offline.baselines import Outcomes, baseline_curves, observed_rows, system_curve
 from service.router.offline.costs import observed_cost_per_call, relative_costs
 from service.router.offline.data import LabelledSet
-from service.router.offline.estimate import RoutingCosts, cluster_error, select_alpha
+from service.router.offline.estimate import (
+    DEFAULT_CV_FOLDS,
+    RoutingCosts,
+    cluster_error,
+    fold_assignment,
+    select_alpha,
+)
 from service.router.offline.evaluation import Curve, CurveMetrics, curve_metrics
 from service.router.offline.fit import assign_clusters, fit_error_table, kmeans_centroids, task_index
 from service.router.offline.options import DEFAULT_CLUSTERS, DEFAULT_RESTARTS, DEFAULT_SEED, Criterion, Prior
@@ -41,7 +47,7 @@ ROUTER = "router"
 GLOBAL_SHRINK = "k-means + shrinkage to global rate"
 PLAIN = "plain k-means + mean error"
 TASK_NAME = "task-name router (knows the task)"
-DEFAULT_FOLDS = 5
+DEFAULT_FOLDS = DEFAULT_CV_FOLDS
 PLAIN_RESTARTS = 1
 PLAIN_ALPHA = 0.0
 
@@ -94,13 +100,6 @@ def _kind_map(systems: list[str], models: tuple[str, ...], routers: set[str]) ->
         else:
             kinds[name] = "baseline"
     return kinds
-
-
-def fold_assignment(n: int, folds: int, seed: int) -> np.ndarray:
-    """``[n]`` fold of each row: a seeded permutation taken modulo ``folds`` (sizes differ by at most one)."""
-    if folds < 2 or n < folds:
-        raise ValueError(f"need 2 <= folds <= rows; got {folds} folds for {n} rows")
-    return np.random.default_rng(seed).permutation(n) % folds
 
 
 def fold_error_tables(
