@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.router.offline import estimate, fit
+from service.router.offline import costs, estimate, fit
 from service.router.offline.data import DataError, LabelledSet, extract_text, load_labelled, load_prices
 from service.router.offline.options import add_fit_arguments
 from service.router.weights import default_weights_path, load_weights, save_weights
@@ -143,13 +143,13 @@ def test_kmeans_rejects_too_few_points() -> None:
 
 def test_relative_costs_blend_three_to_one() -> None:
     prices = {"cheap": (0.001, 0.002), "dear": (0.01, 0.03)}
-    blended = fit.blended_prices(["cheap", "dear"], prices)
+    blended = costs.blended_prices(["cheap", "dear"], prices)
     np.testing.assert_allclose(blended, [(3 * 0.001 + 0.002) / 4, (3 * 0.01 + 0.03) / 4])
-    np.testing.assert_allclose(fit.relative_costs(blended), [0.00125 / 0.015, 1.0], rtol=1e-6)
+    np.testing.assert_allclose(costs.relative_costs(blended), [0.00125 / 0.015, 1.0], rtol=1e-6)
     with pytest.raises(ValueError, match="no price for model"):
-        fit.blended_prices(["cheap", "missing"], prices)
+        costs.blended_prices(["cheap", "missing"], prices)
     with pytest.raises(ValueError, match="positive price"):
-        fit.relative_costs(np.zeros(2))
+        costs.relative_costs(np.zeros(2))
 
 
 def _toy_labelled(n: int, models: Sequence[str] = ("a", "b"), seed: int = 0) -> LabelledSet:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.router.offline import estimate, fit, quality
+from service.router.offline import costs, estimate, fit, quality
 from service.router.offline.baselines import ORACLE, RANDOM_MIX, SINGLE_ENVELOPE
 from service.router.offline.data import LabelledSet, load_labelled
 from service.router.offline.eval_cli import eval_main
@@ -55,7 +55,7 @@ def _labelled(seed: int = 0) -> tuple[LabelledSet, np.ndarray]:
 
 def test_cross_validate_compares_every_system_on_the_same_folds() -> None:
     labelled, x = _labelled()
-    route = fit.relative_costs(fit.blended_prices(MODELS, PRICES))
+    route = costs.relative_costs(costs.blended_prices(MODELS, PRICES))
     settings = quality.FitSettings(k=BLOBS, n_restarts=1)
     report = quality.cross_validate(labelled, x, labelled.cost_usd, route_cost=route, folds=3, settings=settings)
     expected = [quality.ROUTER, quality.GLOBAL_SHRINK, quality.PLAIN, quality.TASK_NAME, ORACLE, RANDOM_MIX]

@@ -53,11 +53,29 @@ def observed_cost_per_call(cost_usd: np.ndarray) -> np.ndarray:
     return np.where(observed, cost_usd, 0.0).sum(axis=0) / calls
 
 
+def absolute_costs(
+    models: Sequence[str], cost_usd: np.ndarray, prices: Mapping[str, tuple[float, float]] | None
+) -> np.ndarray:
+    """``[M]`` what routing trades off, in USD: blended list prices when ``prices`` are given, else the mean
+    observed cost per call of each model (``relative_costs`` turns either into the weights' unit)."""
+    return blended_prices(models, prices) if prices is not None else observed_cost_per_call(cost_usd)
+
+
+def has_observed_costs(cost_usd: np.ndarray) -> bool:
+    """Every model has at least one observed per-row cost."""
+    return bool((~np.isnan(cost_usd)).any(axis=0).all())
+
+
+def realised_costs(cost_usd: np.ndarray, route_cost: np.ndarray | None) -> np.ndarray:
+    """``[N, M]`` what each call costs when a routed choice is scored: its observed cost when every model has
+    some, else the model's ``route_cost`` on every row."""
+    if has_observed_costs(cost_usd):
+        return np.asarray(cost_usd, dtype=np.float64)
+    if route_cost is None:
+        raise ValueError("the labelled data lacks per-row costs for some models and no prices were given")
+    return np.broadcast_to(np.asarray(route_cost, dtype=np.float64), cost_usd.shape).copy()
+
+
 def routing_costs(cost_usd: np.ndarray, route_cost: np.ndarray) -> RoutingCosts:
-    """Costs for choosing alpha by AUDC: route by ``route_cost``; score each call at its observed cost when
-    every model has some, else at ``route_cost``."""
-    if (~np.isnan(cost_usd)).any(axis=0).all():
-        realised = np.asarray(cost_usd, dtype=np.float64)
-    else:
-        realised = np.broadcast_to(route_cost.astype(np.float64), cost_usd.shape).copy()
-    return RoutingCosts(route=np.asarray(route_cost, dtype=np.float64), realised=realised)
+    """Costs for choosing alpha by AUDC: route by ``route_cost``, score at ``realised_costs``."""
+    return RoutingCosts(route=np.asarray(route_cost, dtype=np.float64), realised=realised_costs(cost_usd, route_cost))

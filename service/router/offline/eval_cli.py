@@ -43,9 +43,7 @@ def eval_main(args: argparse.Namespace) -> int:
         # with --cv the folds' fits need prices for --costs prices; weights bring their own costs
         needs_prices = bool(args.cv) and args.costs == "prices"
         labelled, prices, _ = fit_module.load_inputs(args, text_mode, require_prices=needs_prices)
-        prices_relative = None
-        if prices is not None:
-            prices_relative = relative_costs(blended_prices(labelled.models, prices))
+        prices_relative = None if prices is None else relative_costs(blended_prices(labelled.models, prices))
         realised, cost_source = realised_costs(labelled, prices_relative)
         embeddings, embedder_id, embedder_sha256 = fit_module._embed(
             labelled.texts, cache=args.embedding_cache, progress=progress

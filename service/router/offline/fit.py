@@ -33,8 +33,7 @@ from service.router.offline.costs import (
     COST_UNIT_ROWS,
     INPUT_PRICE_WEIGHT,
     OUTPUT_PRICE_WEIGHT,
-    blended_prices,
-    observed_cost_per_call,
+    absolute_costs,
     relative_costs,
     routing_costs,
 )
@@ -214,10 +213,7 @@ def fit_weights(
         raise ValueError(f"embeddings must be [{labelled.num_rows}, D]; got {embeddings.shape}")
     if not np.isfinite(embeddings).all():
         raise ValueError("embeddings contain NaN or inf")
-    if prices is not None:
-        absolute = blended_prices(labelled.models, prices)
-    else:
-        absolute = observed_cost_per_call(labelled.cost_usd)
+    absolute = absolute_costs(labelled.models, labelled.cost_usd, prices)
     route_cost = relative_costs(absolute)
     costs = routing_costs(labelled.cost_usd, route_cost) if alpha_criterion == "audc" else None
     table = fit_error_table(

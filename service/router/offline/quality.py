@@ -29,7 +29,8 @@ from typing import Any, Literal
 import numpy as np
 
 from service.router.offline.baselines import Outcomes, baseline_curves, observed_rows, system_curve
-from service.router.offline.costs import observed_cost_per_call, relative_costs
+from service.router.offline.costs import absolute_costs, has_observed_costs, relative_costs
+from service.router.offline.costs import realised_costs as call_costs
 from service.router.offline.data import LabelledSet
 from service.router.offline.estimate import (
     DEFAULT_CV_FOLDS,
@@ -80,12 +81,9 @@ class QualityReport:
 def realised_costs(labelled: LabelledSet, prices_relative: np.ndarray | None) -> tuple[np.ndarray, str]:
     """``[N, M]`` cost of each call: the observed per-row costs when every model has some, else the
     (relative) price of each model on every row; and which one it is."""
-    observed = ~np.isnan(labelled.cost_usd)
-    if observed.any(axis=0).all():
-        return labelled.cost_usd, "observed cost per row (USD)"
-    if prices_relative is None:
-        raise ValueError("the labelled data lacks per-row costs for some models and no prices were given")
-    return np.broadcast_to(prices_relative, labelled.correct.shape).astype(np.float64), "list price per model"
+    realised = call_costs(labelled.cost_usd, prices_relative)
+    observed = has_observed_costs(labelled.cost_usd)
+    return realised, "observed cost per row (USD)" if observed else "list price per model"
 
 
 def _kind_map(systems: list[str], models: tuple[str, ...], routers: set[str]) -> dict[str, Kind]:
@@ -171,7 +169,7 @@ def cross_validate(
         outcomes = Outcomes(labelled.models, correct[test], realised_cost[test])
         cost = route_cost
         if cost is None:
-            cost = relative_costs(observed_cost_per_call(labelled.cost_usd[train]))
+            cost = relative_costs(absolute_costs(labelled.models, labelled.cost_usd[train], None))
         costs = RoutingCosts(route=np.asarray(cost, dtype=np.float64), realised=realised_cost[train])
         errors, info = fold_error_tables(embeddings, labelled, train, test, settings, costs)
         curves = {name: system_curve(outcomes, e, cost) for name, e in errors.items()} | baseline_curves(outcomes)
