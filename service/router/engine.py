@@ -33,7 +33,7 @@ from service.router.index import Nearest
 from service.router.schemas import RouteDecision, RouteRequest
 from service.router.scoring import score_batch
 from service.router.state import RouterState, StateHolder
-from service.router.weights import RouterWeights, WeightsError, load_weights
+from service.router.weights import RouterWeights, WeightsError, check_embedder, load_weights
 
 logger = logging.getLogger(__name__)
 
@@ -354,11 +354,7 @@ def build_state(path: Path, embedder: Embedder) -> RouterState:
     weights = load_weights(path)
     if weights.dim != embedder.dim:
         raise WeightsError(f"{path}: centroids are {weights.dim}-d, the embedder gives {embedder.dim}-d")
-    if weights.embedder_sha256 != embedder.model_sha256:
-        raise WeightsError(
-            f"{path}: fitted with embedder {weights.embedder_id} sha256 {weights.embedder_sha256[:12]}..., "
-            f"but the running embedder is {embedder.model_id} sha256 {embedder.model_sha256[:12]}..."
-        )
+    check_embedder(weights, embedder.model_id, embedder.model_sha256, source=str(path))
     return RouterState.build(weights)
 
 

@@ -296,3 +296,12 @@ def _check_metadata(metadata: Any) -> None:
         json.dumps(dict(metadata), allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise WeightsError(f"metadata must be JSON-serialisable without NaN/inf ({exc})") from exc
+
+
+def check_embedder(weights: RouterWeights, model_id: str, model_sha256: str, *, source: str) -> None:
+    """Weights hold for the embedder they were fitted with only (centroids live in its space)."""
+    if weights.embedder_sha256 != model_sha256:
+        raise WeightsError(
+            f"{source}: fitted with embedder {weights.embedder_id} sha256 {weights.embedder_sha256[:12]}..., "
+            f"but the running embedder is {model_id} sha256 {model_sha256[:12]}..."
+        )

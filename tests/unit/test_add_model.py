@@ -138,7 +138,7 @@ def test_add_model_main_writes_extended_weights(
     def fake_embed(texts: Sequence[str], **_: object) -> tuple[np.ndarray, str, str]:
         return _embeddings([int(t[1:]) for t in texts]), "toy", EMBEDDER_SHA
 
-    monkeypatch.setattr(fit, "_embed", fake_embed)
+    monkeypatch.setattr(fit, "embed_prompts", fake_embed)
     parser = argparse.ArgumentParser()
     add_add_model_arguments(parser)
     out = tmp_path / "w2.safetensors"

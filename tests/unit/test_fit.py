@@ -353,7 +353,7 @@ def test_fit_main_writes_weights(
     def fake_embed(texts: Sequence[str], **_: object) -> tuple[np.ndarray, str, str]:
         return _unit_blobs(n_per=10, k=4)[: len(texts)], "fake-embedder", "f" * 64
 
-    monkeypatch.setattr(fit, "_embed", fake_embed)
+    monkeypatch.setattr(fit, "embed_prompts", fake_embed)
     parser = argparse.ArgumentParser()
     add_fit_arguments(parser)
     out = tmp_path / "out" / "w.safetensors"

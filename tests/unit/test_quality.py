@@ -177,7 +177,7 @@ def test_eval_main_cross_validates_and_writes_json_markdown_png(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     data = _write_data(tmp_path)
-    monkeypatch.setattr(fit, "_embed", _fake_embed)
+    monkeypatch.setattr(fit, "embed_prompts", _fake_embed)
     parser = argparse.ArgumentParser()
     add_eval_arguments(parser)
     prefix = tmp_path / "out" / "quality"
@@ -218,7 +218,7 @@ def test_eval_main_scores_a_weights_file(
     )
     path = tmp_path / "w.safetensors"
     save_weights(weights, path)
-    monkeypatch.setattr(fit, "_embed", _fake_embed)
+    monkeypatch.setattr(fit, "embed_prompts", _fake_embed)
     parser = argparse.ArgumentParser()
     add_eval_arguments(parser)
     prefix = tmp_path / "scored"

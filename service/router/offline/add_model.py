@@ -29,9 +29,16 @@ import numpy as np
 from service.router.offline.costs import COST_UNIT, COST_UNIT_ROWS, INPUT_PRICE_WEIGHT, OUTPUT_PRICE_WEIGHT
 from service.router.offline.data import DataError, LabelledSet, load_labelled, load_prices
 from service.router.offline.estimate import cluster_error, global_error, task_mix_prior, task_rates
-from service.router.offline.fit import assign_clusters
-from service.router.offline.options import TextMode, prices_file
-from service.router.weights import RouterWeights, WeightsError, default_weights_path, load_weights, save_weights
+from service.router.offline.fit import assign_clusters, weights_text_mode
+from service.router.offline.options import prices_file
+from service.router.weights import (
+    RouterWeights,
+    WeightsError,
+    check_embedder,
+    default_weights_path,
+    load_weights,
+    save_weights,
+)
 
 
 def new_model_errors(
@@ -114,21 +121,20 @@ def append_model(
 
 def add_model_main(args: argparse.Namespace) -> int:
     """Load, embed, estimate, append, save; returns the process exit code."""
-    from service.router.offline.fit import _embed
+    from service.router.offline.fit import embed_prompts
 
     source: Path = args.weights or default_weights_path()
     try:
         weights = load_weights(source)
-        mode = weights.metadata.get("fit", {}).get("text_mode", "last_block")
-        text_mode: TextMode = "full" if mode == "full" else "last_block"
-        labelled = load_labelled(args.data, text_mode=text_mode, price_models=(args.model,))
+        labelled = load_labelled(args.data, text_mode=weights_text_mode(weights), price_models=(args.model,))
         if args.model not in labelled.models:
             raise DataError(f"no outcome column {args.model!r} in the data")
         column = labelled.models.index(args.model)
         cost, cost_note = _new_cost(args, weights, labelled, column)
-        vectors, _, embedder_sha256 = _embed(labelled.texts, cache=args.embedding_cache, progress=not args.no_progress)
-        if embedder_sha256 != weights.embedder_sha256:
-            raise WeightsError("the weights were fitted with another embedder than the one installed")
+        vectors, embedder_id, embedder_sha256 = embed_prompts(
+            labelled.texts, cache=args.embedding_cache, progress=not args.no_progress
+        )
+        check_embedder(weights, embedder_id, embedder_sha256, source=str(args.weights or default_weights_path()))
         alpha = float(args.alpha if args.alpha is not None else weights.metadata.get("fit", {}).get("alpha", 0.0))
         errors = new_model_errors(weights, vectors, labelled.correct[:, column], labelled.task, alpha)
         extended = append_model(weights, args.model, errors, cost, _provenance(labelled, column, alpha, cost_note))
@@ -177,7 +183,7 @@ def _new_cost(
 
 def _provenance(labelled: LabelledSet, column: int, alpha: float, cost_note: str) -> dict[str, Any]:
     return {
-        "files": [{"name": s.name, "sha256": s.sha256, "rows": s.rows} for s in labelled.sources],
+        "files": labelled.sources_json(),
         "outcomes_observed": int((~np.isnan(labelled.correct[:, column])).sum()),
         "error": float(global_error(labelled.correct[:, [column]])[0]),
         "alpha": alpha,

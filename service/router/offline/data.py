@@ -15,7 +15,7 @@ import json
 import math
 from collections import Counter
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +57,10 @@ class LabelledSet:
     @property
     def num_rows(self) -> int:
         return len(self.texts)
+
+    def sources_json(self) -> list[dict[str, object]]:
+        """The files read, as results and weights record them (name, sha256, rows)."""
+        return [asdict(source) for source in self.sources]
 
     @property
     def task_counts(self) -> dict[str, int]:

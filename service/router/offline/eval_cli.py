@@ -24,7 +24,7 @@ from service.router.offline.estimate import DEFAULT_CV_FOLDS
 from service.router.offline.options import TextMode
 from service.router.offline.quality import FitSettings, QualityReport, cross_validate, evaluate_weights, realised_costs
 from service.router.offline.quality_report import plot_curves, report_json, report_markdown, write_json
-from service.router.weights import RouterWeights, WeightsError, default_weights_path, load_weights
+from service.router.weights import RouterWeights, WeightsError, check_embedder, default_weights_path, load_weights
 
 DEFAULT_PREFIX = "router-quality"
 
@@ -39,13 +39,13 @@ def eval_main(args: argparse.Namespace) -> int:
         return 1
     try:
         weights = None if args.cv else load_weights(args.weights or default_weights_path())
-        text_mode: TextMode = args.text or (_weights_text_mode(weights) if weights else "last_block")
+        text_mode: TextMode = args.text or (fit_module.weights_text_mode(weights) if weights else "last_block")
         # with --cv the folds' fits need prices for --costs prices; weights bring their own costs
         needs_prices = bool(args.cv) and args.costs == "prices"
         labelled, prices, _ = fit_module.load_inputs(args, text_mode, require_prices=needs_prices)
         prices_relative = None if prices is None else relative_costs(blended_prices(labelled.models, prices))
         realised, cost_source = realised_costs(labelled, prices_relative)
-        embeddings, embedder_id, embedder_sha256 = fit_module._embed(
+        embeddings, embedder_id, embedder_sha256 = fit_module.embed_prompts(
             labelled.texts, cache=args.embedding_cache, progress=progress
         )
         if weights is None:
@@ -68,8 +68,7 @@ def eval_main(args: argparse.Namespace) -> int:
                 progress=progress,
             )
         else:
-            if weights.embedder_sha256 != embedder_sha256:
-                raise WeightsError("the weights were fitted with another embedder than the one installed")
+            check_embedder(weights, embedder_id, embedder_sha256, source=str(args.weights or default_weights_path()))
             report = evaluate_weights(weights, labelled, embeddings, realised)
         info = _info(args, labelled, text_mode, cost_source, weights, embedder_id, embedder_sha256)
         title, preamble = _describe(report, info)
@@ -86,11 +85,6 @@ def eval_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _weights_text_mode(weights: RouterWeights) -> TextMode:
-    mode = weights.metadata.get("fit", {}).get("text_mode", "last_block")
-    return "full" if mode == "full" else "last_block"
-
-
 def _info(
     args: argparse.Namespace,
     labelled: LabelledSet,
@@ -104,7 +98,7 @@ def _info(
         "kind": "router-quality",
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": ["python", "-m", "service", *sys.argv[1:]],
-        "data": [{"name": s.name, "sha256": s.sha256, "rows": s.rows} for s in labelled.sources],
+        "data": labelled.sources_json(),
         "models": list(labelled.models),
         "tasks": labelled.task_counts,
         "text_mode": text_mode,

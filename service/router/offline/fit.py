@@ -291,7 +291,7 @@ def _fit_metadata(
             },
         },
         "training_data": {
-            "files": [{"name": s.name, "sha256": s.sha256, "rows": s.rows} for s in labelled.sources],
+            "files": labelled.sources_json(),
             "rows_used": labelled.num_rows,
             "outcomes_observed": int((~np.isnan(labelled.correct)).sum()),
             "tasks": labelled.task_counts,
@@ -338,7 +338,7 @@ def fit_main(args: argparse.Namespace) -> int:
     text_mode: TextMode = args.text
     try:
         labelled, prices, prices_path = load_inputs(args, text_mode, require_prices=args.costs == "prices")
-        embeddings, embedder_id, embedder_sha256 = _embed(
+        embeddings, embedder_id, embedder_sha256 = embed_prompts(
             labelled.texts, cache=args.embedding_cache, progress=not args.no_progress
         )
         weights = fit_weights(
@@ -365,7 +365,14 @@ def fit_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _embed(texts: Sequence[str], *, cache: Path | None = None, progress: bool = True) -> tuple[np.ndarray, str, str]:
+def weights_text_mode(weights: RouterWeights) -> TextMode:
+    """Which part of each prompt ``weights`` were fitted on (``fit`` records it), to embed new data alike."""
+    return "full" if weights.metadata.get("fit", {}).get("text_mode") == "full" else "last_block"
+
+
+def embed_prompts(
+    texts: Sequence[str], *, cache: Path | None = None, progress: bool = True
+) -> tuple[np.ndarray, str, str]:
     """The prompts' embeddings and the embedder's id and weights hash (a seam the tests replace)."""
     from service.router.offline.embed import embed_texts
 
