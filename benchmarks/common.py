@@ -27,6 +27,7 @@ from typing import Any
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the service package, from a plain checkout
 from service.digest import git_commit
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
