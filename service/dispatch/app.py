@@ -105,6 +105,7 @@ class DispatcherService(ServiceBase):
             Route("/delete_requests/", self._guard(api.delete_requests), methods=["POST"]),
             Route("/endpoints/{name}/", self._guard(api.endpoint_info), methods=["GET"]),
             Route("/health", self._guard(api.health), methods=["GET"]),
+            Route("/livez", self._guard(self.livez), methods=["GET"]),
             Route("/metrics", self._guard(api.metrics_text), methods=["GET"]),
             Route("/openapi.json", self._guard(api.openapi), methods=["GET"]),
         ]

@@ -31,8 +31,25 @@ def error(description: str, *, retry_after: bool = False) -> dict[str, Any]:
     return response
 
 
+_LIVEZ = {
+    "type": "object",
+    "required": ["status"],
+    "properties": {"status": {"type": "string", "enum": ["alive", "failed"]}},
+}
+
+
 def common_paths() -> dict[str, Any]:
     return {
+        "/livez": {
+            "get": {
+                "summary": "Liveness for orchestrators: 200 while the process serves, loading and draining included",
+                "operationId": "livez",
+                "responses": {
+                    "200": {"description": "alive", "content": json_content(_LIVEZ)},
+                    "503": {"description": "failed for good: restart the process", "content": json_content(_LIVEZ)},
+                },
+            }
+        },
         "/metrics": {
             "get": {
                 "summary": "Prometheus metrics",

@@ -11,7 +11,7 @@ from starlette.responses import Response
 
 from service.config import BaseSettings
 from service.http.handlers import Handler, guarded
-from service.http.responses import error_response, http_exception_to_error
+from service.http.responses import ORJSONResponse, error_response, http_exception_to_error
 from service.metrics import HttpMetrics
 
 
@@ -30,6 +30,16 @@ class ServiceBase:
         error = http_exception_to_error(exc)
         self.metrics.errors.labels(code=error.code).inc()
         return error_response(error, retry_after_s=self.settings.retry_after_s)
+
+    def alive(self) -> bool:
+        """False only when restarting the process is the remedy; loading and draining are alive."""
+        return True
+
+    async def livez(self, request: Request) -> Response:
+        """Liveness, kept apart from readiness (/health): a draining or loading process must not be
+        restarted, only taken out of the load balancer."""
+        alive = self.alive()
+        return ORJSONResponse({"status": "alive" if alive else "failed"}, status_code=200 if alive else 503)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)

@@ -75,6 +75,7 @@ class RouterService(ServiceBase):
         routes = [
             Route("/v1/route", self._guard(api.route), methods=["POST"]),
             Route("/health", self._guard(api.health), methods=["GET"]),
+            Route("/livez", self._guard(self.livez), methods=["GET"]),
             Route("/metrics", self._guard(api.metrics), methods=["GET"]),
             Route("/openapi.json", self._guard(api.openapi), methods=["GET"]),
             Route("/admin/reload", self._guard(api.reload), methods=["POST"]),
@@ -94,6 +95,9 @@ class RouterService(ServiceBase):
     @property
     def draining(self) -> bool:
         return self.phase is Phase.DRAINING
+
+    def alive(self) -> bool:
+        return self.phase is not Phase.FAILED
 
     def not_ready_reason(self) -> str:
         if self.phase is Phase.FAILED:

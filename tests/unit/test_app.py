@@ -118,6 +118,8 @@ def test_not_ready_while_loading(weights_file: Path) -> None:
         assert r.headers["retry-after"] == "1"
         health = c.get("/health")
         assert (health.status_code, health.json()["status"]) == (503, "loading")
+        livez = c.get("/livez")  # loading is alive: an orchestrator must not restart it
+        assert (livez.status_code, livez.json()) == (200, {"status": "alive"})
         release.set()
         wait_ready(c)
         assert c.post("/v1/route", json={"prompt": "x"}).status_code == 200
@@ -135,6 +137,8 @@ def test_failed_load_reports_why(tmp_path: Path) -> None:
         r = c.post("/v1/route", json={"prompt": "x"})
         assert r.status_code == 503
         assert "failed to load" in r.json()["error"]["message"]
+        livez = c.get("/livez")  # failed for good: restarting is the remedy
+        assert (livez.status_code, livez.json()) == (503, {"status": "failed"})
 
 
 def test_draining_refuses_new_work(weights_file: Path) -> None:
@@ -144,6 +148,7 @@ def test_draining_refuses_new_work(weights_file: Path) -> None:
         service.begin_drain()
         health = c.get("/health")
         assert (health.status_code, health.json()["status"]) == (503, "draining")
+        assert c.get("/livez").status_code == 200  # draining: out of the balancer, not restarted
         r = c.post("/v1/route", json={"prompt": "x"})
         assert r.status_code == 503
         assert r.json()["error"]["code"] == "shutting_down"
@@ -201,7 +206,7 @@ def test_metrics_exposition(client: TestClient) -> None:
 def test_openapi_is_valid_and_lists_the_endpoints(client: TestClient) -> None:
     spec = client.get("/openapi.json").json()
     validate(spec)
-    assert set(spec["paths"]) == {"/v1/route", "/health", "/metrics", "/openapi.json", "/admin/reload"}
+    assert set(spec["paths"]) == {"/v1/route", "/health", "/livez", "/metrics", "/openapi.json", "/admin/reload"}
     required = spec["components"]["schemas"]["RouteResponse"]["required"]
     assert set(required) == {
         "selected_model", "cluster_id", "expected_error", "cost_adjusted_score", "all_scores", "cache_hit", "usage",

@@ -424,6 +424,8 @@ async def test_draining_refuses_new_routes_with_retry_after(
     assert r.headers["retry-after"] == "1"
     health = await client.get("/health")
     assert (health.status_code, health.json()["status"]) == (503, "draining")
+    livez = await client.get("/livez")  # draining is alive: taken out of the balancer, never restarted
+    assert (livez.status_code, livez.json()) == (200, {"status": "alive"})
     await register(client)  # workers still report while the dispatcher drains
     assert "dispatcher_ready 0.0" in (await client.get("/metrics")).text
 
@@ -500,7 +502,7 @@ async def test_openapi_is_valid(client: httpx.AsyncClient) -> None:
     validate(spec)
     assert set(spec["paths"]) == {
         "/route/", "/worker_status/", "/delete_requests/", "/pubkey/", "/endpoints/{name}/", "/health", "/metrics",
-        "/openapi.json",
+        "/openapi.json", "/livez",
     }  # fmt: skip
 
 
