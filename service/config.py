@@ -84,6 +84,21 @@ class RouterSettings(BaseSettings):
     dtype: str = _opt("auto", "auto (fp16 on CUDA, fp32 on CPU), float32, float16 or bfloat16")
     torchscript: bool = _opt(True, "run the encoder as TorchScript (forward passes without the GIL)")
     compute_threads: int = _opt(0, "CPU: batches computed at once, one core each (0 = one per core)")
+    cuda_inflight_batches: int = _opt(
+        2, "CUDA: batches in flight at once (one packs its inputs or waits for its result while another runs)"
+    )
+    cuda_graphs: bool = _opt(True, "CUDA: capture graphs for the bucket shapes at start-up and replay them")
+    cuda_graph_batch_sizes: str = _opt(
+        "1,4,16,64,256,512,1024", "CUDA graph batch buckets, comma separated (those above --max-batch-size are dropped)"
+    )
+    cuda_graph_seq_lens: str = _opt("16,32,64,128,256", "CUDA graph sequence-length buckets, comma separated")
+    kernels: bool = _opt(True, "CUDA: use the fused kernels of kernels/ when their library is found")
+    kernels_path: Path | None = _opt(
+        None, "router_kernels.so (default: next to the package, then build/; see kernels/README.md)"
+    )
+    index_backend: str = _opt(
+        "auto", "centroid search: faiss, torch, or auto (faiss when importable, else torch, logged as a fallback)"
+    )
     max_batch_size: int = _opt(64, "most prompts in one forward pass")
     max_batch_tokens: int = _opt(4096, "most tokens (after truncation) in one forward pass")
     max_queue: int = _opt(1024, "admission limit: prompts waiting or computing; past it 429")

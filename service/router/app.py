@@ -26,7 +26,7 @@ from service.http.server import Fleet
 from service.http.service_base import ServiceBase
 from service.metrics import RouterMetrics
 from service.router.api import RouterApi
-from service.router.embedder import Embedder, MiniLMEmbedder
+from service.router.embedder import CudaOptions, Embedder, MiniLMEmbedder
 from service.router.engine import RouterEngine, build_state
 from service.router.state import StateHolder
 from service.router.weights import WeightsError
@@ -68,6 +68,7 @@ class RouterService(ServiceBase):
                 device=settings.device,
                 dtype=settings.dtype,
                 torchscript=settings.torchscript,
+                cuda=cuda_options(settings),
             )
         )
         self._drain_requested = asyncio.Event()
@@ -113,12 +114,15 @@ class RouterService(ServiceBase):
         if self._embedder is not None:
             body["device"] = self._embedder.device
             body["embedder"] = self._embedder.model_id
+            if isinstance(self._embedder, MiniLMEmbedder):
+                body["encoder"] = self._embedder.runtime_info()
         if state is not None:
             body.update(
                 models=state.weights.num_models,
                 clusters=state.weights.num_clusters,
                 weights_version=state.weights.version,
                 default_cost_weight=state.weights.default_lambda,
+                index=state.index.backend,
             )
         if self.engine is not None:
             body["queue"] = self.engine.admitted
@@ -144,7 +148,9 @@ class RouterService(ServiceBase):
         try:
             embedder = await asyncio.to_thread(self._embedder_factory)
             self._embedder = embedder
-            state = await asyncio.to_thread(build_state, self.settings.resolved_weights(), embedder)
+            state = await asyncio.to_thread(
+                build_state, self.settings.resolved_weights(), embedder, index_backend=self.settings.index_backend
+            )
             engine = RouterEngine(embedder=embedder, holder=self.holder, settings=self.settings, metrics=self.metrics)
             engine.install(state)
             await asyncio.to_thread(_warm_up, embedder)
@@ -204,6 +210,17 @@ def _warm_up(embedder: Embedder) -> None:
     for _ in range(WARMUP_ROUNDS):
         embedder.embed_ids(single)
         embedder.embed_ids(batch)
+
+
+def cuda_options(settings: RouterSettings) -> CudaOptions:
+    return CudaOptions(
+        graphs=settings.cuda_graphs,
+        graph_batch_sizes=settings.cuda_graph_batch_sizes,
+        graph_seq_lens=settings.cuda_graph_seq_lens,
+        max_batch_size=settings.max_batch_size,
+        kernels=settings.kernels,
+        kernels_path=settings.kernels_path,
+    )
 
 
 def build_router_service(settings: RouterSettings, fleet: Fleet) -> RouterService:

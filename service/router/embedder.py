@@ -1,5 +1,8 @@
 """Prompt -> 384-d unit vector, exactly as ``SentenceTransformer('all-MiniLM-L6-v2').encode`` does.
 
+CPU: the packed, padding-free module (``minilm.py``), TorchScript. CUDA: ``cuda_encoder.py`` (fp16 or
+bf16, bucketed padded batches, CUDA graphs, the fused kernels of ``kernels/`` when built).
+
 Thread safety: ``tokenize`` and ``embed_ids`` may be called from several threads at once (the
 tokenizer is immutable once built; the model only runs under ``torch.inference_mode``). Neither is
 ever called on the event loop: the batcher runs them in its worker threads.
@@ -10,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -17,8 +21,11 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from service.digest import file_sha256
+from service.router.buckets import BucketGrid
+from service.router.cuda_encoder import CudaEncoder
+from service.router.kernels import RouterKernels, load_kernels
 from service.router.minilm import MiniLM, script_for_inference
+from service.router.model_export import model_sha256
 
 MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
 EMBEDDING_DIM = 384
@@ -72,17 +79,41 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return dtypes[name]
 
 
+@dataclass(frozen=True, kw_only=True)
+class CudaOptions:
+    """How the CUDA path runs (``RouterSettings`` fields of the same names)."""
+
+    graphs: bool = True
+    graph_batch_sizes: str = "1,4,16,64,256,512,1024"
+    graph_seq_lens: str = "16,32,64,128,256"
+    max_batch_size: int = 1024
+    kernels: bool = True
+    kernels_path: Path | None = None
+
+
+# Padded sequence lengths are multiples of this: tensor-core friendly GEMM shapes, and the
+# memory-efficient SDPA kernel wants its mask's last dimension aligned to 16 elements.
+SEQ_ALIGN = 16
+
+
 class MiniLMEmbedder:
     """all-MiniLM-L6-v2: Rust tokenizer + the padding-free module in ``minilm.py``."""
 
     dim = EMBEDDING_DIM
 
     def __init__(
-        self, *, model_dir: Path | None = None, device: str = "auto", dtype: str = "auto", torchscript: bool = True
+        self,
+        *,
+        model_dir: Path | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        torchscript: bool = True,
+        cuda: CudaOptions | None = None,
     ) -> None:
+        """``torchscript`` applies to CPU only; on CUDA, graphs remove the per-operator overhead."""
         folder = model_dir or default_model_dir()
         self.model_id = MODEL_ID
-        self.model_sha256 = file_sha256(folder / "model.safetensors")
+        self.model_sha256 = model_sha256(folder)
         self.torch_device = resolve_device(device)
         self.device = str(self.torch_device)
         self.dtype = resolve_dtype(dtype, self.torch_device)
@@ -94,8 +125,25 @@ class MiniLMEmbedder:
         model = MiniLM.from_pretrained(folder).to(self.torch_device, self.dtype)
         if model.cfg.hidden_size != self.dim:
             raise ValueError(f"{folder}: hidden size {model.cfg.hidden_size}, expected {self.dim}")
-        self._model = script_for_inference(model) if torchscript else model
+        self._cuda: CudaEncoder | None = None
+        if self.torch_device.type == "cuda":
+            self._cuda = _cuda_encoder(model, self.torch_device, cuda or CudaOptions())
+            self._model: torch.jit.ScriptModule | MiniLM = model
+        else:
+            self._model = script_for_inference(model) if torchscript else model
         self.scripted = isinstance(self._model, torch.jit.ScriptModule)
+
+    @property
+    def kernels(self) -> RouterKernels | None:
+        """The fused CUDA kernels in use (None on CPU or when not built); the torch index uses them too."""
+        return self._cuda.kernels if self._cuda is not None else None
+
+    def runtime_info(self) -> dict[str, object]:
+        """What /health reports about how the encoder runs."""
+        info: dict[str, object] = {"dtype": str(self.dtype).removeprefix("torch."), "torchscript": self.scripted}
+        if self._cuda is not None:
+            info.update(cuda_graphs=self._cuda.graphs, fused_kernels=self._cuda.fused_kernels)
+        return info
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         # sentence-transformers strips each input before tokenizing; parity needs the same.
@@ -107,6 +155,8 @@ class MiniLMEmbedder:
         None leaves the thread's current setting."""
         if not sequences:
             return np.zeros((0, self.dim), dtype=np.float32)
+        if self._cuda is not None:
+            return self._cuda.embed(sequences)
         order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
         groups: list[tuple[int, int]] = []
         flat: list[int] = []
@@ -121,16 +171,10 @@ class MiniLMEmbedder:
                 groups.append((len(seq), 1))
         ids = torch.tensor(flat, dtype=torch.long)
         pos = torch.tensor(positions, dtype=torch.long)
-        if self.torch_device.type == "cuda":
-            ids = ids.pin_memory().to(self.torch_device, non_blocking=True)
-            pos = pos.pin_memory().to(self.torch_device, non_blocking=True)
-            with torch.inference_mode():
-                pooled = self._model(ids, pos, groups).cpu().numpy()
-        else:
-            if cpu_threads is not None:
-                torch.set_num_threads(cpu_threads)
-            with torch.inference_mode():
-                pooled = self._model(ids, pos, groups).numpy()
+        if cpu_threads is not None:
+            torch.set_num_threads(cpu_threads)
+        with torch.inference_mode():
+            pooled = self._model(ids, pos, groups).numpy()
         out = np.empty_like(pooled)
         out[order] = pooled
         return out
@@ -144,6 +188,17 @@ class MiniLMEmbedder:
             chunk = order[start : start + batch_size]
             out[chunk] = self.embed_ids([ids[i] for i in chunk])
         return out
+
+
+def _cuda_encoder(model: MiniLM, device: torch.device, options: CudaOptions) -> CudaEncoder:
+    grid = BucketGrid.from_specs(
+        options.graph_batch_sizes, options.graph_seq_lens, seq_align=SEQ_ALIGN, max_rows=options.max_batch_size
+    )
+    kernels = load_kernels(options.kernels_path) if options.kernels else None
+    encoder = CudaEncoder(model, device=device, grid=grid, kernels=kernels)
+    if options.graphs:
+        encoder.capture_graphs()
+    return encoder
 
 
 def _max_seq_length(folder: Path) -> int:

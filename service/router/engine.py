@@ -28,7 +28,7 @@ from service.errors import InvalidRequest, NotReady
 from service.metrics import RouterMetrics
 from service.router.batcher import BatcherConfig, MicroBatcher
 from service.router.cache import LRUCache
-from service.router.embedder import Embedder
+from service.router.embedder import Embedder, MiniLMEmbedder
 from service.router.index import Nearest
 from service.router.schemas import RouteDecision, RouteRequest
 from service.router.scoring import score_batch
@@ -107,6 +107,7 @@ class RouterEngine:
         self._cache: LRUCache[CachedRoute] = LRUCache(max_entries=settings.cache_size, ttl_s=settings.cache_ttl_s)
         self._inflight: dict[bytes, PromptJob] = {}
         self._reload_lock = asyncio.Lock()
+        self._index_backend = settings.index_backend
         workers = compute_workers(settings, embedder.device)
         self._cpu = embedder.device.startswith("cpu")
         self._cores = os.cpu_count() or 1
@@ -327,7 +328,7 @@ class RouterEngine:
         """
         async with self._reload_lock:
             try:
-                state = await asyncio.to_thread(build_state, path, self._embedder)
+                state = await asyncio.to_thread(build_state, path, self._embedder, index_backend=self._index_backend)
             except WeightsError:
                 self._metrics.reloads.labels(result="rejected").inc()
                 raise
@@ -349,20 +350,23 @@ class RouterEngine:
         )
 
 
-def build_state(path: Path, embedder: Embedder) -> RouterState:
-    """Load + validate a weights file against the running embedder; build its index."""
+def build_state(path: Path, embedder: Embedder, *, index_backend: str = "auto") -> RouterState:
+    """Load + validate a weights file against the running embedder; build its index (on the
+    embedder's device for the torch backend)."""
     weights = load_weights(path)
     if weights.dim != embedder.dim:
         raise WeightsError(f"{path}: centroids are {weights.dim}-d, the embedder gives {embedder.dim}-d")
     check_embedder(weights, embedder.model_id, embedder.model_sha256, source=str(path))
-    return RouterState.build(weights)
+    kernels = embedder.kernels if isinstance(embedder, MiniLMEmbedder) else None
+    return RouterState.build(weights, index_backend=index_backend, device=embedder.device, kernels=kernels)
 
 
 def compute_workers(settings: RouterSettings, device: str) -> int:
     """CPU: one worker per core; under load each forward pass gets one core, which beats one pass on
-    all cores (small GEMMs scale poorly across cores). CUDA: one worker; the GPU serialises batches."""
+    all cores (small GEMMs scale poorly across cores). CUDA: ``cuda_inflight_batches`` (2): the GPU
+    runs one batch at a time, a second worker packs the next one meanwhile (see cuda_encoder.py)."""
     if not device.startswith("cpu"):
-        return 1
+        return max(1, settings.cuda_inflight_batches)
     return settings.compute_threads or (os.cpu_count() or 1)
 
 

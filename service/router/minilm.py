@@ -5,6 +5,9 @@ so every linear layer (where nearly all the FLOPs are) runs on real tokens only,
 Attention runs once per run of equal-length sequences (``groups``), each a dense ``[n, heads, L, d]``
 block that needs no mask. This is the CPU analogue of the varlen attention TEI uses on GPUs.
 Outputs are the sentence-transformers embedding: mean pooling over tokens, then L2 normalisation.
+
+``encode_padded`` is the CUDA form: one right-padded ``[batch, seq]`` block with a key padding mask,
+a fixed shape per call, so that the CUDA encoder (``cuda_encoder.py``) can capture it in a graph.
 """
 
 from __future__ import annotations
@@ -80,6 +83,15 @@ class BertLayer(nn.Module):
         x = self.attn_norm(self.attn_out(attn) + x)
         return self.ffn_norm(self.ffn_out(F.gelu(self.ffn_in(x))) + x)
 
+    def forward_padded(self, x: Tensor, attend: Tensor) -> Tensor:
+        """``x`` [B, L, H]; ``attend`` [B, 1, 1, L] bool, false on padding keys."""
+        batch, length, hidden = x.shape
+        qkv = self.qkv(x).view(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        attn = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=attend)
+        attn = attn.transpose(1, 2).reshape(batch, length, hidden)
+        x = self.attn_norm(self.attn_out(attn) + x)
+        return self.ffn_norm(self.ffn_out(F.gelu(self.ffn_in(x))) + x)
+
 
 class MiniLM(nn.Module):
     """BERT encoder + mean pooling + L2 normalisation, on packed, length-sorted sequences."""
@@ -108,6 +120,19 @@ class MiniLM(nn.Module):
             pooled.append(x[start:stop].view(count, length, -1).float().mean(dim=1))
             start = stop
         return F.normalize(torch.cat(pooled), dim=-1)
+
+    def encode_padded(self, input_ids: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        """``input_ids`` [B, L] right-padded, ``lengths`` [B] (each >= 1) -> the last hidden state
+        [B, L, H] and the token mask [B, L]; pooling is the caller's (a fused kernel on CUDA)."""
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        mask = positions[None, :] < lengths[:, None]
+        x = self.word_embeddings(input_ids) + self.position_embeddings(positions)[None] + self.token_type
+        x = self.embed_norm(x)
+        attend = mask[:, None, None, :]
+        for layer in self.layers:
+            assert isinstance(layer, BertLayer)  # ModuleList items are typed as Module
+            x = layer.forward_padded(x, attend)
+        return x, mask
 
     @classmethod
     def from_pretrained(cls, model_dir: Path) -> MiniLM:

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from service.router.index import CentroidIndex
+from service.router.index import CentroidSearch, build_index
 from service.router.scoring import ScoreTable
 from service.router.weights import RouterWeights
+
+if TYPE_CHECKING:
+    from service.router.kernels import RouterKernels
 
 _generations = itertools.count(1)
 
@@ -21,18 +25,29 @@ _generations = itertools.count(1)
 @dataclass(frozen=True)
 class RouterState:
     weights: RouterWeights
-    index: CentroidIndex
+    index: CentroidSearch
     table: ScoreTable
     model_index: dict[str, int]
     generation: int = field(default_factory=lambda: next(_generations))
 
     @classmethod
-    def build(cls, weights: RouterWeights, *, use_gpu_index: bool = True) -> RouterState:
-        """Everything derived from a validated weights file, built before it is swapped in."""
+    def build(
+        cls,
+        weights: RouterWeights,
+        *,
+        use_gpu_index: bool = True,
+        index_backend: str = "auto",
+        device: str = "cpu",
+        kernels: RouterKernels | None = None,
+    ) -> RouterState:
+        """Everything derived from a validated weights file, built before it is swapped in (the torch
+        index backend on ``device``; see ``index.build_index``)."""
         table = ScoreTable.build(weights.models, weights.expected_error, weights.cost_per_1k)
         return cls(
             weights=weights,
-            index=CentroidIndex(weights.centroids, use_gpu=use_gpu_index),
+            index=build_index(
+                weights.centroids, backend=index_backend, device=device, use_gpu=use_gpu_index, kernels=kernels
+            ),
             table=table,
             model_index=table.model_index(),
         )

@@ -49,7 +49,8 @@ def ours() -> Iterator[MiniLMEmbedder]:
 def reference() -> np.ndarray:
     from sentence_transformers import SentenceTransformer
 
-    model = SentenceTransformer(str(default_model_dir()), device="cpu")
+    # fp32 whatever the folder holds (the GPU run points the model package at an fp16 export)
+    model = SentenceTransformer(str(default_model_dir()), device="cpu").float()
     return model.encode(PROMPTS, batch_size=4, convert_to_numpy=True, normalize_embeddings=False)
 
 

@@ -1,0 +1,57 @@
+"""CUDA-graph bucket planning: pure functions, run everywhere."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.router.buckets import BucketGrid, Chunk, parse_sizes, round_up
+
+
+def grid(batch: str = "1,4,16,64", seq: str = "16,32,64", *, max_rows: int = 64) -> BucketGrid:
+    return BucketGrid.from_specs(batch, seq, seq_align=16, max_rows=max_rows)
+
+
+def test_specs_are_parsed_sorted_aligned_and_capped() -> None:
+    g = BucketGrid.from_specs("64, 1,16,4,1024", "40,16,32", seq_align=16, max_rows=256)
+    assert g.batch_sizes == (1, 4, 16, 64)  # 1024 > max_rows: never formed, never captured
+    assert g.seq_lens == (16, 32, 48)  # 40 rounded up to the alignment
+    assert g.buckets()[0] == (64, 48)  # largest first
+    assert len(g.buckets()) == 12
+    assert parse_sizes("") == []
+    with pytest.raises(ValueError, match="comma-separated"):
+        parse_sizes("1,x")
+    with pytest.raises(ValueError, match="ascending"):
+        BucketGrid((4, 1), (16,), 16, 8)
+
+
+def test_smallest_covering_bucket() -> None:
+    g = grid()
+    assert [g.seq_bucket(n) for n in (1, 16, 17, 64, 65)] == [16, 16, 32, 64, None]
+    assert [g.batch_bucket(n) for n in (1, 2, 4, 5, 64, 65)] == [1, 4, 4, 16, 64, None]
+    assert round_up(17, 16) == 32 and round_up(16, 16) == 16
+
+
+def test_batch_is_split_by_sequence_bucket_and_padded_to_batch_buckets() -> None:
+    lengths = [5] * 3 + [20] * 5 + [60]
+    assert grid().plan(lengths, graphs=True) == [
+        Chunk(0, 3, 4, 16, True),
+        Chunk(3, 8, 16, 32, True),
+        Chunk(8, 9, 1, 64, True),
+    ]
+
+
+def test_groups_larger_than_the_largest_batch_bucket_are_cut() -> None:
+    chunks = grid().plan([10] * 70, graphs=True)
+    assert [(c.rows, c.batch, c.graphed) for c in chunks] == [(64, 64, True), (6, 16, True)]
+    assert chunks[-1].stop == 70
+
+
+def test_lengths_past_the_largest_bucket_run_eagerly_aligned() -> None:
+    chunks = grid().plan([10, 70, 100], graphs=True)
+    assert chunks == [Chunk(0, 1, 1, 16, True), Chunk(1, 3, 2, 112, False)]
+
+
+def test_graphs_off_plans_eager_chunks_at_their_own_row_count() -> None:
+    chunks = grid(max_rows=8).plan([3] * 10 + [30] * 2, graphs=False)
+    assert chunks == [Chunk(0, 8, 8, 16, False), Chunk(8, 10, 2, 16, False), Chunk(10, 12, 2, 32, False)]
+    assert grid().plan([], graphs=True) == []
