@@ -94,9 +94,10 @@ class DispatcherApi:
         )
 
     async def worker_status(self, request: Request) -> Response:
+        token = _worker_token(request)
         data = parse_json_object(await read_json_body(request, max_bytes=self.settings.max_body_bytes))
         name, report = schemas.parse_worker_report(data)
-        spec = self._authenticate_worker(request, name)
+        spec = self._authenticate_worker(name, token)
         record = await self.service.store.report(spec.name, report)
         self.metrics.reports.labels(endpoint=spec.name).inc()
         return ORJSONResponse(
@@ -111,9 +112,10 @@ class DispatcherApi:
         )
 
     async def delete_requests(self, request: Request) -> Response:
+        token = _worker_token(request)
         data = parse_json_object(await read_json_body(request, max_bytes=self.settings.max_body_bytes))
         name, idxs, success = schemas.parse_release(data)
-        spec = self._authenticate_worker(request, name)
+        spec = self._authenticate_worker(name, token)
         released = await self.service.store.release(spec.name, idxs)
         self.metrics.released.labels(endpoint=spec.name, success=str(success).lower()).inc(released.released)
         return ORJSONResponse({"ok": True, "released": released.released, "unknown": released.unknown})
@@ -166,9 +168,8 @@ class DispatcherApi:
             request_ttl_s=self.settings.request_ttl_s,
         )
 
-    def _authenticate_worker(self, request: Request, name: str) -> EndpointSpec:
-        token = schemas.bearer_token(request.headers.get("authorization"))
-        spec = self.service.registry.authenticate_worker(name, token or "")
+    def _authenticate_worker(self, name: str, token: str) -> EndpointSpec:
+        spec = self.service.registry.authenticate_worker(name, token)
         if spec is None:
             raise Unauthorized(BAD_WORKER_TOKEN)
         return spec
@@ -186,6 +187,15 @@ class DispatcherApi:
         if spec is None:
             raise Unauthorized(BAD_CLIENT_KEY)
         return spec
+
+
+def _worker_token(request: Request) -> str:
+    """The worker token; a request without one is a 401 before its body is read or judged (which endpoint a token
+    belongs to is only known from the body, so a wrong token is refused after parsing)."""
+    token = schemas.bearer_token(request.headers.get("authorization"))
+    if token is None:
+        raise Unauthorized(BAD_WORKER_TOKEN)
+    return token
 
 
 def _query_param(query_string: bytes, name: str) -> str | None:

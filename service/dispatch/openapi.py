@@ -16,7 +16,10 @@ _ROUTE_REQUEST = {
     "description": "Unknown fields (Vast's SDK sends replay_timeout) are ignored.",
     "properties": {
         "endpoint": {"type": "string", "minLength": 1, "maxLength": 256},
-        "api_key": {"type": "string", "description": "or `Authorization: Bearer`, or the `api_key` query parameter"},
+        "api_key": {
+            "type": ["string", "null"],
+            "description": "or `Authorization: Bearer`, or the `api_key` query parameter",
+        },
         "cost": {"type": "number", "minimum": 0, "description": "the request's workload in the endpoint's units"},
         "request_idx": {
             "type": ["integer", "null"],
@@ -77,8 +80,8 @@ _WORKER_REPORT = {
         "url": {"type": "string", "pattern": "^https?://"},
         "state": {"type": "string", "enum": [s.value for s in WorkerState]},
         "max_perf": {"type": "number", "minimum": 0, "description": "workload units per second"},
-        "cur_load": {"type": "number", "minimum": 0},
-        "in_flight": {"type": "integer", "minimum": 0},
+        "cur_load": {"type": ["number", "null"], "minimum": 0, "description": "null or absent: 0"},
+        "in_flight": {"type": ["integer", "null"], "minimum": 0, "description": "null or absent: 0"},
     },
 }
 
@@ -96,12 +99,16 @@ _RELEASE = {
 _OBJECT = {"type": "object"}
 
 
-def _post(summary: str, op: str, body: dict[str, Any], ok: dict[str, Any], *, auth: str) -> dict[str, Any]:
+def _post(
+    summary: str, op: str, body: dict[str, Any], ok: dict[str, Any], *, auth: str, key_in_body: bool = False
+) -> dict[str, Any]:
+    # {} = no header needed: /route/ also takes its key in the body or the query string
+    security: list[dict[str, list[str]]] = [{auth: []}, {}] if key_in_body else [{auth: []}]
     return {
         "post": {
             "summary": summary,
             "operationId": op,
-            "security": [{auth: []}],
+            "security": security,
             "requestBody": {"required": True, "content": json_content(body)},
             "responses": {
                 "200": {"description": "ok", "content": json_content(ok)},
@@ -127,6 +134,7 @@ def dispatcher_openapi() -> dict[str, Any]:
                 _ROUTE_REQUEST,
                 {"oneOf": [_ASSIGNED, _NO_READY]},
                 auth="apiKey",
+                key_in_body=True,
             ),
             "/worker_status/": _post(
                 "A worker reports its state, speed and load (heartbeat)",

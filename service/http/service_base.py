@@ -26,10 +26,14 @@ class ServiceBase:
         return guarded(handler, errors=self.metrics.errors, retry_after_s=self.settings.retry_after_s)
 
     async def _http_exception(self, request: Request, exc: HTTPException) -> Response:
-        """Starlette's own 404/405 in the service's error shape."""
+        """Starlette's own 404/405 in the service's error shape, keeping its headers (a 405's ``Allow``, which
+        RFC 9110 requires)."""
         error = http_exception_to_error(exc)
         self.metrics.errors.labels(code=error.code).inc()
-        return error_response(error, retry_after_s=self.settings.retry_after_s)
+        response = error_response(error, retry_after_s=self.settings.retry_after_s)
+        if exc.headers:
+            response.headers.update(exc.headers)
+        return response
 
     def alive(self) -> bool:
         """False only when restarting the process is the remedy; loading and draining are alive."""

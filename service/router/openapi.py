@@ -9,32 +9,40 @@ from service import __version__
 from service.http.openapi import ERROR_SCHEMA, common_paths, error
 from service.router.embedder import EMBEDDING_DIM
 
+_PROMPT = {"type": "string", "minLength": 1, "description": "The user text to route."}
+_EMBEDDING = {
+    "type": "array",
+    "items": {"type": "number"},
+    "minItems": EMBEDDING_DIM,
+    "maxItems": EMBEDDING_DIM,
+    "description": f"A precomputed {EMBEDDING_DIM}-d all-MiniLM-L6-v2 embedding; skips the embedder.",
+}
+
+# null is the same as an absent field (clients generated from this document often send null for "unset")
 _ROUTE_REQUEST = {
     "type": "object",
-    "description": "Give `prompt` or `embedding` (with both, the embedding is used). Unknown fields are ignored.",
+    "description": "Give `prompt` or `embedding` (with both, the embedding is used). Unknown fields are ignored; "
+    "a null field counts as absent.",
     "properties": {
-        "prompt": {"type": "string", "minLength": 1, "description": "The user text to route."},
-        "embedding": {
-            "type": "array",
-            "items": {"type": "number"},
-            "minItems": EMBEDDING_DIM,
-            "maxItems": EMBEDDING_DIM,
-            "description": f"A precomputed {EMBEDDING_DIM}-d all-MiniLM-L6-v2 embedding; skips the embedder.",
-        },
+        "prompt": {**_PROMPT, "type": ["string", "null"]},
+        "embedding": {**_EMBEDDING, "type": ["array", "null"]},
         "available_models": {
-            "type": "array",
+            "type": ["array", "null"],
             "items": {"type": "string", "minLength": 1},
             "minItems": 1,
             "description": "Restrict candidates to these models (all models when omitted).",
         },
         "cost_weight": {
-            "type": "number",
+            "type": ["number", "null"],
             "minimum": 0,
             "description": "lambda for this call: 0 = quality first, 1 and more = cheap first. "
             "Default: the weights' default_lambda.",
         },
     },
-    "anyOf": [{"required": ["prompt"]}, {"required": ["embedding"]}],
+    "anyOf": [
+        {"required": ["prompt"], "properties": {"prompt": _PROMPT}},
+        {"required": ["embedding"], "properties": {"embedding": _EMBEDDING}},
+    ],
 }
 
 _ROUTE_RESPONSE = {
@@ -97,6 +105,14 @@ _HEALTH = {
         "weights_version": {"type": "string"},
         "default_cost_weight": {"type": "number"},
         "queue": {"type": "integer"},
+        "index": {
+            "type": "string",
+            "description": "centroid search backend: faiss-cpu, faiss-gpu, torch-cpu, torch-cuda",
+        },
+        "encoder": {
+            "type": "object",
+            "description": "how the encoder runs: dtype, torchscript; on CUDA cuda_graphs (count) and fused_kernels",
+        },
         "error": {"type": "string"},
     },
 }
@@ -149,7 +165,16 @@ def router_openapi() -> dict[str, Any]:
                         "required": False,
                         "content": {
                             "application/json": {
-                                "schema": {"type": "object", "properties": {"path": {"type": "string", "minLength": 1}}}
+                                "schema": {
+                                    "type": "object",
+                                    "properties": {
+                                        "path": {
+                                            "type": ["string", "null"],
+                                            "minLength": 1,
+                                            "description": "weights file; absent or null: the configured one",
+                                        }
+                                    },
+                                }
                             }
                         },
                     },

@@ -89,6 +89,8 @@ def test_client_errors_are_json(
     assert r.status_code == status
     assert r.json()["error"]["code"] == code
     assert r.json()["error"]["message"]
+    if status == 405:
+        assert r.headers["allow"] == "POST"  # RFC 9110: a 405 lists the methods that work
 
 
 def test_unknown_models_are_named(client: TestClient) -> None:

@@ -307,6 +307,18 @@ async def test_worker_status_needs_the_worker_token(client: httpx.AsyncClient) -
     assert await workers(client) == []
 
 
+@pytest.mark.parametrize("path", ["/worker_status/", "/delete_requests/"])
+async def test_worker_paths_without_a_token_are_401_before_the_body_is_judged(
+    client: httpx.AsyncClient, path: str
+) -> None:
+    # schemathesis found these answering 400 for a bad body when the required Authorization header was missing
+    for content in (b'{"endpoint": "ep", "url": "not a url"}', b"{nope"):
+        r = await client.post(path, content=content, headers={"content-type": "application/json"})
+        assert_error(r, 401, "unauthorized")
+    r = await client.post(path, content=b"{nope", headers={"content-type": "application/json", **WORKER})
+    assert_error(r, 400, "invalid_request")  # with a token, the body is judged as before
+
+
 async def test_endpoint_info_needs_the_endpoints_api_key(client: httpx.AsyncClient) -> None:
     for token in ("dk_wrong", WORKER_TOKEN, OTHER_API_KEY):
         r = await client.get(f"/endpoints/{EP}/", headers={"authorization": f"Bearer {token}"})
@@ -386,7 +398,8 @@ async def test_json_content_types_with_parameters_or_suffixes_are_accepted(clien
 @pytest.mark.parametrize("path", ["/route/", "/worker_status/", "/delete_requests/"])
 async def test_a_body_over_max_body_bytes_is_413(path: str) -> None:
     async with serving(make_service(max_body_bytes=200)) as client:
-        r = await client.post(path, json={"endpoint": EP, "api_key": API_KEY, "cost": 1, "pad": "x" * 300})
+        r = await client.post(path, json={"endpoint": EP, "api_key": API_KEY, "cost": 1, "pad": "x" * 300},
+                              headers=WORKER)  # fmt: skip
         assert_error(r, 413, "invalid_request")
         small = await client.post("/route/", json={"endpoint": EP, "api_key": API_KEY, "cost": 1, "pad": "x" * 50})
         assert small.status_code == 200, small.text
@@ -407,7 +420,9 @@ async def test_a_chunked_body_over_the_limit_is_413() -> None:
 
 async def test_wrong_method_and_unknown_path(client: httpx.AsyncClient) -> None:
     assert_error(await client.get("/route/"), 405, "method_not_allowed")
-    assert_error(await client.post("/pubkey/", json={}), 405, "method_not_allowed")
+    assert_error(wrong := await client.post("/pubkey/", json={}), 405, "method_not_allowed")
+    assert set(wrong.headers["allow"].split(", ")) == {"GET", "HEAD"}  # RFC 9110: a 405 lists the methods that work
+    assert (await client.request("TRACE", "/route/")).headers["allow"] == "POST"  # past the fast path
     assert_error(await client.get("/no/such/path"), 404, "not_found")
     redirect = await client.post("/route", json={})  # Starlette's slash redirect keeps the method (307)
     assert (redirect.status_code, redirect.headers["location"]) == (307, "http://test/route/")
