@@ -14,6 +14,7 @@ from typing import Final
 
 from service.dispatch.records import (
     REQNUMS_PER_SECOND,
+    REQUEST_IDXS_PER_SECOND,
     Assigned,
     NoReadyWorker,
     PickPolicy,
@@ -22,6 +23,7 @@ from service.dispatch.records import (
     WorkerRecord,
     WorkerReport,
     reqnum_origin,
+    request_idx_origin,
 )
 from service.dispatch.selection import pick_worker, status_breakdown
 from service.dispatch.store import LOAD_RATE_BUCKET_S, LoadStats, UnknownRequest
@@ -51,13 +53,19 @@ def settle(load: float) -> float:
 
 
 class MemoryStore:
-    def __init__(self, clock: Callable[[], float] = time.time, *, reqnums_per_s: int = REQNUMS_PER_SECOND) -> None:
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.time,
+        *,
+        reqnums_per_s: int = REQNUMS_PER_SECOND,
+        request_idxs_per_s: int = REQUEST_IDXS_PER_SECOND,
+    ) -> None:
         self._clock = clock
         self._reqnums_per_s = reqnums_per_s
         self._workers: dict[str, dict[str, WorkerRecord]] = defaultdict(dict)
         self._requests: dict[int, _Request] = {}
         self._expiries: list[tuple[float, int]] = []  # heap; an entry is stale once its request moved on
-        self._next_idx = itertools.count(1)
+        self._next_idx = itertools.count(request_idx_origin(self._clock(), request_idxs_per_s))
         self._load_buckets: dict[str, deque[list[float]]] = defaultdict(deque)
 
     async def route(self, endpoint: str, cost: float, request_idx: int | None, policy: PickPolicy) -> RouteOutcome:

@@ -29,6 +29,15 @@ def reqnum_origin(now: float, reqnums_per_s: int = REQNUMS_PER_SECOND) -> int:
     return math.floor(now * reqnums_per_s)
 
 
+# The request_idx counter starts at the clock the same way, so that a restart that lost it (in-memory state,
+# a Redis without persistence) never issues an idx again that a client may still retry with.
+REQUEST_IDXS_PER_SECOND = 1_000_000
+
+
+def request_idx_origin(now: float, request_idxs_per_s: int = REQUEST_IDXS_PER_SECOND) -> int:
+    return max(1, math.floor(now * request_idxs_per_s))  # 0 means "a new request" to Vast's clients
+
+
 STATUS_KEYS = (WorkerState.READY.value, BUSY, WorkerState.LOADING.value, WorkerState.ERROR.value,
                WorkerState.STOPPED.value, INACTIVE)  # fmt: skip
 

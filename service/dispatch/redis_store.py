@@ -5,7 +5,7 @@ Every operation is one Lua script (EVALSHA), so it is atomic across replicas, an
 
 Key layout (``P`` is the ``prefix``, ``dispatch:`` by default; ``E`` an endpoint name, ``W`` a worker id)::
 
-    P request_idx           string  the last request_idx issued (INCR: starts at 1, never 0)
+    P request_idx           string  the last request_idx issued (INCR; a missing counter restarts at the clock)
     P expiries              zset    member request_idx, score its expiry (unix seconds)
     P req:<idx>             hash    endpoint, cost, worker (absent while no worker holds it)
     P workers:E             set     the worker ids of endpoint E
@@ -40,6 +40,7 @@ from service.dispatch.memory_store import EXPIRY_SWEEP_LIMIT, LOAD_HISTORY_S, ZE
 from service.dispatch.pipelining import ScriptPipeliner
 from service.dispatch.records import (
     REQNUMS_PER_SECOND,
+    REQUEST_IDXS_PER_SECOND,
     STATUS_KEYS,
     Assigned,
     NoReadyWorker,
@@ -106,10 +107,12 @@ class RedisStore:
         max_connections: int = 64,
         pool_timeout_s: float = 1.0,
         reqnums_per_s: int = REQNUMS_PER_SECOND,
+        request_idxs_per_s: int = REQUEST_IDXS_PER_SECOND,
     ) -> None:
         self._where = _redacted(url)
         self._prefix = prefix
         self._reqnums_per_s = reqnums_per_s
+        self._request_idxs_per_s = request_idxs_per_s
         # No client-side retries: a lost reply to a route script may mean it ran, and running it again would
         # reserve the cost twice. The caller answers 503 and its client retries with what it was given.
         pool = BlockingConnectionPool.from_url(
@@ -155,6 +158,7 @@ class RedisStore:
             _num(policy.request_ttl_s),
             str(LOAD_RATE_BUCKET_S),
             str(LOAD_HISTORY_S),
+            str(self._request_idxs_per_s),
         )
         with self._unavailable("route"):
             reply = await self._route.call(args)

@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 import kubernetes_validate
 import pytest
+import redis
 import yaml
 from packaging.requirements import Requirement
 from starlette.testclient import TestClient
@@ -374,6 +375,36 @@ def test_the_redis_url_names_the_statefulsets_pod_through_its_headless_service(d
     service = find(docs, "Service", service_name)
     assert service["spec"]["clusterIP"] == "None"
     assert url.port in {p["port"] for p in service["spec"]["ports"]}
+
+
+def test_redis_runs_the_manifests_arguments_without_persistence(docs: list[dict[str, Any]], tmp_path: Path) -> None:
+    """A persisted copy would come back after a crash with rolled-back reqnum counters; the dispatcher relies on
+    lost counters restarting at the clock instead. Start a real redis-server with the manifest's arguments."""
+    statefulset = find(docs, "StatefulSet", "llm-dispatcher-redis")
+    assert "volumeClaimTemplates" not in statefulset["spec"]
+    (container,) = statefulset["spec"]["template"]["spec"]["containers"]
+    executable, *args = container["args"]
+    assert executable == "redis-server"
+    args[args.index("--dir") + 1] = str(tmp_path)
+    port = free_port()
+    server = subprocess.Popen([shutil.which(executable) or executable, *args, "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client = redis.Redis(port=port, socket_timeout=1)
+                config = {**client.config_get("appendonly"), **client.config_get("save"),
+                          **client.config_get("maxmemory-policy")}  # fmt: skip
+                client.close()
+                break
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline, "redis-server did not start with the manifest's arguments"
+                time.sleep(0.05)
+    finally:
+        server.terminate()
+        server.wait(10)
+    assert config == {"appendonly": "no", "save": "", "maxmemory-policy": "noeviction"}
 
 
 def test_the_signing_key_secret_reaches_the_dispatcher_as_a_0600_file(

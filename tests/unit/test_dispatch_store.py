@@ -26,6 +26,7 @@ from service.dispatch.records import (
     WorkerReport,
     WorkerState,
     reqnum_origin,
+    request_idx_origin,
 )
 from service.dispatch.redis_store import RedisStore
 from service.dispatch.store import DispatchStore, LoadStats, StoreUnavailable, UnknownRequest
@@ -39,7 +40,7 @@ POLICY = PickPolicy(max_queue_time_s=30.0, heartbeat_timeout_s=60.0, request_ttl
 
 @pytest.fixture(params=["memory", "redis"])
 def make_store(request: pytest.FixtureRequest) -> Callable[[], DispatchStore]:
-    # reqnums_per_s=0: reqnums start at 0, so the tests read plain counts (test_reqnums_start_at_the_clock checks
+    # reqnums_per_s=0: reqnums start at 0, so the tests read plain counts (test_counters_start_at_the_clock checks
     # the default)
     if request.param == "memory":
         return lambda: MemoryStore(reqnums_per_s=0)
@@ -310,7 +311,7 @@ async def test_load_stats(store: DispatchStore) -> None:
     assert await store.load_stats("nobody", 10.0) == LoadStats(load_rate=0.0, outstanding=0.0)
 
 
-async def test_reqnums_start_at_the_clock_so_a_lost_counter_never_reissues_one(
+async def test_counters_start_at_the_clock_so_a_lost_counter_never_reissues_one(
     redis_url: str, redis_prefix: str
 ) -> None:
     before = time.time()
@@ -318,9 +319,12 @@ async def test_reqnums_start_at_the_clock_so_a_lost_counter_never_reissues_one(
     first = await report(memory, "w1")
     assert reqnum_origin(before) <= first.reqnum <= reqnum_origin(time.time())
     issued = await assign(memory, 1.0)
+    assert request_idx_origin(before) <= issued.request_idx <= request_idx_origin(time.time())
     restarted = MemoryStore()  # a dispatcher restart: in-memory counters are gone
     await report(restarted, "w1")
-    assert (await assign(restarted, 1.0)).reqnum > issued.reqnum
+    again = await assign(restarted, 1.0)
+    assert again.reqnum > issued.reqnum
+    assert again.request_idx > issued.request_idx
     redis_store = RedisStore(redis_url, prefix=redis_prefix)
     try:
         assert (await report(redis_store, "w1")).reqnum >= reqnum_origin(before) - REDIS_CLOCK_SLACK_REQNUMS
@@ -386,8 +390,11 @@ async def test_store_recovers_when_redis_comes_back(tmp_path: Path) -> None:
                 await store.route(EP, 1.0, None, POLICY)
             server.start()
             await report(store, "w1")  # nothing persisted: the worker registers again
-            # the counter was lost, yet reqnums go on growing: they restart at the clock, not at 0
-            assert (await assign(store, 1.0)).reqnum > before.reqnum
+            # the counters were lost, yet reqnums and request_idxs go on growing: they restart at the clock, not
+            # at 0, so no idx a client may still retry with is issued again to someone else
+            after = await assign(store, 1.0)
+            assert after.reqnum > before.reqnum
+            assert after.request_idx > before.request_idx
         finally:
             await store.close()
 
@@ -414,7 +421,8 @@ async def test_redis_mirrors_memory_step_by_step(redis_url: str, redis_prefix: s
     """The same random operations on both stores give the same answers and the same ledgers, bit for bit: the Lua
     picking, breakdown and float arithmetic are the Python ones. (No time-outs fire: the clocks differ.)"""
     rng = random.Random(20240611)
-    memory, redis_store = MemoryStore(reqnums_per_s=0), RedisStore(redis_url, prefix=redis_prefix, reqnums_per_s=0)
+    memory = MemoryStore(reqnums_per_s=0, request_idxs_per_s=0)  # both counters from 1: the clocks differ
+    redis_store = RedisStore(redis_url, prefix=redis_prefix, reqnums_per_s=0, request_idxs_per_s=0)
     stores: tuple[DispatchStore, DispatchStore] = (memory, redis_store)
     ids = [f"w{i}" for i in range(6)] + ["W", "w10", "é"]  # "é" and "W": code-point order, not the locale's
     states = [WorkerState.READY] * 5 + [WorkerState.LOADING, WorkerState.ERROR, WorkerState.STOPPED]

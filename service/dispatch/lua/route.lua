@@ -1,5 +1,5 @@
 -- ARGV[4..]: endpoint, cost, request_idx ('' for a new request), max_queue_time_s, heartbeat_timeout_s,
--- request_ttl_s, LOAD_RATE_BUCKET_S, LOAD_HISTORY_S.
+-- request_ttl_s, LOAD_RATE_BUCKET_S, LOAD_HISTORY_S, REQUEST_IDXS_PER_SECOND.
 -- Returns {-1} for an unknown request, {1, idx, worker_id, url, reqnum} when assigned, and
 -- {0, idx, category, count, ...} when no worker is ready.
 local endpoint = ARGV[4]
@@ -10,6 +10,7 @@ local heartbeat = tonumber(ARGV[8])
 local ttl = tonumber(ARGV[9])
 local bucket = tonumber(ARGV[10])
 local history = ARGV[11]
+local idxs_per_s = tonumber(ARGV[12])
 
 local now = clock()
 sweep(now)
@@ -71,7 +72,13 @@ for _, w in ipairs(workers) do
 end
 
 if not retry then
-  idx = fmt(redis.call('INCR', prefix .. 'request_idx'))
+  local counter = prefix .. 'request_idx'
+  local n = redis.call('INCR', counter)
+  if n == 1 then  -- a new or lost counter starts at the clock: no idx issued before a restart comes back
+    n = math.max(1, math.floor(now * idxs_per_s))
+    redis.call('SET', counter, fmt(n))
+  end
+  idx = fmt(n)
   local rate_key = prefix .. 'rate:' .. endpoint .. ':' .. fmt(math.floor(now / bucket) * bucket)
   local rate = tonumber(redis.call('GET', rate_key) or '0')
   redis.call('SET', rate_key, fmt(rate + cost), 'EX', history)
