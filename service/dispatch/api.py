@@ -143,7 +143,7 @@ class DispatcherApi:
 
     async def health(self, request: Request) -> Response:
         body = await self.service.health()
-        return ORJSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
+        return ORJSONResponse(body, status_code=503 if body["status"] == "draining" else 200)
 
     async def metrics_text(self, request: Request) -> Response:
         return Response(self.metrics.render(), media_type=PROMETHEUS_CONTENT_TYPE)

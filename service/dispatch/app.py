@@ -139,9 +139,15 @@ class DispatcherService(ServiceBase):
         try:
             await self.store.ping()
         except StoreUnavailable as exc:
-            body.update(status="store_unavailable", error=str(exc))
+            # Still ready: the store is shared by every replica, so failing readiness would take them all out of
+            # the balancer at once, and clients would get connection errors instead of this dispatcher's 503
+            # store_unavailable with Retry-After. Reported here and as dispatcher_store_up for alerting.
+            if not self.draining:
+                body["status"] = "degraded"
+            body.update(store_up=False, error=str(exc))
             self.metrics.store_up.set(0)
         else:
+            body["store_up"] = True
             self.metrics.store_up.set(1)
         return body
 

@@ -173,7 +173,7 @@ def dispatcher_openapi() -> dict[str, Any]:
             },
             "/health": {
                 "get": {
-                    "summary": "Readiness: 200 when serving, 503 while draining or when the store is down",
+                    "summary": "Readiness: 200 when serving (degraded while the shared store is down), 503 draining",
                     "operationId": "health",
                     "responses": {
                         "200": {"description": "ready", "content": json_content(_OBJECT)},

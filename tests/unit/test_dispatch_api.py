@@ -450,7 +450,7 @@ async def test_health(client: httpx.AsyncClient, service: DispatcherService) -> 
     assert r.status_code == 200
     assert r.headers["content-type"] == "application/json"
     body = r.json()
-    assert (body["status"], body["store"], body["endpoints"]) == ("ok", "memory", 2)
+    assert (body["status"], body["store"], body["store_up"], body["endpoints"]) == ("ok", "memory", True, 2)
     assert body["key_id"] == service.signer.key_id
     assert body["version"]
 
@@ -539,7 +539,9 @@ async def test_store_unavailable_is_503_with_retry_after() -> None:
         assert "connection refused" in message
         assert r.headers["retry-after"] == "7"
         health = await client.get("/health")
-        assert (health.status_code, health.json()["status"]) == (503, "store_unavailable")
+        # still ready: every replica shares the store, and this 503 with Retry-After beats no replica at all
+        assert (health.status_code, health.json()["status"], health.json()["store_up"]) == (200, "degraded", False)
+        assert "connection refused" in health.json()["error"]
         text = (await client.get("/metrics")).text
         assert 'dispatcher_errors_total{code="store_unavailable"} 1.0' in text
         assert "dispatcher_store_up 0.0" in text
