@@ -103,6 +103,9 @@ class RouterMetrics(HttpMetrics):
         self.admitted = Gauge(
             "router_admitted_prompts", "Prompts admitted and not finished (bounded by max_queue)", registry=registry
         )
+        self.max_queue = Gauge(
+            "router_max_queue", "The admission limit (--max-queue): past it requests get 429", registry=registry
+        )
         self.dropped = Counter(
             "router_dropped_prompts", "Prompts dropped before compute because every client left", registry=registry
         )

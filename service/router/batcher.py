@@ -93,6 +93,7 @@ class MicroBatcher(Generic[J, R]):
 
     # -- public ---------------------------------------------------------------------------------
     def start(self) -> None:
+        self._metrics.max_queue.set(self.config.max_queue)
         self._tokenizer_task = asyncio.ensure_future(self._tokenizer_loop())
 
     def submit(self, job: J) -> None:

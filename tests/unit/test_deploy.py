@@ -516,12 +516,11 @@ def test_alerts_use_the_metrics_and_labels_the_services_export(exported: Exporte
         check_query(rule["expr"], exported)
 
 
-def test_the_queue_saturation_alert_knows_the_deployed_admission_limit(docs: list[dict[str, Any]]) -> None:
-    """No metric exports --max-queue, so the rule spells it out; it must be the limit the router runs with."""
+def test_the_queue_saturation_alert_reads_each_routers_own_admission_limit() -> None:
+    """The limit is a flag; a number spelled out in the rule would drift from it. The router exports it."""
     (rule,) = [r for r in alert_rules() if r["alert"] == "LLMRouterQueueSaturation"]
-    limit = re.search(r"\*\s*(\d+)", rule["expr"])
-    (container,) = [c for image, c, _ in service_containers(docs) if image == "llm-router"]
-    assert limit is not None and int(limit.group(1)) == RouterSettings.from_env(literal_env(container)).max_queue
+    assert "router_max_queue" in rule["expr"]
+    assert not re.search(r"\d{3,}", rule["expr"]), rule["expr"]
 
 
 def test_the_dashboard_queries_use_exported_metrics_and_parse(exported: Exported, tmp_path: Path) -> None:
