@@ -50,10 +50,9 @@ import httpx
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, from a plain checkout
 
-from common import (
+from benchmarks.common import (
     BENCH_DIR,
     DEFAULT_HOST,
     HEALTH_TIMEOUT_S,
@@ -76,7 +75,6 @@ from common import (
     run_wrk,
     write_results,
 )
-
 from service.config import ENV_PREFIX
 from service.dispatch.endpoints import EndpointRegistry, EndpointSpec, hash_key, new_key, save_config
 from service.dispatch.signing import (

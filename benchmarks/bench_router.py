@@ -29,9 +29,9 @@ from typing import Any
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, from a plain checkout
 
-from common import (
+from benchmarks.common import (
     DEFAULT_HOST,
     HEALTH_TIMEOUT_S,
     RESULTS_DIR,

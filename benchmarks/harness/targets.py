@@ -1,0 +1,97 @@
+"""The issue's CPU targets, computed from one run's results, plus the warnings that make a number suspect."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from benchmarks.harness.scenarios import EMBEDDING, MIXED, REPEATED, UNIQUE
+from benchmarks.harness.systems import BARE, ROUTER
+
+UNIQUE_VS_OFFLINE_MIN = 1.65
+CEILING_SHARE_MIN = 0.90
+HALF_LOAD_FRACTION = 0.5
+HALF_LOAD_P99_MAX_MS = 50.0
+
+FOREIGN_CPU_WARN_CORES = 0.15  # other processes' CPU during a point
+CLIENT_CPU_WARN_CORES = 0.8  # per client process: near one core, the client may be the bottleneck
+SEND_LAG_WARN_MS = 5.0  # open loop: the client sent this late at p99, so it could not keep its own schedule
+FRACTION_TOLERANCE = 0.01
+
+
+def _check(name: str, value: float | None, target: float, higher_is_better: bool, detail: str) -> dict[str, Any]:
+    passed = None if value is None else (value >= target if higher_is_better else value < target)
+    op = ">=" if higher_is_better else "<"
+    return {"check": name, "value": value, "target": f"{op} {target:g}", "pass": passed, "detail": detail}
+
+
+def _half_load_point(result: dict[str, Any]) -> dict[str, Any] | None:
+    for point in result["points"]:
+        fraction = point.get("rate_fraction_of_max")
+        if fraction is not None and abs(fraction - HALF_LOAD_FRACTION) <= FRACTION_TOLERANCE:
+            return point
+    return None
+
+
+def compute_targets(results: dict[str, dict[str, Any]], offline: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """One entry per check; ``pass`` is None when the run lacks what the check needs (``detail`` says what)."""
+    checks = []
+    unique = results.get(f"{ROUTER}/{UNIQUE}")
+    if unique is not None:
+        st = offline["prompts_per_s"] if offline else None
+        ratio = round(unique["max_ok_rps"] / st, 3) if st else None
+        detail = (
+            f"router unique-prompt max {unique['max_ok_rps']:.1f} ok req/s over HTTP / sentence-transformers "
+            f"encode(batch_size=256) {st:.1f} prompts/s"
+            if st
+            else "sentence-transformers' offline encode was not timed"
+        )
+        checks.append(_check("router unique prompts vs ST offline encode", ratio, UNIQUE_VS_OFFLINE_MIN, True, detail))
+    for scenario in (REPEATED, EMBEDDING):
+        mine, ceiling = results.get(f"{ROUTER}/{scenario}"), results.get(f"{BARE}/{scenario}")
+        if mine is None:
+            continue
+        share = round(mine["max_ok_rps"] / ceiling["max_ok_rps"], 3) if ceiling and ceiling["max_ok_rps"] else None
+        detail = (
+            f"router {mine['max_ok_rps']:.1f} / bare echo {ceiling['max_ok_rps']:.1f} max ok req/s, same bodies"
+            if ceiling
+            else f"the bare echo did not run the {scenario} bodies"
+        )
+        checks.append(_check(f"router {scenario} vs bare HTTP ceiling", share, CEILING_SHARE_MIN, True, detail))
+    for scenario in (UNIQUE, REPEATED, EMBEDDING, MIXED):
+        mine = results.get(f"{ROUTER}/{scenario}")
+        if mine is None:
+            continue
+        point = _half_load_point(mine)
+        p99 = point["latency_ms"].get("p99") if point else None
+        detail = (
+            f"open loop at {point['rate']:g} req/s = 0.5 x max {mine['max_ok_rps']:.1f}; {point['failed']} failed"
+            if point
+            else "no open-loop point at 0.5 x max (add 0.5 to --rate-fractions)"
+        )
+        checks.append(_check(f"router {scenario}: p99 at half max load (ms)", p99, HALF_LOAD_P99_MAX_MS, False, detail))
+    return checks
+
+
+def warnings_for(results: dict[str, dict[str, Any]], offline: dict[str, Any] | None) -> list[str]:
+    out = []
+    for key, result in results.items():
+        for point in result["points"]:
+            where = f"{key} " + (
+                f"c={point['concurrency']}" if point["mode"] == "closed" else f"rate={point['rate']:g}"
+            )
+            cpu = point.get("cpu")
+            if cpu and cpu["foreign_cores"] > FOREIGN_CPU_WARN_CORES:
+                out.append(f"{where}: other processes used {cpu['foreign_cores']:.2f} cores; skewed")
+            if point["failed"]:
+                out.append(f"{where}: {point['failed']} failed (status {point['status']}, errors {point['errors']})")
+            if point["body_wraps"] and point["distinct_bodies"] > 1 and result["scenario"] in (UNIQUE, MIXED):
+                out.append(f"{where}: prompts repeated ({point['body_wraps']} wraps): cache hits inflate it")
+            per_process = point["client_cpu_cores"] / max(1, point["processes"])
+            if per_process > CLIENT_CPU_WARN_CORES:
+                out.append(f"{where}: the client used {per_process:.2f} cores per process; add --client-processes")
+            lag = point.get("send_lag_ms", {}).get("p99")
+            if point["mode"] == "open" and lag is not None and lag > SEND_LAG_WARN_MS:
+                out.append(f"{where}: the client sent p99 {lag:.1f} ms behind schedule (client-bound)")
+    if offline and offline.get("cpu") and offline["cpu"]["foreign_cores"] > FOREIGN_CPU_WARN_CORES:
+        out.append(f"offline encode: other processes used {offline['cpu']['foreign_cores']:.2f} cores; skewed")
+    return out

@@ -1,0 +1,223 @@
+"""Run a scenario set end to end: ``python -m benchmarks.run --scenarios cpu-default``
+
+Each system is started, warmed up and swept (closed loop at ``--concurrency``, then open loop at
+``--rate-fractions`` of its best closed-loop throughput), then stopped; with every server stopped,
+sentence-transformers' offline ``encode(batch_size=256)`` is timed. Writes ``<out-dir>/<machine>-<date>.json``,
+``.md`` and ``.png``, and computes the issue's CPU targets. See benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field, replace
+from itertools import groupby
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, from a plain checkout
+
+from benchmarks.bench_dispatcher import DISPATCHER_HEARTBEAT_TIMEOUT_S, HEARTBEAT_MARGIN_S
+from benchmarks.common import (
+    DEFAULT_HOST,
+    HEALTH_TIMEOUT_S,
+    REPO_ROOT,
+    RESULTS_DIR,
+    STOP_TIMEOUT_S,
+    cpu_snapshot,
+    foreign_cpu,
+    machine_info,
+    package_version,
+    write_json,
+)
+from benchmarks.harness import systems
+from benchmarks.harness.plots import plot
+from benchmarks.harness.report import render
+from benchmarks.harness.scenarios import OFFLINE_SETS, SCENARIO_SETS, Workload
+from benchmarks.harness.sweep import SweepConfig, sweep
+from benchmarks.harness.targets import compute_targets, warnings_for
+
+OFFLINE_TIMEOUT_S = 900.0
+INFINITY_HEALTH_TIMEOUT_S = 300.0  # it loads and warms the model before /health answers
+
+
+@dataclass
+class Outcome:
+    """What the systems produced, keyed by workload (``results``) or by system."""
+
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+    servers: dict[str, Any] = field(default_factory=dict)
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split(",") if x.strip())
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x.strip())
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scenarios", default="cpu-default", choices=sorted(SCENARIO_SETS), help="scenario set")
+    parser.add_argument("--only", default="", help="comma-separated systems to keep (e.g. router,bare)")
+    parser.add_argument("--duration", type=float, default=15.0, help="recorded seconds per point")
+    parser.add_argument("--warmup", type=float, default=3.0, help="unrecorded seconds before each point")
+    parser.add_argument("--drain-timeout", type=float, default=10.0, help="seconds to wait for stragglers")
+    parser.add_argument("--concurrency", type=_ints, default=(1, 16, 64), help="closed-loop points, e.g. 1,16,64")
+    parser.add_argument(
+        "--rate-fractions", type=_floats, default=(0.25, 0.5, 0.75, 0.9), help="open-loop points: x best ok req/s"
+    )
+    parser.add_argument("--rates", type=_floats, default=(), help="absolute open-loop rates instead of fractions")
+    parser.add_argument("--client-processes", type=int, default=1, help="load generator processes per point")
+    parser.add_argument("--client", choices=("http1", "aiohttp"), default="http1")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--st-prompts", type=int, default=5000, help="prompts for the offline encode")
+    parser.add_argument("--skip-offline", action="store_true", help="skip sentence-transformers' offline encode")
+    parser.add_argument("--infinity-bin", default=None, help="infinity_emb executable (its own venv)")
+    parser.add_argument("--router-args", default="", help="extra serve-router flags, one string")
+    parser.add_argument("--host", default=DEFAULT_HOST)
+    parser.add_argument("--health-timeout", type=float, default=HEALTH_TIMEOUT_S)
+    parser.add_argument("--stop-timeout", type=float, default=STOP_TIMEOUT_S)
+    parser.add_argument("--machine", default=None, help="label in the file name (default cpu-<cores>c)")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--strict", action="store_true", help="exit 1 when a target fails or cannot be checked")
+    return parser.parse_args(argv)
+
+
+def output_stem(out_dir: Path, machine: str) -> Path:
+    """``<machine>-<date>``, with ``-runN`` added rather than overwriting an earlier result."""
+    base = f"{machine}-{dt.datetime.now(dt.UTC).date().isoformat()}"
+    stem, n = out_dir / base, 1
+    while stem.with_suffix(".json").exists():
+        n += 1
+        stem = out_dir / f"{base}-run{n}"
+    return stem
+
+
+def time_offline(args: argparse.Namespace) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "benchmarks.harness.offline", "--prompts", str(args.st_prompts),
+           "--seed", str(args.seed)]  # fmt: skip
+    env = {**os.environ, **systems.OFFLINE_ENV}
+    before = cpu_snapshot()
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=OFFLINE_TIMEOUT_S)
+    if proc.returncode != 0:
+        raise RuntimeError(f"offline encode failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["cpu"] = foreign_cpu(before, cpu_snapshot())
+    return result
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    workloads = list(SCENARIO_SETS[args.scenarios])
+    if args.only:
+        keep = {s.strip() for s in args.only.split(",")}
+        workloads = [w for w in workloads if w.system in keep]
+    cfg = SweepConfig(
+        concurrencies=args.concurrency,
+        rate_fractions=args.rate_fractions,
+        rates=args.rates,
+        duration_s=args.duration,
+        warmup_s=args.warmup,
+        drain_s=args.drain_timeout,
+        processes=args.client_processes,
+        client=args.client,
+        seed=args.seed,
+    )
+    out = Outcome()
+    machine = machine_info()
+    machine.update(hypercorn=package_version("hypercorn"), starlette=package_version("starlette"))
+    with tempfile.TemporaryDirectory(prefix="bench_run_") as tmp:
+        settings = systems.Settings(
+            host=args.host,
+            tmp_dir=Path(tmp),
+            health_timeout_s=args.health_timeout,
+            stop_timeout_s=args.stop_timeout,
+            heartbeat_timeout_s=max(DISPATCHER_HEARTBEAT_TIMEOUT_S, args.warmup + args.duration + HEARTBEAT_MARGIN_S),
+            router_args=tuple(shlex.split(args.router_args)),
+            infinity_bin=args.infinity_bin,
+            redis_binary=shutil.which("redis-server"),
+        )
+        for system, group in groupby(workloads, key=lambda w: w.system):
+            run_system(system, list(group), settings, cfg, args, out)
+    offline = None
+    if args.scenarios in OFFLINE_SETS and any(w.system == systems.ROUTER for w in workloads):
+        if args.skip_offline:
+            out.skipped["st-offline"] = "--skip-offline"
+        else:
+            print(f"sentence-transformers offline encode: {args.st_prompts} prompts, batch 256", flush=True)
+            try:
+                offline = time_offline(args)
+                print(f"  {offline['prompts_per_s']:.1f} prompts/s", flush=True)
+            except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                out.errors["st-offline"] = str(exc)
+    targets = compute_targets(out.results, offline)
+    return {
+        "benchmark": "harness",
+        "machine": machine,
+        "config": {"scenario_set": args.scenarios, **asdict(cfg), "workloads": [w.key for w in workloads]},
+        "servers": out.servers,
+        "results": out.results,
+        "offline": offline,
+        "targets": targets,
+        "pass": overall(targets),
+        "skipped": out.skipped,
+        "errors": out.errors,
+        "warnings": warnings_for(out.results, offline),
+    }
+
+
+def overall(targets: list[dict[str, Any]]) -> bool | None:
+    """False when a check failed; None when none failed but some could not be checked (or there were none)."""
+    verdicts = [t["pass"] for t in targets]
+    if False in verdicts:
+        return False
+    return None if not verdicts or None in verdicts else True
+
+
+def run_system(
+    system: str, group: list[Workload], settings: systems.Settings, cfg: SweepConfig, args: argparse.Namespace,
+    out: Outcome,
+) -> None:  # fmt: skip
+    """Start one system, sweep each of its workloads, stop it; a system that cannot run is recorded, not fatal."""
+    print(f"== {system}: {', '.join(w.scenario for w in group)}", flush=True)
+    health = INFINITY_HEALTH_TIMEOUT_S if system == systems.INFINITY else args.health_timeout
+    settings = replace(settings, health_timeout_s=max(health, args.health_timeout))
+    try:
+        with systems.start(system, settings) as running:
+            out.servers[system] = running.info
+            for workload in group:
+                out.results[workload.key] = sweep(workload, running, cfg, settings.tmp_dir)
+    except systems.Unavailable as exc:
+        out.skipped[system] = str(exc)
+        print(f"  skipped: {exc}", flush=True)
+    except Exception as exc:  # one broken system must not lose the others' numbers
+        out.errors[system] = f"{type(exc).__name__}: {exc}"[:3000]
+        print(f"  FAILED: {out.errors[system]}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    result = run(args)
+    stem = output_stem(args.out_dir, args.machine or f"cpu-{os.cpu_count()}c")
+    result["machine_label"] = stem.name
+    if result["results"]:
+        result["plot"] = plot(result["results"], stem.with_suffix(".png"), stem.name).name
+    write_json(stem.with_suffix(".json"), result)
+    stem.with_suffix(".md").write_text(render(result), encoding="utf-8")
+    print(f"wrote {stem}.json, {stem}.md" + (f", {stem}.png" if result.get("plot") else ""))
+    failed = result["errors"] or (args.strict and result["pass"] is not True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,151 @@
+"""The load generator end to end, against local servers for about a second each: request counting, status and
+exception accounting, warm-up exclusion, open-loop scheduling, HTTP framing, and merging across processes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from benchmarks.common import REPO_ROOT, ServerProcess, find_free_port, running_server
+from benchmarks.loadgen.aio import AiohttpClient
+from benchmarks.loadgen.http1 import Http1Client
+from benchmarks.loadgen.runner import Plan, run_plan
+
+OK, FAIL, BOOM = b'{"prompt": "ok"}', b'{"prompt": "fail"}', b'{"prompt": "boom"}'
+_LENGTH = re.compile(rb"content-length: *(\d+)", re.IGNORECASE)
+
+
+class EchoServer:
+    """A tiny HTTP/1.1 server: 429 for a "fail" body, a dropped connection for "boom", else 200. ``chunked``
+    answers with chunked encoding; ``close_every`` sends ``Connection: close`` on every n-th answer."""
+
+    def __init__(self, chunked: bool = False, close_every: int = 0) -> None:
+        self.chunked, self.close_every = chunked, close_every
+        self.seen: Counter[bytes] = Counter()
+        self.answers = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                match = _LENGTH.search(head)
+                assert match is not None
+                body = await reader.readexactly(int(match.group(1)))
+                self.seen[body] += 1
+                if body == BOOM:
+                    return
+                self.answers += 1
+                close = bool(self.close_every) and self.answers % self.close_every == 0
+                writer.write(self._answer(429 if body == FAIL else 200, close))
+                if close:
+                    return
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    def _answer(self, status: int, close: bool) -> bytes:
+        payload = b'{"ok": true}'
+        head = f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n"
+        head += "Connection: close\r\n" if close else ""
+        if self.chunked:
+            return (head + "Transfer-Encoding: chunked\r\n\r\n").encode() + b"%x\r\n%s\r\n0\r\n\r\n" % (
+                len(payload),
+                payload,
+            )
+        return (head + f"Content-Length: {len(payload)}\r\n\r\n").encode() + payload
+
+
+@contextlib.asynccontextmanager
+async def _serve(server: EchoServer) -> AsyncIterator[str]:
+    srv = await asyncio.start_server(server.handle, "127.0.0.1", 0)
+    port = srv.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}/echo"
+    finally:
+        srv.close()
+        await srv.wait_closed()
+
+
+ClientType = Callable[[str, list[bytes], int], Http1Client | AiohttpClient]
+
+
+@pytest.mark.parametrize("client_type", [Http1Client, AiohttpClient])
+async def test_closed_loop_counts_statuses_and_excludes_the_warmup(client_type: ClientType) -> None:
+    server = EchoServer()
+    bodies = [OK, OK, OK, FAIL]
+    async with _serve(server) as url:
+        client = client_type(url, bodies, 4)
+        try:
+            result = await run_plan(client, len(bodies), Plan("closed", 0.2, 1.0, 2.0, concurrency=4))
+        finally:
+            await client.aclose()
+    answered = result.status[200] + result.status[429]
+    assert answered == result.answered == result.latency.count > 50
+    assert not result.errors and result.unfinished == 0
+    assert 0.2 <= result.status[429] / answered <= 0.3  # one body in four
+    assert sum(server.seen.values()) > answered  # the warm-up's requests were sent but not recorded
+    assert result.window_s == pytest.approx(1.0, abs=0.15) and result.cpu_s > 0
+    assert result.body_wraps > 0  # four bodies, used over and over
+
+
+async def test_open_loop_sends_on_schedule_and_counts_dropped_connections() -> None:
+    server = EchoServer()
+    bodies = [OK] * 9 + [BOOM]
+    async with _serve(server) as url:
+        client = Http1Client(url, bodies, 32)
+        try:
+            result = await run_plan(client, len(bodies), Plan("open", 0.2, 1.0, 2.0, rate=300.0, seed=1))
+        finally:
+            await client.aclose()
+    assert abs(result.scheduled - 300) < 4 * 300**0.5
+    errors = sum(result.errors.values())
+    assert result.answered + errors == result.scheduled  # every scheduled request is accounted for
+    assert errors == pytest.approx(result.scheduled / 10, abs=5)  # the "boom" bodies
+    assert set(result.errors) <= {"ConnectionClosed", "ConnectionResetError"}
+    assert result.status[200] == result.answered
+    assert result.send_lag.summary_ms()["p50"] < 20
+
+
+async def test_chunked_answers_and_connection_close_are_handled() -> None:
+    server = EchoServer(chunked=True, close_every=5)
+    async with _serve(server) as url:
+        client = Http1Client(url, [OK], 2)
+        try:
+            result = await run_plan(client, 1, Plan("closed", 0.0, 0.5, 2.0, concurrency=2))
+        finally:
+            await client.aclose()
+    assert result.answered > 20 and not result.errors
+    assert result.status == Counter({200: result.answered})
+    assert client.connections_opened >= result.answered // 5
+
+
+def test_processes_merge_against_the_bare_echo(tmp_path: Path) -> None:
+    port = find_free_port()
+    cmd = [sys.executable, str(REPO_ROOT / "benchmarks" / "baselines" / "bare_echo.py"), "--port", str(port)]
+    bodies = tmp_path / "bodies.jsonl"
+    bodies.write_text("".join(json.dumps({"prompt": f"p{i}"}) + "\n" for i in range(100)))
+    out = tmp_path / "out.json"
+    server = ServerProcess(cmd=cmd, base_url=f"http://127.0.0.1:{port}", log_path=tmp_path / "bare.log")
+    with running_server(server, health_timeout_s=60):
+        load = [sys.executable, "-m", "benchmarks.loadgen", "--url", f"{server.base_url}/echo", "--bodies",
+                str(bodies), "--concurrency", "4", "--processes", "2", "--duration", "1", "--warmup", "0.3",
+                "--out", str(out)]  # fmt: skip
+        subprocess.run(load, cwd=REPO_ROOT, check=True, timeout=60)
+    data = json.loads(out.read_text())
+    result, parts = data["result"], data["per_process"]
+    assert len(parts) == 2 and all(p["status"]["200"] > 0 for p in parts)
+    assert result["status"] == {"200": sum(p["status"]["200"] for p in parts)}
+    assert result["requests"] == result["ok"] == result["status"]["200"] > 20
+    assert result["failed"] == 0 and result["errors"] == {}
+    assert result["latency_ms"]["p50"] > 0 and result["latency_ms"]["p99"] >= result["latency_ms"]["p50"]
+    assert data["config"]["processes"] == 2 and data["config"]["bodies"] == 100

@@ -1,0 +1,120 @@
+"""The harness's target checks, warnings, markdown report and plot, on a hand-built run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from benchmarks.harness.plots import plot
+from benchmarks.harness.report import render
+from benchmarks.harness.targets import compute_targets, warnings_for
+from benchmarks.run import overall
+
+
+def _point(mode: str, ok_rps: float, p99: float, load: float, fraction: float | None = None, **extra: Any) -> dict:
+    point = {
+        "mode": mode, "concurrency": int(load) if mode == "closed" else None, "rate": load if mode == "open" else None,
+        "processes": 1, "ok_rps": ok_rps, "offered_rps": load if mode == "open" else None, "failed": 0,
+        "status": {"200": int(ok_rps)}, "errors": {}, "unfinished": 0, "body_wraps": 0, "distinct_bodies": 10**5,
+        "latency_ms": {"p50": p99 / 3, "p90": p99 / 2, "p99": p99, "p99.9": p99 * 1.5}, "send_lag_ms": {"p99": 0.2},
+        "client_cpu_cores": 0.1, "cpu": {"foreign_cores": 0.01, "process_cores": {"router": 1.8}},
+    }  # fmt: skip
+    if fraction is not None:
+        point["rate_fraction_of_max"] = fraction
+    point.update(extra)
+    return point
+
+
+def _workload(system: str, scenario: str, best: float, half_p99: float) -> dict[str, Any]:
+    points = [_point("closed", best * 0.2, 3.0, 1), _point("closed", best, 40.0, 64)]
+    points.append(_point("open", best * 0.5, half_p99, best * 0.5, fraction=0.5))
+    return {"system": system, "scenario": scenario, "max_ok_rps": best, "points": points}
+
+
+def _run() -> dict[str, Any]:
+    results = {
+        "bare/repeated": _workload("bare", "repeated", 2000, 5),
+        "bare/embedding": _workload("bare", "embedding", 1600, 5),
+        "router/unique": _workload("router", "unique", 900, 30),
+        "router/repeated": _workload("router", "repeated", 1900, 8),
+        "router/embedding": _workload("router", "embedding", 1200, 60),
+    }
+    return {"results": results, "offline": {"prompts_per_s": 500.0, "prompts": 5000, "batch_size": 256,
+                                            "torch_threads": 2, "seconds": 10.0, "cpu": None}}  # fmt: skip
+
+
+def test_targets_pass_and_fail_honestly() -> None:
+    run = _run()
+    checks = {c["check"]: c for c in compute_targets(run["results"], run["offline"])}
+    unique = checks["router unique prompts vs ST offline encode"]
+    assert unique["value"] == 1.8 and unique["pass"] is True
+    assert checks["router repeated vs bare HTTP ceiling"]["value"] == 0.95
+    assert checks["router repeated vs bare HTTP ceiling"]["pass"] is True
+    assert checks["router embedding vs bare HTTP ceiling"]["value"] == 0.75
+    assert checks["router embedding vs bare HTTP ceiling"]["pass"] is False
+    assert checks["router unique: p99 at half max load (ms)"]["pass"] is True
+    assert checks["router embedding: p99 at half max load (ms)"]["pass"] is False
+    assert overall(list(checks.values())) is False
+
+
+def test_missing_baselines_are_not_a_pass() -> None:
+    run = _run()
+    del run["results"]["bare/embedding"]
+    checks = compute_targets(run["results"], None)
+    by_name = {c["check"]: c for c in checks}
+    assert by_name["router unique prompts vs ST offline encode"]["pass"] is None
+    assert by_name["router embedding vs bare HTTP ceiling"]["pass"] is None
+    assert overall([c for c in checks if c["pass"] is not False]) is None
+    assert overall([]) is None
+    assert overall([{"pass": True}]) is True
+
+
+def test_warnings_flag_noise_errors_repeats_and_a_busy_client() -> None:
+    run = _run()
+    points = run["results"]["router/unique"]["points"]
+    points[0].update(cpu={"foreign_cores": 0.5, "process_cores": {}}, failed=3, status={"200": 10, "429": 3})
+    points[1].update(body_wraps=1, client_cpu_cores=0.95)
+    points[2].update(send_lag_ms={"p99": 12.0})
+    text = "\n".join(warnings_for(run["results"], run["offline"]))
+    for needle in ("0.50 cores", "3 failed", "prompts repeated", "0.95 cores per process", "behind schedule"):
+        assert needle in text
+
+
+def test_report_and_plot_render(tmp_path: Path) -> None:
+    run = _run()
+    run["targets"] = compute_targets(run["results"], run["offline"])
+    run["pass"] = overall(run["targets"])
+    run["plot"] = plot(run["results"], tmp_path / "x.png", "test").name
+    run.update(
+        machine={
+            "date": "2026-01-01",
+            "hostname": "h",
+            "cpu_model": "cpu",
+            "cpu_count": 2,
+            "python": "3.11",
+            "torch": "2",
+            "sentence_transformers": "6",
+            "git_commit": "abc",
+        },
+        config={
+            "scenario_set": "cpu-default",
+            "warmup_s": 3,
+            "duration_s": 15,
+            "concurrencies": [1, 64],
+            "rates": [],
+            "rate_fractions": [0.5],
+            "processes": 1,
+            "client": "http1",
+        },
+        machine_label="cpu-2c-2026-01-01",
+        skipped={"infinity": "not installed"},
+        errors={},
+        warnings=["w1"],
+    )
+    text = render(run)
+    assert (tmp_path / "x.png").stat().st_size > 10_000
+    assert "| router embedding vs bare HTTP ceiling | 0.75 | >= 0.9 | **FAIL**" in text
+    assert "Overall: **FAIL**" in text
+    assert "### router/unique: max 900.0 ok req/s" in text
+    assert "| rate=450/s | 450.0 | 450.0 | 10.00 / 15.00 / 30.00 / 45.00 | 0 | 1.80 | 0.10 | 0.01 |" in text
+    assert "`infinity`: not installed" in text and "- w1" in text and "![throughput against latency](x.png)" in text
