@@ -10,6 +10,7 @@ from urllib.parse import parse_qs
 from prometheus_client import Counter
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Receive
 
 from service.dispatch import schemas
 from service.dispatch.endpoints import EndpointSpec
@@ -37,8 +38,9 @@ class DispatcherApi:
         self.metrics = service.metrics
         self._outcomes: dict[tuple[str, str], Counter] = {}
 
-    async def route(self, body: bytes, headers: Headers, query_string: bytes) -> dict[str, Any]:
-        """``POST /route/``, served on the fast path (``service.http.fastpath``): returns the JSON answer."""
+    async def route(self, body: bytes, headers: Headers, query_string: bytes, receive: Receive) -> dict[str, Any]:
+        """``POST /route/``, served on the fast path (``service.http.fastpath``): returns the JSON answer. Nothing
+        here waits long enough to watch ``receive`` for a departed client."""
         service, settings = self.service, self.settings
         if service.draining:
             raise ShuttingDown("the dispatcher is draining; send new requests elsewhere")

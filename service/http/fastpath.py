@@ -1,10 +1,13 @@
-"""A JSON POST endpoint served straight on ASGI, for the one hot path (the dispatcher's ``/route/``).
+"""A JSON POST endpoint served straight on ASGI, for the hot paths (the router's ``/v1/route``, the dispatcher's
+``/route/``).
 
 Starlette's router, exception middlewares, ``Request`` and ``Response`` objects cost about as much per call as
 the routing work itself; this path skips them and keeps the same contract: 415 for a non-JSON content type,
 413 past ``max_body_bytes`` (``read_asgi_json_body``), the one error body for every ``ServiceError``
-(``error_response``: errors are not the hot path), a logged 500 for anything else.
-Every other path falls through to the wrapped app.
+(``error_response``: errors are not the hot path), a logged 500 for anything else. A handler that waits may watch
+``receive`` for the client going away and raise ``ClientGone``: the answer is then a bodiless 499 (nginx's "client
+closed request"), which nobody reads but the request metrics count. Every other path falls through to the wrapped
+app.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from typing import Any
 
 import orjson
 from prometheus_client import Counter
-from starlette.requests import ClientDisconnect
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.errors import ServiceError
@@ -24,9 +28,15 @@ from service.http.responses import error_response, read_asgi_json_body
 logger = logging.getLogger(__name__)
 
 Headers = Mapping[bytes, bytes]
-JsonHandler = Callable[[bytes, Headers, bytes], Awaitable[Any]]  # (body, headers, query string) -> JSON value
+# (body, headers, query string, receive) -> the JSON answer
+JsonHandler = Callable[[bytes, Headers, bytes, Receive], Awaitable[Any]]
 
+CLIENT_CLOSED_REQUEST = 499
 _JSON_HEADERS = [(b"content-type", b"application/json")]
+
+
+class ClientGone(Exception):
+    """The client disconnected while its request waited."""
 
 
 class FastJsonPost:
@@ -54,9 +64,13 @@ class FastJsonPost:
         headers = dict(scope["headers"])  # ASGI lower-cases names; duplicates: the last wins
         try:
             body = await read_asgi_json_body(headers, receive, max_bytes=self.max_body_bytes)
-            answer = await self.handler(body, headers, scope["query_string"])
+            answer = await self.handler(body, headers, scope["query_string"], receive)
         except ClientDisconnect:
             return  # nobody to answer
+        except ClientGone:
+            await send({"type": "http.response.start", "status": CLIENT_CLOSED_REQUEST, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+            return
         except ServiceError as exc:
             await self._send_error(scope, receive, send, exc)
             return
@@ -77,3 +91,8 @@ class FastJsonPost:
     async def _send_error(self, scope: Scope, receive: Receive, send: Send, exc: ServiceError) -> None:
         self.errors.labels(code=exc.code).inc()
         await error_response(exc, retry_after_s=self.retry_after_s)(scope, receive, send)
+
+
+async def served_by_fast_path(request: Request) -> Response:  # pragma: no cover - FastJsonPost answers first
+    """The Starlette route behind a fast path: it keeps the path known to the router (405 for other methods)."""
+    raise AssertionError(f"POST {request.url.path} is served by FastJsonPost")

@@ -6,16 +6,17 @@ import asyncio
 import hmac
 from collections.abc import Awaitable
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive
 
 from service.errors import InvalidRequest, NotReady, ShuttingDown, Unauthorized
+from service.http.fastpath import ClientGone, Headers
 from service.http.responses import ORJSONResponse, parse_json_object, read_json_body
 from service.metrics import PROMETHEUS_CONTENT_TYPE
-from service.router.schemas import parse_route_request
+from service.router.schemas import RouteDecision, parse_route_request
 from service.router.weights import WeightsError
 
 if TYPE_CHECKING:
@@ -23,32 +24,26 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away first"
-
-
-class ClientGone(Exception):
-    pass
-
 
 class RouterApi:
     def __init__(self, service: RouterService) -> None:
         self.service = service
 
-    async def route(self, request: Request) -> Response:
+    async def route(self, body: bytes, headers: Headers, query_string: bytes, receive: Receive) -> dict[str, Any]:
+        """``POST /v1/route``, served on the fast path (``service.http.fastpath``): returns the JSON answer.
+        A supplied embedding or a cached prompt is answered at once; a prompt to embed waits for its batch,
+        watching for the client going away (its prompt is then dropped before compute)."""
         service = self.service
         if service.draining:
             raise ShuttingDown("the router is draining; send new requests elsewhere")
         engine = service.engine
         if engine is None:
             raise NotReady(service.not_ready_reason())
-        settings = service.settings
-        body = await read_json_body(request, max_bytes=settings.max_body_bytes)
-        route_request = parse_route_request(body, max_prompt_chars=settings.max_prompt_chars)
-        try:
-            decision = await _unless_disconnected(request.receive, engine.route(route_request))
-        except ClientGone:
-            return Response(status_code=CLIENT_CLOSED_REQUEST)
-        return ORJSONResponse(decision.to_json())
+        route_request = parse_route_request(body, max_prompt_chars=service.settings.max_prompt_chars)
+        outcome = engine.route_or_queue(route_request)
+        if not isinstance(outcome, RouteDecision):
+            outcome = await _unless_disconnected(receive, outcome)
+        return outcome.to_json()
 
     async def health(self, request: Request) -> Response:
         body = self.service.health()

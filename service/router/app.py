@@ -21,6 +21,7 @@ from starlette.types import ASGIApp
 
 from service import __version__
 from service.config import RouterSettings, settings_summary
+from service.http.fastpath import FastJsonPost, served_by_fast_path
 from service.http.middleware import RequestMetricsMiddleware
 from service.http.server import Fleet
 from service.http.service_base import ServiceBase
@@ -74,7 +75,7 @@ class RouterService(ServiceBase):
         self._drain_requested = asyncio.Event()
         api = RouterApi(self)
         routes = [
-            Route("/v1/route", self._guard(api.route), methods=["POST"]),
+            Route("/v1/route", served_by_fast_path, methods=["POST"]),
             Route("/health", self._guard(api.health), methods=["GET"]),
             Route("/livez", self._guard(self.livez), methods=["GET"]),
             Route("/metrics", self._guard(api.metrics), methods=["GET"]),
@@ -86,7 +87,15 @@ class RouterService(ServiceBase):
             exception_handlers={HTTPException: self._http_exception},  # type: ignore[dict-item]
             lifespan=self._lifespan,
         )
-        self._middleware = RequestMetricsMiddleware(app, metrics=self.metrics, routes=[r.path for r in routes])
+        fast = FastJsonPost(
+            app,
+            path="/v1/route",
+            handler=api.route,
+            max_body_bytes=settings.max_body_bytes,
+            errors=self.metrics.errors,
+            retry_after_s=settings.retry_after_s,
+        )
+        self._middleware = RequestMetricsMiddleware(fast, metrics=self.metrics, routes=[r.path for r in routes])
         self._asgi: ASGIApp = self._middleware
 
     @property

@@ -13,6 +13,7 @@ Everything here but ``_compute`` runs on the event loop; ``_compute`` runs in a 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import os
@@ -31,7 +32,7 @@ from service.router.cache import LRUCache
 from service.router.embedder import Embedder, MiniLMEmbedder
 from service.router.index import Nearest
 from service.router.schemas import RouteDecision, RouteRequest
-from service.router.scoring import score_batch
+from service.router.scoring import score_batch, score_one
 from service.router.state import RouterState, StateHolder
 from service.router.weights import RouterWeights, WeightsError, check_embedder, load_weights
 
@@ -46,7 +47,14 @@ class RouteQuery:
 
     state: RouterState
     cost_weight: float
-    allowed: np.ndarray  # [M] bool, in the state's model order
+    columns: tuple[int, ...]  # the candidates' columns in the score table, ascending
+
+    @functools.cached_property
+    def allowed(self) -> np.ndarray:
+        """The candidates as a [M] bool mask, for ``score_batch`` (answers on the spot never need it)."""
+        mask = np.zeros(len(self.state.table.models), dtype=bool)
+        mask[list(self.columns)] = True
+        return mask
 
     @classmethod
     def build(cls, request: RouteRequest, state: RouterState) -> RouteQuery:
@@ -58,7 +66,12 @@ class RouteQuery:
                     f"known: {', '.join(state.weights.models)}"
                 )
         weight = state.weights.default_lambda if request.cost_weight is None else request.cost_weight
-        return cls(state=state, cost_weight=weight, allowed=state.allowed_mask(request.available_models))
+        available = request.available_models
+        return cls(
+            state=state,
+            cost_weight=weight,
+            columns=state.allowed_columns(available),
+        )
 
 
 @dataclass(eq=False)
@@ -145,7 +158,10 @@ class RouterEngine:
         return self._batcher.admitted
 
     # -- routing --------------------------------------------------------------------------------
-    async def route(self, request: RouteRequest) -> RouteDecision:
+    def route_or_queue(self, request: RouteRequest) -> RouteDecision | asyncio.Future[RouteDecision]:
+        """The decision itself when the clusters are known at once (a supplied embedding, a cached
+        prompt), else a future for it once the prompt's batch has run. No await on the fast answers: the
+        HTTP layer answers them without a task or a disconnect watch (``api.route``)."""
         state = self._holder.current()
         if state is None:
             raise NotReady("router weights are not loaded yet")
@@ -170,25 +186,40 @@ class RouterEngine:
             self._metrics.singleflight_joins.inc()
         waiter = Waiter(query, asyncio.get_running_loop().create_future(), time.perf_counter() - started)
         job.waiters.append(waiter)
-        # Cancelling this await (client gone) cancels the future; a job with no live waiter is
-        # dropped by the batcher before compute.
-        return await waiter.future
+        # Cancelling this future (client gone) leaves the job without a live waiter: the batcher drops
+        # it before compute.
+        return waiter.future
+
+    async def route(self, request: RouteRequest) -> RouteDecision:
+        outcome = self.route_or_queue(request)
+        return outcome if isinstance(outcome, RouteDecision) else await outcome
 
     def _decide_now(
         self, state: RouterState, query: RouteQuery, ids: np.ndarray, sims: np.ndarray, cache_hit: bool, started: float
     ) -> RouteDecision:
-        """One request whose clusters are already known (cache hit or supplied embedding)."""
-        elapsed = time.perf_counter() - started
-        return self._decide(
-            state,
-            [query],
-            ids[None, :],
-            sims[None, :],
+        """One request whose clusters are already known (cache hit or supplied embedding): ``score_one``."""
+        cluster = int(ids[0])
+        table = state.table
+        best, scores = score_one(table, cluster, query.cost_weight, query.columns)
+        chosen = query.columns[best]
+        selected = table.models[chosen]
+        routing = time.perf_counter() - started
+        self._metrics.routing_duration.observe(routing)
+        self._count(selected, cluster)
+        return RouteDecision(
+            selected_model=selected,
+            cluster_id=cluster,
+            expected_error=table.error_rows[cluster][chosen],
+            cost_adjusted_score=scores[best],
+            all_scores={table.models[m]: score for m, score in zip(query.columns, scores, strict=True)},
             cache_hit=cache_hit,
-            embedding_s=0.0,
-            queue_s=[0.0],
-            routing_s=[elapsed],
-        )[0]
+            routing_ms=routing * 1e3,
+            embedding_ms=0.0,
+            queue_ms=0.0,
+            cost_weight=query.cost_weight,
+            clusters=list(zip(ids.tolist(), sims.tolist(), strict=True)),
+            weights_version=state.weights.version,
+        )
 
     def _compute(self, jobs: list[PromptJob]) -> BatchResult:
         """Worker thread: one forward pass and one FAISS search for the whole batch."""
@@ -294,7 +325,7 @@ class RouterEngine:
                     cluster_id=cluster,
                     expected_error=float(selection.expected_error[i]),
                     cost_adjusted_score=float(selection.score[i]),
-                    all_scores={models[m]: float(row[m]) for m in np.flatnonzero(query.allowed)},
+                    all_scores={models[m]: float(row[m]) for m in query.columns},
                     cache_hit=cache_hit,
                     routing_ms=routing * 1e3,
                     embedding_ms=embedding_s * 1e3,

@@ -51,6 +51,9 @@ def _prompt(value: Any, max_chars: int) -> str | None:
     return value
 
 
+_NUMBER_TYPES = frozenset({int, float})  # what orjson gives for JSON numbers (never subclasses)
+
+
 def _embedding(value: Any, dim: int) -> np.ndarray | None:
     if value is None:
         return None
@@ -58,9 +61,13 @@ def _embedding(value: Any, dim: int) -> np.ndarray | None:
         raise InvalidRequest(f"'embedding' must be an array of {dim} numbers, got {_json_type(value)}")
     if len(value) != dim:
         raise InvalidRequest(f"'embedding' must have exactly {dim} numbers, got {len(value)}")
-    if not all(isinstance(x, int | float) and not isinstance(x, bool) for x in value):
+    if not _NUMBER_TYPES.issuperset(map(type, value)):  # exact types: bool is not a number here
         raise InvalidRequest("'embedding' must contain only numbers")
     vector = np.asarray(value, dtype=np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):  # huge or non-finite numbers take the careful path below
+        squared = float(vector @ vector)
+    if 0.0 < squared < math.inf:  # the common case in one pass: every number finite, not all zero, no overflow
+        return (vector / math.sqrt(squared)).astype(np.float32)
     if not np.isfinite(vector).all():
         raise InvalidRequest("'embedding' must contain only finite numbers")
     largest = float(np.max(np.abs(vector)))

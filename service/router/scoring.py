@@ -7,10 +7,16 @@ For a request in cluster ``c`` with trade-off ``lambda`` and candidate set ``A``
 
 Ties are broken without extra work: models are kept in (cost, id) order, so ``argmin``'s first
 minimum is already the cheaper one.
+
+``score_batch`` is the rule over a batch (numpy); ``score_one`` the same rule for one request answered on the
+spot (a cache hit, a supplied embedding), in Python floats: for a dozen models numpy's per-call overhead costs
+more than the arithmetic. Both do the same IEEE double operations in the same order, so they agree bit for bit
+(tests/unit/test_scoring.py checks it).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,14 +29,20 @@ class ScoreTable:
     models: tuple[str, ...]
     error_by_cluster: np.ndarray  # [K, M] float64: one contiguous row per cluster
     cost: np.ndarray  # [M] float64
+    error_rows: tuple[tuple[float, ...], ...]  # the same numbers as Python floats, for score_one
+    cost_values: tuple[float, ...]
 
     @classmethod
     def build(cls, models: tuple[str, ...], expected_error: np.ndarray, cost_per_1k: np.ndarray) -> ScoreTable:
         order = sorted(range(len(models)), key=lambda m: (float(cost_per_1k[m]), models[m]))
+        error_by_cluster = np.ascontiguousarray(expected_error[order].T, dtype=np.float64)
+        cost = np.asarray(cost_per_1k[order], dtype=np.float64)
         return cls(
             models=tuple(models[m] for m in order),
-            error_by_cluster=np.ascontiguousarray(expected_error[order].T, dtype=np.float64),
-            cost=np.asarray(cost_per_1k[order], dtype=np.float64),
+            error_by_cluster=error_by_cluster,
+            cost=cost,
+            error_rows=tuple(tuple(row) for row in error_by_cluster.tolist()),
+            cost_values=tuple(cost.tolist()),
         )
 
     def model_index(self) -> dict[str, int]:
@@ -63,3 +75,13 @@ def score_batch(table: ScoreTable, clusters: np.ndarray, lambdas: np.ndarray, al
         score=scores[rows, chosen],
         all_scores=scores,
     )
+
+
+def score_one(table: ScoreTable, cluster: int, lam: float, columns: Sequence[int]) -> tuple[int, list[float]]:
+    """``score_batch`` for one request: ``columns`` are the allowed models' columns, ascending. Returns the
+    position in ``columns`` of the chosen model (the first minimum: the cheaper one on ties) and the score of
+    every allowed model, in ``columns`` order."""
+    errors = table.error_rows[cluster]
+    cost = table.cost_values
+    scores = [errors[m] + lam * cost[m] for m in columns]
+    return min(range(len(scores)), key=scores.__getitem__), scores

@@ -6,11 +6,10 @@ middle of a request can never mix one file's centroids with another's error tabl
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
-
-import numpy as np
 
 from service.router.index import CentroidSearch, build_index
 from service.router.scoring import ScoreTable
@@ -52,13 +51,15 @@ class RouterState:
             model_index=table.model_index(),
         )
 
-    def allowed_mask(self, available: list[str] | None) -> np.ndarray:
-        mask = np.zeros(len(self.table.models), dtype=bool)
+    def allowed_columns(self, available: list[str] | None) -> tuple[int, ...]:
+        """The candidates' columns in the score table, ascending (its (cost, id) order)."""
         if available is None:
-            mask[:] = True
-        else:
-            mask[[self.model_index[name] for name in available]] = True
-        return mask
+            return self.table_columns
+        return tuple(sorted(self.model_index[name] for name in available))
+
+    @functools.cached_property
+    def table_columns(self) -> tuple[int, ...]:
+        return tuple(range(len(self.table.models)))
 
 
 class StateHolder:

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from service.router.scoring import ScoreTable, score_batch
+from service.router.scoring import ScoreTable, score_batch, score_one
 
 MODELS = ("gpt-4o", "gpt-4o-mini", "ministral-3b")
 ERROR = np.array([[0.01, 0.30], [0.04, 0.30], [0.18, 0.30]])  # [M, K]
@@ -66,3 +66,27 @@ def test_batch_equals_one_by_one() -> None:
         expected = t.error_by_cluster[clusters[i]] + lambdas[i] * t.cost
         best = min(j for j in range(5) if allowed[i, j] and expected[j] == min(expected[allowed[i]]))
         assert batch.chosen[i] == best
+
+
+def test_score_one_agrees_with_score_batch_bit_for_bit() -> None:
+    """The on-the-spot path (cache hits, supplied embeddings) and the batch path must never disagree: random
+    tables with deliberate ties (errors and costs from small grids), random lambdas and candidate subsets."""
+    rng = np.random.default_rng(7)
+    for _ in range(300):
+        num_models, num_clusters = int(rng.integers(1, 12)), int(rng.integers(1, 6))
+        table_ = ScoreTable.build(
+            tuple(f"m{i}" for i in range(num_models)),
+            rng.choice([0.0, 0.1, 0.2, 0.30000000000000004, 1 / 3], size=(num_models, num_clusters)),
+            rng.choice([0.0, 0.005, 0.05, 0.1, 0.5], size=num_models),
+        )
+        cluster = int(rng.integers(num_clusters))
+        lam = float(rng.choice([0.0, 0.1, 1.0, 2.0, float(rng.random()), 1e6]))
+        columns = tuple(sorted(rng.choice(num_models, size=int(rng.integers(1, num_models + 1)), replace=False)))
+        mask = np.zeros((1, num_models), dtype=bool)
+        mask[0, list(columns)] = True
+        batch = score_batch(table_, np.array([cluster]), np.array([lam]), mask)
+        best, scores = score_one(table_, cluster, lam, columns)
+        assert columns[best] == int(batch.chosen[0])
+        assert scores[best] == float(batch.score[0])
+        assert scores == [float(batch.all_scores[0, m]) for m in columns]
+        assert table_.error_rows[cluster][columns[best]] == float(batch.expected_error[0])
