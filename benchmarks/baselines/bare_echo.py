@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+from collections.abc import Callable
 
 import orjson
 import uvloop
@@ -31,16 +32,22 @@ async def health(request: Request) -> Response:
 app = Starlette(routes=[Route("/echo", echo, methods=["POST"]), Route("/health", health, methods=["GET"])])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def run(make_app: Callable[[], Starlette], *, default_port: int, description: str | None) -> None:
+    """Serve an app the way every baseline does (one Hypercorn process on uvloop, no access log), after the
+    command line is parsed: ``make_app`` may be slow (a model to load)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=9000)
+    parser.add_argument("--port", type=int, default=default_port)
     args = parser.parse_args()
     config = Config()
     config.bind = [f"{args.host}:{args.port}"]
     config.accesslog = None
     config.keep_alive_timeout = 75
-    uvloop.run(serve(app, config))  # type: ignore[arg-type]
+    uvloop.run(serve(make_app(), config))  # type: ignore[arg-type]
+
+
+def main() -> None:
+    run(lambda: app, default_port=9000, description=__doc__)
 
 
 if __name__ == "__main__":

@@ -7,14 +7,11 @@ compares the router's unique-prompt throughput with this.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 
 import orjson
-import uvloop
-from hypercorn.asyncio import serve
-from hypercorn.config import Config
+from bare_echo import run  # a sibling script: the baselines run by path, their folder first on sys.path
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -43,15 +40,7 @@ def build_app() -> Starlette:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=9001)
-    args = parser.parse_args()
-    config = Config()
-    config.bind = [f"{args.host}:{args.port}"]
-    config.accesslog = None
-    config.keep_alive_timeout = 75
-    uvloop.run(serve(build_app(), config))  # type: ignore[arg-type]
+    run(build_app, default_port=9001, description=__doc__)
 
 
 if __name__ == "__main__":

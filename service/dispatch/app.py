@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
@@ -28,8 +27,7 @@ from service.dispatch.selection import status_breakdown
 from service.dispatch.signing import PublishedKey, Signer, publish, read_key_file, read_public_keys
 from service.dispatch.signing_batch import SignatureBatcher
 from service.dispatch.store import DispatchStore, LoadStats, StoreUnavailable
-from service.http.fastpath import FastJsonPost, served_by_fast_path
-from service.http.middleware import RequestMetricsMiddleware
+from service.http.fastpath import served_by_fast_path
 from service.http.server import Fleet
 from service.http.service_base import ServiceBase
 from service.metrics import DispatcherMetrics
@@ -107,20 +105,7 @@ class DispatcherService(ServiceBase):
             Route("/metrics", self._guard(api.metrics_text), methods=["GET"]),
             Route("/openapi.json", self._guard(api.openapi), methods=["GET"]),
         ]
-        app = Starlette(
-            routes=routes,
-            exception_handlers={HTTPException: self._http_exception},  # type: ignore[dict-item]
-            lifespan=self._lifespan,
-        )
-        fast = FastJsonPost(
-            app,
-            path="/route/",
-            handler=api.route,
-            max_body_bytes=settings.max_body_bytes,
-            errors=self.metrics.errors,
-            retry_after_s=settings.retry_after_s,
-        )
-        self._middleware = RequestMetricsMiddleware(fast, metrics=self.metrics, routes=[r.path for r in routes])
+        self._middleware = self._build_asgi(routes, fast_path="/route/", fast_handler=api.route)
 
     @property
     def asgi(self) -> ASGIApp:

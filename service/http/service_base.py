@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
+from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import Route
 
 from service.config import BaseSettings
+from service.http.fastpath import FastJsonPost, JsonHandler
 from service.http.handlers import Handler, guarded
+from service.http.middleware import RequestMetricsMiddleware
 from service.http.responses import ORJSONResponse, error_response, http_exception_to_error
 from service.metrics import HttpMetrics
 
@@ -34,6 +39,29 @@ class ServiceBase:
         if exc.headers:
             response.headers.update(exc.headers)
         return response
+
+    def _build_asgi(
+        self, routes: list[Route], *, fast_path: str, fast_handler: JsonHandler
+    ) -> RequestMetricsMiddleware:
+        """Starlette for every route, the one hot JSON POST path served ahead of it on raw ASGI
+        (``fastpath.py``), and the request metrics (and in-flight count that drain waits on) around both."""
+        app = Starlette(
+            routes=routes,
+            exception_handlers={HTTPException: self._http_exception},  # type: ignore[dict-item]
+            lifespan=self._lifespan,
+        )
+        fast = FastJsonPost(
+            app,
+            path=fast_path,
+            handler=fast_handler,
+            max_body_bytes=self.settings.max_body_bytes,
+            errors=self.metrics.errors,
+            retry_after_s=self.settings.retry_after_s,
+        )
+        return RequestMetricsMiddleware(fast, metrics=self.metrics, routes=[route.path for route in routes])
+
+    def _lifespan(self, app: Starlette) -> AbstractAsyncContextManager[None]:
+        raise NotImplementedError
 
     def alive(self) -> bool:
         """False only when restarting the process is the remedy; loading and draining are alive."""

@@ -15,14 +15,12 @@ from enum import StrEnum
 from typing import Any
 
 from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from service import __version__
 from service.config import RouterSettings, settings_summary
-from service.http.fastpath import FastJsonPost, served_by_fast_path
-from service.http.middleware import RequestMetricsMiddleware
+from service.http.fastpath import served_by_fast_path
 from service.http.server import Fleet
 from service.http.service_base import ServiceBase
 from service.metrics import RouterMetrics
@@ -82,20 +80,7 @@ class RouterService(ServiceBase):
             Route("/openapi.json", self._guard(api.openapi), methods=["GET"]),
             Route("/admin/reload", self._guard(api.reload), methods=["POST"]),
         ]
-        app = Starlette(
-            routes=routes,
-            exception_handlers={HTTPException: self._http_exception},  # type: ignore[dict-item]
-            lifespan=self._lifespan,
-        )
-        fast = FastJsonPost(
-            app,
-            path="/v1/route",
-            handler=api.route,
-            max_body_bytes=settings.max_body_bytes,
-            errors=self.metrics.errors,
-            retry_after_s=settings.retry_after_s,
-        )
-        self._middleware = RequestMetricsMiddleware(fast, metrics=self.metrics, routes=[r.path for r in routes])
+        self._middleware = self._build_asgi(routes, fast_path="/v1/route", fast_handler=api.route)
         self._asgi: ASGIApp = self._middleware
 
     @property
