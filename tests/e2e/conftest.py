@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,17 +28,7 @@ class Server:
     log_path: Path
 
     def wait_ready(self, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1.0).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        raise TimeoutError(f"server not ready after {timeout_s}s:\n{self.log()}")
+        wait_http_ok(f"{self.url}/health", self.process, timeout_s=timeout_s, what="server", log=self.log)
 
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> int:
         if self.process.poll() is None:
@@ -52,6 +42,29 @@ class Server:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def wait_http_ok(
+    url: str,
+    process: subprocess.Popen[bytes],
+    *,
+    timeout_s: float,
+    what: str,
+    log: Callable[[], str],
+    poll_s: float = 0.05,
+) -> None:
+    """Poll ``url`` until it answers 200; fail at once if ``process`` exits, and after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with {process.returncode}:\n{log()}")
+        try:
+            if httpx.get(url, timeout=1.0).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(poll_s)
+    raise TimeoutError(f"{what} not ready after {timeout_s}s:\n{log()}")
 
 
 def start_server(

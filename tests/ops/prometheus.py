@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 
+from tests.e2e.conftest import wait_http_ok
 from tests.redis_server import free_port
 
 START_TIMEOUT_S = 60.0
@@ -43,16 +43,8 @@ class Prometheus:
         self._wait_ready()
 
     def _wait_ready(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, f"prometheus exited:\n{self.log()}"
-            try:
-                if httpx.get(f"{self.url}/-/ready", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(f"prometheus not ready after {START_TIMEOUT_S}s:\n{self.log()}")
+        wait_http_ok(f"{self.url}/-/ready", self.process, timeout_s=START_TIMEOUT_S, what="prometheus", log=self.log,
+                     poll_s=0.1)  # fmt: skip
 
     def api(self, path: str, **params: Any) -> Any:
         """``GET /api/v1/<path>``'s ``data``, asserting success."""
