@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import sys
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "baselines"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the service package, from a plain checkout
 
 import bare_echo
+from inprocess_route_cost import per_call_us  # a sibling script: its folder is first on sys.path
 
 from service.config import RouterSettings
 from service.router.app import RouterService
@@ -57,13 +57,6 @@ def asgi_call(app: Any, path: str, body: bytes) -> Callable[[], Awaitable[None]]
     return call
 
 
-async def per_call_us(fn: Callable[[], Awaitable[None]]) -> float:
-    started = time.perf_counter()
-    for _ in range(CALLS):
-        await fn()
-    return (time.perf_counter() - started) / CALLS * 1e6
-
-
 async def main() -> None:
     service = RouterService(RouterSettings.from_env({}, compute_threads=1))
     await service._load()  # the lifespan's loading step, without a server around it
@@ -75,7 +68,11 @@ async def main() -> None:
     await cached()  # the first call embeds the prompt; every later one is a cache hit
     try:
         for _ in range(ROUNDS):
-            e, c, b = await per_call_us(with_embedding), await per_call_us(cached), await per_call_us(bare)
+            e, c, b = (
+                await per_call_us(with_embedding, CALLS),
+                await per_call_us(cached, CALLS),
+                await per_call_us(bare, CALLS),
+            )
             print(f"router: embedding {e:.1f} us, cache hit {c:.1f} us; bare Starlette {b:.1f} us")
     finally:
         await service.engine.close()

@@ -105,7 +105,9 @@ class DispatcherService(ServiceBase):
             Route("/metrics", self._guard(api.metrics_text), methods=["GET"]),
             Route("/openapi.json", self._guard(api.openapi), methods=["GET"]),
         ]
-        self._middleware = self._build_asgi(routes, fast_path="/route/", fast_handler=api.route)
+        self._middleware = self._build_asgi(
+            routes, lifespan=self._lifespan, fast_path="/route/", fast_handler=api.route
+        )
 
     @property
     def asgi(self) -> ASGIApp:

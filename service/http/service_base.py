@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
@@ -18,6 +19,8 @@ from service.http.handlers import Handler, guarded
 from service.http.middleware import RequestMetricsMiddleware
 from service.http.responses import ORJSONResponse, error_response, http_exception_to_error
 from service.metrics import HttpMetrics
+
+Lifespan = Callable[[Starlette], AbstractAsyncContextManager[None]]
 
 
 class ServiceBase:
@@ -41,14 +44,14 @@ class ServiceBase:
         return response
 
     def _build_asgi(
-        self, routes: list[Route], *, fast_path: str, fast_handler: JsonHandler
+        self, routes: list[Route], *, lifespan: Lifespan, fast_path: str, fast_handler: JsonHandler
     ) -> RequestMetricsMiddleware:
         """Starlette for every route, the one hot JSON POST path served ahead of it on raw ASGI
         (``fastpath.py``), and the request metrics (and in-flight count that drain waits on) around both."""
         app = Starlette(
             routes=routes,
             exception_handlers={HTTPException: self._http_exception},  # type: ignore[dict-item]
-            lifespan=self._lifespan,
+            lifespan=lifespan,
         )
         fast = FastJsonPost(
             app,
@@ -59,9 +62,6 @@ class ServiceBase:
             retry_after_s=self.settings.retry_after_s,
         )
         return RequestMetricsMiddleware(fast, metrics=self.metrics, routes=[route.path for route in routes])
-
-    def _lifespan(self, app: Starlette) -> AbstractAsyncContextManager[None]:
-        raise NotImplementedError
 
     def alive(self) -> bool:
         """False only when restarting the process is the remedy; loading and draining are alive."""

@@ -80,7 +80,9 @@ class RouterService(ServiceBase):
             Route("/openapi.json", self._guard(api.openapi), methods=["GET"]),
             Route("/admin/reload", self._guard(api.reload), methods=["POST"]),
         ]
-        self._middleware = self._build_asgi(routes, fast_path="/v1/route", fast_handler=api.route)
+        self._middleware = self._build_asgi(
+            routes, lifespan=self._lifespan, fast_path="/v1/route", fast_handler=api.route
+        )
         self._asgi: ASGIApp = self._middleware
 
     @property

@@ -47,10 +47,6 @@ class CentroidSearch(Protocol):
     def search(self, queries: np.ndarray, k: int = 1) -> Nearest: ...
 
 
-def faiss_available() -> bool:
-    return faiss is not None
-
-
 class CentroidIndex:
     """FAISS's exact inner-product index."""
 
