@@ -65,6 +65,17 @@ def test_truncates_at_256_tokens_like_sentence_transformers(ours: MiniLMEmbedder
     assert ids[1] == [101, 7632, 102]  # [CLS] hi [SEP]
 
 
+def test_token_ids_are_sentence_transformers_own(ours: MiniLMEmbedder) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(default_model_dir()), device="cpu")
+    features = model.tokenize(PROMPTS)  # padded to the longest, with its attention mask
+    expected = [
+        row[mask.bool()].tolist() for row, mask in zip(features["input_ids"], features["attention_mask"], strict=True)
+    ]
+    assert ours.tokenize(PROMPTS) == expected
+
+
 def test_cosine_parity_and_same_cluster(ours: MiniLMEmbedder, reference: np.ndarray) -> None:
     got = ours.embed(PROMPTS, batch_size=7)  # batches mix lengths: exercises packing
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, rtol=1e-5)
