@@ -31,6 +31,7 @@ class FakeEmbedder:
     model_sha256 = FAKE_SHA
     dim = DIM
     device = "cpu"
+    kernels = None
 
     def __init__(self, *, delay_s: float = 0.0) -> None:
         self.delay_s = delay_s
@@ -40,6 +41,9 @@ class FakeEmbedder:
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         return [[*text.encode()[:32]] or [0] for text in texts]
+
+    def runtime_info(self) -> dict[str, object]:
+        return {"dtype": "float32", "fake": True}
 
     def embed_ids(self, sequences: Sequence[Sequence[int]], *, cpu_threads: int | None = None) -> np.ndarray:
         if self.delay_s:

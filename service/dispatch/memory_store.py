@@ -109,13 +109,8 @@ class MemoryStore:
         workers = self._workers[endpoint]
         old = workers.get(report.worker_id)
         now = self._clock()
-        record = WorkerRecord(
-            worker_id=report.worker_id,
-            url=report.url,
-            state=report.state,
-            max_perf=report.max_perf,
-            cur_load=report.cur_load,
-            in_flight=report.in_flight,
+        record = WorkerRecord.from_report(
+            report,
             last_seen=now,
             load=old.load if old else 0.0,
             reqnum=old.reqnum if old else reqnum_origin(now, self._reqnums_per_s),

@@ -69,6 +69,21 @@ class WorkerRecord:
     load: float  # sum of the costs of requests assigned here and not yet released
     reqnum: int  # the last reqnum issued for this worker
 
+    @classmethod
+    def from_report(cls, report: WorkerReport, *, last_seen: float, load: float, reqnum: int) -> WorkerRecord:
+        """The record after ``report``: what the worker said of itself plus the store's ledger."""
+        return cls(
+            worker_id=report.worker_id,
+            url=report.url,
+            state=report.state,
+            max_perf=report.max_perf,
+            cur_load=report.cur_load,
+            in_flight=report.in_flight,
+            last_seen=last_seen,
+            load=load,
+            reqnum=reqnum,
+        )
+
     def active(self, now: float, heartbeat_timeout_s: float) -> bool:
         return now - self.last_seen <= heartbeat_timeout_s
 

@@ -187,17 +187,7 @@ class RedisStore:
         )
         with self._unavailable("report"):
             last_seen, load, reqnum = await self._report(args=args)
-        return WorkerRecord(
-            worker_id=report.worker_id,
-            url=report.url,
-            state=report.state,
-            max_perf=report.max_perf,
-            cur_load=report.cur_load,
-            in_flight=report.in_flight,
-            last_seen=float(last_seen),
-            load=float(load),
-            reqnum=int(reqnum),
-        )
+        return WorkerRecord.from_report(report, last_seen=float(last_seen), load=float(load), reqnum=int(reqnum))
 
     async def release(self, endpoint: str, request_idxs: Sequence[int]) -> Released:
         if not request_idxs:

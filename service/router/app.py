@@ -110,8 +110,7 @@ class RouterService(ServiceBase):
         if self._embedder is not None:
             body["device"] = self._embedder.device
             body["embedder"] = self._embedder.model_id
-            if isinstance(self._embedder, MiniLMEmbedder):
-                body["encoder"] = self._embedder.runtime_info()
+            body["encoder"] = self._embedder.runtime_info()
         if state is not None:
             body.update(
                 models=state.weights.num_models,

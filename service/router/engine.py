@@ -29,7 +29,7 @@ from service.errors import InvalidRequest, NotReady
 from service.metrics import RouterMetrics
 from service.router.batcher import BatcherConfig, MicroBatcher
 from service.router.cache import LRUCache
-from service.router.embedder import Embedder, MiniLMEmbedder
+from service.router.embedder import Embedder
 from service.router.index import Nearest
 from service.router.schemas import RouteDecision, RouteRequest
 from service.router.scoring import score_batch, score_one
@@ -66,12 +66,7 @@ class RouteQuery:
                     f"known: {', '.join(state.weights.models)}"
                 )
         weight = state.weights.default_lambda if request.cost_weight is None else request.cost_weight
-        available = request.available_models
-        return cls(
-            state=state,
-            cost_weight=weight,
-            columns=state.allowed_columns(available),
-        )
+        return cls(state=state, cost_weight=weight, columns=state.allowed_columns(request.available_models))
 
 
 @dataclass(eq=False)
@@ -388,8 +383,7 @@ def build_state(path: Path, embedder: Embedder, *, index_backend: str = "auto") 
     if weights.dim != embedder.dim:
         raise WeightsError(f"{path}: centroids are {weights.dim}-d, the embedder gives {embedder.dim}-d")
     check_embedder(weights, embedder.model_id, embedder.model_sha256, source=str(path))
-    kernels = embedder.kernels if isinstance(embedder, MiniLMEmbedder) else None
-    return RouterState.build(weights, index_backend=index_backend, device=embedder.device, kernels=kernels)
+    return RouterState.build(weights, index_backend=index_backend, device=embedder.device, kernels=embedder.kernels)
 
 
 def compute_workers(settings: RouterSettings, device: str) -> int:

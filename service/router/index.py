@@ -81,7 +81,6 @@ def build_index(
     *,
     backend: str = "auto",
     device: str = "cpu",
-    use_gpu: bool = True,
     kernels: RouterKernels | None = None,
 ) -> CentroidSearch:
     """``auto``: FAISS when it imports, else the torch index on ``device``, with a warning (an install
@@ -89,7 +88,7 @@ def build_index(
     if backend not in BACKENDS:
         raise ValueError(f"index backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
     if backend == "faiss" or (backend == "auto" and faiss is not None):
-        return CentroidIndex(centroids, use_gpu=use_gpu)
+        return CentroidIndex(centroids)
     from service.router.torch_index import TorchCentroidIndex
 
     if backend == "auto":

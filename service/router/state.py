@@ -34,7 +34,6 @@ class RouterState:
         cls,
         weights: RouterWeights,
         *,
-        use_gpu_index: bool = True,
         index_backend: str = "auto",
         device: str = "cpu",
         kernels: RouterKernels | None = None,
@@ -44,9 +43,7 @@ class RouterState:
         table = ScoreTable.build(weights.models, weights.expected_error, weights.cost_per_1k)
         return cls(
             weights=weights,
-            index=build_index(
-                weights.centroids, backend=index_backend, device=device, use_gpu=use_gpu_index, kernels=kernels
-            ),
+            index=build_index(weights.centroids, backend=index_backend, device=device, kernels=kernels),
             table=table,
             model_index=table.model_index(),
         )

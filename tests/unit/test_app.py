@@ -67,6 +67,8 @@ def test_health_when_ready(client: TestClient) -> None:
     assert body["device"] == "cpu"
     assert (body["models"], body["clusters"]) == (3, DIM)
     assert body["weights_version"] == toy_weights().version
+    assert body["encoder"] == {"dtype": "float32", "fake": True}  # the embedder's own runtime_info
+    assert body["index"] == "faiss-cpu"
 
 
 @pytest.mark.parametrize(
