@@ -69,6 +69,7 @@ from benchmarks.common import (
     cpu_snapshot,
     find_free_port,
     foreign_cpu,
+    foreign_cpu_warning,
     machine_info,
     package_version,
     require_wrk,
@@ -142,8 +143,6 @@ ASSIGNED_SHORTFALL_TOLERANCE = 0.01
 SAMPLE_TIMEOUT_S = 10.0
 SIGNATURE_HEX = re.compile(rf"^[0-9a-f]{{{SIGNATURE_HEX_DIGITS}}}$")
 
-# Warn when other processes used more than this many cores during a timed phase (the box may be shared).
-FOREIGN_CPU_WARN_CORES = 0.15
 # Warn when a system's slowest and fastest rounds differ by more than this share of its median.
 SPREAD_WARN = 0.15
 
@@ -671,9 +670,8 @@ def phase_warnings(rounds: list[dict[str, Any]], summary: dict[str, Any], server
     for entry in rounds:
         for name, phase in entry["results"].items():
             where = f"round {entry['round']} {name}"
-            cpu = phase.get("cpu")
-            if cpu and cpu["foreign_cores"] > FOREIGN_CPU_WARN_CORES:
-                warnings.append(f"{where}: other processes used {cpu['foreign_cores']:.2f} cores; numbers are skewed")
+            if skewed := foreign_cpu_warning(where, phase.get("cpu")):
+                warnings.append(skewed)
             socket_errors = phase["socket_errors"]["total"]
             if phase["non_2xx"] or socket_errors:
                 warnings.append(f"{where}: {phase['non_2xx']} non-2xx responses, {socket_errors} socket errors")

@@ -47,6 +47,7 @@ from benchmarks.common import (
     cpu_snapshot,
     find_free_port,
     foreign_cpu,
+    foreign_cpu_warning,
     generate_prompts,
     machine_info,
     run_wrk,
@@ -83,8 +84,6 @@ PHASES = ("warmup", "main", "c1")  # each round's prompt sets, --prompts each, i
 TARGET_RATIO = 1.3
 TARGET_C1_P50_MS = 15.0
 
-# Warn when other processes used more than this many cores during a timed phase (the box may be shared).
-FOREIGN_CPU_WARN_CORES = 0.15
 # Warn when the idle server used more than this many cores while sentence-transformers was timed.
 IDLE_SERVER_WARN_CORES = 0.02
 
@@ -290,10 +289,8 @@ def cpu_warnings(record: dict[str, Any]) -> list[str]:
         ("c1", record["http_c1"]["cpu"]),
         ("st_encode", st_cpu),
     ):
-        if cpu and cpu["foreign_cores"] > FOREIGN_CPU_WARN_CORES:
-            warnings.append(
-                f"{label}, {name}: other processes used {cpu['foreign_cores']:.2f} cores meanwhile; numbers skewed"
-            )
+        if skewed := foreign_cpu_warning(f"{label}, {name}", cpu):
+            warnings.append(skewed)
     if st_cpu and st_cpu.get("idle_server_cores", 0.0) > IDLE_SERVER_WARN_CORES:
         warnings.append(f"{label}: the idle server used {st_cpu['idle_server_cores']:.3f} cores during the encode")
     return warnings

@@ -369,6 +369,17 @@ def cpu_snapshot(server_pid: int | None = None) -> CpuSnapshot | None:
     return CpuSnapshot(time.monotonic(), busy, steal, tracked)
 
 
+# Warn when other processes used more than this many cores during a timed phase (the box may be shared).
+FOREIGN_CPU_WARN_CORES = 0.15
+
+
+def foreign_cpu_warning(where: str, cpu: dict[str, float] | None) -> str | None:
+    """The warning for a phase whose ``foreign_cpu`` passed ``FOREIGN_CPU_WARN_CORES``, else None."""
+    if cpu and cpu["foreign_cores"] > FOREIGN_CPU_WARN_CORES:
+        return f"{where}: other processes used {cpu['foreign_cores']:.2f} cores meanwhile; the numbers are skewed"
+    return None
+
+
 def foreign_cpu(before: CpuSnapshot | None, after: CpuSnapshot | None) -> dict[str, float] | None:
     """CPU that went to other processes between two snapshots, in seconds and in cores (seconds per wall second)."""
     if before is None or after is None or after.wall <= before.wall:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from benchmarks.common import foreign_cpu_warning
 from benchmarks.harness.scenarios import EMBEDDING, MIXED, REPEATED, UNIQUE
 from benchmarks.harness.systems import BARE, ROUTER
 
@@ -12,7 +13,6 @@ CEILING_SHARE_MIN = 0.90
 HALF_LOAD_FRACTION = 0.5
 HALF_LOAD_P99_MAX_MS = 50.0
 
-FOREIGN_CPU_WARN_CORES = 0.15  # other processes' CPU during a point
 CLIENT_CPU_WARN_CORES = 0.8  # per client process: near one core, the client may be the bottleneck
 SEND_LAG_WARN_MS = 5.0  # open loop: the client sent this late at p99, so it could not keep its own schedule
 FRACTION_TOLERANCE = 0.01
@@ -79,9 +79,8 @@ def warnings_for(results: dict[str, dict[str, Any]], offline: dict[str, Any] | N
             where = f"{key} " + (
                 f"c={point['concurrency']}" if point["mode"] == "closed" else f"rate={point['rate']:g}"
             )
-            cpu = point.get("cpu")
-            if cpu and cpu["foreign_cores"] > FOREIGN_CPU_WARN_CORES:
-                out.append(f"{where}: other processes used {cpu['foreign_cores']:.2f} cores; skewed")
+            if skewed := foreign_cpu_warning(where, point.get("cpu")):
+                out.append(skewed)
             if point["failed"]:
                 out.append(f"{where}: {point['failed']} failed (status {point['status']}, errors {point['errors']})")
             if point["body_wraps"] and point["distinct_bodies"] > 1 and result["scenario"] in (UNIQUE, MIXED):
@@ -92,6 +91,6 @@ def warnings_for(results: dict[str, dict[str, Any]], offline: dict[str, Any] | N
             lag = point.get("send_lag_ms", {}).get("p99")
             if point["mode"] == "open" and lag is not None and lag > SEND_LAG_WARN_MS:
                 out.append(f"{where}: the client sent p99 {lag:.1f} ms behind schedule (client-bound)")
-    if offline and offline.get("cpu") and offline["cpu"]["foreign_cores"] > FOREIGN_CPU_WARN_CORES:
-        out.append(f"offline encode: other processes used {offline['cpu']['foreign_cores']:.2f} cores; skewed")
+    if offline and (skewed := foreign_cpu_warning("offline encode", offline.get("cpu"))):
+        out.append(skewed)
     return out

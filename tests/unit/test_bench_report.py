@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from benchmarks.common import FOREIGN_CPU_WARN_CORES, foreign_cpu_warning
 from benchmarks.harness.plots import plot
 from benchmarks.harness.report import render
 from benchmarks.harness.targets import compute_targets, warnings_for
@@ -118,3 +119,10 @@ def test_report_and_plot_render(tmp_path: Path) -> None:
     assert "### router/unique: max 900.0 ok req/s" in text
     assert "| rate=450/s | 450.0 | 450.0 | 10.00 / 15.00 / 30.00 / 45.00 | 0 | 1.80 | 0.10 | 0.01 |" in text
     assert "`infinity`: not installed" in text and "- w1" in text and "![throughput against latency](x.png)" in text
+
+
+def test_foreign_cpu_warning_only_past_the_threshold() -> None:
+    assert foreign_cpu_warning("c=16", None) is None
+    assert foreign_cpu_warning("c=16", {"foreign_cores": FOREIGN_CPU_WARN_CORES}) is None
+    warning = foreign_cpu_warning("c=16", {"foreign_cores": 0.4})
+    assert warning is not None and warning.startswith("c=16: other processes used 0.40 cores")
