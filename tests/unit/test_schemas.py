@@ -32,6 +32,9 @@ def test_embedding_is_normalised() -> None:
     req = parse({"embedding": [3, 0, 0, 4]})
     assert req.prompt is None
     np.testing.assert_allclose(req.embedding, [0.6, 0, 0, 0.8], rtol=1e-6)
+    # exact zeros and ones are numbers, not JSON booleans
+    np.testing.assert_array_equal(parse({"embedding": [0.0, 1.0, 0, 0]}).embedding, [0, 1, 0, 0])
+    np.testing.assert_array_equal(parse({"embedding": [0, 0, 0, 1]}).embedding, [0, 0, 0, 1])
     huge = parse({"embedding": [3e307, 0, 0, 4e307]})  # squaring would overflow
     np.testing.assert_allclose(huge.embedding, [0.6, 0, 0, 0.8], rtol=1e-6)
 
@@ -51,6 +54,11 @@ def test_embedding_is_normalised() -> None:
         ({"embedding": [0.1, 0.2]}, "exactly 4 numbers, got 2"),
         ({"embedding": [0.1, 0.2, "x", 0.3]}, "only numbers"),
         ({"embedding": [0.1, 0.2, True, 0.3]}, "only numbers"),
+        ({"embedding": [0.5, False, 0.2, 0.3]}, "only numbers"),
+        ({"embedding": [0.1, None, 0.2, 0.3]}, "only numbers"),  # np.asarray alone would make it NaN
+        ({"embedding": [0.1, "1.5", 0.2, 0.3]}, "only numbers"),  # np.asarray alone would read 1.5
+        ({"embedding": [0.1, [0.2], 0.2, 0.3]}, "only numbers"),
+        ({"embedding": [0.1, {"x": 1}, 0.2, 0.3]}, "only numbers"),
         ({"embedding": [0, 0, 0, 0]}, "all zeros"),
         ({"prompt": "x", "available_models": "gpt"}, "'available_models' must be an array"),
         ({"prompt": "x", "available_models": []}, "must not be empty"),
@@ -86,6 +94,8 @@ def test_nan_after_parsing_is_rejected() -> None:
         _cost_weight(math.nan)
     with pytest.raises(InvalidRequest):
         _embedding([math.inf, 0.0, 0.0, 1.0], 4)
+    with pytest.raises(InvalidRequest, match="finite"):
+        _embedding([math.nan, 0.5, 0.5, 0.5], 4)
 
 
 @pytest.mark.parametrize("body", [b"", b"{", b"not json", b'{"prompt": "x",}', b"\xff\xfe"])
