@@ -14,7 +14,6 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.routing import Route
-from starlette.types import ASGIApp
 
 from service import __version__
 from service.config import DispatcherSettings, settings_summary
@@ -105,13 +104,7 @@ class DispatcherService(ServiceBase):
             Route("/metrics", self._guard(api.metrics_text), methods=["GET"]),
             Route("/openapi.json", self._guard(api.openapi), methods=["GET"]),
         ]
-        self._middleware = self._build_asgi(
-            routes, lifespan=self._lifespan, fast_path="/route/", fast_handler=api.route
-        )
-
-    @property
-    def asgi(self) -> ASGIApp:
-        return self._middleware
+        self._build_asgi(routes, lifespan=self._lifespan, fast_path="/route/", fast_handler=api.route)
 
     async def health(self) -> dict[str, Any]:
         body: dict[str, Any] = {

@@ -12,6 +12,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import ASGIApp
 
 from service.config import BaseSettings
 from service.http.fastpath import FastJsonPost, JsonHandler
@@ -26,6 +27,7 @@ Lifespan = Callable[[Starlette], AbstractAsyncContextManager[None]]
 class ServiceBase:
     settings: BaseSettings
     metrics: HttpMetrics
+    _middleware: RequestMetricsMiddleware  # set by _build_asgi
 
     def __init__(self) -> None:
         self._tasks: set[asyncio.Task[Any]] = set()  # kept referenced; cancelled by the lifespan
@@ -43,11 +45,16 @@ class ServiceBase:
             response.headers.update(exc.headers)
         return response
 
+    @property
+    def asgi(self) -> ASGIApp:
+        return self._middleware
+
     def _build_asgi(
         self, routes: list[Route], *, lifespan: Lifespan, fast_path: str, fast_handler: JsonHandler
-    ) -> RequestMetricsMiddleware:
+    ) -> None:
         """Starlette for every route, the one hot JSON POST path served ahead of it on raw ASGI
-        (``fastpath.py``), and the request metrics (and in-flight count that drain waits on) around both."""
+        (``fastpath.py``), and the request metrics (and in-flight count that drain waits on) around both:
+        ``self._middleware``, which ``asgi`` serves."""
         app = Starlette(
             routes=routes,
             exception_handlers={HTTPException: self._http_exception},  # type: ignore[dict-item]
@@ -61,7 +68,7 @@ class ServiceBase:
             errors=self.metrics.errors,
             retry_after_s=self.settings.retry_after_s,
         )
-        return RequestMetricsMiddleware(fast, metrics=self.metrics, routes=[route.path for route in routes])
+        self._middleware = RequestMetricsMiddleware(fast, metrics=self.metrics, routes=[route.path for route in routes])
 
     def alive(self) -> bool:
         """False only when restarting the process is the remedy; loading and draining are alive."""

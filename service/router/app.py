@@ -16,7 +16,6 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.routing import Route
-from starlette.types import ASGIApp
 
 from service import __version__
 from service.config import RouterSettings, settings_summary
@@ -80,14 +79,7 @@ class RouterService(ServiceBase):
             Route("/openapi.json", self._guard(api.openapi), methods=["GET"]),
             Route("/admin/reload", self._guard(api.reload), methods=["POST"]),
         ]
-        self._middleware = self._build_asgi(
-            routes, lifespan=self._lifespan, fast_path="/v1/route", fast_handler=api.route
-        )
-        self._asgi: ASGIApp = self._middleware
-
-    @property
-    def asgi(self) -> ASGIApp:
-        return self._asgi
+        self._build_asgi(routes, lifespan=self._lifespan, fast_path="/v1/route", fast_handler=api.route)
 
     @property
     def draining(self) -> bool:
