@@ -19,6 +19,7 @@ from starlette.routing import Route
 
 from service import __version__
 from service.config import RouterSettings, settings_summary
+from service.errors import ShuttingDown
 from service.http.fastpath import served_by_fast_path
 from service.http.server import Fleet
 from service.http.service_base import ServiceBase
@@ -33,6 +34,10 @@ logger = logging.getLogger(__name__)
 
 WARMUP_TEXTS = ("warm up the router", "a second, somewhat longer prompt to warm up another sequence length")
 WARMUP_ROUNDS = 3
+# After the drain timeout, how long the 503s of the requests still waiting get to reach their clients (they are
+# answered at once; this bounds a client that does not read).
+ABORT_ANSWER_GRACE_S = 2.0
+DRAIN_TIMEOUT_MESSAGE = "the router shut down before this request's turn came; retry on another replica"
 
 EmbedderFactory = Callable[[], Embedder]
 
@@ -166,7 +171,15 @@ class RouterService(ServiceBase):
         try:
             await asyncio.wait_for(self._finish_admitted(), timeout=self.settings.drain_timeout_s)
         except TimeoutError:
-            logger.warning("drain timeout (%.0fs) reached with work still open", self.settings.drain_timeout_s)
+            failed = self.engine.abort_waiting(ShuttingDown(DRAIN_TIMEOUT_MESSAGE)) if self.engine is not None else 0
+            logger.warning(
+                "drain timeout (%.0fs) reached with work still open: %d waiting requests answered 503",
+                self.settings.drain_timeout_s,
+                failed,
+            )
+            # Let those answers go out before the server closes the connections.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._middleware.idle.wait(), timeout=ABORT_ANSWER_GRACE_S)
         logger.info("drained")
 
     async def _finish_admitted(self) -> None:

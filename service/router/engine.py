@@ -25,7 +25,7 @@ import numpy as np
 from prometheus_client import Counter
 
 from service.config import RouterSettings
-from service.errors import InvalidRequest, NotReady
+from service.errors import InvalidRequest, NotReady, ShuttingDown
 from service.metrics import RouterMetrics
 from service.router.batcher import BatcherConfig, MicroBatcher
 from service.router.cache import LRUCache
@@ -276,6 +276,19 @@ class RouterEngine:
             for waiter, decision in zip(waiters, decisions, strict=True):
                 if not waiter.future.done():
                     waiter.future.set_result(decision)
+
+    def abort_waiting(self, error: ShuttingDown) -> int:
+        """Fail every request still waiting for a batch with ``error`` (a JSON 503 each), so that a drain that
+        ran out of time answers them instead of leaving the server to cut their connections. Their prompts are
+        then abandoned: the batcher drops them before compute. Returns how many requests were failed."""
+        failed = 0
+        for job in list(self._inflight.values()):
+            for waiter in job.waiters:
+                if not waiter.future.done():
+                    waiter.future.set_exception(error)
+                    failed += 1
+        self._inflight.clear()
+        return failed
 
     def _on_error(self, jobs: list[PromptJob], error: BaseException) -> None:
         for job in jobs:

@@ -189,8 +189,12 @@ def load_weights(path: Path | str) -> RouterWeights:
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, np.ndarray]]:
-    if not path.is_file():
-        raise WeightsError("no such weights file")
+    try:  # a path the OS refuses to look at (too long, a component not a folder) is a bad path, not a crash
+        is_file = path.is_file()
+    except OSError as exc:
+        raise WeightsError(f"cannot read this path ({exc.strerror or exc})") from exc
+    if not is_file:
+        raise WeightsError("no such weights file" if not path.is_dir() else "a folder, not a weights file")
     try:
         with safe_open(str(path), framework="numpy") as fh:
             header = dict(fh.metadata() or {})

@@ -150,6 +150,31 @@ async def test_sigterm_drains_admitted_work_then_exits(tmp_path: Path) -> None:
     assert "drained" in server.log()
 
 
+async def test_drain_timeout_answers_the_requests_still_waiting_with_503(tmp_path: Path) -> None:
+    """Past ``--drain-timeout-s`` the prompts still queued get a JSON 503 with Retry-After, not a cut connection or
+    an empty 500 from the server's cancelling them."""
+    server = start_server(tmp_path, "--drain-timeout-s", "1", "--max-batch-size", "1", "--compute-threads", "1")
+    async with httpx.AsyncClient(base_url=server.url, timeout=120, limits=httpx.Limits(max_connections=100)) as client:
+        tasks = [
+            asyncio.ensure_future(client.post("/v1/route", json={"prompt": f"{LONG_PROMPT} timeout {i}"}))
+            for i in range(80)  # the pool keeps connections free for polling /metrics
+        ]
+        await _wait_for_admitted(client, lambda n: n >= 80)  # 80 forward passes queued: seconds of work
+        server.process.send_signal(signal.SIGTERM)
+        responses = await asyncio.gather(*tasks)
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {200, 503}, statuses
+    assert statuses.count(503) > 0 and statuses.count(200) > 0
+    for r in responses:
+        if r.status_code == 503:
+            assert r.json()["error"]["code"] == "shutting_down"
+            assert r.headers["retry-after"]
+    assert await asyncio.to_thread(server.process.wait, 60) == 0
+    log = server.log()
+    assert "waiting requests answered 503" in log
+    assert "CancelledError" not in log
+
+
 def test_several_workers_share_one_port(tmp_path: Path) -> None:
     server = start_server(tmp_path, "--workers", "2")
     try:

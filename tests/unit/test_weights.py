@@ -253,8 +253,15 @@ def test_load_missing_file_names_it(tmp_path: Path) -> None:
 
 
 def test_load_directory_is_an_error(tmp_path: Path) -> None:
-    with pytest.raises(WeightsError, match="no such weights file"):
+    with pytest.raises(WeightsError, match="a folder, not a weights file"):
         load_weights(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["a" * 300 + ".safetensors", "x" * 5000])
+def test_load_path_the_os_refuses_is_a_weights_error(tmp_path: Path, name: str) -> None:
+    """ENAMETOOLONG from the file system must come out as a rejected file (400 on /admin/reload), not a crash."""
+    with pytest.raises(WeightsError, match="cannot read this path"):
+        load_weights(tmp_path / name)
 
 
 def test_default_weights_path() -> None:
