@@ -55,6 +55,11 @@ class MethodNotAllowed(ServiceError):
     code = "method_not_allowed"
 
 
+class Conflict(ServiceError):
+    status = 409
+    code = "conflict"
+
+
 class Unauthorized(ServiceError):
     status = 401
     code = "unauthorized"

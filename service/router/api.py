@@ -66,7 +66,7 @@ class RouterApi:
         body = await read_json_body(request, max_bytes=service.settings.max_body_bytes)
         path = _reload_path(body) or service.settings.resolved_weights()
         try:
-            weights = await service.engine.reload(path)
+            weights = await service.reload_weights(path)
         except WeightsError as exc:
             raise InvalidRequest(f"weights rejected, still serving the previous ones: {exc}") from None
         return ORJSONResponse(
@@ -76,6 +76,7 @@ class RouterApi:
                 "path": str(path),
                 "models": weights.num_models,
                 "clusters": weights.num_clusters,
+                "workers": service.fleet.size,
             }
         )
 

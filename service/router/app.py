@@ -9,9 +9,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import signal
 import time
 from collections.abc import AsyncIterator, Callable
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
@@ -19,7 +22,7 @@ from starlette.routing import Route
 
 from service import __version__
 from service.config import RouterSettings, settings_summary
-from service.errors import ShuttingDown
+from service.errors import Conflict, ShuttingDown
 from service.http.fastpath import served_by_fast_path
 from service.http.server import Fleet
 from service.http.service_base import ServiceBase
@@ -28,7 +31,7 @@ from service.router.api import RouterApi
 from service.router.embedder import CudaOptions, Embedder, MiniLMEmbedder
 from service.router.engine import RouterEngine, build_state
 from service.router.state import StateHolder
-from service.router.weights import WeightsError
+from service.router.weights import RouterWeights, WeightsError
 
 logger = logging.getLogger(__name__)
 
@@ -187,6 +190,24 @@ class RouterService(ServiceBase):
             await self.engine.drain()
         await self._middleware.idle.wait()
 
+    async def reload_weights(self, path: Path) -> RouterWeights:
+        """``/admin/reload``. With several worker processes behind the port, every one must serve the same weights:
+        only the configured file can be reloaded (its path is what SIGHUP re-reads), and once this worker has
+        validated and swapped it in, the parent is sent SIGHUP, which it forwards to every worker."""
+        assert self.engine is not None
+        configured = self.settings.resolved_weights()
+        siblings = self.fleet.size > 1
+        if siblings and not _same_path(path, configured):
+            raise Conflict(
+                f"this server runs {self.fleet.size} worker processes, which must serve the same weights: write the "
+                f"new weights over the configured file ({configured}) and POST /admin/reload without a path "
+                "(or send SIGHUP to the parent process)"
+            )
+        weights = await self.engine.reload(path)
+        if siblings:
+            os.kill(os.getppid(), signal.SIGHUP)  # the supervisor forwards it to every worker, this one included
+        return weights
+
     def on_reload_signal(self) -> None:
         self._spawn(self._reload_from_signal())
 
@@ -201,6 +222,11 @@ class RouterService(ServiceBase):
             logger.error("SIGHUP reload rejected, previous weights keep serving: %s", exc)
         else:
             logger.info("SIGHUP reload: now serving %s from %s", weights.version, path)
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    """Spelled the same once made absolute (no file-system access: the path may not even be valid)."""
+    return os.path.normpath(os.path.abspath(a)) == os.path.normpath(os.path.abspath(b))
 
 
 def _warm_up(embedder: Embedder) -> None:

@@ -160,7 +160,8 @@ def router_openapi() -> dict[str, Any]:
                 "post": {
                     "summary": "Load a new weights file without downtime: validated, swapped atomically, cache cleared",
                     "operationId": "reload",
-                    "security": [{"adminToken": []}],
+                    # the admin token is only asked for when the server was started with --admin-token
+                    "security": [{"adminToken": []}, {}],
                     "requestBody": {
                         "required": False,
                         "content": {
@@ -191,6 +192,10 @@ def router_openapi() -> dict[str, Any]:
                                             "path": {"type": "string"},
                                             "models": {"type": "integer"},
                                             "clusters": {"type": "integer"},
+                                            "workers": {
+                                                "type": "integer",
+                                                "description": "worker processes behind the port, all reloaded",
+                                            },
                                         },
                                     }
                                 }
@@ -198,6 +203,7 @@ def router_openapi() -> dict[str, Any]:
                         },
                         "400": error("invalid_request: the file was rejected; the previous weights keep serving"),
                         "401": error("unauthorized: missing or wrong admin token"),
+                        "409": error("conflict: with several worker processes only the configured file reloads"),
                         "503": error("router_not_ready", retry_after=True),
                     },
                 }

@@ -187,6 +187,40 @@ def test_several_workers_share_one_port(tmp_path: Path) -> None:
     assert server.log().count("router ready") == 2
 
 
+def test_admin_reload_reaches_every_worker_process(tmp_path: Path) -> None:
+    """With ``--workers 2`` a reload through one worker must not leave the other on the old weights (answers would
+    flip between versions from request to request); a path other than the configured file is refused."""
+    live = tmp_path / "live.safetensors"
+    shutil.copy(default_weights_path(), live)
+    original = load_weights(live)
+    server = start_server(tmp_path, "--workers", "2", "--weights", str(live))
+    try:
+        newer = _shifted(original, 0.01)
+        elsewhere = tmp_path / "elsewhere.safetensors"
+        save_weights(newer, elsewhere)
+        refused = httpx.post(f"{server.url}/admin/reload", json={"path": str(elsewhere)})
+        assert refused.status_code == 409, refused.text
+        assert refused.json()["error"]["code"] == "conflict"
+        assert str(live) in refused.json()["error"]["message"]
+
+        save_weights(newer, live)
+        r = httpx.post(f"{server.url}/admin/reload")
+        assert r.status_code == 200, r.text
+        assert (r.json()["weights_version"], r.json()["workers"]) == (newer.version, 2)
+        # each connection may land on either worker: poll on fresh connections until both serve the new weights
+        deadline = time.monotonic() + 30
+        versions: list[str] = []
+        while True:
+            versions = [httpx.get(f"{server.url}/health").json()["weights_version"] for _ in range(20)]
+            if set(versions) == {newer.version}:
+                break
+            assert time.monotonic() < deadline, versions
+            time.sleep(0.2)
+    finally:
+        assert server.stop() == 0, server.log()
+    assert server.log().count(f"SIGHUP reload: now serving {newer.version}") == 2  # the parent reached both workers
+
+
 async def test_prompts_of_departed_clients_are_dropped_before_compute(tmp_path: Path) -> None:
     server = start_server(tmp_path, "--max-batch-size", "1", "--compute-threads", "1")
     try:
