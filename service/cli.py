@@ -79,7 +79,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = build_parser().parse_args(argv)
-    return int(args.handler(args) or 0)
+    try:
+        return int(args.handler(args) or 0)
+    except OSError as exc:  # a folder that does not exist, a port in use: the user's to fix, not a traceback
+        print(f"error: {_os_error_text(exc)}", file=sys.stderr)
+        return 1
+
+
+def _os_error_text(exc: OSError) -> str:
+    if exc.filename is not None and exc.strerror:
+        return f"{exc.strerror}: {exc.filename}"
+    return str(exc)
 
 
 def serve_router_main() -> int:

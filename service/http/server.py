@@ -95,15 +95,19 @@ def hypercorn_config(settings: BaseSettings) -> Config:
 
 def serve(factory: ServiceFactory, settings: BaseSettings) -> int:
     config = hypercorn_config(settings)
-    if settings.workers <= 1:
-        run_worker(factory, config, None, Fleet())
-        return 0
-    return _run_supervisor(factory, config, settings.workers)
+    sockets = config.create_sockets()  # bind before anything starts: a port in use is a plain error (OSError)
+    try:
+        if settings.workers <= 1:
+            run_worker(factory, config, sockets, Fleet())
+            return 0
+        return _run_supervisor(factory, config, sockets, settings.workers)
+    finally:
+        for sock in (*sockets.secure_sockets, *sockets.insecure_sockets):
+            sock.close()
 
 
-def run_worker(factory: ServiceFactory, config: Config, sockets: Sockets | None, fleet: Fleet) -> None:
-    if sockets is not None:  # a spawned worker process starts with logging unconfigured
-        configure_logging(config.loglevel)
+def run_worker(factory: ServiceFactory, config: Config, sockets: Sockets, fleet: Fleet) -> None:
+    configure_logging(config.loglevel)  # a spawned worker process starts with logging unconfigured (else a no-op)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
@@ -112,7 +116,7 @@ def run_worker(factory: ServiceFactory, config: Config, sockets: Sockets | None,
         uvloop.run(_serve(factory, config, sockets, fleet))
 
 
-async def _serve(factory: ServiceFactory, config: Config, sockets: Sockets | None, fleet: Fleet) -> None:
+async def _serve(factory: ServiceFactory, config: Config, sockets: Sockets, fleet: Fleet) -> None:
     service = factory(fleet)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -127,8 +131,7 @@ async def _serve(factory: ServiceFactory, config: Config, sockets: Sockets | Non
     )
 
 
-def _run_supervisor(factory: ServiceFactory, config: Config, workers: int) -> int:
-    sockets = config.create_sockets()
+def _run_supervisor(factory: ServiceFactory, config: Config, sockets: Sockets, workers: int) -> int:
     ctx = multiprocessing.get_context("spawn")
     fleet = Fleet(workers, ctx.Value("i", 0))
     processes = [
@@ -150,8 +153,6 @@ def _run_supervisor(factory: ServiceFactory, config: Config, workers: int) -> in
     for process in processes:
         process.join()
         exit_code = exit_code or (process.exitcode or 0)
-    for sock in (*sockets.secure_sockets, *sockets.insecure_sockets):
-        sock.close()
     return exit_code
 
 
