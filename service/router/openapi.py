@@ -8,11 +8,18 @@ from typing import Any
 from service import __version__
 from service.http.openapi import ERROR_SCHEMA, common_paths, error
 from service.router.embedder import EMBEDDING_DIM
+from service.router.schemas import MAX_COST_WEIGHT
 
-_PROMPT = {"type": "string", "minLength": 1, "description": "The user text to route."}
+_PROMPT = {
+    "type": "string",
+    "minLength": 1,
+    "pattern": "\\S",  # not only whitespace: that embeds to nothing worth routing on
+    "description": "The user text to route (not only whitespace).",
+}
 _EMBEDDING = {
     "type": "array",
     "items": {"type": "number"},
+    "contains": {"not": {"const": 0}},  # an all-zero vector has no direction to search with
     "minItems": EMBEDDING_DIM,
     "maxItems": EMBEDDING_DIM,
     "description": f"A precomputed {EMBEDDING_DIM}-d all-MiniLM-L6-v2 embedding; skips the embedder.",
@@ -35,6 +42,7 @@ _ROUTE_REQUEST = {
         "cost_weight": {
             "type": ["number", "null"],
             "minimum": 0,
+            "maximum": MAX_COST_WEIGHT,
             "description": "lambda for this call: 0 = quality first, 1 and more = cheap first. "
             "Default: the weights' default_lambda.",
         },

@@ -51,6 +51,9 @@ def _prompt(value: Any, max_chars: int) -> str | None:
     return value
 
 
+# Far past "cheapest first" for any real price list, and low enough that lambda * cost_per_1k can never overflow to
+# inf (which JSON would carry as null in the scores).
+MAX_COST_WEIGHT = 1e9
 _NUMBER_TYPES = frozenset({int, float})  # what orjson gives for JSON numbers (never subclasses)
 
 
@@ -97,8 +100,8 @@ def _cost_weight(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidRequest(f"'cost_weight' must be a number, got {_json_type(value)}")
     weight = float(value)
-    if not math.isfinite(weight) or weight < 0:
-        raise InvalidRequest(f"'cost_weight' must be a finite number >= 0, got {value}")
+    if not 0 <= weight <= MAX_COST_WEIGHT:  # NaN fails both comparisons
+        raise InvalidRequest(f"'cost_weight' must be a number from 0 to {MAX_COST_WEIGHT:g}, got {value}")
     return weight
 
 

@@ -28,6 +28,10 @@ def test_integer_cost_weight_is_accepted() -> None:
     assert parse({"prompt": "x", "cost_weight": 1}).cost_weight == 1.0
 
 
+def test_largest_cost_weight_is_accepted() -> None:
+    assert parse({"prompt": "x", "cost_weight": 1e9}).cost_weight == 1e9
+
+
 def test_embedding_is_normalised() -> None:
     req = parse({"embedding": [3, 0, 0, 4]})
     assert req.prompt is None
@@ -66,7 +70,8 @@ def test_embedding_is_normalised() -> None:
         ({"prompt": "x", "available_models": ["a", 3]}, "only strings"),
         ({"prompt": "x", "cost_weight": "high"}, "'cost_weight' must be a number, got string"),
         ({"prompt": "x", "cost_weight": True}, "got boolean"),
-        ({"prompt": "x", "cost_weight": -0.1}, ">= 0"),
+        ({"prompt": "x", "cost_weight": -0.1}, "from 0 to 1e+09"),
+        ({"prompt": "x", "cost_weight": 1e307}, "from 0 to 1e+09"),  # lambda * cost would overflow to inf (null)
     ],
 )
 def test_invalid_requests(payload: object, fragment: str) -> None:
