@@ -23,6 +23,9 @@ class ServiceError(Exception):
     status: int = 500
     code: str = "internal_error"
     retry_after: bool = False
+    # Answered before the request body was read to its end: the connection cannot carry another request, and
+    # the answer says so (``Connection: close``) instead of the client finding out on its next send.
+    close_connection: bool = False
 
     def __init__(self, message: str, *, status: int | None = None, details: Mapping[str, str] | None = None) -> None:
         super().__init__(message)

@@ -30,7 +30,9 @@ class ORJSONResponse(JSONResponse):
 
 
 def error_response(error: ServiceError, *, retry_after_s: int) -> Response:
-    headers = {"Retry-After": str(retry_after_s)} if error.retry_after else None
+    headers = {"Retry-After": str(retry_after_s)} if error.retry_after else {}
+    if error.close_connection:
+        headers["Connection"] = "close"
     body = {"code": error.code, "message": error.message, **error.details}
     return ORJSONResponse({"error": body}, status_code=error.status, headers=headers)
 
@@ -56,10 +58,12 @@ async def read_asgi_json_body(headers: Mapping[bytes, bytes], receive: Receive, 
     client leaves before the body is complete."""
     content_type = headers.get(b"content-type", b"application/json").split(b";")[0].strip().lower()
     if content_type != b"application/json" and not content_type.endswith(b"+json"):
-        raise UnsupportedMediaType(f"content type must be application/json, got {content_type.decode('latin-1')!r}")
+        raise _unread(
+            UnsupportedMediaType(f"content type must be application/json, got {content_type.decode('latin-1')!r}")
+        )
     declared = headers.get(b"content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise PayloadTooLarge(f"body of {declared.decode()} bytes is over the {max_bytes}-byte limit")
+        raise _unread(PayloadTooLarge(f"body of {declared.decode()} bytes is over the {max_bytes}-byte limit"))
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -69,10 +73,15 @@ async def read_asgi_json_body(headers: Mapping[bytes, bytes], receive: Receive, 
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > max_bytes:
-            raise PayloadTooLarge(f"body is over the {max_bytes}-byte limit")
+            raise _unread(PayloadTooLarge(f"body is over the {max_bytes}-byte limit"))
         chunks.append(chunk)
         if not message.get("more_body", False):
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _unread(error: ServiceError) -> ServiceError:
+    error.close_connection = True
+    return error
 
 
 def parse_json_object(body: bytes) -> dict[str, Any]:

@@ -134,6 +134,19 @@ def test_wrong_content_type_method_and_path(router: Server) -> None:
     assert (r.status_code, r.json()["error"]["code"]) == (404, "not_found")
 
 
+def test_answers_before_the_body_is_read_close_the_connection(router: Server) -> None:
+    """A 415, or a 413 judged on Content-Length, leaves the body unread, so the server cannot take another request
+    on that connection: the answer says ``Connection: close`` and a keep-alive client goes on on a new one."""
+    with httpx.Client(base_url=router.url) as client:
+        assert client.post("/v1/route", json={"embedding": [0.05] * 384}).headers.get("connection") != "close"
+        wrong_type = client.post("/v1/route", content=b"prompt=x",
+                                 headers={"content-type": "application/x-www-form-urlencoded"})  # fmt: skip
+        assert (wrong_type.status_code, wrong_type.headers["connection"]) == (415, "close")
+        too_big = client.post("/v1/route", content=b"x" * (2 << 20), headers={"content-type": "application/json"})
+        assert (too_big.status_code, too_big.headers["connection"]) == (413, "close")
+        assert client.post("/v1/route", json={"embedding": [0.05] * 384}).status_code == 200
+
+
 def test_health(router: Server) -> None:
     r = httpx.get(f"{router.url}/health")
     assert r.status_code == 200
