@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -108,6 +110,30 @@ class RouterSettings(BaseSettings):
     top_clusters: int = _opt(3, "nearest clusters reported with their similarity")
     admin_token: str | None = _opt(None, "bearer token required by /admin/* (unset: admin endpoints are open)")
 
+    def __post_init__(self) -> None:
+        # a value that can only fail once loading has started would leave a server answering 503 for ever
+        problems = _base_problems(self)
+        for name in ("max_batch_size", "max_batch_tokens", "max_queue", "max_prompt_chars", "top_clusters",
+                     "cuda_inflight_batches"):  # fmt: skip
+            if getattr(self, name) < 1:
+                problems.append(f"{_flag(name)} must be >= 1")
+        for name in ("compute_threads", "cache_size"):
+            if getattr(self, name) < 0:
+                problems.append(f"{_flag(name)} must be >= 0")
+        if not (self.cache_ttl_s > 0 and math.isfinite(self.cache_ttl_s)):
+            problems.append("--cache-ttl-s must be a positive number of seconds")
+        if not _DEVICE.fullmatch(self.device):
+            problems.append(f"--device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
+        if self.dtype not in DTYPES:
+            problems.append(f"--dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
+        if self.index_backend not in INDEX_BACKENDS:
+            problems.append(f"--index-backend must be one of {', '.join(INDEX_BACKENDS)}; got {self.index_backend!r}")
+        for name in ("cuda_graph_batch_sizes", "cuda_graph_seq_lens"):
+            if not _POSITIVE_INTS.fullmatch(getattr(self, name).replace(" ", "")):
+                problems.append(f"{_flag(name)} must be positive integers, comma separated")
+        if problems:
+            raise ValueError("; ".join(problems))
+
     def resolved_weights(self) -> Path:
         from service.router.weights import default_weights_path
 
@@ -119,6 +145,9 @@ class DispatcherSettings(BaseSettings):
     """The worker dispatcher (POST /route/)."""
 
     port: int = _opt(8081, "port to bind (0 picks a free one)")
+    workers: int = _opt(
+        1, "server processes sharing the port (more than 1 needs --redis-url: in-memory state is per process)"
+    )
     config: Path | None = _opt(None, "endpoints file (TOML); none: no endpoints until one is added")
     redis_url: str | None = _opt(
         None, "Redis URL for state shared by several replicas (default: in memory)", aliases=("--redis",)
@@ -129,11 +158,54 @@ class DispatcherSettings(BaseSettings):
     previous_public_keys: str = _opt("", "retired public keys (hex, comma separated) still published")
     assignment_ttl_s: float = _opt(60.0, "how long a signed assignment stays valid")
     heartbeat_timeout_s: float = _opt(30.0, "a worker silent this long gets no new requests")
+    worker_forget_s: float = _opt(
+        3600.0, "a worker silent this long and holding no request is forgotten (>= --heartbeat-timeout-s)"
+    )
     request_ttl_s: float = _opt(600.0, "a request never reported done gives its load back after this")
     max_cost: float = _opt(1e9, "largest accepted request cost (400 above)")
+    max_report_value: float = _opt(1e12, "largest max_perf or cur_load a worker may report (400 above)")
     load_window_s: float = _opt(60.0, "window of the load rate that autoscaling reads")
     autoscale_interval_s: float = _opt(5.0, "how often the scaling decisions and worker gauges refresh")
     admin_token: str | None = _opt(None, "bearer token for GET /endpoints/ (unset: only each endpoint's api key)")
+
+    def __post_init__(self) -> None:
+        problems = _base_problems(self)
+        # forgetting a worker the pick still counts as live would drop a record routes rely on
+        if not self.worker_forget_s >= self.heartbeat_timeout_s:
+            problems.append(
+                f"--worker-forget-s ({self.worker_forget_s:g}) must be >= --heartbeat-timeout-s "
+                f"({self.heartbeat_timeout_s:g})"
+            )
+        if not self.max_report_value > 0:
+            problems.append(f"--max-report-value ({self.max_report_value:g}) must be > 0")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+INDEX_BACKENDS = ("auto", "faiss", "torch")
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+_POSITIVE_INTS = re.compile(r"[1-9]\d*(,[1-9]\d*)*")
+MAX_PORT = 65535
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _base_problems(settings: BaseSettings) -> list[str]:
+    problems = []
+    if not 0 <= settings.port <= MAX_PORT:
+        problems.append(f"--port must be 0-{MAX_PORT}")
+    if settings.workers < 1:
+        problems.append("--workers must be >= 1")
+    if not (settings.drain_timeout_s >= 0 and math.isfinite(settings.drain_timeout_s)):
+        problems.append("--drain-timeout-s must be a finite number of seconds >= 0")
+    if settings.retry_after_s < 0:
+        problems.append("--retry-after-s must be >= 0")
+    if settings.max_body_bytes < 1:
+        problems.append("--max-body-bytes must be >= 1")
+    return problems
 
 
 def _base_type(hint: Any) -> type:

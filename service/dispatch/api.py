@@ -98,7 +98,7 @@ class DispatcherApi:
     async def worker_status(self, request: Request) -> Response:
         token = _worker_token(request)
         data = parse_json_object(await read_json_body(request, max_bytes=self.settings.max_body_bytes))
-        name, report = schemas.parse_worker_report(data)
+        name, report = schemas.parse_worker_report(data, max_value=self.settings.max_report_value)
         spec = self._authenticate_worker(name, token)
         record = await self.service.store.report(spec.name, report)
         self.metrics.reports.labels(endpoint=spec.name).inc()
@@ -153,7 +153,10 @@ class DispatcherApi:
     async def openapi(self, request: Request) -> Response:
         from service.dispatch.openapi import dispatcher_openapi
 
-        return ORJSONResponse(dispatcher_openapi())
+        settings = self.settings
+        return ORJSONResponse(
+            dispatcher_openapi(max_cost=settings.max_cost, max_report_value=settings.max_report_value)
+        )
 
     # -- helpers ------------------------------------------------------------------------------------------------
     def _count(self, endpoint: str, outcome: str) -> None:

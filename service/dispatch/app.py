@@ -33,6 +33,10 @@ from service.metrics import DispatcherMetrics
 
 logger = logging.getLogger(__name__)
 
+# Silent workers are swept every tenth of --worker-forget-s (at most once per refresh): one store call per endpoint,
+# and a worker is forgotten at most 10% later than due.
+FORGET_SWEEP_FRACTION = 0.1
+
 EPHEMERAL_KEY_WARNING = (
     "NO SIGNING KEY CONFIGURED: using an ephemeral Ed25519 key (key id %s). Workers must re-fetch /pubkey/ after "
     "every restart, and replicas will not share it. Create one with `python -m service keygen` and pass "
@@ -210,10 +214,25 @@ class DispatcherService(ServiceBase):
             decisions.append(view.decision)
         return decisions
 
+    async def forget_silent_workers(self) -> int:
+        """Forget the workers silent for ``--worker-forget-s`` that hold no request, in every endpoint: each route
+        scans an endpoint's records and each no-ready answer counts them, so dead ones must not pile up."""
+        forgotten = 0
+        for spec in self.registry.endpoints.values():
+            forgotten += await self.store.forget_workers(spec.name, self.settings.worker_forget_s)
+        if forgotten:
+            logger.info("forgot %d worker(s) silent for over %gs", forgotten, self.settings.worker_forget_s)
+        return forgotten
+
     async def _refresh_loop(self) -> None:
         up = True
+        loop = asyncio.get_running_loop()
+        next_forget = loop.time()
         while True:
             try:
+                if loop.time() >= next_forget:
+                    await self.forget_silent_workers()
+                    next_forget = loop.time() + self.settings.worker_forget_s * FORGET_SWEEP_FRACTION
                 await self.refresh_gauges()
             except StoreUnavailable as exc:
                 if up:  # log the transition, not every tick

@@ -2,11 +2,13 @@
 
     demand  = max(recent load rate, outstanding load / max_queue_time_s)     (workload units per second)
     perf    = mean max_perf of the endpoint's live workers that measured one
-    wanted  = clamp(ceil(demand / (perf * target_util)), min_workers, max_workers)
+    wanted  = clamp(max(1, ceil(demand / (perf * target_util))) if demand > 0 else 0, min_workers, max_workers)
     cold    = min(cold_workers, max_workers - wanted)      (stopped workers kept loaded, for quick start)
 
 The outstanding term makes a backlog count: work already queued must drain within the queue-time budget.
-With no measured perf yet, any demand asks for one worker (it will measure itself when it starts).
+With no measured perf yet, any demand asks for one worker (it will measure itself when it starts); any demand at
+all asks for at least one, however fast the workers (within max_workers). A ready worker without a positive
+max_perf gets no requests (picking divides by it), so it is no serving capacity: not counted as ready.
 """
 
 from __future__ import annotations
@@ -45,21 +47,47 @@ class ScaleDecision:
         return {**asdict(self), "action": self.action.value}
 
 
+def measured(perf: float) -> bool:
+    """A max_perf requests can be spread by: positive and finite."""
+    return 0 < perf < math.inf
+
+
+def mean_perf(perfs: Sequence[float]) -> float | None:
+    """The mean, or None for none. A sum of large perfs can overflow to inf: then each term is divided first (only
+    then: dividing first rounds every term, and six perfs of 1.0 would average 0.9999999999999999)."""
+    if not perfs:
+        return None
+    total = sum(perfs)
+    if math.isfinite(total):
+        return total / len(perfs)
+    return sum(perf / len(perfs) for perf in perfs)
+
+
+def workers_needed(demand: float, perf: float | None, target_util: float, max_workers: int) -> int:
+    """Workers that serve ``demand`` at ``target_util`` of ``perf`` each: 0 without demand, else at least 1 (a
+    ratio that underflowed to 0 still has work to do), and ``max_workers`` for a ratio past any float."""
+    if not demand > 0:
+        return 0
+    if perf is None:
+        return 1
+    capacity = perf * target_util  # 0.0 when a subnormal perf underflows: no finite ratio then
+    ratio = demand / capacity if capacity > 0 else math.inf
+    if not math.isfinite(ratio):
+        return max(1, max_workers)
+    return max(1, math.ceil(ratio))
+
+
 def decide(
     spec: EndpointSpec, workers: Sequence[WorkerRecord], stats: LoadStats, *, now: float, heartbeat_timeout_s: float
 ) -> ScaleDecision:
     live = [w for w in workers if w.active(now, heartbeat_timeout_s)]
-    ready = sum(w.state is WorkerState.READY for w in live)
+    ready = sum(w.state is WorkerState.READY and measured(w.max_perf) for w in live)
     starting = sum(w.state is WorkerState.LOADING for w in live)
-    perfs = [w.max_perf for w in live if w.max_perf > 0 and w.state in (WorkerState.READY, WorkerState.LOADING)]
-    perf = sum(perfs) / len(perfs) if perfs else None
+    perf = mean_perf(
+        [w.max_perf for w in live if measured(w.max_perf) and w.state in (WorkerState.READY, WorkerState.LOADING)]
+    )
     demand = max(stats.load_rate, stats.outstanding / spec.max_queue_time_s)
-    if demand <= 0:
-        needed = 0
-    elif perf is None:
-        needed = 1
-    else:
-        needed = math.ceil(demand / (perf * spec.target_util))
+    needed = workers_needed(demand, perf, spec.target_util, spec.max_workers)
     wanted = min(max(needed, spec.min_workers), spec.max_workers)
     cold = min(spec.cold_workers, spec.max_workers - wanted)
     have = ready + starting

@@ -30,7 +30,6 @@ from service.dispatch.store import LOAD_RATE_BUCKET_S, LoadStats, UnknownRequest
 
 EXPIRY_SWEEP_LIMIT = 64  # expired requests released per route call: bounded work per request
 LOAD_HISTORY_S = 600  # how far back the load-rate buckets reach
-ZERO_LOAD = 1e-9  # float sums of released costs below this are zero
 
 
 # A request in flight: (endpoint, cost, worker_id or None, expires_at). A plain tuple of atomic values, which the
@@ -47,9 +46,14 @@ def _by_id(worker: WorkerRecord) -> str:
     return worker.worker_id
 
 
-def settle(load: float) -> float:
-    """Float sums of added and removed costs can leave dust; an idle worker's load is exactly zero."""
-    return 0.0 if abs(load) < ZERO_LOAD else load
+def load_after_release(load: float, cost: float, open_requests: int) -> float:
+    """A worker's load once a request of ``cost`` leaves it, ``open_requests`` being those it still holds after.
+    Float sums of costs up to max_cost apart leave dust of any size (1e8 + 0.1 - 1e8 - 0.1 is -6e-9), so no
+    threshold can tell it from a real load: a worker holding nothing is exactly 0, and dust never goes below 0."""
+    if open_requests <= 0:
+        return 0.0
+    rest = load - cost
+    return rest if rest > 0 else 0.0
 
 
 class MemoryStore:
@@ -79,7 +83,7 @@ class MemoryStore:
                 raise UnknownRequest(request_idx)
         if previous is not None and previous[_WORKER] is not None:
             # a retry's load leaves its old worker before picking, wherever it goes next
-            self._add_load(endpoint, previous[_WORKER], -previous[_COST])
+            self._unassign(endpoint, previous[_WORKER], previous[_COST])
         picked = pick_worker(
             workers.values(),
             now=now,
@@ -101,6 +105,7 @@ class MemoryStore:
             )
             return NoReadyWorker(request_idx=request_idx, status=status)
         picked.load += cost
+        picked.open_requests += 1
         picked.reqnum += 1
         self._track(request_idx, (endpoint, cost, picked.worker_id, now + policy.request_ttl_s))
         return Assigned(request_idx=request_idx, worker_id=picked.worker_id, url=picked.url, reqnum=picked.reqnum)
@@ -114,6 +119,7 @@ class MemoryStore:
             last_seen=now,
             load=old.load if old else 0.0,
             reqnum=old.reqnum if old else reqnum_origin(now, self._reqnums_per_s),
+            open_requests=old.open_requests if old else 0,
         )
         workers[report.worker_id] = record
         return dataclasses.replace(record)
@@ -127,9 +133,18 @@ class MemoryStore:
                 continue
             del self._requests[idx]
             if request[_WORKER] is not None:
-                self._add_load(endpoint, request[_WORKER], -request[_COST])
+                self._unassign(endpoint, request[_WORKER], request[_COST])
             released += 1
         return Released(released=released, unknown=unknown)
+
+    async def forget_workers(self, endpoint: str, forget_s: float) -> int:
+        now = self._clock()
+        self._expire(now)
+        workers = self._workers.get(endpoint, {})
+        gone = [worker_id for worker_id, worker in workers.items() if worker.forgettable(now, forget_s)]
+        for worker_id in gone:
+            del workers[worker_id]
+        return len(gone)
 
     async def workers(self, endpoint: str) -> list[WorkerRecord]:
         self._expire(self._clock())
@@ -144,7 +159,7 @@ class MemoryStore:
         since = current - window_s + LOAD_RATE_BUCKET_S
         recent = sum(total for start, total in self._load_buckets.get(endpoint, ()) if start >= since)
         outstanding = sum(w.load for w in self._workers.get(endpoint, {}).values())
-        return LoadStats(load_rate=recent / window_s, outstanding=settle(outstanding))
+        return LoadStats(load_rate=recent / window_s, outstanding=outstanding)
 
     async def now(self) -> float:
         return self._clock()
@@ -156,10 +171,12 @@ class MemoryStore:
         return None
 
     # -- internals ------------------------------------------------------------------------------------------
-    def _add_load(self, endpoint: str, worker_id: str, delta: float) -> None:
+    def _unassign(self, endpoint: str, worker_id: str, cost: float) -> None:
+        """A request of ``cost`` leaves the worker it was assigned to (if the worker is still known)."""
         worker = self._workers[endpoint].get(worker_id)
         if worker is not None:
-            worker.load = settle(worker.load + delta)
+            worker.open_requests = max(0, worker.open_requests - 1)
+            worker.load = load_after_release(worker.load, cost, worker.open_requests)
 
     def _add_load_rate(self, endpoint: str, now: float, cost: float) -> None:
         buckets = self._load_buckets[endpoint]
@@ -189,4 +206,4 @@ class MemoryStore:
             del self._requests[idx]
             swept += 1
             if request[_WORKER] is not None:
-                self._add_load(request[_ENDPOINT], request[_WORKER], -request[_COST])
+                self._unassign(request[_ENDPOINT], request[_WORKER], request[_COST])

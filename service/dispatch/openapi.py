@@ -10,24 +10,41 @@ from service.dispatch.records import STATUS_KEYS, WorkerState
 from service.dispatch.schemas import MAX_REQUEST_IDX
 from service.http.openapi import ERROR_SCHEMA, common_paths, error, json_content
 
-_ROUTE_REQUEST = {
-    "type": "object",
-    "required": ["endpoint", "cost"],
-    "description": "Unknown fields (Vast's SDK sends replay_timeout) are ignored.",
-    "properties": {
-        "endpoint": {"type": "string", "minLength": 1, "maxLength": 256},
-        "api_key": {
-            "type": ["string", "null"],
-            "description": "or `Authorization: Bearer`, or the `api_key` query parameter",
+
+def _route_request(max_cost: float) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": ["endpoint", "cost"],
+        "description": "Unknown fields (Vast's SDK sends replay_timeout) are ignored.",
+        "properties": {
+            "endpoint": {"type": "string", "minLength": 1, "maxLength": 256},
+            "api_key": {
+                "type": ["string", "null"],
+                "description": "or `Authorization: Bearer`, or the `api_key` query parameter",
+            },
+            "cost": {
+                "type": "number",
+                "minimum": 0,
+                "maximum": max_cost,
+                "description": "the request's workload in the endpoint's units (at most the dispatcher's --max-cost)",
+            },
+            "request_idx": {
+                "type": ["integer", "null"],
+                "minimum": 0,
+                "maximum": MAX_REQUEST_IDX,
+                "description": "only to retry: the request_idx of an earlier answer (0 or absent: a new request)",
+            },
         },
-        "cost": {"type": "number", "minimum": 0, "description": "the request's workload in the endpoint's units"},
-        "request_idx": {
-            "type": ["integer", "null"],
-            "minimum": 0,
-            "maximum": MAX_REQUEST_IDX,
-            "description": "only to retry: the request_idx of an earlier answer (0 or absent: a new request)",
-        },
-    },
+    }
+
+
+# the key may come as a query parameter too (Vast's clients send it so); the body's and the header's win
+_API_KEY_QUERY = {
+    "name": "api_key",
+    "in": "query",
+    "required": False,
+    "schema": {"type": "string"},
+    "description": "the endpoint's api key, when neither the body nor `Authorization: Bearer` carries one",
 }
 
 _ASSIGNED = {
@@ -71,19 +88,33 @@ _NO_READY = {
     },
 }
 
-_WORKER_REPORT = {
-    "type": "object",
-    "required": ["endpoint", "id", "url", "state", "max_perf"],
-    "properties": {
-        "endpoint": {"type": "string", "minLength": 1},
-        "id": {"type": "string", "minLength": 1},
-        "url": {"type": "string", "pattern": "^https?://"},
-        "state": {"type": "string", "enum": [s.value for s in WorkerState]},
-        "max_perf": {"type": "number", "minimum": 0, "description": "workload units per second"},
-        "cur_load": {"type": ["number", "null"], "minimum": 0, "description": "null or absent: 0"},
-        "in_flight": {"type": ["integer", "null"], "minimum": 0, "description": "null or absent: 0"},
-    },
-}
+
+def _worker_report(max_value: float) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": ["endpoint", "id", "url", "state", "max_perf"],
+        "properties": {
+            "endpoint": {"type": "string", "minLength": 1},
+            "id": {"type": "string", "minLength": 1},
+            "url": {"type": "string", "pattern": "^https?://"},
+            "state": {"type": "string", "enum": [s.value for s in WorkerState]},
+            "max_perf": {
+                "type": "number",
+                "minimum": 0,
+                "maximum": max_value,
+                "description": "workload units per second; must be > 0 when state is ready (0 is for a worker "
+                "still loading or failed, which has not measured one)",
+            },
+            "cur_load": {
+                "type": ["number", "null"],
+                "minimum": 0,
+                "maximum": max_value,
+                "description": "null or absent: 0",
+            },
+            "in_flight": {"type": ["integer", "null"], "minimum": 0, "description": "null or absent: 0"},
+        },
+    }
+
 
 _RELEASE = {
     "type": "object",
@@ -104,11 +135,13 @@ def _post(
 ) -> dict[str, Any]:
     # {} = no header needed: /route/ also takes its key in the body or the query string
     security: list[dict[str, list[str]]] = [{auth: []}, {}] if key_in_body else [{auth: []}]
+    parameters = {"parameters": [_API_KEY_QUERY]} if key_in_body else {}
     return {
         "post": {
             "summary": summary,
             "operationId": op,
             "security": security,
+            **parameters,
             "requestBody": {"required": True, "content": json_content(body)},
             "responses": {
                 "200": {"description": "ok", "content": json_content(ok)},
@@ -123,7 +156,9 @@ def _post(
 
 
 @functools.cache
-def dispatcher_openapi() -> dict[str, Any]:
+def dispatcher_openapi(*, max_cost: float, max_report_value: float) -> dict[str, Any]:
+    """The document for these limits (settings: ``--max-cost``, ``--max-report-value``), so that a schema-valid
+    value is never one the dispatcher refuses for its size."""
     return {
         "openapi": "3.1.0",
         "info": {"title": "LLM worker dispatcher", "version": __version__},
@@ -131,7 +166,7 @@ def dispatcher_openapi() -> dict[str, Any]:
             "/route/": _post(
                 "Pick a ready worker and sign the assignment (or report why none is ready)",
                 "route",
-                _ROUTE_REQUEST,
+                _route_request(max_cost),
                 {"oneOf": [_ASSIGNED, _NO_READY]},
                 auth="apiKey",
                 key_in_body=True,
@@ -139,7 +174,7 @@ def dispatcher_openapi() -> dict[str, Any]:
             "/worker_status/": _post(
                 "A worker reports its state, speed and load (heartbeat)",
                 "workerStatus",
-                _WORKER_REPORT,
+                _worker_report(max_report_value),
                 _OBJECT,
                 auth="workerToken",
             ),

@@ -68,9 +68,14 @@ class WorkerRecord:
     last_seen: float  # unix seconds of the last report
     load: float  # sum of the costs of requests assigned here and not yet released
     reqnum: int  # the last reqnum issued for this worker
+    # how many requests assigned here are not yet released: when it reaches 0 the load is set to exactly 0, which a
+    # float sum of added and removed costs (up to max_cost apart) cannot promise
+    open_requests: int = 0
 
     @classmethod
-    def from_report(cls, report: WorkerReport, *, last_seen: float, load: float, reqnum: int) -> WorkerRecord:
+    def from_report(
+        cls, report: WorkerReport, *, last_seen: float, load: float, reqnum: int, open_requests: int = 0
+    ) -> WorkerRecord:
         """The record after ``report``: what the worker said of itself plus the store's ledger."""
         return cls(
             worker_id=report.worker_id,
@@ -82,10 +87,16 @@ class WorkerRecord:
             last_seen=last_seen,
             load=load,
             reqnum=reqnum,
+            open_requests=open_requests,
         )
 
     def active(self, now: float, heartbeat_timeout_s: float) -> bool:
         return now - self.last_seen <= heartbeat_timeout_s
+
+    def forgettable(self, now: float, forget_s: float) -> bool:
+        """Silent for longer than ``forget_s`` with nothing outstanding: its record can go (a later report makes a
+        new one, whose reqnums start at the clock again)."""
+        return now - self.last_seen > forget_s and self.open_requests == 0
 
     def wait_s(self) -> float:
         """How long a new request would queue here: outstanding work over measured speed."""

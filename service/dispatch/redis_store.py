@@ -10,8 +10,11 @@ Key layout (``P`` is the ``prefix``, ``dispatch:`` by default; ``E`` an endpoint
     P req:<idx>             hash    endpoint, cost, worker (absent while no worker holds it)
     P workers:E             set     the worker ids of endpoint E
     P worker:E/W            hash    url, state, max_perf, cur_load, in_flight, last_seen (the last report),
-                                    load, reqnum (the dispatcher's ledger)
+                                    load, reqnum, open_requests (the dispatcher's ledger)
     P rate:E:<second>       string  cost routed as new requests to E in that second; EXPIRE LOAD_HISTORY_S
+
+A worker's hash and its set member are removed together (``forget_workers``) once it has been silent for
+``forget_s`` holding no request.
 
 Endpoint names cannot contain ``/`` (``endpoints.ENDPOINT_NAME``), which keeps ``E/W`` unambiguous; a worker id
 may contain anything. The scripts reach keys they discover (an expired request of any endpoint, an endpoint's
@@ -36,7 +39,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from service.dispatch.memory_store import EXPIRY_SWEEP_LIMIT, LOAD_HISTORY_S, ZERO_LOAD, settle
+from service.dispatch.memory_store import EXPIRY_SWEEP_LIMIT, LOAD_HISTORY_S
 from service.dispatch.pipelining import ScriptPipeliner
 from service.dispatch.records import (
     REQNUMS_PER_SECOND,
@@ -58,15 +61,16 @@ _LUA = resources.files("service.dispatch") / "lua"
 
 
 def _script(name: str) -> str:
-    """``lua/NAME.lua`` after the shared prelude (ARGV[1..3]: prefix, ZERO_LOAD, EXPIRY_SWEEP_LIMIT)."""
+    """``lua/NAME.lua`` after the shared prelude (ARGV[1..2]: prefix, EXPIRY_SWEEP_LIMIT)."""
     return (_LUA / "prelude.lua").read_text(encoding="utf-8") + (_LUA / f"{name}.lua").read_text(encoding="utf-8")
 
 
 _ROUTE = _script("route")
 _REPORT = _script("report")
 _RELEASE = _script("release")
+_FORGET = _script("forget")
 
-_WORKER_FIELDS = ("url", "state", "max_perf", "cur_load", "in_flight", "last_seen", "load", "reqnum")
+_WORKER_FIELDS = ("url", "state", "max_perf", "cur_load", "in_flight", "last_seen", "load", "reqnum", "open_requests")
 
 _WORKERS = _script("workers").replace("FIELDS", ", ".join(f"'{name}'" for name in _WORKER_FIELDS))
 
@@ -125,10 +129,11 @@ class RedisStore:
             retry=Retry(NoBackoff(), 0),
         )
         self._redis = Redis.from_pool(pool)  # owns the pool: close() disconnects it
-        self._common = (prefix, _num(ZERO_LOAD), str(EXPIRY_SWEEP_LIMIT))
+        self._common = (prefix, str(EXPIRY_SWEEP_LIMIT))
         self._route = ScriptPipeliner(self._redis, _ROUTE)  # the hot path: concurrent routes share a round trip
         self._report = self._redis.register_script(_REPORT)
         self._release = self._redis.register_script(_RELEASE)
+        self._forget = self._redis.register_script(_FORGET)
         self._workers = self._redis.register_script(_WORKERS)
         self._load_stats = self._redis.register_script(_LOAD_STATS)
 
@@ -186,8 +191,10 @@ class RedisStore:
             str(self._reqnums_per_s),
         )
         with self._unavailable("report"):
-            last_seen, load, reqnum = await self._report(args=args)
-        return WorkerRecord.from_report(report, last_seen=float(last_seen), load=float(load), reqnum=int(reqnum))
+            last_seen, load, reqnum, open_requests = await self._report(args=args)
+        return WorkerRecord.from_report(
+            report, last_seen=float(last_seen), load=float(load), reqnum=int(reqnum), open_requests=int(open_requests)
+        )
 
     async def release(self, endpoint: str, request_idxs: Sequence[int]) -> Released:
         if not request_idxs:
@@ -197,13 +204,20 @@ class RedisStore:
             released, unknown = await self._release(args=args)
         return Released(released=int(released), unknown=int(unknown))
 
+    async def forget_workers(self, endpoint: str, forget_s: float) -> int:
+        with self._unavailable("forget_workers"):
+            gone = await self._forget(args=(*self._common, _check_endpoint(endpoint), _num(forget_s)))
+        return int(gone)
+
     async def workers(self, endpoint: str) -> list[WorkerRecord]:
         with self._unavailable("workers"):
             reply = await self._workers(args=(*self._common, _check_endpoint(endpoint)))
         width = 1 + len(_WORKER_FIELDS)
         records = []
         for i in range(0, len(reply), width):
-            worker_id, url, state, max_perf, cur_load, in_flight, last_seen, load, reqnum = reply[i : i + width]
+            worker_id, url, state, max_perf, cur_load, in_flight, last_seen, load, reqnum, open_requests = reply[
+                i : i + width
+            ]
             records.append(
                 WorkerRecord(
                     worker_id=worker_id,
@@ -215,6 +229,8 @@ class RedisStore:
                     last_seen=float(last_seen),
                     load=float(load),
                     reqnum=int(reqnum),
+                    # absent in a record written before the count existed: Redis HMGET answers None
+                    open_requests=int(open_requests or 0),
                 )
             )
         return sorted(records, key=lambda w: w.worker_id)
@@ -224,7 +240,7 @@ class RedisStore:
         with self._unavailable("load_stats"):
             reply = await self._load_stats(args=args)
         outstanding = sum(float(load) for load in reply[1:])
-        return LoadStats(load_rate=float(reply[0]) / window_s, outstanding=settle(outstanding))
+        return LoadStats(load_rate=float(reply[0]) / window_s, outstanding=outstanding)
 
     async def now(self) -> float:
         with self._unavailable("TIME"):

@@ -43,9 +43,10 @@ def parse_route_request(
     cost = _number(data, "cost")
     if not 0 <= cost <= max_cost:
         raise InvalidRequest(f"'cost' must be between 0 and {max_cost:g}")
+    cost += 0.0  # -0.0 becomes 0.0: the signed cost would otherwise read "-0", which workers need not expect
     request_idx = _optional_int(data, "request_idx")
     if request_idx is not None and not 0 <= request_idx <= MAX_REQUEST_IDX:
-        raise InvalidRequest("'request_idx' must be a non-negative integer")
+        raise InvalidRequest(f"'request_idx' must be an integer between 0 and {MAX_REQUEST_IDX}")
     body_key = data.get("api_key")
     if body_key is not None and not isinstance(body_key, str):
         raise InvalidRequest("'api_key' must be a string")
@@ -56,8 +57,9 @@ def parse_route_request(
     return RouteRequest(endpoint=endpoint, api_key=api_key, cost=cost, request_idx=request_idx or None)
 
 
-def parse_worker_report(data: Mapping[str, Any]) -> tuple[str, WorkerReport]:
-    """The body of ``POST /worker_status/``: (endpoint, report)."""
+def parse_worker_report(data: Mapping[str, Any], *, max_value: float) -> tuple[str, WorkerReport]:
+    """The body of ``POST /worker_status/``: (endpoint, report). ``max_value`` bounds ``max_perf`` and ``cur_load``
+    (``--max-report-value``): sums and means of unbounded ones overflow to inf in autoscaling."""
     endpoint = _text(data, "endpoint", MAX_ID_CHARS)
     worker_id = _text(data, "id", MAX_ID_CHARS)
     url = _text(data, "url", MAX_URL_CHARS).rstrip("/")
@@ -71,11 +73,14 @@ def parse_worker_report(data: Mapping[str, Any]) -> tuple[str, WorkerReport]:
     except ValueError:
         allowed = ", ".join(s.value for s in WorkerState)
         raise InvalidRequest(f"'state' must be one of {allowed}") from None
-    max_perf = _number(data, "max_perf")
-    cur_load = _number(data, "cur_load", default=0.0)
+    max_perf = _bounded(_number(data, "max_perf"), "max_perf", max_value)
+    cur_load = _bounded(_number(data, "cur_load", default=0.0), "cur_load", max_value)
     in_flight = _optional_int(data, "in_flight") or 0
-    if max_perf < 0 or cur_load < 0 or in_flight < 0:
-        raise InvalidRequest("'max_perf', 'cur_load' and 'in_flight' must be >= 0")
+    if in_flight < 0:
+        raise InvalidRequest("'in_flight' must be >= 0")
+    if state is WorkerState.READY and not max_perf > 0:
+        # picking divides by it: a ready worker without speed could never be given a request
+        raise InvalidRequest("'max_perf' must be > 0 for a worker reporting state 'ready'")
     report = WorkerReport(worker_id, url, state, max_perf=max_perf, cur_load=cur_load, in_flight=in_flight)
     return endpoint, report
 
@@ -87,7 +92,7 @@ def parse_release(data: Mapping[str, Any]) -> tuple[str, list[int], bool]:
     if not isinstance(idxs, list) or len(idxs) > MAX_RELEASE_BATCH:
         raise InvalidRequest(f"'request_idxs' must be a list of at most {MAX_RELEASE_BATCH} integers")
     if not all(isinstance(i, int) and not isinstance(i, bool) and 0 < i <= MAX_REQUEST_IDX for i in idxs):
-        raise InvalidRequest("'request_idxs' must hold positive integers")
+        raise InvalidRequest(f"'request_idxs' must hold integers between 1 and {MAX_REQUEST_IDX}")
     success = data.get("success", True)
     if not isinstance(success, bool):
         raise InvalidRequest("'success' must be a boolean")
@@ -156,6 +161,12 @@ def _number(data: Mapping[str, Any], name: str, default: float | None = None) ->
     return number
 
 
+def _bounded(number: float, name: str, max_value: float) -> float:
+    if not 0 <= number <= max_value:
+        raise InvalidRequest(f"'{name}' must be between 0 and {max_value:g}")
+    return number
+
+
 def _optional_int(data: Mapping[str, Any], name: str) -> int | None:
     value = data.get(name)
     if value is None:
@@ -175,6 +186,7 @@ def worker_json(record: WorkerRecord, *, now: float, heartbeat_timeout_s: float)
         "cur_load": record.cur_load,
         "in_flight": record.in_flight,
         "load": record.load,
+        "open_requests": record.open_requests,
         "reqnum": record.reqnum,
         "last_seen_s_ago": round(max(0.0, now - record.last_seen), 3),
     }

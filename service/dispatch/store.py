@@ -8,6 +8,8 @@ Contract, which ``tests/unit/test_dispatch_store.py`` checks against both implem
   twice. A request answered "no ready worker" holds no load until a later retry assigns it.
 * ``release`` gives a finished request's load back, once; releasing an unknown or released request is a no-op.
 * A request never released gives its load back after ``PickPolicy.request_ttl_s``.
+* A worker holding no request has a load of exactly 0.0, and a load is never negative.
+* ``forget_workers`` removes the records of workers silent for longer than ``forget_s`` that hold no request.
 * ``reqnum`` only grows per worker; ``request_idx`` is unique and never 0.
 """
 
@@ -46,6 +48,11 @@ class DispatchStore(Protocol):
     async def release(self, endpoint: str, request_idxs: Sequence[int]) -> Released: ...
 
     async def workers(self, endpoint: str) -> list[WorkerRecord]: ...
+
+    async def forget_workers(self, endpoint: str, forget_s: float) -> int:
+        """Remove the endpoint's workers not heard from for over ``forget_s`` that hold no request; how many went.
+        Without it every worker that ever reported would be scanned by each route and counted forever."""
+        ...
 
     async def load_stats(self, endpoint: str, window_s: float) -> LoadStats: ...
 

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from service.config import INDEX_BACKENDS
+
 faiss: types.ModuleType | None
 try:
     import faiss
@@ -28,7 +30,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 FAISS_MISSING = "FAISS is missing: pip install 'llm-routing-service[cpu]' (or '[faiss-gpu]' on CUDA hosts)"
-BACKENDS = ("auto", "faiss", "torch")
+BACKENDS = INDEX_BACKENDS
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ import pytest
 from nacl.signing import VerifyKey
 
 from service.dispatch.client import DispatchClient
+from service.dispatch.records import STATUS_KEYS
 from service.dispatch.verifier import AssignmentRejected, AssignmentVerifier, RejectReason, fetch_keyring
 from tests.e2e.conftest import REPO, Server, free_port, start_process, start_server
 
@@ -40,6 +41,11 @@ BAD_ROUTE_BODIES: tuple[dict[str, Any], ...] = (
     {"cost": 1, "request_idx": 999_999},  # never issued
     {"cost": 1, "request_idx": -3},
     {"cost": 1, "endpoint": 5},
+)
+BAD_REPORT_FIELDS: tuple[dict[str, Any], ...] = (
+    {"max_perf": 0},  # ready with no speed: every route would answer busy
+    {"max_perf": 1.7e308},  # over --max-report-value: autoscaling's mean overflowed
+    {"max_perf": 10, "cur_load": 1e300},
 )
 
 
@@ -382,6 +388,36 @@ async def test_two_dispatchers_on_one_redis_keep_reqnums_unique_and_loads_exact(
             assert dispatcher.stop() == 0, dispatcher.log()
 
 
+def test_a_silent_worker_is_forgotten_once_it_holds_no_request(deployment: Deployment, redis_url: str) -> None:
+    prefix = f"e2e-{uuid.uuid4().hex[:8]}:"
+    dispatcher = deployment.dispatcher(
+        "--redis-url", redis_url, "--redis-prefix", prefix, "--heartbeat-timeout-s", "0.5", "--worker-forget-s", "1",
+        "--autoscale-interval-s", "0.1",
+    )  # fmt: skip
+    worker_auth = {"authorization": f"Bearer {deployment.worker_token}"}
+
+    def ids() -> set[str]:
+        return {w["id"] for w in endpoint_state(dispatcher, deployment.api_key)["workers"]}
+
+    try:
+        for worker_id in ("holding", "silent"):
+            report = {"endpoint": ENDPOINT, "id": worker_id, "url": f"http://{worker_id}:8000", "state": "ready",
+                      "max_perf": 10.0}  # fmt: skip
+            assert httpx.post(f"{dispatcher.url}/worker_status/", json=report, headers=worker_auth).status_code == 200
+        held = route(dispatcher, deployment.api_key).json()
+        assert held["url"] == "http://holding:8000"  # the id tie-break
+        # both stop reporting; the one holding a request is kept until it is released
+        wait_for(lambda: ids() == {"holding"}, "the silent idle worker to be forgotten")
+        released = httpx.post(f"{dispatcher.url}/delete_requests/", headers=worker_auth,
+                              json={"endpoint": ENDPOINT, "request_idxs": [held["request_idx"]]})  # fmt: skip
+        assert released.json()["released"] == 1
+        wait_for(lambda: not ids(), "the released worker to be forgotten")
+        # gone from Redis too: no-ready answers no longer count them as inactive
+        assert route(dispatcher, deployment.api_key).json()["status"] == dict.fromkeys(STATUS_KEYS, 0)
+    finally:
+        assert dispatcher.stop() == 0, dispatcher.log()
+
+
 def test_errors_over_http(deployment: Deployment) -> None:
     dispatcher = deployment.dispatcher()
     try:
@@ -393,6 +429,12 @@ def test_errors_over_http(deployment: Deployment) -> None:
         for body in BAD_ROUTE_BODIES:
             answer = route(dispatcher, deployment.api_key, **body)
             assert answer.status_code == 400 and answer.json()["error"]["code"] == "invalid_request", body
+        for fields in BAD_REPORT_FIELDS:
+            report = {"endpoint": ENDPOINT, "id": "w", "url": "http://w:1", "state": "ready", **fields}
+            answer = httpx.post(f"{dispatcher.url}/worker_status/", json=report,
+                                headers={"authorization": f"Bearer {deployment.worker_token}"})  # fmt: skip
+            assert answer.status_code == 400 and answer.json()["error"]["code"] == "invalid_request", fields
+        assert endpoint_state(dispatcher, deployment.api_key)["workers"] == []
         nan = httpx.post(f"{dispatcher.url}/route/", content=b'{"endpoint":"echo-ep","cost":NaN}', headers=JSON)
         assert nan.status_code == 400
         text = httpx.post(f"{dispatcher.url}/route/", content=b"{}", headers={"content-type": "text/plain"})

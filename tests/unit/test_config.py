@@ -52,3 +52,51 @@ def test_summary_masks_secrets() -> None:
 
 def test_default_weights_path_is_the_shipped_file() -> None:
     assert RouterSettings.from_env({}).resolved_weights().name.endswith(".safetensors")
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--max-queue", "0"], "--max-queue must be >= 1"),
+        (["--max-batch-size", "0"], "--max-batch-size must be >= 1"),
+        (["--max-batch-tokens", "-5"], "--max-batch-tokens must be >= 1"),
+        (["--top-clusters", "0"], "--top-clusters must be >= 1"),
+        (["--compute-threads", "-1"], "--compute-threads must be >= 0"),
+        (["--cache-ttl-s", "-1"], "--cache-ttl-s must be a positive"),
+        (["--cache-ttl-s", "inf"], "--cache-ttl-s must be a positive"),
+        (["--device", "bogus"], "--device must be auto, cpu, cuda or cuda:N"),
+        (["--dtype", "float64"], "--dtype must be one of"),
+        (["--index-backend", "bogus"], "--index-backend must be one of"),
+        (["--cuda-graph-seq-lens", "16,x"], "--cuda-graph-seq-lens must be positive integers"),
+        (["--workers", "0"], "--workers must be >= 1"),
+        (["--port", "70000"], "--port must be 0-65535"),
+        (["--drain-timeout-s", "nan"], "--drain-timeout-s must be a finite"),
+    ],
+)
+def test_invalid_router_settings_are_refused_up_front(flags: list[str], message: str) -> None:
+    """Each of these used to start a server that loaded, failed and answered 503 for ever."""
+    parser = argparse.ArgumentParser()
+    RouterSettings.add_arguments(parser)
+    with pytest.raises(ValueError, match=message):
+        RouterSettings.from_args(parser.parse_args(flags), {})
+
+
+def test_valid_router_settings_pass() -> None:
+    s = RouterSettings.from_env({}, device="cuda:1", dtype="bfloat16", index_backend="torch", cache_size=0,
+                                compute_threads=0, cuda_graph_seq_lens="16, 32")  # fmt: skip
+    assert (s.device, s.cache_size, s.cuda_graph_seq_lens) == ("cuda:1", 0, "16, 32")
+
+
+def test_serve_router_exits_2_on_an_invalid_setting(capsys: pytest.CaptureFixture[str]) -> None:
+    from service.cli import main
+
+    assert main(["serve-router", "--max-queue", "0", "--port", "0"]) == 2
+    assert "--max-queue must be >= 1" in capsys.readouterr().err
+
+
+def test_invalid_dispatcher_base_settings_are_refused_up_front() -> None:
+    from service.config import DispatcherSettings
+
+    with pytest.raises(ValueError) as info:
+        DispatcherSettings.from_env({}, workers=0, port=-1)
+    assert str(info.value) == "--port must be 0-65535; --workers must be >= 1"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -354,6 +356,37 @@ async def test_route_400s(client: httpx.AsyncClient, fields: dict[str, Any]) -> 
     assert (await workers(client))[0]["load"] == 0.0
 
 
+async def test_a_negative_zero_cost_is_answered_and_signed_as_zero(client: httpx.AsyncClient) -> None:
+    await register(client)
+    r = await client.post("/route/", json={"endpoint": EP, "api_key": API_KEY, "cost": -0.0})
+    assert r.status_code == 200, r.text
+    assert '"cost":0.0' in r.text  # was -0.0, signed as "-0"
+    body = r.json()
+    assert math.copysign(1.0, body["cost"]) == 1.0
+    assert (await keyring(client)).verify(Assignment.from_mapping(body), body["signature"])
+
+
+async def test_a_ready_worker_without_perf_is_refused_with_the_field_named(client: httpx.AsyncClient) -> None:
+    report = {"endpoint": EP, "id": "w1", "url": WORKER_URL, "state": "ready", "max_perf": 0}
+    message = assert_error(await client.post("/worker_status/", json=report, headers=WORKER), 400, "invalid_request")
+    assert "'max_perf'" in message
+    assert await workers(client) == []  # before, it was kept and made every route answer "busy" forever
+    await register(client, state="loading", max_perf=0.0)  # still measuring: fine
+    assert (await route(client))["status"] == {**dict.fromkeys(STATUS_KEYS, 0), "loading": 1}
+
+
+async def test_reported_numbers_are_bounded_by_max_report_value() -> None:
+    async with serving(make_service(max_report_value=1000.0)) as client:
+        for field in ("max_perf", "cur_load"):
+            report = {"endpoint": EP, "id": "w1", "url": WORKER_URL, "state": "ready", "max_perf": 1, field: 1000.5}
+            message = assert_error(
+                await client.post("/worker_status/", json=report, headers=WORKER), 400, "invalid_request"
+            )
+            assert f"'{field}' must be between 0 and 1000" in message
+        await register(client, max_perf=1000.0)
+        assert [w["max_perf"] for w in await workers(client)] == [1000.0]
+
+
 async def test_an_unknown_request_idx_is_400(client: httpx.AsyncClient) -> None:
     await register(client)
     message = assert_error(
@@ -508,6 +541,47 @@ async def test_refresh_gauges_sets_worker_and_scaling_gauges(
         'dispatcher_outstanding_load{endpoint="ep"} 50.0',
     ):
         assert line in text, line
+
+
+async def test_silent_workers_are_forgotten_by_the_refresh_loop() -> None:
+    settings = DispatcherSettings(heartbeat_timeout_s=0.1, worker_forget_s=0.3, autoscale_interval_s=0.02)
+    service = DispatcherService(settings, registry=registry(), store=MemoryStore(), signer=Signer.generate())
+    async with serving(service) as client:
+        await register(client, "holding", url="http://holding:1")
+        await register(client, "silent", url="http://silent:1")
+        held = await route(client)  # "holding" wins the id tie-break
+        assert held["url"] == "http://holding:1"
+
+        async def ids() -> set[str]:
+            return {w["id"] for w in await workers(client)}
+
+        deadline = time.monotonic() + LIFESPAN_TIMEOUT_S
+        while await ids() != {"holding"}:
+            assert time.monotonic() < deadline, await ids()
+            await asyncio.sleep(0.02)
+        # "holding" is long silent but holds a request: kept until it is released
+        await asyncio.sleep(0.5)
+        assert await ids() == {"holding"}
+        released = await client.post("/delete_requests/", json={"endpoint": EP, "request_idxs": [held["request_idx"]]},
+                                     headers=WORKER)  # fmt: skip
+        assert released.json()["released"] == 1
+        while await ids():
+            assert time.monotonic() < deadline, await ids()
+            await asyncio.sleep(0.02)
+        assert (await route(client))["status"] == dict.fromkeys(STATUS_KEYS, 0)  # none counted inactive
+        assert await service.forget_silent_workers() == 0
+
+
+async def test_openapi_states_the_configured_limits_and_the_query_key() -> None:
+    async with serving(make_service(max_cost=500.0, max_report_value=1e6)) as client:
+        spec = (await client.get("/openapi.json")).json()
+    route_op = spec["paths"]["/route/"]["post"]
+    body = route_op["requestBody"]["content"]["application/json"]["schema"]
+    assert (body["properties"]["cost"]["minimum"], body["properties"]["cost"]["maximum"]) == (0, 500.0)
+    assert {"name": "api_key", "in": "query"}.items() <= route_op["parameters"][0].items()
+    report = spec["paths"]["/worker_status/"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert report["properties"]["max_perf"]["maximum"] == report["properties"]["cur_load"]["maximum"] == 1e6
+    assert "> 0 when state is ready" in report["properties"]["max_perf"]["description"]
 
 
 async def test_openapi_is_valid(client: httpx.AsyncClient) -> None:

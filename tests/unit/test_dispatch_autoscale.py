@@ -104,7 +104,37 @@ def test_perf_counts_live_ready_and_loading_workers_that_measured_one() -> None:
     d = run(spec(), workers, load_rate=40.0)
     assert d.perf_per_worker == 20.0  # mean(10, 30)
     assert d.wanted_workers == 4  # 40 / (20 * 0.5)
-    assert (d.ready_workers, d.starting_workers) == (2, 1)  # ready includes the unmeasured ready one
+    assert (d.ready_workers, d.starting_workers) == (1, 1)  # the unmeasured ready one takes no requests
+
+
+def test_a_ready_worker_without_perf_is_no_capacity() -> None:
+    # picking skips it (it divides by max_perf), so demand must still ask for a worker that can serve
+    d = run(spec(), [rec("a", perf=0.0)], load_rate=1.0)
+    assert (d.perf_per_worker, d.ready_workers, d.wanted_workers) == (None, 0, 1)
+    assert d.action is Action.SCALE_UP
+
+
+def test_the_mean_perf_does_not_overflow() -> None:
+    # 1.7e308 + 1.7e308 is inf: a sum-first mean made perf inf and wanted 0 under demand
+    d = run(spec(), [rec("a", perf=1.7e308), rec("b", perf=1.7e308)], load_rate=10.0)
+    assert d.perf_per_worker == 1.7e308
+    assert d.wanted_workers == 1
+    assert run(spec(), [rec(f"w{i}", perf=1.0) for i in range(6)]).perf_per_worker == 1.0  # no rounding otherwise
+
+
+@pytest.mark.parametrize(("load_rate", "perf"), [(1e-320, 1e12), (5e-324, 10.0), (1.0, 1.7e308)])
+def test_any_demand_wants_at_least_one_worker(load_rate: float, perf: float) -> None:
+    # demand / (perf * target_util) underflows to 0 here: ceil gave 0 workers for a positive demand
+    d = run(spec(), [rec("a", perf=perf)], load_rate=load_rate)
+    assert d.demand > 0 and d.wanted_workers == 1
+    assert run(spec(max_workers=0), [rec("a", perf=perf)], load_rate=load_rate).wanted_workers == 0
+
+
+@pytest.mark.parametrize("perf", [1e-300, 5e-324])
+def test_a_ratio_past_any_float_wants_max_workers(perf: float) -> None:
+    # 1e300 / (1e-300 * 0.5) is inf, and ceil(inf) raised OverflowError; 5e-324 * 0.5 is 0.0: ZeroDivisionError
+    d = run(spec(max_workers=7), [rec("a", perf=perf)], load_rate=1e300)
+    assert d.wanted_workers == 7
 
 
 def test_stale_workers_are_ignored() -> None:

@@ -177,6 +177,41 @@ def test_serve_dispatcher_with_several_workers_needs_redis(capsys: pytest.Captur
     assert err.startswith("error:") and "--redis-url" in err
 
 
+def test_serve_dispatcher_help_says_several_workers_need_redis(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["serve-dispatcher", "--help"])
+    assert exited.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    workers_help = text[text.index("--workers WORKERS server processes") :]
+    assert "each with its own state" not in text  # memory mode refuses --workers 2
+    assert workers_help.startswith("--workers WORKERS server processes sharing the port (more than 1 needs --redis-url")
+
+
+@pytest.mark.usefixtures("never_serve")
+@pytest.mark.parametrize(
+    ("argv", "env"),
+    [
+        (["--worker-forget-s", "10"], {}),
+        (["--heartbeat-timeout-s", "7200"], {}),
+        ([], {"LLMROUTER_WORKER_FORGET_S": "5"}),
+    ],
+)
+def test_serve_dispatcher_refuses_to_forget_workers_before_they_are_inactive(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], argv: list[str], env: dict[str, str]
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert cli.main(["serve-dispatcher", "--port", "0", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --worker-forget-s") and "must be >= --heartbeat-timeout-s" in err
+
+
+@pytest.mark.usefixtures("never_serve")
+def test_serve_dispatcher_refuses_a_non_positive_max_report_value(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["serve-dispatcher", "--port", "0", "--max-report-value", "0"]) == 2
+    assert "--max-report-value" in capsys.readouterr().err
+
+
 @pytest.mark.usefixtures("never_serve")
 def test_serve_dispatcher_reads_workers_from_the_environment_too(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
@@ -244,7 +279,10 @@ def test_serve_dispatcher_reaches_the_server_when_everything_checks_out(
 
     monkeypatch.setattr(service.http.server, "serve", fake_serve)
     monkeypatch.setattr(service.http.server, "configure_logging", lambda *args, **kwargs: None)
-    argv = ["serve-dispatcher", "--config", str(config), "--signing-key-file", str(key), "--port", "0"]
+    monkeypatch.setenv("LLMROUTER_WORKER_FORGET_S", "120")
+    argv = ["serve-dispatcher", "--config", str(config), "--signing-key-file", str(key), "--port", "0",
+            "--max-report-value", "5e6"]  # fmt: skip
     assert cli.main(argv) == 0
     (settings,) = seen
     assert (settings.config, settings.signing_key_file, settings.port, settings.workers) == (config, key, 0, 1)
+    assert (settings.worker_forget_s, settings.max_report_value) == (120.0, 5e6)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
+import re
 from typing import Any
 
 import pytest
 
-from service.dispatch.records import WorkerState
+from service.dispatch.records import WorkerReport, WorkerState
 from service.dispatch.schemas import (
     MAX_RELEASE_BATCH,
     MAX_REQUEST_IDX,
@@ -19,6 +21,7 @@ from service.dispatch.schemas import (
 from service.errors import InvalidRequest, Unauthorized
 
 MAX_COST = 1000.0
+MAX_REPORT_VALUE = 1e6
 
 
 def route(data: dict[str, Any], *, authorization: str | None = None, query: str | None = None) -> RouteRequest:
@@ -85,6 +88,15 @@ def test_bad_request_idx_is_invalid(bad: object) -> None:
         route(body(request_idx=bad))
 
 
+@pytest.mark.parametrize("bad", [-1, MAX_REQUEST_IDX + 1, 2**64])
+def test_an_out_of_range_request_idx_is_told_the_range(bad: int) -> None:
+    # "must be a non-negative integer" misled for 2**53 + 1, which is one
+    with pytest.raises(InvalidRequest, match=f"between 0 and {MAX_REQUEST_IDX}$"):
+        route(body(request_idx=bad))
+    with pytest.raises(InvalidRequest, match=f"between 1 and {MAX_REQUEST_IDX}$"):
+        parse_release({"endpoint": "ep", "request_idxs": [bad]})
+
+
 @pytest.mark.parametrize("bad", [True, False, "10", "abc", -0.001, -1, float("inf"), float("-inf"), float("nan"),
                                  MAX_COST + 0.001, 10**20, [1], {"units": 1}])  # fmt: skip
 def test_bad_cost_is_invalid(bad: object) -> None:
@@ -101,6 +113,12 @@ def test_cost_is_required_and_its_bounds_are_inclusive() -> None:
         route(body(cost=None))
     assert route(body(cost=0)).cost == 0.0
     assert route(body(cost=MAX_COST)).cost == MAX_COST
+
+
+def test_a_negative_zero_cost_is_zero() -> None:
+    # signed as "%.17g" of the cost, -0.0 would read "-0"
+    cost = route(body(cost=-0.0)).cost
+    assert cost == 0.0 and math.copysign(1.0, cost) == 1.0
 
 
 def test_unknown_fields_are_ignored() -> None:
@@ -127,28 +145,32 @@ def test_invalid_fields_are_reported_before_a_missing_key() -> None:
 
 
 # -- POST /worker_status/ ---------------------------------------------------------------------------------------
+def parse_report(data: dict[str, Any]) -> tuple[str, WorkerReport]:
+    return parse_worker_report(data, max_value=MAX_REPORT_VALUE)
+
+
 def report(**fields: Any) -> dict[str, Any]:
     return {"endpoint": "ep", "id": "w1", "url": "http://10.0.0.5:8000/", "state": "ready", "max_perf": 50, **fields}
 
 
 def test_a_worker_report() -> None:
-    endpoint, r = parse_worker_report(report(cur_load=2.5, in_flight=3, extra="ignored"))
+    endpoint, r = parse_report(report(cur_load=2.5, in_flight=3, extra="ignored"))
     assert endpoint == "ep"
     assert (r.worker_id, r.url, r.state) == ("w1", "http://10.0.0.5:8000", WorkerState.READY)  # trailing / dropped
     assert (r.max_perf, r.cur_load, r.in_flight) == (50.0, 2.5, 3)
-    _, defaults = parse_worker_report(report(url="https://w.example"))
+    _, defaults = parse_report(report(url="https://w.example"))
     assert (defaults.url, defaults.cur_load, defaults.in_flight) == ("https://w.example", 0.0, 0)
 
 
 @pytest.mark.parametrize("state", ["loading", "ready", "error", "stopped"])
 def test_every_state_parses(state: str) -> None:
-    assert parse_worker_report(report(state=state))[1].state is WorkerState(state)
+    assert parse_report(report(state=state))[1].state is WorkerState(state)
 
 
 @pytest.mark.parametrize("bad", ["busy", "READY", "", None, 1, ["ready"]])
 def test_bad_state_is_invalid(bad: object) -> None:
     with pytest.raises(InvalidRequest, match="state"):
-        parse_worker_report(report(state=bad))
+        parse_report(report(state=bad))
 
 
 @pytest.mark.parametrize(
@@ -158,13 +180,13 @@ def test_bad_state_is_invalid(bad: object) -> None:
 )  # fmt: skip
 def test_bad_url_is_invalid(bad: object) -> None:
     with pytest.raises(InvalidRequest, match="url"):
-        parse_worker_report(report(url=bad))
+        parse_report(report(url=bad))
 
 
 @pytest.mark.parametrize("bad", ['w"1', "w\\1", "w\n", "w\u00e9", "", 1])
 def test_bad_worker_id_is_invalid(bad: object) -> None:
     with pytest.raises(InvalidRequest, match="id"):
-        parse_worker_report(report(id=bad))
+        parse_report(report(id=bad))
 
 
 @pytest.mark.parametrize(
@@ -174,14 +196,34 @@ def test_bad_worker_id_is_invalid(bad: object) -> None:
 )  # fmt: skip
 def test_bad_numbers_are_invalid(fields: dict[str, Any]) -> None:
     with pytest.raises(InvalidRequest):
-        parse_worker_report(report(**fields))
+        parse_report(report(**fields))
+
+
+@pytest.mark.parametrize("max_perf", [0, 0.0, -0.0])
+def test_a_ready_worker_must_report_a_positive_max_perf(max_perf: float) -> None:
+    # picking divides by max_perf: a ready worker without one would make every route answer "busy"
+    with pytest.raises(InvalidRequest, match="'max_perf' must be > 0 for a worker reporting state 'ready'"):
+        parse_report(report(max_perf=max_perf))
+
+
+@pytest.mark.parametrize("state", ["loading", "error", "stopped"])
+def test_a_worker_not_ready_may_report_no_perf(state: str) -> None:
+    assert parse_report(report(state=state, max_perf=0))[1].max_perf == 0.0
+
+
+@pytest.mark.parametrize("field", ["max_perf", "cur_load"])
+def test_max_perf_and_cur_load_are_bounded(field: str) -> None:
+    assert getattr(parse_report(report(**{field: MAX_REPORT_VALUE}))[1], field) == MAX_REPORT_VALUE
+    for bad in (MAX_REPORT_VALUE * 1.000001, 1.7e308, 10**20):
+        with pytest.raises(InvalidRequest, match=re.escape(f"'{field}' must be between 0 and {MAX_REPORT_VALUE:g}")):
+            parse_report(report(**{field: bad}))
 
 
 def test_a_report_without_endpoint_is_invalid() -> None:
     data = report()
     del data["endpoint"]
     with pytest.raises(InvalidRequest, match="endpoint"):
-        parse_worker_report(data)
+        parse_report(data)
 
 
 # -- POST /delete_requests/ -------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ Redis takes ``now`` from its own clock, so time-dependent tests use tiny timeout
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
 from collections import defaultdict
@@ -134,6 +135,44 @@ async def test_float_loads_follow_double_arithmetic_and_settle_to_zero(store: Di
     await store.release(EP, [first.request_idx])
     await store.release(EP, [second.request_idx])
     assert await loads(store) == {"w1": 0.0}  # the 5.5e-17 of dust is cleared
+
+
+@pytest.mark.parametrize("costs", [(1e8, 0.1), (0.1, 1e8), (1e9, 1e-3, 7.0)])
+async def test_an_idle_workers_load_is_exactly_zero(store: DispatchStore, costs: tuple[float, ...]) -> None:
+    # 1e8 + 0.1 - 1e8 - 0.1 is -5.96e-9 in doubles: dust far over any fixed threshold, at costs up to max_cost
+    await report(store, "w1", max_perf=1e12)
+    idxs = [(await assign(store, cost)).request_idx for cost in costs]
+    for idx in idxs:
+        await store.release(EP, [idx])
+    [worker] = await store.workers(EP)
+    assert (worker.load, worker.open_requests) == (0.0, 0)
+    assert math.copysign(1.0, worker.load) == 1.0
+    assert await store.load_stats(EP, 10.0) == LoadStats(load_rate=sum(costs) / 10.0, outstanding=0.0)
+
+
+async def test_dust_never_makes_a_load_negative(store: DispatchStore) -> None:
+    await report(store, "w1", max_perf=1e12)
+    big, small, free = [await assign(store, cost) for cost in (1e8, 0.1, 0.0)]
+    await store.release(EP, [big.request_idx, small.request_idx])  # the free request is still outstanding
+    [worker] = await store.workers(EP)
+    assert (worker.load, worker.open_requests) == (0.0, 1)  # -5.96e-9 before: a negative queue
+    await store.release(EP, [free.request_idx])
+    assert await loads(store) == {"w1": 0.0}
+
+
+async def test_a_retry_and_an_expiry_also_count_down_open_requests(store: DispatchStore) -> None:
+    policy = PickPolicy(max_queue_time_s=1e9, heartbeat_timeout_s=60.0, request_ttl_s=0.2)
+    await report(store, "w1")
+    await report(store, "w2")
+    first = await assign(store, 1e8)  # w1
+    moved = await assign(store, 0.1, first.request_idx)  # to w2: w1 holds nothing, however the floats fell
+    assert (first.worker_id, moved.worker_id) == ("w1", "w2")
+    await assign(store, 1e8, policy=policy)  # w1 again (w2 waits 0.1), expiring soon
+    await asyncio.sleep(0.35)
+    assert {w.worker_id: (w.load, w.open_requests) for w in await store.workers(EP)} == {
+        "w1": (0.0, 0),
+        "w2": (0.1, 1),
+    }
 
 
 async def test_workers_over_max_queue_time_are_skipped(store: DispatchStore) -> None:
@@ -290,7 +329,7 @@ async def test_report_keeps_load_and_reqnum(store: DispatchStore) -> None:
     await assign(store, 1.5)
     await assign(store, 2.0)
     again = await report(store, "w1", max_perf=7.0, state=WorkerState.LOADING, url="http://moved:9000")
-    assert (again.load, again.reqnum) == (3.5, 2)
+    assert (again.load, again.reqnum, again.open_requests) == (3.5, 2, 2)
     assert again.last_seen >= first.last_seen
     [record] = await store.workers(EP)
     assert record == again
@@ -330,6 +369,29 @@ async def test_counters_start_at_the_clock_so_a_lost_counter_never_reissues_one(
         assert (await report(redis_store, "w1")).reqnum >= reqnum_origin(before) - REDIS_CLOCK_SLACK_REQNUMS
     finally:
         await redis_store.close()
+
+
+async def test_silent_idle_workers_are_forgotten(store: DispatchStore) -> None:
+    policy = PickPolicy(max_queue_time_s=30.0, heartbeat_timeout_s=0.1, request_ttl_s=600.0)
+    await report(store, "holding")
+    await report(store, "silent")
+    held = await assign(store, 5.0)  # "holding" wins the id tie-break
+    await report(store, "other", endpoint=OTHER_EP)
+    await asyncio.sleep(0.5)
+    await report(store, "fresh", state=WorkerState.LOADING)
+    assert await store.forget_workers(EP, 0.3) == 1  # "holding" still holds a request, "fresh" just reported
+    assert [w.worker_id for w in await store.workers(EP)] == ["fresh", "holding"]
+    assert [w.worker_id for w in await store.workers(OTHER_EP)] == ["other"]  # another endpoint's stay
+    assert (await no_ready(store, 1.0, policy=policy)).status == breakdown(loading=1, inactive=1)
+
+    await store.release(EP, [held.request_idx])
+    assert await store.forget_workers(EP, 0.3) == 1
+    assert (await no_ready(store, 1.0, policy=policy)).status == breakdown(loading=1)  # not counted inactive
+    assert await store.forget_workers(EP, 0.3) == 0
+    assert await store.forget_workers(EP, 3600.0) == 0
+    back = await report(store, "silent")  # a forgotten worker that reports again starts a new record
+    assert (back.load, back.open_requests) == (0.0, 0)
+    assert [w.worker_id for w in await store.workers(EP)] == ["fresh", "silent"]
 
 
 async def test_now_and_ping(store: DispatchStore) -> None:
@@ -438,7 +500,7 @@ async def test_redis_mirrors_memory_step_by_step(redis_url: str, redis_prefix: s
                 results: list[object] = [await store.report(endpoint, report_) for store in stores]
                 results = [(r.load, r.reqnum) for r in results if isinstance(r, WorkerRecord)]
             elif action < 0.85:
-                cost = rng.choice([0.1, 0.2, 0.3, 1.0, 2.5, 7.0, 1e-10])
+                cost = rng.choice([0.1, 0.2, 0.3, 1.0, 2.5, 7.0, 1e-10, 1e8, 0.0])
                 idx = rng.choice(issued) if issued and rng.random() < 0.3 else None
                 policy = PickPolicy(rng.choice([0.5, 5.0, 30.0]), 600.0, 600.0)
                 results = []
@@ -457,8 +519,8 @@ async def test_redis_mirrors_memory_step_by_step(redis_url: str, redis_prefix: s
             if isinstance(results[0], Released) and results[0].released:
                 seen.add("released")
             for name in (EP, OTHER_EP):
-                ledgers = [[(w.worker_id, w.state, w.max_perf, w.load, w.reqnum) for w in await s.workers(name)]
-                           for s in stores]  # fmt: skip
+                ledgers = [[(w.worker_id, w.state, w.max_perf, w.load, w.reqnum, w.open_requests)
+                            for w in await s.workers(name)] for s in stores]  # fmt: skip
                 assert ledgers[0] == ledgers[1]
         assert seen >= {"Assigned", "NoReadyWorker", "unknown", "released"}
     finally:

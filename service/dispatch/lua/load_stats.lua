@@ -1,9 +1,9 @@
--- ARGV[4..]: endpoint, window_s, LOAD_RATE_BUCKET_S, LOAD_HISTORY_S.
+-- ARGV[3..]: endpoint, window_s, LOAD_RATE_BUCKET_S, LOAD_HISTORY_S.
 -- Returns {sum of the buckets in the window, load of each worker...}.
-local endpoint = ARGV[4]
-local window = tonumber(ARGV[5])
-local bucket = tonumber(ARGV[6])
-local history = tonumber(ARGV[7])
+local endpoint = ARGV[3]
+local window = tonumber(ARGV[4])
+local bucket = tonumber(ARGV[5])
+local history = tonumber(ARGV[6])
 local now = clock()
 sweep(now)
 local start = math.floor(now / bucket) * bucket

@@ -1,7 +1,6 @@
--- Shared by every script (prepended). ARGV[1..3]: prefix, ZERO_LOAD, EXPIRY_SWEEP_LIMIT; a script's own arguments follow.
+-- Shared by every script (prepended). ARGV[1..2]: prefix, EXPIRY_SWEEP_LIMIT; a script's own arguments follow.
 local prefix = ARGV[1]
-local zero_load = tonumber(ARGV[2])
-local sweep_limit = tonumber(ARGV[3])
+local sweep_limit = tonumber(ARGV[2])
 local expiries = prefix .. 'expiries'
 
 local function fmt(x) return string.format('%.17g', x) end
@@ -11,21 +10,21 @@ local function clock()
   return tonumber(t[1]) + tonumber(t[2]) / 1000000
 end
 
--- MemoryStore's settle(): sums of added and removed costs leave float dust; an idle worker's load is exactly 0
-local function settle(x)
-  if math.abs(x) < zero_load then return 0 end
-  return x
-end
-
 local function worker_key(endpoint, worker_id) return prefix .. 'worker:' .. endpoint .. '/' .. worker_id end
 
--- adds delta to a worker's load (if the worker exists); returns the new load or nil
-local function add_load(endpoint, worker_id, delta)
+-- MemoryStore._unassign: a request of `cost` leaves its worker (if the worker exists); returns the new load or nil.
+-- memory_store.load_after_release: exactly 0 once the worker holds no request, never below 0 (float dust).
+local function unassign(endpoint, worker_id, cost)
   local key = worker_key(endpoint, worker_id)
-  local load = redis.call('HGET', key, 'load')
-  if not load then return nil end
-  load = settle(tonumber(load) + delta)
-  redis.call('HSET', key, 'load', fmt(load))
+  local r = redis.call('HMGET', key, 'load', 'open_requests')
+  if not r[1] then return nil end
+  local open = math.max(0, tonumber(r[2] or '0') - 1)
+  local load = 0
+  if open > 0 then
+    load = tonumber(r[1]) - cost
+    if not (load > 0) then load = 0 end
+  end
+  redis.call('HSET', key, 'load', fmt(load), 'open_requests', fmt(open))
   return load
 end
 
@@ -35,7 +34,7 @@ local function sweep(now)
   for _, idx in ipairs(idxs) do
     local key = prefix .. 'req:' .. idx
     local r = redis.call('HMGET', key, 'endpoint', 'cost', 'worker')
-    if r[1] and r[3] then add_load(r[1], r[3], -tonumber(r[2])) end
+    if r[1] and r[3] then unassign(r[1], r[3], tonumber(r[2])) end
     redis.call('DEL', key)
   end
   if #idxs > 0 then redis.call('ZREM', expiries, unpack(idxs)) end

@@ -1,16 +1,16 @@
--- ARGV[4..]: endpoint, cost, request_idx ('' for a new request), max_queue_time_s, heartbeat_timeout_s,
+-- ARGV[3..]: endpoint, cost, request_idx ('' for a new request), max_queue_time_s, heartbeat_timeout_s,
 -- request_ttl_s, LOAD_RATE_BUCKET_S, LOAD_HISTORY_S, REQUEST_IDXS_PER_SECOND.
 -- Returns {-1} for an unknown request, {1, idx, worker_id, url, reqnum} when assigned, and
 -- {0, idx, category, count, ...} when no worker is ready.
-local endpoint = ARGV[4]
-local cost = tonumber(ARGV[5])
-local idx = ARGV[6]
-local max_queue = tonumber(ARGV[7])
-local heartbeat = tonumber(ARGV[8])
-local ttl = tonumber(ARGV[9])
-local bucket = tonumber(ARGV[10])
-local history = ARGV[11]
-local idxs_per_s = tonumber(ARGV[12])
+local endpoint = ARGV[3]
+local cost = tonumber(ARGV[4])
+local idx = ARGV[5]
+local max_queue = tonumber(ARGV[6])
+local heartbeat = tonumber(ARGV[7])
+local ttl = tonumber(ARGV[8])
+local bucket = tonumber(ARGV[9])
+local history = ARGV[10]
+local idxs_per_s = tonumber(ARGV[11])
 
 local now = clock()
 sweep(now)
@@ -34,7 +34,7 @@ end
 
 if retry and prev_worker then
   -- a retry's load leaves its old worker before picking, wherever it goes next (as MemoryStore does)
-  local load = add_load(endpoint, prev_worker, -prev_cost)
+  local load = unassign(endpoint, prev_worker, prev_cost)
   if load then
     for _, w in ipairs(workers) do
       if w.id == prev_worker then w.load = load end
@@ -91,12 +91,13 @@ redis.call('ZADD', expiries, fmt(now + ttl), idx)
 if best then
   local key = worker_key(endpoint, best.id)
   redis.call('HSET', key, 'load', fmt(best.load + cost))
+  redis.call('HINCRBY', key, 'open_requests', 1)
   local reqnum = redis.call('HINCRBY', key, 'reqnum', 1)
-  redis.call('HSET', req_key, 'endpoint', endpoint, 'cost', ARGV[5], 'worker', best.id)
+  redis.call('HSET', req_key, 'endpoint', endpoint, 'cost', ARGV[4], 'worker', best.id)
   return {1, idx, best.id, best.url, reqnum}
 end
 
-redis.call('HSET', req_key, 'endpoint', endpoint, 'cost', ARGV[5])
+redis.call('HSET', req_key, 'endpoint', endpoint, 'cost', ARGV[4])
 -- selection.status_breakdown
 local counts, order = {}, {}
 for _, w in ipairs(workers) do

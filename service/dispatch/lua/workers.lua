@@ -1,5 +1,5 @@
--- ARGV[4]: endpoint. Returns {worker_id, url, state, max_perf, cur_load, in_flight, last_seen, load, reqnum, ...}.
-local endpoint = ARGV[4]
+-- ARGV[3]: endpoint. Returns {worker_id, FIELDS..., worker_id, ...} (RedisStore._WORKER_FIELDS).
+local endpoint = ARGV[3]
 sweep(clock())
 local reply = {}
 for _, id in ipairs(redis.call('SMEMBERS', prefix .. 'workers:' .. endpoint)) do
