@@ -7,6 +7,7 @@ import time
 from collections.abc import Collection
 
 from prometheus_client import Counter
+from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.metrics import HttpMetrics
@@ -24,7 +25,9 @@ class RequestMetricsMiddleware:
     def __init__(self, app: ASGIApp, *, metrics: HttpMetrics, routes: Collection[str]) -> None:
         self.app = app
         self.metrics = metrics
-        self.routes = frozenset(routes)
+        self.routes = frozenset(route for route in routes if "{" not in route)
+        # templated routes (``/endpoints/{name}/``) are labelled by their template, never by the client's path
+        self._templates = [(compile_path(route)[0], route) for route in routes if "{" in route]
         self.in_flight = 0
         metrics.in_flight.set_function(lambda: self.in_flight)  # read at scrape time: no lock per request
         self.idle = asyncio.Event()  # set while no request is open; graceful drain waits on it
@@ -37,7 +40,7 @@ class RequestMetricsMiddleware:
             await self.app(scope, receive, send)
             return
         path = scope["path"]
-        route = path if path in self.routes else OTHER_ROUTE
+        route = path if path in self.routes else self._template_of(path)
         status = 500
         started = time.perf_counter()
 
@@ -63,3 +66,9 @@ class RequestMetricsMiddleware:
                     self._counters[key] = counter
             counter.inc()
             self._durations[route].observe(time.perf_counter() - started)
+
+    def _template_of(self, path: str) -> str:
+        for pattern, template in self._templates:
+            if pattern.match(path):
+                return template
+        return OTHER_ROUTE
