@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
 from collections.abc import AsyncIterator, Coroutine, Sequence
@@ -64,6 +65,7 @@ HTTP_OK = 200
 HTTP_SERVICE_UNAVAILABLE = 503
 UNSPECIFIED_HOSTS = frozenset({"", "0.0.0.0", "::"})
 LOOPBACK = "127.0.0.1"
+WORKER_TOKEN_ENV = "LLMROUTER_WORKER_TOKEN"
 
 
 class ExampleWorker:
@@ -309,7 +311,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m service.dispatch.example_worker", description=__doc__)
     parser.add_argument("--dispatcher", required=True, help="dispatcher base URL, e.g. http://127.0.0.1:8081")
     parser.add_argument("--endpoint", required=True, help="endpoint this worker serves")
-    parser.add_argument("--worker-token", required=True, help="the endpoint's worker token")
+    env_token = os.environ.get(WORKER_TOKEN_ENV) or None  # keeps the secret out of `ps`
+    parser.add_argument(
+        "--worker-token",
+        required=env_token is None,
+        default=env_token,
+        help=f"the endpoint's worker token (or env {WORKER_TOKEN_ENV}, which `ps` does not show)",
+    )
     parser.add_argument("--port", type=int, required=True, help="port to listen on (0: any free port)")
     parser.add_argument("--host", default=LOOPBACK, help="address to listen on")
     parser.add_argument("--id", default=None, help="worker id (default: hostname-port)")

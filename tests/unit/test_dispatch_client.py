@@ -391,3 +391,15 @@ async def test_a_malformed_pubkey_answer_is_retried_not_fatal(signer: Signer) ->
         assert dispatcher.bad_answers == 0
         response = await client.request(ENDPOINT, "/echo", {"n": 1}, cost=COST)
     assert response.status == 200
+
+
+def test_example_worker_takes_its_token_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.dispatch.example_worker import WORKER_TOKEN_ENV, parse_args
+
+    base = ["--dispatcher", "http://127.0.0.1:1", "--endpoint", "ep", "--port", "0"]
+    monkeypatch.delenv(WORKER_TOKEN_ENV, raising=False)
+    with pytest.raises(SystemExit):
+        parse_args(base)  # no token anywhere
+    monkeypatch.setenv(WORKER_TOKEN_ENV, "wt_from_env")
+    assert parse_args(base).worker_token == "wt_from_env"
+    assert parse_args([*base, "--worker-token", "wt_flag"]).worker_token == "wt_flag"
