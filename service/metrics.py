@@ -2,12 +2,27 @@
 
 Durations are in seconds and share one bucket set; label values are bounded (route templates,
 status codes, error codes, model ids and cluster ids from the weights file).
+
+With several worker processes behind one port (``--workers N``) a scrape lands on any one of them, so the
+server runs prometheus_client's multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``, set by ``service.http.server``
+before the workers start): every process writes its values to files there and ``/metrics`` answers the sum
+over all of them (counters, histograms) or each gauge's ``multiprocess_mode`` across the live ones.
 """
 
 from __future__ import annotations
 
+import os
+from typing import Final
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.multiprocess import MultiProcessCollector
+
+MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# gauge aggregation across worker processes (ignored with one process)
+PER_PROCESS_SUM: Final = "livesum"  # each process holds its own share (queue, in flight): the server's is the sum
+ALL_LIVE: Final = "livemin"  # a 0/1 flag every process must have (ready, store up)
+SHARED_VIEW: Final = "livemax"  # each process computes the same value from shared state (Redis), or a 0/1 info value
 
 DURATION_BUCKETS_S = (
     0.0005,
@@ -55,11 +70,26 @@ class HttpMetrics:
             buckets=DURATION_BUCKETS_S,
             registry=registry,
         )
-        self.in_flight = Gauge(f"{prefix}_http_requests_in_flight", "Requests being handled", registry=registry)
+        self.in_flight = Gauge(
+            f"{prefix}_http_requests_in_flight",
+            "Requests being handled",
+            multiprocess_mode=PER_PROCESS_SUM,
+            registry=registry,
+        )
         self.errors = Counter(f"{prefix}_errors", "Error answers by error code", ["code"], registry=registry)
 
     def render(self) -> bytes:
+        if multiprocess():
+            merged = CollectorRegistry()
+            MultiProcessCollector(merged)
+            return generate_latest(merged)
         return generate_latest(self.registry)
+
+
+def multiprocess() -> bool:
+    """Whether this process is one of several whose metrics are merged (read once the values are created:
+    prometheus_client picks its value class at import)."""
+    return bool(os.environ.get(MULTIPROC_DIR_ENV))
 
 
 class RouterMetrics(HttpMetrics):
@@ -99,12 +129,20 @@ class RouterMetrics(HttpMetrics):
             buckets=BATCH_TOKEN_BUCKETS,
             registry=registry,
         )
-        self.queue_depth = Gauge("router_queue_depth", "Prompts waiting for a batch", registry=registry)
+        self.queue_depth = Gauge(
+            "router_queue_depth", "Prompts waiting for a batch", multiprocess_mode=PER_PROCESS_SUM, registry=registry
+        )
         self.admitted = Gauge(
-            "router_admitted_prompts", "Prompts admitted and not finished (bounded by max_queue)", registry=registry
+            "router_admitted_prompts",
+            "Prompts admitted and not finished (bounded by max_queue)",
+            multiprocess_mode=PER_PROCESS_SUM,
+            registry=registry,
         )
         self.max_queue = Gauge(
-            "router_max_queue", "The admission limit (--max-queue): past it requests get 429", registry=registry
+            "router_max_queue",
+            "The admission limit (--max-queue): past it requests get 429",
+            multiprocess_mode=PER_PROCESS_SUM,
+            registry=registry,
         )
         self.dropped = Counter(
             "router_dropped_prompts", "Prompts dropped before compute because every client left", registry=registry
@@ -121,9 +159,18 @@ class RouterMetrics(HttpMetrics):
         self.cluster_requests = Counter(
             "router_cluster_requests", "Routing decisions by cluster", ["cluster"], registry=registry
         )
-        self.ready = Gauge("router_ready", "1 when weights and model are loaded and not draining", registry=registry)
+        self.ready = Gauge(
+            "router_ready",
+            "1 when weights and model are loaded and not draining",
+            multiprocess_mode=ALL_LIVE,
+            registry=registry,
+        )
         self.weights_info = Gauge(
-            "router_weights_info", "The serving weights (value 1)", ["version", "models", "clusters"], registry=registry
+            "router_weights_info",
+            "The serving weights (value 1)",
+            ["version", "models", "clusters"],
+            multiprocess_mode=SHARED_VIEW,
+            registry=registry,
         )
         self.reloads = Counter(
             "router_weights_reloads", "Weights reload attempts by result", ["result"], registry=registry
@@ -157,21 +204,36 @@ class DispatcherMetrics(HttpMetrics):
         )
         self.workers = Gauge(
             "dispatcher_workers", "Workers by endpoint and state (as routing sees them)", ["endpoint", "state"],
-            registry=registry,
+            multiprocess_mode=SHARED_VIEW, registry=registry,
         )  # fmt: skip
         self.load = Gauge(
             "dispatcher_outstanding_load", "Workload assigned and not yet released, per endpoint", ["endpoint"],
-            registry=registry,
+            multiprocess_mode=SHARED_VIEW, registry=registry,
         )  # fmt: skip
         self.load_rate = Gauge(
             "dispatcher_load_rate", "Workload units per second routed as new requests (recent window)",
-            ["endpoint"], registry=registry,
+            ["endpoint"], multiprocess_mode=SHARED_VIEW, registry=registry,
         )  # fmt: skip
         self.wanted_workers = Gauge(
-            "dispatcher_wanted_workers", "Workers the autoscaling decision wants", ["endpoint"], registry=registry
+            "dispatcher_wanted_workers",
+            "Workers the autoscaling decision wants",
+            ["endpoint"],
+            multiprocess_mode=SHARED_VIEW,
+            registry=registry,
         )
         self.wanted_cold_workers = Gauge(
-            "dispatcher_wanted_cold_workers", "Stopped-but-loaded workers wanted", ["endpoint"], registry=registry
+            "dispatcher_wanted_cold_workers",
+            "Stopped-but-loaded workers wanted",
+            ["endpoint"],
+            multiprocess_mode=SHARED_VIEW,
+            registry=registry,
         )
-        self.store_up = Gauge("dispatcher_store_up", "1 when the state store answered its last call", registry=registry)
-        self.ready = Gauge("dispatcher_ready", "1 when serving and not draining", registry=registry)
+        self.store_up = Gauge(
+            "dispatcher_store_up",
+            "1 when the state store answered its last call",
+            multiprocess_mode=ALL_LIVE,
+            registry=registry,
+        )
+        self.ready = Gauge(
+            "dispatcher_ready", "1 when serving and not draining", multiprocess_mode=ALL_LIVE, registry=registry
+        )

@@ -10,7 +10,7 @@ from prometheus_client import Counter
 from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.metrics import HttpMetrics
+from service.metrics import HttpMetrics, multiprocess
 
 OTHER_ROUTE = "other"
 MAX_CACHED_LABEL_SETS = 1024  # methods are client-chosen strings: bound the cache, not just the routes
@@ -29,7 +29,11 @@ class RequestMetricsMiddleware:
         # templated routes (``/endpoints/{name}/``) are labelled by their template, never by the client's path
         self._templates = [(compile_path(route)[0], route) for route in routes if "{" in route]
         self.in_flight = 0
-        metrics.in_flight.set_function(lambda: self.in_flight)  # read at scrape time: no lock per request
+        # One process: read at scrape time, no gauge update per request. Several: the scrape reads the processes'
+        # files, so each request moves the gauge itself.
+        self._track_gauge = multiprocess()
+        if not self._track_gauge:
+            metrics.in_flight.set_function(lambda: self.in_flight)
         self.idle = asyncio.Event()  # set while no request is open; graceful drain waits on it
         self.idle.set()
         self._durations = {route: metrics.request_duration.labels(route=route) for route in (*routes, OTHER_ROUTE)}
@@ -51,11 +55,15 @@ class RequestMetricsMiddleware:
             await send(message)
 
         self.in_flight += 1
+        if self._track_gauge:
+            self.metrics.in_flight.inc()
         self.idle.clear()
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
             self.in_flight -= 1
+            if self._track_gauge:
+                self.metrics.in_flight.dec()
             if self.in_flight == 0:
                 self.idle.set()
             key = (route, scope["method"], status)

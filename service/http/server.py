@@ -17,6 +17,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import tempfile
 from collections.abc import Callable
 from multiprocessing.sharedctypes import Synchronized
 from typing import Any, Protocol, cast
@@ -24,9 +25,11 @@ from typing import Any, Protocol, cast
 from hypercorn.asyncio.run import worker_serve
 from hypercorn.config import Config, Sockets
 from hypercorn.utils import wrap_app
+from prometheus_client.multiprocess import mark_process_dead
 from starlette.types import ASGIApp
 
 from service.config import BaseSettings
+from service.metrics import MULTIPROC_DIR_ENV
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +135,16 @@ async def _serve(factory: ServiceFactory, config: Config, sockets: Sockets, flee
 
 
 def _run_supervisor(factory: ServiceFactory, config: Config, sockets: Sockets, workers: int) -> int:
+    with tempfile.TemporaryDirectory(prefix="metrics-") as metrics_dir:
+        # set before the workers start: prometheus_client picks its value class when a worker imports it
+        os.environ[MULTIPROC_DIR_ENV] = metrics_dir
+        try:
+            return _supervise(factory, config, sockets, workers)
+        finally:
+            del os.environ[MULTIPROC_DIR_ENV]
+
+
+def _supervise(factory: ServiceFactory, config: Config, sockets: Sockets, workers: int) -> int:
     ctx = multiprocessing.get_context("spawn")
     fleet = Fleet(workers, ctx.Value("i", 0))
     processes = [
@@ -153,6 +166,8 @@ def _run_supervisor(factory: ServiceFactory, config: Config, sockets: Sockets, w
     for process in processes:
         process.join()
         exit_code = exit_code or (process.exitcode or 0)
+        if process.pid is not None:
+            mark_process_dead(process.pid)  # its "live" gauges leave the merged view
     return exit_code
 
 

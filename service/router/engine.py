@@ -379,7 +379,9 @@ class RouterEngine:
         previous = self._holder.swap(state)
         self._cache.clear()
         if previous is not None:
-            self._metrics.weights_info.remove(*_weights_labels(previous.weights))
+            old = _weights_labels(previous.weights)
+            self._metrics.weights_info.labels(*old).set(0)  # with several processes the merged files keep the value
+            self._metrics.weights_info.remove(*old)
         self._metrics.weights_info.labels(*_weights_labels(state.weights)).set(1)
         logger.info(
             "serving weights %s (%d models, %d clusters)",

@@ -187,6 +187,30 @@ def test_several_workers_share_one_port(tmp_path: Path) -> None:
     assert server.log().count("router ready") == 2
 
 
+def test_metrics_of_several_workers_are_merged(tmp_path: Path) -> None:
+    """With ``--workers 2`` a scrape lands on either process; each must answer for the whole server (the
+    processes' counters summed, the per-process gauges too), or counters would jump between scrapes."""
+    server = start_server(tmp_path, "--workers", "2", "--max-queue", "100")
+    try:
+        routes = 30
+        for i in range(routes):  # a fresh connection each: the requests spread over both processes
+            r = httpx.post(f"{server.url}/v1/route", json={"embedding": [0.05 * (i + 1)] + [0.05] * 383})
+            assert r.status_code == 200
+        for _ in range(6):  # fresh connections again: whichever process answers
+            text = httpx.get(f"{server.url}/metrics").text
+            ok = 'method="POST",route="/v1/route",status="200"'
+            assert _labelled(text, "router_http_requests_total", ok) == routes
+            assert _metric(text, "router_max_queue") == 200  # two processes' admission limits
+            assert _metric(text, "router_ready") == 1
+            assert _labelled(text, "router_http_request_duration_seconds_count", 'route="/v1/route"') == routes
+    finally:
+        assert server.stop() == 0, server.log()
+
+
+def _labelled(text: str, name: str, labels: str) -> float:
+    return float(text.split(f"\n{name}{{{labels}}} ")[1].split("\n")[0])
+
+
 def test_admin_reload_reaches_every_worker_process(tmp_path: Path) -> None:
     """With ``--workers 2`` a reload through one worker must not leave the other on the old weights (answers would
     flip between versions from request to request); a path other than the configured file is refused."""
