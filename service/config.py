@@ -153,6 +153,9 @@ class DispatcherSettings(BaseSettings):
         None, "Redis URL for state shared by several replicas (default: in memory)", aliases=("--redis",)
     )
     redis_prefix: str = _opt("dispatch:", "prefix of every Redis key this dispatcher uses")
+    redis_timeout_s: float = _opt(
+        1.0, "how long a Redis call may take before the route answers 503 (a route it ran still holds its load)"
+    )
     signing_key_file: Path | None = _opt(None, "Ed25519 signing key file from `keygen` (mode 0600)")
     signing_key: str | None = _opt(None, "Ed25519 signing key seed, hex (instead of a file)")
     previous_public_keys: str = _opt("", "retired public keys (hex, comma separated) still published")
@@ -178,6 +181,8 @@ class DispatcherSettings(BaseSettings):
             )
         if not self.max_report_value > 0:
             problems.append(f"--max-report-value ({self.max_report_value:g}) must be > 0")
+        if not (self.redis_timeout_s > 0 and math.isfinite(self.redis_timeout_s)):
+            problems.append("--redis-timeout-s must be a positive number of seconds")
         if problems:
             raise ValueError("; ".join(problems))
 

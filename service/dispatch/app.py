@@ -64,7 +64,13 @@ def open_store(settings: DispatcherSettings) -> DispatchStore:
     if settings.redis_url:
         from service.dispatch.redis_store import RedisStore
 
-        return RedisStore(settings.redis_url, prefix=settings.redis_prefix)
+        return RedisStore(
+            settings.redis_url,
+            prefix=settings.redis_prefix,
+            connect_timeout_s=settings.redis_timeout_s,
+            socket_timeout_s=settings.redis_timeout_s,
+            pool_timeout_s=settings.redis_timeout_s,
+        )
     return MemoryStore()
 
 

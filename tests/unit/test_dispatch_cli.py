@@ -286,3 +286,16 @@ def test_serve_dispatcher_reaches_the_server_when_everything_checks_out(
     (settings,) = seen
     assert (settings.config, settings.signing_key_file, settings.port, settings.workers) == (config, key, 0, 1)
     assert (settings.worker_forget_s, settings.max_report_value) == (120.0, 5e6)
+
+
+def test_redis_timeout_reaches_the_store() -> None:
+    from service.config import DispatcherSettings
+    from service.dispatch.app import open_store
+    from service.dispatch.redis_store import RedisStore
+
+    store = open_store(DispatcherSettings.from_env({}, redis_url="redis://127.0.0.1:1/0", redis_timeout_s=0.25))
+    assert isinstance(store, RedisStore)
+    kwargs = store._redis.connection_pool.connection_kwargs
+    assert (kwargs["socket_timeout"], kwargs["socket_connect_timeout"]) == (0.25, 0.25)
+    with pytest.raises(ValueError, match="--redis-timeout-s must be a positive"):
+        DispatcherSettings.from_env({}, redis_timeout_s=0.0)
