@@ -153,8 +153,6 @@ def _serve_dispatcher(args: argparse.Namespace) -> int:
 
     try:
         settings = DispatcherSettings.from_args(args)
-        if settings.workers > 1 and not settings.redis_url:
-            raise ValueError("several workers need shared state: pass --redis-url (in-memory state is per process)")
         if settings.config is not None:
             load_config(settings.config)  # fail before binding, with the file's own error
         from service.dispatch.app import load_signer

@@ -173,6 +173,8 @@ class DispatcherSettings(BaseSettings):
 
     def __post_init__(self) -> None:
         problems = _base_problems(self)
+        if self.workers > 1 and not self.redis_url:
+            problems.append("several workers need shared state: pass --redis-url (in-memory state is per process)")
         # forgetting a worker the pick still counts as live would drop a record routes rely on
         if not self.worker_forget_s >= self.heartbeat_timeout_s:
             problems.append(

@@ -40,10 +40,8 @@ def parse_route_request(
     """The body of ``POST /route/``; the key may be in the body, a Bearer header or the ``api_key`` query
     parameter, in that order of precedence."""
     endpoint = _text(data, "endpoint", MAX_ID_CHARS)
-    cost = _number(data, "cost")
-    if not 0 <= cost <= max_cost:
-        raise InvalidRequest(f"'cost' must be between 0 and {max_cost:g}")
-    cost += 0.0  # -0.0 becomes 0.0: the signed cost would otherwise read "-0", which workers need not expect
+    # + 0.0: -0.0 becomes 0.0, as the signed cost would otherwise read "-0", which workers need not expect
+    cost = _bounded(_number(data, "cost"), "cost", max_cost) + 0.0
     request_idx = _optional_int(data, "request_idx")
     if request_idx is not None and not 0 <= request_idx <= MAX_REQUEST_IDX:
         raise InvalidRequest(f"'request_idx' must be an integer between 0 and {MAX_REQUEST_IDX}")

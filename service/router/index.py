@@ -30,7 +30,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 FAISS_MISSING = "FAISS is missing: pip install 'llm-routing-service[cpu]' (or '[faiss-gpu]' on CUDA hosts)"
-BACKENDS = INDEX_BACKENDS
 
 
 @dataclass(frozen=True)
@@ -87,8 +86,8 @@ def build_index(
 ) -> CentroidSearch:
     """``auto``: FAISS when it imports, else the torch index on ``device``, with a warning (an install
     without FAISS is a deployment choice to see, not to hide: /health reports the backend too)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"index backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+    if backend not in INDEX_BACKENDS:
+        raise ValueError(f"index backend must be one of {', '.join(INDEX_BACKENDS)}; got {backend!r}")
     if backend == "faiss" or (backend == "auto" and faiss is not None):
         return CentroidIndex(centroids)
     from service.router.torch_index import TorchCentroidIndex
