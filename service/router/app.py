@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -15,7 +16,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 from starlette.routing import Route
@@ -28,10 +29,12 @@ from service.http.server import Fleet
 from service.http.service_base import ServiceBase
 from service.metrics import RouterMetrics
 from service.router.api import RouterApi
-from service.router.embedder import CudaOptions, Embedder, MiniLMEmbedder
 from service.router.engine import RouterEngine, build_state
 from service.router.state import StateHolder
 from service.router.weights import RouterWeights, WeightsError
+
+if TYPE_CHECKING:  # torch loads in the loading thread, after the server listens (see model_card.py)
+    from service.router.embedder import CudaOptions, Embedder
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +45,7 @@ WARMUP_ROUNDS = 3
 ABORT_ANSWER_GRACE_S = 2.0
 DRAIN_TIMEOUT_MESSAGE = "the router shut down before this request's turn came; retry on another replica"
 
-EmbedderFactory = Callable[[], Embedder]
+EmbedderFactory = Callable[[], "Embedder"]
 
 
 class Phase(StrEnum):
@@ -68,15 +71,7 @@ class RouterService(ServiceBase):
         self.phase = Phase.LOADING
         self.load_error: str | None = None
         self._embedder: Embedder | None = None
-        self._embedder_factory = embedder_factory or (
-            lambda: MiniLMEmbedder(
-                model_dir=settings.model_dir,
-                device=settings.device,
-                dtype=settings.dtype,
-                torchscript=settings.torchscript,
-                cuda=cuda_options(settings),
-            )
-        )
+        self._embedder_factory = embedder_factory or functools.partial(build_embedder, settings)
         self._drain_requested = asyncio.Event()
         api = RouterApi(self)
         routes = [
@@ -238,7 +233,22 @@ def _warm_up(embedder: Embedder) -> None:
         embedder.embed_ids(batch)
 
 
+def build_embedder(settings: RouterSettings) -> Embedder:
+    """Runs in the loading thread: this is where torch is first imported."""
+    from service.router.embedder import MiniLMEmbedder
+
+    return MiniLMEmbedder(
+        model_dir=settings.model_dir,
+        device=settings.device,
+        dtype=settings.dtype,
+        torchscript=settings.torchscript,
+        cuda=cuda_options(settings),
+    )
+
+
 def cuda_options(settings: RouterSettings) -> CudaOptions:
+    from service.router.embedder import CudaOptions
+
     return CudaOptions(
         graphs=settings.cuda_graphs,
         graph_batch_sizes=settings.cuda_graph_batch_sizes,

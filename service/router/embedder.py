@@ -25,10 +25,8 @@ from service.router.buckets import BucketGrid
 from service.router.cuda_encoder import CudaEncoder
 from service.router.kernels import RouterKernels, load_kernels
 from service.router.minilm import MiniLM, script_for_inference
+from service.router.model_card import EMBEDDING_DIM, MODEL_ID
 from service.router.model_export import model_sha256
-
-MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
-EMBEDDING_DIM = 384
 
 # Weights never come from a hub at run time.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -20,6 +20,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from prometheus_client import Counter
@@ -29,12 +30,14 @@ from service.errors import InvalidRequest, NotReady, ShuttingDown
 from service.metrics import RouterMetrics
 from service.router.batcher import BatcherConfig, MicroBatcher
 from service.router.cache import LRUCache
-from service.router.embedder import Embedder
 from service.router.index import Nearest
 from service.router.schemas import RouteDecision, RouteRequest
 from service.router.scoring import score_batch, score_one
 from service.router.state import RouterState, StateHolder
 from service.router.weights import RouterWeights, WeightsError, check_embedder, load_weights
+
+if TYPE_CHECKING:  # torch loads in the background, after the server listens (see model_card.py)
+    from service.router.embedder import Embedder
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from service.errors import InvalidRequest, PayloadTooLarge
 from service.http.responses import parse_json_object
-from service.router.embedder import EMBEDDING_DIM
+from service.router.model_card import EMBEDDING_DIM
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -215,3 +217,14 @@ def test_openapi_is_valid_and_lists_the_endpoints(client: TestClient) -> None:
     assert set(required) == {
         "selected_model", "cluster_id", "expected_error", "cost_adjusted_score", "all_scores", "cache_hit", "usage",
     }  # fmt: skip
+
+
+def test_the_server_side_imports_no_torch_before_it_listens() -> None:
+    """torch takes seconds to import; the router must listen and answer 503 meanwhile, so everything the CLI imports
+    before binding (the app, its handlers, schemas, OpenAPI) stays free of it: the loading thread imports it."""
+    probe = (
+        "import sys, service.cli, service.router.app, service.http.server;"
+        "print(','.join(m for m in ('torch', 'tokenizers', 'sentence_transformers') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == ""
