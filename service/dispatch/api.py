@@ -116,11 +116,13 @@ class DispatcherApi:
     async def delete_requests(self, request: Request) -> Response:
         token = _worker_token(request)
         data = parse_json_object(await read_json_body(request, max_bytes=self.settings.max_body_bytes))
-        name, idxs, success = schemas.parse_release(data)
+        name, idxs, success, worker_id = schemas.parse_release(data)
         spec = self._authenticate_worker(name, token)
-        released = await self.service.store.release(spec.name, idxs)
+        released = await self.service.store.release(spec.name, idxs, worker_id)
         self.metrics.released.labels(endpoint=spec.name, success=str(success).lower()).inc(released.released)
-        return ORJSONResponse({"ok": True, "released": released.released, "unknown": released.unknown})
+        return ORJSONResponse(
+            {"ok": True, "released": released.released, "unknown": released.unknown, "not_held": released.not_held}
+        )
 
     async def endpoint_info(self, request: Request) -> Response:
         """Operator view of one endpoint: settings, workers and the autoscaling decision."""

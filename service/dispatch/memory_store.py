@@ -124,18 +124,21 @@ class MemoryStore:
         workers[report.worker_id] = record
         return dataclasses.replace(record)
 
-    async def release(self, endpoint: str, request_idxs: Sequence[int]) -> Released:
-        released = unknown = 0
+    async def release(self, endpoint: str, request_idxs: Sequence[int], worker_id: str | None = None) -> Released:
+        released = unknown = not_held = 0
         for idx in request_idxs:
             request = self._requests.get(idx)
             if request is None or request[_ENDPOINT] != endpoint:
                 unknown += 1
                 continue
+            if worker_id is not None and request[_WORKER] != worker_id:
+                not_held += 1
+                continue
             del self._requests[idx]
             if request[_WORKER] is not None:
                 self._unassign(endpoint, request[_WORKER], request[_COST])
             released += 1
-        return Released(released=released, unknown=unknown)
+        return Released(released=released, unknown=unknown, not_held=not_held)
 
     async def forget_workers(self, endpoint: str, forget_s: float) -> int:
         now = self._clock()

@@ -121,7 +121,11 @@ _RELEASE = {
     "required": ["endpoint", "request_idxs"],
     "properties": {
         "endpoint": {"type": "string", "minLength": 1},
-        "id": {"type": "string"},
+        "id": {
+            "type": "string",
+            "minLength": 1,
+            "description": "the releasing worker: requests a retry moved to another worker are left with it (not_held)",
+        },
         "request_idxs": {"type": "array", "items": {"type": "integer", "minimum": 1}},
         "success": {"type": "boolean"},
     },

@@ -131,3 +131,4 @@ RouteOutcome = Assigned | NoReadyWorker
 class Released:
     released: int  # requests whose load was given back
     unknown: int  # already released, expired, or never issued for this endpoint
+    not_held: int = 0  # held by another worker than the one releasing (a retry moved them): left with it

@@ -196,13 +196,14 @@ class RedisStore:
             report, last_seen=float(last_seen), load=float(load), reqnum=int(reqnum), open_requests=int(open_requests)
         )
 
-    async def release(self, endpoint: str, request_idxs: Sequence[int]) -> Released:
+    async def release(self, endpoint: str, request_idxs: Sequence[int], worker_id: str | None = None) -> Released:
         if not request_idxs:
             return Released(released=0, unknown=0)
-        args = (*self._common, _check_endpoint(endpoint), *(str(int(idx)) for idx in request_idxs))
+        holder = "" if worker_id is None else worker_id  # worker ids are never empty (schemas)
+        args = (*self._common, _check_endpoint(endpoint), holder, *(str(int(idx)) for idx in request_idxs))
         with self._unavailable("release"):
-            released, unknown = await self._release(args=args)
-        return Released(released=int(released), unknown=int(unknown))
+            released, unknown, not_held = await self._release(args=args)
+        return Released(released=int(released), unknown=int(unknown), not_held=int(not_held))
 
     async def forget_workers(self, endpoint: str, forget_s: float) -> int:
         with self._unavailable("forget_workers"):

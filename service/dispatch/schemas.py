@@ -83,9 +83,10 @@ def parse_worker_report(data: Mapping[str, Any], *, max_value: float) -> tuple[s
     return endpoint, report
 
 
-def parse_release(data: Mapping[str, Any]) -> tuple[str, list[int], bool]:
-    """The body of ``POST /delete_requests/``: (endpoint, request_idxs, success)."""
+def parse_release(data: Mapping[str, Any]) -> tuple[str, list[int], bool, str | None]:
+    """The body of ``POST /delete_requests/``: (endpoint, request_idxs, success, the releasing worker's id if given)."""
     endpoint = _text(data, "endpoint", MAX_ID_CHARS)
+    worker_id = None if data.get("id") is None else _text(data, "id", MAX_ID_CHARS)
     idxs = data.get("request_idxs")
     if not isinstance(idxs, list) or len(idxs) > MAX_RELEASE_BATCH:
         raise InvalidRequest(f"'request_idxs' must be a list of at most {MAX_RELEASE_BATCH} integers")
@@ -94,7 +95,7 @@ def parse_release(data: Mapping[str, Any]) -> tuple[str, list[int], bool]:
     success = data.get("success", True)
     if not isinstance(success, bool):
         raise InvalidRequest("'success' must be a boolean")
-    return endpoint, idxs, success
+    return endpoint, idxs, success, worker_id
 
 
 def assigned_answer(assignment: Assignment, signature: str, request_id: str) -> dict[str, Any]:

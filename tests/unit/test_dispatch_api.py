@@ -243,18 +243,34 @@ async def test_release_gives_the_load_back_and_counts_unknown_requests(client: h
         "/delete_requests/", json={"endpoint": EP, "request_idxs": [a["request_idx"], 999_999]}, headers=WORKER
     )
     assert r.status_code == 200, r.text
-    assert r.json() == {"ok": True, "released": 1, "unknown": 1}
+    assert r.json() == {"ok": True, "released": 1, "unknown": 1, "not_held": 0}
     assert (await workers(client))[0]["load"] == 5.0
     again = await client.post(
         "/delete_requests/",
         json={"endpoint": EP, "request_idxs": [a["request_idx"], b["request_idx"]], "success": False},
         headers=WORKER,
     )
-    assert again.json() == {"ok": True, "released": 1, "unknown": 1}  # a was already released
+    assert again.json() == {"ok": True, "released": 1, "unknown": 1, "not_held": 0}  # a was already released
     assert (await workers(client))[0]["load"] == 0.0
     # a released request cannot be retried
     retry = {"endpoint": EP, "api_key": API_KEY, "cost": 1, "request_idx": a["request_idx"]}
     assert_error(await client.post("/route/", json=retry), 400, "invalid_request")
+
+
+async def test_release_naming_its_worker_leaves_a_moved_request_with_the_new_one(client: httpx.AsyncClient) -> None:
+    await register(client, "w1", url="http://w1:1")
+    await register(client, "w2", url="http://w2:1", max_perf=1.0)
+    first = await route(client)
+    moved = await route(client, request_idx=first["request_idx"])  # the retry avoids w1
+    assert (first["url"], moved["url"]) == ("http://w1:1", "http://w2:1")
+    late = {"endpoint": EP, "id": "w1", "request_idxs": [first["request_idx"]]}
+    r = await client.post("/delete_requests/", json=late, headers=WORKER)
+    assert r.json() == {"ok": True, "released": 0, "unknown": 0, "not_held": 1}
+    assert {w["id"]: w["load"] for w in await workers(client)} == {"w1": 0.0, "w2": 10.0}
+    done = {**late, "id": "w2"}
+    r = await client.post("/delete_requests/", json=done, headers=WORKER)
+    assert r.json() == {"ok": True, "released": 1, "unknown": 0, "not_held": 0}
+    assert {w["id"]: w["load"] for w in await workers(client)} == {"w1": 0.0, "w2": 0.0}
 
 
 async def test_release_needs_the_endpoints_worker_token(client: httpx.AsyncClient) -> None:
@@ -269,7 +285,7 @@ async def test_release_needs_the_endpoints_worker_token(client: httpx.AsyncClien
         json={"endpoint": OTHER, "request_idxs": [a["request_idx"]]},
         headers={"authorization": f"Bearer {OTHER_WORKER_TOKEN}"},
     )
-    assert r.json() == {"ok": True, "released": 0, "unknown": 1}
+    assert r.json() == {"ok": True, "released": 0, "unknown": 1, "not_held": 0}
     assert (await workers(client))[0]["load"] == 10.0
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from service.dispatch.records import WorkerReport, WorkerState
 from service.dispatch.schemas import (
+    MAX_ID_CHARS,
     MAX_RELEASE_BATCH,
     MAX_REQUEST_IDX,
     RouteRequest,
@@ -229,8 +230,12 @@ def test_a_report_without_endpoint_is_invalid() -> None:
 # -- POST /delete_requests/ -------------------------------------------------------------------------------------
 def test_a_release() -> None:
     idxs = [1, 2, MAX_REQUEST_IDX]
-    assert parse_release({"endpoint": "ep", "request_idxs": idxs}) == ("ep", idxs, True)
-    assert parse_release({"endpoint": "ep", "request_idxs": [], "success": False}) == ("ep", [], False)
+    assert parse_release({"endpoint": "ep", "request_idxs": idxs}) == ("ep", idxs, True, None)
+    assert parse_release({"endpoint": "ep", "request_idxs": [], "success": False}) == ("ep", [], False, None)
+    assert parse_release({"endpoint": "ep", "request_idxs": [1], "id": "gpu-0"}) == ("ep", [1], True, "gpu-0")
+    for bad_id in ("", 7, ["gpu-0"], "x" * (MAX_ID_CHARS + 1)):
+        with pytest.raises(InvalidRequest, match="'id'"):
+            parse_release({"endpoint": "ep", "request_idxs": [1], "id": bad_id})
     assert parse_release({"endpoint": "ep", "request_idxs": [1] * MAX_RELEASE_BATCH})[1] == [1] * MAX_RELEASE_BATCH
 
 

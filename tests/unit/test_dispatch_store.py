@@ -288,6 +288,20 @@ async def test_release_gives_load_back_once(store: DispatchStore) -> None:
         await store.route(EP, 1.0, first.request_idx, POLICY)
 
 
+async def test_release_by_a_worker_leaves_requests_a_retry_moved_to_another(store: DispatchStore) -> None:
+    await report(store, "w1", max_perf=100.0)
+    await report(store, "w2", max_perf=1.0)
+    first = await assign(store, 1.0)
+    moved = await assign(store, 1.0, first.request_idx)  # the client gave up on w1 and retried: now w2's
+    assert (first.worker_id, moved.worker_id) == ("w1", "w2")
+    # w1 finishes the first attempt after all: the load the retry put on w2 stays there
+    assert await store.release(EP, [first.request_idx], "w1") == Released(released=0, unknown=0, not_held=1)
+    assert await loads(store) == {"w1": 0.0, "w2": 1.0}
+    assert await store.release(EP, [first.request_idx], "w2") == Released(released=1, unknown=0, not_held=0)
+    assert await loads(store) == {"w1": 0.0, "w2": 0.0}
+    assert await store.release(EP, [first.request_idx], "w2") == Released(released=0, unknown=1, not_held=0)
+
+
 async def test_release_of_a_request_without_worker(store: DispatchStore) -> None:
     await report(store, "w1", state=WorkerState.LOADING)
     refused = await no_ready(store, 5.0)
@@ -513,16 +527,19 @@ async def test_redis_mirrors_memory_step_by_step(redis_url: str, redis_prefix: s
                     issued.append(results[0].request_idx)
             else:
                 batch = rng.sample(issued, min(len(issued), rng.randrange(1, 4))) if issued else [1]
-                results = [await store.release(endpoint, batch) for store in stores]
+                holder = rng.choice([None, *ids])
+                results = [await store.release(endpoint, batch, holder) for store in stores]
             assert results[0] == results[1]
             seen.add(results[0] if isinstance(results[0], str) else type(results[0]).__name__)
             if isinstance(results[0], Released) and results[0].released:
                 seen.add("released")
+            if isinstance(results[0], Released) and results[0].not_held:
+                seen.add("not_held")
             for name in (EP, OTHER_EP):
                 ledgers = [[(w.worker_id, w.state, w.max_perf, w.load, w.reqnum, w.open_requests)
                             for w in await s.workers(name)] for s in stores]  # fmt: skip
                 assert ledgers[0] == ledgers[1]
-        assert seen >= {"Assigned", "NoReadyWorker", "unknown", "released"}
+        assert seen >= {"Assigned", "NoReadyWorker", "unknown", "released", "not_held"}
     finally:
         await redis_store.close()
 
