@@ -63,7 +63,8 @@ class DispatcherApi:
             self._count(spec.name, "unknown_request")
             raise InvalidRequest(
                 f"unknown request_idx {route_request.request_idx} for endpoint {spec.name!r} "
-                "(never issued here, or expired); send request_idx 0 for a new request"
+                "(never issued here, or expired); send request_idx 0 for a new request",
+                details={"reason": schemas.UNKNOWN_REQUEST_IDX},
             ) from None
         finally:
             self.metrics.pick_duration.observe(time.perf_counter() - started)

@@ -1,6 +1,8 @@
 """The dispatcher service: Starlette app, state store, signing key, endpoints, scaling loop, drain and reload.
 
-SIGHUP re-reads the endpoints file (a bad file is logged and the previous endpoints keep serving).
+SIGHUP re-reads the endpoints file and the signing key file (a bad file is logged and what was loaded keeps serving).
+A new key in the key file takes over signing at once, in the same process, so the state (reqnums above all) carries
+on; the replaced key stays published until everything it signed has expired.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ from service.dispatch.endpoints import ConfigError, EndpointRegistry, EndpointSp
 from service.dispatch.memory_store import MemoryStore
 from service.dispatch.records import STATUS_KEYS, WorkerRecord
 from service.dispatch.selection import status_breakdown
-from service.dispatch.signing import PublishedKey, Signer, publish, read_key_file, read_public_keys
+from service.dispatch.signing import KeyFileError, PublishedKey, Signer, publish, read_key_file, read_public_keys
 from service.dispatch.signing_batch import SignatureBatcher
 from service.dispatch.store import DispatchStore, LoadStats, StoreUnavailable
+from service.dispatch.verifier import DEFAULT_CLOCK_SKEW_S
 from service.http.fastpath import served_by_fast_path
 from service.http.server import Fleet
 from service.http.service_base import ServiceBase
@@ -36,6 +39,10 @@ logger = logging.getLogger(__name__)
 # Silent workers are swept every tenth of --worker-forget-s (at most once per refresh): one store call per endpoint,
 # and a worker is forgotten at most 10% later than due.
 FORGET_SWEEP_FRACTION = 0.1
+
+# A key replaced on SIGHUP stays published this long past the replaced key's last assignment's expiry: the clock skew
+# a worker's verifier allows.
+RETIRED_KEY_GRACE_S = DEFAULT_CLOCK_SKEW_S
 
 EPHEMERAL_KEY_WARNING = (
     "NO SIGNING KEY CONFIGURED: using an ephemeral Ed25519 key (key id %s). Workers must re-fetch /pubkey/ after "
@@ -99,7 +106,10 @@ class DispatcherService(ServiceBase):
         self.registry = registry if registry is not None else load_registry(settings)
         self.signer = signer if signer is not None else load_signer(settings)
         self.signing = SignatureBatcher(self.signer)
-        self.published_keys: list[PublishedKey] = publish(self.signer, read_public_keys(settings.previous_public_keys))
+        self._configured_previous_keys = read_public_keys(settings.previous_public_keys)
+        self._retired_keys: list[bytes] = []  # replaced on SIGHUP, published until their assignments expired
+        self.published_keys: list[PublishedKey] = []
+        self._publish_keys()
         self.draining = False
         self._drain_requested = asyncio.Event()
         api = DispatcherApi(self)
@@ -178,9 +188,13 @@ class DispatcherService(ServiceBase):
         logger.info("drained")
 
     def on_reload_signal(self) -> None:
-        """SIGHUP: re-read the endpoints file."""
+        """SIGHUP: re-read the endpoints file and the signing key file."""
+        self._reload_endpoints()
+        self._reload_signing_key()
+
+    def _reload_endpoints(self) -> None:
         if self.settings.config is None:
-            logger.warning("SIGHUP ignored: no endpoints file configured")
+            logger.info("SIGHUP: no endpoints file configured, endpoints unchanged")
             return
         try:
             registry = load_config(self.settings.config)
@@ -189,6 +203,42 @@ class DispatcherService(ServiceBase):
             return
         self.registry = registry
         logger.info("SIGHUP reload: now serving %d endpoint(s)", len(registry))
+
+    def _reload_signing_key(self) -> None:
+        """Key rotation without a restart: a restart on in-memory state would start reqnums afresh at the clock, far
+        above what workers have seen, and their replay windows would then refuse every assignment still in flight."""
+        path = self.settings.signing_key_file
+        if path is None:
+            return
+        try:
+            signer = read_key_file(path)
+        except (KeyFileError, OSError) as exc:
+            logger.error("SIGHUP: signing key file rejected, key %s keeps signing: %s", self.signer.key_id, exc)
+            return
+        if signer.key_id == self.signer.key_id:
+            return
+        retired = self.signer
+        # Both at once, on the loop: a route reads the signer and hands its assignment to the batcher without
+        # yielding, so each assignment names the key that signs it.
+        self.signer, self.signing = signer, SignatureBatcher(signer)
+        self._retired_keys.insert(0, retired.public_key)
+        self._publish_keys()
+        until_expired = self.settings.assignment_ttl_s + RETIRED_KEY_GRACE_S
+        asyncio.get_running_loop().call_later(until_expired, self._unpublish_retired, retired.public_key)
+        logger.info(
+            "SIGHUP: signing key %s now signs; %s stays published for %.0f s",
+            signer.key_id,
+            retired.key_id,
+            until_expired,
+        )
+
+    def _unpublish_retired(self, public_key: bytes) -> None:
+        if public_key in self._retired_keys:
+            self._retired_keys.remove(public_key)
+            self._publish_keys()
+
+    def _publish_keys(self) -> None:
+        self.published_keys = publish(self.signer, [*self._retired_keys, *self._configured_previous_keys])
 
     # -- scaling decisions and worker gauges --------------------------------------------------------------------
     async def endpoint_view(self, spec: EndpointSpec) -> EndpointView:

@@ -8,8 +8,13 @@ instead of counting the request twice. A fresh request_idx on retry would leak l
 Retried (after full-jitter exponential back-off, or the server's ``Retry-After`` when it sends one):
 a "no ready worker" answer, a dispatcher 429/5xx or transport error, a worker transport error, 429 or 5xx, and a
 worker 401 ``invalid_assignment`` (e.g. the assignment expired on the way, or the worker has not seen a key
-rotation yet). Not retried: dispatcher 4xx other than 429 (bad key, bad request: retrying cannot help) and worker
-4xx other than those, which are the worker's answer to the payload and are returned as they are.
+rotation yet). A retry whose request_idx the dispatcher no longer knows (it expired after the dispatcher's request
+TTL, or a dispatcher on in-memory state restarted) holds no load any more: the next attempt routes the request as a
+new one. Not retried: dispatcher 4xx other than those (bad key, bad request: retrying cannot help) and worker 4xx
+other than those above, which are the worker's answer to the payload and are returned as they are.
+
+A server's ``Retry-After`` is waited, plus up to a fifth more at random, so that clients refused together do not all
+come back in the same instant.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from typing import Any
 import httpx
 import orjson
 
+from service.dispatch.schemas import UNKNOWN_REQUEST_IDX
 from service.dispatch.signing import Assignment
 from service.errors import InvalidAssignment
 
@@ -34,6 +40,7 @@ DEFAULT_MAX_ATTEMPTS = 8
 DEFAULT_BACKOFF_BASE_S = 0.1
 DEFAULT_BACKOFF_MAX_S = 5.0
 DEFAULT_RETRY_AFTER_MAX_S = 30.0  # a Retry-After above this is waited only this long
+RETRY_AFTER_JITTER = 0.2  # a Retry-After is stretched by up to this fraction, at random
 DEFAULT_ROUTE_TIMEOUT_S = 10.0
 DEFAULT_WORKER_TIMEOUT_S = 300.0  # a worker call is a whole inference
 MAX_BACKOFF_DOUBLINGS = 32  # beyond this the cap is backoff_max_s anyway; keeps 2**n small
@@ -54,12 +61,15 @@ class DispatchError(Exception):
 class DispatcherRefused(DispatchError):
     """The dispatcher answered an HTTP error (``{"error": {"code", "message"}}``)."""
 
-    def __init__(self, status: int, code: str, message: str, retry_after_s: float | None = None) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, retry_after_s: float | None = None, reason: str | None = None
+    ) -> None:
         super().__init__(f"dispatcher answered {status} {code}: {message}")
         self.status = status
         self.code = code
         self.message = message
         self.retry_after_s = retry_after_s
+        self.reason = reason  # the error body's machine-readable ``reason``, where it has one
 
     @property
     def retryable(self) -> bool:
@@ -156,6 +166,14 @@ def _error_fields(response: httpx.Response) -> tuple[str, str]:
         return "http_error", response.text[:ERROR_TEXT_LIMIT]
 
 
+def _error_reason(response: httpx.Response) -> str | None:
+    try:
+        reason = response.json()["error"].get("reason")
+    except (ValueError, AttributeError, TypeError, KeyError):
+        return None
+    return reason if isinstance(reason, str) else None
+
+
 class DispatchClient:
     """Routes requests through the dispatcher at ``dispatcher_url`` with a client ``api_key``."""
 
@@ -216,7 +234,7 @@ class DispatchClient:
         if response.status_code != HTTP_OK:
             code, message = _error_fields(response)
             retry_after = parse_retry_after(response.headers.get("retry-after"))
-            raise DispatcherRefused(response.status_code, code, message, retry_after)
+            raise DispatcherRefused(response.status_code, code, message, retry_after, _error_reason(response))
         try:
             answer = response.json()
         except ValueError:
@@ -230,8 +248,8 @@ class DispatchClient:
     async def request(self, endpoint: str, route_path: str, payload: object, cost: float) -> WorkerResponse:
         """Route, send ``payload`` to the assigned worker at ``route_path``, retrying as the module says.
 
-        Raises ``DispatcherRefused`` at once for a dispatcher 4xx other than 429, ``AttemptsExhausted`` (a
-        ``DispatchError``) when ``max_attempts`` attempts all failed."""
+        Raises ``DispatcherRefused`` at once for a dispatcher 4xx other than 429 and an unknown request_idx,
+        ``AttemptsExhausted`` (a ``DispatchError``) when ``max_attempts`` attempts all failed."""
         progress = _Progress()
         for attempt in range(1, self._max_attempts + 1):
             if attempt > 1:
@@ -251,9 +269,10 @@ class DispatchClient:
 
     def backoff_delay(self, retry: int, retry_after_s: float | None = None) -> float:
         """Seconds before retry number ``retry`` (1-based): the server's ``Retry-After`` (capped at
-        ``retry_after_max_s``) when given, else full jitter, uniform in [0, min(max, base * 2**(retry-1))]."""
+        ``retry_after_max_s``) stretched by up to ``RETRY_AFTER_JITTER`` when given, else full jitter, uniform in
+        [0, min(max, base * 2**(retry-1))]."""
         if retry_after_s is not None:
-            return min(retry_after_s, self._retry_after_max_s)
+            return min(retry_after_s, self._retry_after_max_s) * (1.0 + self._rng.uniform(0.0, RETRY_AFTER_JITTER))
         doublings = min(retry - 1, MAX_BACKOFF_DOUBLINGS)
         return self._rng.uniform(0.0, min(self._backoff_max_s, self._backoff_base_s * 2**doublings))
 
@@ -295,6 +314,10 @@ class DispatchClient:
         try:
             answer = await self.route(endpoint, cost, progress.request_idx)
         except DispatcherRefused as exc:
+            if exc.reason == UNKNOWN_REQUEST_IDX and progress.request_idx is not None:
+                progress.fail(f"dispatcher: request_idx {progress.request_idx} is no longer known; routing anew")
+                progress.request_idx = None
+                return None
             if not exc.retryable:
                 raise
             progress.fail(f"dispatcher: {exc.status} {exc.code}", exc.retry_after_s)

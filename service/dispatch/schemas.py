@@ -7,6 +7,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from service.dispatch.records import Assigned, NoReadyWorker, WorkerRecord, WorkerReport, WorkerState
 from service.dispatch.signing import Assignment, is_safe_text
@@ -16,6 +17,9 @@ MAX_REQUEST_IDX = 2**53  # JSON numbers above this lose precision in many client
 MAX_ID_CHARS = 256
 MAX_URL_CHARS = 2048
 MAX_RELEASE_BATCH = 10_000
+# The error ``reason`` of a retry whose request_idx the dispatcher no longer knows (expired, or its state was lost):
+# nothing is held for it any more, so a client routes the request again as a new one.
+UNKNOWN_REQUEST_IDX = "unknown_request_idx"
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,9 +64,7 @@ def parse_worker_report(data: Mapping[str, Any], *, max_value: float) -> tuple[s
     (``--max-report-value``): sums and means of unbounded ones overflow to inf in autoscaling."""
     endpoint = _text(data, "endpoint", MAX_ID_CHARS)
     worker_id = _text(data, "id", MAX_ID_CHARS)
-    url = _text(data, "url", MAX_URL_CHARS).rstrip("/")
-    if not url.startswith(("http://", "https://")) or not is_safe_text(url):
-        raise InvalidRequest("'url' must be an http(s) URL of printable ASCII without quotes or backslashes")
+    url = _worker_url(_text(data, "url", MAX_URL_CHARS))
     if not is_safe_text(worker_id):
         raise InvalidRequest("'id' must be printable ASCII without quotes or backslashes")
     raw_state = data.get("state")
@@ -134,6 +136,22 @@ def assignment_for(endpoint: str, outcome: Assigned, cost: float, *, expires_at_
 
 
 # -- field readers ----------------------------------------------------------------------------------------------
+def _worker_url(text: str) -> str:
+    """The URL clients are sent to, trailing slashes removed (assignments carry it so; workers compare it so)."""
+    url = text.rstrip("/")
+    problem = "'url' must be an http(s) URL with a host, of printable ASCII without spaces, quotes or backslashes"
+    if not is_safe_text(url) or " " in url:
+        raise InvalidRequest(problem)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - parsing it is the check: a port that is not a number in 0..65535 raises
+    except ValueError:
+        raise InvalidRequest(problem) from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InvalidRequest(problem)
+    return url
+
+
 def _text(data: Mapping[str, Any], name: str, max_chars: int) -> str:
     value = data.get(name)
     if not isinstance(value, str) or not value:

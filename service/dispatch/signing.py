@@ -19,6 +19,7 @@ SHA-256 over the 32-byte public key. Public keys travel as lowercase hex (``GET 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 import stat
@@ -77,7 +78,13 @@ class Assignment:
         for name, value in texts.items():
             if not isinstance(value, str):
                 raise ValueError(f"{name} must be a string")
-        return cls(cost=float(cost), **ints, **texts)
+        try:
+            as_float = float(cost)  # an int past float's range (stdlib json parses one) overflows here
+        except OverflowError:
+            raise ValueError("cost is out of range") from None
+        if not math.isfinite(as_float):
+            raise ValueError("cost must be finite")
+        return cls(cost=as_float, **ints, **texts)
 
 
 def is_safe_text(value: str) -> bool:

@@ -3,10 +3,10 @@
 Clients send ``POST {url}{route}`` with ``{"auth_data": <the route answer>, "payload": {...}}``. This pure-ASGI
 middleware reads that body once, verifies ``auth_data`` (``AssignmentVerifier``) and either answers itself
 (401 ``invalid_assignment`` with the ``reason``; 400, 413, 415 for a body that is not a JSON object, too large, or
-not JSON at all: the service's own body reader and error answers) or hands the
-request on with the body replayed unchanged and the verified ``Assignment`` in ``request.state.assignment`` (the
-payload in ``request.state.payload``). Being plain ASGI it wraps any framework, and it never buffers the bodies
-of paths it does not protect. Whatever else Vast's SDK sends (``session_id``, ``?api_key=``, a Bearer header) is
+not JSON at all: the service's own body reader and error answers) or hands the request on with the body replayed
+unchanged and the verified ``Assignment`` in ``request.state.assignment`` (the payload in ``request.state.payload``,
+its numbers exact). Being plain ASGI it wraps any framework, and it never buffers the bodies of paths it does not
+protect. Whatever else Vast's SDK sends (``session_id``, ``?api_key=``, a Bearer header) is
 left alone: the signature is the only credential a worker needs.
 
 ``verify_request_body`` does the same check for servers that are not ASGI.
@@ -14,15 +14,17 @@ left alone: the signature is the only credential a worker needs.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Collection, Mapping
+from typing import Any, NoReturn
 
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.dispatch.signing import Assignment
 from service.dispatch.verifier import AssignmentRejected, AssignmentVerifier, RejectReason, normalise_url
-from service.errors import ServiceError
-from service.http.responses import error_response, parse_json_object, read_asgi_json_body
+from service.errors import InvalidRequest, ServiceError
+from service.http.responses import error_response, read_asgi_json_body
 
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
 STATE_ASSIGNMENT = "assignment"
@@ -30,12 +32,29 @@ STATE_PAYLOAD = "payload"
 RETRY_AFTER_S = 1  # error_response needs one; none of the errors raised here carries Retry-After
 
 
+def parse_exact_json_object(body: bytes) -> dict[str, Any]:
+    """The body as a JSON object, numbers exact: the stdlib parser, since orjson (the service's own) turns integers
+    past 64 bits into floats, and the payload is the client's data, handed on as sent. NaN and Infinity are refused,
+    as orjson refuses them."""
+    try:
+        data = json.loads(body, parse_constant=_refuse_constant)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise InvalidRequest(f"body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("body must be a JSON object")
+    return data
+
+
+def _refuse_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not JSON")
+
+
 def verify_request_body(verifier: AssignmentVerifier, body: bytes) -> tuple[Assignment, object]:
     """The verified assignment and the ``payload`` of a worker request body.
 
     Raises ``InvalidRequest`` when the body is not a JSON object, ``AssignmentRejected`` when ``auth_data`` is
     missing or does not verify."""
-    data = parse_json_object(body)
+    data = parse_exact_json_object(body)
     auth_data = data.get("auth_data")
     if not isinstance(auth_data, Mapping):
         raise AssignmentRejected(RejectReason.BAD_FORMAT, "body has no auth_data object")

@@ -193,6 +193,36 @@ def test_route_then_call_the_worker_with_the_signed_assignment(
     assert f'dispatcher_released_requests_total{{endpoint="{ENDPOINT}",success="true"}} 1.0' in metrics
 
 
+async def test_sighup_rotates_the_signing_key_and_assignments_in_flight_still_serve(
+    deployment: Deployment, stack: tuple[Server, list[Server]]
+) -> None:
+    dispatcher, _ = stack
+    await asyncio.to_thread(wait_for, lambda: ready_workers(dispatcher, deployment.api_key, 2), "two ready workers")
+    kept = (await asyncio.to_thread(route, dispatcher, deployment.api_key)).json()  # used after the rotation
+    old_key_id = kept["key_id"]
+    fresh = deployment.tmp / "next.key"
+    cli("keygen", str(fresh))
+    os.replace(fresh, deployment.key_file)
+    os.kill(dispatcher.process.pid, signal.SIGHUP)
+    pubkey = await asyncio.to_thread(
+        wait_for,
+        lambda: (keys := httpx.get(f"{dispatcher.url}/pubkey/").json())["key_id"] != old_key_id and keys,
+        "the new signing key",
+    )
+    assert [(k["key_id"], k["current"]) for k in pubkey["keys"]] == [(pubkey["key_id"], True), (old_key_id, False)]
+
+    # the workers still hold the old key only: the client's retry after their key refresh gets through
+    async with DispatchClient(dispatcher.url, deployment.api_key, backoff_base_s=0.05) as client:
+        served = await client.request(ENDPOINT, "/echo", {"after": "rotation"}, 1.0)
+    assert served.status == 200 and served.assignment.key_id == pubkey["key_id"]
+    # the state carried on in the same process, so the worker's replay window still takes the older assignment
+    late = await asyncio.to_thread(
+        httpx.post, f"{kept['url']}/echo", json={"auth_data": kept, "payload": "signed before the rotation"}
+    )
+    assert late.status_code == 200, late.text
+    assert "signing key file rejected" not in dispatcher.log()
+
+
 def test_every_single_byte_change_to_a_signed_field_is_refused_by_the_worker(
     deployment: Deployment, stack: tuple[Server, list[Server]]
 ) -> None:

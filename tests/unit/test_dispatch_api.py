@@ -7,6 +7,7 @@ import contextlib
 import math
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -15,11 +16,12 @@ from openapi_spec_validator import validate
 from starlette.types import Message
 
 from service.config import DispatcherSettings
+from service.dispatch import app as dispatch_app
 from service.dispatch.app import DispatcherService
 from service.dispatch.endpoints import EndpointRegistry, EndpointSpec, hash_key
 from service.dispatch.memory_store import MemoryStore
 from service.dispatch.records import STATUS_KEYS, PickPolicy, RouteOutcome
-from service.dispatch.signing import Assignment, KeyRing, Signer
+from service.dispatch.signing import Assignment, KeyRing, Signer, write_key_file
 from service.dispatch.store import StoreUnavailable
 
 EP, API_KEY, WORKER_TOKEN = "ep", "dk_test-client-key", "wt_test-worker-token"
@@ -254,7 +256,9 @@ async def test_release_gives_the_load_back_and_counts_unknown_requests(client: h
     assert (await workers(client))[0]["load"] == 0.0
     # a released request cannot be retried
     retry = {"endpoint": EP, "api_key": API_KEY, "cost": 1, "request_idx": a["request_idx"]}
-    assert_error(await client.post("/route/", json=retry), 400, "invalid_request")
+    r = await client.post("/route/", json=retry)
+    assert_error(r, 400, "invalid_request")
+    assert r.json()["error"]["reason"] == "unknown_request_idx"  # the client's cue to route it as a new request
 
 
 async def test_release_naming_its_worker_leaves_a_moved_request_with_the_new_one(client: httpx.AsyncClient) -> None:
@@ -645,3 +649,34 @@ async def test_handlers_work_without_the_lifespan() -> None:
         await register(client)
         body = await route(client)
         assert (await keyring(client)).verify(Assignment.from_mapping(body), body["signature"])
+
+
+async def test_sighup_key_rotation_publishes_the_old_key_until_its_assignments_expired(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(dispatch_app, "RETIRED_KEY_GRACE_S", 0.0)
+    key_file = tmp_path / "dispatch.key"
+    first = write_key_file(key_file)
+    settings = DispatcherSettings(autoscale_interval_s=3600.0, signing_key_file=key_file, assignment_ttl_s=0.3)
+    service = DispatcherService(settings, registry=registry(), store=MemoryStore())
+    async with serving(service) as client:
+        await register(client)
+        before = await route(client)
+        key_file.write_text("not a key")  # a bad file: logged, and the key in use keeps signing
+        service.on_reload_signal()
+        assert service.signer.key_id == first.key_id
+        key_file.unlink()
+        key_file.with_name("dispatch.key.pub").unlink()
+        second = write_key_file(key_file)
+        service.on_reload_signal()
+        after = await route(client)
+        assert (before["key_id"], after["key_id"]) == (first.key_id, second.key_id)
+        assert after["reqnum"] == before["reqnum"] + 1  # same process, same state: reqnums carry on
+        published = (await client.get("/pubkey/")).json()["keys"]
+        assert [(k["key_id"], k["current"]) for k in published] == [(second.key_id, True), (first.key_id, False)]
+        ring = await keyring(client)
+        for answer in (before, after):
+            assert ring.verify(Assignment.from_mapping(answer), answer["signature"])
+        await asyncio.sleep(0.5)  # past the old key's last assignment's expiry
+        published = (await client.get("/pubkey/")).json()["keys"]
+        assert [k["key_id"] for k in published] == [second.key_id]

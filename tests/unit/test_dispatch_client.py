@@ -18,6 +18,7 @@ import orjson
 import pytest
 
 from service.dispatch.client import (
+    RETRY_AFTER_JITTER,
     AttemptsExhausted,
     DispatchClient,
     DispatcherRefused,
@@ -25,6 +26,7 @@ from service.dispatch.client import (
     parse_retry_after,
 )
 from service.dispatch.example_worker import build_example_worker
+from service.dispatch.schemas import UNKNOWN_REQUEST_IDX
 from service.dispatch.signing import Assignment, Signer, publish
 
 DISPATCHER = "http://dispatcher:8081"
@@ -194,7 +196,10 @@ async def test_backoff_is_full_jitter_and_bounded(signer: Signer, make_client: A
 async def test_backoff_cap_holds_for_any_retry_count() -> None:
     async with DispatchClient(DISPATCHER, API_KEY, backoff_max_s=2.0) as client:
         assert all(0.0 <= client.backoff_delay(retry) <= 2.0 for retry in (1, 10, 100, 10_000))
-        assert client.backoff_delay(3, retry_after_s=100.0) == 30.0  # Retry-After is capped at retry_after_max_s
+        waits = [client.backoff_delay(3, retry_after_s=100.0) for _ in range(200)]
+        # Retry-After is capped at retry_after_max_s (30), then stretched at random so refused clients spread out
+        assert all(30.0 <= wait <= 30.0 * (1 + RETRY_AFTER_JITTER) for wait in waits)
+        assert len(set(waits)) == len(waits)
 
 
 async def test_retry_after_from_the_dispatcher_is_honoured(signer: Signer, make_client: Any, sleep: FakeSleep) -> None:
@@ -206,7 +211,29 @@ async def test_retry_after_from_the_dispatcher_is_honoured(signer: Signer, make_
     fake = FakeDispatch(signer, routes, [ok({})])
     response = await make_client(fake, retry_after_max_s=10.0).request(ENDPOINT, "/generate", {}, COST)
     assert response.attempts == len(routes)
-    assert sleep.delays == [2.0, 10.0]
+    assert len(sleep.delays) == 2
+    for delay, floor in zip(sleep.delays, (2.0, 10.0), strict=True):
+        assert floor <= delay <= floor * (1 + RETRY_AFTER_JITTER)
+
+
+async def test_a_request_idx_the_dispatcher_forgot_is_routed_as_a_new_request(signer: Signer, make_client: Any) -> None:
+    forgotten = httpx.Response(
+        400,
+        json={"error": {"code": "invalid_request", "message": "unknown request_idx", "reason": UNKNOWN_REQUEST_IDX}},
+    )
+    # the worker fails, and by the retry the dispatcher has forgotten the request (TTL, or a restart on memory state)
+    fake = FakeDispatch(signer, [ASSIGN, forgotten, ASSIGN], [httpx.Response(503), ok({"answer": 1})])
+    response = await make_client(fake).request(ENDPOINT, "/generate", {}, COST)
+    assert (response.status, response.attempts) == (200, 3)
+    assert [call.get("request_idx") for call in fake.route_calls] == [None, FIRST_IDX, None]
+    assert response.assignment.request_idx == FIRST_IDX + 1
+
+
+async def test_other_dispatcher_400s_are_not_retried(signer: Signer, make_client: Any) -> None:
+    fake = FakeDispatch(signer, [ASSIGN, error(400, "invalid_request")], [httpx.Response(503)])
+    with pytest.raises(DispatcherRefused) as refused:
+        await make_client(fake).request(ENDPOINT, "/generate", {}, COST)
+    assert (refused.value.status, refused.value.reason, len(fake.route_calls)) == (400, None, 2)
 
 
 async def test_giving_up_says_why(signer: Signer, make_client: Any) -> None:

@@ -177,7 +177,8 @@ def test_bad_state_is_invalid(bad: object) -> None:
 @pytest.mark.parametrize(
     "bad",
     ["10.0.0.5:8000", "ftp://10.0.0.5", "http://", 'http://10.0.0.5:8000/"x', "http://a\\b", "http://a b\n",
-     "http://a\n", "http://w\u00e9.example", "", 5, "http://" + "a" * 2048],
+     "http://a\n", "http://w\u00e9.example", "", 5, "http://" + "a" * 2048, "http:// x y", "http://h:99999",
+     "http://h:port", "https://:80"],
 )  # fmt: skip
 def test_bad_url_is_invalid(bad: object) -> None:
     with pytest.raises(InvalidRequest, match="url"):

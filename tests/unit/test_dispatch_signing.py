@@ -269,3 +269,10 @@ def test_from_mapping_rejects_a_missing_field(field: str) -> None:
 def test_from_mapping_rejects_wrong_types(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=field):
         Assignment.from_mapping({**example_mapping(), field: value})
+
+
+@pytest.mark.parametrize("cost", [10**400, float("inf"), float("nan")])
+def test_from_mapping_rejects_a_cost_no_float_holds(cost: object) -> None:
+    # the stdlib parser gives ints of any size: a ValueError (a bad_format rejection), not an OverflowError
+    with pytest.raises(ValueError, match="cost"):
+        Assignment.from_mapping({**example_mapping(), "cost": cost})

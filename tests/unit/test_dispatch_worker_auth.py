@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -115,6 +116,24 @@ async def test_invalid_assignments_answer_401_with_the_reason(client: httpx.Asyn
     assert (await rejected(client, {"auth_data": auth(signer, url="http://other:1")}))["reason"] == "wrong_url"
     assert (await rejected(client, {"payload": {}}))["reason"] == "bad_format"
     assert (await rejected(client, {"auth_data": "x"}))["reason"] == "bad_format"
+
+
+async def test_the_payload_reaches_the_app_with_its_numbers_exact(client: httpx.AsyncClient, signer: Signer) -> None:
+    payload = {"big": 12345678901234567890123, "negative": -(2**70), "tenth": 0.1, "text": "é"}
+    r = await client.post("/work", json={"auth_data": auth(signer, 4), "payload": payload})
+    assert r.status_code == 200, r.text
+    assert json.loads(r.content)["payload"] == payload  # orjson would have made the big ones floats
+
+
+async def test_a_cost_too_large_for_a_float_is_a_bad_format_not_a_crash(
+    client: httpx.AsyncClient, signer: Signer
+) -> None:
+    json_body = {"content-type": "application/json"}
+    huge = json.dumps({"auth_data": {**auth(signer, 5), "cost": 10**400}})
+    r = await client.post("/work", content=huge, headers=json_body)
+    assert r.status_code == 401 and r.json()["error"]["reason"] == "bad_format", r.text
+    r = await client.post("/work", content=b'{"auth_data": {"cost": NaN}}', headers=json_body)
+    assert r.status_code == 400 and "NaN" in r.json()["error"]["message"]
 
 
 async def test_a_replayed_request_is_refused(client: httpx.AsyncClient, signer: Signer) -> None:
