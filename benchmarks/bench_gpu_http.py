@@ -13,13 +13,20 @@ import argparse
 import json
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import ServerProcess, find_free_port, generate_prompts, running_server  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    ServerProcess,
+    find_free_port,
+    generate_prompts,
+    machine_info,
+    running_server,
+)
 
 TARGET_ROUTES_PER_S = 30_000
 # Workers each load the model and capture graphs before /health turns 200.
@@ -52,10 +59,20 @@ def measure(workers: int, bodies: Path, args: argparse.Namespace) -> dict[str, A
                 str(args.client_processes), "--duration", str(args.duration), "--warmup", str(args.warmup),
                 "--label", f"workers={workers}", "--out", str(out)]  # fmt: skip
         subprocess.run(load, cwd=REPO, check=True)
+        with urllib.request.urlopen(f"{server.base_url}/health", timeout=10) as answer:
+            health = json.loads(answer.read())
     result = json.loads(out.read_text())["result"]
+    # what the server ran with (dtype, graphs captured, fused kernels, index backend): one worker's view
+    server_view = {key: health.get(key) for key in ("device", "encoder", "index")}
     return {"workers": workers, "startup_s": server.startup_s, "ok_rps": result["ok_rps"],
             "status": result["status"], "latency_ms": result["latency_ms"],
-            "client_cpu_cores": result["client_cpu_cores"]}  # fmt: skip
+            "client_cpu_cores": result["client_cpu_cores"], "server": server_view}  # fmt: skip
+
+
+def device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (no CUDA)"
 
 
 def main() -> None:
@@ -73,10 +90,17 @@ def main() -> None:
     bodies.unlink()
     ok = [r for r in runs if "ok_rps" in r]
     best = max(ok, key=lambda r: r["ok_rps"]) if ok else None
-    result = {"runs": runs, "best_workers": best and best["workers"], "target_routes_per_s": TARGET_ROUTES_PER_S,
+    device = device_name()
+    result = {"device": device, "machine": machine_info(), "server_flags": SERVER_FLAGS,
+              "client": {"concurrency": args.concurrency, "processes": args.client_processes,
+                         "duration_s": args.duration, "warmup_s": args.warmup, "prompts": args.prompts},
+              "runs": runs, "best_workers": best and best["workers"], "target_routes_per_s": TARGET_ROUTES_PER_S,
               "pass": bool(best and best["ok_rps"] >= TARGET_ROUTES_PER_S)}  # fmt: skip
     args.out.write_text(json.dumps(result, indent=1) + "\n")
-    lines = ["| workers | routes/s (2xx) | p50 ms | p99 ms | start-up s |", "| ---: | ---: | ---: | ---: | ---: |"]
+    lines = [f"Routes/s through HTTP on {device} (commit {result['machine'].get('git_commit')}), unique prompts, "
+             f"closed loop at {args.concurrency} in flight from {args.client_processes} client processes", "",
+             "| workers | routes/s (2xx) | p50 ms | p99 ms | start-up s |",
+             "| ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
     for r in runs:
         if "ok_rps" in r:
             lat = r["latency_ms"]

@@ -104,12 +104,13 @@ __global__ void centroid_topk_kernel(const float* __restrict__ queries, const fl
   }
   __syncthreads();
   if (warp != 0) return;
-  // k rounds of a warp-wide argmax; a chosen entry is set to -inf so the next round skips it.
+  // k rounds of a warp-wide argmax; a chosen entry is set to -inf so the next round skips it. Any other entry,
+  // NaN included (read as -FLT_MAX), beats or ties the starting -FLT_MAX, so every round picks a valid id.
   for (int r = 0; r < k; ++r) {
     float best = -FLT_MAX;
     int best_id = num_centroids;
     for (int c = lane; c < num_centroids; c += kWarp) {
-      const float v = sims[c];
+      const float v = isnan(sims[c]) ? -FLT_MAX : sims[c];
       if (v > best || (v == best && c < best_id)) {
         best = v;
         best_id = c;
@@ -126,7 +127,7 @@ __global__ void centroid_topk_kernel(const float* __restrict__ queries, const fl
     if (lane == 0) {
       ids[static_cast<int64_t>(b) * k + r] = best_id;
       scores[static_cast<int64_t>(b) * k + r] = best;
-      sims[best_id] = -FLT_MAX;
+      sims[best_id] = -INFINITY;
     }
     __syncwarp();
   }

@@ -108,13 +108,19 @@ class CudaEncoder:
                 for _ in range(CAPTURE_WARMUP_PASSES):
                     self._forward(ids, lengths)
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, stream=self._compute_stream):
-                    pooled = self._forward(ids, lengths)
+                try:
+                    with torch.cuda.graph(graph, pool=pool, stream=self._compute_stream):
+                        pooled = self._forward(ids, lengths)
+                except RuntimeError as exc:  # e.g. an attention backend that cannot be captured: run it eagerly
+                    logger.warning("CUDA graph capture failed for batch %d x seq %d, run eagerly: %s", batch, seq, exc)
+                    continue
                 self._graphs[(batch, seq)] = _Graph(graph, ids, lengths, pooled)
         self._compute_stream.synchronize()
+        buckets = len(self._grid.buckets())
         logger.info(
-            "captured %d CUDA graphs: batch %s x seq %s", self.graphs, self._grid.batch_sizes, self._grid.seq_lens
-        )
+            "captured %d of %d CUDA graphs: batch %s x seq %s",
+            self.graphs, buckets, self._grid.batch_sizes, self._grid.seq_lens,
+        )  # fmt: skip
 
     def embed(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
         """``[len(sequences), hidden]`` float32, L2-normalised, in input order."""
@@ -151,7 +157,8 @@ class CudaEncoder:
                 pooled[chunk.start : chunk.stop] = self._run(chunk, ids, lengths)[: chunk.rows]
             pooled_host = torch.empty((count, self._hidden), dtype=torch.float32, pin_memory=True)
             pooled_host.copy_(pooled, non_blocking=True)
-            done = torch.cuda.Event()
+            # blocking: a waiting thread sleeps instead of spinning a core the tokenizer threads need
+            done = torch.cuda.Event(blocking=True)
             done.record(self._compute_stream)
         return done, pooled_host
 

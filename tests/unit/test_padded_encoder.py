@@ -27,6 +27,7 @@ def model() -> MiniLM:
 def sequences() -> list[list[int]]:
     tokenizer = Tokenizer.from_file(str(default_model_dir() / "tokenizer.json"))
     tokenizer.enable_truncation(max_length=MAX_TOKENS)
+    tokenizer.no_padding()  # tokenizer.json pads to 128: rows of real lengths are what make the key mask matter
     return [enc.ids for enc in tokenizer.encode_batch([p.strip() for p in PROMPTS])]
 
 
@@ -48,6 +49,8 @@ def test_padded_buckets_match_the_packed_encoder(model: MiniLM, sequences: list[
     order = np.argsort(lengths, kind="stable")
     chunks = grid.plan(lengths[order].tolist(), graphs=True)
     assert len({c.seq for c in chunks}) > 1  # the prompts span several sequence buckets
+    # and rows shorter than their bucket, so keys are masked inside rows, not only whole padding rows
+    assert any(length < c.seq for c in chunks for length in lengths[order[c.start : c.stop]])
     padded = np.empty((len(sequences), model.cfg.hidden_size), dtype=np.float32)
     for c in chunks:
         rows = order[c.start : c.stop]
