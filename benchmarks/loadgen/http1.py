@@ -154,7 +154,8 @@ class Http1Client:
         if parts.scheme != "http" or parts.hostname is None:
             raise ValueError(f"only plain http:// URLs are supported: {url}")
         port = parts.port or 80
-        path = parts.path or "/"
+        # The request target keeps the query (e.g. ?api-version=2): dropping it would hit another resource.
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         self._raw = [build_request(parts.hostname, port, path, body) for body in bodies]
         self._pool = ConnectionPool(parts.hostname, port, connections)
 
