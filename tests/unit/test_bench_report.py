@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import FOREIGN_CPU_WARN_CORES, foreign_cpu_warning
-from benchmarks.harness.plots import plot
+from benchmarks.harness.plots import load_order, plot
 from benchmarks.harness.report import render
 from benchmarks.harness.targets import compute_targets, warnings_for
 from benchmarks.run import overall
@@ -154,6 +154,14 @@ def test_warnings_flag_an_overloaded_rate_and_a_full_client_pool() -> None:
     assert "router/unique rate=450: 5000 answers arrived in the window for 6750 scheduled" in text
     assert "waited p99 7.5 ms for a free client connection (all 256 busy)" in text
     assert "2 still open when the drain ended" in text
+
+
+def test_plot_joins_points_in_order_of_load_not_of_throughput() -> None:
+    # Past its knee the server serves less at c=64 than at c=16, and the 0.9 rate less than the 0.75 one.
+    points = [_point("closed", 800, 40, 64), _point("closed", 100, 3, 1), _point("closed", 900, 20, 16)]
+    points += [_point("open", 700, 90, 810), _point("open", 750, 60, 675), _point("open", 440, 10, 450)]
+    assert [p["concurrency"] for p in load_order(points, "closed")] == [1, 16, 64]
+    assert [p["rate"] for p in load_order(points, "open")] == [450, 675, 810]
 
 
 def test_foreign_cpu_warning_only_past_the_threshold() -> None:
