@@ -12,7 +12,7 @@ from typing import Any
 
 from benchmarks import bench_dispatcher as bd
 from benchmarks.common import REPO_ROOT, foreign_cpu
-from benchmarks.harness import prompts, scenarios
+from benchmarks.harness import priming, prompts, scenarios
 from benchmarks.harness.scenarios import Workload
 from benchmarks.harness.systems import Running
 
@@ -79,6 +79,10 @@ def measure_point(
 
 
 def sweep(workload: Workload, running: Running, cfg: SweepConfig, tmp_dir: Path) -> dict[str, Any]:
+    primed = None
+    if workload.scenario in scenarios.PRIMED:
+        primed = priming.prime(running.url, scenarios.bodies(workload, running, 0, cfg.seed, 0))
+        print(f"  {workload.key} primed: {primed['ok']} of {primed['bodies']} bodies answered 2xx", flush=True)
     points: list[dict[str, Any]] = []
     best = 0.0
     guess = scenarios.FIRST_RATE_GUESS.get(workload.scenario, 0.0)
@@ -94,7 +98,13 @@ def sweep(workload: Workload, running: Running, cfg: SweepConfig, tmp_dir: Path)
         point["rate_fraction_of_max"] = round(rate / best, 4) if best else None
         points.append(point)
         _progress(workload, point)
-    return {"system": workload.system, "scenario": workload.scenario, "max_ok_rps": best, "points": points}
+    return {
+        "system": workload.system,
+        "scenario": workload.scenario,
+        "max_ok_rps": best,
+        "points": points,
+        "primed": primed,
+    }
 
 
 def point_label(point: dict[str, Any]) -> str:

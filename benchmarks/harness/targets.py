@@ -92,6 +92,12 @@ def compute_targets(results: dict[str, dict[str, Any]], offline: dict[str, Any] 
 def warnings_for(results: dict[str, dict[str, Any]], offline: dict[str, Any] | None) -> list[str]:
     out = []
     for key, result in results.items():
+        primed = result.get("primed")
+        if primed and primed["ok"] < primed["bodies"]:
+            out.append(
+                f"{key}: priming answered {primed['ok']} of {primed['bodies']} bodies 2xx (status "
+                f"{primed['status']}, errors {primed['errors']}): its points include cache misses"
+            )
         for point in result["points"]:
             where = f"{key} " + (
                 f"c={point['concurrency']}" if point["mode"] == "closed" else f"rate={point['rate']:g}"
