@@ -50,6 +50,7 @@ from benchmarks.common import (
     foreign_cpu_warning,
     generate_prompts,
     machine_info,
+    require_wrk,
     run_wrk,
     running_server,
     write_lines,
@@ -123,6 +124,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error("--rounds must be >= 1")
+    # wrk takes -d0 or a negative duration as its default or hangs: refuse them before the server starts.
+    if args.duration <= 0 or args.c1_duration <= 0 or args.warmup < 0:
+        parser.error("--duration and --c1-duration must be > 0, --warmup >= 0")
+    if min(args.concurrency, args.threads, args.prompts) < 1 or args.threads > args.concurrency:
+        parser.error("--concurrency, --threads and --prompts must be >= 1, --threads <= --concurrency")
     return args
 
 
@@ -297,6 +303,7 @@ def cpu_warnings(record: dict[str, Any]) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    require_wrk()  # before the router starts and loads its model, not after
     warnings: list[str] = []
     if args.duration < MIN_RECORDED_DURATION_S:
         warnings.append(f"--duration {args.duration:g} s is below the {MIN_RECORDED_DURATION_S:g} s minimum")

@@ -17,6 +17,11 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu-out}
 WORK=/tmp/gpu-run
 CARRY=.carry
+if [ ! -d "$CARRY/wheels" ] || [ ! -d "$CARRY/model-fp16" ]; then
+  echo "gpu.sh: $CARRY/wheels or $CARRY/model-fp16 is missing: run 'python benchmarks/gpu_prepare.py' first" \
+    "(on the machine you start from), then pass carry=[\"$CARRY\"] to the device run" >&2
+  exit 1
+fi
 mkdir -p "$OUT" "$WORK"
 stages=("$@")
 ((${#stages[@]})) || stages=(build test inprocess http)

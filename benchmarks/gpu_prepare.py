@@ -1,7 +1,8 @@
 """Prepare what ``benchmarks/gpu.sh`` needs on the GPU machine, which reaches no registry and gets only
 64 MiB of ignored files per call: ``python benchmarks/gpu_prepare.py`` (here, from the repo root).
 
-Writes ``.carry/`` (git-ignored; pass ``carry=[".carry"]`` to the device tool):
+Writes ``.carry/`` (git-ignored; pass ``carry=[".carry"]`` to the device tool), replacing an earlier run's output
+(marked by a ``.made-by-gpu-prepare`` file); any other folder at ``--carry`` is refused, not deleted:
 
 * ``model-fp16/``: the model as fp16 safetensors (45 MB instead of 91 MB) with its tokenizer and config,
   via ``service.router.model_export``; the router loads it with ``LLMROUTER_MODEL_DIR``.
@@ -23,9 +24,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from service.router.embedder import default_model_dir  # noqa: E402
-from service.router.model_export import export_model  # noqa: E402
-
+# Left in the folder this script writes: only a folder that has it is deleted on the next run.
+MARKER = ".made-by-gpu-prepare"
 CARRY_LIMIT_BYTES = 64 * 1024 * 1024  # the device tool's cap on the working tree plus carried paths
 DEVICE_PYTHON = "3.12"
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux1_x86_64")
@@ -46,13 +46,29 @@ def download_wheels(target: Path) -> None:
     subprocess.run(command, check=True)
 
 
-def tree_bytes() -> int:
+def tree_bytes(repo: Path = REPO) -> int:
     """What travels besides .carry: tracked plus untracked-not-ignored files."""
-    listed = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO, check=True, capture_output=True,
-    ).stdout.split(b"\0")  # fmt: skip
-    return sum((REPO / name.decode()).stat().st_size for name in listed if name and (REPO / name.decode()).is_file())
+    try:
+        listed = subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=repo, check=True, capture_output=True,
+        ).stdout.split(b"\0")  # fmt: skip
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise SystemExit(f"{repo} must be a git checkout (the device tool carries git's files): {exc}") from None
+    return sum((repo / name.decode()).stat().st_size for name in listed if name and (repo / name.decode()).is_file())
+
+
+def fresh_carry(folder: Path) -> None:
+    """Empty ``folder`` for a new export; a folder this script did not make is refused, never deleted."""
+    if folder.exists():
+        if not (folder / MARKER).is_file():
+            raise SystemExit(
+                f"{folder} exists and was not made by gpu_prepare.py (no {MARKER} in it): not deleting it; "
+                "remove it yourself or pass another --carry"
+            )
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    (folder / MARKER).write_text("written by benchmarks/gpu_prepare.py; deleted by its next run\n")
 
 
 def folder_bytes(folder: Path) -> int:
@@ -64,11 +80,15 @@ def main() -> None:
     parser.add_argument("--carry", type=Path, default=REPO / ".carry", help="output folder (git-ignored)")
     parser.add_argument("--model-dir", type=Path, default=None, help="source model (default: the model package)")
     args = parser.parse_args()
-    if args.carry.exists():
-        shutil.rmtree(args.carry)
+    tree = tree_bytes()  # fails outside a git checkout, before anything is written
+    fresh_carry(args.carry)
+    # Imported here: the model code pulls in torch, which the checks above do not need.
+    from service.router.embedder import default_model_dir
+    from service.router.model_export import export_model
+
     export_model(args.model_dir or default_model_dir(), args.carry / "model-fp16")
     download_wheels(args.carry / "wheels")
-    model, wheels, tree = folder_bytes(args.carry / "model-fp16"), folder_bytes(args.carry / "wheels"), tree_bytes()
+    model, wheels = folder_bytes(args.carry / "model-fp16"), folder_bytes(args.carry / "wheels")
     total = model + wheels + tree
     print(f"model {model / 2**20:.1f} MiB + wheels {wheels / 2**20:.1f} MiB + tree {tree / 2**20:.1f} MiB "
           f"= {total / 2**20:.1f} MiB of {CARRY_LIMIT_BYTES / 2**20:.0f}")  # fmt: skip

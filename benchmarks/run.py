@@ -12,6 +12,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -45,6 +46,8 @@ from benchmarks.harness.sweep import SweepConfig, sweep
 from benchmarks.harness.targets import compute_targets, warnings_for
 
 OFFLINE_TIMEOUT_S = 900.0
+# The --machine label becomes a file name: no path separators, no leading dot (hidden file).
+MACHINE_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 INFINITY_HEALTH_TIMEOUT_S = 300.0  # it loads and warms the model before /health answers
 
 
@@ -91,14 +94,54 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--machine", default=None, help="label in the file name (default cpu-<cores>c)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target fails or cannot be checked")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if problem := _knob_problem(args) or _only_problem(args):
+        parser.error(problem)
+    return args
+
+
+def _knob_problem(args: argparse.Namespace) -> str | None:
+    """What the load generator or the file names would reject, caught before any system starts."""
+    if args.duration <= 0 or args.warmup < 0 or args.drain_timeout < 0:
+        return "--duration must be > 0, --warmup and --drain-timeout >= 0"
+    if not args.concurrency or min(args.concurrency) < 1:
+        return "--concurrency needs at least one point, each >= 1"
+    if any(x <= 0 for x in (*args.rate_fractions, *args.rates)):
+        return "--rate-fractions and --rates must be > 0"
+    if args.client_processes < 1 or args.st_prompts < 1:
+        return "--client-processes and --st-prompts must be >= 1"
+    if args.machine is not None and not MACHINE_LABEL.fullmatch(args.machine):
+        return f"--machine {args.machine!r}: letters, digits and . _ + - only (it names the result files)"
+    return None
+
+
+def only_systems(text: str) -> set[str]:
+    return {s.strip() for s in text.split(",") if s.strip()}
+
+
+def _only_problem(args: argparse.Namespace) -> str | None:
+    """A misspelled --only must not run nothing and exit 0."""
+    if not args.only:
+        return None
+    keep = only_systems(args.only)
+    if unknown := keep - set(systems.SYSTEMS):
+        return f"--only: unknown system(s) {', '.join(sorted(unknown))}; known: {', '.join(systems.SYSTEMS)}"
+    in_set = {w.system for w in SCENARIO_SETS[args.scenarios]}
+    if not keep & in_set:
+        return f"--only {args.only} keeps nothing of set {args.scenarios} (its systems: {', '.join(sorted(in_set))})"
+    return None
+
+
+def with_ext(stem: Path, ext: str) -> Path:
+    """``stem`` plus ``ext``, appended: ``Path.with_suffix`` would replace whatever follows a dot in the label."""
+    return stem.with_name(stem.name + ext)
 
 
 def output_stem(out_dir: Path, machine: str) -> Path:
     """``<machine>-<date>``, with ``-runN`` added rather than overwriting an earlier result."""
     base = f"{machine}-{dt.datetime.now(dt.UTC).date().isoformat()}"
     stem, n = out_dir / base, 1
-    while stem.with_suffix(".json").exists():
+    while with_ext(stem, ".json").exists():
         n += 1
         stem = out_dir / f"{base}-run{n}"
     return stem
@@ -120,7 +163,7 @@ def time_offline(args: argparse.Namespace) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     workloads = list(SCENARIO_SETS[args.scenarios])
     if args.only:
-        keep = {s.strip() for s in args.only.split(",")}
+        keep = only_systems(args.only)
         workloads = [w for w in workloads if w.system in keep]
     cfg = SweepConfig(
         concurrencies=args.concurrency,
@@ -211,9 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     stem = output_stem(args.out_dir, args.machine or f"cpu-{os.cpu_count()}c")
     result["machine_label"] = stem.name
     if result["results"]:
-        result["plot"] = plot(result["results"], stem.with_suffix(".png"), stem.name).name
-    write_json(stem.with_suffix(".json"), result)
-    stem.with_suffix(".md").write_text(render(result), encoding="utf-8")
+        result["plot"] = plot(result["results"], with_ext(stem, ".png"), stem.name).name
+    write_json(with_ext(stem, ".json"), result)
+    with_ext(stem, ".md").write_text(render(result), encoding="utf-8")
     print(f"wrote {stem}.json, {stem}.md" + (f", {stem}.png" if result.get("plot") else ""))
     failed = result["errors"] or (args.strict and result["pass"] is not True)
     return 1 if failed else 0

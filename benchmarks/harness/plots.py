@@ -11,14 +11,19 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 
 
+def load_order(points: list[dict[str, Any]], mode: str) -> list[dict[str, Any]]:
+    """A mode's points with latencies, in order of load (concurrency, or offered rate): a curve that bends back
+    (throughput falling as load rises) then shows as such, where sorting by throughput would hide it."""
+    load = "concurrency" if mode == "closed" else "rate"
+    return sorted((p for p in points if p["mode"] == mode and p["latency_ms"]), key=lambda p: p[load])
+
+
 def plot(results: dict[str, dict[str, Any]], path: Path, title: str) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(14, 5.5), sharex=True)
     colors = plt.get_cmap("tab10")
     for i, (key, result) in enumerate(results.items()):
         for mode, style in (("closed", "-o"), ("open", "--s")):
-            pts = sorted(
-                (p for p in result["points"] if p["mode"] == mode and p["latency_ms"]), key=lambda p: p["ok_rps"]
-            )
+            pts = load_order(result["points"], mode)
             if not pts:
                 continue
             for ax, q in zip(axes, ("p50", "p99"), strict=True):

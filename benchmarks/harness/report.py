@@ -29,6 +29,11 @@ def _failed(point: dict[str, Any]) -> str:
     return f"{point['failed']} ({', '.join(parts)})"
 
 
+def _one_line(text: str) -> str:
+    """A multi-line message (a load generator's stderr) as one list item: a line break would end the item."""
+    return " / ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
 def _cores(point: dict[str, Any]) -> tuple[str, str]:
     cpu = point.get("cpu") or {}
     servers = cpu.get("process_cores") or {}
@@ -53,8 +58,9 @@ def render(run: dict[str, Any]) -> str:
             else f"{', '.join(f'{f:g}' for f in cfg['rate_fractions'])} x the best closed-loop ok req/s"
         )
         + f"; load generator: {cfg['processes']} process(es), `{cfg['client']}` client",
-        "- Latency: from the scheduled send time (open loop) or the send (closed loop) to the whole answer; "
-        "HDR histograms, ms",
+        "- Latency: from the scheduled send time (open loop) or the send (closed loop) to the whole answer, of 2xx "
+        "answers only (a point with failures fails its latency target); HDR histograms, ms. ok req/s: 2xx answers "
+        "that arrived inside the recorded window",
         "",
         "## Targets",
         "",
@@ -83,8 +89,8 @@ def render(run: dict[str, Any]) -> str:
             "",
             DESCRIPTIONS.get(result["scenario"], ""),
             "",
-            "| point | offered req/s | ok req/s | p50 / p90 / p99 / p99.9 ms | failed | server cores | client cores "
-            "| other procs cores |",
+            "| point | offered req/s | ok req/s | 2xx p50 / p90 / p99 / p99.9 ms | failed | server cores "
+            "| client cores | other procs cores |",
             "| --- | ---: | ---: | --- | --- | ---: | ---: | ---: |",
         ]
         for p in result["points"]:
@@ -99,7 +105,7 @@ def render(run: dict[str, Any]) -> str:
     if run["skipped"]:
         lines += ["## Not run", ""] + [f"- `{name}`: {why}" for name, why in run["skipped"].items()] + [""]
     if run["errors"]:
-        lines += ["## Errors", ""] + [f"- `{name}`: {why}" for name, why in run["errors"].items()] + [""]
+        lines += ["## Errors", ""] + [f"- `{name}`: {_one_line(why)}" for name, why in run["errors"].items()] + [""]
     if run["warnings"]:
         lines += ["## Warnings", ""] + [f"- {w}" for w in run["warnings"]] + [""]
     if run.get("plot"):

@@ -10,12 +10,14 @@ from benchmarks.harness.systems import BARE, DISPATCH_MEMORY, DISPATCH_REDIS, IN
 UNIQUE, REPEATED, EMBEDDING, MIXED, ROUTE = "unique", "repeated", "embedding", "mixed", "route"
 DESCRIPTIONS = {
     UNIQUE: "a new ~20-token prompt every request (the embedder's speed; the cache never hits)",
-    REPEATED: f"{256} prompts sent in turn (after the warm-up, cache hits)",
+    REPEATED: f"{256} prompts sent in turn, each sent once before the first point (cache hits)",
     EMBEDDING: "a precomputed 384-d unit vector instead of a prompt (skips the embedder)",
     MIXED: "new prompts of 8-300 tokens by the MiniLM tokenizer, log-uniform (median ~50)",
     ROUTE: "the dispatcher's POST /route/, the same body every time, 4 fake ready workers",
 }
 REPEATED_PROMPTS = 256
+# Scenarios whose bodies repeat to hit a cache: each body is sent once before the first point (harness/priming.py).
+PRIMED = {REPEATED}
 EMBEDDING_VECTORS = 1024
 # Disjoint prompt-number ranges: no prompt repeats across points, scenarios or the offline encode.
 POINT_STRIDE = 10_000_000

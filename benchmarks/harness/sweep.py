@@ -12,7 +12,7 @@ from typing import Any
 
 from benchmarks import bench_dispatcher as bd
 from benchmarks.common import REPO_ROOT, foreign_cpu
-from benchmarks.harness import prompts, scenarios
+from benchmarks.harness import priming, prompts, scenarios
 from benchmarks.harness.scenarios import Workload
 from benchmarks.harness.systems import Running
 
@@ -32,13 +32,19 @@ class SweepConfig:
     seed: int
 
 
+def point_processes(cfg: SweepConfig, concurrency: int | None) -> int:
+    """Client processes for one point: a closed-loop point gets no more than its concurrency (the load generator
+    needs at least one connection per process), so ``--client-processes 2`` still runs c=1."""
+    return cfg.processes if concurrency is None else max(1, min(cfg.processes, concurrency))
+
+
 def run_loadgen(
-    url: str, bodies_file: Path, mode_args: list[str], cfg: SweepConfig, out: Path, seed: int
+    url: str, bodies_file: Path, mode_args: list[str], cfg: SweepConfig, out: Path, seed: int, processes: int
 ) -> dict[str, Any]:
     cmd = [
         sys.executable, "-m", "benchmarks.loadgen", "--url", url, "--bodies", str(bodies_file), *mode_args,
         "--duration", f"{cfg.duration_s:g}", "--warmup", f"{cfg.warmup_s:g}", "--drain-timeout", f"{cfg.drain_s:g}",
-        "--processes", str(cfg.processes), "--client", cfg.client, "--seed", str(seed), "--out", str(out),
+        "--processes", str(processes), "--client", cfg.client, "--seed", str(seed), "--out", str(out),
     ]  # fmt: skip
     timeout = cfg.warmup_s + cfg.duration_s + cfg.drain_s + LOADGEN_EXTRA_WAIT_S
     proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, check=False)
@@ -50,7 +56,7 @@ def run_loadgen(
 
 def measure_point(
     workload: Workload, running: Running, cfg: SweepConfig, tmp_dir: Path, index: int, mode_args: list[str],
-    rate_hint: float,
+    rate_hint: float, concurrency: int | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """One load point with the CPU that every process used meanwhile (ours, the servers', everyone else's)."""
     running.before_point()
@@ -61,7 +67,8 @@ def measure_point(
     before, before_pids = bd.cpu_sample(running.pids)
     # Each point its own arrival seed: one seed would give every rate the same (scaled) sequence, and its luck.
     seed = cfg.seed * 1000 + index
-    data = run_loadgen(running.url, bodies_file, mode_args, cfg, tmp_dir / f"{stem}.json", seed)
+    processes = point_processes(cfg, concurrency)
+    data = run_loadgen(running.url, bodies_file, mode_args, cfg, tmp_dir / f"{stem}.json", seed, processes)
     after, after_pids = bd.cpu_sample(running.pids)
     bodies_file.unlink()
     cpu: dict[str, Any] | None = foreign_cpu(before, after)
@@ -72,12 +79,16 @@ def measure_point(
 
 
 def sweep(workload: Workload, running: Running, cfg: SweepConfig, tmp_dir: Path) -> dict[str, Any]:
+    primed = None
+    if workload.scenario in scenarios.PRIMED:
+        primed = priming.prime(running.url, scenarios.bodies(workload, running, 0, cfg.seed, 0))
+        print(f"  {workload.key} primed: {primed['ok']} of {primed['bodies']} bodies answered 2xx", flush=True)
     points: list[dict[str, Any]] = []
     best = 0.0
     guess = scenarios.FIRST_RATE_GUESS.get(workload.scenario, 0.0)
     for c in cfg.concurrencies:
         point = measure_point(workload, running, cfg, tmp_dir, len(points), ["--concurrency", str(c)],
-                              max(guess, 2 * best))  # fmt: skip
+                              max(guess, 2 * best), concurrency=c)  # fmt: skip
         best = max(best, point["ok_rps"])
         points.append(point)
         _progress(workload, point)
@@ -87,7 +98,13 @@ def sweep(workload: Workload, running: Running, cfg: SweepConfig, tmp_dir: Path)
         point["rate_fraction_of_max"] = round(rate / best, 4) if best else None
         points.append(point)
         _progress(workload, point)
-    return {"system": workload.system, "scenario": workload.scenario, "max_ok_rps": best, "points": points}
+    return {
+        "system": workload.system,
+        "scenario": workload.scenario,
+        "max_ok_rps": best,
+        "points": points,
+        "primed": primed,
+    }
 
 
 def point_label(point: dict[str, Any]) -> str:

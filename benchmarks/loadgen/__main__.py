@@ -12,11 +12,14 @@ import json
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from benchmarks.loadgen.fanout import read_bodies, run_all
 from benchmarks.loadgen.stats import ProcessResult, merge, summarize
 
 CLIENTS = ("http1", "aiohttp")
+# The lean client speaks plain HTTP only; aiohttp also does TLS.
+URL_SCHEMES = {"http1": ("http",), "aiohttp": ("http", "https")}
 DEFAULT_OPEN_CONNECTIONS = 256
 DEFAULT_DRAIN_S = 10.0
 
@@ -48,7 +51,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--processes >= 1, --duration > 0, --warmup >= 0")
     if args.concurrency is not None and args.concurrency < args.processes:
         parser.error("--concurrency must be at least --processes")
+    if problem := _url_problem(args.url, args.client) or _bodies_problem(args):
+        parser.error(problem)
     return args
+
+
+def _url_problem(url: str, client: str) -> str | None:
+    parts = urlsplit(url)
+    schemes = URL_SCHEMES[client]
+    if parts.scheme not in schemes or not parts.hostname:
+        return f"--url {url}: the {client} client needs {' or '.join(s + '://host' for s in schemes)}[:port]/path"
+    return None
+
+
+def _bodies_problem(args: argparse.Namespace) -> str | None:
+    """Why the bodies cannot be used (missing file, not JSON), checked before any process starts."""
+    if args.body is not None:
+        first, where = args.body, "--body"
+    else:
+        try:
+            lines = [line for line in args.bodies.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as exc:
+            return f"--bodies {args.bodies}: {exc}"
+        if not lines:
+            return f"--bodies {args.bodies}: no bodies in the file"
+        first, where = lines[0], f"--bodies {args.bodies} (first line)"
+    try:
+        json.loads(first)
+    except ValueError as exc:
+        return f"{where} is not JSON: {exc}"
+    return None
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 
 import aiohttp
+
+from benchmarks.loadgen.timing import Answer, now
 
 _HEADERS = {"Content-Type": "application/json"}
 
@@ -20,11 +23,15 @@ class AiohttpClient:
             connector=self._connector, timeout=aiohttp.ClientTimeout(total=None), skip_auto_headers=("User-Agent",)
         )
         self.connections_opened = 0  # aiohttp does not expose it
+        # The connector's limit, held here too: a request past it waits on this semaphore, where the wait is seen.
+        self._slots = asyncio.Semaphore(connections)
 
-    async def send(self, index: int) -> tuple[int, int]:
-        async with self._session.post(self._url, data=self._bodies[index], headers=_HEADERS) as resp:
-            body = await resp.read()
-            return resp.status, len(body)
+    async def send(self, index: int) -> Answer:
+        async with self._slots:
+            sent_at = now()
+            async with self._session.post(self._url, data=self._bodies[index], headers=_HEADERS) as resp:
+                body = await resp.read()
+                return Answer(resp.status, len(body), sent_at)
 
     async def aclose(self) -> None:
         await self._session.close()

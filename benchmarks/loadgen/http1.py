@@ -9,6 +9,8 @@ import re
 from collections.abc import Sequence
 from urllib.parse import urlsplit
 
+from benchmarks.loadgen.timing import Answer, now
+
 _HEADER_END = b"\r\n\r\n"
 _CHUNKED_END = b"0\r\n\r\n"
 _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)", re.IGNORECASE)
@@ -118,9 +120,10 @@ class ConnectionPool:
         self.opened += 1
         return conn
 
-    async def request(self, raw: bytes) -> tuple[int, int]:
+    async def request(self, raw: bytes) -> Answer:
         """Send one prebuilt request on an idle (or new) connection; a broken connection is dropped, not reused."""
         async with self._slots:
+            sent_at = now()
             conn = None
             while self._idle:
                 candidate = self._idle.pop()
@@ -131,9 +134,9 @@ class ConnectionPool:
                 conn = await self._connect()
             ok = False
             try:
-                answer = await conn.request(raw)
+                status, nbytes = await conn.request(raw)
                 ok = True
-                return answer
+                return Answer(status, nbytes, sent_at)
             finally:
                 if ok and not conn.closed:
                     self._idle.append(conn)
@@ -154,7 +157,8 @@ class Http1Client:
         if parts.scheme != "http" or parts.hostname is None:
             raise ValueError(f"only plain http:// URLs are supported: {url}")
         port = parts.port or 80
-        path = parts.path or "/"
+        # The request target keeps the query (e.g. ?api-version=2): dropping it would hit another resource.
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         self._raw = [build_request(parts.hostname, port, path, body) for body in bodies]
         self._pool = ConnectionPool(parts.hostname, port, connections)
 
@@ -162,7 +166,7 @@ class Http1Client:
     def connections_opened(self) -> int:
         return self._pool.opened
 
-    async def send(self, index: int) -> tuple[int, int]:
+    async def send(self, index: int) -> Answer:
         return await self._pool.request(self._raw[index])
 
     async def aclose(self) -> None:

@@ -14,21 +14,20 @@ from typing import Protocol
 
 from benchmarks.loadgen.schedule import poisson_arrivals
 from benchmarks.loadgen.stats import ProcessResult, Recorder
+from benchmarks.loadgen.timing import Answer, now
 
 # After an exception (refused, reset), a closed-loop connection waits this long before the next request, so a dead
 # server costs a bounded error rate instead of a busy loop.
 ERROR_BACKOFF_S = 0.01
 # Open loop: arrivals due within this much of now are sent at once instead of sleeping for them.
 SLEEP_GRANULARITY_S = 0.0002
-# Every timestamp: uvloop's loop.time() is libuv's cached millisecond clock, too coarse for latencies.
-now = time.perf_counter
 
 
 class Client(Protocol):
     @property
     def connections_opened(self) -> int: ...
 
-    async def send(self, index: int) -> tuple[int, int]: ...
+    async def send(self, index: int) -> Answer: ...
 
     async def aclose(self) -> None: ...
 
@@ -89,6 +88,11 @@ class _Window:
     def wall_s(self) -> float:
         return self.wall[1] - self.wall[0] if len(self.wall) == 2 else 0.0
 
+    def arrived(self, rec: Recorder, status: int, at: float) -> None:
+        """Count an answer towards the throughput if it arrived inside the window (whichever request it was)."""
+        if self.start <= at < self.end:
+            rec.arrived_in_window(status)
+
 
 async def run_plan(client: Client, n_bodies: int, plan: Plan) -> ProcessResult:
     """Run ``plan`` with ``client`` and return what was recorded."""
@@ -132,14 +136,16 @@ def _closed(
         while (start := now()) < window.end:
             recorded = tasks[task] = start >= window.start
             try:
-                status, nbytes = await client.send(bodies.take())
+                answer = await client.send(bodies.take())
             except Exception as exc:
                 if recorded:
                     rec.error(exc)
                 await asyncio.sleep(ERROR_BACKOFF_S)
                 continue
+            done = now()
+            window.arrived(rec, answer.status, done)
             if recorded:
-                rec.answer(status, nbytes, now() - start, 0.0)
+                rec.answer(answer.status, answer.nbytes, done - start)
 
     for _ in range(plan.concurrency):
         tasks[loop.create_task(worker())] = False
@@ -155,15 +161,19 @@ async def _open(
     arrivals = poisson_arrivals(plan.rate, plan.warmup_s + plan.duration_s, plan.seed)
 
     async def one(scheduled: float, recorded: bool) -> None:
-        lag = now() - scheduled
+        called = now()
         try:
-            status, nbytes = await client.send(bodies.take())
+            answer = await client.send(bodies.take())
         except Exception as exc:
             if recorded:
                 rec.error(exc)
             return
+        done = now()
+        window.arrived(rec, answer.status, done)
         if recorded:
-            rec.answer(status, nbytes, now() - scheduled, lag)
+            # The lag runs to when the request got a connection, so a full client pool shows as the client's.
+            rec.sent(answer.sent_at - scheduled, answer.sent_at - called)
+            rec.answer(answer.status, answer.nbytes, done - scheduled)
 
     tasks: dict[asyncio.Task[None], bool] = {}
     scheduled_in_window = 0

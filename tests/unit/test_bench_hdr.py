@@ -47,7 +47,8 @@ def _process(statuses: dict[int, int], errors: dict[str, int], latency_us: float
     rec = Recorder()
     for status, n in statuses.items():
         for _ in range(n):
-            rec.answer(status, 10, latency_us / 1e6, 0.0)
+            rec.answer(status, 10, latency_us / 1e6)
+            rec.arrived_in_window(status)
     for kind, n in errors.items():
         rec.errors[kind] += n
     return ProcessResult.from_recorder(rec, cpu_s=cpu_s, window_s=2.0, scheduled=0, body_wraps=1)
@@ -68,6 +69,9 @@ def test_process_results_merge_through_json() -> None:
     assert summary["status"] == {"200": 140, "429": 10, "503": 1}
     assert summary["client_cpu_cores"] == 0.375
     assert summary["body_wraps"] == 2
-    # 100 answers at 1 ms, 51 at 3 ms: the median is 1 ms, p90 3 ms.
+    assert summary["ok_in_window"] == 140 and summary["answered_in_window"] == 151
+    # 2xx: 90 answers at 1 ms, 50 at 3 ms: the median is 1 ms, p90 3 ms; the 11 others have their own histogram.
     assert summary["latency_ms"]["p50"] == pytest.approx(1.0, rel=1e-3)
     assert summary["latency_ms"]["p90"] == pytest.approx(3.0, rel=1e-3)
+    assert summary["failed_latency_ms"]["p50"] == pytest.approx(1.0, rel=1e-3)
+    assert total.latency.count == 140 and total.failed_latency.count == 11

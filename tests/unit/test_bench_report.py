@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import FOREIGN_CPU_WARN_CORES, foreign_cpu_warning
-from benchmarks.harness.plots import plot
+from benchmarks.harness.plots import load_order, plot
 from benchmarks.harness.report import render
 from benchmarks.harness.targets import compute_targets, warnings_for
 from benchmarks.run import overall
@@ -15,7 +15,9 @@ from benchmarks.run import overall
 def _point(mode: str, ok_rps: float, p99: float, load: float, fraction: float | None = None, **extra: Any) -> dict:
     point = {
         "mode": mode, "concurrency": int(load) if mode == "closed" else None, "rate": load if mode == "open" else None,
-        "processes": 1, "ok_rps": ok_rps, "offered_rps": load if mode == "open" else None, "failed": 0,
+        "processes": 1, "connections": 256 if mode == "open" else int(load),
+        "scheduled": int(load * 15) if mode == "open" else 0, "answered_in_window": int(ok_rps * 15),
+        "pool_wait_ms": {"p99": 0.01}, "ok_rps": ok_rps, "offered_rps": load if mode == "open" else None, "failed": 0,
         "status": {"200": int(ok_rps)}, "errors": {}, "unfinished": 0, "body_wraps": 0, "distinct_bodies": 10**5,
         "latency_ms": {"p50": p99 / 3, "p90": p99 / 2, "p99": p99, "p99.9": p99 * 1.5}, "send_lag_ms": {"p99": 0.2},
         "client_cpu_cores": 0.1, "cpu": {"foreign_cores": 0.01, "process_cores": {"router": 1.8}},
@@ -109,7 +111,7 @@ def test_report_and_plot_render(tmp_path: Path) -> None:
         },
         machine_label="cpu-2c-2026-01-01",
         skipped={"infinity": "not installed"},
-        errors={},
+        errors={"naive-st": "RuntimeError: load generator exited with 1:\nTraceback (most recent call last):\n  boom"},
         warnings=["w1"],
     )
     text = render(run)
@@ -118,7 +120,48 @@ def test_report_and_plot_render(tmp_path: Path) -> None:
     assert "Overall: **FAIL**" in text
     assert "### router/unique: max 900.0 ok req/s" in text
     assert "| rate=450/s | 450.0 | 450.0 | 10.00 / 15.00 / 30.00 / 45.00 | 0 | 1.80 | 0.10 | 0.01 |" in text
+    assert (
+        "- `naive-st`: RuntimeError: load generator exited with 1: / Traceback (most recent call last): / boom\n"
+        in text
+    )
     assert "`infinity`: not installed" in text and "- w1" in text and "![throughput against latency](x.png)" in text
+
+
+def test_a_latency_target_fails_when_its_point_had_failures() -> None:
+    def half_load(**changes: Any) -> dict[str, Any]:
+        run = _run()
+        run["results"]["router/unique"]["points"][2].update(changes)
+        checks = {c["check"]: c for c in compute_targets(run["results"], run["offline"])}
+        return checks["router unique: p99 at half max load (ms)"]
+
+    assert half_load()["pass"] is True  # p99 30 ms, nothing failed
+    # Fast 429s: the p99 of the 2xx answers is still 30 ms, but the point did not serve every request.
+    rejected = half_load(failed=40, status={"200": 410, "429": 40})
+    assert rejected["pass"] is False and "40 failed" in rejected["detail"]
+    unfinished = half_load(failed=3, unfinished=3)
+    assert unfinished["pass"] is False and "3 unfinished" in unfinished["detail"]
+    nothing_served = half_load(failed=450, status={"503": 450}, latency_ms={})
+    assert nothing_served["pass"] is False and nothing_served["value"] is None
+
+
+def test_warnings_flag_an_overloaded_rate_and_a_full_client_pool() -> None:
+    run = _run()
+    half = run["results"]["router/unique"]["points"][2]
+    quiet = "\n".join(warnings_for(run["results"], run["offline"]))
+    assert "fell behind" not in quiet and "free client connection" not in quiet
+    half.update(scheduled=6750, answered_in_window=5000, pool_wait_ms={"p99": 7.5}, failed=2, unfinished=2)
+    text = "\n".join(warnings_for(run["results"], run["offline"]))
+    assert "router/unique rate=450: 5000 answers arrived in the window for 6750 scheduled" in text
+    assert "waited p99 7.5 ms for a free client connection (all 256 busy)" in text
+    assert "2 still open when the drain ended" in text
+
+
+def test_plot_joins_points_in_order_of_load_not_of_throughput() -> None:
+    # Past its knee the server serves less at c=64 than at c=16, and the 0.9 rate less than the 0.75 one.
+    points = [_point("closed", 800, 40, 64), _point("closed", 100, 3, 1), _point("closed", 900, 20, 16)]
+    points += [_point("open", 700, 90, 810), _point("open", 750, 60, 675), _point("open", 440, 10, 450)]
+    assert [p["concurrency"] for p in load_order(points, "closed")] == [1, 16, 64]
+    assert [p["rate"] for p in load_order(points, "open")] == [450, 675, 810]
 
 
 def test_foreign_cpu_warning_only_past_the_threshold() -> None:

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from benchmarks import bench_router
+from benchmarks import bench_router, common
 
 
 def test_round_prompt_sets_are_disjoint_across_phases_and_rounds() -> None:
@@ -53,3 +53,26 @@ def test_rounds_must_be_positive() -> None:
     assert bench_router.parse_args(["--rounds", "2"]).rounds == 2
     with pytest.raises(SystemExit):
         bench_router.parse_args(["--rounds", "0"])
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--duration", "-1"], ["--duration", "0"], ["--c1-duration", "0"], ["--warmup", "-2"], ["--concurrency", "0"],
+     ["--threads", "0"], ["--concurrency", "2", "--threads", "4"]],
+)  # fmt: skip
+def test_durations_and_wrk_sizes_are_checked_before_anything_starts(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        bench_router.parse_args(argv)
+    assert exc.value.code == 2 and argv[0] in capsys.readouterr().err
+
+
+def test_a_missing_wrk_stops_the_run_before_the_router_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    def started(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the router was started although wrk is missing")
+
+    monkeypatch.setattr(common.shutil, "which", lambda name: None)
+    monkeypatch.setattr(bench_router, "running_server", started)
+    with pytest.raises(SystemExit, match="wrk not found"):
+        bench_router.run(bench_router.parse_args([]))

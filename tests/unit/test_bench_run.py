@@ -1,0 +1,56 @@
+"""The harness command line: checks before any system starts, and result file names."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pytest
+
+from benchmarks.harness.sweep import SweepConfig, point_processes
+from benchmarks.run import output_stem, parse_args, with_ext
+
+
+def _usage_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    with pytest.raises(SystemExit) as exc:
+        parse_args(argv)
+    assert exc.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_a_dotted_machine_label_keeps_its_name_and_a_second_run_gets_run2(tmp_path: Path) -> None:
+    base = f"cpu-2.5c-{dt.datetime.now(dt.UTC).date().isoformat()}"
+    first = output_stem(tmp_path, "cpu-2.5c")
+    assert with_ext(first, ".json").name == f"{base}.json" and with_ext(first, ".png").name == f"{base}.png"
+    with_ext(first, ".json").write_text("{}")
+    second = output_stem(tmp_path, "cpu-2.5c")
+    assert with_ext(second, ".md").name == f"{base}-run2.md"
+
+
+def test_machine_labels_that_are_not_file_names_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    assert parse_args(["--machine", "h100.x1_a+b"]).machine == "h100.x1_a+b"
+    for label in ("a/b", "../up", ".hidden", ""):
+        assert "--machine" in _usage_error(["--machine", label], capsys)
+
+
+def test_only_must_name_known_systems_of_the_set(capsys: pytest.CaptureFixture[str]) -> None:
+    assert parse_args(["--only", "router, bare"]).only == "router, bare"
+    assert "unknown system(s) rotuer" in _usage_error(["--only", "router,rotuer"], capsys)
+    assert "keeps nothing of set embedders" in _usage_error(["--scenarios", "embedders", "--only", "bare"], capsys)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--duration", "0"], ["--concurrency", "0"], ["--concurrency", "1,-4"], ["--concurrency", ""],
+     ["--warmup", "-1"], ["--rate-fractions", "0.5,0"], ["--rates", "-3"], ["--client-processes", "0"]],
+)  # fmt: skip
+def test_knobs_the_load_generator_would_reject_fail_at_once(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert argv[0] in _usage_error(argv, capsys)
+
+
+def test_a_closed_loop_point_gets_no_more_client_processes_than_its_concurrency() -> None:
+    cfg = SweepConfig((1, 16, 64), (0.5,), (), 15.0, 3.0, 10.0, processes=2, client="http1", seed=0)
+    assert [point_processes(cfg, c) for c in cfg.concurrencies] == [1, 2, 2]
+    assert point_processes(cfg, None) == 2  # open loop: the rate is split, any count works

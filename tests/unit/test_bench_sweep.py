@@ -1,0 +1,103 @@
+"""A workload's sweep: the priming pass of repeated-bodies scenarios, client processes per point."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmarks.harness import scenarios, sweep
+from benchmarks.harness.priming import prime
+from benchmarks.harness.scenarios import EMBEDDING, REPEATED, Workload
+from benchmarks.harness.sweep import SweepConfig
+from benchmarks.harness.systems import BARE, ROUTER, Running
+from benchmarks.harness.targets import warnings_for
+
+CFG = SweepConfig((1, 4), (0.5,), (), 1.0, 0.5, 1.0, processes=2, client="http1", seed=0)
+
+
+@pytest.fixture
+def counting_server() -> Iterator[tuple[str, Counter[bytes]]]:
+    """A keep-alive HTTP/1.1 server that counts the bodies it was sent and answers 200."""
+    seen: Counter[bytes] = Counter()
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:
+            seen[self.rfile.read(int(self.headers["Content-Length"]))] += 1
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1/route", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_priming_sends_every_body_once(counting_server: tuple[str, Counter[bytes]]) -> None:
+    url, seen = counting_server
+    bodies = [b'{"prompt": "p%d"}' % i for i in range(50)]
+    result = prime(url, bodies, concurrency=4)
+    assert result == {"bodies": 50, "ok": 50, "status": {"200": 50}, "errors": {}}
+    assert seen == Counter(dict.fromkeys(bodies, 1))
+
+
+def _running() -> Running:
+    return Running("router", "http://127.0.0.1:9/v1/route", {}, encode_prompt=lambda t: t.encode())
+
+
+def _fake_points(monkeypatch: pytest.MonkeyPatch, calls: list[tuple[str, Any]]) -> None:
+    def fake_prime(url: str, bodies: list[bytes]) -> dict[str, Any]:
+        calls.append(("prime", bodies))
+        return {"bodies": len(bodies), "ok": len(bodies) - 1, "status": {"200": len(bodies) - 1, "429": 1},
+                "errors": {}}  # fmt: skip
+
+    def fake_point(
+        workload: Workload, running: Running, cfg: SweepConfig, tmp_dir: Path, index: int, *args: Any, **kw: Any
+    ) -> dict[str, Any]:
+        calls.append(("point", index))
+        body_list = scenarios.bodies(workload, running, 0, cfg.seed, index)
+        return {"mode": "closed", "concurrency": 1, "ok_rps": 100.0, "bodies": body_list}
+
+    monkeypatch.setattr(sweep.priming, "prime", fake_prime)
+    monkeypatch.setattr(sweep, "measure_point", fake_point)
+    monkeypatch.setattr(sweep, "_progress", lambda workload, point: None)
+
+
+def test_repeated_bodies_are_primed_once_before_the_first_point(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    calls: list[tuple[str, Any]] = []
+    _fake_points(monkeypatch, calls)
+    result = sweep.sweep(Workload(ROUTER, REPEATED), _running(), CFG, tmp_path)
+    assert [kind for kind, _ in calls] == ["prime", "point", "point", "point"]
+    primed_bodies = calls[0][1]
+    assert len(primed_bodies) == scenarios.REPEATED_PROMPTS
+    assert all(point["bodies"] == primed_bodies for point in result["points"])  # the bodies the points send
+    assert result["primed"]["ok"] == scenarios.REPEATED_PROMPTS - 1
+    result["points"] = []
+    warnings = warnings_for({"router/repeated": result}, None)
+    assert warnings == ["router/repeated: priming answered 255 of 256 bodies 2xx (status {'200': 255, '429': 1}, "
+                        "errors {}): its points include cache misses"]  # fmt: skip
+
+
+def test_bodies_that_never_repeat_are_not_primed(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    calls: list[tuple[str, Any]] = []
+    _fake_points(monkeypatch, calls)
+    result = sweep.sweep(Workload(BARE, EMBEDDING), _running(), CFG, tmp_path)
+    assert [kind for kind, _ in calls] == ["point", "point", "point"] and result["primed"] is None
