@@ -89,7 +89,7 @@ def route_rate(
         torch.cuda.synchronize()
         started = time.perf_counter()
         tokenized = [tok.submit(embedder.tokenize, part) for part in parts]
-        routed = [compute.submit(lambda f=f: route(f.result())) for f in tokenized]
+        routed = [compute.submit(lambda f: route(f.result()), f) for f in tokenized]
         total = sum(r.result() for r in routed)
         route_s = time.perf_counter() - started
     ids = [embedder.tokenize(part) for part in parts]

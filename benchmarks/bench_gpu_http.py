@@ -90,14 +90,14 @@ def main() -> None:
     bodies.unlink()
     ok = [r for r in runs if "ok_rps" in r]
     best = max(ok, key=lambda r: r["ok_rps"]) if ok else None
-    device = device_name()
-    result = {"device": device, "machine": machine_info(), "server_flags": SERVER_FLAGS,
+    device, machine = device_name(), machine_info()
+    result = {"device": device, "machine": machine, "server_flags": SERVER_FLAGS,
               "client": {"concurrency": args.concurrency, "processes": args.client_processes,
                          "duration_s": args.duration, "warmup_s": args.warmup, "prompts": args.prompts},
               "runs": runs, "best_workers": best and best["workers"], "target_routes_per_s": TARGET_ROUTES_PER_S,
               "pass": bool(best and best["ok_rps"] >= TARGET_ROUTES_PER_S)}  # fmt: skip
     args.out.write_text(json.dumps(result, indent=1) + "\n")
-    lines = [f"Routes/s through HTTP on {device} (commit {result['machine'].get('git_commit')}), unique prompts, "
+    lines = [f"Routes/s through HTTP on {device} (commit {machine.get('git_commit')}), unique prompts, "
              f"closed loop at {args.concurrency} in flight from {args.client_processes} client processes", "",
              "| workers | routes/s (2xx) | p50 ms | p99 ms | start-up s |",
              "| ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip

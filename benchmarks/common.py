@@ -336,10 +336,10 @@ def _process_tree_cpu_s(root_pid: int) -> float:
     total, todo = 0, [root_pid]
     while todo:
         pid = todo.pop()
-        fields = stats.get(pid)
-        if fields is None:
+        own = stats.get(pid)
+        if own is None:
             continue
-        total += sum(int(fields[i]) for i in (_PID_UTIME, _PID_STIME, _PID_CUTIME, _PID_CSTIME))
+        total += sum(int(own[i]) for i in (_PID_UTIME, _PID_STIME, _PID_CUTIME, _PID_CSTIME))
         todo.extend(children.get(pid, []))
     return total / _CLK_TCK
 

@@ -33,8 +33,8 @@ PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x8
 WHEELS = (
     "starlette", "anyio", "hypercorn", "h11", "h2", "hpack", "hyperframe", "priority", "wsproto", "orjson",
     "pynacl", "cffi", "pycparser", "tomli-w", "redis", "pytest", "pluggy", "iniconfig", "pytest-asyncio",
-    "hdrhistogram", "pbr",
-)  # fmt: skip
+    "hdrhistogram", "pbr", "typing-extensions",
+)  # fmt: skip  (typing-extensions: the carried anyio needs a newer one than some images hold)
 
 
 def download_wheels(target: Path) -> None:
