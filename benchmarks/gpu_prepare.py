@@ -30,11 +30,12 @@ CARRY_LIMIT_BYTES = 64 * 1024 * 1024  # the device tool's cap on the working tre
 DEVICE_PYTHON = "3.12"
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux1_x86_64")
 # Missing from (or possibly too old in) the device image, per /work/.library/device/KINDS.md.
+# typing-extensions: the carried anyio needs a newer one than some images hold.
 WHEELS = (
     "starlette", "anyio", "hypercorn", "h11", "h2", "hpack", "hyperframe", "priority", "wsproto", "orjson",
     "pynacl", "cffi", "pycparser", "tomli-w", "redis", "pytest", "pluggy", "iniconfig", "pytest-asyncio",
     "hdrhistogram", "pbr", "typing-extensions",
-)  # fmt: skip  (typing-extensions: the carried anyio needs a newer one than some images hold)
+)  # fmt: skip
 
 
 def download_wheels(target: Path) -> None:
