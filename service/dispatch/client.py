@@ -157,21 +157,14 @@ def _format_status(status: Mapping[str, int]) -> str:
     return " ".join(f"{name}={count}" for name, count in status.items())
 
 
-def _error_fields(response: httpx.Response) -> tuple[str, str]:
-    """``(code, message)`` of an error answer, whatever its body."""
+def _error_fields(response: httpx.Response) -> tuple[str, str, str | None]:
+    """``(code, message, reason)`` of an error answer, whatever its body (``reason``: None where it has none)."""
     try:
         error = response.json().get("error")
-        return str(error["code"]), str(error.get("message", ""))
+        reason = error.get("reason")
+        return str(error["code"]), str(error.get("message", "")), reason if isinstance(reason, str) else None
     except (ValueError, AttributeError, TypeError, KeyError):
-        return "http_error", response.text[:ERROR_TEXT_LIMIT]
-
-
-def _error_reason(response: httpx.Response) -> str | None:
-    try:
-        reason = response.json()["error"].get("reason")
-    except (ValueError, AttributeError, TypeError, KeyError):
-        return None
-    return reason if isinstance(reason, str) else None
+        return "http_error", response.text[:ERROR_TEXT_LIMIT], None
 
 
 class DispatchClient:
@@ -232,9 +225,9 @@ class DispatchClient:
             self._route_url, json=body, headers=self._headers, timeout=self._route_timeout_s
         )
         if response.status_code != HTTP_OK:
-            code, message = _error_fields(response)
+            code, message, reason = _error_fields(response)
             retry_after = parse_retry_after(response.headers.get("retry-after"))
-            raise DispatcherRefused(response.status_code, code, message, retry_after, _error_reason(response))
+            raise DispatcherRefused(response.status_code, code, message, retry_after, reason)
         try:
             answer = response.json()
         except ValueError:
@@ -303,7 +296,7 @@ class DispatchClient:
             progress.fail(f"worker {url}: {type(exc).__name__}")
             return None
         if _worker_should_retry(response):
-            code, _ = _error_fields(response)
+            code, _, _ = _error_fields(response)
             progress.fail(
                 f"worker {url}: {response.status_code} {code}", parse_retry_after(response.headers.get("retry-after"))
             )

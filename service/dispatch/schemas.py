@@ -63,10 +63,8 @@ def parse_worker_report(data: Mapping[str, Any], *, max_value: float) -> tuple[s
     """The body of ``POST /worker_status/``: (endpoint, report). ``max_value`` bounds ``max_perf`` and ``cur_load``
     (``--max-report-value``): sums and means of unbounded ones overflow to inf in autoscaling."""
     endpoint = _text(data, "endpoint", MAX_ID_CHARS)
-    worker_id = _text(data, "id", MAX_ID_CHARS)
+    worker_id = _worker_id(data)
     url = _worker_url(_text(data, "url", MAX_URL_CHARS))
-    if not is_safe_text(worker_id):
-        raise InvalidRequest("'id' must be printable ASCII without quotes or backslashes")
     raw_state = data.get("state")
     try:
         state = WorkerState(str(raw_state))
@@ -88,7 +86,7 @@ def parse_worker_report(data: Mapping[str, Any], *, max_value: float) -> tuple[s
 def parse_release(data: Mapping[str, Any]) -> tuple[str, list[int], bool, str | None]:
     """The body of ``POST /delete_requests/``: (endpoint, request_idxs, success, the releasing worker's id if given)."""
     endpoint = _text(data, "endpoint", MAX_ID_CHARS)
-    worker_id = None if data.get("id") is None else _text(data, "id", MAX_ID_CHARS)
+    worker_id = None if data.get("id") is None else _worker_id(data)
     idxs = data.get("request_idxs")
     if not isinstance(idxs, list) or len(idxs) > MAX_RELEASE_BATCH:
         raise InvalidRequest(f"'request_idxs' must be a list of at most {MAX_RELEASE_BATCH} integers")
@@ -136,6 +134,13 @@ def assignment_for(endpoint: str, outcome: Assigned, cost: float, *, expires_at_
 
 
 # -- field readers ----------------------------------------------------------------------------------------------
+def _worker_id(data: Mapping[str, Any]) -> str:
+    worker_id = _text(data, "id", MAX_ID_CHARS)
+    if not is_safe_text(worker_id):
+        raise InvalidRequest("'id' must be printable ASCII without quotes or backslashes")
+    return worker_id
+
+
 def _worker_url(text: str) -> str:
     """The URL clients are sent to, trailing slashes removed (assignments carry it so; workers compare it so)."""
     url = text.rstrip("/")

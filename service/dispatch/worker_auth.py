@@ -14,39 +14,20 @@ left alone: the signature is the only credential a worker needs.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Collection, Mapping
-from typing import Any, NoReturn
 
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.dispatch.signing import Assignment
 from service.dispatch.verifier import AssignmentRejected, AssignmentVerifier, RejectReason, normalise_url
-from service.errors import InvalidRequest, ServiceError
-from service.http.responses import error_response, read_asgi_json_body
+from service.errors import ServiceError
+from service.http.responses import error_response, parse_exact_json_object, read_asgi_json_body
 
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
 STATE_ASSIGNMENT = "assignment"
 STATE_PAYLOAD = "payload"
 RETRY_AFTER_S = 1  # error_response needs one; none of the errors raised here carries Retry-After
-
-
-def parse_exact_json_object(body: bytes) -> dict[str, Any]:
-    """The body as a JSON object, numbers exact: the stdlib parser, since orjson (the service's own) turns integers
-    past 64 bits into floats, and the payload is the client's data, handed on as sent. NaN and Infinity are refused,
-    as orjson refuses them."""
-    try:
-        data = json.loads(body, parse_constant=_refuse_constant)
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise InvalidRequest(f"body is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise InvalidRequest("body must be a JSON object")
-    return data
-
-
-def _refuse_constant(name: str) -> NoReturn:
-    raise ValueError(f"{name} is not JSON")
 
 
 def verify_request_body(verifier: AssignmentVerifier, body: bytes) -> tuple[Assignment, object]:

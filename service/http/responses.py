@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 import orjson
 from starlette.exceptions import HTTPException
@@ -27,6 +28,9 @@ class ORJSONResponse(JSONResponse):
 
     def render(self, content: Any) -> bytes:
         return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+NOT_AN_OBJECT = "body must be a JSON object"
 
 
 def error_response(error: ServiceError, *, retry_after_s: int) -> Response:
@@ -91,5 +95,22 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
     except orjson.JSONDecodeError as exc:
         raise InvalidRequest(f"body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
-        raise InvalidRequest("body must be a JSON object")
+        raise InvalidRequest(NOT_AN_OBJECT)
     return data
+
+
+def parse_exact_json_object(body: bytes) -> dict[str, Any]:
+    """``parse_json_object`` with every number exact: orjson turns integers past 64 bits into floats, which is fine
+    for the service's own fields but not for a client's payload handed on to an application. The stdlib parser,
+    refusing NaN and Infinity as orjson does; slower, so only off the hot paths."""
+    try:
+        data = json.loads(body, parse_constant=_refuse_constant)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise InvalidRequest(f"body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest(NOT_AN_OBJECT)
+    return data
+
+
+def _refuse_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not JSON")

@@ -234,7 +234,7 @@ def test_a_release() -> None:
     assert parse_release({"endpoint": "ep", "request_idxs": idxs}) == ("ep", idxs, True, None)
     assert parse_release({"endpoint": "ep", "request_idxs": [], "success": False}) == ("ep", [], False, None)
     assert parse_release({"endpoint": "ep", "request_idxs": [1], "id": "gpu-0"}) == ("ep", [1], True, "gpu-0")
-    for bad_id in ("", 7, ["gpu-0"], "x" * (MAX_ID_CHARS + 1)):
+    for bad_id in ("", 7, ["gpu-0"], "x" * (MAX_ID_CHARS + 1), 'gpu"0'):
         with pytest.raises(InvalidRequest, match="'id'"):
             parse_release({"endpoint": "ep", "request_idxs": [1], "id": bad_id})
     assert parse_release({"endpoint": "ep", "request_idxs": [1] * MAX_RELEASE_BATCH})[1] == [1] * MAX_RELEASE_BATCH
