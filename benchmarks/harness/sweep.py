@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,8 +18,14 @@ from benchmarks.common import REPO_ROOT, foreign_cpu
 from benchmarks.harness import priming, prompts, scenarios
 from benchmarks.harness.scenarios import Workload
 from benchmarks.harness.systems import Running
+from benchmarks.loadgen import fanout
 
-LOADGEN_EXTRA_WAIT_S = 120.0  # spawn, body loading, drain: on top of warm-up + duration
+LOADGEN_EXTRA_WAIT_S = 120.0  # body loading, a late start, the drain: on top of warm-up + duration
+# The load generator's interpreter start, imports and body loading (about 0.5 s on a 2-core VM), with room to
+# spare: a start later than that is reported as ``late_start_s`` and warned.
+LOADGEN_START_S = 2.0
+WINDOW_POLL_S = 0.1  # how often the wait for a window's end checks that the load generator still runs
+LOADGEN = "loadgen"  # its process tree is ours: sampled with the servers, left out of the server cores
 
 
 @dataclass(frozen=True)
@@ -38,43 +47,84 @@ def point_processes(cfg: SweepConfig, concurrency: int | None) -> int:
     return cfg.processes if concurrency is None else max(1, min(cfg.processes, concurrency))
 
 
+def loadgen_lead_s(processes: int) -> float:
+    """How far ahead the harness sets the load generator's start: its interpreter start and imports, plus the
+    spawned processes' own lead when there are several."""
+    return LOADGEN_START_S + (fanout.SPAWN_LEAD_S if processes > 1 else 0.0)
+
+
 def run_loadgen(
-    url: str, bodies_file: Path, mode_args: list[str], cfg: SweepConfig, out: Path, seed: int, processes: int
-) -> dict[str, Any]:
+    url: str, bodies_file: Path, mode_args: list[str], cfg: SweepConfig, out: Path, seed: int, processes: int,
+    pids: Mapping[str, int],
+) -> tuple[dict[str, Any], dict[str, Any] | None]:  # fmt: skip
+    """The load generator's result, and the CPU every process used during its recorded window (sampled here at
+    the window's two ends, which the shared ``--start-at`` fixes: start-up, warm-up and drain are left out)."""
+    start_at = time.time() + loadgen_lead_s(processes)
     cmd = [
         sys.executable, "-m", "benchmarks.loadgen", "--url", url, "--bodies", str(bodies_file), *mode_args,
         "--duration", f"{cfg.duration_s:g}", "--warmup", f"{cfg.warmup_s:g}", "--drain-timeout", f"{cfg.drain_s:g}",
         "--processes", str(processes), "--client", cfg.client, "--seed", str(seed), "--out", str(out),
+        "--start-at", f"{start_at:.6f}",
     ]  # fmt: skip
-    timeout = cfg.warmup_s + cfg.duration_s + cfg.drain_s + LOADGEN_EXTRA_WAIT_S
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"load generator exited with {proc.returncode}:\n{proc.stderr[-3000:]}")
+    deadline = start_at + cfg.warmup_s + cfg.duration_s + cfg.drain_s + LOADGEN_EXTRA_WAIT_S
+    with tempfile.TemporaryFile("w+", encoding="utf-8") as stderr:  # a file, not a pipe nobody reads meanwhile
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+        try:
+            window_start = start_at + cfg.warmup_s
+            cpu = _window_cpu(proc, window_start, window_start + cfg.duration_s, {**pids, LOADGEN: proc.pid})
+            returncode = proc.wait(timeout=max(0.0, deadline - time.time()))
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        if returncode != 0:
+            stderr.seek(0)
+            raise RuntimeError(f"load generator exited with {returncode}:\n{stderr.read()[-3000:]}")
     data: dict[str, Any] = json.loads(out.read_text(encoding="utf-8"))
-    return data
+    return data, cpu
+
+
+def _window_cpu(
+    proc: subprocess.Popen[str], start: float, end: float, pids: Mapping[str, int]
+) -> dict[str, Any] | None:
+    """System and per-process CPU between ``start`` and ``end`` (``time.time()``); None when the load generator
+    exits before the window closes (its error is what matters then)."""
+    samples = []
+    for at in (start, end):
+        while (left := at - time.time()) > 0:
+            if proc.poll() is not None:
+                return None
+            time.sleep(min(left, WINDOW_POLL_S))
+        samples.append(bd.cpu_sample(pids))
+    (before, before_pids), (after, after_pids) = samples
+    cpu: dict[str, Any] | None = foreign_cpu(before, after)
+    if cpu is not None and before is not None and after is not None:
+        wall = after.wall - before.wall
+        cpu["process_cores"] = {
+            n: round((after_pids[n] - before_pids[n]) / wall, 3)
+            for n in before_pids
+            if n != LOADGEN and n in after_pids
+        }
+    return cpu
 
 
 def measure_point(
     workload: Workload, running: Running, cfg: SweepConfig, tmp_dir: Path, index: int, mode_args: list[str],
     rate_hint: float, concurrency: int | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """One load point with the CPU that every process used meanwhile (ours, the servers', everyone else's)."""
+    """One load point with the CPU that every process used during its recorded window (ours, the servers',
+    everyone else's)."""
     running.before_point()
     count = scenarios.bodies_needed(workload.scenario, rate_hint, cfg.warmup_s + cfg.duration_s)
     body_list = scenarios.bodies(workload, running, count, cfg.seed, index)
     stem = f"{workload.system}-{workload.scenario}-{index}"
     bodies_file = prompts.write_bodies(tmp_dir / f"{stem}.jsonl", body_list)
-    before, before_pids = bd.cpu_sample(running.pids)
     # Each point its own arrival seed: one seed would give every rate the same (scaled) sequence, and its luck.
     seed = cfg.seed * 1000 + index
     processes = point_processes(cfg, concurrency)
-    data = run_loadgen(running.url, bodies_file, mode_args, cfg, tmp_dir / f"{stem}.json", seed, processes)
-    after, after_pids = bd.cpu_sample(running.pids)
+    out = tmp_dir / f"{stem}.json"
+    data, cpu = run_loadgen(running.url, bodies_file, mode_args, cfg, out, seed, processes, running.pids)
     bodies_file.unlink()
-    cpu: dict[str, Any] | None = foreign_cpu(before, after)
-    if cpu is not None and before is not None and after is not None:
-        wall = after.wall - before.wall
-        cpu["process_cores"] = {n: round((after_pids[n] - before_pids[n]) / wall, 3) for n in before_pids}
     return {**data["config"], **data["result"], "cpu": cpu, "distinct_bodies": len(body_list)}
 
 

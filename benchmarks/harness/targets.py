@@ -20,6 +20,7 @@ LATENCY_TARGET_MAX_FAILED = 0
 CLIENT_CPU_WARN_CORES = 0.8  # per client process: near one core, the client may be the bottleneck
 SEND_LAG_WARN_MS = 5.0  # open loop: the client sent this late at p99, so it could not keep its own schedule
 POOL_WAIT_WARN_MS = 1.0  # open loop: p99 wait for one of the client's connections (all busy)
+LATE_START_WARN_S = 0.05  # the client began this long after the harness's --start-at (its CPU window is shifted)
 # Open loop: answers that arrived inside the window this far below the arrivals scheduled in it mean the server
 # fell behind at that rate (Poisson noise and the window's edges are far smaller at the rates swept).
 OPEN_LOOP_SHORTFALL_WARN = 0.05
@@ -104,6 +105,12 @@ def warnings_for(results: dict[str, dict[str, Any]], offline: dict[str, Any] | N
             )
             if skewed := foreign_cpu_warning(where, point.get("cpu")):
                 out.append(skewed)
+            late = point.get("late_start_s", 0.0)
+            if late > LATE_START_WARN_S:
+                out.append(
+                    f"{where}: the client started {late:.2f} s late, so the CPU columns cover a window that "
+                    "much earlier than the recorded one"
+                )
             if point["failed"]:
                 unfinished = point.get("unfinished", 0)
                 open_at_end = f", {unfinished} still open when the drain ended" if unfinished else ""

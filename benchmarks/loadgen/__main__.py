@@ -41,6 +41,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--client", choices=CLIENTS, default="http1")
     parser.add_argument("--seed", type=int, default=0, help="seeds the arrival times")
     parser.add_argument("--label", default="", help="copied into the output")
+    parser.add_argument(
+        "--start-at",
+        type=float,
+        help="time.time() at which the warm-up starts, so that another process can sample the recorded window "
+        "(default: as soon as the client processes are ready)",
+    )
     parser.add_argument("--out", type=Path, help="JSON output path (default: stdout)")
     args = parser.parse_args(argv)
     if args.concurrency is not None and args.concurrency < 1:
@@ -49,6 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--rate must be > 0")
     if args.processes < 1 or args.duration <= 0 or args.warmup < 0:
         parser.error("--processes >= 1, --duration > 0, --warmup >= 0")
+    if args.start_at is not None and not args.start_at > 0:
+        parser.error("--start-at must be a time.time() value")
     if args.concurrency is not None and args.concurrency < args.processes:
         parser.error("--concurrency must be at least --processes")
     if problem := _url_problem(args.url, args.client) or _bodies_problem(args):

@@ -74,12 +74,17 @@ def run_process(args: argparse.Namespace, k: int, start_at: float) -> dict[str, 
     return result.to_dict()
 
 
+def start_time(args: argparse.Namespace, lead_s: float) -> float:
+    """The common start: ``--start-at`` when given (a process that started late reports ``late_start_s``)."""
+    return args.start_at if args.start_at is not None else time.time() + lead_s
+
+
 def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Every process's JSON-safe result; one process runs in this one, more are spawned and started together."""
     if args.processes == 1:
-        return [run_process(args, 0, time.time() + INPROCESS_LEAD_S)]
-    start_at = time.time() + SPAWN_LEAD_S
-    timeout = SPAWN_LEAD_S + args.warmup + args.duration + args.drain_timeout + RESULT_EXTRA_WAIT_S
+        return [run_process(args, 0, start_time(args, INPROCESS_LEAD_S))]
+    start_at = start_time(args, SPAWN_LEAD_S)
+    timeout = max(0.0, start_at - time.time()) + args.warmup + args.duration + args.drain_timeout + RESULT_EXTRA_WAIT_S
     with multiprocessing.get_context("spawn").Pool(args.processes) as pool:
         jobs = [pool.apply_async(run_process, (args, k, start_at)) for k in range(args.processes)]
         return [job.get(timeout=timeout) for job in jobs]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
 
+from benchmarks.loadgen import fanout
 from benchmarks.loadgen.__main__ import parse_args
 from benchmarks.loadgen.http1 import Http1Client
 
@@ -46,3 +48,12 @@ def test_http1_client_keeps_the_query_string() -> None:
     client = Http1Client("http://h:1/embeddings?api-version=2", [b"{}"], 1)
     assert client._raw[0].startswith(b"POST /embeddings?api-version=2 HTTP/1.1\r\n")
     assert Http1Client("http://h:1", [b"{}"], 1)._raw[0].startswith(b"POST / HTTP/1.1\r\n")
+
+
+def test_start_at_is_a_time_and_a_late_start_is_reported(capsys: pytest.CaptureFixture[str]) -> None:
+    assert "--start-at" in _usage_error(["--url", URL, "--body", "{}", "--rate", "5", "--start-at", "0"], capsys)
+    args = parse_args(["--url", URL, "--body", "{}", "--rate", "5", "--start-at", "1700000000.5"])
+    assert fanout.start_time(args, lead_s=3.0) == 1700000000.5  # the caller's start, not now + lead
+    args.start_at = None
+    before = time.time()
+    assert before + 3.0 <= fanout.start_time(args, lead_s=3.0) <= time.time() + 3.0

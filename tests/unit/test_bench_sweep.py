@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -11,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from benchmarks.harness import scenarios, sweep
+from benchmarks.harness import prompts, scenarios, sweep
 from benchmarks.harness.priming import prime
 from benchmarks.harness.scenarios import EMBEDDING, REPEATED, Workload
 from benchmarks.harness.sweep import SweepConfig
@@ -101,3 +103,48 @@ def test_bodies_that_never_repeat_are_not_primed(monkeypatch: pytest.MonkeyPatch
     _fake_points(monkeypatch, calls)
     result = sweep.sweep(Workload(BARE, EMBEDDING), _running(), CFG, tmp_path)
     assert [kind for kind, _ in calls] == ["point", "point", "point"] and result["primed"] is None
+
+
+# Sleeps argv[1] s, spins argv[2] s, then sleeps.
+SPIN = (
+    "import sys, time\ntime.sleep(float(sys.argv[1]))\nend = time.time() + float(sys.argv[2])\n"
+    "while time.time() < end: pass\ntime.sleep(60)"
+)
+
+
+def test_a_points_cpu_covers_the_recorded_window_only(
+    counting_server: tuple[str, Counter[bytes]], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Two stand-in servers: one busy only while the load generator starts and warms up, one busy only from the
+    window on. The point's server cores see the second and not the first (the load generator itself is neither)."""
+    url, seen = counting_server
+    monkeypatch.setattr(sweep, "LOADGEN_START_S", 1.5)
+    cfg = SweepConfig((1,), (), (), duration_s=1.0, warmup_s=1.0, drain_s=2.0, processes=1, client="http1", seed=0)
+    bodies = prompts.write_bodies(tmp_path / "b.jsonl", [b'{"prompt": "p%d"}' % i for i in range(20)])
+    # The window opens 2.5 s from now: "early" spins for its first second, "late" from 2.2 s on.
+    early = subprocess.Popen([sys.executable, "-c", SPIN, "0", "1.0"])
+    late = subprocess.Popen([sys.executable, "-c", SPIN, "2.2", "30"])
+    try:
+        data, cpu = sweep.run_loadgen(url, bodies, ["--concurrency", "1"], cfg, tmp_path / "out.json", 0, 1,
+                                      {"early": early.pid, "late": late.pid})  # fmt: skip
+    finally:
+        for proc in (early, late):
+            proc.kill()
+            proc.wait()
+    assert data["result"]["ok"] > 0 and sum(seen.values()) >= data["result"]["ok"]
+    assert cpu is not None and set(cpu["process_cores"]) == {"early", "late"}
+    assert cpu["wall_s"] == pytest.approx(1.0, abs=0.3)
+    assert cpu["process_cores"]["early"] < 0.1  # its whole second of CPU fell before the window
+    assert cpu["process_cores"]["late"] > 0.3  # spinning all through the window (on a shared 2-core box)
+
+
+def test_a_late_client_start_is_warned() -> None:
+    point = {"mode": "closed", "concurrency": 4, "failed": 0, "body_wraps": 0, "distinct_bodies": 1, "processes": 1,
+             "client_cpu_cores": 0.1, "late_start_s": 0.4, "cpu": None}  # fmt: skip
+    result = {"scenario": EMBEDDING, "primed": None, "points": [point]}
+    assert warnings_for({"bare/embedding": result}, None) == [
+        "bare/embedding c=4: the client started 0.40 s late, so the CPU columns cover a window that much earlier "
+        "than the recorded one"
+    ]
+    point["late_start_s"] = 0.01
+    assert warnings_for({"bare/embedding": result}, None) == []
