@@ -312,6 +312,25 @@ def test_loader_rejects_missing_file_and_no_models(tmp_path: Path) -> None:
         load_labelled([path])
 
 
+def test_loader_rejects_a_column_named_twice(tmp_path: Path) -> None:
+    # csv.DictReader keeps the last of two equal names: model-a's outcomes would silently be the second column's.
+    path = tmp_path / "dup.csv"
+    path.write_text("prompt,model-a,model-a|total_cost,model-a\nq1,1.0,0.1,0.0\nq2,1.0,0.1,0.0\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"named more than once.*'model-a'") as info:
+        load_labelled([path])
+    assert "dup.csv" in str(info.value)
+
+
+def test_loader_rejects_a_jsonl_key_given_twice(tmp_path: Path) -> None:
+    path = tmp_path / "dup.jsonl"
+    path.write_text(
+        '{"prompt": "q1", "m": 1, "m|total_cost": 0.1}\n{"prompt": "q2", "m": 1, "m|total_cost": 0.1, "m": 0}\n',
+        encoding="utf-8",
+    )
+    with pytest.raises(DataError, match=r"dup\.jsonl:2: key 'm' appears more than once"):
+        load_labelled([path])
+
+
 def test_load_prices_skips_annotations(tmp_path: Path) -> None:
     path = tmp_path / "prices.json"
     path.write_text(json.dumps({"_unit": "USD", "m": {"input": 0.001, "output": 0.002}}), encoding="utf-8")

@@ -205,6 +205,9 @@ def _read_csv(path: Path, price_models: Collection[str] = ()) -> tuple[Rows, tup
             rows = [(reader.line_num, row) for row in reader]
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"{path}: cannot read CSV ({exc})") from exc
+    repeated = sorted({name for name, count in Counter(header).items() if count > 1})
+    if repeated:  # DictReader would silently keep the last of them
+        raise DataError(f"{path}: column(s) named more than once in the header: {', '.join(map(repr, repeated))}")
     models = _model_columns(header, price_models, path)
     for line, row in rows:
         if None in row or any(value is None for value in row.values()):
@@ -221,11 +224,13 @@ def _read_jsonl(path: Path, price_models: Collection[str] = ()) -> tuple[Rows, t
             for line, text in enumerate(fh, start=1):
                 if not text.strip():
                     continue
-                value = json.loads(text)
+                value = json.loads(text, object_pairs_hook=_unique_keys)
                 if not isinstance(value, dict):
                     raise DataError(f"{path}:{line}: each line must be a JSON object")
                 rows.append((line, {str(k): _cell(v, path, line) for k, v in value.items()}))
                 header.update(dict.fromkeys(map(str, value)))
+    except _DuplicateKey as exc:
+        raise DataError(f"{path}:{line}: key {exc.args[0]!r} appears more than once in the object") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataError(f"{path}: cannot read JSONL ({exc})") from exc
     models = _model_columns(list(header), price_models, path)
@@ -233,6 +238,18 @@ def _read_jsonl(path: Path, price_models: Collection[str] = ()) -> tuple[Rows, t
         if PROMPT_COLUMN not in row:
             raise DataError(f"{path}:{line}: no {PROMPT_COLUMN!r}")
     return rows, models
+
+
+class _DuplicateKey(Exception):
+    """A JSON object names one key twice (``json`` would silently keep the last value)."""
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    keys = [key for key, _ in pairs]
+    repeated = next((key for key, count in Counter(keys).items() if count > 1), None)
+    if repeated is not None:
+        raise _DuplicateKey(repeated)
+    return dict(pairs)
 
 
 def _cell(value: object, path: Path, line: int) -> str:
