@@ -331,6 +331,28 @@ def test_loader_rejects_a_jsonl_key_given_twice(tmp_path: Path) -> None:
         load_labelled([path])
 
 
+def test_loader_reads_files_with_a_utf8_byte_order_mark(tmp_path: Path) -> None:
+    # Spreadsheets save "CSV UTF-8" with a BOM; it used to end up in the first column's name ("\ufeffprompt").
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes(b"\xef\xbb\xbf" + b"prompt,m,m|total_cost\nq1,1.0,0.1\nq2,0.0,0.1\n")
+    data = load_labelled([bom])
+    assert data.texts == ["q1", "q2"]
+    assert data.models == ("m",)
+    jsonl = tmp_path / "bom.jsonl"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + b'{"prompt": "q1", "m": 1, "m|total_cost": 0.1}\n')
+    assert load_labelled([jsonl]).texts == ["q1"]
+    prices = tmp_path / "prices.json"
+    prices.write_bytes(b"\xef\xbb\xbf" + json.dumps({"m": {"input": 0.001, "output": 0.002}}).encode())
+    assert load_prices(prices) == {"m": (0.001, 0.002)}
+
+
+def test_load_prices_names_the_file_when_it_is_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "prices.json"
+    path.write_bytes(b'{"m\xe9": {"input": 0.001, "output": 0.002}}')
+    with pytest.raises(DataError, match=r"prices\.json: cannot read prices"):
+        load_prices(path)
+
+
 def test_load_prices_skips_annotations(tmp_path: Path) -> None:
     path = tmp_path / "prices.json"
     path.write_text(json.dumps({"_unit": "USD", "m": {"input": 0.001, "output": 0.002}}), encoding="utf-8")

@@ -29,6 +29,8 @@ SAMPLE_ID_COLUMN = "sample_id"
 COST_SUFFIX = "|total_cost"
 BLOCK_SEPARATOR = "\n\n"
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
+# UTF-8, with or without the byte-order mark that spreadsheet programs put before "CSV UTF-8" exports.
+TEXT_ENCODING = "utf-8-sig"
 
 
 class DataError(ValueError):
@@ -104,8 +106,8 @@ def load_prices(path: Path | str) -> dict[str, tuple[float, float]]:
     """``{model: (input, output)}`` in USD per 1k tokens, from ``{model: {"input": x, "output": y}}``."""
     source = Path(path)
     try:
-        raw = json.loads(source.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
+        raw = json.loads(source.read_text(encoding=TEXT_ENCODING))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataError(f"{source}: cannot read prices ({exc})") from exc
     if not isinstance(raw, dict):
         raise DataError(f"{source}: prices must be a JSON object")
@@ -199,7 +201,7 @@ def _model_columns(header: Sequence[str], price_models: Collection[str], path: P
 def _read_csv(path: Path, price_models: Collection[str] = ()) -> tuple[Rows, tuple[str, ...]]:
     """Rows with their line numbers, and the sorted model names found in the header."""
     try:
-        with path.open(newline="", encoding="utf-8") as fh:
+        with path.open(newline="", encoding=TEXT_ENCODING) as fh:
             reader = csv.DictReader(fh)
             header = list(reader.fieldnames or [])
             rows = [(reader.line_num, row) for row in reader]
@@ -220,7 +222,7 @@ def _read_jsonl(path: Path, price_models: Collection[str] = ()) -> tuple[Rows, t
     rows: Rows = []
     header: dict[str, None] = {}
     try:
-        with path.open(encoding="utf-8") as fh:
+        with path.open(encoding=TEXT_ENCODING) as fh:
             for line, text in enumerate(fh, start=1):
                 if not text.strip():
                     continue
