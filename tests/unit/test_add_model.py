@@ -6,6 +6,7 @@ import argparse
 import csv
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -159,3 +160,42 @@ def test_add_model_main_writes_extended_weights(
     other = parser.parse_args(["--data", str(data), "--model", "m-other", "--weights", str(source), "--out", str(out)])
     assert add_model.add_model_main(other) == 1
     assert "priced: m-other" in capsys.readouterr().err
+
+
+# Weights from elsewhere pass validation with any JSON metadata; each of these used to end in a traceback
+# (AttributeError, TypeError, KeyError) or a message about array shapes.
+MALFORMED_METADATA: list[tuple[str, dict[str, object], str]] = [
+    ("fit-not-an-object", {"fit": "oops"}, "metadata 'fit' must be a JSON object"),
+    ("alpha-null", {"fit": {"alpha": None}}, "fit.alpha must be a number"),
+    ("task-counts-a-list", {"fit": {"alpha": 2.0, "cluster_task_counts": ["a", "b"]}}, "cluster_task_counts"),
+    ("task-counts-too-short", {"fit": {"alpha": 2.0, "cluster_task_counts": {"a": [1], "b": [2]}}}, "4 counts"),
+    ("price-without-blended", {"price_usd_per_1k": {"m-cheap": {"input": 1}}}, "m-cheap.blended"),
+    ("added-models-not-a-list", {"added_models": {"m": 1}}, "'added_models' must be a JSON list"),
+]
+
+
+@pytest.mark.parametrize(("override", "message"), [pytest.param(o, m, id=name) for name, o, m in MALFORMED_METADATA])
+def test_add_model_main_reports_malformed_weights_metadata(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    override: dict[str, object],
+    message: str,
+) -> None:
+    weights = toy_weights()
+    source = tmp_path / "w.safetensors"
+    save_weights(replace(weights, metadata={**weights.metadata, **override}), source)
+    data = _write_validation(tmp_path / "val.csv", [("c0", "a", "1"), ("c0", "a", "0"), ("c3", "b", "0")])
+
+    def fake_embed(texts: Sequence[str], **_: object) -> tuple[np.ndarray, str, str]:
+        return _embeddings([int(t[1:]) for t in texts]), "toy", EMBEDDER_SHA
+
+    monkeypatch.setattr(fit, "embed_prompts", fake_embed)
+    parser = argparse.ArgumentParser()
+    add_add_model_arguments(parser)
+    argv = ["--data", str(data), "--model", "m-new", "--weights", str(source), "--out", str(tmp_path / "w2.st")]
+    assert add_model.add_model_main(parser.parse_args([*argv, "--price-usd", "0.002", "0.006"])) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("add-model failed: ")
+    assert message in err
+    assert not (tmp_path / "w2.st").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -241,6 +242,26 @@ def test_eval_main_scores_a_weights_file(
     bad = parser.parse_args(["--data", str(tmp_path / "missing.csv"), "--weights", str(path), "--out", str(prefix)])
     assert eval_main(bad) == 1
     assert "missing.csv" in capsys.readouterr().err
+
+
+def test_eval_main_reports_weights_whose_fit_metadata_is_malformed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = _write_data(tmp_path)
+    labelled = load_labelled([data])
+    x, _, _ = _fake_embed(labelled.texts)
+    weights = fit.fit_weights(
+        labelled, x, prices=PRICES, embedder_id="toy", embedder_sha256="0" * 64, k=4, n_restarts=1
+    )
+    path = tmp_path / "w.safetensors"
+    save_weights(replace(weights, metadata={"fit": "from another tool"}), path)  # valid weights, odd metadata
+    monkeypatch.setattr(fit, "embed_prompts", _fake_embed)
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser)
+    argv = ["--data", str(data), "--weights", str(path), "--out", str(tmp_path / "scored"), "--no-progress"]
+    assert eval_main(parser.parse_args(argv)) == 1  # an AttributeError traceback before
+    assert "eval failed: " in (err := capsys.readouterr().err)
+    assert "metadata 'fit' must be a JSON object" in err
 
 
 def test_loader_reads_jsonl_and_models_named_by_prices(tmp_path: Path) -> None:

@@ -365,9 +365,20 @@ def fit_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def recorded_fit(weights: RouterWeights) -> Mapping[str, Any]:
+    """The fit settings ``fit`` recorded in the weights' metadata (``{}`` for weights without them).
+
+    Weights from elsewhere pass validation with any JSON metadata, so the shape is checked here: a
+    ``fit`` entry that is not an object is a :class:`WeightsError`, not a crash further on."""
+    recorded = weights.metadata.get("fit", {})
+    if not isinstance(recorded, Mapping):
+        raise WeightsError(f"the weights' metadata 'fit' must be a JSON object; got {type(recorded).__name__}")
+    return recorded
+
+
 def weights_text_mode(weights: RouterWeights) -> TextMode:
     """Which part of each prompt ``weights`` were fitted on (``fit`` records it), to embed new data alike."""
-    return "full" if weights.metadata.get("fit", {}).get("text_mode") == "full" else "last_block"
+    return "full" if recorded_fit(weights).get("text_mode") == "full" else "last_block"
 
 
 def embed_prompts(
