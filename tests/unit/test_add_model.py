@@ -160,6 +160,11 @@ def test_add_model_main_writes_extended_weights(
     other = parser.parse_args(["--data", str(data), "--model", "m-other", "--weights", str(source), "--out", str(out)])
     assert add_model.add_model_main(other) == 1
     assert "priced: m-other" in capsys.readouterr().err
+    # a new model whose column is empty on every row: "models at columns [0] have no observed outcomes" before
+    empty = _write_validation(tmp_path / "empty.csv", [("c0", "a", ""), ("c3", "b", "")])
+    blank = parser.parse_args(["--data", str(empty), "--model", "m-new", "--weights", str(source), "--out", str(out)])
+    assert add_model.add_model_main(blank) == 1
+    assert "empty.csv: no outcome for model(s) 'm-new' in any of the 2 rows" in capsys.readouterr().err
 
 
 # Weights from elsewhere pass validation with any JSON metadata; each of these used to end in a traceback

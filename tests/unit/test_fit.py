@@ -417,6 +417,17 @@ def test_fit_main_reports_errors(tmp_path: Path, capsys: pytest.CaptureFixture) 
     assert "missing.csv" in capsys.readouterr().err
 
 
+def test_fit_main_names_a_model_without_any_outcome(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # model-a's column (MODELS[1]) is empty on every row: this said "models at columns [1] have no observed outcomes".
+    rows = [_row(f"question {i}", ["1" if i % 3 else "0", ""]) for i in range(10)]
+    data = _write_csv(tmp_path / "train.csv", rows)
+    parser = argparse.ArgumentParser()
+    add_fit_arguments(parser)
+    args = parser.parse_args(["--data", str(data), "--out", str(tmp_path / "w.safetensors"), "--costs", "rows"])
+    assert fit.fit_main(args) == 1  # before embedding: no embed_prompts stub is needed
+    assert "train.csv: no outcome for model(s) 'model-a' in any of the 10 rows" in capsys.readouterr().err
+
+
 def test_fit_arguments_defaults() -> None:
     parser = argparse.ArgumentParser()
     add_fit_arguments(parser)

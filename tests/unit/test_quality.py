@@ -85,6 +85,42 @@ def test_cross_validate_compares_every_system_on_the_same_folds() -> None:
     assert "Router minus plain k-means" in markdown
 
 
+def test_cross_validate_names_a_fold_it_cannot_score() -> None:
+    labelled, x = _labelled()
+    sparse = labelled.correct.copy()
+    sparse[:, 1] = np.nan
+    sparse[:3, 1] = 1.0  # "dear" has 3 outcomes: with 5 folds at least two folds hold none of them out
+    realised = labelled.cost_usd
+    with pytest.raises(ValueError, match=r"fold \d of 5: none of its \d+ held-out prompts has an outcome and a cost"):
+        quality.cross_validate(
+            replace(labelled, correct=sparse), x, realised, route_cost=None, folds=5, settings=quality.FitSettings(k=2)
+        )
+    sparse[:, 1] = np.nan
+    sparse[fold_rows := estimate.fold_assignment(len(sparse), 3, 0) == 0, 1] = 1.0  # only fold 1's rows
+    with pytest.raises(ValueError, match=r"fold 1 of 3: its training rows have no outcome of 'dear' \(\d+ outcomes\)"):
+        quality.cross_validate(
+            replace(labelled, correct=sparse), x, realised, route_cost=None, folds=3, settings=quality.FitSettings(k=2)
+        )
+    assert fold_rows.any()
+
+
+def test_eval_main_names_a_model_without_any_outcome(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "train.jsonl"
+    rows = [{"prompt": f"b{i % 4}", "cheap": i % 2, "dear": None, "mid": 1} for i in range(12)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    (tmp_path / "prices.json").write_text(
+        json.dumps({m: {"input": p[0], "output": p[1]} for m, p in PRICES.items()}), encoding="utf-8"
+    )
+    monkeypatch.setattr(fit, "embed_prompts", _fake_embed)
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser)
+    argv = ["--data", str(path), "--cv", "2", "--clusters", "2", "--out", str(tmp_path / "q"), "--no-progress"]
+    assert eval_main(parser.parse_args(argv)) == 1  # "no prompts to evaluate on" before
+    assert "train.jsonl: no outcome for model(s) 'dear' in any of the 12 rows" in capsys.readouterr().err
+
+
 def test_summarise_spread_and_infinite_folds() -> None:
     assert quality.summarise([0.8, 0.9, 1.0]) == {
         "mean": pytest.approx(0.9),

@@ -28,7 +28,7 @@ from typing import Any, TypeGuard
 import numpy as np
 
 from service.router.offline.costs import COST_UNIT, COST_UNIT_ROWS, INPUT_PRICE_WEIGHT, OUTPUT_PRICE_WEIGHT
-from service.router.offline.data import DataError, LabelledSet, load_labelled, load_prices
+from service.router.offline.data import DataError, LabelledSet, load_labelled, load_prices, require_outcomes
 from service.router.offline.estimate import cluster_error, global_error, task_mix_prior, task_rates
 from service.router.offline.fit import assign_clusters, recorded_fit, weights_text_mode
 from service.router.offline.options import prices_file
@@ -182,6 +182,7 @@ def add_model_main(args: argparse.Namespace) -> int:
         labelled = load_labelled(args.data, text_mode=weights_text_mode(weights), price_models=(args.model,))
         if args.model not in labelled.models:
             raise DataError(f"no outcome column {args.model!r} in the data")
+        require_outcomes(labelled, (args.model,))
         column = labelled.models.index(args.model)
         cost, cost_note = _new_cost(args, weights, labelled, column)
         vectors, embedder_id, embedder_sha256 = embed_prompts(

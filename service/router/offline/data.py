@@ -173,6 +173,19 @@ def load_labelled(
     )
 
 
+def require_outcomes(labelled: LabelledSet, models: Sequence[str] | None = None) -> None:
+    """Raise :class:`DataError` naming each of ``models`` (default: all) that has no outcome in any row."""
+    wanted = labelled.models if models is None else tuple(models)
+    observed = (~np.isnan(labelled.correct)).sum(axis=0)
+    empty = [m for m in wanted if m in labelled.models and observed[labelled.models.index(m)] == 0]
+    if empty:
+        files = ", ".join(source.name for source in labelled.sources)
+        raise DataError(
+            f"{files}: no outcome for model(s) {', '.join(map(repr, empty))} in any of the "
+            f"{labelled.num_rows} rows (every cell empty or null)"
+        )
+
+
 # The loader's first name, from when it read RouterBench CSV only.
 
 Rows = list[tuple[int, dict[str, str]]]

@@ -19,7 +19,7 @@ from service import __version__
 from service.digest import git_commit
 from service.router.offline import fit as fit_module
 from service.router.offline.costs import blended_prices, relative_costs
-from service.router.offline.data import DataError, LabelledSet
+from service.router.offline.data import DataError, LabelledSet, require_outcomes
 from service.router.offline.estimate import DEFAULT_CV_FOLDS
 from service.router.offline.options import TextMode
 from service.router.offline.quality import FitSettings, QualityReport, cross_validate, evaluate_weights, realised_costs
@@ -43,6 +43,7 @@ def eval_main(args: argparse.Namespace) -> int:
         # with --cv the folds' fits need prices for --costs prices; weights bring their own costs
         needs_prices = bool(args.cv) and args.costs == "prices"
         labelled, prices, _ = fit_module.load_inputs(args, text_mode, require_prices=needs_prices)
+        require_outcomes(labelled, weights.models if weights is not None else None)
         prices_relative = None if prices is None else relative_costs(blended_prices(labelled.models, prices))
         realised, cost_source = realised_costs(labelled, prices_relative)
         embeddings, embedder_id, embedder_sha256 = fit_module.embed_prompts(

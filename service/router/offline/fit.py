@@ -37,7 +37,7 @@ from service.router.offline.costs import (
     relative_costs,
     routing_costs,
 )
-from service.router.offline.data import DataError, LabelledSet, load_labelled, load_prices
+from service.router.offline.data import DataError, LabelledSet, load_labelled, load_prices, require_outcomes
 from service.router.offline.estimate import (
     TASK_PRIOR_STRENGTH,
     AlphaChoice,
@@ -338,6 +338,7 @@ def fit_main(args: argparse.Namespace) -> int:
     text_mode: TextMode = args.text
     try:
         labelled, prices, prices_path = load_inputs(args, text_mode, require_prices=args.costs == "prices")
+        require_outcomes(labelled)
         embeddings, embedder_id, embedder_sha256 = embed_prompts(
             labelled.texts, cache=args.embedding_cache, progress=not args.no_progress
         )

@@ -164,6 +164,7 @@ def cross_validate(
     oof_cost = np.full((n, len(labelled.models)), np.nan)
     per_fold: dict[str, list[CurveMetrics]] = {}
     fold_info: list[dict[str, Any]] = []
+    _check_folds(labelled.models, correct, usable, fold_of, folds)
     for fold in tqdm(range(folds), desc="cross-validation folds", file=sys.stderr, disable=not progress):
         train, test = fold_of != fold, (fold_of == fold) & usable
         outcomes = Outcomes(labelled.models, correct[test], realised_cost[test])
@@ -191,6 +192,26 @@ def cross_validate(
         fold_info=fold_info,
         info={"rows": n, **_outcomes_info(pooled_outcomes)},
     )
+
+
+def _check_folds(
+    models: tuple[str, ...], correct: np.ndarray, usable: np.ndarray, fold_of: np.ndarray, folds: int
+) -> None:
+    """Before any fitting: every fold has held-out rows to score and an outcome of every model to train on."""
+    observed = (~np.isnan(correct)).sum(axis=0)
+    for fold in range(folds):
+        held_out = fold_of == fold
+        if not (held_out & usable).any():
+            raise ValueError(
+                f"fold {fold + 1} of {folds}: none of its {int(held_out.sum())} held-out prompts has an outcome and a "
+                f"cost for every model ({usable.sum()} of {usable.size} prompts have); use fewer folds"
+            )
+        untrained = np.isnan(correct[~held_out]).all(axis=0)
+        if untrained.any():
+            names = ", ".join(f"{models[j]!r} ({observed[j]} outcomes)" for j in np.flatnonzero(untrained))
+            raise ValueError(
+                f"fold {fold + 1} of {folds}: its training rows have no outcome of {names}; use fewer folds"
+            )
 
 
 def evaluate_weights(
