@@ -428,6 +428,38 @@ def test_fit_main_names_a_model_without_any_outcome(tmp_path: Path, capsys: pyte
     assert "train.csv: no outcome for model(s) 'model-a' in any of the 10 rows" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("rows", "flags", "message"),
+    [
+        (0, [], "train.csv: no data rows"),  # was "need an [N, D] array with N >= k >= 1; got shape (0, 384)"
+        (6, ["--clusters", "8"], "--clusters 8 needs at least 8 prompts to fit on; the data has 6"),
+        (6, ["--clusters", "0"], "--clusters must be at least 1; got 0"),
+        (6, ["--clusters", "2", "--restarts", "0"], "--restarts must be at least 1; got 0"),
+        # was "need 2 <= folds <= rows; got 5 folds for 4 rows": folds the user never asked for
+        (4, ["--clusters", "2"], "cross-validation needs at least 5 prompts; the data has 4: give --alpha"),
+    ],
+)
+def test_fit_main_checks_sizes_before_embedding(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+    rows: int,
+    flags: list[str],
+    message: str,
+) -> None:
+    data = _write_csv(tmp_path / "train.csv", [_row(f"q{i}", ["1", "0"]) for i in range(rows)])
+
+    def no_embedding(*_: object, **__: object) -> None:
+        raise AssertionError("embedded before checking the sizes")
+
+    monkeypatch.setattr(fit, "embed_prompts", no_embedding)
+    parser = argparse.ArgumentParser()
+    add_fit_arguments(parser)
+    argv = ["--data", str(data), "--out", str(tmp_path / "w.safetensors"), "--costs", "rows", *flags]
+    assert fit.fit_main(parser.parse_args(argv)) == 1
+    assert message in capsys.readouterr().err
+
+
 def test_fit_arguments_defaults() -> None:
     parser = argparse.ArgumentParser()
     add_fit_arguments(parser)

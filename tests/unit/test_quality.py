@@ -121,6 +121,36 @@ def test_eval_main_names_a_model_without_any_outcome(
     assert "train.jsonl: no outcome for model(s) 'dear' in any of the 12 rows" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--cv", "1"], "--cv K needs 2 <= K <= the number of prompts (120); got 1"),
+        (["--cv", "121"], "--cv K needs 2 <= K <= the number of prompts (120); got 121"),
+        (["--cv", "-2"], "--cv K needs 2 <= K <= the number of prompts (120); got -2"),
+        # 7 folds of 120 rows: the largest holds out 18, so a fold may train on 102 rows only
+        (["--cv", "7", "--clusters", "103"], "--clusters 103 needs at least 103 prompts to fit on; the smallest"),
+    ],
+)
+def test_eval_main_checks_cv_sizes_before_embedding(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    flags: list[str],
+    message: str,
+) -> None:
+    data = _write_data(tmp_path)
+
+    def no_embedding(*_: object, **__: object) -> None:
+        raise AssertionError("embedded before checking the sizes")
+
+    monkeypatch.setattr(fit, "embed_prompts", no_embedding)
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser)
+    argv = ["--data", str(data), "--out", str(tmp_path / "q"), "--no-progress", *flags]
+    assert eval_main(parser.parse_args(argv)) == 1
+    assert message in capsys.readouterr().err
+
+
 def test_summarise_spread_and_infinite_folds() -> None:
     assert quality.summarise([0.8, 0.9, 1.0]) == {
         "mean": pytest.approx(0.9),

@@ -160,6 +160,8 @@ def load_labelled(
             cost_rows.append([_parse_cost(row.get(m + COST_SUFFIX, ""), path, line, m) for m in models])
         sources.append(SourceFile(name=path.name, sha256=file_sha256(path), rows=len(rows)))
     assert models is not None
+    if not texts:
+        raise DataError(f"{', '.join(str(p) for p in paths)}: no data rows")
     num_models = len(models)
     return LabelledSet(
         texts=texts,

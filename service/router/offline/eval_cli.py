@@ -44,6 +44,8 @@ def eval_main(args: argparse.Namespace) -> int:
         needs_prices = bool(args.cv) and args.costs == "prices"
         labelled, prices, _ = fit_module.load_inputs(args, text_mode, require_prices=needs_prices)
         require_outcomes(labelled, weights.models if weights is not None else None)
+        if weights is None:
+            check_cv_sizes(labelled.num_rows, args)
         prices_relative = None if prices is None else relative_costs(blended_prices(labelled.models, prices))
         realised, cost_source = realised_costs(labelled, prices_relative)
         embeddings, embedder_id, embedder_sha256 = fit_module.embed_prompts(
@@ -84,6 +86,15 @@ def eval_main(args: argparse.Namespace) -> int:
     print(markdown)
     print(f"wrote {prefix}.json, .md, .png")
     return 0
+
+
+def check_cv_sizes(rows: int, args: argparse.Namespace) -> None:
+    """Before embedding: ``--cv K`` fits on every fold's training rows, which must be enough for ``fit``."""
+    if not 2 <= args.cv <= rows:
+        raise DataError(f"--cv K needs 2 <= K <= the number of prompts ({rows}); got {args.cv}")
+    smallest = rows - -(-rows // args.cv)  # the largest fold is held out
+    what = f"the smallest training set of --cv {args.cv} ({rows} prompts)"
+    fit_module.check_fit_sizes(smallest, args.clusters, args.restarts, args.alpha, what=what)
 
 
 def _info(

@@ -39,6 +39,7 @@ from service.router.offline.costs import (
 )
 from service.router.offline.data import DataError, LabelledSet, load_labelled, load_prices, require_outcomes
 from service.router.offline.estimate import (
+    DEFAULT_CV_FOLDS,
     TASK_PRIOR_STRENGTH,
     AlphaChoice,
     RoutingCosts,
@@ -339,6 +340,7 @@ def fit_main(args: argparse.Namespace) -> int:
     try:
         labelled, prices, prices_path = load_inputs(args, text_mode, require_prices=args.costs == "prices")
         require_outcomes(labelled)
+        check_fit_sizes(labelled.num_rows, args.clusters, args.restarts, args.alpha)
         embeddings, embedder_id, embedder_sha256 = embed_prompts(
             labelled.texts, cache=args.embedding_cache, progress=not args.no_progress
         )
@@ -375,6 +377,25 @@ def recorded_fit(weights: RouterWeights) -> Mapping[str, Any]:
     if not isinstance(recorded, Mapping):
         raise WeightsError(f"the weights' metadata 'fit' must be a JSON object; got {type(recorded).__name__}")
     return recorded
+
+
+def check_fit_sizes(rows: int, clusters: int, restarts: int, alpha: float | None, *, what: str = "the data") -> None:
+    """Before embedding: enough rows for ``--clusters`` and for the CV that chooses alpha, sane flag values.
+
+    ``rows`` is what one fit sees (``what`` says which rows: the data, or a CV fold's training rows)."""
+    if clusters < 1:
+        raise DataError(f"--clusters must be at least 1; got {clusters}")
+    if restarts < 1:
+        raise DataError(f"--restarts must be at least 1; got {restarts}")
+    if rows == 0:
+        raise DataError(f"{what} has no rows")
+    if rows < clusters:
+        raise DataError(f"--clusters {clusters} needs at least {clusters} prompts to fit on; {what} has {rows}")
+    if alpha is None and rows < DEFAULT_CV_FOLDS:
+        raise DataError(
+            f"choosing alpha by {DEFAULT_CV_FOLDS}-fold cross-validation needs at least {DEFAULT_CV_FOLDS} prompts; "
+            f"{what} has {rows}: give --alpha"
+        )
 
 
 def weights_text_mode(weights: RouterWeights) -> TextMode:
