@@ -15,7 +15,7 @@ from service.router.offline import costs, estimate, fit, quality
 from service.router.offline.baselines import ORACLE, RANDOM_MIX, SINGLE_ENVELOPE
 from service.router.offline.data import LabelledSet, load_labelled
 from service.router.offline.eval_cli import eval_main
-from service.router.offline.options import add_eval_arguments
+from service.router.offline.options import add_eval_arguments, add_fit_arguments
 from service.router.offline.quality_report import report_markdown
 from service.router.weights import save_weights
 
@@ -370,3 +370,34 @@ def test_fit_with_costs_from_rows(tmp_path: Path) -> None:
     assert weights.metadata["fit"]["prior"] == "task"
     assert weights.metadata["fit"]["alpha_selection"]["criterion"] == "audc"
     assert sum(weights.metadata["fit"]["cluster_task_counts"]["task0"]) == 2 * PER_BLOB
+
+
+def test_costs_from_rows_name_a_model_without_any_row_cost(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # "mid" is a model only because the price list names it: it has no per-row cost. This said
+    # "models at columns [2] have no observed cost".
+    path = tmp_path / "train.jsonl"
+    rows = [{"prompt": f"b{i % 4}", "cheap": i % 2, "dear": 1, "mid": 0, "cheap|total_cost": 0.001} for i in range(12)]
+    path.write_text("".join(json.dumps({**r, "dear|total_cost": 0.01}) + "\n" for r in rows), encoding="utf-8")
+    prices = tmp_path / "prices.json"
+    prices.write_text(json.dumps({m: {"input": p[0], "output": p[1]} for m, p in PRICES.items()}), encoding="utf-8")
+    labelled = load_labelled([path], price_models=MODELS)
+    with pytest.raises(ValueError, match=r"--costs rows needs a per-row cost of every model.* none for 'mid'"):
+        fit.fit_weights(
+            labelled, _fake_embed(labelled.texts)[0], prices=None, embedder_id="t", embedder_sha256="0" * 64
+        )
+
+    def no_embedding(*_: object, **__: object) -> None:
+        raise AssertionError("embedded before checking the costs")
+
+    monkeypatch.setattr(fit, "embed_prompts", no_embedding)
+    common = ["--data", str(path), "--prices", str(prices), "--costs", "rows", "--clusters", "2"]
+    fit_parser = argparse.ArgumentParser()
+    add_fit_arguments(fit_parser)
+    assert fit.fit_main(fit_parser.parse_args([*common, "--out", str(tmp_path / "w.safetensors")])) == 1
+    assert "none for 'mid'" in capsys.readouterr().err
+    eval_parser = argparse.ArgumentParser()
+    add_eval_arguments(eval_parser)
+    assert eval_main(eval_parser.parse_args([*common, "--cv", "2", "--out", str(tmp_path / "q"), "--no-progress"])) == 1
+    assert "none for 'mid'" in capsys.readouterr().err

@@ -18,7 +18,7 @@ import numpy as np
 from service import __version__
 from service.digest import git_commit
 from service.router.offline import fit as fit_module
-from service.router.offline.costs import blended_prices, relative_costs
+from service.router.offline.costs import blended_prices, relative_costs, require_observed_costs
 from service.router.offline.data import DataError, LabelledSet, require_outcomes
 from service.router.offline.estimate import DEFAULT_CV_FOLDS
 from service.router.offline.options import TextMode
@@ -46,6 +46,8 @@ def eval_main(args: argparse.Namespace) -> int:
         require_outcomes(labelled, weights.models if weights is not None else None)
         if weights is None:
             check_cv_sizes(labelled.num_rows, args)
+            if args.costs == "rows":
+                require_observed_costs(labelled.models, labelled.cost_usd)
         prices_relative = None if prices is None else relative_costs(blended_prices(labelled.models, prices))
         realised, cost_source = realised_costs(labelled, prices_relative)
         embeddings, embedder_id, embedder_sha256 = fit_module.embed_prompts(

@@ -35,6 +35,7 @@ from service.router.offline.costs import (
     OUTPUT_PRICE_WEIGHT,
     absolute_costs,
     relative_costs,
+    require_observed_costs,
     routing_costs,
 )
 from service.router.offline.data import DataError, LabelledSet, load_labelled, load_prices, require_outcomes
@@ -341,6 +342,8 @@ def fit_main(args: argparse.Namespace) -> int:
         labelled, prices, prices_path = load_inputs(args, text_mode, require_prices=args.costs == "prices")
         require_outcomes(labelled)
         check_fit_sizes(labelled.num_rows, args.clusters, args.restarts, args.alpha)
+        if args.costs == "rows":
+            require_observed_costs(labelled.models, labelled.cost_usd)
         embeddings, embedder_id, embedder_sha256 = embed_prompts(
             labelled.texts, cache=args.embedding_cache, progress=not args.no_progress
         )

@@ -29,7 +29,7 @@ from typing import Any, Literal
 import numpy as np
 
 from service.router.offline.baselines import Outcomes, baseline_curves, observed_rows, system_curve
-from service.router.offline.costs import absolute_costs, has_observed_costs, relative_costs
+from service.router.offline.costs import absolute_costs, has_observed_costs, relative_costs, require_observed_costs
 from service.router.offline.costs import realised_costs as call_costs
 from service.router.offline.data import LabelledSet
 from service.router.offline.estimate import (
@@ -170,6 +170,7 @@ def cross_validate(
         outcomes = Outcomes(labelled.models, correct[test], realised_cost[test])
         cost = route_cost
         if cost is None:
+            require_observed_costs(labelled.models, labelled.cost_usd[train], f"the training rows of fold {fold + 1}")
             cost = relative_costs(absolute_costs(labelled.models, labelled.cost_usd[train], None))
         costs = RoutingCosts(route=np.asarray(cost, dtype=np.float64), realised=realised_cost[train])
         errors, info = fold_error_tables(embeddings, labelled, train, test, settings, costs)
