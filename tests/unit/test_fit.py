@@ -437,9 +437,13 @@ def test_fit_main_names_a_model_without_any_outcome(tmp_path: Path, capsys: pyte
         (6, ["--clusters", "2", "--restarts", "0"], "--restarts must be at least 1; got 0"),
         # was "need 2 <= folds <= rows; got 5 folds for 4 rows": folds the user never asked for
         (4, ["--clusters", "2"], "cross-validation needs at least 5 prompts; the data has 4: give --alpha"),
+        # seeds: numpy's "expected non-negative integer", and FAISS's OverflowError traceback for a C int
+        (6, ["--clusters", "2", "--seed", "-1"], "--seed must lie in [0, 2147483647]"),
+        (6, ["--clusters", "2", "--seed", "99999999999"], "--seed must lie in [0, 2147483647]"),
+        (6, ["--clusters", "2", "--seed", str(2**31 - 1)], "with the restarts' seeds (seed + restart) too"),
     ],
 )
-def test_fit_main_checks_sizes_before_embedding(
+def test_fit_main_checks_sizes_and_seed_before_embedding(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture,

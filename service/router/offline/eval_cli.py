@@ -96,7 +96,7 @@ def check_cv_sizes(rows: int, args: argparse.Namespace) -> None:
         raise DataError(f"--cv K needs 2 <= K <= the number of prompts ({rows}); got {args.cv}")
     smallest = rows - -(-rows // args.cv)  # the largest fold is held out
     what = f"the smallest training set of --cv {args.cv} ({rows} prompts)"
-    fit_module.check_fit_sizes(smallest, args.clusters, args.restarts, args.alpha, what=what)
+    fit_module.check_fit_settings(smallest, args.clusters, args.restarts, args.alpha, args.seed, what=what)
 
 
 def _info(

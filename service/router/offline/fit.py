@@ -65,6 +65,8 @@ from service.router.offline.options import (
 from service.router.weights import RouterWeights, WeightsError, default_weights_path, save_weights
 
 DEFAULT_KMEANS_ITERATIONS = 50
+# FAISS takes the k-means seed as a C int (restart r uses seed + r).
+MAX_SEED = 2**31 - 1
 
 
 def kmeans_centroids(
@@ -341,7 +343,7 @@ def fit_main(args: argparse.Namespace) -> int:
     try:
         labelled, prices, prices_path = load_inputs(args, text_mode, require_prices=args.costs == "prices")
         require_outcomes(labelled)
-        check_fit_sizes(labelled.num_rows, args.clusters, args.restarts, args.alpha)
+        check_fit_settings(labelled.num_rows, args.clusters, args.restarts, args.alpha, args.seed)
         if args.costs == "rows":
             require_observed_costs(labelled.models, labelled.cost_usd)
         embeddings, embedder_id, embedder_sha256 = embed_prompts(
@@ -382,10 +384,14 @@ def recorded_fit(weights: RouterWeights) -> Mapping[str, Any]:
     return recorded
 
 
-def check_fit_sizes(rows: int, clusters: int, restarts: int, alpha: float | None, *, what: str = "the data") -> None:
+def check_fit_settings(
+    rows: int, clusters: int, restarts: int, alpha: float | None, seed: int, *, what: str = "the data"
+) -> None:
     """Before embedding: enough rows for ``--clusters`` and for the CV that chooses alpha, sane flag values.
 
     ``rows`` is what one fit sees (``what`` says which rows: the data, or a CV fold's training rows)."""
+    if not 0 <= seed <= MAX_SEED - max(restarts - 1, 0):
+        raise DataError(f"--seed must lie in [0, {MAX_SEED}] with the restarts' seeds (seed + restart) too; got {seed}")
     if clusters < 1:
         raise DataError(f"--clusters must be at least 1; got {clusters}")
     if restarts < 1:
