@@ -77,6 +77,17 @@ def test_new_model_errors_with_the_task_prior() -> None:
     np.testing.assert_allclose(errors, expected, rtol=1e-6)
 
 
+def test_task_prior_uses_only_known_task_rows_with_an_outcome() -> None:
+    # The only row naming a known task ("a") has no outcome; the others name a task the weights never saw.
+    # This failed with "models at columns [0] have no observed outcomes"; now the prior is the global rate.
+    weights = toy_weights()
+    clusters, tasks = [0, 1, 1, 2], ["a", "new-task", "new-task", "new-task"]
+    correct = np.array([np.nan, 1.0, 1.0, 0.0])  # global error 1/3
+    errors = add_model.new_model_errors(weights, _embeddings(clusters), correct, tasks, alpha=2.0)
+    g = 1 / 3
+    np.testing.assert_allclose(errors, [g, (0 + 2 * g) / (2 + 2), (1 + 2 * g) / (1 + 2), g], rtol=1e-6)
+
+
 def test_append_leaves_old_models_and_their_routing_unchanged() -> None:
     weights = toy_weights()
     new_errors = np.array([0.0, 0.9, 0.05, 0.3], dtype=np.float32)

@@ -62,10 +62,12 @@ def new_model_errors(
 
 
 def _task_prior(weights: RouterWeights, outcomes: np.ndarray, tasks: Sequence[str]) -> np.ndarray | None:
-    """``[K, 1]`` the task-mix prior, or None when the weights record no tasks or no validation row has one."""
+    """``[K, 1]`` the task-mix prior, or None when the weights record no tasks or no validation row with an
+    outcome names one of them."""
     counts_by_task = recorded_task_counts(weights)
     names = list(counts_by_task)
-    known = [t in counts_by_task for t in tasks]
+    observed = ~np.isnan(outcomes[:, 0])
+    known = [t in counts_by_task and bool(seen) for t, seen in zip(tasks, observed, strict=True)]
     if len(names) < 2 or not any(known):
         return None
     rows = np.flatnonzero(known)
