@@ -6,6 +6,7 @@ import argparse
 import csv
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +75,17 @@ def test_new_model_errors_with_the_task_prior() -> None:
     prior = [0.75 * rate_a + 0.25 * rate_b, 0.25 * rate_a + 0.75 * rate_b, 0.5, rate_b]  # cluster 2: no training rows
     expected = [(0 + 2 * prior[0]) / (2 + 2), prior[1], prior[2], (2 + 2 * prior[3]) / (2 + 2)]
     np.testing.assert_allclose(errors, expected, rtol=1e-6)
+
+
+def test_task_prior_uses_only_known_task_rows_with_an_outcome() -> None:
+    # The only row naming a known task ("a") has no outcome; the others name a task the weights never saw.
+    # This failed with "models at columns [0] have no observed outcomes"; now the prior is the global rate.
+    weights = toy_weights()
+    clusters, tasks = [0, 1, 1, 2], ["a", "new-task", "new-task", "new-task"]
+    correct = np.array([np.nan, 1.0, 1.0, 0.0])  # global error 1/3
+    errors = add_model.new_model_errors(weights, _embeddings(clusters), correct, tasks, alpha=2.0)
+    g = 1 / 3
+    np.testing.assert_allclose(errors, [g, (0 + 2 * g) / (2 + 2), (1 + 2 * g) / (1 + 2), g], rtol=1e-6)
 
 
 def test_append_leaves_old_models_and_their_routing_unchanged() -> None:
@@ -159,3 +171,47 @@ def test_add_model_main_writes_extended_weights(
     other = parser.parse_args(["--data", str(data), "--model", "m-other", "--weights", str(source), "--out", str(out)])
     assert add_model.add_model_main(other) == 1
     assert "priced: m-other" in capsys.readouterr().err
+    # a new model whose column is empty on every row: "models at columns [0] have no observed outcomes" before
+    empty = _write_validation(tmp_path / "empty.csv", [("c0", "a", ""), ("c3", "b", "")])
+    blank = parser.parse_args(["--data", str(empty), "--model", "m-new", "--weights", str(source), "--out", str(out)])
+    assert add_model.add_model_main(blank) == 1
+    assert "empty.csv: no outcome for model(s) 'm-new' in any of the 2 rows" in capsys.readouterr().err
+
+
+# Weights from elsewhere pass validation with any JSON metadata; each of these used to end in a traceback
+# (AttributeError, TypeError, KeyError) or a message about array shapes.
+MALFORMED_METADATA: list[tuple[str, dict[str, object], str]] = [
+    ("fit-not-an-object", {"fit": "oops"}, "metadata 'fit' must be a JSON object"),
+    ("alpha-null", {"fit": {"alpha": None}}, "fit.alpha must be a number"),
+    ("task-counts-a-list", {"fit": {"alpha": 2.0, "cluster_task_counts": ["a", "b"]}}, "cluster_task_counts"),
+    ("task-counts-too-short", {"fit": {"alpha": 2.0, "cluster_task_counts": {"a": [1], "b": [2]}}}, "4 counts"),
+    ("price-without-blended", {"price_usd_per_1k": {"m-cheap": {"input": 1}}}, "m-cheap.blended"),
+    ("added-models-not-a-list", {"added_models": {"m": 1}}, "'added_models' must be a JSON list"),
+]
+
+
+@pytest.mark.parametrize(("override", "message"), [pytest.param(o, m, id=name) for name, o, m in MALFORMED_METADATA])
+def test_add_model_main_reports_malformed_weights_metadata(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    override: dict[str, object],
+    message: str,
+) -> None:
+    weights = toy_weights()
+    source = tmp_path / "w.safetensors"
+    save_weights(replace(weights, metadata={**weights.metadata, **override}), source)
+    data = _write_validation(tmp_path / "val.csv", [("c0", "a", "1"), ("c0", "a", "0"), ("c3", "b", "0")])
+
+    def fake_embed(texts: Sequence[str], **_: object) -> tuple[np.ndarray, str, str]:
+        return _embeddings([int(t[1:]) for t in texts]), "toy", EMBEDDER_SHA
+
+    monkeypatch.setattr(fit, "embed_prompts", fake_embed)
+    parser = argparse.ArgumentParser()
+    add_add_model_arguments(parser)
+    argv = ["--data", str(data), "--model", "m-new", "--weights", str(source), "--out", str(tmp_path / "w2.st")]
+    assert add_model.add_model_main(parser.parse_args([*argv, "--price-usd", "0.002", "0.006"])) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("add-model failed: ")
+    assert message in err
+    assert not (tmp_path / "w2.st").exists()

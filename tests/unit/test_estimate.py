@@ -95,3 +95,35 @@ def test_held_out_audc_skips_rows_without_every_outcome() -> None:
     error = estimate.cluster_error(assign, correct, 8, alpha=1.0)
     value = estimate.held_out_audc(error, assign, correct, costs, np.arange(200))
     assert value == pytest.approx(estimate.held_out_audc(error, assign, correct, costs, np.arange(10, 200)))
+
+
+def _sparse_second_model(observed_rows: list[int], n: int = 40) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Model 0 observed everywhere, model 1 only on ``observed_rows``; two clusters; costs on every row."""
+    assign = np.arange(n) % 2
+    correct = np.stack([(np.arange(n) % 3 > 0), (np.arange(n) % 2 == 0)], axis=1).astype(np.float64)
+    correct[[i for i in range(n) if i not in observed_rows], 1] = np.nan
+    return assign, correct, np.tile([0.1, 1.0], (n, 1))
+
+
+def test_select_alpha_leaves_out_folds_a_sparse_model_cannot_score() -> None:
+    # Model 1 has outcomes on 10 rows only: fold 0's held-out rows have none of them, so no row there is observed
+    # for every model. The AUDC criterion failed with "no prompts to evaluate on"; now that fold is left out.
+    observed = list(range(10))
+    assign, correct, cost = _sparse_second_model(observed)
+    fold_of = estimate.fold_assignment(len(assign), estimate.DEFAULT_CV_FOLDS, seed=0)
+    assert 0 not in set(fold_of[observed].tolist())  # the premise: fold 0 holds none of model 1's outcomes
+    costs = estimate.RoutingCosts(route=np.array([0.1, 1.0]), realised=cost)
+    choice = estimate.select_alpha(assign, correct, 2, costs=costs, seed=0)
+    assert choice.alpha in estimate.DEFAULT_ALPHA_GRID
+    assert f"{len(set(fold_of[observed]))} of the folds scorable" in choice.method
+    assert all(np.isfinite(choice.cv_score))
+    by_log_loss = estimate.select_alpha(assign, correct, 2, seed=0)  # every fold has some held-out outcome
+    assert "scorable" not in by_log_loss.method
+
+
+def test_select_alpha_says_so_when_no_fold_can_be_scored() -> None:
+    # Model 1's only outcome: whichever fold holds it out trains without it, and no other fold can score AUDC.
+    assign, correct, cost = _sparse_second_model([0])
+    costs = estimate.RoutingCosts(route=np.array([0.1, 1.0]), realised=cost)
+    with pytest.raises(ValueError, match=r"cannot choose alpha by 5-fold cross-validation.*give --alpha"):
+        estimate.select_alpha(assign, correct, 2, costs=costs, seed=0)

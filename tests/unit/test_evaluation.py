@@ -178,6 +178,21 @@ def test_single_models_and_their_envelope() -> None:
     assert math.isinf(ev.curve_metrics(curves["mid"], TOY.target_accuracy).qnc)
 
 
+@pytest.mark.parametrize("rows", [3, 10, 14, 40])
+def test_a_model_at_exactly_a_budget_counts_there_whatever_the_float_noise(rows: int) -> None:
+    # "cheap" costs exactly a tenth of "best" on every row, but mean(0.01) / mean(0.001) over 10, 14 or 40
+    # rows is 0.1 + a few ulp: acc@10% used to be 0 there (and the AUDC lost its grid point x = 0.1).
+    correct = np.zeros((rows, 2))
+    correct[:, 1] = 1.0
+    correct[::2, 0] = 1.0
+    outcomes = Outcomes(("cheap", "best"), correct, np.tile([0.001, 0.01], (rows, 1)))
+    accuracy = outcomes.accuracy[0]
+    metrics = ev.curve_metrics(baseline_curves(outcomes)["cheap"], outcomes.target_accuracy)
+    assert metrics.accuracy_at[0.1] == pytest.approx(accuracy)
+    assert metrics.accuracy_at[0.05] == 0.0
+    assert metrics.audc == pytest.approx(901 * accuracy / 1001)  # grid points x = 0.1, ..., 1
+
+
 def test_system_curve_of_a_perfect_router_equals_the_oracle() -> None:
     expected = 1.0 - TOY.correct
     mine = system_curve(TOY, expected, TOY.cost)

@@ -312,6 +312,47 @@ def test_loader_rejects_missing_file_and_no_models(tmp_path: Path) -> None:
         load_labelled([path])
 
 
+def test_loader_rejects_a_column_named_twice(tmp_path: Path) -> None:
+    # csv.DictReader keeps the last of two equal names: model-a's outcomes would silently be the second column's.
+    path = tmp_path / "dup.csv"
+    path.write_text("prompt,model-a,model-a|total_cost,model-a\nq1,1.0,0.1,0.0\nq2,1.0,0.1,0.0\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"named more than once.*'model-a'") as info:
+        load_labelled([path])
+    assert "dup.csv" in str(info.value)
+
+
+def test_loader_rejects_a_jsonl_key_given_twice(tmp_path: Path) -> None:
+    path = tmp_path / "dup.jsonl"
+    path.write_text(
+        '{"prompt": "q1", "m": 1, "m|total_cost": 0.1}\n{"prompt": "q2", "m": 1, "m|total_cost": 0.1, "m": 0}\n',
+        encoding="utf-8",
+    )
+    with pytest.raises(DataError, match=r"dup\.jsonl:2: key 'm' appears more than once"):
+        load_labelled([path])
+
+
+def test_loader_reads_files_with_a_utf8_byte_order_mark(tmp_path: Path) -> None:
+    # Spreadsheets save "CSV UTF-8" with a BOM; it used to end up in the first column's name ("\ufeffprompt").
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes(b"\xef\xbb\xbf" + b"prompt,m,m|total_cost\nq1,1.0,0.1\nq2,0.0,0.1\n")
+    data = load_labelled([bom])
+    assert data.texts == ["q1", "q2"]
+    assert data.models == ("m",)
+    jsonl = tmp_path / "bom.jsonl"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + b'{"prompt": "q1", "m": 1, "m|total_cost": 0.1}\n')
+    assert load_labelled([jsonl]).texts == ["q1"]
+    prices = tmp_path / "prices.json"
+    prices.write_bytes(b"\xef\xbb\xbf" + json.dumps({"m": {"input": 0.001, "output": 0.002}}).encode())
+    assert load_prices(prices) == {"m": (0.001, 0.002)}
+
+
+def test_load_prices_names_the_file_when_it_is_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "prices.json"
+    path.write_bytes(b'{"m\xe9": {"input": 0.001, "output": 0.002}}')
+    with pytest.raises(DataError, match=r"prices\.json: cannot read prices"):
+        load_prices(path)
+
+
 def test_load_prices_skips_annotations(tmp_path: Path) -> None:
     path = tmp_path / "prices.json"
     path.write_text(json.dumps({"_unit": "USD", "m": {"input": 0.001, "output": 0.002}}), encoding="utf-8")
@@ -374,6 +415,53 @@ def test_fit_main_reports_errors(tmp_path: Path, capsys: pytest.CaptureFixture) 
     args = parser.parse_args(["--data", str(tmp_path / "missing.csv"), "--out", str(tmp_path / "w.safetensors")])
     assert fit.fit_main(args) == 1
     assert "missing.csv" in capsys.readouterr().err
+
+
+def test_fit_main_names_a_model_without_any_outcome(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # model-a's column (MODELS[1]) is empty on every row: this said "models at columns [1] have no observed outcomes".
+    rows = [_row(f"question {i}", ["1" if i % 3 else "0", ""]) for i in range(10)]
+    data = _write_csv(tmp_path / "train.csv", rows)
+    parser = argparse.ArgumentParser()
+    add_fit_arguments(parser)
+    args = parser.parse_args(["--data", str(data), "--out", str(tmp_path / "w.safetensors"), "--costs", "rows"])
+    assert fit.fit_main(args) == 1  # before embedding: no embed_prompts stub is needed
+    assert "train.csv: no outcome for model(s) 'model-a' in any of the 10 rows" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("rows", "flags", "message"),
+    [
+        (0, [], "train.csv: no data rows"),  # was "need an [N, D] array with N >= k >= 1; got shape (0, 384)"
+        (6, ["--clusters", "8"], "--clusters 8 needs at least 8 prompts to fit on; the data has 6"),
+        (6, ["--clusters", "0"], "--clusters must be at least 1; got 0"),
+        (6, ["--clusters", "2", "--restarts", "0"], "--restarts must be at least 1; got 0"),
+        # was "need 2 <= folds <= rows; got 5 folds for 4 rows": folds the user never asked for
+        (4, ["--clusters", "2"], "cross-validation needs at least 5 prompts; the data has 4: give --alpha"),
+        # seeds: numpy's "expected non-negative integer", and FAISS's OverflowError traceback for a C int
+        (6, ["--clusters", "2", "--seed", "-1"], "--seed must lie in [0, 2147483647]"),
+        (6, ["--clusters", "2", "--seed", "99999999999"], "--seed must lie in [0, 2147483647]"),
+        (6, ["--clusters", "2", "--seed", str(2**31 - 1)], "with the restarts' seeds (seed + restart) too"),
+    ],
+)
+def test_fit_main_checks_sizes_and_seed_before_embedding(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+    rows: int,
+    flags: list[str],
+    message: str,
+) -> None:
+    data = _write_csv(tmp_path / "train.csv", [_row(f"q{i}", ["1", "0"]) for i in range(rows)])
+
+    def no_embedding(*_: object, **__: object) -> None:
+        raise AssertionError("embedded before checking the sizes")
+
+    monkeypatch.setattr(fit, "embed_prompts", no_embedding)
+    parser = argparse.ArgumentParser()
+    add_fit_arguments(parser)
+    argv = ["--data", str(data), "--out", str(tmp_path / "w.safetensors"), "--costs", "rows", *flags]
+    assert fit.fit_main(parser.parse_args(argv)) == 1
+    assert message in capsys.readouterr().err
 
 
 def test_fit_arguments_defaults() -> None:

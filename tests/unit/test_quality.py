@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from service.router.offline import costs, estimate, fit, quality
 from service.router.offline.baselines import ORACLE, RANDOM_MIX, SINGLE_ENVELOPE
 from service.router.offline.data import LabelledSet, load_labelled
 from service.router.offline.eval_cli import eval_main
-from service.router.offline.options import add_eval_arguments
+from service.router.offline.options import add_eval_arguments, add_fit_arguments
 from service.router.offline.quality_report import report_markdown
 from service.router.weights import save_weights
 
@@ -82,6 +83,72 @@ def test_cross_validate_compares_every_system_on_the_same_folds() -> None:
     markdown = report_markdown(report, "title", ["preamble"])
     assert "| router |" in markdown
     assert "Router minus plain k-means" in markdown
+
+
+def test_cross_validate_names_a_fold_it_cannot_score() -> None:
+    labelled, x = _labelled()
+    sparse = labelled.correct.copy()
+    sparse[:, 1] = np.nan
+    sparse[:3, 1] = 1.0  # "dear" has 3 outcomes: with 5 folds at least two folds hold none of them out
+    realised = labelled.cost_usd
+    with pytest.raises(ValueError, match=r"fold \d of 5: none of its \d+ held-out prompts has an outcome and a cost"):
+        quality.cross_validate(
+            replace(labelled, correct=sparse), x, realised, route_cost=None, folds=5, settings=quality.FitSettings(k=2)
+        )
+    sparse[:, 1] = np.nan
+    sparse[fold_rows := estimate.fold_assignment(len(sparse), 3, 0) == 0, 1] = 1.0  # only fold 1's rows
+    with pytest.raises(ValueError, match=r"fold 1 of 3: its training rows have no outcome of 'dear' \(\d+ outcomes\)"):
+        quality.cross_validate(
+            replace(labelled, correct=sparse), x, realised, route_cost=None, folds=3, settings=quality.FitSettings(k=2)
+        )
+    assert fold_rows.any()
+
+
+def test_eval_main_names_a_model_without_any_outcome(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "train.jsonl"
+    rows = [{"prompt": f"b{i % 4}", "cheap": i % 2, "dear": None, "mid": 1} for i in range(12)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    (tmp_path / "prices.json").write_text(
+        json.dumps({m: {"input": p[0], "output": p[1]} for m, p in PRICES.items()}), encoding="utf-8"
+    )
+    monkeypatch.setattr(fit, "embed_prompts", _fake_embed)
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser)
+    argv = ["--data", str(path), "--cv", "2", "--clusters", "2", "--out", str(tmp_path / "q"), "--no-progress"]
+    assert eval_main(parser.parse_args(argv)) == 1  # "no prompts to evaluate on" before
+    assert "train.jsonl: no outcome for model(s) 'dear' in any of the 12 rows" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--cv", "1"], "--cv K needs 2 <= K <= the number of prompts (120); got 1"),
+        (["--cv", "121"], "--cv K needs 2 <= K <= the number of prompts (120); got 121"),
+        (["--cv", "-2"], "--cv K needs 2 <= K <= the number of prompts (120); got -2"),
+        # 7 folds of 120 rows: the largest holds out 18, so a fold may train on 102 rows only
+        (["--cv", "7", "--clusters", "103"], "--clusters 103 needs at least 103 prompts to fit on; the smallest"),
+    ],
+)
+def test_eval_main_checks_cv_sizes_before_embedding(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    flags: list[str],
+    message: str,
+) -> None:
+    data = _write_data(tmp_path)
+
+    def no_embedding(*_: object, **__: object) -> None:
+        raise AssertionError("embedded before checking the sizes")
+
+    monkeypatch.setattr(fit, "embed_prompts", no_embedding)
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser)
+    argv = ["--data", str(data), "--out", str(tmp_path / "q"), "--no-progress", *flags]
+    assert eval_main(parser.parse_args(argv)) == 1
+    assert message in capsys.readouterr().err
 
 
 def test_summarise_spread_and_infinite_folds() -> None:
@@ -243,6 +310,26 @@ def test_eval_main_scores_a_weights_file(
     assert "missing.csv" in capsys.readouterr().err
 
 
+def test_eval_main_reports_weights_whose_fit_metadata_is_malformed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = _write_data(tmp_path)
+    labelled = load_labelled([data])
+    x, _, _ = _fake_embed(labelled.texts)
+    weights = fit.fit_weights(
+        labelled, x, prices=PRICES, embedder_id="toy", embedder_sha256="0" * 64, k=4, n_restarts=1
+    )
+    path = tmp_path / "w.safetensors"
+    save_weights(replace(weights, metadata={"fit": "from another tool"}), path)  # valid weights, odd metadata
+    monkeypatch.setattr(fit, "embed_prompts", _fake_embed)
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser)
+    argv = ["--data", str(data), "--weights", str(path), "--out", str(tmp_path / "scored"), "--no-progress"]
+    assert eval_main(parser.parse_args(argv)) == 1  # an AttributeError traceback before
+    assert "eval failed: " in (err := capsys.readouterr().err)
+    assert "metadata 'fit' must be a JSON object" in err
+
+
 def test_loader_reads_jsonl_and_models_named_by_prices(tmp_path: Path) -> None:
     path = tmp_path / "small.jsonl"
     rows = [
@@ -283,3 +370,34 @@ def test_fit_with_costs_from_rows(tmp_path: Path) -> None:
     assert weights.metadata["fit"]["prior"] == "task"
     assert weights.metadata["fit"]["alpha_selection"]["criterion"] == "audc"
     assert sum(weights.metadata["fit"]["cluster_task_counts"]["task0"]) == 2 * PER_BLOB
+
+
+def test_costs_from_rows_name_a_model_without_any_row_cost(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # "mid" is a model only because the price list names it: it has no per-row cost. This said
+    # "models at columns [2] have no observed cost".
+    path = tmp_path / "train.jsonl"
+    rows = [{"prompt": f"b{i % 4}", "cheap": i % 2, "dear": 1, "mid": 0, "cheap|total_cost": 0.001} for i in range(12)]
+    path.write_text("".join(json.dumps({**r, "dear|total_cost": 0.01}) + "\n" for r in rows), encoding="utf-8")
+    prices = tmp_path / "prices.json"
+    prices.write_text(json.dumps({m: {"input": p[0], "output": p[1]} for m, p in PRICES.items()}), encoding="utf-8")
+    labelled = load_labelled([path], price_models=MODELS)
+    with pytest.raises(ValueError, match=r"--costs rows needs a per-row cost of every model.* none for 'mid'"):
+        fit.fit_weights(
+            labelled, _fake_embed(labelled.texts)[0], prices=None, embedder_id="t", embedder_sha256="0" * 64
+        )
+
+    def no_embedding(*_: object, **__: object) -> None:
+        raise AssertionError("embedded before checking the costs")
+
+    monkeypatch.setattr(fit, "embed_prompts", no_embedding)
+    common = ["--data", str(path), "--prices", str(prices), "--costs", "rows", "--clusters", "2"]
+    fit_parser = argparse.ArgumentParser()
+    add_fit_arguments(fit_parser)
+    assert fit.fit_main(fit_parser.parse_args([*common, "--out", str(tmp_path / "w.safetensors")])) == 1
+    assert "none for 'mid'" in capsys.readouterr().err
+    eval_parser = argparse.ArgumentParser()
+    add_eval_arguments(eval_parser)
+    assert eval_main(eval_parser.parse_args([*common, "--cv", "2", "--out", str(tmp_path / "q"), "--no-progress"])) == 1
+    assert "none for 'mid'" in capsys.readouterr().err

@@ -17,19 +17,20 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
 from service.router.offline.costs import COST_UNIT, COST_UNIT_ROWS, INPUT_PRICE_WEIGHT, OUTPUT_PRICE_WEIGHT
-from service.router.offline.data import DataError, LabelledSet, load_labelled, load_prices
+from service.router.offline.data import DataError, LabelledSet, load_labelled, load_prices, require_outcomes
 from service.router.offline.estimate import cluster_error, global_error, task_mix_prior, task_rates
-from service.router.offline.fit import assign_clusters, weights_text_mode
+from service.router.offline.fit import assign_clusters, recorded_fit, weights_text_mode
 from service.router.offline.options import prices_file
 from service.router.weights import (
     RouterWeights,
@@ -61,10 +62,12 @@ def new_model_errors(
 
 
 def _task_prior(weights: RouterWeights, outcomes: np.ndarray, tasks: Sequence[str]) -> np.ndarray | None:
-    """``[K, 1]`` the task-mix prior, or None when the weights record no tasks or no validation row has one."""
-    counts_by_task: Mapping[str, Sequence[int]] = weights.metadata.get("fit", {}).get("cluster_task_counts", {})
+    """``[K, 1]`` the task-mix prior, or None when the weights record no tasks or no validation row with an
+    outcome names one of them."""
+    counts_by_task = recorded_task_counts(weights)
     names = list(counts_by_task)
-    known = [t in counts_by_task for t in tasks]
+    observed = ~np.isnan(outcomes[:, 0])
+    known = [t in counts_by_task and bool(seen) for t, seen in zip(tasks, observed, strict=True)]
     if len(names) < 2 or not any(known):
         return None
     rows = np.flatnonzero(known)
@@ -75,24 +78,73 @@ def _task_prior(weights: RouterWeights, outcomes: np.ndarray, tasks: Sequence[st
     return task_mix_prior(counts, rates, global_error(outcomes))
 
 
+def recorded_task_counts(weights: RouterWeights) -> dict[str, list[float]]:
+    """``{task: [K] training rows per cluster}`` as ``fit`` recorded them (``{}`` when absent); a malformed
+    record is a :class:`WeightsError`."""
+    recorded = recorded_fit(weights).get("cluster_task_counts", {})
+    k = weights.num_clusters
+    problem = f"the weights' metadata fit.cluster_task_counts must map each task to {k} counts >= 0"
+    if not isinstance(recorded, Mapping):
+        raise WeightsError(f"{problem}; got {type(recorded).__name__}")
+    counts: dict[str, list[float]] = {}
+    for task, row in recorded.items():
+        if not (isinstance(row, list) and len(row) == k and all(_is_number(c) and c >= 0 for c in row)):
+            raise WeightsError(f"{problem}; task {task!r} has {row!r:.80}")
+        counts[str(task)] = [float(c) for c in row]
+    return counts
+
+
+def recorded_alpha(weights: RouterWeights) -> float:
+    """The shrinkage strength the weights were fitted with (0 when they do not say)."""
+    alpha = recorded_fit(weights).get("alpha", 0.0)
+    if not (_is_number(alpha) and math.isfinite(alpha) and alpha >= 0):
+        raise WeightsError(f"the weights' metadata fit.alpha must be a number >= 0; got {alpha!r}; give --alpha")
+    return float(alpha)
+
+
+def _is_number(value: object) -> TypeGuard[float]:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _recorded_number(weights: RouterWeights, section: str, key: str, field: str | None = None) -> float | None:
+    """``metadata[section][key]`` (or ``[...][field]``) as a finite number >= 0, None when absent; anything else
+    is a :class:`WeightsError`."""
+    entries = weights.metadata.get(section, {})
+    if not isinstance(entries, Mapping):
+        raise WeightsError(f"the weights' metadata {section!r} must be a JSON object; got {type(entries).__name__}")
+    if key not in entries:
+        return None
+    value = entries[key]
+    where = f"{section}.{key}"
+    if field is not None:
+        value = value.get(field) if isinstance(value, Mapping) else None
+        where += f".{field}"
+    if not (_is_number(value) and math.isfinite(value) and value >= 0):
+        raise WeightsError(f"the weights' metadata {where} must be a number >= 0; got {value!r}")
+    return float(value)
+
+
 def relative_cost_from_prices(weights: RouterWeights, input_usd: float, output_usd: float) -> float:
     """USD list prices per 1k -> the weights' relative unit: the same blend, divided by the same reference."""
     if weights.metadata.get("cost_unit") != COST_UNIT:
         raise ValueError("these weights' costs are not relative list prices; give --cost-per-1k in their unit")
-    blend = weights.metadata.get("cost_blend", {})
-    w_in = float(blend.get("input_weight", INPUT_PRICE_WEIGHT))
-    w_out = float(blend.get("output_weight", OUTPUT_PRICE_WEIGHT))
+    w_in = _recorded_number(weights, "cost_blend", "input_weight")
+    w_out = _recorded_number(weights, "cost_blend", "output_weight")
+    w_in = INPUT_PRICE_WEIGHT if w_in is None else w_in
+    w_out = OUTPUT_PRICE_WEIGHT if w_out is None else w_out
+    if w_in + w_out <= 0:
+        raise WeightsError(f"the weights' metadata cost_blend has no positive weight: {w_in}, {w_out}")
     blended = (w_in * input_usd + w_out * output_usd) / (w_in + w_out)
     return blended / reference_price(weights)
 
 
 def reference_price(weights: RouterWeights) -> float:
     """The blended USD price that cost 1.0 stands for, from any priced model: ``blended / cost_per_1k``."""
-    prices = weights.metadata.get("price_usd_per_1k", {})
     for i, model in enumerate(weights.models):
         cost = float(weights.cost_per_1k[i])
-        if model in prices and cost > 0:
-            return float(prices[model]["blended"]) / cost
+        blended = _recorded_number(weights, "price_usd_per_1k", model, "blended")
+        if blended is not None and cost > 0:
+            return blended / cost
     raise ValueError("the weights record no list price to convert USD prices with; give --cost-per-1k")
 
 
@@ -107,7 +159,10 @@ def append_model(
     if not (np.isfinite(cost) and cost >= 0):
         raise ValueError(f"cost must be finite and >= 0; got {cost}")
     metadata = copy.deepcopy(dict(weights.metadata))
-    metadata.setdefault("added_models", []).append({"model": name, **provenance})
+    added = metadata.setdefault("added_models", [])
+    if not isinstance(added, list):
+        raise WeightsError(f"the weights' metadata 'added_models' must be a JSON list; got {type(added).__name__}")
+    added.append({"model": name, **provenance})
     extended = replace(
         weights,
         models=(*weights.models, name),
@@ -129,13 +184,14 @@ def add_model_main(args: argparse.Namespace) -> int:
         labelled = load_labelled(args.data, text_mode=weights_text_mode(weights), price_models=(args.model,))
         if args.model not in labelled.models:
             raise DataError(f"no outcome column {args.model!r} in the data")
+        require_outcomes(labelled, (args.model,))
         column = labelled.models.index(args.model)
         cost, cost_note = _new_cost(args, weights, labelled, column)
         vectors, embedder_id, embedder_sha256 = embed_prompts(
             labelled.texts, cache=args.embedding_cache, progress=not args.no_progress
         )
         check_embedder(weights, embedder_id, embedder_sha256, source=str(args.weights or default_weights_path()))
-        alpha = float(args.alpha if args.alpha is not None else weights.metadata.get("fit", {}).get("alpha", 0.0))
+        alpha = float(args.alpha) if args.alpha is not None else recorded_alpha(weights)
         errors = new_model_errors(weights, vectors, labelled.correct[:, column], labelled.task, alpha)
         extended = append_model(weights, args.model, errors, cost, _provenance(labelled, column, alpha, cost_note))
         save_weights(extended, args.out)
@@ -153,11 +209,12 @@ def relative_cost_from_rows(weights: RouterWeights, cost_usd: np.ndarray) -> flo
     """Observed USD per call -> the weights' relative unit, for weights whose costs are observed costs."""
     if weights.metadata.get("cost_unit") != COST_UNIT_ROWS:
         raise ValueError("these weights' costs are list prices; give --price-usd or --cost-per-1k")
-    observed = weights.metadata.get("observed_cost_usd_per_call", {})
-    priced = [
-        (m, float(c)) for m, c in zip(weights.models, weights.cost_per_1k, strict=True) if m in observed and c > 0
-    ]
-    reference = observed[priced[0][0]] / priced[0][1] if priced else None
+    reference = None
+    for model, cost in zip(weights.models, weights.cost_per_1k, strict=True):
+        usd = _recorded_number(weights, "observed_cost_usd_per_call", model)
+        if usd is not None and cost > 0:
+            reference = usd / float(cost)
+            break
     if reference is None or np.isnan(cost_usd).all():
         raise ValueError("no observed cost to convert; give --cost-per-1k")
     return float(np.nanmean(cost_usd)) / float(reference)

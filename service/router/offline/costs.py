@@ -58,7 +58,21 @@ def absolute_costs(
 ) -> np.ndarray:
     """``[M]`` what routing trades off, in USD: blended list prices when ``prices`` are given, else the mean
     observed cost per call of each model (``relative_costs`` turns either into the weights' unit)."""
-    return blended_prices(models, prices) if prices is not None else observed_cost_per_call(cost_usd)
+    if prices is not None:
+        return blended_prices(models, prices)
+    require_observed_costs(models, cost_usd)
+    return observed_cost_per_call(cost_usd)
+
+
+def require_observed_costs(models: Sequence[str], cost_usd: np.ndarray, where: str = "the labelled rows") -> None:
+    """Costs from the rows (``--costs rows``) need at least one observed cost per model; a ValueError names the
+    models without one."""
+    missing = [m for m, seen in zip(models, (~np.isnan(cost_usd)).any(axis=0), strict=True) if not seen]
+    if missing:
+        raise ValueError(
+            f"--costs rows needs a per-row cost of every model, but {where} have none for "
+            f"{', '.join(map(repr, missing))} (no '<model>|total_cost' column, or every cell empty)"
+        )
 
 
 def has_observed_costs(cost_usd: np.ndarray) -> bool:

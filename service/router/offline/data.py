@@ -29,6 +29,8 @@ SAMPLE_ID_COLUMN = "sample_id"
 COST_SUFFIX = "|total_cost"
 BLOCK_SEPARATOR = "\n\n"
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
+# UTF-8, with or without the byte-order mark that spreadsheet programs put before "CSV UTF-8" exports.
+TEXT_ENCODING = "utf-8-sig"
 
 
 class DataError(ValueError):
@@ -104,8 +106,8 @@ def load_prices(path: Path | str) -> dict[str, tuple[float, float]]:
     """``{model: (input, output)}`` in USD per 1k tokens, from ``{model: {"input": x, "output": y}}``."""
     source = Path(path)
     try:
-        raw = json.loads(source.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
+        raw = json.loads(source.read_text(encoding=TEXT_ENCODING))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataError(f"{source}: cannot read prices ({exc})") from exc
     if not isinstance(raw, dict):
         raise DataError(f"{source}: prices must be a JSON object")
@@ -158,6 +160,8 @@ def load_labelled(
             cost_rows.append([_parse_cost(row.get(m + COST_SUFFIX, ""), path, line, m) for m in models])
         sources.append(SourceFile(name=path.name, sha256=file_sha256(path), rows=len(rows)))
     assert models is not None
+    if not texts:
+        raise DataError(f"{', '.join(str(p) for p in paths)}: no data rows")
     num_models = len(models)
     return LabelledSet(
         texts=texts,
@@ -169,6 +173,19 @@ def load_labelled(
         sources=tuple(sources),
         text_mode=text_mode,
     )
+
+
+def require_outcomes(labelled: LabelledSet, models: Sequence[str] | None = None) -> None:
+    """Raise :class:`DataError` naming each of ``models`` (default: all) that has no outcome in any row."""
+    wanted = labelled.models if models is None else tuple(models)
+    observed = (~np.isnan(labelled.correct)).sum(axis=0)
+    empty = [m for m in wanted if m in labelled.models and observed[labelled.models.index(m)] == 0]
+    if empty:
+        files = ", ".join(source.name for source in labelled.sources)
+        raise DataError(
+            f"{files}: no outcome for model(s) {', '.join(map(repr, empty))} in any of the "
+            f"{labelled.num_rows} rows (every cell empty or null)"
+        )
 
 
 # The loader's first name, from when it read RouterBench CSV only.
@@ -199,12 +216,15 @@ def _model_columns(header: Sequence[str], price_models: Collection[str], path: P
 def _read_csv(path: Path, price_models: Collection[str] = ()) -> tuple[Rows, tuple[str, ...]]:
     """Rows with their line numbers, and the sorted model names found in the header."""
     try:
-        with path.open(newline="", encoding="utf-8") as fh:
+        with path.open(newline="", encoding=TEXT_ENCODING) as fh:
             reader = csv.DictReader(fh)
             header = list(reader.fieldnames or [])
             rows = [(reader.line_num, row) for row in reader]
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"{path}: cannot read CSV ({exc})") from exc
+    repeated = sorted({name for name, count in Counter(header).items() if count > 1})
+    if repeated:  # DictReader would silently keep the last of them
+        raise DataError(f"{path}: column(s) named more than once in the header: {', '.join(map(repr, repeated))}")
     models = _model_columns(header, price_models, path)
     for line, row in rows:
         if None in row or any(value is None for value in row.values()):
@@ -217,15 +237,17 @@ def _read_jsonl(path: Path, price_models: Collection[str] = ()) -> tuple[Rows, t
     rows: Rows = []
     header: dict[str, None] = {}
     try:
-        with path.open(encoding="utf-8") as fh:
+        with path.open(encoding=TEXT_ENCODING) as fh:
             for line, text in enumerate(fh, start=1):
                 if not text.strip():
                     continue
-                value = json.loads(text)
+                value = json.loads(text, object_pairs_hook=_unique_keys)
                 if not isinstance(value, dict):
                     raise DataError(f"{path}:{line}: each line must be a JSON object")
                 rows.append((line, {str(k): _cell(v, path, line) for k, v in value.items()}))
                 header.update(dict.fromkeys(map(str, value)))
+    except _DuplicateKey as exc:
+        raise DataError(f"{path}:{line}: key {exc.args[0]!r} appears more than once in the object") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataError(f"{path}: cannot read JSONL ({exc})") from exc
     models = _model_columns(list(header), price_models, path)
@@ -233,6 +255,18 @@ def _read_jsonl(path: Path, price_models: Collection[str] = ()) -> tuple[Rows, t
         if PROMPT_COLUMN not in row:
             raise DataError(f"{path}:{line}: no {PROMPT_COLUMN!r}")
     return rows, models
+
+
+class _DuplicateKey(Exception):
+    """A JSON object names one key twice (``json`` would silently keep the last value)."""
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    keys = [key for key, _ in pairs]
+    repeated = next((key for key, count in Counter(keys).items() if count > 1), None)
+    if repeated is not None:
+        raise _DuplicateKey(repeated)
+    return dict(pairs)
 
 
 def _cell(value: object, path: Path, line: int) -> str:

@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
+import tempfile
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from service.router.weights import WRITTEN_FILE_MODE
 
 if TYPE_CHECKING:
     from service.router.embedder import MiniLMEmbedder
@@ -69,23 +74,34 @@ def _embed_batches(embedder: MiniLMEmbedder, texts: Sequence[str], progress: boo
 
 
 def read_cache(path: Path, texts_digest: str, embedder_sha256: str) -> np.ndarray | None:
-    """The cached vectors, or None when the file is missing, unreadable or for other texts or another embedder."""
+    """The cached vectors, or None when the file is missing, unreadable (a truncated or corrupt archive
+    included) or for other texts or another embedder."""
     try:
-        with np.load(path, allow_pickle=False) as data:
+        # Opened here, not by np.load, which leaks its file handle when the archive is damaged.
+        with path.open("rb") as fh, np.load(fh, allow_pickle=False) as data:
             if str(data["texts_sha256"]) != texts_digest or str(data["embedder_sha256"]) != embedder_sha256:
                 return None
             return np.asarray(data["vectors"], dtype=np.float32)
-    except (OSError, KeyError, ValueError):
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
         return None
 
 
 def write_cache(path: Path, vectors: np.ndarray, texts_digest: str, embedder_id: str, embedder_sha256: str) -> None:
+    """Write atomically (a temporary file beside it, then a rename): an interrupted run leaves the old cache or
+    none, never half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("wb") as fh:
-        np.savez(
-            fh,
-            vectors=vectors,
-            texts_sha256=np.array(texts_digest),
-            embedder_id=np.array(embedder_id),
-            embedder_sha256=np.array(embedder_sha256),
-        )
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(
+                fh,
+                vectors=vectors,
+                texts_sha256=np.array(texts_digest),
+                embedder_id=np.array(embedder_id),
+                embedder_sha256=np.array(embedder_sha256),
+            )
+        os.chmod(tmp_name, WRITTEN_FILE_MODE)  # mkstemp makes it 0600; the cache is as readable as the weights
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise

@@ -187,6 +187,16 @@ def fold_assignment(n: int, folds: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).permutation(n) % folds
 
 
+def _fold_is_scorable(correct: np.ndarray, train: np.ndarray, test: np.ndarray, costs: RoutingCosts | None) -> bool:
+    """Every model has an outcome among the ``train`` rows, and the ``test`` rows give something to score: a row
+    observed for every model (AUDC, ``costs`` given) or any outcome (log-loss)."""
+    if not (~np.isnan(correct[train])).any(axis=0).all():
+        return False
+    if costs is None:
+        return bool((~np.isnan(correct[test])).any())
+    return bool(observed_rows(correct[test], costs.realised[test]).any())
+
+
 def select_alpha(
     assign: np.ndarray,
     correct: np.ndarray,
@@ -203,19 +213,29 @@ def select_alpha(
     given, else the lowest held-out log-loss (ties: the first in ``grid``).
 
     Clusters stay fixed across folds: k-means never sees labels, so only the error estimates (and
-    the prior, rebuilt from each fold's training rows) need held-out rows.
+    the prior, rebuilt from each fold's training rows) need held-out rows. A fold is left out when its
+    training rows lack every outcome of some model or its held-out rows give nothing to score (models
+    observed on a few rows only); with no fold left it is a ValueError.
     """
     criterion: Criterion = "audc" if costs is not None else "log-loss"
     fold_of = fold_assignment(correct.shape[0], folds, seed)
-    priors = []
+    priors: dict[int, np.ndarray] = {}
     for fold in range(folds):
-        train = fold_of != fold
+        train, test = fold_of != fold, fold_of == fold
+        if not _fold_is_scorable(correct, train, test, costs):
+            continue
         tasks = None if task_ids is None else task_ids[train]
-        priors.append(fit_prior(assign[train], correct[train], k, tasks, num_tasks))
+        priors[fold] = fit_prior(assign[train], correct[train], k, tasks, num_tasks)
+    if not priors:
+        needs = "an outcome and a cost for every model" if costs is not None else "an outcome"
+        raise ValueError(
+            f"cannot choose alpha by {folds}-fold cross-validation: in no fold do the training rows have an outcome "
+            f"of every model and the held-out rows {needs} (some model has outcomes on too few rows); give --alpha"
+        )
     scores = []
     for alpha in grid:
         fold_scores = []
-        for fold in range(folds):
+        for fold in priors:
             train, test = fold_of != fold, fold_of == fold
             error = cluster_error(assign[train], correct[train], k, alpha, priors[fold])
             if costs is None:
@@ -225,9 +245,10 @@ def select_alpha(
         scores.append(float(np.mean(fold_scores)))
     best = int(np.argmax(scores) if criterion == "audc" else np.argmin(scores))
     what = "AUDC of held-out routed curves" if criterion == "audc" else "log-loss of held-out outcomes"
+    scored = "" if len(priors) == folds else f", {len(priors)} of the folds scorable"
     return AlphaChoice(
         alpha=float(grid[best]),
-        method=f"{folds}-fold cross-validated {what} (seed {seed})",
+        method=f"{folds}-fold cross-validated {what} (seed {seed}{scored})",
         grid=tuple(float(a) for a in grid),
         cv_score=tuple(scores),
         criterion=criterion,

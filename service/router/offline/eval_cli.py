@@ -18,8 +18,8 @@ import numpy as np
 from service import __version__
 from service.digest import git_commit
 from service.router.offline import fit as fit_module
-from service.router.offline.costs import blended_prices, relative_costs
-from service.router.offline.data import DataError, LabelledSet
+from service.router.offline.costs import blended_prices, relative_costs, require_observed_costs
+from service.router.offline.data import DataError, LabelledSet, require_outcomes
 from service.router.offline.estimate import DEFAULT_CV_FOLDS
 from service.router.offline.options import TextMode
 from service.router.offline.quality import FitSettings, QualityReport, cross_validate, evaluate_weights, realised_costs
@@ -43,6 +43,11 @@ def eval_main(args: argparse.Namespace) -> int:
         # with --cv the folds' fits need prices for --costs prices; weights bring their own costs
         needs_prices = bool(args.cv) and args.costs == "prices"
         labelled, prices, _ = fit_module.load_inputs(args, text_mode, require_prices=needs_prices)
+        require_outcomes(labelled, weights.models if weights is not None else None)
+        if weights is None:
+            check_cv_sizes(labelled.num_rows, args)
+            if args.costs == "rows":
+                require_observed_costs(labelled.models, labelled.cost_usd)
         prices_relative = None if prices is None else relative_costs(blended_prices(labelled.models, prices))
         realised, cost_source = realised_costs(labelled, prices_relative)
         embeddings, embedder_id, embedder_sha256 = fit_module.embed_prompts(
@@ -83,6 +88,15 @@ def eval_main(args: argparse.Namespace) -> int:
     print(markdown)
     print(f"wrote {prefix}.json, .md, .png")
     return 0
+
+
+def check_cv_sizes(rows: int, args: argparse.Namespace) -> None:
+    """Before embedding: ``--cv K`` fits on every fold's training rows, which must be enough for ``fit``."""
+    if not 2 <= args.cv <= rows:
+        raise DataError(f"--cv K needs 2 <= K <= the number of prompts ({rows}); got {args.cv}")
+    smallest = rows - -(-rows // args.cv)  # the largest fold is held out
+    what = f"the smallest training set of --cv {args.cv} ({rows} prompts)"
+    fit_module.check_fit_settings(smallest, args.clusters, args.restarts, args.alpha, args.seed, what=what)
 
 
 def _info(

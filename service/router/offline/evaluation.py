@@ -42,6 +42,10 @@ CHUNK_CELLS = 1 << 22
 # Envelope values and accuracies are compared with this slack, so float noise neither hides a
 # point nor makes the curve miss a target it meets exactly.
 ACCURACY_TOLERANCE = 1e-12
+# Normalised costs are means of realised costs divided by another mean, so a model that costs exactly a
+# tenth of the reference can land at 0.1 + 1 ulp; a point this close to a budget (or a grid cost) counts
+# as reached, so acc@10% and the AUDC do not depend on summation order or on the number of rows.
+COST_TOLERANCE = 1e-9
 
 
 @dataclass(frozen=True)
@@ -166,10 +170,11 @@ def _cross(o: tuple[float, float], a: tuple[float, float], b: tuple[float, float
 
 
 def envelope_at(hull_cost: np.ndarray, hull_accuracy: np.ndarray, x: np.ndarray | float) -> np.ndarray:
-    """The curve at cost(s) ``x``: 0 left of the first vertex, linear between vertices, flat after the last."""
+    """The curve at cost(s) ``x``: 0 left of the first vertex, linear between vertices, flat after the last
+    (a cost within ``COST_TOLERANCE`` of the first vertex reaches it)."""
     xs = np.atleast_1d(np.asarray(x, dtype=np.float64))
     values = np.interp(xs, hull_cost, hull_accuracy)  # flat beyond both ends
-    return np.where(xs < hull_cost[0], 0.0, values)
+    return np.where(xs < hull_cost[0] - COST_TOLERANCE, 0.0, values)
 
 
 def audc(hull_cost: np.ndarray, hull_accuracy: np.ndarray, grid_points: int = AUDC_GRID_POINTS) -> float:

@@ -35,10 +35,12 @@ from service.router.offline.costs import (
     OUTPUT_PRICE_WEIGHT,
     absolute_costs,
     relative_costs,
+    require_observed_costs,
     routing_costs,
 )
-from service.router.offline.data import DataError, LabelledSet, load_labelled, load_prices
+from service.router.offline.data import DataError, LabelledSet, load_labelled, load_prices, require_outcomes
 from service.router.offline.estimate import (
+    DEFAULT_CV_FOLDS,
     TASK_PRIOR_STRENGTH,
     AlphaChoice,
     RoutingCosts,
@@ -63,6 +65,8 @@ from service.router.offline.options import (
 from service.router.weights import RouterWeights, WeightsError, default_weights_path, save_weights
 
 DEFAULT_KMEANS_ITERATIONS = 50
+# FAISS takes the k-means seed as a C int (restart r uses seed + r).
+MAX_SEED = 2**31 - 1
 
 
 def kmeans_centroids(
@@ -338,6 +342,10 @@ def fit_main(args: argparse.Namespace) -> int:
     text_mode: TextMode = args.text
     try:
         labelled, prices, prices_path = load_inputs(args, text_mode, require_prices=args.costs == "prices")
+        require_outcomes(labelled)
+        check_fit_settings(labelled.num_rows, args.clusters, args.restarts, args.alpha, args.seed)
+        if args.costs == "rows":
+            require_observed_costs(labelled.models, labelled.cost_usd)
         embeddings, embedder_id, embedder_sha256 = embed_prompts(
             labelled.texts, cache=args.embedding_cache, progress=not args.no_progress
         )
@@ -365,9 +373,43 @@ def fit_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def recorded_fit(weights: RouterWeights) -> Mapping[str, Any]:
+    """The fit settings ``fit`` recorded in the weights' metadata (``{}`` for weights without them).
+
+    Weights from elsewhere pass validation with any JSON metadata, so the shape is checked here: a
+    ``fit`` entry that is not an object is a :class:`WeightsError`, not a crash further on."""
+    recorded = weights.metadata.get("fit", {})
+    if not isinstance(recorded, Mapping):
+        raise WeightsError(f"the weights' metadata 'fit' must be a JSON object; got {type(recorded).__name__}")
+    return recorded
+
+
+def check_fit_settings(
+    rows: int, clusters: int, restarts: int, alpha: float | None, seed: int, *, what: str = "the data"
+) -> None:
+    """Before embedding: enough rows for ``--clusters`` and for the CV that chooses alpha, sane flag values.
+
+    ``rows`` is what one fit sees (``what`` says which rows: the data, or a CV fold's training rows)."""
+    if not 0 <= seed <= MAX_SEED - max(restarts - 1, 0):
+        raise DataError(f"--seed must lie in [0, {MAX_SEED}] with the restarts' seeds (seed + restart) too; got {seed}")
+    if clusters < 1:
+        raise DataError(f"--clusters must be at least 1; got {clusters}")
+    if restarts < 1:
+        raise DataError(f"--restarts must be at least 1; got {restarts}")
+    if rows == 0:
+        raise DataError(f"{what} has no rows")
+    if rows < clusters:
+        raise DataError(f"--clusters {clusters} needs at least {clusters} prompts to fit on; {what} has {rows}")
+    if alpha is None and rows < DEFAULT_CV_FOLDS:
+        raise DataError(
+            f"choosing alpha by {DEFAULT_CV_FOLDS}-fold cross-validation needs at least {DEFAULT_CV_FOLDS} prompts; "
+            f"{what} has {rows}: give --alpha"
+        )
+
+
 def weights_text_mode(weights: RouterWeights) -> TextMode:
     """Which part of each prompt ``weights`` were fitted on (``fit`` records it), to embed new data alike."""
-    return "full" if weights.metadata.get("fit", {}).get("text_mode") == "full" else "last_block"
+    return "full" if recorded_fit(weights).get("text_mode") == "full" else "last_block"
 
 
 def embed_prompts(

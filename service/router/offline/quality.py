@@ -29,7 +29,7 @@ from typing import Any, Literal
 import numpy as np
 
 from service.router.offline.baselines import Outcomes, baseline_curves, observed_rows, system_curve
-from service.router.offline.costs import absolute_costs, has_observed_costs, relative_costs
+from service.router.offline.costs import absolute_costs, has_observed_costs, relative_costs, require_observed_costs
 from service.router.offline.costs import realised_costs as call_costs
 from service.router.offline.data import LabelledSet
 from service.router.offline.estimate import (
@@ -164,11 +164,13 @@ def cross_validate(
     oof_cost = np.full((n, len(labelled.models)), np.nan)
     per_fold: dict[str, list[CurveMetrics]] = {}
     fold_info: list[dict[str, Any]] = []
+    _check_folds(labelled.models, correct, usable, fold_of, folds)
     for fold in tqdm(range(folds), desc="cross-validation folds", file=sys.stderr, disable=not progress):
         train, test = fold_of != fold, (fold_of == fold) & usable
         outcomes = Outcomes(labelled.models, correct[test], realised_cost[test])
         cost = route_cost
         if cost is None:
+            require_observed_costs(labelled.models, labelled.cost_usd[train], f"the training rows of fold {fold + 1}")
             cost = relative_costs(absolute_costs(labelled.models, labelled.cost_usd[train], None))
         costs = RoutingCosts(route=np.asarray(cost, dtype=np.float64), realised=realised_cost[train])
         errors, info = fold_error_tables(embeddings, labelled, train, test, settings, costs)
@@ -191,6 +193,26 @@ def cross_validate(
         fold_info=fold_info,
         info={"rows": n, **_outcomes_info(pooled_outcomes)},
     )
+
+
+def _check_folds(
+    models: tuple[str, ...], correct: np.ndarray, usable: np.ndarray, fold_of: np.ndarray, folds: int
+) -> None:
+    """Before any fitting: every fold has held-out rows to score and an outcome of every model to train on."""
+    observed = (~np.isnan(correct)).sum(axis=0)
+    for fold in range(folds):
+        held_out = fold_of == fold
+        if not (held_out & usable).any():
+            raise ValueError(
+                f"fold {fold + 1} of {folds}: none of its {int(held_out.sum())} held-out prompts has an outcome and a "
+                f"cost for every model ({usable.sum()} of {usable.size} prompts have); use fewer folds"
+            )
+        untrained = np.isnan(correct[~held_out]).all(axis=0)
+        if untrained.any():
+            names = ", ".join(f"{models[j]!r} ({observed[j]} outcomes)" for j in np.flatnonzero(untrained))
+            raise ValueError(
+                f"fold {fold + 1} of {folds}: its training rows have no outcome of {names}; use fewer folds"
+            )
 
 
 def evaluate_weights(

@@ -1,0 +1,40 @@
+"""The offline commands' embedding cache: reused only when it matches, and never fatal when it is damaged."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.router.offline.embed import read_cache, texts_sha256, write_cache
+
+SHA = "ab" * 32
+
+
+def _write(path: Path) -> np.ndarray:
+    vectors = np.arange(12, dtype=np.float32).reshape(3, 4)
+    write_cache(path, vectors, texts_sha256(["a", "b", "c"]), "toy", SHA)
+    return vectors
+
+
+def test_cache_round_trip_and_mismatches(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "cache.npz"
+    vectors = _write(path)
+    np.testing.assert_array_equal(read_cache(path, texts_sha256(["a", "b", "c"]), SHA), vectors)
+    assert read_cache(path, texts_sha256(["a", "b"]), SHA) is None
+    assert read_cache(path, texts_sha256(["a", "b", "c"]), "cd" * 32) is None
+    assert read_cache(tmp_path / "missing.npz", texts_sha256(["a"]), SHA) is None
+    assert [p.name for p in path.parent.iterdir()] == ["cache.npz"]  # no temporary file left beside it
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("damage", ["truncated", "zip-magic-only", "not-a-zip"])
+def test_a_damaged_cache_is_ignored(tmp_path: Path, damage: str) -> None:
+    # A run interrupted while writing the cache left a truncated .npz; the next run died with BadZipFile.
+    path = tmp_path / "cache.npz"
+    _write(path)
+    whole = path.read_bytes()
+    damaged = {"truncated": whole[:300], "zip-magic-only": b"PK\x03\x04garbage", "not-a-zip": b"garbage"}[damage]
+    path.write_bytes(damaged)
+    assert read_cache(path, texts_sha256(["a", "b", "c"]), SHA) is None
