@@ -25,10 +25,17 @@ from service.dispatch.endpoints import ConfigError, EndpointRegistry, EndpointSp
 from service.dispatch.memory_store import MemoryStore
 from service.dispatch.records import STATUS_KEYS, WorkerRecord
 from service.dispatch.selection import status_breakdown
-from service.dispatch.signing import KeyFileError, PublishedKey, Signer, publish, read_key_file, read_public_keys
+from service.dispatch.signing import (
+    DEFAULT_CLOCK_SKEW_S,
+    KeyFileError,
+    PublishedKey,
+    Signer,
+    publish,
+    read_key_file,
+    read_public_keys,
+)
 from service.dispatch.signing_batch import SignatureBatcher
 from service.dispatch.store import DispatchStore, LoadStats, StoreUnavailable
-from service.dispatch.verifier import DEFAULT_CLOCK_SKEW_S
 from service.http.fastpath import served_by_fast_path
 from service.http.server import Fleet
 from service.http.service_base import ServiceBase

@@ -39,6 +39,9 @@ PUBLIC_KEY_BYTES = 32
 KEY_ID_HEX_DIGITS = 16
 SIGNATURE_BYTES = 64
 SIGNATURE_HEX_DIGITS = 2 * SIGNATURE_BYTES
+# How far a worker's clock may run ahead of the dispatcher's: the verifier's default, and how long past its last
+# assignment's expiry the dispatcher keeps a replaced key published.
+DEFAULT_CLOCK_SKEW_S = 5.0
 # Printable ASCII except '"' and '\\': what may appear in a signed string field.
 SAFE_TEXT = re.compile(r"^[\x20\x21\x23-\x5b\x5d-\x7e]+$")
 SIGNED_FIELDS = ("cost", "endpoint", "expires_at_ms", "key_id", "reqnum", "request_idx", "url")

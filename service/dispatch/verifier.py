@@ -29,6 +29,7 @@ import httpx
 
 from service.dispatch.signing import (
     ALGORITHM,
+    DEFAULT_CLOCK_SKEW_S,
     PUBLIC_KEY_BYTES,
     SIGNATURE_HEX_DIGITS,
     Assignment,
@@ -39,7 +40,6 @@ from service.dispatch.signing import (
 from service.errors import InvalidAssignment
 
 DEFAULT_REPLAY_WINDOW = 4096  # reqnums below the highest seen that may still arrive late
-DEFAULT_CLOCK_SKEW_S = 5.0  # how far the worker's clock may run ahead of the dispatcher's
 MS_PER_S = 1000
 PUBKEY_PATH = "/pubkey/"
 PUBKEY_TIMEOUT_S = 10.0

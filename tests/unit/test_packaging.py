@@ -1,0 +1,91 @@
+"""The package runs with what pyproject.toml declares: every module imports, and the README's first command
+(``serve``: both services on their embedded defaults) serves, in an interpreter that refuses every module the
+declared requirements (and the default ``cpu`` extra) would not install. The test environment holds more (the
+test extras), which once hid a runtime import of httpx that only a test extra provided."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import pkgutil
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import service
+from tests.install_closure import allowed_modules, only_these_imports
+from tests.redis_server import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+START_TIMEOUT_S = 120.0  # a guard against a hang (the router loads the model), not a speed claim
+
+
+def declared() -> list[str]:
+    """What ``pip install -e '.[cpu]'`` (the README's set-up) installs."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    return [*project["dependencies"], *project["optional-dependencies"]["cpu"]]
+
+
+def _run(script: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def test_every_module_imports_with_only_the_declared_requirements() -> None:
+    allowed = allowed_modules(declared())
+    assert {"torch", "faiss", "nacl", "httpx"} <= set(allowed) and "pytest" not in allowed
+    # __main__ runs the CLI when imported; cli.py, which it calls, is in the list
+    modules = [m.name for m in pkgutil.walk_packages(service.__path__, "service.") if m.name != "service.__main__"]
+    assert len(modules) > 50
+    result = _run(only_these_imports(allowed) + f"import importlib\nfor m in {modules!r}: importlib.import_module(m)")
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_the_guard_refuses_what_the_requirements_leave_out() -> None:
+    """The check above can fail: a module of a test extra is refused under it."""
+    result = _run(only_these_imports(allowed_modules(declared())) + "import pytest")
+    assert result.returncode == 1 and "not installed with the declared requirements: pytest" in result.stderr
+
+
+def test_serve_answers_on_both_ports_with_only_the_declared_requirements(tmp_path: Path) -> None:
+    # serve starts each service as its own interpreter: the guard goes in a sitecustomize that every one of them
+    # imports at start-up (PYTHONPATH is inherited).
+    (tmp_path / "sitecustomize.py").write_text(only_these_imports(allowed_modules(declared())))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))}
+    router_port, dispatcher_port = free_port(), free_port()
+    cmd = [sys.executable, "-m", "service", "serve", "--host", "127.0.0.1", "--router-port", str(router_port),
+           "--dispatcher-port", str(dispatcher_port)]  # fmt: skip
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        assert _status_once_ready(dispatcher_port, "/health", proc) == 200, log.read_text()[-3000:]
+        assert _status_once_ready(router_port, "/health", proc) == 200, log.read_text()[-3000:]
+        conn = http.client.HTTPConnection("127.0.0.1", router_port, timeout=30)
+        conn.request("POST", "/v1/route", body=b'{"prompt": "sort a list in python"}',
+                     headers={"Content-Type": "application/json"})  # fmt: skip
+        assert conn.getresponse().status == 200
+        conn.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    assert "not installed with the declared requirements" not in log.read_text()
+
+
+def _status_once_ready(port: int, path: str, proc: subprocess.Popen[bytes]) -> int | None:
+    """The first status other than 503 (loading) that ``path`` answers; None when the process exits or the time
+    runs out."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", path)
+            status = conn.getresponse().status
+            conn.close()
+            if status != 503:
+                return status
+        except OSError:
+            pass
+        time.sleep(0.2)
+    return None
