@@ -321,6 +321,22 @@ def test_loader_rejects_a_column_named_twice(tmp_path: Path) -> None:
     assert "dup.csv" in str(info.value)
 
 
+@pytest.mark.parametrize("prompt", ["", "   ", "\n\n"])
+def test_loader_rejects_an_empty_prompt(tmp_path: Path, prompt: str) -> None:
+    # it was embedded as empty text and fitted on, silently
+    path = _write_csv(tmp_path / "train.csv", [_row("q1", ["1", "0"]), _row(prompt, ["1", "0"])])
+    with pytest.raises(DataError, match=r"train\.csv:\d+: the prompt is empty"):
+        load_labelled([path])
+
+
+def test_loader_names_a_json_file_for_what_it_is(tmp_path: Path) -> None:
+    # read as CSV, it failed with "no 'prompt' column"
+    path = tmp_path / "train.json"
+    path.write_text('[{"prompt": "q1", "m": 1, "m|total_cost": 0.1}]', encoding="utf-8")
+    with pytest.raises(DataError, match=r"train\.json: give CSV, or JSON Lines \(\.jsonl"):
+        load_labelled([path])
+
+
 def test_loader_rejects_a_jsonl_key_given_twice(tmp_path: Path) -> None:
     path = tmp_path / "dup.jsonl"
     path.write_text(
@@ -485,3 +501,18 @@ def test_real_embedder_matches_shipped_weights() -> None:
     assert embedder.model_sha256 == weights.embedder_sha256
     vectors = embedder.embed(["Write a function to reverse a string."])
     assert vectors.shape == (1, weights.dim)
+
+
+def test_fit_main_names_a_most_accurate_model_that_costs_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    # model-a is right on every row and free: costs cannot be normalised by it (this named it "(1)").
+    rows = [_row(f"question {i}", ["1" if i % 3 else "0", "1"], costs=("0.1", "0")) for i in range(40)]
+    data = _write_csv(tmp_path / "train.csv", rows)
+    monkeypatch.setattr(fit, "embed_prompts", lambda texts, **_: (_unit_blobs(n_per=10, k=4), "fake", "f" * 64))
+    parser = argparse.ArgumentParser()
+    add_fit_arguments(parser)
+    args = parser.parse_args(["--data", str(data), "--out", str(tmp_path / "w.safetensors"), "--costs", "rows",
+                              "--clusters", "4", "--restarts", "1"])  # fmt: skip
+    assert fit.fit_main(args) == 1
+    assert "the most accurate model (model-a) has no cost to normalise by" in capsys.readouterr().err

@@ -17,7 +17,8 @@ from service.router.offline.data import LabelledSet, load_labelled
 from service.router.offline.eval_cli import eval_main
 from service.router.offline.options import add_eval_arguments, add_fit_arguments
 from service.router.offline.quality_report import report_markdown
-from service.router.weights import save_weights
+from service.router.scoring import ScoreTable
+from service.router.weights import RouterWeights, save_weights
 
 MODELS = ("cheap", "dear", "mid")
 PRICES = {"cheap": (0.001, 0.001), "dear": (0.01, 0.01), "mid": (0.004, 0.004)}
@@ -188,6 +189,31 @@ def test_evaluate_weights_beats_the_single_models_on_its_training_data() -> None
         quality.evaluate_weights(weights, _without_model(labelled, "mid"), x, labelled.cost_usd[:, :2])
 
 
+def test_evaluate_weights_breaks_exact_ties_as_the_service_does() -> None:
+    """Weights whose models are not in name order (add-model appends): two models with the same error and cost
+    everywhere are a tie, which the service gives to the smaller model id."""
+    x, blob = _blobs()
+    n = len(blob)
+    labelled = LabelledSet(
+        texts=[f"b{b}" for b in blob], task=["t"] * n, sample_ids=[str(i) for i in range(n)], models=("a", "z"),
+        correct=np.tile(np.array([1.0, 0.0], dtype=np.float32), (n, 1)), cost_usd=np.full((n, 2), 0.01), sources=(),
+        text_mode="full",
+    )  # fmt: skip
+    weights = RouterWeights(
+        models=("z", "a"),  # "a" was added after "z"
+        centroids=x[::PER_BLOB].copy(),
+        expected_error=np.full((2, BLOBS), 0.5, dtype=np.float32),
+        cost_per_1k=np.array([1.0, 1.0], dtype=np.float32),
+        default_lambda=0.1,
+        embedder_id="toy",
+        embedder_sha256="0" * 64,
+    )
+    table = ScoreTable.build(weights.models, weights.expected_error, weights.cost_per_1k)
+    assert table.models[0] == "a"  # the service's choice on every cluster (it picked "z" in eval before)
+    report = quality.evaluate_weights(weights, labelled, x, labelled.cost_usd)
+    assert set(report.curves[quality.ROUTER].accuracy.tolist()) == {1.0}  # "a" is right on every row
+
+
 def _without_model(labelled: LabelledSet, name: str) -> LabelledSet:
     keep = [i for i, m in enumerate(labelled.models) if m != name]
     return LabelledSet(
@@ -301,6 +327,14 @@ def test_eval_main_scores_a_weights_file(
     assert eval_main(parser.parse_args([*argv[:-3], "--out", str(tmp_path / "no-prices"), "--no-progress"])) == 0
     again = json.loads((tmp_path / "no-prices.json").read_text())
     assert again["pooled"]["router"] == document["pooled"]["router"]
+    # nor does a price list beside the data that lacks a model (this failed with "no price for model(s)")
+    first = next(iter(PRICES))
+    (tmp_path / "prices.json").write_text(json.dumps({first: {"input": 1.0, "output": 1.0}}), encoding="utf-8")
+    # and --out naming one of the outputs is taken as the prefix (this wrote part.json.json)
+    assert eval_main(parser.parse_args([*argv[:-3], "--out", str(tmp_path / "part.json"), "--no-progress"])) == 0
+    assert json.loads((tmp_path / "part.json").read_text())["pooled"]["router"] == document["pooled"]["router"]
+    assert (tmp_path / "part.md").is_file() and not (tmp_path / "part.json.json").exists()
+    (tmp_path / "prices.json").unlink()
     # fitting folds with --costs prices does need one, and says so
     cv = parser.parse_args(["--data", str(data), "--cv", "2", "--out", str(tmp_path / "cv"), "--no-progress"])
     assert eval_main(cv) == 1

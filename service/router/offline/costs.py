@@ -90,6 +90,10 @@ def realised_costs(cost_usd: np.ndarray, route_cost: np.ndarray | None) -> np.nd
     return np.broadcast_to(np.asarray(route_cost, dtype=np.float64), cost_usd.shape).copy()
 
 
-def routing_costs(cost_usd: np.ndarray, route_cost: np.ndarray) -> RoutingCosts:
+def routing_costs(cost_usd: np.ndarray, route_cost: np.ndarray, models: Sequence[str] = ()) -> RoutingCosts:
     """Costs for choosing alpha by AUDC: route by ``route_cost``, score at ``realised_costs``."""
-    return RoutingCosts(route=np.asarray(route_cost, dtype=np.float64), realised=realised_costs(cost_usd, route_cost))
+    return RoutingCosts(
+        route=np.asarray(route_cost, dtype=np.float64),
+        realised=realised_costs(cost_usd, route_cost),
+        models=tuple(models),
+    )

@@ -29,6 +29,7 @@ SAMPLE_ID_COLUMN = "sample_id"
 COST_SUFFIX = "|total_cost"
 BLOCK_SEPARATOR = "\n\n"
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
+JSON_SUFFIX = ".json"  # one JSON document, not a row a line
 # UTF-8, with or without the byte-order mark that spreadsheet programs put before "CSV UTF-8" exports.
 TEXT_ENCODING = "utf-8-sig"
 
@@ -147,12 +148,16 @@ def load_labelled(
     cost_rows: list[list[float]] = []
     sources: list[SourceFile] = []
     for path in map(Path, paths):
+        if path.suffix.lower() == JSON_SUFFIX:  # read as CSV it would only fail on a missing 'prompt' column
+            raise DataError(f"{path}: give CSV, or JSON Lines ({', '.join(JSONL_SUFFIXES)}: one object a line)")
         rows, file_models = _read_jsonl(path, price_models) if _is_jsonl(path) else _read_csv(path, price_models)
         if models is None:
             models = file_models
         elif file_models != models:
             raise DataError(f"{path}: models {list(file_models)} differ from earlier files' {list(models)}")
         for line, row in rows:
+            if not row[PROMPT_COLUMN].strip():  # nothing to embed (the service refuses such a prompt too)
+                raise DataError(f"{path}:{line}: the prompt is empty")
             texts.append(extract_text(row[PROMPT_COLUMN], text_mode))
             tasks.append(row.get(TASK_COLUMN) or "")
             sample_ids.append(row.get(SAMPLE_ID_COLUMN) or "")

@@ -71,6 +71,7 @@ class RoutingCosts:
 
     route: np.ndarray
     realised: np.ndarray
+    models: tuple[str, ...] = ()  # names for messages (default: column numbers)
 
 
 def global_error(correct: np.ndarray) -> np.ndarray:
@@ -173,7 +174,7 @@ def held_out_audc(
 ) -> float:
     """AUDC of routing the held-out ``rows`` by ``error`` ``[M, K]`` (only rows observed for every model)."""
     scored = rows[observed_rows(correct[rows], costs.realised[rows])]
-    models = tuple(str(m) for m in range(correct.shape[1]))
+    models = costs.models or tuple(str(m) for m in range(correct.shape[1]))
     outcomes = Outcomes(models, correct[scored], costs.realised[scored])
     expected = error.T[assign[scored]].astype(np.float64)
     curve = system_curve(outcomes, expected, costs.route, SELECTION_MAX_LAMBDAS)

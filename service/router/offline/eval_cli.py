@@ -18,7 +18,7 @@ import numpy as np
 from service import __version__
 from service.digest import git_commit
 from service.router.offline import fit as fit_module
-from service.router.offline.costs import blended_prices, relative_costs, require_observed_costs
+from service.router.offline.costs import blended_prices, has_observed_costs, relative_costs, require_observed_costs
 from service.router.offline.data import DataError, LabelledSet, require_outcomes
 from service.router.offline.estimate import DEFAULT_CV_FOLDS
 from service.router.offline.options import TextMode
@@ -27,12 +27,15 @@ from service.router.offline.quality_report import plot_curves, report_json, repo
 from service.router.weights import RouterWeights, WeightsError, check_embedder, default_weights_path, load_weights
 
 DEFAULT_PREFIX = "router-quality"
+OUTPUT_SUFFIXES = (".json", ".md", ".png")  # written beside each other under one prefix
 
 
 def eval_main(args: argparse.Namespace) -> int:
     """Load, embed, evaluate, write; returns the process exit code."""
     today = datetime.now(UTC).date().isoformat()
     prefix: Path = args.out or Path(f"{DEFAULT_PREFIX}{f'-cv{args.cv}' if args.cv else ''}-{today}")
+    if prefix.suffix in OUTPUT_SUFFIXES:  # --out quality.json names one of the outputs: its stem is the prefix
+        prefix = prefix.with_suffix("")
     progress = not args.no_progress
     if importlib.util.find_spec("matplotlib") is None:
         print("eval failed: the plot needs matplotlib: pip install -e '.[eval]'", file=sys.stderr)
@@ -48,7 +51,12 @@ def eval_main(args: argparse.Namespace) -> int:
             check_cv_sizes(labelled.num_rows, args)
             if args.costs == "rows":
                 require_observed_costs(labelled.models, labelled.cost_usd)
-        prices_relative = None if prices is None else relative_costs(blended_prices(labelled.models, prices))
+        # The price list routes the folds' fits (--cv, --costs prices) and prices calls the rows have no cost
+        # for; otherwise it is not needed, and a model missing from it is no error.
+        priced = needs_prices or not has_observed_costs(labelled.cost_usd)
+        prices_relative = None
+        if prices is not None and priced:
+            prices_relative = relative_costs(blended_prices(labelled.models, prices))
         realised, cost_source = realised_costs(labelled, prices_relative)
         embeddings, embedder_id, embedder_sha256 = fit_module.embed_prompts(
             labelled.texts, cache=args.embedding_cache, progress=progress

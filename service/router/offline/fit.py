@@ -219,7 +219,7 @@ def fit_weights(
         raise ValueError("embeddings contain NaN or inf")
     absolute = absolute_costs(labelled.models, labelled.cost_usd, prices)
     route_cost = relative_costs(absolute)
-    costs = routing_costs(labelled.cost_usd, route_cost) if alpha_criterion == "audc" else None
+    costs = routing_costs(labelled.cost_usd, route_cost, labelled.models) if alpha_criterion == "audc" else None
     table = fit_error_table(
         embeddings,
         labelled.correct,

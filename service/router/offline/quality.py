@@ -172,7 +172,7 @@ def cross_validate(
         if cost is None:
             require_observed_costs(labelled.models, labelled.cost_usd[train], f"the training rows of fold {fold + 1}")
             cost = relative_costs(absolute_costs(labelled.models, labelled.cost_usd[train], None))
-        costs = RoutingCosts(route=np.asarray(cost, dtype=np.float64), realised=realised_cost[train])
+        costs = RoutingCosts(np.asarray(cost, dtype=np.float64), realised_cost[train], labelled.models)
         errors, info = fold_error_tables(embeddings, labelled, train, test, settings, costs)
         curves = {name: system_curve(outcomes, e, cost) for name, e in errors.items()} | baseline_curves(outcomes)
         for name, curve in curves.items():
@@ -222,19 +222,23 @@ def evaluate_weights(
     missing = [m for m in weights.models if m not in labelled.models]
     if missing:
         raise ValueError(f"the labelled data has no outcomes for the weights' model(s): {', '.join(missing)}")
-    columns = [labelled.models.index(m) for m in weights.models]
+    # Columns in name order, so that exact ties break as the service breaks them (cost, then model id): fit writes
+    # models sorted by name, but add-model appends.
+    order = sorted(range(len(weights.models)), key=lambda m: weights.models[m])
+    models = tuple(weights.models[m] for m in order)
+    columns = [labelled.models.index(m) for m in models]
     correct = np.asarray(labelled.correct, dtype=np.float64)[:, columns]
     cost = realised_cost[:, columns]
     usable = observed_rows(correct, cost)
-    outcomes = Outcomes(weights.models, correct[usable], cost[usable])
+    outcomes = Outcomes(models, correct[usable], cost[usable])
     assign = assign_clusters(embeddings[usable], weights.centroids)
-    error = weights.expected_error.T.astype(np.float64)[assign]
-    curves = {ROUTER: system_curve(outcomes, error, weights.cost_per_1k)} | baseline_curves(outcomes)
+    error = weights.expected_error[order].T.astype(np.float64)[assign]
+    curves = {ROUTER: system_curve(outcomes, error, weights.cost_per_1k[order])} | baseline_curves(outcomes)
     metrics = {name: curve_metrics(c, outcomes.target_accuracy) for name, c in curves.items()}
     return QualityReport(
         folds=0,
         metrics={name: [m] for name, m in metrics.items()},
-        kinds=_kind_map(list(curves), weights.models, {ROUTER}),
+        kinds=_kind_map(list(curves), models, {ROUTER}),
         curves=curves,
         pooled=metrics,
         info={"rows": labelled.num_rows, **_outcomes_info(outcomes)},
