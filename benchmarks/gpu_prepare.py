@@ -33,7 +33,7 @@ PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x8
 # typing-extensions: the carried anyio needs a newer one than some images hold.
 WHEELS = (
     "starlette", "anyio", "hypercorn", "h11", "h2", "hpack", "hyperframe", "priority", "wsproto", "orjson",
-    "pynacl", "cffi", "pycparser", "tomli-w", "redis", "pytest", "pluggy", "iniconfig", "pytest-asyncio",
+    "pynacl", "cffi", "pycparser", "tomlkit", "redis", "pytest", "pluggy", "iniconfig", "pytest-asyncio",
     "hdrhistogram", "pbr", "typing-extensions",
 )  # fmt: skip
 

@@ -29,7 +29,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import tomli_w
+import tomlkit
+from tomlkit.exceptions import TOMLKitError
 
 ENDPOINT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 KEY_BYTES = 32
@@ -168,15 +169,30 @@ def load_config(path: Path) -> EndpointRegistry:
 
 
 def save_config(path: Path, registry: EndpointRegistry) -> None:
-    tables = {}
+    """Write ``registry`` to ``path``, editing the file in place when it exists: its comments, its layout and the
+    order of its tables survive (an operator's notes must not vanish when a command adds a key)."""
+    try:
+        document = tomlkit.parse(path.read_text(encoding="utf-8")) if path.exists() else tomlkit.document()
+    except (OSError, UnicodeDecodeError, TOMLKitError) as exc:
+        raise ConfigError(f"cannot update {path}: {exc}") from None
+    if "endpoints" not in document:
+        document.add("endpoints", tomlkit.table(is_super_table=True))
+    tables = document["endpoints"]
+    for name in [n for n in tables if n not in registry.endpoints]:
+        del tables[name]
     for name, spec in sorted(registry.endpoints.items()):
-        table = asdict(spec)
-        del table["name"]
-        table["api_key_sha256"] = list(spec.api_key_sha256)
-        table["worker_token_sha256"] = list(spec.worker_token_sha256)
-        tables[name] = table
+        values = asdict(spec)
+        del values["name"]
+        values["api_key_sha256"] = list(spec.api_key_sha256)
+        values["worker_token_sha256"] = list(spec.worker_token_sha256)
+        if name not in tables:
+            tables[name] = tomlkit.table()
+        table = tables[name]
+        for key, value in values.items():
+            if key not in table or table[key] != value:  # unchanged values keep their comments
+                table[key] = value
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(tomli_w.dumps({"endpoints": tables}).encode())
+    tmp.write_text(tomlkit.dumps(document), encoding="utf-8")
     tmp.replace(path)
 
 

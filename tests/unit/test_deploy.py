@@ -733,3 +733,16 @@ def test_nginx_passes_429_through_without_retrying_or_ejecting(balancer: Any, re
     assert len(shed) == shedding.hits  # no 429 was retried elsewhere
     max_fails = int(re.search(r"max_fails=(\d+)", NGINX_CONF.read_text()).group(1))  # type: ignore[union-attr]
     assert shedding.hits > max_fails  # and 429s do not count as failures
+
+
+def test_the_readme_lists_every_metric_the_services_export(exported: Exported) -> None:
+    """An operator reads the README's metric lists to write queries: a family missing there (three were) is one
+    they do not know to look for."""
+    readme = (REPO / "README.md").read_text()
+    families = {
+        re.sub(r"_(bucket|count|sum)$", "", name)
+        for name in exported.labels
+        if name.startswith(("router_", "dispatcher_")) and not name.endswith("_created")  # a counter's twin
+    }
+    assert len(families) > 30
+    assert sorted(f for f in families if f"`{f}`" not in readme and f"`{f}{{" not in readme) == []

@@ -124,6 +124,41 @@ def test_save_then_load_round_trips(tmp_path: Path, registry: EndpointRegistry) 
     assert len(load_config(path)) == 0
 
 
+def test_save_keeps_the_files_comments_and_layout(tmp_path: Path) -> None:
+    """add-endpoint and add-key rewrite the file: an operator's comments and the order of the tables survive (they
+    were dropped), and only what changed is rewritten."""
+    path = tmp_path / "endpoints.toml"
+    path.write_text(
+        "# Production endpoints: ask #llm-infra before removing one.\n"
+        "[endpoints.zeta]  # the big model\n"
+        f'api_key_sha256 = ["{DIGEST}"]  # rotated 2026-11\n'
+        "max_workers = 4\n",
+        encoding="utf-8",
+    )
+    registry = load_config(path)
+    zeta = registry.endpoints["zeta"]
+    registry = with_endpoint(registry, EndpointSpec("alpha", api_key_sha256=("cd" * 32,)))
+    save_config(path, registry)
+    text = path.read_text()
+    assert text.startswith("# Production endpoints: ask #llm-infra before removing one.\n[endpoints.zeta]  # the big")
+    assert f'api_key_sha256 = ["{DIGEST}"]  # rotated 2026-11' in text  # unchanged: its comment kept
+    assert text.index("[endpoints.zeta]") < text.index("[endpoints.alpha]")  # the file's order, new tables last
+    assert load_config(path) == registry
+    save_config(path, with_endpoint(registry, add_key(zeta, kind="worker", key="wt_new")))
+    assert load_config(path).endpoints["zeta"].worker_token_sha256 == (hash_key("wt_new"),)
+    assert "# Production endpoints" in path.read_text()
+    save_config(path, EndpointRegistry({"alpha": registry.endpoints["alpha"]}))
+    assert "[endpoints.zeta]" not in path.read_text() and set(load_config(path).endpoints) == {"alpha"}
+
+
+def test_save_refuses_to_overwrite_a_file_it_cannot_parse(tmp_path: Path, registry: EndpointRegistry) -> None:
+    path = tmp_path / "endpoints.toml"
+    path.write_text("[endpoints.a\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="cannot update"):
+        save_config(path, registry)
+    assert path.read_text() == "[endpoints.a\n"
+
+
 def test_load_config_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "missing.toml")

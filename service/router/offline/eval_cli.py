@@ -38,7 +38,7 @@ def eval_main(args: argparse.Namespace) -> int:
         prefix = prefix.with_suffix("")
     progress = not args.no_progress
     if importlib.util.find_spec("matplotlib") is None:
-        print("eval failed: the plot needs matplotlib: pip install -e '.[eval]'", file=sys.stderr)
+        print("eval failed: the plot needs matplotlib: pip install -e '.[cpu,eval]'", file=sys.stderr)
         return 1
     try:
         weights = None if args.cv else load_weights(args.weights or default_weights_path())
