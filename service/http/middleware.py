@@ -13,13 +13,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.metrics import HttpMetrics, multiprocess
 
 OTHER_ROUTE = "other"
-MAX_CACHED_LABEL_SETS = 1024  # methods are client-chosen strings: bound the cache, not just the routes
+# RFC 9110's methods and PATCH. A method is any token a client sends, and every new label set is a series kept for
+# the process's life (and by Prometheus): the rest are labelled "other".
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
+OTHER_METHOD = "other"
 
 
 class RequestMetricsMiddleware:
     """Counts requests by route template and status, times them, and tracks how many are open.
 
-    Unknown paths are labelled ``other`` so a scanner cannot blow up the label set.
+    Unknown paths and methods are labelled ``other`` so a scanner cannot blow up the label set.
     """
 
     def __init__(self, app: ASGIApp, *, metrics: HttpMetrics, routes: Collection[str]) -> None:
@@ -66,12 +69,13 @@ class RequestMetricsMiddleware:
                 self.metrics.in_flight.dec()
             if self.in_flight == 0:
                 self.idle.set()
-            key = (route, scope["method"], status)
+            method = scope["method"]
+            key = (route, method if method in HTTP_METHODS else OTHER_METHOD, status)
             counter = self._counters.get(key)
-            if counter is None:
-                counter = self.metrics.requests.labels(route=route, method=key[1], status=str(status))
-                if len(self._counters) < MAX_CACHED_LABEL_SETS:
-                    self._counters[key] = counter
+            if counter is None:  # routes, methods and the server's own statuses: a bounded set
+                counter = self._counters[key] = self.metrics.requests.labels(
+                    route=route, method=key[1], status=str(status)
+                )
             counter.inc()
             self._durations[route].observe(time.perf_counter() - started)
 
