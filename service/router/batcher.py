@@ -59,7 +59,8 @@ class BatcherConfig:
 
 
 class MicroBatcher(Generic[J, R]):
-    """``compute`` runs in a worker thread on a batch; ``on_batch``/``on_error`` run on the loop."""
+    """``compute`` runs in a worker thread on a batch; ``on_batch``/``on_error``/``on_drop`` run on the loop
+    (``on_drop``: a job whose waiters all left, taken out of the queue without compute)."""
 
     def __init__(
         self,
@@ -69,6 +70,7 @@ class MicroBatcher(Generic[J, R]):
         compute: Callable[[list[J]], R],
         on_batch: Callable[[list[J], R], None],
         on_error: Callable[[list[J], BaseException], None],
+        on_drop: Callable[[J], None],
         metrics: RouterMetrics,
     ) -> None:
         if config.max_batch_size < 1 or config.max_batch_tokens < 1 or config.max_queue < 1 or config.workers < 1:
@@ -78,6 +80,7 @@ class MicroBatcher(Generic[J, R]):
         self._compute = compute
         self._on_batch = on_batch
         self._on_error = on_error
+        self._on_drop = on_drop
         self._metrics = metrics
         self._incoming: deque[J] = deque()
         self._ready: deque[J] = deque()
@@ -230,6 +233,10 @@ class MicroBatcher(Generic[J, R]):
 
     def _drop(self, job: J) -> None:
         self._metrics.dropped.inc()
+        try:
+            self._on_drop(job)
+        except Exception:
+            logger.exception("dropping a job failed")
         self._release(1)
 
     def _deliver(self, jobs: list[J], result: R) -> None:

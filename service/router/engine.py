@@ -134,6 +134,7 @@ class RouterEngine:
             compute=self._compute,
             on_batch=self._on_batch,
             on_error=self._on_error,
+            on_drop=self._on_drop,
             metrics=metrics,
         )
         # prometheus label lookups cost microseconds; keep the children
@@ -292,6 +293,11 @@ class RouterEngine:
                     failed += 1
         self._inflight.clear()
         return failed
+
+    def _on_drop(self, job: PromptJob) -> None:
+        """Its clients all left before compute: forget it (a later identical prompt makes a new job)."""
+        if self._inflight.get(job.key) is job:
+            del self._inflight[job.key]
 
     def _on_error(self, jobs: list[PromptJob], error: BaseException) -> None:
         for job in jobs:

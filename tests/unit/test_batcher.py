@@ -27,6 +27,7 @@ class Harness:
     def __init__(self, *, size: int = 8, tokens: int = 1000, queue: int = 100, workers: int = 1,
                  delay_s: float = 0.02, fail_on: str | None = None) -> None:  # fmt: skip
         self.batches: list[list[str]] = []
+        self.dropped: list[Job] = []
         self.computing = 0
         self.max_computing = 0
         self._lock = threading.Lock()
@@ -41,6 +42,7 @@ class Harness:
             compute=self.compute,
             on_batch=self.on_batch,
             on_error=self.on_error,
+            on_drop=self.dropped.append,
             metrics=self.metrics,
         )
 
@@ -130,6 +132,7 @@ async def test_abandoned_jobs_are_dropped_before_compute() -> None:
     computed = [t for b in h.batches for t in b]
     assert not any(t.startswith("gone") for t in computed)
     assert h.metrics.dropped._value.get() == 5
+    assert h.dropped == gone  # each handed back, so that its owner can forget it
     assert h.batcher.admitted == 0
     await h.batcher.close()
 

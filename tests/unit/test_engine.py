@@ -127,6 +127,10 @@ async def test_departed_client_prompt_is_not_computed() -> None:
     assert embedder.texts_embedded == 1
     assert metrics.dropped._value.get() == 1
     assert eng.admitted == 0
+    # nor kept: the singleflight map held every dropped prompt's job (and text) for good
+    assert eng._inflight == {}
+    again = await eng.route(request("c2 gone"))  # the same prompt later is embedded afresh
+    assert again.cluster_id == 2 and embedder.texts_embedded == 2
     await eng.close()
 
 
