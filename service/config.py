@@ -39,6 +39,7 @@ class BaseSettings:
     drain_timeout_s: float = _opt(30.0, "on SIGTERM, how long in-flight work may take before exit")
     retry_after_s: int = _opt(1, "Retry-After seconds sent with 429/503 answers")
     max_body_bytes: int = _opt(1 << 20, "largest request body accepted (413 above)")
+    body_timeout_s: float = _opt(30.0, "longest a request body may take to arrive (408 after)")
 
     @classmethod
     def from_env(cls: type[S], environ: Mapping[str, str] | None = None, **overrides: Any) -> S:
@@ -212,6 +213,8 @@ def _base_problems(settings: BaseSettings) -> list[str]:
         problems.append("--retry-after-s must be >= 0")
     if settings.max_body_bytes < 1:
         problems.append("--max-body-bytes must be >= 1")
+    if not (settings.body_timeout_s > 0 and math.isfinite(settings.body_timeout_s)):
+        problems.append("--body-timeout-s must be a finite number of seconds > 0")
     return problems
 
 

@@ -48,6 +48,11 @@ class UnsupportedMediaType(InvalidRequest):
     status = 415
 
 
+class RequestTimeout(ServiceError):
+    status = 408
+    code = "request_timeout"
+
+
 class NotFound(ServiceError):
     status = 404
     code = "not_found"

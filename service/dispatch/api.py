@@ -20,7 +20,7 @@ from service.dispatch.signing import ALGORITHM
 from service.dispatch.store import UnknownRequest
 from service.errors import InvalidRequest, NotFound, ShuttingDown, Unauthorized
 from service.http.fastpath import Headers
-from service.http.responses import ORJSONResponse, parse_json_object, read_json_body
+from service.http.responses import ORJSONResponse, parse_json_object
 from service.metrics import PROMETHEUS_CONTENT_TYPE
 
 if TYPE_CHECKING:
@@ -98,7 +98,7 @@ class DispatcherApi:
 
     async def worker_status(self, request: Request) -> Response:
         token = _worker_token(request)
-        data = parse_json_object(await read_json_body(request, max_bytes=self.settings.max_body_bytes))
+        data = parse_json_object(await self.service.body.read_request(request))
         name, report = schemas.parse_worker_report(data, max_value=self.settings.max_report_value)
         spec = self._authenticate_worker(name, token)
         record = await self.service.store.report(spec.name, report)
@@ -116,7 +116,7 @@ class DispatcherApi:
 
     async def delete_requests(self, request: Request) -> Response:
         token = _worker_token(request)
-        data = parse_json_object(await read_json_body(request, max_bytes=self.settings.max_body_bytes))
+        data = parse_json_object(await self.service.body.read_request(request))
         name, idxs, success, worker_id = schemas.parse_release(data)
         spec = self._authenticate_worker(name, token)
         released = await self.service.store.release(spec.name, idxs, worker_id)

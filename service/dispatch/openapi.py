@@ -153,6 +153,7 @@ def _post(
                 "401": error("unauthorized: missing or wrong key"),
                 "413": error("invalid_request: body over the size limit"),
                 "415": error("invalid_request: content type is not application/json"),
+                "408": error("request_timeout: the body did not arrive within the configured time"),
                 "503": error("store_unavailable or shutting_down", retry_after=True),
             },
         }

@@ -22,9 +22,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.dispatch.signing import Assignment
 from service.dispatch.verifier import AssignmentRejected, AssignmentVerifier, RejectReason, normalise_url
 from service.errors import ServiceError
-from service.http.responses import error_response, parse_exact_json_object, read_asgi_json_body
+from service.http.body import BodyReader
+from service.http.responses import error_response, parse_exact_json_object
 
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
+DEFAULT_BODY_TIMEOUT_S = 60.0  # a stalled upload must not hold the worker's connection for ever
 STATE_ASSIGNMENT = "assignment"
 STATE_PAYLOAD = "payload"
 RETRY_AFTER_S = 1  # error_response needs one; none of the errors raised here carries Retry-After
@@ -56,13 +58,14 @@ class AssignmentAuthMiddleware:
         protected_paths: Collection[str] | None = None,
         *,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
         on_reject: Callable[[AssignmentRejected], None] | None = None,
     ) -> None:
         self.app = app
         self._on_reject = on_reject
         self.verifier = verifier
         self._paths = None if protected_paths is None else frozenset(normalise_url(p) for p in protected_paths)
-        self._max_body_bytes = max_body_bytes
+        self._body = BodyReader(max_bytes=max_body_bytes, timeout_s=body_timeout_s)
 
     def protects(self, scope: Scope) -> bool:
         if scope["type"] != "http" or scope["method"] != "POST":
@@ -74,7 +77,7 @@ class AssignmentAuthMiddleware:
             await self.app(scope, receive, send)
             return
         try:
-            body = await read_asgi_json_body(dict(scope["headers"]), receive, max_bytes=self._max_body_bytes)
+            body = await self._body.read(dict(scope["headers"]), receive)
             assignment, payload = verify_request_body(self.verifier, body)
         except ClientDisconnect:
             return  # nobody to answer

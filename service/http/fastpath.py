@@ -2,12 +2,12 @@
 ``/route/``).
 
 Starlette's router, exception middlewares, ``Request`` and ``Response`` objects cost about as much per call as
-the routing work itself; this path skips them and keeps the same contract: 415 for a non-JSON content type,
-413 past ``max_body_bytes`` (``read_asgi_json_body``), the one error body for every ``ServiceError``
-(``error_response``: errors are not the hot path), a logged 500 for anything else. A handler that waits may watch
-``receive`` for the client going away and raise ``ClientGone``: the answer is then a bodiless 499 (nginx's "client
-closed request"), which nobody reads but the request metrics count. Every other path falls through to the wrapped
-app.
+the routing work itself; this path skips them and keeps the same contract: 415 for a non-JSON content type, 413
+past ``max_body_bytes`` and 408 past ``body_timeout_s`` (``body.BodyReader``), the one error body for every
+``ServiceError`` (``error_response``: errors are not the hot path), a logged 500 for anything else. A handler that
+waits may watch ``receive`` for the client going away and raise ``ClientGone``: the answer is then a bodiless 499
+(nginx's "client closed request"), which nobody reads but the request metrics count. Every other path falls through
+to the wrapped app.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.errors import ServiceError
-from service.http.responses import error_response, read_asgi_json_body
+from service.http.body import BodyReader
+from service.http.responses import error_response
 
 logger = logging.getLogger(__name__)
 
@@ -46,14 +47,14 @@ class FastJsonPost:
         *,
         path: str,
         handler: JsonHandler,
-        max_body_bytes: int,
+        body: BodyReader,
         errors: Counter,
         retry_after_s: int,
     ) -> None:
         self.app = app
         self.path = path
         self.handler = handler
-        self.max_body_bytes = max_body_bytes
+        self.body = body
         self.errors = errors
         self.retry_after_s = retry_after_s
 
@@ -63,7 +64,7 @@ class FastJsonPost:
             return
         headers = dict(scope["headers"])  # ASGI lower-cases names; duplicates: the last wins
         try:
-            body = await read_asgi_json_body(headers, receive, max_bytes=self.max_body_bytes)
+            body = await self.body.read(headers, receive)
             answer = await self.handler(body, headers, scope["query_string"], receive)
         except ClientDisconnect:
             return  # nobody to answer

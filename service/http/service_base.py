@@ -15,6 +15,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from service.config import BaseSettings
+from service.http.body import BodyReader
 from service.http.fastpath import FastJsonPost, JsonHandler
 from service.http.handlers import Handler, guarded
 from service.http.middleware import RequestMetricsMiddleware
@@ -28,6 +29,7 @@ class ServiceBase:
     settings: BaseSettings
     metrics: HttpMetrics
     _middleware: RequestMetricsMiddleware  # set by _build_asgi
+    body: BodyReader  # set by _build_asgi: every handler reads its JSON body through it
 
     def __init__(self) -> None:
         self._tasks: set[asyncio.Task[Any]] = set()  # kept referenced; cancelled by the lifespan
@@ -60,11 +62,12 @@ class ServiceBase:
             exception_handlers={HTTPException: self._http_exception},  # type: ignore[dict-item]
             lifespan=lifespan,
         )
+        self.body = BodyReader(max_bytes=self.settings.max_body_bytes, timeout_s=self.settings.body_timeout_s)
         fast = FastJsonPost(
             app,
             path=fast_path,
             handler=fast_handler,
-            max_body_bytes=self.settings.max_body_bytes,
+            body=self.body,
             errors=self.metrics.errors,
             retry_after_s=self.settings.retry_after_s,
         )

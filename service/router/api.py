@@ -14,7 +14,7 @@ from starlette.types import Receive
 
 from service.errors import InvalidRequest, NotReady, ShuttingDown, Unauthorized
 from service.http.fastpath import ClientGone, Headers
-from service.http.responses import ORJSONResponse, parse_json_object, read_json_body
+from service.http.responses import ORJSONResponse, parse_json_object
 from service.metrics import PROMETHEUS_CONTENT_TYPE
 from service.router.schemas import RouteDecision, parse_route_request
 from service.router.weights import WeightsError
@@ -63,7 +63,7 @@ class RouterApi:
         _check_admin(request, service.settings.admin_token)
         if service.engine is None:
             raise NotReady(service.not_ready_reason())
-        body = await read_json_body(request, max_bytes=service.settings.max_body_bytes)
+        body = await service.body.read_request(request)
         path = _reload_path(body) or service.settings.resolved_weights()
         try:
             weights = await service.reload_weights(path)

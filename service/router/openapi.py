@@ -146,6 +146,7 @@ def router_openapi() -> dict[str, Any]:
                         "400": error("invalid_request: malformed body, wrong types, unknown models, bad embedding"),
                         "413": error("invalid_request: body or prompt over the configured limit"),
                         "415": error("invalid_request: content type is not application/json"),
+                        "408": error("request_timeout: the body did not arrive within the configured time"),
                         "429": error("overloaded: the admission queue is full", retry_after=True),
                         "503": error("router_not_ready (loading) or shutting_down (draining)", retry_after=True),
                     },

@@ -4,9 +4,11 @@ all as subprocesses talking HTTP; endpoints and keys made with the real CLI."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -499,3 +501,27 @@ def test_default_start_sighup_reload_and_drain(deployment: Deployment, tmp_path:
         assert time.monotonic() - started < 10
     finally:
         dispatcher.stop()
+
+
+def test_a_stalled_request_body_is_answered_408_and_its_connection_closed(tmp_path: Path) -> None:
+    """Headers, then nothing: the connection (and its file descriptor) was held for as long as the client liked,
+    so enough such clients took the server down without any key. Others are served meanwhile."""
+    server = start_server(tmp_path, "--body-timeout-s", "1", command="serve-dispatcher")
+    host, port = "127.0.0.1", int(server.url.rsplit(":", 1)[1])
+    try:
+        stalled = [socket.create_connection((host, port), timeout=30) for _ in range(20)]
+        for sock in stalled:
+            sock.sendall(b"POST /route/ HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 100\r\n\r\n{")  # fmt: skip
+        assert httpx.get(f"{server.url}/health").status_code == 200
+        for sock in stalled:
+            answer = b""
+            while chunk := sock.recv(65536):  # read until the server closes the connection
+                answer += chunk
+            head = answer.split(b"\r\n\r\n", 1)[0].lower()
+            assert head.startswith(b"http/1.1 408") and b"connection: close" in head, answer
+            assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "request_timeout"
+            sock.close()
+        assert "request_timeout" in httpx.get(f"{server.url}/metrics").text
+    finally:
+        assert server.stop() == 0, server.log()

@@ -1,0 +1,81 @@
+"""Reading a request body within limits: content type (415), size (413), time (408), and a departed client."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from starlette.requests import ClientDisconnect
+
+from service.errors import PayloadTooLarge, RequestTimeout, UnsupportedMediaType
+from service.http import body as body_module
+from service.http.body import BodyReader
+
+JSON = {b"content-type": b"application/json"}
+
+
+def chunks(*parts: bytes) -> Any:
+    messages = [{"type": "http.request", "body": p, "more_body": i < len(parts) - 1} for i, p in enumerate(parts)]
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0)
+
+    return receive
+
+
+async def never() -> dict[str, Any]:
+    await asyncio.Event().wait()
+    raise AssertionError("unreachable")
+
+
+async def test_a_body_in_one_or_several_messages() -> None:
+    reader = BodyReader(max_bytes=100, timeout_s=5)
+    assert await reader.read(JSON, chunks(b'{"a": 1}')) == b'{"a": 1}'
+    assert await reader.read(JSON, chunks(b'{"a"', b": ", b"1}")) == b'{"a": 1}'
+    assert await reader.read({b"content-type": b"application/problem+json"}, chunks(b"{}")) == b"{}"
+    assert await reader.read({}, chunks(b"{}")) == b"{}"  # no content type: taken as JSON
+    assert reader._deadlines == {}  # nothing left registered
+
+
+async def test_refusals_close_the_connection() -> None:
+    reader = BodyReader(max_bytes=10, timeout_s=5)
+    with pytest.raises(UnsupportedMediaType) as media:
+        await reader.read({b"content-type": b"text/plain"}, chunks(b"{}"))
+    with pytest.raises(PayloadTooLarge) as declared:
+        await reader.read({**JSON, b"content-length": b"11"}, chunks(b"{}"))
+    with pytest.raises(PayloadTooLarge) as streamed:
+        await reader.read(JSON, chunks(b"123456", b"78901"))
+    assert media.value.close_connection and declared.value.close_connection and streamed.value.close_connection
+    with pytest.raises(ClientDisconnect):
+        await reader.read(JSON, lambda: asyncio.sleep(0, {"type": "http.disconnect"}))
+
+
+async def test_a_stalled_body_is_a_408_once_its_time_is_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(body_module, "SWEEP_S", 0.02)
+    reader = BodyReader(max_bytes=100, timeout_s=0.1)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(RequestTimeout) as info:
+        await reader.read(JSON, never)
+    assert 0.1 <= loop.time() - started < 5.0  # a bound against hanging, not a speed claim
+    assert info.value.status == 408 and info.value.close_connection
+    assert reader._deadlines == {} and reader._expired == set()
+    # the task is usable afterwards: the timeout's cancellation was taken back
+    assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+    # a read that is in time is left alone while another one expires
+    slow = asyncio.ensure_future(reader.read(JSON, never))
+    quick = await reader.read(JSON, chunks(b"{}"))
+    assert quick == b"{}"
+    with pytest.raises(RequestTimeout):
+        await slow
+
+
+async def test_a_cancellation_that_is_not_the_timeout_goes_through() -> None:
+    reader = BodyReader(max_bytes=100, timeout_s=60)
+    task = asyncio.ensure_future(reader.read(JSON, never))
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert reader._deadlines == {}
