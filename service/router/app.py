@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import ipaddress
 import logging
 import os
 import signal
@@ -44,6 +45,10 @@ WARMUP_ROUNDS = 3
 # answered at once; this bounds a client that does not read).
 ABORT_ANSWER_GRACE_S = 2.0
 DRAIN_TIMEOUT_MESSAGE = "the router shut down before this request's turn came; retry on another replica"
+OPEN_ADMIN_WARNING = (
+    "NO ADMIN TOKEN on %s: anyone who reaches this port can POST /admin/reload, load any weights file on the host "
+    "and clear the cache. Set --admin-token (LLMROUTER_ADMIN_TOKEN), or bind to 127.0.0.1"
+)
 
 EmbedderFactory = Callable[[], "Embedder"]
 
@@ -124,6 +129,8 @@ class RouterService(ServiceBase):
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
         logger.info("router settings: %s", settings_summary(self.settings))
+        if self.settings.admin_token is None and not _is_loopback(self.settings.host):
+            logger.warning(OPEN_ADMIN_WARNING, self.settings.host)
         self._spawn(self._load())
         try:
             yield
@@ -262,3 +269,13 @@ def cuda_options(settings: RouterSettings) -> CudaOptions:
 def build_router_service(settings: RouterSettings, fleet: Fleet) -> RouterService:
     """Picklable factory for the server runner (worker processes call it)."""
     return RouterService(settings, fleet=fleet)
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether a bind address is reachable from this host only (``localhost`` or a loopback IP)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve anywhere
+        return False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import threading
@@ -228,3 +229,17 @@ def test_the_server_side_imports_no_torch_before_it_listens() -> None:
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == ""
+
+
+@pytest.mark.parametrize(
+    ("host", "token", "warned"),
+    [("0.0.0.0", None, True), ("10.1.2.3", None, True), ("router.internal", None, True),
+     ("0.0.0.0", "s3cret", False), ("127.0.0.1", None, False), ("::1", None, False), ("localhost", None, False)],
+)  # fmt: skip
+def test_open_admin_endpoints_on_a_reachable_address_are_warned_at_start(
+    weights_file: Path, caplog: pytest.LogCaptureFixture, host: str, token: str | None, warned: bool
+) -> None:
+    service = make_service(weights_file, host=host, admin_token=token)
+    with caplog.at_level(logging.WARNING, logger="service.router.app"), TestClient(service.asgi) as client:
+        wait_ready(client)
+    assert any("NO ADMIN TOKEN" in r.getMessage() for r in caplog.records) is warned
