@@ -168,6 +168,9 @@ class DispatcherSettings(BaseSettings):
     request_ttl_s: float = _opt(600.0, "a request never reported done gives its load back after this")
     max_cost: float = _opt(1e9, "largest accepted request cost (400 above)")
     max_report_value: float = _opt(1e12, "largest max_perf or cur_load a worker may report (400 above)")
+    max_workers_per_endpoint: int = _opt(
+        1024, "most worker records one endpoint may hold; a new worker id beyond is refused (409)"
+    )
     load_window_s: float = _opt(60.0, "window of the load rate that autoscaling reads")
     autoscale_interval_s: float = _opt(5.0, "how often the scaling decisions and worker gauges refresh")
     admin_token: str | None = _opt(None, "bearer token for GET /endpoints/ (unset: only each endpoint's api key)")
@@ -184,6 +187,8 @@ class DispatcherSettings(BaseSettings):
             )
         if not self.max_report_value > 0:
             problems.append(f"--max-report-value ({self.max_report_value:g}) must be > 0")
+        if self.max_workers_per_endpoint < 1:
+            problems.append("--max-workers-per-endpoint must be >= 1")
         if not (self.redis_timeout_s > 0 and math.isfinite(self.redis_timeout_s)):
             problems.append("--redis-timeout-s must be a positive number of seconds")
         if problems:

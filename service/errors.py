@@ -68,6 +68,13 @@ class Conflict(ServiceError):
     code = "conflict"
 
 
+class TooManyWorkers(Conflict):
+    """A new worker id on an endpoint that already has ``--max-workers-per-endpoint`` records: every route scans
+    them all, so a holder of the worker token could otherwise slow every endpoint with made-up ids."""
+
+    code = "too_many_workers"
+
+
 class Unauthorized(ServiceError):
     status = 401
     code = "unauthorized"

@@ -84,8 +84,9 @@ def open_store(settings: DispatcherSettings) -> DispatchStore:
             connect_timeout_s=settings.redis_timeout_s,
             socket_timeout_s=settings.redis_timeout_s,
             pool_timeout_s=settings.redis_timeout_s,
+            max_workers_per_endpoint=settings.max_workers_per_endpoint,
         )
-    return MemoryStore()
+    return MemoryStore(max_workers_per_endpoint=settings.max_workers_per_endpoint)
 
 
 def load_registry(settings: DispatcherSettings) -> EndpointRegistry:

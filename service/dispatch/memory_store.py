@@ -26,7 +26,13 @@ from service.dispatch.records import (
     request_idx_origin,
 )
 from service.dispatch.selection import pick_worker, status_breakdown
-from service.dispatch.store import LOAD_RATE_BUCKET_S, LoadStats, UnknownRequest
+from service.dispatch.store import (
+    DEFAULT_MAX_WORKERS_PER_ENDPOINT,
+    LOAD_RATE_BUCKET_S,
+    LoadStats,
+    UnknownRequest,
+    too_many_workers,
+)
 
 EXPIRY_SWEEP_LIMIT = 64  # expired requests released per route call: bounded work per request
 LOAD_HISTORY_S = 600  # how far back the load-rate buckets reach
@@ -63,8 +69,10 @@ class MemoryStore:
         *,
         reqnums_per_s: int = REQNUMS_PER_SECOND,
         request_idxs_per_s: int = REQUEST_IDXS_PER_SECOND,
+        max_workers_per_endpoint: int = DEFAULT_MAX_WORKERS_PER_ENDPOINT,
     ) -> None:
         self._clock = clock
+        self._max_workers = max_workers_per_endpoint
         self._reqnums_per_s = reqnums_per_s
         self._workers: dict[str, dict[str, WorkerRecord]] = defaultdict(dict)
         self._requests: dict[int, _Request] = {}
@@ -113,6 +121,8 @@ class MemoryStore:
     async def report(self, endpoint: str, report: WorkerReport) -> WorkerRecord:
         workers = self._workers[endpoint]
         old = workers.get(report.worker_id)
+        if old is None and len(workers) >= self._max_workers:
+            raise too_many_workers(endpoint, self._max_workers)
         now = self._clock()
         record = WorkerRecord.from_report(
             report,

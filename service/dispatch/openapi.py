@@ -135,7 +135,14 @@ _OBJECT = {"type": "object"}
 
 
 def _post(
-    summary: str, op: str, body: dict[str, Any], ok: dict[str, Any], *, auth: str, key_in_body: bool = False
+    summary: str,
+    op: str,
+    body: dict[str, Any],
+    ok: dict[str, Any],
+    *,
+    auth: str,
+    key_in_body: bool = False,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     # {} = no header needed: /route/ also takes its key in the body or the query string
     security: list[dict[str, list[str]]] = [{auth: []}, {}] if key_in_body else [{auth: []}]
@@ -155,6 +162,7 @@ def _post(
                 "415": error("invalid_request: content type is not application/json"),
                 "408": error("request_timeout: the body did not arrive within the configured time"),
                 "503": error("store_unavailable or shutting_down", retry_after=True),
+                **(extra or {}),
             },
         }
     }
@@ -182,6 +190,7 @@ def dispatcher_openapi(*, max_cost: float, max_report_value: float) -> dict[str,
                 _worker_report(max_report_value),
                 _OBJECT,
                 auth="workerToken",
+                extra={"409": error("too_many_workers: a new id on an endpoint at --max-workers-per-endpoint")},
             ),
             "/delete_requests/": _post(
                 "A worker reports requests done; their load is released",

@@ -54,7 +54,14 @@ from service.dispatch.records import (
     WorkerReport,
     WorkerState,
 )
-from service.dispatch.store import LOAD_RATE_BUCKET_S, LoadStats, StoreUnavailable, UnknownRequest
+from service.dispatch.store import (
+    DEFAULT_MAX_WORKERS_PER_ENDPOINT,
+    LOAD_RATE_BUCKET_S,
+    LoadStats,
+    StoreUnavailable,
+    UnknownRequest,
+    too_many_workers,
+)
 
 DEFAULT_PREFIX = "dispatch:"
 _LUA = resources.files("service.dispatch") / "lua"
@@ -112,8 +119,10 @@ class RedisStore:
         pool_timeout_s: float = 1.0,
         reqnums_per_s: int = REQNUMS_PER_SECOND,
         request_idxs_per_s: int = REQUEST_IDXS_PER_SECOND,
+        max_workers_per_endpoint: int = DEFAULT_MAX_WORKERS_PER_ENDPOINT,
     ) -> None:
         self._where = _redacted(url)
+        self._max_workers = max_workers_per_endpoint
         self._prefix = prefix
         self._reqnums_per_s = reqnums_per_s
         self._request_idxs_per_s = request_idxs_per_s
@@ -189,9 +198,13 @@ class RedisStore:
             _num(report.cur_load),
             str(int(report.in_flight)),
             str(self._reqnums_per_s),
+            str(self._max_workers),
         )
         with self._unavailable("report"):
-            last_seen, load, reqnum, open_requests = await self._report(args=args)
+            reply = await self._report(args=args)
+        if len(reply) == 1:  # the endpoint is full and this id is new
+            raise too_many_workers(endpoint, self._max_workers)
+        last_seen, load, reqnum, open_requests = reply
         return WorkerRecord.from_report(
             report, last_seen=float(last_seen), load=float(load), reqnum=int(reqnum), open_requests=int(open_requests)
         )

@@ -19,8 +19,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from service.config import DispatcherSettings
 from service.dispatch.records import PickPolicy, Released, RouteOutcome, WorkerRecord, WorkerReport
-from service.errors import StoreUnavailable
+from service.errors import StoreUnavailable, TooManyWorkers
+
+DEFAULT_MAX_WORKERS_PER_ENDPOINT: int = DispatcherSettings.max_workers_per_endpoint
+
+
+def too_many_workers(endpoint: str, limit: int) -> TooManyWorkers:
+    return TooManyWorkers(
+        f"endpoint {endpoint!r} already has {limit} workers registered (--max-workers-per-endpoint); a worker that "
+        "stops reporting is forgotten after --worker-forget-s"
+    )
+
 
 # A store that cannot be reached raises the service's own 503 error, which handlers pass through unchanged.
 __all__ = ["LOAD_RATE_BUCKET_S", "DispatchStore", "LoadStats", "StoreUnavailable", "UnknownRequest"]

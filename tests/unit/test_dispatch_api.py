@@ -329,6 +329,19 @@ async def test_worker_status_needs_the_worker_token(client: httpx.AsyncClient) -
     assert await workers(client) == []
 
 
+async def test_a_new_worker_beyond_the_endpoints_cap_is_refused() -> None:
+    settings = DispatcherSettings(autoscale_interval_s=3600.0, max_workers_per_endpoint=2)
+    service = DispatcherService(settings, registry=registry(), signer=Signer.generate())  # the store from settings
+    async with serving(service) as client:
+        report = {"endpoint": EP, "url": WORKER_URL, "state": "ready", "max_perf": 1}
+        for worker_id in ("w1", "w2", "w1"):
+            assert (await client.post("/worker_status/", json={**report, "id": worker_id}, headers=WORKER)).is_success
+        refused = await client.post("/worker_status/", json={**report, "id": "w3"}, headers=WORKER)
+        assert_error(refused, 409, "too_many_workers")
+        assert "--max-workers-per-endpoint" in refused.json()["error"]["message"]
+        assert [w["id"] for w in await workers(client)] == ["w1", "w2"]
+
+
 @pytest.mark.parametrize("path", ["/worker_status/", "/delete_requests/"])
 async def test_worker_paths_without_a_token_are_401_before_the_body_is_judged(
     client: httpx.AsyncClient, path: str
