@@ -4,9 +4,12 @@ else the test environment happens to hold (test extras, tools)."""
 
 from __future__ import annotations
 
+import http.client
 import importlib.metadata
 import re
+import subprocess
 import sys
+import time
 from collections.abc import Iterable
 
 from packaging.requirements import Requirement
@@ -61,3 +64,21 @@ class _OnlyThese(importlib.abc.MetaPathFinder):
             raise ModuleNotFoundError("not installed with the declared requirements: " + name, name=name)
 sys.meta_path.insert(0, _OnlyThese())
 """
+
+
+def status_once_ready(port: int, path: str, proc: subprocess.Popen[bytes], timeout_s: float) -> int | None:
+    """The first status other than 503 (loading) that ``GET path`` on ``port`` answers; None when ``proc`` exits or
+    the time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", path)
+            status = conn.getresponse().status
+            conn.close()
+            if status != 503:
+                return status
+        except OSError:
+            pass
+        time.sleep(0.2)
+    return None

@@ -50,7 +50,7 @@ from tests.deploy_helpers import (
     router_service,
     wait_until,
 )
-from tests.install_closure import allowed_modules, only_these_imports
+from tests.install_closure import allowed_modules, only_these_imports, status_once_ready
 from tests.redis_server import free_port
 
 K8S = DEPLOY / "k8s"
@@ -196,7 +196,7 @@ sys.exit(main(["serve-dispatcher", "--host", "127.0.0.1", "--port", "{port}"]))
     with log.open("w") as out:
         proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
     try:
-        health = _wait_for_status(port, "/health", proc)
+        health = status_once_ready(port, "/health", proc, timeout_s=60.0)
         assert health == 200, log.read_text()
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
         conn.request("POST", "/route/", body=b'{"endpoint": "x", "cost": 1}',
@@ -207,21 +207,6 @@ sys.exit(main(["serve-dispatcher", "--host", "127.0.0.1", "--port", "{port}"]))
         proc.terminate()
         assert proc.wait(timeout=30) == 0, log.read_text()
     assert "not installed with the declared requirements" not in log.read_text()
-
-
-def _wait_for_status(port: int, path: str, proc: subprocess.Popen[bytes], timeout_s: float = 60.0) -> int | None:
-    """The first HTTP status ``path`` answers, or None when the process exits or the time runs out."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            conn.request("GET", path)
-            status = conn.getresponse().status
-            conn.close()
-            return status
-        except OSError:
-            time.sleep(0.1)
-    return None
 
 
 # == Kubernetes ====================================================================================================

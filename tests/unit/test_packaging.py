@@ -10,12 +10,11 @@ import os
 import pkgutil
 import subprocess
 import sys
-import time
 import tomllib
 from pathlib import Path
 
 import service
-from tests.install_closure import allowed_modules, only_these_imports
+from tests.install_closure import allowed_modules, only_these_imports, status_once_ready
 from tests.redis_server import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -60,8 +59,8 @@ def test_serve_answers_on_both_ports_with_only_the_declared_requirements(tmp_pat
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
-        assert _status_once_ready(dispatcher_port, "/health", proc) == 200, log.read_text()[-3000:]
-        assert _status_once_ready(router_port, "/health", proc) == 200, log.read_text()[-3000:]
+        assert status_once_ready(dispatcher_port, "/health", proc, START_TIMEOUT_S) == 200, log.read_text()[-3000:]
+        assert status_once_ready(router_port, "/health", proc, START_TIMEOUT_S) == 200, log.read_text()[-3000:]
         conn = http.client.HTTPConnection("127.0.0.1", router_port, timeout=30)
         conn.request("POST", "/v1/route", body=b'{"prompt": "sort a list in python"}',
                      headers={"Content-Type": "application/json"})  # fmt: skip
@@ -71,21 +70,3 @@ def test_serve_answers_on_both_ports_with_only_the_declared_requirements(tmp_pat
         proc.terminate()
         proc.wait(timeout=60)
     assert "not installed with the declared requirements" not in log.read_text()
-
-
-def _status_once_ready(port: int, path: str, proc: subprocess.Popen[bytes]) -> int | None:
-    """The first status other than 503 (loading) that ``path`` answers; None when the process exits or the time
-    runs out."""
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-            conn.request("GET", path)
-            status = conn.getresponse().status
-            conn.close()
-            if status != 503:
-                return status
-        except OSError:
-            pass
-        time.sleep(0.2)
-    return None

@@ -300,15 +300,21 @@ def test_eval_main_cross_validates_and_writes_json_markdown_png(
     assert markdown in capsys.readouterr().out
 
 
-def test_eval_main_scores_a_weights_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
+def _data_and_weights(tmp_path: Path) -> tuple[Path, RouterWeights]:
+    """The toy labelled file (with its prices beside it) and weights fitted on it."""
     data = _write_data(tmp_path)
     labelled = load_labelled([data])
     x, _, _ = _fake_embed(labelled.texts)
     weights = fit.fit_weights(
         labelled, x, prices=PRICES, embedder_id="toy", embedder_sha256="0" * 64, k=4, n_restarts=1
     )
+    return data, weights
+
+
+def test_eval_main_scores_a_weights_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data, weights = _data_and_weights(tmp_path)
     path = tmp_path / "w.safetensors"
     save_weights(weights, path)
     monkeypatch.setattr(fit, "embed_prompts", _fake_embed)
@@ -347,12 +353,7 @@ def test_eval_main_scores_a_weights_file(
 def test_eval_main_reports_weights_whose_fit_metadata_is_malformed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    data = _write_data(tmp_path)
-    labelled = load_labelled([data])
-    x, _, _ = _fake_embed(labelled.texts)
-    weights = fit.fit_weights(
-        labelled, x, prices=PRICES, embedder_id="toy", embedder_sha256="0" * 64, k=4, n_restarts=1
-    )
+    data, weights = _data_and_weights(tmp_path)
     path = tmp_path / "w.safetensors"
     save_weights(replace(weights, metadata={"fit": "from another tool"}), path)  # valid weights, odd metadata
     monkeypatch.setattr(fit, "embed_prompts", _fake_embed)
