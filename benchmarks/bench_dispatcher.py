@@ -41,7 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -416,7 +416,10 @@ def route_outcomes(base_url: str, endpoint: str) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def cpu_sample(pids: Mapping[str, int]) -> tuple[CpuSnapshot | None, dict[str, float]]:
+CpuSample = tuple[CpuSnapshot | None, dict[str, float]]  # the system's snapshot, and each tracked tree's CPU seconds
+
+
+def cpu_sample(pids: Mapping[str, int]) -> CpuSample:
     """A system-wide snapshot whose ``tracked`` time covers this process, wrk and every process tree in ``pids``
     (all servers and redis-server: idle ones are ours too), plus each tree's own CPU seconds."""
     snap = cpu_snapshot()
@@ -429,11 +432,23 @@ def cpu_sample(pids: Mapping[str, int]) -> tuple[CpuSnapshot | None, dict[str, f
     return CpuSnapshot(snap.wall, snap.busy_s, snap.steal_s, snap.tracked_s + sum(per_pid.values())), per_pid
 
 
+def cpu_between(before: CpuSample, after: CpuSample, *, leave_out: Collection[str] = ()) -> dict[str, Any] | None:
+    """``foreign_cpu`` between two ``cpu_sample``s, plus ``process_cores``: each tracked process tree's cores (those
+    named in ``leave_out`` counted as ours but not listed)."""
+    (start, start_pids), (end, end_pids) = before, after
+    cpu: dict[str, Any] | None = foreign_cpu(start, end)
+    if cpu is not None and start is not None and end is not None:
+        wall = end.wall - start.wall
+        names = [n for n in start_pids if n in end_pids and n not in leave_out]
+        cpu["process_cores"] = {n: round((end_pids[n] - start_pids[n]) / wall, 3) for n in names}
+    return cpu
+
+
 def measure(
     system: System, args: argparse.Namespace, body_arg: str, duration_s: float, pids: Mapping[str, int]
 ) -> tuple[WrkResult, dict[str, Any] | None]:
     """One wrk run against ``system``, with the CPU used meanwhile (ours, each of our processes, everyone else's)."""
-    before, before_pids = cpu_sample(pids)
+    before = cpu_sample(pids)
     result = run_wrk(
         system.url,
         LUA_SCRIPT,
@@ -442,14 +457,7 @@ def measure(
         duration_s=duration_s,
         script_args=[body_arg],
     )
-    after, after_pids = cpu_sample(pids)
-    cpu: dict[str, Any] | None = foreign_cpu(before, after)
-    if cpu is not None and before is not None and after is not None:
-        wall = after.wall - before.wall
-        cpu["process_cores"] = {
-            name: round((after_pids[name] - before_pids[name]) / wall, 3) for name in before_pids if name in after_pids
-        }
-    return result, cpu
+    return result, cpu_between(before, cpu_sample(pids))
 
 
 def phase_summary(result: WrkResult, cpu: dict[str, Any] | None) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import bench_dispatcher as bd
-from benchmarks.common import REPO_ROOT, foreign_cpu
+from benchmarks.common import REPO_ROOT
 from benchmarks.harness import priming, prompts, scenarios
 from benchmarks.harness.scenarios import Workload
 from benchmarks.harness.systems import Running
@@ -96,16 +96,7 @@ def _window_cpu(
                 return None
             time.sleep(min(left, WINDOW_POLL_S))
         samples.append(bd.cpu_sample(pids))
-    (before, before_pids), (after, after_pids) = samples
-    cpu: dict[str, Any] | None = foreign_cpu(before, after)
-    if cpu is not None and before is not None and after is not None:
-        wall = after.wall - before.wall
-        cpu["process_cores"] = {
-            n: round((after_pids[n] - before_pids[n]) / wall, 3)
-            for n in before_pids
-            if n != LOADGEN and n in after_pids
-        }
-    return cpu
+    return bd.cpu_between(*samples, leave_out=(LOADGEN,))
 
 
 def measure_point(

@@ -23,20 +23,28 @@ from service.config import DispatcherSettings
 from service.dispatch.records import PickPolicy, Released, RouteOutcome, WorkerRecord, WorkerReport
 from service.errors import StoreUnavailable, TooManyWorkers
 
+# A store that cannot be reached raises the service's own 503 error, and one whose endpoint is full of workers the
+# 409, both passed through unchanged by the handlers.
+__all__ = [
+    "DEFAULT_MAX_WORKERS_PER_ENDPOINT",
+    "LOAD_RATE_BUCKET_S",
+    "DispatchStore",
+    "LoadStats",
+    "StoreUnavailable",
+    "UnknownRequest",
+    "too_many_workers",
+]
+
+LOAD_RATE_BUCKET_S = 1  # granularity of the recent-load counters autoscaling reads
 DEFAULT_MAX_WORKERS_PER_ENDPOINT: int = DispatcherSettings.max_workers_per_endpoint
 
 
 def too_many_workers(endpoint: str, limit: int) -> TooManyWorkers:
+    """What ``report`` raises for a new worker id on an endpoint that already holds ``limit`` records."""
     return TooManyWorkers(
         f"endpoint {endpoint!r} already has {limit} workers registered (--max-workers-per-endpoint); a worker that "
         "stops reporting is forgotten after --worker-forget-s"
     )
-
-
-# A store that cannot be reached raises the service's own 503 error, which handlers pass through unchanged.
-__all__ = ["LOAD_RATE_BUCKET_S", "DispatchStore", "LoadStats", "StoreUnavailable", "UnknownRequest"]
-
-LOAD_RATE_BUCKET_S = 1  # granularity of the recent-load counters autoscaling reads
 
 
 class UnknownRequest(LookupError):
@@ -54,7 +62,10 @@ class LoadStats:
 class DispatchStore(Protocol):
     async def route(self, endpoint: str, cost: float, request_idx: int | None, policy: PickPolicy) -> RouteOutcome: ...
 
-    async def report(self, endpoint: str, report: WorkerReport) -> WorkerRecord: ...
+    async def report(self, endpoint: str, report: WorkerReport) -> WorkerRecord:
+        """Record a worker's heartbeat (its load ledger and reqnum kept); ``TooManyWorkers`` for a new id on an
+        endpoint at the store's cap."""
+        ...
 
     async def release(self, endpoint: str, request_idxs: Sequence[int], worker_id: str | None = None) -> Released:
         """Give the requests' load back. With ``worker_id``, only requests that worker holds: a request a retry moved

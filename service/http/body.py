@@ -2,9 +2,10 @@
 
 Without a deadline a client that sends its headers and then stalls (or trickles) the body holds its connection,
 and a file descriptor, for ever: Hypercorn's keep-alive timer stops once the headers are in, and its read timeout
-would also cut requests that are merely slow to answer. A timer per request costs about 8 µs under uvloop, a few
-percent of a whole ``/route/``, so reads register their task in a table instead and one sweep a second cancels the
-reads that ran past their deadline (a deadline is thus kept to within ``SWEEP_S``).
+would also cut requests that are merely slow to answer. A timer per request costs 7-11 µs under uvloop
+(``benchmarks/diagnostics/body_read_cost.py``), a few percent of a whole ``/route/``, so reads register their task
+in a table instead and one sweep a second cancels the reads that ran past their deadline (a deadline is thus kept
+to within ``SWEEP_S``).
 """
 
 from __future__ import annotations

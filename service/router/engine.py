@@ -249,8 +249,7 @@ class RouterEngine:
         by_state: dict[int, tuple[RouterState, list[Waiter], list[int], list[float]]] = {}
         ids, sims = result.nearest.ids, result.nearest.similarity
         for row, job in enumerate(jobs):
-            if self._inflight.get(job.key) is job:
-                del self._inflight[job.key]
+            self._forget(job)
             self._cache.put((result.state.generation, job.key), CachedRoute(ids[row].copy(), sims[row].copy()))
             waited_s = result.started - job.enqueued_at
             for waiter in job.waiters:
@@ -294,15 +293,19 @@ class RouterEngine:
         self._inflight.clear()
         return failed
 
-    def _on_drop(self, job: PromptJob) -> None:
-        """Its clients all left before compute: forget it (a later identical prompt makes a new job)."""
+    def _forget(self, job: PromptJob) -> None:
+        """Out of the singleflight map, unless a newer job for the same prompt took its place (it had been
+        abandoned): batched, failed or dropped, a job must leave it, or it and its text stay for good."""
         if self._inflight.get(job.key) is job:
             del self._inflight[job.key]
 
+    def _on_drop(self, job: PromptJob) -> None:
+        """Its clients all left before compute (a later identical prompt makes a new job)."""
+        self._forget(job)
+
     def _on_error(self, jobs: list[PromptJob], error: BaseException) -> None:
         for job in jobs:
-            if self._inflight.get(job.key) is job:
-                del self._inflight[job.key]
+            self._forget(job)
             for waiter in job.waiters:
                 if not waiter.future.done():
                     waiter.future.set_exception(RuntimeError(f"embedding failed: {error}"))

@@ -42,6 +42,7 @@ from service.router.offline.estimate import (
 from service.router.offline.evaluation import Curve, CurveMetrics, curve_metrics
 from service.router.offline.fit import assign_clusters, fit_error_table, kmeans_centroids, task_index
 from service.router.offline.options import DEFAULT_CLUSTERS, DEFAULT_RESTARTS, DEFAULT_SEED, Criterion, Prior
+from service.router.scoring import ScoreTable
 from service.router.weights import RouterWeights
 
 ROUTER = "router"
@@ -222,18 +223,17 @@ def evaluate_weights(
     missing = [m for m in weights.models if m not in labelled.models]
     if missing:
         raise ValueError(f"the labelled data has no outcomes for the weights' model(s): {', '.join(missing)}")
-    # Columns in name order, so that exact ties break as the service breaks them (cost, then model id): fit writes
-    # models sorted by name, but add-model appends.
-    order = sorted(range(len(weights.models)), key=lambda m: weights.models[m])
-    models = tuple(weights.models[m] for m in order)
+    # The service's own table: its columns in (cost, model id) order, so that exact ties (the cheaper, then the
+    # lower column) break as the service breaks them, also for weights whose models add-model appended.
+    table = ScoreTable.build(weights.models, weights.expected_error, weights.cost_per_1k)
+    models = table.models
     columns = [labelled.models.index(m) for m in models]
     correct = np.asarray(labelled.correct, dtype=np.float64)[:, columns]
     cost = realised_cost[:, columns]
     usable = observed_rows(correct, cost)
     outcomes = Outcomes(models, correct[usable], cost[usable])
     assign = assign_clusters(embeddings[usable], weights.centroids)
-    error = weights.expected_error[order].T.astype(np.float64)[assign]
-    curves = {ROUTER: system_curve(outcomes, error, weights.cost_per_1k[order])} | baseline_curves(outcomes)
+    curves = {ROUTER: system_curve(outcomes, table.error_by_cluster[assign], table.cost)} | baseline_curves(outcomes)
     metrics = {name: curve_metrics(c, outcomes.target_accuracy) for name, c in curves.items()}
     return QualityReport(
         folds=0,
