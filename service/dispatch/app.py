@@ -119,7 +119,6 @@ class DispatcherService(ServiceBase):
         self.published_keys: list[PublishedKey] = []
         self._publish_keys()
         self.draining = False
-        self._stopping = False  # set at shutdown: background loops end on it even if their cancellation is lost
         self._drain_requested = asyncio.Event()
         api = DispatcherApi(self)
         routes = [
@@ -176,9 +175,6 @@ class DispatcherService(ServiceBase):
         try:
             yield
         finally:
-            # The flag as well as the cancel: on Python 3.11 a cancel that lands while redis-py's send
-            # (an asyncio.wait_for) is finishing is swallowed (CPython gh-86296), and the loop would run on.
-            self._stopping = True
             for task in list(self._tasks):
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -312,8 +308,6 @@ class DispatcherService(ServiceBase):
                     logger.info("state store reachable again")
                 up = True
                 self.metrics.store_up.set(1)
-            if self._stopping:
-                return
             await asyncio.sleep(self.settings.autoscale_interval_s)
 
 

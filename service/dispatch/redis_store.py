@@ -28,6 +28,7 @@ does. (``HINCRBYFLOAT`` is not used for that reason: it sums in long double and 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Iterator, Sequence
 from importlib import resources
@@ -271,7 +272,13 @@ class RedisStore:
     @contextlib.contextmanager
     def _unavailable(self, what: str) -> Iterator[None]:
         """Any Redis failure (unreachable, timed out, loading, read-only, OOM, script error) as ``StoreUnavailable``.
-        NOSCRIPT never gets here: the registered scripts load themselves again."""
+        NOSCRIPT never gets here: the registered scripts load themselves again.
+
+        Also a cancellation that redis-py lost is raised again: on Python 3.11 its send (an ``asyncio.wait_for``)
+        returns instead of raising when the cancel lands as the send finishes (CPython gh-86296), and the cancelled
+        task ran on (the refresh loop did, and the dispatcher's shutdown waited for it)."""
+        task = asyncio.current_task()
+        cancels = task.cancelling() if task is not None else 0
         try:
             yield
         except (RedisError, OSError) as exc:
@@ -279,3 +286,5 @@ class RedisStore:
             raise StoreUnavailable(
                 f"dispatcher state is unavailable: redis at {self._where}: {what} failed: {detail}"
             ) from exc
+        if task is not None and task.cancelling() > cancels:
+            raise asyncio.CancelledError

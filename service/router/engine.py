@@ -134,7 +134,7 @@ class RouterEngine:
             compute=self._compute,
             on_batch=self._on_batch,
             on_error=self._on_error,
-            on_drop=self._on_drop,
+            on_drop=self._forget,  # its clients all left: a later identical prompt makes a new job
             metrics=metrics,
         )
         # prometheus label lookups cost microseconds; keep the children
@@ -298,10 +298,6 @@ class RouterEngine:
         abandoned): batched, failed or dropped, a job must leave it, or it and its text stay for good."""
         if self._inflight.get(job.key) is job:
             del self._inflight[job.key]
-
-    def _on_drop(self, job: PromptJob) -> None:
-        """Its clients all left before compute (a later identical prompt makes a new job)."""
-        self._forget(job)
 
     def _on_error(self, jobs: list[PromptJob], error: BaseException) -> None:
         for job in jobs:

@@ -22,7 +22,7 @@ from service.dispatch.endpoints import EndpointRegistry, EndpointSpec, hash_key
 from service.dispatch.memory_store import MemoryStore
 from service.dispatch.records import STATUS_KEYS, PickPolicy, RouteOutcome
 from service.dispatch.signing import Assignment, KeyRing, Signer, write_key_file
-from service.dispatch.store import LoadStats, StoreUnavailable
+from service.dispatch.store import StoreUnavailable
 
 EP, API_KEY, WORKER_TOKEN = "ep", "dk_test-client-key", "wt_test-worker-token"
 OTHER, OTHER_API_KEY, OTHER_WORKER_TOKEN = "other", "dk_other-client-key", "wt_other-worker-token"
@@ -693,31 +693,3 @@ async def test_sighup_key_rotation_publishes_the_old_key_until_its_assignments_e
         await asyncio.sleep(0.5)  # past the old key's last assignment's expiry
         published = (await client.get("/pubkey/")).json()["keys"]
         assert [k["key_id"] for k in published] == [second.key_id]
-
-
-class CancelSwallowingStore(MemoryStore):
-    """Loses the first cancellation that reaches it, as redis-py's send does on Python 3.11 when the cancel lands
-    while its ``asyncio.wait_for`` is finishing (CPython gh-86296)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.entered = asyncio.Event()
-        self.swallowed = False
-
-    async def load_stats(self, endpoint: str, window_s: float) -> LoadStats:
-        if not self.entered.is_set():
-            self.entered.set()
-            try:
-                await asyncio.Event().wait()  # until cancelled
-            except asyncio.CancelledError:
-                self.swallowed = True
-        return await super().load_stats(endpoint, window_s)
-
-
-async def test_shutdown_ends_the_refresh_loop_even_when_its_cancellation_is_lost() -> None:
-    store = CancelSwallowingStore()
-    service = make_service(store)
-    async with lifespan(service):  # its shutdown fails on a timeout if the loop runs on
-        await asyncio.wait_for(store.entered.wait(), LIFESPAN_TIMEOUT_S)
-    assert store.swallowed
-    assert not service._tasks

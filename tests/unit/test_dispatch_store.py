@@ -6,6 +6,7 @@ Redis takes ``now`` from its own clock, so time-dependent tests use tiny timeout
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import random
 import time
@@ -515,6 +516,35 @@ async def test_redis_error_message_hides_the_password() -> None:
         with pytest.raises(StoreUnavailable) as caught:
             await store.ping()
         assert "hunter2" not in str(caught.value) and "user:***@127.0.0.1" in str(caught.value)
+    finally:
+        await store.close()
+
+
+async def test_a_cancellation_that_redis_py_loses_still_cancels_the_caller(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On Python 3.11 redis-py's send (an ``asyncio.wait_for``) returns instead of raising when a cancel lands as the
+    send finishes (CPython gh-86296): the dispatcher's refresh loop then ran on after its cancel, and the shutdown
+    waited for it until Hypercorn's 60 s limit. The client here loses the cancel that way every time."""
+    store = RedisStore(f"redis://127.0.0.1:{free_port()}/0")  # never connects: the command is replaced
+    entered = asyncio.Event()
+
+    async def time_losing_the_cancel() -> tuple[int, int]:
+        entered.set()
+        # until cancelled; then as wait_for when its inner task had finished in the same tick: a result, no exception
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.Event().wait()
+        return 1, 0
+
+    monkeypatch.setattr(store._redis, "time", time_losing_the_cancel)
+    try:
+        call = asyncio.ensure_future(store.now())
+        await entered.wait()
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        assert call.cancelled()
+        # a call not cancelled is not touched by the check
+        monkeypatch.setattr(store._redis, "time", lambda: asyncio.sleep(0, (2, 500_000)))
+        assert await store.now() == 2.5
     finally:
         await store.close()
 
