@@ -155,6 +155,10 @@ def _serve_dispatcher(args: argparse.Namespace) -> int:
         settings = DispatcherSettings.from_args(args)
         if settings.config is not None:
             load_config(settings.config)  # fail before binding, with the file's own error
+        if settings.redis_url:
+            from service.dispatch.redis_store import check_url
+
+            check_url(settings.redis_url)
         from service.dispatch.app import load_signer
         from service.dispatch.signing import read_public_keys
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import math
 import os
 import re
@@ -179,18 +180,20 @@ class DispatcherSettings(BaseSettings):
         problems = _base_problems(self)
         if self.workers > 1 and not self.redis_url:
             problems.append("several workers need shared state: pass --redis-url (in-memory state is per process)")
+        # each of these, zero, negative, NaN or inf, broke the running service rather than its start: every route a
+        # 500 (ttl inf), assignments expired on issue, a refresh loop spinning (interval 0) or dead (window 0)
+        for name in ("redis_timeout_s", "assignment_ttl_s", "request_ttl_s", "load_window_s", "autoscale_interval_s",
+                     "heartbeat_timeout_s", "worker_forget_s", "max_cost", "max_report_value"):  # fmt: skip
+            if not _positive_finite(getattr(self, name)):
+                problems.append(f"{_flag(name)} must be a finite number > 0; got {getattr(self, name)!r}")
         # forgetting a worker the pick still counts as live would drop a record routes rely on
         if not self.worker_forget_s >= self.heartbeat_timeout_s:
             problems.append(
                 f"--worker-forget-s ({self.worker_forget_s:g}) must be >= --heartbeat-timeout-s "
                 f"({self.heartbeat_timeout_s:g})"
             )
-        if not self.max_report_value > 0:
-            problems.append(f"--max-report-value ({self.max_report_value:g}) must be > 0")
         if self.max_workers_per_endpoint < 1:
             problems.append("--max-workers-per-endpoint must be >= 1")
-        if not (self.redis_timeout_s > 0 and math.isfinite(self.redis_timeout_s)):
-            problems.append("--redis-timeout-s must be a positive number of seconds")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -206,8 +209,14 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _positive_finite(value: float) -> bool:
+    return 0 < value < math.inf  # NaN fails both
+
+
 def _base_problems(settings: BaseSettings) -> list[str]:
     problems = []
+    if settings.log_level.upper() not in logging.getLevelNamesMapping():
+        problems.append(f"--log-level must be debug, info, warning, error or critical; got {settings.log_level!r}")
     if not 0 <= settings.port <= MAX_PORT:
         problems.append(f"--port must be 0-{MAX_PORT}")
     if settings.workers < 1:

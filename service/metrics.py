@@ -18,6 +18,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from service.errors import ServiceError
+
 MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # gauge aggregation across worker processes (ignored with one process)
 PER_PROCESS_SUM: Final = "livesum"  # each process holds its own share (queue, in flight): the server's is the sum
@@ -50,6 +52,9 @@ BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 256, 512)
 BATCH_TOKEN_BUCKETS = (16, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 
 PROMETHEUS_CONTENT_TYPE = CONTENT_TYPE_LATEST
+RELOAD_OK: Final = "ok"
+RELOAD_REJECTED: Final = "rejected"
+RELOAD_RESULTS = (RELOAD_OK, RELOAD_REJECTED)
 
 
 class HttpMetrics:
@@ -77,6 +82,10 @@ class HttpMetrics:
             registry=registry,
         )
         self.errors = Counter(f"{prefix}_errors", "Error answers by error code", ["code"], registry=registry)
+        # Every code exported from the start at 0: increase() over a series that first appears at 1 reads 0, so an
+        # alert on the first internal error would never fire.
+        for code in error_codes():
+            self.errors.labels(code=code)
 
     def render(self) -> bytes:
         if multiprocess():
@@ -84,6 +93,16 @@ class HttpMetrics:
             MultiProcessCollector(merged)
             return generate_latest(merged)
         return generate_latest(self.registry)
+
+
+def error_codes() -> list[str]:
+    """The ``code`` of every error in the service's error tree."""
+    codes, pending = {ServiceError.code}, [ServiceError]
+    while pending:
+        for sub in pending.pop().__subclasses__():
+            codes.add(sub.code)
+            pending.append(sub)
+    return sorted(codes)
 
 
 def multiprocess() -> bool:
@@ -104,7 +123,7 @@ class RouterMetrics(HttpMetrics):
         )
         self.embedding_duration = Histogram(
             "router_embedding_duration_seconds",
-            "Forward pass time per batch (model + centroid search)",
+            "Forward pass time per batch (the encoder alone)",
             buckets=DURATION_BUCKETS_S,
             registry=registry,
         )
@@ -175,6 +194,8 @@ class RouterMetrics(HttpMetrics):
         self.reloads = Counter(
             "router_weights_reloads", "Weights reload attempts by result", ["result"], registry=registry
         )
+        for result in RELOAD_RESULTS:  # at 0 from the start, for the first rejected reload's alert (see errors)
+            self.reloads.labels(result=result)
 
 
 class DispatcherMetrics(HttpMetrics):

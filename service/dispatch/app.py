@@ -303,6 +303,8 @@ class DispatcherService(ServiceBase):
                     logger.warning("state store unavailable: %s", exc)
                 up = False
                 self.metrics.store_up.set(0)
+            except Exception:  # a bug in one tick must not end the gauges and the forget sweep for good
+                logger.exception("refreshing the dispatcher's gauges failed; trying again next tick")
             else:
                 if not up:
                     logger.info("state store reachable again")

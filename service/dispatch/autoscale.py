@@ -1,11 +1,15 @@
 """How many workers an endpoint wants: a pure function of its recent load, its workers and its settings.
 
-    demand  = max(recent load rate, outstanding load / max_queue_time_s)     (workload units per second)
+    demand  = max(recent load rate, (outstanding + waiting load) / max_queue_time_s)   (workload units per second)
     perf    = mean max_perf of the endpoint's live workers that measured one
-    wanted  = clamp(max(1, ceil(demand / (perf * target_util))) if demand > 0 else 0, min_workers, max_workers)
+    needed  = max(1, ceil(demand / (perf * target_util))) if demand > 0 or a request waits, else 0
+    wanted  = clamp(needed, min_workers, max_workers)
     cold    = min(cold_workers, max_workers - wanted)      (stopped workers kept loaded, for quick start)
 
-The outstanding term makes a backlog count: work already queued must drain within the queue-time budget.
+The outstanding term makes a backlog count: work already queued must drain within the queue-time budget. So does
+work waiting for a worker (requests answered "no ready worker", whose clients poll): once the load window has
+passed, a client waiting on a cold start is the only sign of demand, and without it the decision scaled the loading
+worker away. A waiting request of cost 0 still wants a worker.
 With no measured perf yet, any demand asks for one worker (it will measure itself when it starts); any demand at
 all asks for at least one, however fast the workers (within max_workers). A ready worker without a positive
 max_perf gets no requests (picking divides by it), so it is no serving capacity: not counted as ready.
@@ -35,6 +39,8 @@ class ScaleDecision:
     endpoint: str
     load_rate: float
     outstanding_load: float
+    waiting_requests: int
+    waiting_load: float
     demand: float
     perf_per_worker: float | None
     ready_workers: int
@@ -86,8 +92,10 @@ def decide(
     perf = mean_perf(
         [w.max_perf for w in live if measured(w.max_perf) and w.state in (WorkerState.READY, WorkerState.LOADING)]
     )
-    demand = max(stats.load_rate, stats.outstanding / spec.max_queue_time_s)
+    demand = max(stats.load_rate, (stats.outstanding + stats.waiting) / spec.max_queue_time_s)
     needed = workers_needed(demand, perf, spec.target_util, spec.max_workers)
+    if stats.waiting_requests:
+        needed = max(needed, 1)
     wanted = min(max(needed, spec.min_workers), spec.max_workers)
     cold = min(spec.cold_workers, spec.max_workers - wanted)
     have = ready + starting
@@ -96,6 +104,8 @@ def decide(
         endpoint=spec.name,
         load_rate=stats.load_rate,
         outstanding_load=stats.outstanding,
+        waiting_requests=stats.waiting_requests,
+        waiting_load=stats.waiting,
         demand=demand,
         perf_per_worker=perf,
         ready_workers=ready,

@@ -21,8 +21,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
+import os
 import re
 import secrets
+import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
@@ -75,8 +77,8 @@ class EndpointSpec:
         for digest in (*self.api_key_sha256, *self.worker_token_sha256):
             if not re.fullmatch(r"[0-9a-f]{64}", digest):
                 raise ConfigError(f"endpoint {self.name}: key digests must be 64 lowercase hex digits")
-        if not self.max_queue_time_s > 0:
-            raise ConfigError(f"endpoint {self.name}: max_queue_time_s must be > 0")
+        if not 0 < self.max_queue_time_s < math.inf:  # the loader refuses inf: a file written with it would not load
+            raise ConfigError(f"endpoint {self.name}: max_queue_time_s must be a finite number > 0")
         if not 0 < self.target_util <= 1:
             raise ConfigError(f"endpoint {self.name}: target_util must be in (0, 1]")
         if not 0 <= self.min_workers <= self.max_workers:
@@ -165,6 +167,8 @@ def load_config(path: Path) -> EndpointRegistry:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file (TOML is UTF-8)") from None
     return parse_config(data)
 
 
@@ -191,9 +195,14 @@ def save_config(path: Path, registry: EndpointRegistry) -> None:
         for key, value in values.items():
             if key not in table or table[key] != value:  # unchanged values keep their comments
                 table[key] = value
-    tmp = path.with_name(path.name + ".tmp")
+    # A symlinked file is edited where it lives (replacing the link would leave its target without the new key), and
+    # keeps its permissions (a 0600 file must not come back 0644).
+    target = path.resolve()
+    tmp = target.with_name(target.name + ".tmp")
     tmp.write_text(tomlkit.dumps(document), encoding="utf-8")
-    tmp.replace(path)
+    if target.exists():
+        os.chmod(tmp, stat.S_IMODE(target.stat().st_mode))
+    tmp.replace(target)
 
 
 def with_endpoint(registry: EndpointRegistry, spec: EndpointSpec) -> EndpointRegistry:

@@ -42,7 +42,7 @@ from starlette.routing import Route
 from service.dispatch.client import join_url
 from service.dispatch.records import WorkerState
 from service.dispatch.signing import Assignment, KeyRing
-from service.dispatch.verifier import AssignmentRejected, AssignmentVerifier, RejectReason, fetch_keyring
+from service.dispatch.verifier import AssignmentVerifier, fetch_keyring
 from service.dispatch.worker_auth import STATE_ASSIGNMENT, STATE_PAYLOAD, AssignmentAuthMiddleware
 from service.http.server import configure_logging
 
@@ -56,7 +56,7 @@ DEFAULT_REPORT_INTERVAL_S = 5.0
 DEFAULT_MAX_PERF = 100.0  # workload units per second this worker claims
 HEARTBEAT_REPORT_FRACTION = 1 / 3  # report at least three times per heartbeat timeout: one lost report is fine
 KEY_REFRESH_INTERVAL_S = 60.0  # how soon a key rotation at the dispatcher is picked up
-KEY_REFRESH_MIN_GAP_S = 5.0  # an unknown key id triggers a refresh, at most this often (forgeries are cheap)
+KEY_REFRESH_MIN_GAP_S = 5.0  # an unknown key id triggers a fetch at most this often (forgeries are cheap)
 KEY_RETRY_FIRST_S = 0.2
 KEY_RETRY_MAX_S = 5.0
 HTTP_TIMEOUT_S = 10.0
@@ -95,8 +95,9 @@ class ExampleWorker:
         self._headers = {"Authorization": f"Bearer {worker_token}"}
         self._given_http = http
         self._http: httpx.AsyncClient | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._last_key_refresh = -KEY_REFRESH_MIN_GAP_S
+        self._key_refresh: asyncio.Task[bool] | None = None  # the fetch requests with an unknown key id wait on
 
     # -- lifecycle --------------------------------------------------------------------------------------------
     @asynccontextmanager
@@ -112,13 +113,15 @@ class ExampleWorker:
                 await self._http.aclose()
             self._http = None
 
-    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        """Run ``coro`` in the background, referenced until done; its failure is logged, not lost."""
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """Run ``coro`` in the background, referenced until done (cancelled at shutdown); its failure is logged,
+        not lost."""
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
+        return task
 
-    def _task_done(self, task: asyncio.Task[None]) -> None:
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             logger.error("background task failed", exc_info=task.exception())
@@ -168,17 +171,20 @@ class ExampleWorker:
             self._install_keys(keyring)
         return keyring is not None
 
-    def on_reject(self, rejection: AssignmentRejected) -> None:
-        """The middleware's hook: an unknown key id may mean the dispatcher rotated its key."""
-        if rejection.reason is not RejectReason.UNKNOWN_KEY or not self.keys_loaded or self._http is None:
-            return
-        now = asyncio.get_running_loop().time()
-        if now - self._last_key_refresh >= KEY_REFRESH_MIN_GAP_S:
+    async def refresh_for_unknown_key(self) -> bool:
+        """The middleware's hook for an assignment under a key id it does not know: the dispatcher may just have
+        rotated its key. Fetches ``/pubkey/`` at most every ``KEY_REFRESH_MIN_GAP_S``; requests arriving during a
+        fetch wait on that one. True when the keys were fetched (then the assignment is verified again)."""
+        if not self.keys_loaded or self._http is None:
+            return False
+        refresh = self._key_refresh
+        if refresh is None or refresh.done():
+            now = asyncio.get_running_loop().time()
+            if now - self._last_key_refresh < KEY_REFRESH_MIN_GAP_S:
+                return False
             self._last_key_refresh = now
-            self.spawn(self._refresh_keys_task())
-
-    async def _refresh_keys_task(self) -> None:
-        await self.refresh_keys()
+            refresh = self._key_refresh = self.spawn(self.refresh_keys())
+        return await asyncio.shield(refresh)  # a waiter that leaves does not cancel the others' fetch
 
     async def _first_report(self) -> float:
         """Report ready until the dispatcher answers; every reqnum it issued before then is refused from now on.
@@ -297,7 +303,7 @@ def build_example_worker(
                 AssignmentAuthMiddleware,
                 verifier=worker.verifier,
                 protected_paths=[ECHO_PATH],
-                on_reject=worker.on_reject,
+                refresh_keys=worker.refresh_for_unknown_key,
             )
         ],
         lifespan=worker.lifespan,

@@ -79,6 +79,7 @@ class MemoryStore:
         self._expiries: list[tuple[float, int]] = []  # heap; an entry is stale once its request moved on
         self._next_idx = itertools.count(request_idx_origin(self._clock(), request_idxs_per_s))
         self._load_buckets: dict[str, deque[list[float]]] = defaultdict(deque)
+        self._waiting: dict[str, dict[int, float]] = defaultdict(dict)  # endpoint -> {request_idx: cost}, no worker
 
     async def route(self, endpoint: str, cost: float, request_idx: int | None, policy: PickPolicy) -> RouteOutcome:
         now = self._clock()
@@ -92,6 +93,8 @@ class MemoryStore:
         if previous is not None and previous[_WORKER] is not None:
             # a retry's load leaves its old worker before picking, wherever it goes next
             self._unassign(endpoint, previous[_WORKER], previous[_COST])
+        if previous is not None and previous[_WORKER] is None:
+            self._waiting[endpoint].pop(request_idx, None)  # tracked again below, waiting or assigned
         picked = pick_worker(
             workers.values(),
             now=now,
@@ -105,6 +108,7 @@ class MemoryStore:
         assert request_idx is not None
         if picked is None:
             self._track(request_idx, (endpoint, cost, None, now + policy.request_ttl_s))
+            self._waiting[endpoint][request_idx] = cost
             status = status_breakdown(
                 workers.values(),
                 now=now,
@@ -145,8 +149,7 @@ class MemoryStore:
                 not_held += 1
                 continue
             del self._requests[idx]
-            if request[_WORKER] is not None:
-                self._unassign(endpoint, request[_WORKER], request[_COST])
+            self._forget_request(idx, request)
             released += 1
         return Released(released=released, unknown=unknown, not_held=not_held)
 
@@ -172,7 +175,13 @@ class MemoryStore:
         since = current - window_s + LOAD_RATE_BUCKET_S
         recent = sum(total for start, total in self._load_buckets.get(endpoint, ()) if start >= since)
         outstanding = sum(w.load for w in self._workers.get(endpoint, {}).values())
-        return LoadStats(load_rate=recent / window_s, outstanding=outstanding)
+        waiting = self._waiting.get(endpoint, {})
+        return LoadStats(
+            load_rate=recent / window_s,
+            outstanding=outstanding,
+            waiting_requests=len(waiting),
+            waiting=sum(waiting.values()),
+        )
 
     async def now(self) -> float:
         return self._clock()
@@ -190,6 +199,13 @@ class MemoryStore:
         if worker is not None:
             worker.open_requests = max(0, worker.open_requests - 1)
             worker.load = load_after_release(worker.load, cost, worker.open_requests)
+
+    def _forget_request(self, request_idx: int, request: _Request) -> None:
+        """A request that leaves for good gives its load back, or stops waiting."""
+        if request[_WORKER] is not None:
+            self._unassign(request[_ENDPOINT], request[_WORKER], request[_COST])
+        else:
+            self._waiting[request[_ENDPOINT]].pop(request_idx, None)
 
     def _add_load_rate(self, endpoint: str, now: float, cost: float) -> None:
         buckets = self._load_buckets[endpoint]
@@ -218,5 +234,4 @@ class MemoryStore:
                 continue  # released, or re-routed with a later expiry
             del self._requests[idx]
             swept += 1
-            if request[_WORKER] is not None:
-                self._unassign(request[_ENDPOINT], request[_WORKER], request[_COST])
+            self._forget_request(idx, request)

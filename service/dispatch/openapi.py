@@ -7,7 +7,7 @@ from typing import Any
 
 from service import __version__
 from service.dispatch.records import STATUS_KEYS, WorkerState
-from service.dispatch.schemas import MAX_REQUEST_IDX
+from service.dispatch.schemas import MAX_ID_CHARS, MAX_RELEASE_BATCH, MAX_REQUEST_IDX, MAX_URL_CHARS
 from service.http.openapi import ERROR_SCHEMA, common_paths, error, json_content
 
 
@@ -89,14 +89,21 @@ _NO_READY = {
 }
 
 
+# What schemas accepts, as ECMA-262 patterns: printable ASCII without '"' or '\\' for ids; for worker URLs also
+# without spaces, and without '?', '#' or '@' (a base URL: no query, fragment or credentials) and a non-empty host.
+SAFE_ID_PATTERN = r"^[ !#-\[\]-~]+$"
+WORKER_URL_PATTERN = r"^https?://[!$-.0->A-\[\]-~]+(/[!$-/0->A-\[\]-~]*)?$"
+_ID = {"type": "string", "minLength": 1, "maxLength": MAX_ID_CHARS, "pattern": SAFE_ID_PATTERN}
+
+
 def _worker_report(max_value: float) -> dict[str, Any]:
     return {
         "type": "object",
         "required": ["endpoint", "id", "url", "state", "max_perf"],
         "properties": {
-            "endpoint": {"type": "string", "minLength": 1},
-            "id": {"type": "string", "minLength": 1},
-            "url": {"type": "string", "pattern": "^https?://"},
+            "endpoint": {"type": "string", "minLength": 1, "maxLength": MAX_ID_CHARS},
+            "id": _ID,
+            "url": {"type": "string", "maxLength": MAX_URL_CHARS, "pattern": WORKER_URL_PATTERN},
             "state": {"type": "string", "enum": [s.value for s in WorkerState]},
             "max_perf": {
                 "type": "number",
@@ -120,13 +127,16 @@ _RELEASE = {
     "type": "object",
     "required": ["endpoint", "request_idxs"],
     "properties": {
-        "endpoint": {"type": "string", "minLength": 1},
+        "endpoint": {"type": "string", "minLength": 1, "maxLength": MAX_ID_CHARS},
         "id": {
-            "type": "string",
-            "minLength": 1,
+            **_ID,
             "description": "the releasing worker: requests a retry moved to another worker are left with it (not_held)",
         },
-        "request_idxs": {"type": "array", "items": {"type": "integer", "minimum": 1}},
+        "request_idxs": {
+            "type": "array",
+            "maxItems": MAX_RELEASE_BATCH,
+            "items": {"type": "integer", "minimum": 1, "maximum": MAX_REQUEST_IDX},
+        },
         "success": {"type": "boolean"},
     },
 }

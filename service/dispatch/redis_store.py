@@ -33,9 +33,10 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from importlib import resources
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
@@ -97,13 +98,25 @@ def _check_endpoint(endpoint: str) -> str:
 
 
 def _redacted(url: str) -> str:
-    """The URL without its password, for error messages."""
+    """The URL without its password (``user:password@`` or redis-py's ``?password=``), for messages that
+    unauthenticated callers can read (``/health``)."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = f"{parts.username}:" if parts.username else ":"
-    return parts._replace(netloc=f"{user}***@{netloc}").geturl()
+    if parts.password is not None:
+        user = f"{parts.username}:" if parts.username else ":"
+        parts = parts._replace(netloc=f"{user}***@{parts.netloc.rsplit('@', 1)[1]}")
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    if any(name == "password" for name, _ in query):
+        masked = [(name, "***" if name == "password" else value) for name, value in query]
+        parts = parts._replace(query=urlencode(masked, safe="*"))
+    return parts.geturl()
+
+
+def check_url(url: str) -> None:
+    """``ValueError`` (without the password) for a URL redis-py cannot use: for start-up checks."""
+    try:
+        parse_url(url)
+    except ValueError as exc:
+        raise ValueError(f"--redis-url {_redacted(url)}: {exc}") from None
 
 
 class RedisStore:
@@ -254,8 +267,13 @@ class RedisStore:
         args = (*self._common, _check_endpoint(endpoint), _num(window_s), str(LOAD_RATE_BUCKET_S), str(LOAD_HISTORY_S))
         with self._unavailable("load_stats"):
             reply = await self._load_stats(args=args)
-        outstanding = sum(float(load) for load in reply[1:])
-        return LoadStats(load_rate=float(reply[0]) / window_s, outstanding=outstanding)
+        total, waiting_requests, waiting, *loads = reply
+        return LoadStats(
+            load_rate=float(total) / window_s,
+            outstanding=sum(float(load) for load in loads),
+            waiting_requests=int(waiting_requests),
+            waiting=float(waiting),
+        )
 
     async def now(self) -> float:
         with self._unavailable("TIME"):

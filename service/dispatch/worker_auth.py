@@ -14,7 +14,7 @@ left alone: the signature is the only credential a worker needs.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -47,7 +47,9 @@ def verify_request_body(verifier: AssignmentVerifier, body: bytes) -> tuple[Assi
 class AssignmentAuthMiddleware:
     """Verifies ``auth_data`` on POSTs to ``protected_paths`` (every POST when None).
 
-    ``on_reject`` sees every rejection before the 401 goes out (a worker refreshes its keys on ``unknown_key``).
+    On ``unknown_key`` it awaits ``refresh_keys`` (True when the verifier got the keys the dispatcher publishes now)
+    and verifies once more before answering 401: the dispatcher signs with a new key as soon as it rotates, and a
+    client such as Vast's SDK does not retry a refused request.
     Paths match with or without a trailing slash, so ``/echo/`` cannot slip past a check on ``/echo``. List the
     paths exactly as routed all the same: a request the app then redirects has already used its reqnum."""
 
@@ -59,10 +61,10 @@ class AssignmentAuthMiddleware:
         *,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
-        on_reject: Callable[[AssignmentRejected], None] | None = None,
+        refresh_keys: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
         self.app = app
-        self._on_reject = on_reject
+        self._refresh_keys = refresh_keys
         self.verifier = verifier
         self._paths = None if protected_paths is None else frozenset(normalise_url(p) for p in protected_paths)
         self._body = BodyReader(max_bytes=max_body_bytes, timeout_s=body_timeout_s)
@@ -78,16 +80,25 @@ class AssignmentAuthMiddleware:
             return
         try:
             body = await self._body.read(dict(scope["headers"]), receive)
-            assignment, payload = verify_request_body(self.verifier, body)
+            assignment, payload = await self._verify(body)
         except ClientDisconnect:
             return  # nobody to answer
         except ServiceError as exc:
-            if isinstance(exc, AssignmentRejected) and self._on_reject is not None:
-                self._on_reject(exc)
             await error_response(exc, retry_after_s=RETRY_AFTER_S)(scope, receive, send)
             return
         state = {**scope.get("state", {}), STATE_ASSIGNMENT: assignment, STATE_PAYLOAD: payload}
         await self.app({**scope, "state": state}, _replay(body, receive), send)
+
+
+    async def _verify(self, body: bytes) -> tuple[Assignment, object]:
+        try:
+            return verify_request_body(self.verifier, body)
+        except AssignmentRejected as exc:
+            if exc.reason is not RejectReason.UNKNOWN_KEY or self._refresh_keys is None:
+                raise
+            if not await self._refresh_keys():
+                raise
+        return verify_request_body(self.verifier, body)  # with the keys just fetched
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

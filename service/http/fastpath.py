@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.errors import ServiceError
 from service.http.body import BodyReader
+from service.http.middleware import CLIENT_CLOSED_REQUEST
 from service.http.responses import error_response
 
 logger = logging.getLogger(__name__)
@@ -32,7 +33,6 @@ Headers = Mapping[bytes, bytes]
 # (body, headers, query string, receive) -> the JSON answer
 JsonHandler = Callable[[bytes, Headers, bytes, Receive], Awaitable[Any]]
 
-CLIENT_CLOSED_REQUEST = 499
 _JSON_HEADERS = [(b"content-type", b"application/json")]
 
 

@@ -6,10 +6,11 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from prometheus_client import Counter
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from service.errors import ServiceError
+from service.http.middleware import CLIENT_CLOSED_REQUEST
 from service.http.responses import error_response
 
 logger = logging.getLogger(__name__)
@@ -18,11 +19,14 @@ Handler = Callable[[Request], Awaitable[Response]]
 
 
 def guarded(handler: Handler, *, errors: Counter, retry_after_s: int) -> Handler:
-    """Every ServiceError becomes its JSON answer; anything else a logged 500, never a crash."""
+    """Every ServiceError becomes its JSON answer; anything else a logged 500, never a crash. A client that left
+    while its body was read gets a bodiless 499 that nobody reads: not an error of ours."""
 
     async def endpoint(request: Request) -> Response:
         try:
             return await handler(request)
+        except ClientDisconnect:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
         except ServiceError as exc:
             errors.labels(code=exc.code).inc()
             return error_response(exc, retry_after_s=retry_after_s)

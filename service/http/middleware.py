@@ -17,6 +17,10 @@ OTHER_ROUTE = "other"
 # the process's life (and by Prometheus): the rest are labelled "other".
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
 OTHER_METHOD = "other"
+# What a request that ended without any answer is counted as: the app returned without sending one only because the
+# client left (nginx's "client closed request"); an exception that escaped the app is a 500.
+CLIENT_CLOSED_REQUEST = 499
+UNHANDLED_ERROR = 500
 
 
 class RequestMetricsMiddleware:
@@ -48,7 +52,7 @@ class RequestMetricsMiddleware:
             return
         path = scope["path"]
         route = path if path in self.routes else self._template_of(path)
-        status = 500
+        status = 0
         started = time.perf_counter()
 
         async def send_wrapper(message: Message) -> None:
@@ -61,9 +65,13 @@ class RequestMetricsMiddleware:
         if self._track_gauge:
             self.metrics.in_flight.inc()
         self.idle.clear()
+        no_answer_status = UNHANDLED_ERROR
         try:
             await self.app(scope, receive, send_wrapper)
+            no_answer_status = CLIENT_CLOSED_REQUEST
         finally:
+            if not status:
+                status = no_answer_status
             self.in_flight -= 1
             if self._track_gauge:
                 self.metrics.in_flight.dec()

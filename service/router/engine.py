@@ -27,7 +27,7 @@ from prometheus_client import Counter
 
 from service.config import RouterSettings
 from service.errors import InvalidRequest, NotReady, ShuttingDown
-from service.metrics import RouterMetrics
+from service.metrics import RELOAD_OK, RELOAD_REJECTED, RouterMetrics
 from service.router.batcher import BatcherConfig, MicroBatcher
 from service.router.cache import LRUCache
 from service.router.index import Nearest
@@ -377,10 +377,10 @@ class RouterEngine:
             try:
                 state = await asyncio.to_thread(build_state, path, self._embedder, index_backend=self._index_backend)
             except WeightsError:
-                self._metrics.reloads.labels(result="rejected").inc()
+                self._metrics.reloads.labels(result=RELOAD_REJECTED).inc()
                 raise
             self.install(state)
-            self._metrics.reloads.labels(result="ok").inc()
+            self._metrics.reloads.labels(result=RELOAD_OK).inc()
             return state.weights
 
     def install(self, state: RouterState) -> None:

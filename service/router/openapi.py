@@ -8,7 +8,7 @@ from typing import Any
 from service import __version__
 from service.http.openapi import ERROR_SCHEMA, common_paths, error
 from service.router.model_card import EMBEDDING_DIM
-from service.router.schemas import MAX_COST_WEIGHT
+from service.router.weights import MAX_COST_WEIGHT
 
 _PROMPT = {
     "type": "string",

@@ -15,6 +15,7 @@ import numpy as np
 from service.errors import InvalidRequest, PayloadTooLarge
 from service.http.responses import parse_json_object
 from service.router.model_card import EMBEDDING_DIM
+from service.router.weights import MAX_COST_WEIGHT
 
 
 @dataclass(frozen=True)
@@ -51,9 +52,6 @@ def _prompt(value: Any, max_chars: int) -> str | None:
     return value
 
 
-# Far past "cheapest first" for any real price list, and low enough that lambda * cost_per_1k can never overflow to
-# inf (which JSON would carry as null in the scores).
-MAX_COST_WEIGHT = 1e9
 _NUMBER_TYPES = frozenset({int, float})  # what orjson gives for JSON numbers (never subclasses)
 
 
@@ -99,7 +97,7 @@ def _cost_weight(value: Any) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidRequest(f"'cost_weight' must be a number, got {_json_type(value)}")
-    weight = float(value)
+    weight = float(value) + 0.0  # -0.0 becomes 0.0: the answer echoes the weight used
     if not 0 <= weight <= MAX_COST_WEIGHT:  # NaN fails both comparisons
         raise InvalidRequest(f"'cost_weight' must be a number from 0 to {MAX_COST_WEIGHT:g}, got {value}")
     return weight

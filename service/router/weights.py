@@ -3,9 +3,9 @@
 Layout (format ``llm-router-weights``, version 1):
 
 - tensors: ``centroids`` ``[K, D]`` float32 (unit rows), ``expected_error`` ``[M, K]`` float32 in
-  ``[0, 1]``, ``cost_per_1k`` ``[M]`` float32 (finite, >= 0);
+  ``[0, 1]``, ``cost_per_1k`` ``[M]`` float32 in ``[0, MAX_COST_PER_1K]``;
 - ``__metadata__`` (strings only, as safetensors requires): ``format``, ``format_version``, and
-  JSON-encoded ``models``, ``default_lambda``, ``metadata``, plus ``embedder_id`` and
+  JSON-encoded ``models``, ``default_lambda`` (in ``[0, MAX_COST_WEIGHT]``), ``metadata``, plus ``embedder_id`` and
   ``embedder_sha256``.
 
 The router scores model ``m`` for a prompt in cluster ``c`` as
@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import math
 import os
 import re
 import tempfile
@@ -44,6 +43,10 @@ VERSION_HEX_CHARS = 12
 WRITTEN_FILE_MODE = 0o644
 SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
 
+# Far past "cheapest first" for any real price list, and small enough that lambda * cost_per_1k stays finite even
+# in float32 (1e18): an overflow to inf would reach clients as null scores. Requests' cost_weight has the same bound.
+MAX_COST_WEIGHT = 1e9
+MAX_COST_PER_1K = 1e9
 TENSOR_NAMES = ("centroids", "expected_error", "cost_per_1k")
 _KEY_FORMAT = "format"
 _KEY_FORMAT_VERSION = "format_version"
@@ -131,7 +134,7 @@ class RouterWeights:
             raise WeightsError(f"cost_per_1k must have shape ({m},) (one per model); got {self.cost_per_1k.shape}")
         _check_unit_rows(self.centroids)
         _check_range("expected_error", self.expected_error, low=0.0, high=1.0)
-        _check_range("cost_per_1k", self.cost_per_1k, low=0.0, high=math.inf)
+        _check_range("cost_per_1k", self.cost_per_1k, low=0.0, high=MAX_COST_PER_1K)
         _check_lambda(self.default_lambda)
         if not isinstance(self.embedder_id, str) or not self.embedder_id.strip():
             raise WeightsError(f"embedder_id must be a non-empty string; got {self.embedder_id!r}")
@@ -289,8 +292,8 @@ def _check_unit_rows(centroids: np.ndarray) -> None:
 def _check_lambda(value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float | np.floating):
         raise WeightsError(f"default_lambda must be a number; got {value!r}")
-    if not math.isfinite(value) or value < 0:
-        raise WeightsError(f"default_lambda must be finite and >= 0; got {value!r}")
+    if not 0 <= value <= MAX_COST_WEIGHT:  # NaN fails both comparisons
+        raise WeightsError(f"default_lambda must be a number from 0 to {MAX_COST_WEIGHT:g}; got {value!r}")
 
 
 def _check_metadata(metadata: Any) -> None:

@@ -213,10 +213,15 @@ async def test_sighup_rotates_the_signing_key_and_assignments_in_flight_still_se
     )
     assert [(k["key_id"], k["current"]) for k in pubkey["keys"]] == [(pubkey["key_id"], True), (old_key_id, False)]
 
-    # the workers still hold the old key only: the client's retry after their key refresh gets through
-    async with DispatchClient(dispatcher.url, deployment.api_key, backoff_base_s=0.05) as client:
-        served = await client.request(ENDPOINT, "/echo", {"after": "rotation"}, 1.0)
-    assert served.status == 200 and served.assignment.key_id == pubkey["key_id"]
+    # the workers still hold the old key only: each fetches the new one before answering, so a client that never
+    # retries a refusal (Vast's SDK) is served at the first try
+    for _ in range(2):  # whichever worker each lands on
+        fresh_assignment = (await asyncio.to_thread(route, dispatcher, deployment.api_key)).json()
+        assert fresh_assignment["key_id"] == pubkey["key_id"]
+        served = await asyncio.to_thread(
+            httpx.post, f"{fresh_assignment['url']}/echo", json={"auth_data": fresh_assignment, "payload": "new key"}
+        )
+        assert served.status_code == 200, served.text
     # the state carried on in the same process, so the worker's replay window still takes the older assignment
     late = await asyncio.to_thread(
         httpx.post, f"{kept['url']}/echo", json={"auth_data": kept, "payload": "signed before the rotation"}
@@ -525,3 +530,28 @@ def test_a_stalled_request_body_is_answered_408_and_its_connection_closed(tmp_pa
         assert "request_timeout" in httpx.get(f"{server.url}/metrics").text
     finally:
         assert server.stop() == 0, server.log()
+
+
+def test_a_client_that_leaves_mid_upload_is_counted_499_not_as_our_error(tmp_path: Path) -> None:
+    """Half a body, then the client closes: nobody is answered, so neither the fast path (/route/) nor a Starlette
+    route (/worker_status/) may count a 500 or an internal error (the 5xx-rate and internal-error alerts)."""
+    server = start_server(tmp_path, command="serve-dispatcher")
+    host, port = "127.0.0.1", int(server.url.rsplit(":", 1)[1])
+    try:
+        for path in ("/route/", "/worker_status/"):
+            with socket.create_connection((host, port), timeout=30) as sock:
+                sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                             "Authorization: Bearer t\r\nContent-Length: 100\r\n\r\n{".encode())  # fmt: skip
+
+        def counted(path: str) -> float:
+            pattern = rf'dispatcher_http_requests_total{{method="POST",route="{re.escape(path)}",status="499"}} (\S+)'
+            found = re.search(pattern, httpx.get(f"{server.url}/metrics").text)
+            return float(found.group(1)) if found else 0.0
+
+        wait_for(lambda: counted("/route/") == 1 and counted("/worker_status/") == 1, "both departures counted")
+        metrics = httpx.get(f"{server.url}/metrics").text
+        assert not re.search(r'dispatcher_http_requests_total\{[^}]*status="5\d\d"\}', metrics), metrics
+        assert re.search(r'dispatcher_errors_total\{code="internal_error"\} 0\.0', metrics), metrics
+    finally:
+        assert server.stop() == 0, server.log()
+    assert "unhandled error" not in server.log()

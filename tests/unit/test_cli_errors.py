@@ -41,3 +41,20 @@ def test_serve_on_a_port_in_use_exits_1_before_starting() -> None:
     assert "error: [Errno 98] Address already in use" in done.stderr
     assert "Traceback" not in done.stderr
     assert "dispatcher serving" not in done.stderr  # nothing started before the bind failed
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--redis-url", "http://127.0.0.1:6379/0"], "error: --redis-url http://127.0.0.1:6379/0: Redis URL must"),
+        (["--redis-url", "redis://:pw@h:notaport/0"], "error: --redis-url redis://:***@h:notaport/0: Port could not"),
+        (["--log-level", "loud"], "error: --log-level must be debug, info, warning, error or critical"),
+    ],
+)
+def test_serve_dispatcher_refuses_bad_settings_in_one_line_before_binding(
+    flags: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each was a traceback (the Redis URL once the server had started, the level when logging was configured)."""
+    assert main(["serve-dispatcher", "--port", "0", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and "Traceback" not in err and "pw" not in err, err

@@ -71,6 +71,7 @@ def test_default_weights_path_is_the_shipped_file() -> None:
         (["--workers", "0"], "--workers must be >= 1"),
         (["--port", "70000"], "--port must be 0-65535"),
         (["--drain-timeout-s", "nan"], "--drain-timeout-s must be a finite"),
+        (["--log-level", "foo"], "--log-level must be debug, info, warning, error or critical; got 'foo'"),
     ],
 )
 def test_invalid_router_settings_are_refused_up_front(flags: list[str], message: str) -> None:
@@ -100,3 +101,28 @@ def test_invalid_dispatcher_base_settings_are_refused_up_front() -> None:
     with pytest.raises(ValueError) as info:
         DispatcherSettings.from_env({}, workers=0, port=-1)
     assert str(info.value) == "--port must be 0-65535; --workers must be >= 1"
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--assignment-ttl-s", "nan"],  # every route a 500
+        ["--assignment-ttl-s", "inf"],
+        ["--assignment-ttl-s", "-100"],  # every assignment expired on issue
+        ["--request-ttl-s", "-1"],  # loads given back at once
+        ["--load-window-s", "0"],  # a ZeroDivisionError killed the refresh loop for good
+        ["--autoscale-interval-s", "0"],  # the refresh loop spun a core
+        ["--heartbeat-timeout-s", "nan"],
+        ["--max-cost", "nan"],  # every route refused "between 0 and nan"
+        ["--max-report-value", "0"],
+        ["--redis-timeout-s", "inf"],
+        ["--log-level", "loud"],  # a traceback once logging was configured
+    ],
+)
+def test_invalid_dispatcher_settings_are_refused_up_front(flags: list[str]) -> None:
+    from service.config import DispatcherSettings
+
+    parser = argparse.ArgumentParser()
+    DispatcherSettings.add_arguments(parser)
+    with pytest.raises(ValueError, match=f"^{flags[0]} must be "):
+        DispatcherSettings.from_args(parser.parse_args(flags), {})

@@ -32,6 +32,7 @@ from service.config import BaseSettings, DispatcherSettings, RouterSettings
 from service.dispatch.endpoints import load_config
 from service.dispatch.signing import KeyFileError, read_key_file, write_key_file
 from service.http.server import CONNECTION_CLOSE_GRACE_S
+from service.metrics import DispatcherMetrics, RouterMetrics
 from tests.deploy_helpers import (
     DEPLOY,
     REPO,
@@ -512,6 +513,16 @@ def check_query(expr: str, exported: Exported) -> None:
 def test_alerts_use_the_metrics_and_labels_the_services_export(exported: Exported) -> None:
     for rule in alert_rules():
         check_query(rule["expr"], exported)
+
+
+def test_a_counter_an_alert_takes_the_increase_of_is_exported_at_zero_from_the_start() -> None:
+    """increase() over a series that first appears at 1 (the first rejected reload, the first internal error) reads
+    0: the alert would wait for a second event. So a fresh service exports every such series at 0."""
+    fresh = RouterMetrics().render().decode() + DispatcherMetrics().render().decode()
+    selectors = [m for rule in alert_rules() for m in re.findall(r"increase\((\w+\{[^}]+\})", rule["expr"])]
+    assert selectors  # the rules still use labelled increase()
+    for selector in selectors:
+        assert f"{selector} 0.0" in fresh.splitlines(), f"{selector} is not exported at 0 before its first event"
 
 
 def test_the_queue_saturation_alert_reads_each_routers_own_admission_limit() -> None:

@@ -22,7 +22,7 @@ from service.dispatch.endpoints import EndpointRegistry, EndpointSpec, hash_key
 from service.dispatch.memory_store import MemoryStore
 from service.dispatch.records import STATUS_KEYS, PickPolicy, RouteOutcome
 from service.dispatch.signing import Assignment, KeyRing, Signer, write_key_file
-from service.dispatch.store import StoreUnavailable
+from service.dispatch.store import LoadStats, StoreUnavailable
 
 EP, API_KEY, WORKER_TOKEN = "ep", "dk_test-client-key", "wt_test-worker-token"
 OTHER, OTHER_API_KEY, OTHER_WORKER_TOKEN = "other", "dk_other-client-key", "wt_other-worker-token"
@@ -603,6 +603,34 @@ async def test_silent_workers_are_forgotten_by_the_refresh_loop() -> None:
             await asyncio.sleep(0.02)
         assert (await route(client))["status"] == dict.fromkeys(STATUS_KEYS, 0)  # none counted inactive
         assert await service.forget_silent_workers() == 0
+
+
+class FlakyStatsStore(MemoryStore):
+    """load_stats raises an unexpected error twice, then works."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failures = 2
+
+    async def load_stats(self, endpoint: str, window_s: float) -> LoadStats:
+        if self.failures:
+            self.failures -= 1
+            raise ZeroDivisionError("a bug in one tick")
+        return await super().load_stats(endpoint, window_s)
+
+
+async def test_the_refresh_loop_outlives_an_unexpected_error_in_a_tick() -> None:
+    """It used to catch StoreUnavailable only: one other error ended the gauges and the forget sweep for good."""
+    store = FlakyStatsStore()
+    service = DispatcherService(DispatcherSettings(autoscale_interval_s=0.02), registry=registry(), store=store,
+                                signer=Signer.generate())  # fmt: skip
+    async with serving(service) as client:
+        await register(client, "w1")
+        deadline = time.monotonic() + LIFESPAN_TIMEOUT_S
+        while 'dispatcher_wanted_workers{endpoint="ep"}' not in (await client.get("/metrics")).text:
+            assert time.monotonic() < deadline, "the gauges never refreshed after the failing ticks"
+            await asyncio.sleep(0.02)
+    assert store.failures == 0
 
 
 async def test_openapi_states_the_configured_limits_and_the_query_key() -> None:

@@ -48,6 +48,20 @@ def test_a_backlog_counts_as_demand() -> None:
     assert d.wanted_workers == 6  # 30 / (10 * 0.5)
 
 
+def test_requests_waiting_for_a_worker_count_as_demand() -> None:
+    """After the load window, a client polling on a cold start was no demand at all: the loading worker it waited for
+    was scaled away (wanted 0, scale_down)."""
+    loading = [rec("a", state=WorkerState.LOADING, perf=0)]
+    waiting = decide(spec(), loading, LoadStats(0.0, 0.0, waiting_requests=1, waiting=0.0), now=NOW,
+                     heartbeat_timeout_s=HEARTBEAT_S)  # fmt: skip
+    assert (waiting.wanted_workers, waiting.action, waiting.waiting_requests) == (1, Action.HOLD, 1)
+    assert run(spec(), loading).action is Action.SCALE_DOWN  # nobody waits: the worker may go
+    # their workload drains within max_queue_time_s like a backlog: (50 + 250) / 10 = 30 u/s
+    d = decide(spec(), [rec("a", perf=10)], LoadStats(1.0, 50.0, waiting_requests=3, waiting=250.0), now=NOW,
+               heartbeat_timeout_s=HEARTBEAT_S)  # fmt: skip
+    assert (d.demand, d.wanted_workers, d.waiting_load) == (30.0, 6, 250.0)
+
+
 def test_target_util_leaves_headroom() -> None:
     workers = [rec("a", perf=10)]
     assert run(spec(target_util=1.0), workers, load_rate=30.0).wanted_workers == 3  # 30 / 10
@@ -161,6 +175,8 @@ def test_to_json() -> None:
         "endpoint": "ep",
         "load_rate": 10.0,
         "outstanding_load": 0.0,
+        "waiting_requests": 0,
+        "waiting_load": 0.0,
         "demand": 10.0,
         "perf_per_worker": 10.0,
         "ready_workers": 1,

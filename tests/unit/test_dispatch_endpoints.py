@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,7 @@ def test_good_names(name: str) -> None:
         ({"target_util": -0.5}, "target_util"),
         ({"max_queue_time_s": 0.0}, "max_queue_time_s"),
         ({"max_queue_time_s": float("nan")}, "max_queue_time_s"),
+        ({"max_queue_time_s": float("inf")}, "max_queue_time_s"),  # add-endpoint wrote it; the loader refused the file
         ({"min_workers": 3, "max_workers": 2}, "min_workers"),
         ({"min_workers": -1}, "min_workers"),
         ({"cold_workers": -1}, "cold_workers"),
@@ -166,6 +168,22 @@ def test_load_config_errors(tmp_path: Path) -> None:
     bad.write_text("[endpoints.ep\nmax_workers = 1\n")
     with pytest.raises(ConfigError, match=r"bad\.toml"):
         load_config(bad)
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes("# caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1\.toml: not a UTF-8 text file"):
+        load_config(latin1)
+
+
+def test_save_keeps_the_files_mode_and_edits_a_symlinks_target(tmp_path: Path, registry: EndpointRegistry) -> None:
+    """The write-then-rename came back 0644 for a 0600 file, and replaced a symlink by a file of its own."""
+    real = tmp_path / "real.toml"
+    save_config(real, EndpointRegistry())
+    real.chmod(0o600)
+    link = tmp_path / "endpoints.toml"
+    link.symlink_to(real)
+    save_config(link, registry)
+    assert link.is_symlink() and stat.S_IMODE(real.stat().st_mode) == 0o600
+    assert set(load_config(real).endpoints) == set(registry.endpoints)
 
 
 # -- credentials ------------------------------------------------------------------------------------------------

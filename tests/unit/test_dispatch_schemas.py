@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from service.dispatch.openapi import SAFE_ID_PATTERN, WORKER_URL_PATTERN
 from service.dispatch.records import WorkerReport, WorkerState
 from service.dispatch.schemas import (
     MAX_ID_CHARS,
@@ -19,6 +20,7 @@ from service.dispatch.schemas import (
     parse_route_request,
     parse_worker_report,
 )
+from service.dispatch.signing import is_safe_text
 from service.errors import InvalidRequest, Unauthorized
 
 MAX_COST = 1000.0
@@ -159,6 +161,7 @@ def test_a_worker_report() -> None:
     assert endpoint == "ep"
     assert (r.worker_id, r.url, r.state) == ("w1", "http://10.0.0.5:8000", WorkerState.READY)  # trailing / dropped
     assert (r.max_perf, r.cur_load, r.in_flight) == (50.0, 2.5, 3)
+    assert parse_report(report(url="http://proxy:80/workers/w1/"))[1].url == "http://proxy:80/workers/w1"  # a prefix
     _, defaults = parse_report(report(url="https://w.example"))
     assert (defaults.url, defaults.cur_load, defaults.in_flight) == ("https://w.example", 0.0, 0)
 
@@ -178,7 +181,9 @@ def test_bad_state_is_invalid(bad: object) -> None:
     "bad",
     ["10.0.0.5:8000", "ftp://10.0.0.5", "http://", 'http://10.0.0.5:8000/"x', "http://a\\b", "http://a b\n",
      "http://a\n", "http://w\u00e9.example", "", 5, "http://" + "a" * 2048, "http:// x y", "http://h:99999",
-     "http://h:port", "https://:80"],
+     "http://h:port", "https://:80",
+     # clients get the URL (credentials leaked to them) and append their path to it (into a query or fragment)
+     "http://user:secret@10.0.0.5:8000", "http://u@h", "http://h:1/?tenant=a", "http://h/x#frag", "http://h?"],
 )  # fmt: skip
 def test_bad_url_is_invalid(bad: object) -> None:
     with pytest.raises(InvalidRequest, match="url"):
@@ -259,3 +264,27 @@ def test_success_must_be_a_boolean(success: object) -> None:
 def test_a_release_without_endpoint_is_invalid() -> None:
     with pytest.raises(InvalidRequest, match="endpoint"):
         parse_release({"request_idxs": [1]})
+
+
+@pytest.mark.parametrize(
+    ("url", "accepted"),
+    [("http://10.0.0.5:8000", True), ("https://w.example/", True), ("http://proxy/workers/w-1~x", True),
+     ("ftp://h", False), ("http://", False), ("http://a b", False), ('http://h/"', False), ("http://h\\x", False),
+     ("http://u:p@h", False), ("http://h/?q=1", False), ("http://h/#f", False), ("http://h\u00e9", False)],
+)  # fmt: skip
+def test_openapis_worker_url_pattern_agrees_with_the_parser(url: str, accepted: bool) -> None:
+    """The schema a worker's author codes against takes what the server takes (it took query strings and
+    credentials the server refuses)."""
+    assert (re.fullmatch(WORKER_URL_PATTERN, url) is not None) is accepted
+    if accepted:
+        parse_report(report(url=url))
+    else:
+        with pytest.raises(InvalidRequest):
+            parse_report(report(url=url))
+
+
+@pytest.mark.parametrize(("worker_id", "accepted"), [("w-1 a", True), ("~!#", True), ('w"', False), ("w\\", False),
+                                                     ("w\u00e9", False), ("w\n", False)])  # fmt: skip
+def test_openapis_worker_id_pattern_agrees_with_the_parser(worker_id: str, accepted: bool) -> None:
+    assert (re.fullmatch(SAFE_ID_PATTERN, worker_id) is not None) is accepted
+    assert is_safe_text(worker_id) is accepted

@@ -366,6 +366,25 @@ async def test_load_stats(store: DispatchStore) -> None:
     assert await store.load_stats("nobody", 10.0) == LoadStats(load_rate=0.0, outstanding=0.0)
 
 
+async def test_load_stats_count_requests_waiting_for_a_worker_until_they_leave(store: DispatchStore) -> None:
+    """A request answered "no ready worker" is demand no worker's load shows (the autoscaler read none): it waits
+    until a retry is assigned, the request is released, or its ttl passes."""
+    short = PickPolicy(max_queue_time_s=30.0, heartbeat_timeout_s=60.0, request_ttl_s=0.2)
+    first, second = await no_ready(store, 2.0), await no_ready(store, 3.0)
+    await no_ready(store, 1.0, policy=short)
+    await no_ready(store, 4.0, endpoint=OTHER_EP)
+    assert await store.load_stats(EP, 10.0) == LoadStats(0.6, 0.0, waiting_requests=3, waiting=6.0)
+    await asyncio.sleep(0.3)  # the short-lived one expires
+    await no_ready(store, 2.0, first.request_idx)  # a poll: still one request
+    assert await store.load_stats(EP, 10.0) == LoadStats(0.6, 0.0, waiting_requests=2, waiting=5.0)
+    await report(store, "w1")
+    await assign(store, 2.0, first.request_idx)  # the retry finds a worker: its load now shows there
+    assert await store.load_stats(EP, 10.0) == LoadStats(0.6, 2.0, waiting_requests=1, waiting=3.0)
+    assert await store.release(EP, [second.request_idx]) == Released(released=1, unknown=0)
+    assert await store.load_stats(EP, 10.0) == LoadStats(0.6, 2.0, waiting_requests=0, waiting=0.0)
+    assert await store.load_stats(OTHER_EP, 10.0) == LoadStats(0.4, 0.0, waiting_requests=1, waiting=4.0)
+
+
 async def test_counters_start_at_the_clock_so_a_lost_counter_never_reissues_one(
     redis_url: str, redis_prefix: str
 ) -> None:
@@ -516,6 +535,17 @@ async def test_redis_error_message_hides_the_password() -> None:
         with pytest.raises(StoreUnavailable) as caught:
             await store.ping()
         assert "hunter2" not in str(caught.value) and "user:***@127.0.0.1" in str(caught.value)
+    finally:
+        await store.close()
+
+
+async def test_a_password_given_as_a_query_parameter_is_hidden_too() -> None:
+    """redis-py takes ``?password=``; /health (unauthenticated) showed it in the store's error."""
+    store = RedisStore(f"redis://127.0.0.1:{free_port()}/0?password=hunter2&db=0", connect_timeout_s=0.5)
+    try:
+        with pytest.raises(StoreUnavailable) as caught:
+            await store.ping()
+        assert "hunter2" not in str(caught.value) and "?password=***&db=0" in str(caught.value)
     finally:
         await store.close()
 

@@ -214,10 +214,35 @@ def test_verify_request_body_for_other_servers(verifier: AssignmentVerifier, sig
     assert rejected.value.reason is RejectReason.REPLAYED
 
 
-async def test_rejections_are_reported_to_the_hook(verifier: AssignmentVerifier, signer: Signer) -> None:
-    seen: list[str] = []
-    app = build_app(verifier, ["/work"], on_reject=lambda exc: seen.append(exc.reason.value))
+async def test_an_unknown_key_is_fetched_and_the_request_verified_again_before_any_401(
+    verifier: AssignmentVerifier, signer: Signer
+) -> None:
+    """The dispatcher signs with a new key as soon as it rotates; Vast's SDK does not retry the 401 a worker still
+    on the old keys answered. Other rejections never fetch keys."""
+    rotated = Signer.generate()
+    fetches: list[str] = []
+
+    async def refresh_keys() -> bool:
+        fetches.append("fetched")
+        verifier.update_keys(KeyRing([rotated.public_key, signer.public_key]))
+        return True
+
+    app = build_app(verifier, ["/work"], refresh_keys=refresh_keys)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=BASE) as c:
-        await c.post("/work", json={"auth_data": auth(Signer.generate())})
-        await c.post("/work", json={"auth_data": auth(signer)})
-    assert seen == ["unknown_key"]
+        bad_signature = {**auth(signer, 1), "cost": 2.0}
+        assert (await c.post("/work", json={"auth_data": bad_signature})).status_code == 401
+        assert fetches == []
+        assert (await c.post("/work", json={"auth_data": auth(rotated, 2)})).status_code == 200
+        assert fetches == ["fetched"]
+
+
+async def test_an_unknown_key_is_refused_when_no_keys_could_be_fetched(
+    verifier: AssignmentVerifier, signer: Signer
+) -> None:
+    async def refresh_keys() -> bool:
+        return False  # the dispatcher did not answer, or the last fetch was too recent
+
+    app = build_app(verifier, ["/work"], refresh_keys=refresh_keys)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=BASE) as c:
+        answer = await c.post("/work", json={"auth_data": auth(Signer.generate())})
+    assert answer.status_code == 401 and answer.json()["error"]["reason"] == "unknown_key"

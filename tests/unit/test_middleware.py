@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
+from starlette.types import Message, Receive, Scope, Send
 
 from service.http.middleware import RequestMetricsMiddleware
 from service.metrics import HttpMetrics
@@ -50,3 +52,39 @@ def test_methods_a_client_invents_are_labelled_other() -> None:
     assert methods == {"GET", "PATCH", "other"}
     other = {"route": "/health", "method": "other", "status": "405"}
     assert registry.get_sample_value("t_http_requests_total", other) == 3
+
+
+async def run_asgi(app: RequestMetricsMiddleware) -> None:
+    async def receive() -> Message:
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        raise AssertionError(f"nothing is sent here: {message}")
+
+    scope: Scope = {"type": "http", "path": "/x", "method": "POST", "headers": [], "query_string": b""}
+    await app(scope, receive, send)
+
+
+async def test_a_request_left_unanswered_because_the_client_left_is_counted_499() -> None:
+    """The app returns without an answer only when nobody is left to read one: not a 500 of ours."""
+
+    async def client_left(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+
+    registry = CollectorRegistry()
+    await run_asgi(RequestMetricsMiddleware(client_left, metrics=HttpMetrics(registry, "t"), routes=["/x"]))
+    labels = {"route": "/x", "method": "POST"}
+    assert registry.get_sample_value("t_http_requests_total", {**labels, "status": "499"}) == 1
+    assert registry.get_sample_value("t_http_requests_total", {**labels, "status": "500"}) is None
+
+
+async def test_an_exception_that_escapes_the_app_is_counted_500() -> None:
+    async def broken(scope: Scope, receive: Receive, send: Send) -> None:
+        raise RuntimeError("bug")
+
+    registry = CollectorRegistry()
+    app = RequestMetricsMiddleware(broken, metrics=HttpMetrics(registry, "t"), routes=["/x"])
+    with pytest.raises(RuntimeError):
+        await run_asgi(app)
+    labels = {"route": "/x", "method": "POST", "status": "500"}
+    assert registry.get_sample_value("t_http_requests_total", labels) == 1

@@ -130,8 +130,11 @@ def _nan_at_first(array: np.ndarray) -> np.ndarray:
         (lambda w: {"models": ()}, "non-empty tuple"),
         (lambda w: {"models": ["a", "b", "c"]}, "non-empty tuple"),
         (lambda w: {"centroids": w.centroids * 2}, "centroids must be L2-normalised"),
-        (lambda w: {"default_lambda": -0.1}, "default_lambda must be finite and >= 0"),
-        (lambda w: {"default_lambda": float("nan")}, "default_lambda must be finite and >= 0"),
+        (lambda w: {"default_lambda": -0.1}, "default_lambda must be a number from 0 to 1e"),
+        (lambda w: {"default_lambda": float("nan")}, "default_lambda must be a number from 0 to 1e"),
+        # lambda * cost overflowed to inf, which answers carried as null scores
+        (lambda w: {"default_lambda": 1e308}, "default_lambda must be a number from 0 to 1e"),
+        (lambda w: {"cost_per_1k": np.array([0.5, 2e9, 1], dtype=np.float32)}, "cost_per_1k must lie in"),
         (lambda w: {"default_lambda": True}, "default_lambda must be a number"),
         (lambda w: {"embedder_id": ""}, "embedder_id"),
         (lambda w: {"embedder_sha256": "xyz"}, "embedder_sha256 must be 64 lowercase hex"),

@@ -11,6 +11,8 @@ local function clock()
 end
 
 local function worker_key(endpoint, worker_id) return prefix .. 'worker:' .. endpoint .. '/' .. worker_id end
+-- MemoryStore._waiting: {request_idx: cost} of the endpoint's requests that hold no worker
+local function waiting_key(endpoint) return prefix .. 'waiting:' .. endpoint end
 
 -- MemoryStore._unassign: a request of `cost` leaves its worker (if the worker exists); returns the new load or nil.
 -- memory_store.load_after_release: exactly 0 once the worker holds no request, never below 0 (float dust).
@@ -35,6 +37,7 @@ local function sweep(now)
     local key = prefix .. 'req:' .. idx
     local r = redis.call('HMGET', key, 'endpoint', 'cost', 'worker')
     if r[1] and r[3] then unassign(r[1], r[3], tonumber(r[2])) end
+    if r[1] and not r[3] then redis.call('HDEL', waiting_key(r[1]), idx) end
     redis.call('DEL', key)
   end
   if #idxs > 0 then redis.call('ZREM', expiries, unpack(idxs)) end
