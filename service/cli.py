@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from service.config import DispatcherSettings, RouterSettings
+from service.config import MAX_PORT, DispatcherSettings, RouterSettings
 
 CHILD_POLL_S = 0.2  # `serve`: how often it checks that both services still run
 
@@ -24,8 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     both = commands.add_parser("serve", help="run the router and the dispatcher together on their defaults")
     both.add_argument("--host", default="127.0.0.1", help="address both services bind")
-    both.add_argument("--router-port", type=int, default=RouterSettings.port, help="router port")
-    both.add_argument("--dispatcher-port", type=int, default=DispatcherSettings.port, help="dispatcher port")
+    both.add_argument("--router-port", type=_port, default=RouterSettings.port, help="router port")
+    both.add_argument("--dispatcher-port", type=_port, default=DispatcherSettings.port, help="dispatcher port")
     both.set_defaults(handler=_serve_both)
 
     serve = commands.add_parser("serve-router", help="serve POST /v1/route (model router)")
@@ -92,6 +92,13 @@ def _os_error_text(exc: OSError) -> str:
     return str(exc)
 
 
+def _port(text: str) -> int:
+    port = int(text)
+    if not 0 <= port <= MAX_PORT:
+        raise argparse.ArgumentTypeError(f"must be 0-{MAX_PORT}")
+    return port
+
+
 def serve_router_main() -> int:
     """Console script ``llm-router``: the same as ``python -m service serve-router``."""
     return main(["serve-router", *sys.argv[1:]])
@@ -135,9 +142,12 @@ def _serve_both(args: argparse.Namespace) -> int:
         signal.signal(sig, forward)
     while all(child.poll() is None for child in children):
         time.sleep(CHILD_POLL_S)
+    first = next(child for child in children if child.returncode is not None)
     if not stopping:  # one service died on its own: stop the other (signalled once, it drains and exits 0)
         forward(signal.SIGTERM, None)
-    return max(abs(child.wait()) for child in children)
+    codes = [abs(child.wait()) for child in children]
+    # the service that ended first says why (the other one's exit is the SIGTERM sent to it)
+    return abs(first.returncode) if not stopping and first.returncode else max(codes)
 
 
 def serve_dispatcher_main() -> int:
@@ -176,8 +186,8 @@ def _keygen(args: argparse.Namespace) -> int:
 
     try:
         signer = write_key_file(args.path)
-    except FileExistsError:
-        print(f"error: {args.path} exists; refusing to overwrite a signing key", file=sys.stderr)
+    except FileExistsError as exc:
+        print(f"error: {exc.filename or args.path} exists; refusing to overwrite a signing key", file=sys.stderr)
         return 1
     print(f"signing key: {args.path} (mode 0600)\npublic key:  {signer.public_key.hex()} ({args.path}.pub)")
     print(f"key id:      {signer.key_id}")
@@ -259,11 +269,18 @@ def _inspect_weights(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
+    from service.router.model_card import EMBEDDING_DIM, MODEL_ID
     from service.router.weights import WeightsError, default_weights_path, load_weights
 
     path = Path(args.path) if args.path else default_weights_path()
     try:
         weights = load_weights(path)
+        # what the router refuses at load (it also compares the model file's sha256, which needs the model)
+        if weights.dim != EMBEDDING_DIM or weights.embedder_id != MODEL_ID:
+            raise WeightsError(
+                f"{path}: fitted with {weights.embedder_id} ({weights.dim}-d); the router embeds with {MODEL_ID} "
+                f"({EMBEDDING_DIM}-d)"
+            )
     except WeightsError as exc:
         print(f"invalid: {exc}", file=sys.stderr)
         return 1

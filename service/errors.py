@@ -78,10 +78,12 @@ class TooManyWorkers(Conflict):
 class Unauthorized(ServiceError):
     status = 401
     code = "unauthorized"
+    challenge: str | None = "Bearer"  # the WWW-Authenticate a 401 carries (RFC 9110): where the key goes
 
 
 class InvalidAssignment(Unauthorized):
     code = "invalid_assignment"
+    challenge = None  # the credential is the signed auth_data in the body: no HTTP scheme to name
 
 
 class Overloaded(ServiceError):

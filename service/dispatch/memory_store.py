@@ -90,11 +90,11 @@ class MemoryStore:
             previous = self._requests.get(request_idx)
             if previous is None or previous[_ENDPOINT] != endpoint:
                 raise UnknownRequest(request_idx)
-        if previous is not None and previous[_WORKER] is not None:
-            # a retry's load leaves its old worker before picking, wherever it goes next
-            self._unassign(endpoint, previous[_WORKER], previous[_COST])
-        if previous is not None and previous[_WORKER] is None:
-            self._waiting[endpoint].pop(request_idx, None)  # tracked again below, waiting or assigned
+            if previous[_WORKER] is not None:
+                # a retry's load leaves its old worker before picking, wherever it goes next
+                self._unassign(endpoint, previous[_WORKER], previous[_COST])
+            else:
+                self._waiting[endpoint].pop(request_idx, None)  # tracked again below, waiting or assigned
         picked = pick_worker(
             workers.values(),
             now=now,

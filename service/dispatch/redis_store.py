@@ -12,6 +12,7 @@ Key layout (``P`` is the ``prefix``, ``dispatch:`` by default; ``E`` an endpoint
     P worker:E/W            hash    url, state, max_perf, cur_load, in_flight, last_seen (the last report),
                                     load, reqnum, open_requests (the dispatcher's ledger)
     P rate:E:<second>       string  cost routed as new requests to E in that second; EXPIRE LOAD_HISTORY_S
+    P waiting:E             hash    request_idx -> cost of E's requests that hold no worker (autoscaling's demand)
 
 A worker's hash and its set member are removed together (``forget_workers``) once it has been silent for
 ``forget_s`` holding no request.

@@ -18,6 +18,7 @@ SHA-256 over the 32-byte public key. Public keys travel as lowercase hex (``GET 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import math
 import os
@@ -208,7 +209,7 @@ def write_key_file(path: Path) -> Signer:
     key = SigningKey.generate()
     public_path = Path(f"{path}.pub")
     if public_path.exists():
-        raise FileExistsError(f"{public_path} exists")
+        raise FileExistsError(errno.EEXIST, "exists", str(public_path))
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as handle:
         handle.write(bytes(key).hex() + "\n")
@@ -225,7 +226,10 @@ def read_key_file(path: Path) -> Signer:
         raise KeyFileError(f"cannot read signing key {path}: {exc.strerror}") from None
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise KeyFileError(f"signing key {path} is accessible by others (mode {oct(mode & 0o777)}); chmod 600 it")
-    return Signer.from_seed_hex(path.read_text())
+    try:
+        return Signer.from_seed_hex(path.read_text())
+    except (ValueError, OSError) as exc:  # not hex, the wrong length, not text: name the file
+        raise KeyFileError(f"signing key {path}: {exc}") from None
 
 
 def read_public_keys(text: str) -> list[bytes]:

@@ -89,7 +89,6 @@ class AssignmentAuthMiddleware:
         state = {**scope.get("state", {}), STATE_ASSIGNMENT: assignment, STATE_PAYLOAD: payload}
         await self.app({**scope, "state": state}, _replay(body, receive), send)
 
-
     async def _verify(self, body: bytes) -> tuple[Assignment, object]:
         try:
             return verify_request_body(self.verifier, body)

@@ -6,7 +6,9 @@ the routing work itself; this path skips them and keeps the same contract: 415 f
 past ``max_body_bytes`` and 408 past ``body_timeout_s`` (``body.BodyReader``), the one error body for every
 ``ServiceError`` (``error_response``: errors are not the hot path), a logged 500 for anything else. A handler that
 waits may watch ``receive`` for the client going away and raise ``ClientGone``: the answer is then a bodiless 499
-(nginx's "client closed request"), which nobody reads but the request metrics count. Every other path falls through
+(nginx's "client closed request"), which the request metrics count. Hypercorn reports a half-closed connection
+(``shutdown(SHUT_WR)`` after the request) as a disconnect too, and so does this path, as nginx does: such a
+client, if it still reads, gets the 499. Every other path falls through
 to the wrapped app.
 """
 

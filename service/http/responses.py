@@ -27,6 +27,9 @@ def error_response(error: ServiceError, *, retry_after_s: int) -> Response:
     headers = {"Retry-After": str(retry_after_s)} if error.retry_after else {}
     if error.close_connection:
         headers["Connection"] = "close"
+    challenge = getattr(error, "challenge", None)  # Unauthorized's (RFC 9110: a 401 names the scheme it takes)
+    if challenge:
+        headers["WWW-Authenticate"] = challenge
     body = {"code": error.code, "message": error.message, **error.details}
     return ORJSONResponse({"error": body}, status_code=error.status, headers=headers)
 

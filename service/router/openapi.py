@@ -14,7 +14,7 @@ _PROMPT = {
     "type": "string",
     "minLength": 1,
     "pattern": "\\S",  # not only whitespace: that embeds to nothing worth routing on
-    "description": "The user text to route (not only whitespace).",
+    "description": "The user text to route (not only whitespace, unless an embedding is given).",
 }
 _EMBEDDING = {
     "type": "array",
@@ -31,7 +31,7 @@ _ROUTE_REQUEST = {
     "description": "Give `prompt` or `embedding` (with both, the embedding is used). Unknown fields are ignored; "
     "a null field counts as absent.",
     "properties": {
-        "prompt": {**_PROMPT, "type": ["string", "null"]},
+        "prompt": {"type": ["string", "null"], "description": _PROMPT["description"]},  # any text beside an embedding
         "embedding": {**_EMBEDDING, "type": ["array", "null"]},
         "available_models": {
             "type": ["array", "null"],

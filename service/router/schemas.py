@@ -30,8 +30,11 @@ def parse_route_request(body: bytes, *, max_prompt_chars: int, dim: int = EMBEDD
     data = parse_json_object(body)
     prompt = _prompt(data.get("prompt"), max_prompt_chars)
     embedding = _embedding(data.get("embedding"), dim)
-    if prompt is None and embedding is None:
-        raise InvalidRequest("give a 'prompt' (string) or an 'embedding' (array of numbers)")
+    if embedding is None:  # the prompt is what gets embedded (beside an embedding, any text is fine)
+        if prompt is None:
+            raise InvalidRequest("give a 'prompt' (string) or an 'embedding' (array of numbers)")
+        if not prompt.strip(WHITESPACE):
+            raise InvalidRequest("'prompt' must not be empty or only whitespace")
     return RouteRequest(
         prompt=prompt,
         embedding=embedding,
@@ -40,13 +43,18 @@ def parse_route_request(body: bytes, *, max_prompt_chars: int, dim: int = EMBEDD
     )
 
 
+# What "only whitespace" means for a prompt: ECMA-262's \s, the regex dialect of the OpenAPI document's pattern
+# (Python's str.isspace differs both ways: it counts \x1c-\x1f and \x85, not the BOM).
+WHITESPACE = (
+    "\t\n\v\f\r \u00a0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + "\u2028\u2029\u202f\u205f\u3000\ufeff"
+)
+
+
 def _prompt(value: Any, max_chars: int) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str):
         raise InvalidRequest(f"'prompt' must be a string, got {_json_type(value)}")
-    if not value.strip():
-        raise InvalidRequest("'prompt' must not be empty or only whitespace")
     if len(value) > max_chars:
         raise PayloadTooLarge(f"'prompt' has {len(value)} characters; the limit is {max_chars}")
     return value

@@ -58,3 +58,48 @@ def test_serve_dispatcher_refuses_bad_settings_in_one_line_before_binding(
     assert main(["serve-dispatcher", "--port", "0", *flags]) == 2
     err = capsys.readouterr().err
     assert err.startswith(message) and "Traceback" not in err and "pw" not in err, err
+
+
+def test_keygen_names_the_file_that_exists(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    key = tmp_path / "dispatch.key"
+    Path(f"{key}.pub").write_text("left over\n")
+    assert main(["keygen", str(key)]) == 1
+    assert f"error: {key}.pub exists" in capsys.readouterr().err  # it said dispatch.key, which did not exist
+    assert not key.exists()
+
+
+@pytest.mark.parametrize("content", ["not hex\n", "ab" * 16 + "\n", "\xff"])
+def test_a_bad_signing_key_file_is_named_in_one_line(
+    tmp_path: Path, content: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key = tmp_path / "dispatch.key"
+    key.write_bytes(content.encode("latin-1"))
+    key.chmod(0o600)
+    assert main(["serve-dispatcher", "--port", "0", "--signing-key-file", str(key)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: signing key {key}: ") and "Traceback" not in err, err
+
+
+def test_inspect_weights_refuses_weights_the_router_would_refuse(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It called a file valid that the router then refused: fitted with another embedder."""
+    import dataclasses
+
+    from service.router.weights import default_weights_path, load_weights, save_weights
+
+    shipped = load_weights(default_weights_path())
+    other = tmp_path / "other.safetensors"
+    save_weights(dataclasses.replace(shipped, embedder_id="someone/else"), other)
+    assert main(["inspect-weights", str(other)]) == 1
+    assert "fitted with someone/else" in capsys.readouterr().err
+    assert main(["inspect-weights"]) == 0
+
+
+def test_serve_refuses_a_port_out_of_range_before_starting_anything(capsys: pytest.CaptureFixture[str]) -> None:
+    """The dispatcher child refused it (2) after the router child had started; serve then exited 15, the SIGTERM it
+    had sent the router."""
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "--dispatcher-port", "99999"])
+    assert exited.value.code == 2
+    assert "--dispatcher-port: must be 0-65535" in capsys.readouterr().err

@@ -130,6 +130,8 @@ async def keyring(client: httpx.AsyncClient) -> KeyRing:
 def assert_error(r: httpx.Response, status: int, code: str) -> str:
     assert r.status_code == status, r.text
     assert r.headers["content-type"] == "application/json"
+    if status == 401:  # both the fast path and Starlette routes name the scheme (RFC 9110)
+        assert r.headers["www-authenticate"] == "Bearer"
     error = r.json()["error"]
     assert error["code"] == code
     assert error["message"]

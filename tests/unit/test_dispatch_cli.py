@@ -297,5 +297,5 @@ def test_redis_timeout_reaches_the_store() -> None:
     assert isinstance(store, RedisStore)
     kwargs = store._redis.connection_pool.connection_kwargs
     assert (kwargs["socket_timeout"], kwargs["socket_connect_timeout"]) == (0.25, 0.25)
-    with pytest.raises(ValueError, match="--redis-timeout-s must be a positive"):
+    with pytest.raises(ValueError, match="--redis-timeout-s must be a finite number > 0"):
         DispatcherSettings.from_env({}, redis_timeout_s=0.0)

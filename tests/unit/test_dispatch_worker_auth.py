@@ -246,3 +246,4 @@ async def test_an_unknown_key_is_refused_when_no_keys_could_be_fetched(
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=BASE) as c:
         answer = await c.post("/work", json={"auth_data": auth(Signer.generate())})
     assert answer.status_code == 401 and answer.json()["error"]["reason"] == "unknown_key"
+    assert "www-authenticate" not in answer.headers  # the credential is in the body: no HTTP scheme to name

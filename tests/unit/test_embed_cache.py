@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.router.offline.embed import read_cache, texts_sha256, write_cache
+from service.router.offline.embed import NotACache, read_cache, texts_sha256, write_cache
 
 SHA = "ab" * 32
 
@@ -29,12 +29,22 @@ def test_cache_round_trip_and_mismatches(tmp_path: Path) -> None:
     assert path.stat().st_mode & 0o777 == 0o644
 
 
-@pytest.mark.parametrize("damage", ["truncated", "zip-magic-only", "not-a-zip"])
+@pytest.mark.parametrize("damage", ["truncated", "zip-magic-only"])
 def test_a_damaged_cache_is_ignored(tmp_path: Path, damage: str) -> None:
     # A run interrupted while writing the cache left a truncated .npz; the next run died with BadZipFile.
     path = tmp_path / "cache.npz"
     _write(path)
     whole = path.read_bytes()
-    damaged = {"truncated": whole[:300], "zip-magic-only": b"PK\x03\x04garbage", "not-a-zip": b"garbage"}[damage]
+    damaged = {"truncated": whole[:300], "zip-magic-only": b"PK\x03\x04garbage"}[damage]
     path.write_bytes(damaged)
     assert read_cache(path, texts_sha256(["a", "b", "c"]), SHA) is None
+
+
+@pytest.mark.parametrize("content", [b"garbage", b"", b"\x08\x00\x00\x00{}"])  # text, empty, a safetensors head
+def test_a_file_that_is_no_cache_is_refused_not_overwritten(tmp_path: Path, content: bytes) -> None:
+    """A mistyped --embedding-cache (the weights file, say) was silently replaced by an npz."""
+    path = tmp_path / "router-weights.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(NotACache, match="refusing to overwrite"):
+        read_cache(path, texts_sha256(["a"]), SHA)
+    assert path.read_bytes() == content

@@ -4,6 +4,8 @@ import argparse
 import csv
 import json
 import math
+import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -516,3 +518,17 @@ def test_fit_main_names_a_most_accurate_model_that_costs_nothing(
                               "--clusters", "4", "--restarts", "1"])  # fmt: skip
     assert fit.fit_main(args) == 1
     assert "the most accurate model (model-a) has no cost to normalise by" in capsys.readouterr().err
+
+
+def test_without_faiss_eval_and_add_model_import_and_a_fit_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """FAISS is an extra; fit imported it at the top, so fit, eval and add-model died with ModuleNotFoundError."""
+    modules = ("eval_cli", "add_model", "fit")
+    script = "import sys; sys.modules['faiss'] = None\n" + "".join(
+        f"import service.router.offline.{m}\n" for m in modules
+    )
+    assert subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120).returncode == 0
+    monkeypatch.setitem(sys.modules, "faiss", None)
+    with pytest.raises(ValueError, match=r"needs FAISS: pip install faiss-cpu"):
+        fit.kmeans_centroids(np.eye(4, dtype=np.float32), 2)

@@ -392,7 +392,14 @@ def test_loader_rejects_bad_jsonl(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="values must be"):
         load_labelled([path])
     path.write_text("not json\n", encoding="utf-8")
-    with pytest.raises(DataError, match="cannot read JSONL"):
+    with pytest.raises(DataError, match=r":1: not JSON \(Expecting value, column 1\)"):
+        load_labelled([path])
+    # the file's line, not the position within the line (which said "line 1" for line 3)
+    path.write_text('{"prompt": "a", "m": 1, "m|total_cost": 0}\n\n{"prompt": \n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"\.jsonl:3: not JSON"):
+        load_labelled([path])
+    path.write_text("[" * 100_000 + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r":1: JSON nested too deeply"):
         load_labelled([path])
 
 

@@ -24,6 +24,21 @@ def test_prompt_and_options() -> None:
     assert req.embedding is None
 
 
+@pytest.mark.parametrize("prompt", ["\x1c", "\x85", "a"])  # str.isspace says whitespace; ECMA-262's \\s does not
+def test_what_the_openapi_pattern_calls_text_is_accepted(prompt: str) -> None:
+    assert parse({"prompt": prompt}).prompt == prompt
+
+
+def test_beside_an_embedding_any_prompt_text_is_fine_and_unused() -> None:
+    """With both, the embedding is used (README): an empty prompt beside it was refused."""
+    request = parse({"prompt": "", "embedding": [0, 0, 0, 2]})
+    np.testing.assert_array_equal(request.embedding, [0, 0, 0, 1])
+
+
+def test_a_negative_zero_cost_weight_is_zero() -> None:
+    assert str(parse({"prompt": "x", "cost_weight": -0.0}).cost_weight) == "0.0"  # echoed in the answer
+
+
 def test_integer_cost_weight_is_accepted() -> None:
     assert parse({"prompt": "x", "cost_weight": 1}).cost_weight == 1.0
 
@@ -54,6 +69,8 @@ def test_embedding_is_normalised() -> None:
         ({"prompt": ["a"]}, "got array"),
         ({"prompt": ""}, "must not be empty"),
         ({"prompt": "   \n\t "}, "must not be empty"),
+        ({"prompt": "\u3000\ufeff\u2028"}, "must not be empty"),  # whitespace to the OpenAPI pattern's \\S too
+        ({"prompt": "", "embedding": "x"}, "'embedding' must be an array"),
         ({"embedding": "0.1,0.2"}, "'embedding' must be an array"),
         ({"embedding": [0.1, 0.2]}, "exactly 4 numbers, got 2"),
         ({"embedding": [0.1, 0.2, "x", 0.3]}, "only numbers"),

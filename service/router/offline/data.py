@@ -253,7 +253,11 @@ def _read_jsonl(path: Path, price_models: Collection[str] = ()) -> tuple[Rows, t
                 header.update(dict.fromkeys(map(str, value)))
     except _DuplicateKey as exc:
         raise DataError(f"{path}:{line}: key {exc.args[0]!r} appears more than once in the object") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except json.JSONDecodeError as exc:  # its position is within the line: name the file's line
+        raise DataError(f"{path}:{line}: not JSON ({exc.msg}, column {exc.colno})") from None
+    except RecursionError:
+        raise DataError(f"{path}:{line}: JSON nested too deeply") from None
+    except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: cannot read JSONL ({exc})") from exc
     models = _model_columns(list(header), price_models, path)
     for line, row in rows:

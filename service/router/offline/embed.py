@@ -73,17 +73,40 @@ def _embed_batches(embedder: MiniLMEmbedder, texts: Sequence[str], progress: boo
     return out
 
 
+class NotACache(ValueError):
+    """The cache path holds a file that is not an embedding cache: it is not overwritten."""
+
+
+ZIP_MAGIC = b"PK\x03\x04"  # how every .npz begins
+
+
 def read_cache(path: Path, texts_digest: str, embedder_sha256: str) -> np.ndarray | None:
-    """The cached vectors, or None when the file is missing, unreadable (a truncated or corrupt archive
-    included) or for other texts or another embedder."""
+    """The cached vectors, or None when there is no file, it caches other texts or another embedder, or it is a
+    damaged archive (a run of an older version interrupted while writing): it is then rewritten. ``NotACache`` for
+    any other file: a mistyped path (the weights file, say) must not be replaced."""
     try:
         # Opened here, not by np.load, which leaks its file handle when the archive is damaged.
         with path.open("rb") as fh, np.load(fh, allow_pickle=False) as data:
             if str(data["texts_sha256"]) != texts_digest or str(data["embedder_sha256"]) != embedder_sha256:
                 return None
             return np.asarray(data["vectors"], dtype=np.float32)
-    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
+    except FileNotFoundError:
         return None
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile, AttributeError) as exc:
+        if _starts_with(path, ZIP_MAGIC):
+            return None
+        raise NotACache(
+            f"--embedding-cache {path} is not an embedding cache ({type(exc).__name__}); refusing to overwrite it: "
+            "remove it or pass another path"
+        ) from None
+
+
+def _starts_with(path: Path, magic: bytes) -> bool:
+    try:
+        with path.open("rb") as fh:
+            return fh.read(len(magic)) == magic
+    except OSError:
+        return False
 
 
 def write_cache(path: Path, vectors: np.ndarray, texts_digest: str, embedder_id: str, embedder_sha256: str) -> None:

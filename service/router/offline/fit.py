@@ -24,7 +24,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 
 from service import __version__
@@ -69,6 +68,16 @@ DEFAULT_KMEANS_ITERATIONS = 50
 MAX_SEED = 2**31 - 1
 
 
+def _faiss() -> Any:
+    """FAISS (its k-means), imported when a fit needs it: ``eval`` and ``add-model`` run without it, and a plain
+    ``pip install -e .`` (no ``[cpu]`` extra) gets this message instead of a ModuleNotFoundError traceback."""
+    try:
+        import faiss
+    except ImportError:
+        raise ValueError("fitting clusters needs FAISS: pip install faiss-cpu (the project's [cpu] extra)") from None
+    return faiss
+
+
 def kmeans_centroids(
     embeddings: np.ndarray,
     k: int,
@@ -89,6 +98,7 @@ def kmeans_centroids(
         raise ValueError(f"n_restarts must be >= 1; got {n_restarts}")
     best: np.ndarray | None = None
     best_objective = -np.inf
+    faiss = _faiss()
     for restart in tqdm(range(n_restarts), desc="k-means restarts", file=sys.stderr, disable=not progress):
         kmeans = faiss.Kmeans(
             x.shape[1],
@@ -308,7 +318,7 @@ def _fit_metadata(
         "tool": {
             "name": "service.router.offline.fit",
             "version": __version__,
-            "faiss": faiss.__version__,
+            "faiss": _faiss().__version__,
             "numpy": np.__version__,
         },
         "provenance": dict(provenance or {}),
