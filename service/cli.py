@@ -143,11 +143,12 @@ def _serve_both(args: argparse.Namespace) -> int:
     while all(child.poll() is None for child in children):
         time.sleep(CHILD_POLL_S)
     first = next(child for child in children if child.returncode is not None)
-    if not stopping:  # one service died on its own: stop the other (signalled once, it drains and exits 0)
+    died_on_its_own = not stopping
+    if died_on_its_own:  # stop the other (signalled once, it drains and exits 0)
         forward(signal.SIGTERM, None)
     codes = [abs(child.wait()) for child in children]
-    # the service that ended first says why (the other one's exit is the SIGTERM sent to it)
-    return abs(first.returncode) if not stopping and first.returncode else max(codes)
+    # the service that ended first says why (the other one's exit may be the SIGTERM sent to it)
+    return abs(first.returncode) if died_on_its_own and first.returncode else max(codes)
 
 
 def serve_dispatcher_main() -> int:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import math
 import os
 import re
@@ -172,7 +171,9 @@ class DispatcherSettings(BaseSettings):
     max_workers_per_endpoint: int = _opt(
         1024, "most worker records one endpoint may hold; a new worker id beyond is refused (409)"
     )
-    load_window_s: float = _opt(60.0, "window of the load rate that autoscaling reads")
+    load_window_s: float = _opt(
+        60.0, "window of the load rate that autoscaling reads (and of how recently a waiting request was polled)"
+    )
     autoscale_interval_s: float = _opt(5.0, "how often the scaling decisions and worker gauges refresh")
     admin_token: str | None = _opt(None, "bearer token for GET /endpoints/ (unset: only each endpoint's api key)")
 
@@ -199,6 +200,7 @@ class DispatcherSettings(BaseSettings):
 
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 INDEX_BACKENDS = ("auto", "faiss", "torch")
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 _POSITIVE_INTS = re.compile(r"[1-9]\d*(,[1-9]\d*)*")
@@ -215,8 +217,8 @@ def _positive_finite(value: float) -> bool:
 
 def _base_problems(settings: BaseSettings) -> list[str]:
     problems = []
-    if settings.log_level.upper() not in logging.getLevelNamesMapping():
-        problems.append(f"--log-level must be debug, info, warning, error or critical; got {settings.log_level!r}")
+    if settings.log_level.lower() not in LOG_LEVELS:
+        problems.append(f"--log-level must be one of {', '.join(LOG_LEVELS)}; got {settings.log_level!r}")
     if not 0 <= settings.port <= MAX_PORT:
         problems.append(f"--port must be 0-{MAX_PORT}")
     if settings.workers < 1:

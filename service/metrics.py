@@ -235,6 +235,13 @@ class DispatcherMetrics(HttpMetrics):
             "dispatcher_load_rate", "Workload units per second routed as new requests (recent window)",
             ["endpoint"], multiprocess_mode=SHARED_VIEW, registry=registry,
         )  # fmt: skip
+        self.waiting_requests = Gauge(
+            "dispatcher_waiting_requests",
+            "Requests answered 'no ready worker' whose clients polled within the load window, per endpoint",
+            ["endpoint"],
+            multiprocess_mode=SHARED_VIEW,
+            registry=registry,
+        )
         self.wanted_workers = Gauge(
             "dispatcher_wanted_workers",
             "Workers the autoscaling decision wants",

@@ -273,6 +273,7 @@ class DispatcherService(ServiceBase):
                 metrics.workers.labels(endpoint=spec.name, state=state).set(counts[state])
             metrics.load.labels(endpoint=spec.name).set(view.stats.outstanding)
             metrics.load_rate.labels(endpoint=spec.name).set(view.stats.load_rate)
+            metrics.waiting_requests.labels(endpoint=spec.name).set(view.stats.waiting_requests)
             metrics.wanted_workers.labels(endpoint=spec.name).set(view.decision.wanted_workers)
             metrics.wanted_cold_workers.labels(endpoint=spec.name).set(view.decision.wanted_cold_workers)
             decisions.append(view.decision)

@@ -7,9 +7,10 @@
     cold    = min(cold_workers, max_workers - wanted)      (stopped workers kept loaded, for quick start)
 
 The outstanding term makes a backlog count: work already queued must drain within the queue-time budget. So does
-work waiting for a worker (requests answered "no ready worker", whose clients poll): once the load window has
-passed, a client waiting on a cold start is the only sign of demand, and without it the decision scaled the loading
-worker away. A waiting request of cost 0 still wants a worker.
+work waiting for a worker (requests answered "no ready worker" and polled within the load window): once the window
+has passed, a client waiting on a cold start is the only sign of demand, and without it the decision scaled the
+loading worker away. A waiting request of cost 0 still wants a worker. One its client stopped polling no longer
+counts after a window (it may have been sent anew, and would count twice).
 With no measured perf yet, any demand asks for one worker (it will measure itself when it starts); any demand at
 all asks for at least one, however fast the workers (within max_workers). A ready worker without a positive
 max_perf gets no requests (picking divides by it), so it is no serving capacity: not counted as ready.

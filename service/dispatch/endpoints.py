@@ -36,6 +36,7 @@ from tomlkit.exceptions import TOMLKitError
 
 ENDPOINT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 KEY_BYTES = 32
+NEW_CONFIG_MODE = 0o644  # it holds key digests, not keys: readable by the dispatcher's user whoever writes it
 _DUMMY_DIGEST = hashlib.sha256(b"no such endpoint").hexdigest()
 
 
@@ -198,10 +199,12 @@ def save_config(path: Path, registry: EndpointRegistry) -> None:
     # A symlinked file is edited where it lives (replacing the link would leave its target without the new key), and
     # keeps its permissions (a 0600 file must not come back 0644).
     target = path.resolve()
+    mode = stat.S_IMODE(target.stat().st_mode) if target.exists() else NEW_CONFIG_MODE
     tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(tomlkit.dumps(document), encoding="utf-8")
-    if target.exists():
-        os.chmod(tmp, stat.S_IMODE(target.stat().st_mode))
+    tmp.unlink(missing_ok=True)  # a leftover of an interrupted run: O_EXCL below makes the mode ours
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w", encoding="utf-8") as handle:
+        handle.write(tomlkit.dumps(document))
+    os.chmod(tmp, mode)  # never wider than the file it replaces, not even for a moment
     tmp.replace(target)
 
 

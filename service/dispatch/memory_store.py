@@ -79,7 +79,8 @@ class MemoryStore:
         self._expiries: list[tuple[float, int]] = []  # heap; an entry is stale once its request moved on
         self._next_idx = itertools.count(request_idx_origin(self._clock(), request_idxs_per_s))
         self._load_buckets: dict[str, deque[list[float]]] = defaultdict(deque)
-        self._waiting: dict[str, dict[int, float]] = defaultdict(dict)  # endpoint -> {request_idx: cost}, no worker
+        # endpoint -> {request_idx: when last polled} of the requests that hold no worker (autoscaling's demand)
+        self._waiting: dict[str, dict[int, float]] = defaultdict(dict)
 
     async def route(self, endpoint: str, cost: float, request_idx: int | None, policy: PickPolicy) -> RouteOutcome:
         now = self._clock()
@@ -108,7 +109,7 @@ class MemoryStore:
         assert request_idx is not None
         if picked is None:
             self._track(request_idx, (endpoint, cost, None, now + policy.request_ttl_s))
-            self._waiting[endpoint][request_idx] = cost
+            self._waiting[endpoint][request_idx] = now
             status = status_breakdown(
                 workers.values(),
                 now=now,
@@ -175,12 +176,12 @@ class MemoryStore:
         since = current - window_s + LOAD_RATE_BUCKET_S
         recent = sum(total for start, total in self._load_buckets.get(endpoint, ()) if start >= since)
         outstanding = sum(w.load for w in self._workers.get(endpoint, {}).values())
-        waiting = self._waiting.get(endpoint, {})
+        waiting = self._waiting_costs(endpoint, since=now - window_s)
         return LoadStats(
             load_rate=recent / window_s,
             outstanding=outstanding,
             waiting_requests=len(waiting),
-            waiting=sum(waiting.values()),
+            waiting=math.fsum(waiting),  # exact, so the order (which Redis does not keep) cannot matter
         )
 
     async def now(self) -> float:
@@ -199,6 +200,15 @@ class MemoryStore:
         if worker is not None:
             worker.open_requests = max(0, worker.open_requests - 1)
             worker.load = load_after_release(worker.load, cost, worker.open_requests)
+
+    def _waiting_costs(self, endpoint: str, *, since: float) -> list[float]:
+        """The costs of the endpoint's requests waiting for a worker and polled after ``since``; those polled
+        before no longer count (their client gave up or sent the request anew) and are dropped."""
+        waiting = self._waiting.get(endpoint, {})
+        stale = [idx for idx, polled in waiting.items() if not polled > since]
+        for idx in stale:
+            del waiting[idx]
+        return [self._requests[idx][_COST] for idx in waiting]
 
     def _forget_request(self, request_idx: int, request: _Request) -> None:
         """A request that leaves for good gives its load back, or stops waiting."""

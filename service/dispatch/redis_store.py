@@ -12,7 +12,7 @@ Key layout (``P`` is the ``prefix``, ``dispatch:`` by default; ``E`` an endpoint
     P worker:E/W            hash    url, state, max_perf, cur_load, in_flight, last_seen (the last report),
                                     load, reqnum, open_requests (the dispatcher's ledger)
     P rate:E:<second>       string  cost routed as new requests to E in that second; EXPIRE LOAD_HISTORY_S
-    P waiting:E             hash    request_idx -> cost of E's requests that hold no worker (autoscaling's demand)
+    P waiting:E             hash    request_idx -> when last polled, of E's requests that hold no worker (demand)
 
 A worker's hash and its set member are removed together (``forget_workers``) once it has been silent for
 ``forget_s`` holding no request.
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections.abc import Iterator, Sequence
 from importlib import resources
 from typing import Any
@@ -99,17 +100,22 @@ def _check_endpoint(endpoint: str) -> str:
 
 
 def _redacted(url: str) -> str:
-    """The URL without its password (``user:password@`` or redis-py's ``?password=``), for messages that
-    unauthenticated callers can read (``/health``)."""
+    """The URL without its secrets (``user:password@``, and query arguments such as ``?password=`` or
+    ``?ssl_password=``, which redis-py passes through), for messages that unauthenticated callers can read
+    (``/health``)."""
     parts = urlsplit(url)
     if parts.password is not None:
         user = f"{parts.username}:" if parts.username else ":"
         parts = parts._replace(netloc=f"{user}***@{parts.netloc.rsplit('@', 1)[1]}")
     query = parse_qsl(parts.query, keep_blank_values=True)
-    if any(name == "password" for name, _ in query):
-        masked = [(name, "***" if name == "password" else value) for name, value in query]
+    if any(_secret(name) for name, _ in query):
+        masked = [(name, "***" if _secret(name) else value) for name, value in query]
         parts = parts._replace(query=urlencode(masked, safe="*"))
     return parts.geturl()
+
+
+def _secret(query_argument: str) -> bool:
+    return "password" in query_argument.lower()
 
 
 def check_url(url: str) -> None:
@@ -268,12 +274,12 @@ class RedisStore:
         args = (*self._common, _check_endpoint(endpoint), _num(window_s), str(LOAD_RATE_BUCKET_S), str(LOAD_HISTORY_S))
         with self._unavailable("load_stats"):
             reply = await self._load_stats(args=args)
-        total, waiting_requests, waiting, *loads = reply
+        total, waiting, loads = reply
         return LoadStats(
             load_rate=float(total) / window_s,
             outstanding=sum(float(load) for load in loads),
-            waiting_requests=int(waiting_requests),
-            waiting=float(waiting),
+            waiting_requests=len(waiting),
+            waiting=math.fsum(float(cost) for cost in waiting),
         )
 
     async def now(self) -> float:

@@ -154,10 +154,10 @@ def _worker_url(text: str) -> str:
         raise InvalidRequest(problem) from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise InvalidRequest(problem)
-    if "@" in parts.netloc or "?" in url or "#" in url:
+    if "@" in url or "?" in url or "#" in url:
         # every client is sent this URL (credentials would leak to them) and appends its path to it (after a query
-        # or fragment, the path lands in those instead)
-        raise InvalidRequest("'url' must be a base URL without credentials, query or fragment")
+        # or fragment, the path lands in those instead); '@' is refused anywhere, as the OpenAPI pattern says
+        raise InvalidRequest("'url' must be a base URL without credentials, query or fragment ('@', '?', '#')")
     return url
 
 

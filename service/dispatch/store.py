@@ -57,8 +57,8 @@ class LoadStats:
 
     load_rate: float  # workload units per second routed as new requests over the window
     outstanding: float  # workload units assigned and not yet released
-    # requests answered "no ready worker" whose client may still be polling (until request_ttl_s), and their workload:
-    # demand that no worker's load shows
+    # requests answered "no ready worker" and polled within the window, and their workload: demand that no worker's
+    # load shows
     waiting_requests: int = 0
     waiting: float = 0.0
 

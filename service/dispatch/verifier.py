@@ -181,6 +181,9 @@ class AssignmentVerifier:
     def _check_signature(self, assignment: Assignment, signature: str) -> None:
         keyring = self._keyring
         if assignment.key_id not in keyring.key_ids:
+            # unknown_key makes a worker fetch the dispatcher's keys: only for an assignment that could be its own
+            self._check_target(assignment)
+            self._check_expiry(assignment)
             raise AssignmentRejected(RejectReason.UNKNOWN_KEY, f"key {assignment.key_id!r} is not a published key")
         if not keyring.verify(assignment, signature):
             raise AssignmentRejected(RejectReason.BAD_SIGNATURE, "signature does not match the assignment")

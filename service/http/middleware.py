@@ -17,8 +17,8 @@ OTHER_ROUTE = "other"
 # the process's life (and by Prometheus): the rest are labelled "other".
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
 OTHER_METHOD = "other"
-# What a request that ended without any answer is counted as: the app returned without sending one only because the
-# client left (nginx's "client closed request"); an exception that escaped the app is a 500.
+# What a request that ended without any answer is counted as: 499 (nginx's "client closed request") once the app saw
+# the client leave; otherwise the server answers 500 itself, as it does for an exception that escaped the app.
 CLIENT_CLOSED_REQUEST = 499
 UNHANDLED_ERROR = 500
 
@@ -55,23 +55,29 @@ class RequestMetricsMiddleware:
         status = 0
         started = time.perf_counter()
 
+        client_left = False
+
         async def send_wrapper(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
             await send(message)
 
+        async def receive_wrapper() -> Message:
+            nonlocal client_left
+            message = await receive()
+            client_left = client_left or message["type"] == "http.disconnect"
+            return message
+
         self.in_flight += 1
         if self._track_gauge:
             self.metrics.in_flight.inc()
         self.idle.clear()
-        no_answer_status = UNHANDLED_ERROR
         try:
-            await self.app(scope, receive, send_wrapper)
-            no_answer_status = CLIENT_CLOSED_REQUEST
+            await self.app(scope, receive_wrapper, send_wrapper)
         finally:
             if not status:
-                status = no_answer_status
+                status = CLIENT_CLOSED_REQUEST if client_left else UNHANDLED_ERROR
             self.in_flight -= 1
             if self._track_gauge:
                 self.metrics.in_flight.dec()

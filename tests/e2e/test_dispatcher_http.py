@@ -215,9 +215,10 @@ async def test_sighup_rotates_the_signing_key_and_assignments_in_flight_still_se
 
     # the workers still hold the old key only: each fetches the new one before answering, so a client that never
     # retries a refusal (Vast's SDK) is served at the first try
-    for _ in range(2):  # whichever worker each lands on
-        fresh_assignment = (await asyncio.to_thread(route, dispatcher, deployment.api_key)).json()
-        assert fresh_assignment["key_id"] == pubkey["key_id"]
+    # both routed before either is served: the first holds its load, so the second goes to the other worker
+    fresh = [(await asyncio.to_thread(route, dispatcher, deployment.api_key)).json() for _ in range(2)]
+    assert len({a["url"] for a in fresh}) == 2 and {a["key_id"] for a in fresh} == {pubkey["key_id"]}
+    for fresh_assignment in fresh:
         served = await asyncio.to_thread(
             httpx.post, f"{fresh_assignment['url']}/echo", json={"auth_data": fresh_assignment, "payload": "new key"}
         )

@@ -58,6 +58,7 @@ DISPATCHER_METRICS: dict[str, tuple[str, set[str]]] = {
     "dispatcher_workers": ("gauge", {"endpoint", "state"}),
     "dispatcher_outstanding_load": ("gauge", {"endpoint"}),
     "dispatcher_load_rate": ("gauge", {"endpoint"}),
+    "dispatcher_waiting_requests": ("gauge", {"endpoint"}),
     "dispatcher_wanted_workers": ("gauge", {"endpoint"}),
     "dispatcher_wanted_cold_workers": ("gauge", {"endpoint"}),
     "dispatcher_store_up": ("gauge", set()),

@@ -48,7 +48,7 @@ def test_serve_on_a_port_in_use_exits_1_before_starting() -> None:
     [
         (["--redis-url", "http://127.0.0.1:6379/0"], "error: --redis-url http://127.0.0.1:6379/0: Redis URL must"),
         (["--redis-url", "redis://:pw@h:notaport/0"], "error: --redis-url redis://:***@h:notaport/0: Port could not"),
-        (["--log-level", "loud"], "error: --log-level must be debug, info, warning, error or critical"),
+        (["--log-level", "loud"], "error: --log-level must be one of debug, info, warning, error, critical"),
     ],
 )
 def test_serve_dispatcher_refuses_bad_settings_in_one_line_before_binding(
@@ -103,3 +103,34 @@ def test_serve_refuses_a_port_out_of_range_before_starting_anything(capsys: pyte
         main(["serve", "--dispatcher-port", "99999"])
     assert exited.value.code == 2
     assert "--dispatcher-port: must be 0-65535" in capsys.readouterr().err
+
+
+class FakeChild:
+    """A service child process: ``exits_with`` on its own after one poll, or killed by the first signal sent."""
+
+    def __init__(self, exits_with: int | None) -> None:
+        self.exits_with = exits_with
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.exits_with is not None:
+            self.returncode = self.exits_with
+        return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        self.returncode = -signum  # died of it, before its own handler was installed
+
+    def wait(self) -> int:
+        assert self.returncode is not None
+        return self.returncode
+
+
+def test_serve_exits_with_the_code_of_the_service_that_ended_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """It exited 15 (the SIGTERM sent to the surviving service) instead of the failing service's 2."""
+    import signal
+    import subprocess
+
+    children = iter([FakeChild(exits_with=2), FakeChild(exits_with=None)])
+    monkeypatch.setattr(subprocess, "Popen", lambda *args, **kwargs: next(children))
+    monkeypatch.setattr(signal, "signal", lambda *args: None)
+    assert main(["serve", "--router-port", "0", "--dispatcher-port", "0"]) == 2

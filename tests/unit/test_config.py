@@ -71,7 +71,7 @@ def test_default_weights_path_is_the_shipped_file() -> None:
         (["--workers", "0"], "--workers must be >= 1"),
         (["--port", "70000"], "--port must be 0-65535"),
         (["--drain-timeout-s", "nan"], "--drain-timeout-s must be a finite"),
-        (["--log-level", "foo"], "--log-level must be debug, info, warning, error or critical; got 'foo'"),
+        (["--log-level", "foo"], "--log-level must be one of debug, info, warning, error, critical; got 'foo'"),
     ],
 )
 def test_invalid_router_settings_are_refused_up_front(flags: list[str], message: str) -> None:

@@ -564,6 +564,10 @@ async def test_refresh_gauges_sets_worker_and_scaling_gauges(
     # demand = max(50 / 60 s window, 50 outstanding / 30 s) = 5/3 u/s; perf 100 * 0.9 -> 1 worker wanted
     assert decisions[EP].wanted_workers == 1
     assert decisions[OTHER].wanted_workers == 0
+    waiting = await client.post("/route/", json={"endpoint": OTHER, "api_key": OTHER_API_KEY, "cost": 0})
+    assert waiting.json()["status"]["ready"] == 0  # no worker at all: the client polls
+    decisions = {d.endpoint: d for d in await service.refresh_gauges()}
+    assert (decisions[OTHER].waiting_requests, decisions[OTHER].wanted_workers) == (1, 1)
     text = (await client.get("/metrics")).text
     for line in (
         'dispatcher_workers{endpoint="ep",state="ready"} 1.0',
@@ -571,7 +575,9 @@ async def test_refresh_gauges_sets_worker_and_scaling_gauges(
         'dispatcher_workers{endpoint="ep",state="inactive"} 0.0',
         'dispatcher_workers{endpoint="other",state="ready"} 0.0',
         'dispatcher_wanted_workers{endpoint="ep"} 1.0',
-        'dispatcher_wanted_workers{endpoint="other"} 0.0',
+        'dispatcher_wanted_workers{endpoint="other"} 1.0',
+        'dispatcher_waiting_requests{endpoint="other"} 1.0',
+        'dispatcher_waiting_requests{endpoint="ep"} 0.0',
         'dispatcher_wanted_cold_workers{endpoint="ep"} 0.0',
         'dispatcher_outstanding_load{endpoint="ep"} 50.0',
     ):

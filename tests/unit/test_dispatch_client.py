@@ -399,6 +399,36 @@ async def test_a_key_rotation_is_picked_up_by_the_worker_before_it_answers(signe
     assert response.assignment.key_id == dispatcher.signer.key_id
 
 
+class CountingKeys(FakeDispatcherForWorker):
+    """Counts ``/pubkey/`` fetches, each of which takes a moment (so that concurrent requests overlap one)."""
+
+    def __init__(self, signer: Signer) -> None:
+        super().__init__(signer)
+        self.key_fetches = 0
+
+    async def handle_async(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/pubkey/":
+            self.key_fetches += 1
+            await asyncio.sleep(0.05)
+        return self.handle(request)
+
+
+async def test_unknown_keys_share_one_fetch_and_fetch_at_most_every_gap(signer: Signer) -> None:
+    """Forged key ids are free: one fetch serves every request waiting on it, and another waits out the gap."""
+    dispatcher = CountingKeys(signer)
+    async with httpx.AsyncClient(transport=httpx.MockTransport(dispatcher.handle_async)) as worker_http:
+        app = build_example_worker(dispatcher_url=DISPATCHER, endpoint=ENDPOINT, worker_id="w1", own_url=WORKER_URL,
+                                   worker_token=WORKER_TOKEN, http=worker_http)  # fmt: skip
+        worker = app.state.worker
+        async with app.router.lifespan_context(app):
+            await wait_for(lambda: worker.keys_loaded)
+            fetched_at_start = dispatcher.key_fetches
+            results = await asyncio.gather(*(worker.refresh_for_unknown_key() for _ in range(5)))
+            assert results == [True] * 5 and dispatcher.key_fetches == fetched_at_start + 1
+            assert await worker.refresh_for_unknown_key() is False  # within the gap: refused without a fetch
+            assert dispatcher.key_fetches == fetched_at_start + 1
+
+
 class MalformedKeysFirst(FakeDispatcherForWorker):
     """Answers ``/pubkey/`` with an empty key list at first (a dispatcher mid-deploy, say)."""
 

@@ -270,7 +270,8 @@ def test_a_release_without_endpoint_is_invalid() -> None:
     ("url", "accepted"),
     [("http://10.0.0.5:8000", True), ("https://w.example/", True), ("http://proxy/workers/w-1~x", True),
      ("ftp://h", False), ("http://", False), ("http://a b", False), ('http://h/"', False), ("http://h\\x", False),
-     ("http://u:p@h", False), ("http://h/?q=1", False), ("http://h/#f", False), ("http://h\u00e9", False)],
+     ("http://u:p@h", False), ("http://h/?q=1", False), ("http://h/#f", False), ("http://h\u00e9", False),
+     ("HTTP://h", True), ("http://h/a@b", False)],
 )  # fmt: skip
 def test_openapis_worker_url_pattern_agrees_with_the_parser(url: str, accepted: bool) -> None:
     """The schema a worker's author codes against takes what the server takes (it took query strings and

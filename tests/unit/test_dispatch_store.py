@@ -368,7 +368,7 @@ async def test_load_stats(store: DispatchStore) -> None:
 
 async def test_load_stats_count_requests_waiting_for_a_worker_until_they_leave(store: DispatchStore) -> None:
     """A request answered "no ready worker" is demand no worker's load shows (the autoscaler read none): it waits
-    until a retry is assigned, the request is released, or its ttl passes."""
+    until a retry is assigned, the request is released, or its ttl passes. A poll is not a second request."""
     short = PickPolicy(max_queue_time_s=30.0, heartbeat_timeout_s=60.0, request_ttl_s=0.2)
     first, second = await no_ready(store, 2.0), await no_ready(store, 3.0)
     await no_ready(store, 1.0, policy=short)
@@ -383,6 +383,53 @@ async def test_load_stats_count_requests_waiting_for_a_worker_until_they_leave(s
     assert await store.release(EP, [second.request_idx]) == Released(released=1, unknown=0)
     assert await store.load_stats(EP, 10.0) == LoadStats(0.6, 2.0, waiting_requests=0, waiting=0.0)
     assert await store.load_stats(OTHER_EP, 10.0) == LoadStats(0.4, 0.0, waiting_requests=1, waiting=4.0)
+
+
+async def test_a_waiting_request_counts_while_its_client_polls_within_the_window(store: DispatchStore) -> None:
+    """One whose client stopped polling stops counting after a window: it may have been sent anew (a second count),
+    and it held scale-to-zero for the request ttl (600 s)."""
+    window = 0.5
+    polled, abandoned = await no_ready(store, 2.0), await no_ready(store, 3.0)
+    stats = await store.load_stats(EP, window)
+    assert (stats.waiting_requests, stats.waiting) == (2, 5.0)
+    await asyncio.sleep(window * 0.6)
+    await no_ready(store, 2.0, polled.request_idx)
+    await asyncio.sleep(window * 0.6)  # abandoned was last polled over a window ago, polled within it
+    stats = await store.load_stats(EP, window)
+    assert (stats.waiting_requests, stats.waiting) == (1, 2.0)
+    await no_ready(store, 3.0, abandoned.request_idx)  # its client is back: it counts again
+    stats = await store.load_stats(EP, window)
+    assert (stats.waiting_requests, stats.waiting) == (2, 5.0)
+
+
+async def test_a_retry_whose_worker_went_away_waits_again_and_its_worker_cannot_release_it(
+    store: DispatchStore,
+) -> None:
+    await report(store, "w1")
+    held = await assign(store, 4.0)
+    await report(store, "w1", state=WorkerState.STOPPED)
+    await no_ready(store, 4.0, held.request_idx)  # assigned -> waiting: its load leaves w1, its demand waits
+    assert await loads(store) == {"w1": 0.0}
+    stats = await store.load_stats(EP, 10.0)
+    assert (stats.outstanding, stats.waiting_requests, stats.waiting) == (0.0, 1, 4.0)
+    assert await store.release(EP, [held.request_idx], "w1") == Released(released=0, unknown=0, not_held=1)
+    stats = await store.load_stats(EP, 10.0)
+    assert (stats.waiting_requests, stats.waiting) == (1, 4.0)
+
+
+async def test_waiting_entries_an_older_replica_left_behind_are_dropped(redis_url: str, redis_prefix: str) -> None:
+    """Scripts from before the waiting hash release or assign a request without touching it (a rolling update):
+    load_stats checks each entry against its request."""
+    store = RedisStore(redis_url, prefix=redis_prefix)
+    try:
+        gone = await no_ready(store, 5.0)
+        kept = await no_ready(store, 1.0)
+        await store._redis.delete(f"{redis_prefix}req:{gone.request_idx}")  # as an old release.lua does
+        stats = await store.load_stats(EP, 10.0)
+        assert (stats.waiting_requests, stats.waiting) == (1, 1.0)
+        assert await store._redis.hkeys(f"{redis_prefix}waiting:{EP}") == [str(kept.request_idx)]
+    finally:
+        await store.close()
 
 
 async def test_counters_start_at_the_clock_so_a_lost_counter_never_reissues_one(
@@ -541,11 +588,14 @@ async def test_redis_error_message_hides_the_password() -> None:
 
 async def test_a_password_given_as_a_query_parameter_is_hidden_too() -> None:
     """redis-py takes ``?password=``; /health (unauthenticated) showed it in the store's error."""
-    store = RedisStore(f"redis://127.0.0.1:{free_port()}/0?password=hunter2&db=0", connect_timeout_s=0.5)
+    url = f"rediss://127.0.0.1:{free_port()}/0?password=hunter2&db=0&ssl_password=swordfish"  # TLS key passphrase
+    store = RedisStore(url, connect_timeout_s=0.5)
     try:
         with pytest.raises(StoreUnavailable) as caught:
             await store.ping()
-        assert "hunter2" not in str(caught.value) and "?password=***&db=0" in str(caught.value)
+        message = str(caught.value)
+        assert "hunter2" not in message and "swordfish" not in message, message
+        assert "?password=***&db=0&ssl_password=***" in message
     finally:
         await store.close()
 

@@ -231,6 +231,9 @@ async def test_an_unknown_key_is_fetched_and_the_request_verified_again_before_a
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=BASE) as c:
         bad_signature = {**auth(signer, 1), "cost": 2.0}
         assert (await c.post("/work", json={"auth_data": bad_signature})).status_code == 401
+        elsewhere = auth(rotated, 3, url="http://elsewhere:8000")  # unknown key, but not ours anyway: no fetch
+        refused = await c.post("/work", json={"auth_data": elsewhere})
+        assert refused.status_code == 401 and refused.json()["error"]["reason"] == "wrong_url"
         assert fetches == []
         assert (await c.post("/work", json={"auth_data": auth(rotated, 2)})).status_code == 200
         assert fetches == ["fetched"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -48,3 +49,16 @@ def test_a_file_that_is_no_cache_is_refused_not_overwritten(tmp_path: Path, cont
     with pytest.raises(NotACache, match="refusing to overwrite"):
         read_cache(path, texts_sha256(["a"]), SHA)
     assert path.read_bytes() == content
+
+
+def test_a_whole_zip_that_is_not_this_cache_is_refused(tmp_path: Path) -> None:
+    """Anything starting as a zip was taken for a damaged cache and replaced: another .npz, a torch checkpoint."""
+    other = tmp_path / "other.npz"
+    np.savez(other, weights=np.ones(3))
+    with pytest.raises(NotACache):
+        read_cache(other, texts_sha256(["a"]), SHA)
+    checkpoint = tmp_path / "model.pt"
+    with zipfile.ZipFile(checkpoint, "w") as archive:
+        archive.writestr("archive/data.pkl", b"not an npz member")
+    with pytest.raises(NotACache):
+        read_cache(checkpoint, texts_sha256(["a"]), SHA)

@@ -78,6 +78,18 @@ async def test_a_request_left_unanswered_because_the_client_left_is_counted_499(
     assert registry.get_sample_value("t_http_requests_total", {**labels, "status": "500"}) is None
 
 
+async def test_an_app_that_returns_unanswered_with_the_client_still_there_is_counted_500() -> None:
+    """The server answers 500 itself then: counting 499 would hide it from the 5xx alert."""
+
+    async def forgot_to_answer(scope: Scope, receive: Receive, send: Send) -> None:
+        return None
+
+    registry = CollectorRegistry()
+    await run_asgi(RequestMetricsMiddleware(forgot_to_answer, metrics=HttpMetrics(registry, "t"), routes=["/x"]))
+    labels = {"route": "/x", "method": "POST", "status": "500"}
+    assert registry.get_sample_value("t_http_requests_total", labels) == 1
+
+
 async def test_an_exception_that_escapes_the_app_is_counted_500() -> None:
     async def broken(scope: Scope, receive: Receive, send: Send) -> None:
         raise RuntimeError("bug")

@@ -1,5 +1,5 @@
 -- ARGV[3..]: endpoint, window_s, LOAD_RATE_BUCKET_S, LOAD_HISTORY_S.
--- Returns {sum of the buckets in the window, requests waiting for a worker, their cost, load of each worker...}.
+-- Returns {sum of the buckets in the window, {cost of each request waiting for a worker}, {load of each worker}}.
 local endpoint = ARGV[3]
 local window = tonumber(ARGV[4])
 local bucket = tonumber(ARGV[5])
@@ -15,12 +15,21 @@ for k = back, 0, -1 do  -- oldest first, the order MemoryStore sums in
   local value = redis.call('GET', prefix .. 'rate:' .. endpoint .. ':' .. fmt(start - k * bucket))
   if value then total = total + tonumber(value) end
 end
-local waiting_cost = 0
-local waiting = redis.call('HVALS', waiting_key(endpoint))
-for _, cost in ipairs(waiting) do waiting_cost = waiting_cost + tonumber(cost) end
-local reply = {fmt(total), #waiting, fmt(waiting_cost)}
+-- MemoryStore._waiting_costs: requests polled within the window; the rest no longer count and are dropped, as are
+-- entries whose request is gone or has a worker (a replica running older scripts released or assigned it)
+local waiting_costs, waiting = {}, waiting_key(endpoint)
+local entries = redis.call('HGETALL', waiting)
+for i = 1, #entries, 2 do
+  local r = redis.call('HMGET', prefix .. 'req:' .. entries[i], 'cost', 'worker')
+  if r[1] and not r[2] and tonumber(entries[i + 1]) > now - window then
+    waiting_costs[#waiting_costs + 1] = r[1]
+  else
+    redis.call('HDEL', waiting, entries[i])
+  end
+end
+local loads = {}
 for _, id in ipairs(redis.call('SMEMBERS', prefix .. 'workers:' .. endpoint)) do
   local load = redis.call('HGET', worker_key(endpoint, id), 'load')
-  if load then reply[#reply + 1] = load end
+  if load then loads[#loads + 1] = load end
 end
-return reply
+return {fmt(total), waiting_costs, loads}

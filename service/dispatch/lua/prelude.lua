@@ -11,7 +11,7 @@ local function clock()
 end
 
 local function worker_key(endpoint, worker_id) return prefix .. 'worker:' .. endpoint .. '/' .. worker_id end
--- MemoryStore._waiting: {request_idx: cost} of the endpoint's requests that hold no worker
+-- MemoryStore._waiting: {request_idx: when last polled} of the endpoint's requests that hold no worker
 local function waiting_key(endpoint) return prefix .. 'waiting:' .. endpoint end
 
 -- MemoryStore._unassign: a request of `cost` leaves its worker (if the worker exists); returns the new load or nil.

@@ -102,7 +102,7 @@ if best then
 end
 
 redis.call('HSET', req_key, 'endpoint', endpoint, 'cost', ARGV[4])
-redis.call('HSET', waiting_key(endpoint), idx, ARGV[4])
+redis.call('HSET', waiting_key(endpoint), idx, fmt(now))
 -- selection.status_breakdown
 local counts, order = {}, {}
 for _, w in ipairs(workers) do

@@ -93,7 +93,9 @@ def read_cache(path: Path, texts_digest: str, embedder_sha256: str) -> np.ndarra
     except FileNotFoundError:
         return None
     except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile, AttributeError) as exc:
-        if _starts_with(path, ZIP_MAGIC):
+        # a damaged archive is one that starts as a zip and breaks as one; a whole zip without the cache's arrays
+        # (another .npz, a torch checkpoint, a spreadsheet) is someone else's file
+        if isinstance(exc, zipfile.BadZipFile | EOFError) and _starts_with(path, ZIP_MAGIC):
             return None
         raise NotACache(
             f"--embedding-cache {path} is not an embedding cache ({type(exc).__name__}); refusing to overwrite it: "

@@ -351,6 +351,7 @@ def fit_main(args: argparse.Namespace) -> int:
     out: Path = args.out or default_weights_path()
     text_mode: TextMode = args.text
     try:
+        _faiss()  # before the inputs are read and embedded, which takes minutes
         labelled, prices, prices_path = load_inputs(args, text_mode, require_prices=args.costs == "prices")
         require_outcomes(labelled)
         check_fit_settings(labelled.num_rows, args.clusters, args.restarts, args.alpha, args.seed)
