@@ -217,7 +217,8 @@ class DispatchClient:
     # -- one route call ---------------------------------------------------------------------------------------
     async def route(self, endpoint: str, cost: float, request_idx: int | None = None) -> dict[str, Any]:
         """One ``POST /route/``: the raw answer (assigned, or no ready worker). Raises ``DispatcherRefused`` on an
-        HTTP error, ``DispatchError`` on a malformed answer, ``httpx.TransportError`` when unreachable."""
+        HTTP error, ``DispatchError`` on a malformed answer, ``httpx.HTTPError`` when unreachable or the answer
+        cannot be read."""
         body: dict[str, Any] = {"endpoint": endpoint, "cost": cost}
         if request_idx is not None:
             body["request_idx"] = request_idx
@@ -262,10 +263,12 @@ class DispatchClient:
 
     def backoff_delay(self, retry: int, retry_after_s: float | None = None) -> float:
         """Seconds before retry number ``retry`` (1-based): the server's ``Retry-After`` (capped at
-        ``retry_after_max_s``) stretched by up to ``RETRY_AFTER_JITTER`` when given, else full jitter, uniform in
+        ``retry_after_max_s``, and at least ``backoff_base_s``: ``Retry-After: 0`` must not make a busy loop)
+        stretched by up to ``RETRY_AFTER_JITTER`` when given, else full jitter, uniform in
         [0, min(max, base * 2**(retry-1))]."""
         if retry_after_s is not None:
-            return min(retry_after_s, self._retry_after_max_s) * (1.0 + self._rng.uniform(0.0, RETRY_AFTER_JITTER))
+            wait = max(min(retry_after_s, self._retry_after_max_s), self._backoff_base_s)
+            return wait * (1.0 + self._rng.uniform(0.0, RETRY_AFTER_JITTER))
         doublings = min(retry - 1, MAX_BACKOFF_DOUBLINGS)
         return self._rng.uniform(0.0, min(self._backoff_max_s, self._backoff_base_s * 2**doublings))
 
@@ -292,7 +295,7 @@ class DispatchClient:
                 json={"auth_data": answer, "payload": payload},
                 timeout=self._worker_timeout_s,
             )
-        except httpx.TransportError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:  # unreachable, an unreadable answer, or a URL httpx refuses
             progress.fail(f"worker {url}: {type(exc).__name__}")
             return None
         if _worker_should_retry(response):
@@ -315,7 +318,7 @@ class DispatchClient:
                 raise
             progress.fail(f"dispatcher: {exc.status} {exc.code}", exc.retry_after_s)
             return None
-        except httpx.TransportError as exc:
+        except httpx.HTTPError as exc:  # unreachable, or an answer that cannot be read (a broken encoding)
             progress.fail(f"dispatcher: {type(exc).__name__}")
             return None
         if progress.request_idx is None:

@@ -90,14 +90,18 @@ class ExampleWorker:
         self.own_url = own_url
         self.max_perf = max_perf
         self.report_interval_s = report_interval_s
-        self.verifier = AssignmentVerifier(keyring or KeyRing([]), own_urls=[own_url], endpoint=endpoint)
-        self.keys_loaded = keyring is not None
+        # No key until the first report has set the replay floor (step 2): until then every assignment is refused,
+        # a given keyring included.
+        self.verifier = AssignmentVerifier(KeyRing([]), own_urls=[own_url], endpoint=endpoint)
+        self._given_keyring = keyring
+        self.keys_loaded = False
         self._headers = {"Authorization": f"Bearer {worker_token}"}
         self._given_http = http
         self._http: httpx.AsyncClient | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._last_key_refresh = -KEY_REFRESH_MIN_GAP_S
         self._key_refresh: asyncio.Task[bool] | None = None  # the fetch requests with an unknown key id wait on
+        self._releases: set[asyncio.Task[Any]] = set()  # finished requests' loads on their way back
 
     # -- lifecycle --------------------------------------------------------------------------------------------
     @asynccontextmanager
@@ -107,6 +111,8 @@ class ExampleWorker:
         try:
             yield
         finally:
+            if self._releases:  # loads of requests already served go back before anything is cancelled
+                await asyncio.wait(self._releases, timeout=STOP_REPORT_TIMEOUT_S)
             await self._cancel_tasks()
             await self._report_stopped()
             if self._given_http is None:
@@ -133,10 +139,11 @@ class ExampleWorker:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _run(self) -> None:
-        keyring = None if self.keys_loaded else await self._fetch_keys_until_answered()
+        keyring = self._given_keyring
+        if keyring is None:
+            keyring = await self._fetch_keys_until_answered()
         interval = await self._first_report()
-        if keyring is not None:
-            self._install_keys(keyring)
+        self._install_keys(keyring)
         await self._report_loop(interval)
 
     # -- talking to the dispatcher ----------------------------------------------------------------------------
@@ -263,7 +270,9 @@ class ExampleWorker:
             "request_idx": assignment.request_idx,
             "payload": payload,
         }
-        self.spawn(self.release(assignment.request_idx))
+        release = self.spawn(self.release(assignment.request_idx))
+        self._releases.add(release)
+        release.add_done_callback(self._releases.discard)
         return JSONResponse(answer)
 
     async def health(self, _request: Request) -> Response:
@@ -297,7 +306,12 @@ def build_example_worker(
         http=http,
     )
     app = Starlette(
-        routes=[Route(ECHO_PATH, worker.echo, methods=["POST"]), Route(HEALTH_PATH, worker.health, methods=["GET"])],
+        # /echo/ too: the middleware verifies it as /echo (using up its reqnum), so a redirect would lose the request
+        routes=[
+            Route(ECHO_PATH, worker.echo, methods=["POST"]),
+            Route(ECHO_PATH + "/", worker.echo, methods=["POST"]),
+            Route(HEALTH_PATH, worker.health, methods=["GET"]),
+        ],
         middleware=[
             Middleware(
                 AssignmentAuthMiddleware,

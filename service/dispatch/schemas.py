@@ -3,7 +3,9 @@ clients that send more (Vast's SDK adds ``replay_timeout``) keep working."""
 
 from __future__ import annotations
 
+import ipaddress
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -152,13 +154,30 @@ def _worker_url(text: str) -> str:
         parts.port  # noqa: B018 - parsing it is the check: a port that is not a number in 0..65535 raises
     except ValueError:
         raise InvalidRequest(problem) from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    if parts.scheme not in ("http", "https") or not parts.hostname or not _valid_authority(parts.netloc):
         raise InvalidRequest(problem)
     if "@" in url or "?" in url or "#" in url:
         # every client is sent this URL (credentials would leak to them) and appends its path to it (after a query
         # or fragment, the path lands in those instead); '@' is refused anywhere, as the OpenAPI pattern says
         raise InvalidRequest("'url' must be a base URL without credentials, query or fragment ('@', '?', '#')")
     return url
+
+
+# host[:port], the host a name or an IPv4 address, or an IPv6 address in brackets: what HTTP clients can connect to
+# (urlsplit takes "http://[::1]x:1", which httpx then refuses, failing every client sent there)
+_AUTHORITY = re.compile(r"(?:\[([0-9A-Fa-f:.]+)\]|[A-Za-z0-9._~%!$&'()*+,;=-]+)(?::\d{1,5})?")
+
+
+def _valid_authority(netloc: str) -> bool:
+    match = _AUTHORITY.fullmatch(netloc)
+    if match is None:
+        return False
+    if match.group(1) is not None:
+        try:
+            ipaddress.IPv6Address(match.group(1))
+        except ValueError:
+            return False
+    return True
 
 
 def _text(data: Mapping[str, Any], name: str, max_chars: int) -> str:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, NoReturn
 
 import orjson
@@ -61,7 +62,7 @@ def parse_exact_json_object(body: bytes) -> dict[str, Any]:
     for the service's own fields but not for a client's payload handed on to an application. The stdlib parser,
     refusing NaN and Infinity as orjson does; slower, so only off the hot paths."""
     try:
-        data = json.loads(body, parse_constant=_refuse_constant)
+        data = json.loads(body, parse_constant=_refuse_constant, parse_float=_finite_float)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise InvalidRequest(f"body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
@@ -71,3 +72,12 @@ def parse_exact_json_object(body: bytes) -> dict[str, Any]:
 
 def _refuse_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    """1e400 is valid JSON that no double holds: as orjson does, refuse it rather than hand on inf (which no JSON
+    answer can carry)."""
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"number {text[:32]} is out of range")
+    return value

@@ -27,7 +27,7 @@ from service.dispatch.client import (
 )
 from service.dispatch.example_worker import build_example_worker
 from service.dispatch.schemas import UNKNOWN_REQUEST_IDX
-from service.dispatch.signing import Assignment, Signer, publish
+from service.dispatch.signing import Assignment, KeyRing, Signer, publish
 
 DISPATCHER = "http://dispatcher:8081"
 WORKER_URL = "http://worker-1:8000"
@@ -200,6 +200,36 @@ async def test_backoff_cap_holds_for_any_retry_count() -> None:
         # Retry-After is capped at retry_after_max_s (30), then stretched at random so refused clients spread out
         assert all(30.0 <= wait <= 30.0 * (1 + RETRY_AFTER_JITTER) for wait in waits)
         assert len(set(waits)) == len(waits)
+
+
+async def test_a_retry_after_of_zero_still_backs_off(signer: Signer, make_client: Any, sleep: FakeSleep) -> None:
+    """Retry-After: 0 made every retry immediate: a busy loop against a struggling worker."""
+    fake = FakeDispatch(signer, [ASSIGN, ASSIGN], [httpx.Response(503, headers={"Retry-After": "0"}), ok({})])
+    await make_client(fake, backoff_base_s=0.25).request(ENDPOINT, "/generate", {}, COST)
+    [delay] = sleep.delays
+    assert 0.25 <= delay <= 0.25 * (1 + RETRY_AFTER_JITTER)
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        httpx.Response(200, headers={"content-encoding": "gzip"}, stream=httpx.ByteStream(b"not gzip")),  # unreadable
+        httpx.InvalidURL("Invalid port: 'x:1'"),  # a worker URL httpx refuses
+    ],
+)
+async def test_a_worker_call_that_fails_in_any_way_httpx_can_is_retried_not_raised(
+    signer: Signer, make_client: Any, failure: Step
+) -> None:
+    """Only transport errors were caught: a broken encoding or a URL httpx refuses escaped request() raw."""
+    fake = FakeDispatch(signer, [ASSIGN, ASSIGN], [failure, ok({"answer": 1})])
+    response = await make_client(fake).request(ENDPOINT, "/generate", {}, COST)
+    assert (response.status, response.attempts) == (200, 2)
+
+
+async def test_an_unreadable_dispatcher_answer_is_retried_not_raised(signer: Signer, make_client: Any) -> None:
+    broken = httpx.Response(200, headers={"content-encoding": "gzip"}, stream=httpx.ByteStream(b"not gzip"))
+    fake = FakeDispatch(signer, [broken, ASSIGN], [ok({})])
+    assert (await make_client(fake).request(ENDPOINT, "/generate", {}, COST)).attempts == 2
 
 
 async def test_retry_after_from_the_dispatcher_is_honoured(signer: Signer, make_client: Any, sleep: FakeSleep) -> None:
@@ -397,6 +427,81 @@ async def test_a_key_rotation_is_picked_up_by_the_worker_before_it_answers(signe
     assert response.status == 200, response.body
     assert response.attempts == 1 and len(dispatcher.route_calls) == 1
     assert response.assignment.key_id == dispatcher.signer.key_id
+
+
+async def test_the_example_worker_serves_echo_with_a_trailing_slash_and_refuses_numbers_past_a_double(
+    signer: Signer,
+) -> None:
+    """/echo/ was verified (its reqnum used up), then redirected by Starlette: the request was lost and its load held
+    for the request ttl. A payload of 1e400 became inf, which no JSON answer carries: a 500, retried 8 times."""
+    dispatcher = FakeDispatcherForWorker(signer)
+    async with running_worker(dispatcher) as (http, _client):
+        slash = await http.post(f"{WORKER_URL}/echo/", json={"auth_data": dispatcher.assigned(FIRST_IDX, COST)})
+        assert slash.status_code == 200, slash.text
+        huge = b'{"auth_data": %s, "payload": 1e400}' % orjson.dumps(dispatcher.assigned(FIRST_IDX + 1, COST))
+        refused = await http.post(f"{WORKER_URL}/echo", content=huge, headers={"content-type": "application/json"})
+        assert (refused.status_code, refused.json()["error"]["code"]) == (400, "invalid_request")
+        await wait_for(lambda: len(dispatcher.deleted) == 1)
+
+
+class SlowReleases(FakeDispatcherForWorker):
+    """Reports are answered at once, when ``open_reports`` allows; releases take a moment."""
+
+    def __init__(self, signer: Signer) -> None:
+        super().__init__(signer)
+        self.open_reports = asyncio.Event()
+        self.open_reports.set()
+
+    async def handle_async(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/worker_status/":
+            await self.open_reports.wait()
+        if request.url.path == "/delete_requests/":
+            await asyncio.sleep(0.1)
+        return self.handle(request)
+
+
+async def test_the_example_worker_sends_served_requests_releases_before_it_stops(signer: Signer) -> None:
+    """Shutdown cancelled releases still on their way: the loads stayed held until the request ttl."""
+    dispatcher = SlowReleases(signer)
+    async with httpx.AsyncClient(transport=httpx.MockTransport(dispatcher.handle_async)) as worker_http:
+        app = build_example_worker(dispatcher_url=DISPATCHER, endpoint=ENDPOINT, worker_id="w1", own_url=WORKER_URL,
+                                   worker_token=WORKER_TOKEN, http=worker_http)  # fmt: skip
+        async with app.router.lifespan_context(app):
+            await wait_for(lambda: app.state.worker.keys_loaded)
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url=WORKER_URL) as http:
+                served = await http.post("/echo", json={"auth_data": dispatcher.assigned(FIRST_IDX, COST)})
+            assert served.status_code == 200 and dispatcher.deleted == []
+    assert [d["request_idxs"] for d in dispatcher.deleted] == [[FIRST_IDX]]
+    assert dispatcher.reports[-1]["state"] == "stopped"
+
+
+async def test_a_worker_given_its_keys_accepts_work_only_after_its_first_report(signer: Signer) -> None:
+    """With a keyring passed in it served at once, before the first report set its replay floor: an assignment the
+    previous process had served was accepted again."""
+    dispatcher = SlowReleases(signer)
+    dispatcher.open_reports.clear()
+    served_before = dispatcher.assigned(FIRST_IDX, COST)  # the dispatcher's last reqnum: a previous process's
+    async with httpx.AsyncClient(transport=httpx.MockTransport(dispatcher.handle_async)) as worker_http:
+        app = build_example_worker(dispatcher_url=DISPATCHER, endpoint=ENDPOINT, worker_id="w1", own_url=WORKER_URL,
+                                   worker_token=WORKER_TOKEN, keyring=KeyRing([signer.public_key]),
+                                   http=worker_http)  # fmt: skip
+        worker_transport = httpx.ASGITransport(app=app)
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(transport=worker_transport, base_url=WORKER_URL) as http,
+        ):
+            try:
+                health = (await http.get("/health")).status_code
+                early = (await http.post("/echo", json={"auth_data": served_before})).status_code
+            finally:
+                dispatcher.open_reports.set()  # else the worker's shutdown waits on its "stopped" report for ever
+            assert (health, early) == (503, 401)
+            await wait_for(lambda: app.state.worker.keys_loaded)
+            again = await http.post("/echo", json={"auth_data": served_before})
+            assert (again.status_code, again.json()["error"]["reason"]) == (401, "replayed")
+            fresh = await http.post("/echo", json={"auth_data": dispatcher.assigned(FIRST_IDX + 1, COST)})
+            assert fresh.status_code == 200, fresh.text
 
 
 class CountingKeys(FakeDispatcherForWorker):

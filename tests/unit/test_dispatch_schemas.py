@@ -162,6 +162,7 @@ def test_a_worker_report() -> None:
     assert (r.worker_id, r.url, r.state) == ("w1", "http://10.0.0.5:8000", WorkerState.READY)  # trailing / dropped
     assert (r.max_perf, r.cur_load, r.in_flight) == (50.0, 2.5, 3)
     assert parse_report(report(url="http://proxy:80/workers/w1/"))[1].url == "http://proxy:80/workers/w1"  # a prefix
+    assert parse_report(report(url="http://[::1]:8000"))[1].url == "http://[::1]:8000"  # an IPv6 literal
     _, defaults = parse_report(report(url="https://w.example"))
     assert (defaults.url, defaults.cur_load, defaults.in_flight) == ("https://w.example", 0.0, 0)
 
@@ -183,7 +184,9 @@ def test_bad_state_is_invalid(bad: object) -> None:
      "http://a\n", "http://w\u00e9.example", "", 5, "http://" + "a" * 2048, "http:// x y", "http://h:99999",
      "http://h:port", "https://:80",
      # clients get the URL (credentials leaked to them) and append their path to it (into a query or fragment)
-     "http://user:secret@10.0.0.5:8000", "http://u@h", "http://h:1/?tenant=a", "http://h/x#frag", "http://h?"],
+     "http://user:secret@10.0.0.5:8000", "http://u@h", "http://h:1/?tenant=a", "http://h/x#frag", "http://h?",
+     # hosts urlsplit takes and HTTP clients (httpx) refuse: every client sent there failed
+     "http://[::1]x:1", "http://[::1]]:1", "http://[v1.x]:1", "http://[::g]:1", "http://h:1:2"],
 )  # fmt: skip
 def test_bad_url_is_invalid(bad: object) -> None:
     with pytest.raises(InvalidRequest, match="url"):
