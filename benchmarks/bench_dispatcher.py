@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import json
 import os
 import re
@@ -67,13 +66,16 @@ from benchmarks.common import (
     WrkResult,
     _process_tree_cpu_s,
     cpu_snapshot,
+    exit_on_sigterm,
     find_free_port,
     foreign_cpu,
     foreign_cpu_warning,
     machine_info,
+    output_stem,
     package_version,
     require_wrk,
     run_wrk,
+    with_ext,
     write_results,
 )
 from service.config import ENV_PREFIX
@@ -759,8 +761,9 @@ def markdown_summary(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    exit_on_sigterm()
     args = parse_args(argv)
-    out: Path = args.out or RESULTS_DIR / f"dispatcher-cpu-{dt.date.today().isoformat()}.json"
+    out: Path = args.out or with_ext(output_stem(RESULTS_DIR, "dispatcher-cpu"), ".json")  # never over an earlier run
     result = run(args)
     write_results(out, result, markdown_summary(result))
     return 1 if args.strict and not result["pass"] else 0

@@ -30,7 +30,7 @@ os.environ["TOKENIZERS_PARALLELISM"] = "true"
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.common import generate_prompts  # noqa: E402
+from benchmarks.common import generate_prompts, machine_info  # noqa: E402
 from service.router.embedder import CudaOptions, MiniLMEmbedder  # noqa: E402
 from service.router.scoring import score_batch  # noqa: E402
 from service.router.state import RouterState  # noqa: E402
@@ -164,6 +164,7 @@ def main() -> None:
     ratio = best / st["fp16"]["prompts_per_s"]
     result = {
         "device": torch.cuda.get_device_name(),
+        "machine": machine_info(),
         "torch": torch.__version__,
         "config": vars(args) | {"out": str(args.out), "model_dir": str(model_dir)},
         "variants": variants,

@@ -22,6 +22,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.common import (  # noqa: E402
     ServerProcess,
+    exit_on_sigterm,
     find_free_port,
     generate_prompts,
     machine_info,
@@ -72,11 +73,16 @@ def measure(workers: int, bodies: Path, args: argparse.Namespace) -> dict[str, A
 def device_name() -> str:
     import torch
 
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (no CUDA)"
+    return str(torch.cuda.get_device_name())
 
 
 def main() -> None:
+    exit_on_sigterm()  # the device tool's time limit: the servers must not outlive the run on a warm GPU
     args = parse_args()
+    import torch  # the servers import it again; here only to refuse a machine without CUDA
+
+    if not torch.cuda.is_available():
+        raise SystemExit("needs CUDA (on CPU it would run a long benchmark of nothing it measures)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     bodies = args.out.parent / "gpu-http-bodies.jsonl"
     bodies.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in generate_prompts(args.prompts, seed=1)))

@@ -20,9 +20,9 @@ Run from the repository root: ``python benchmarks/bench_router.py`` (needs ``wrk
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
+import re
 import shlex
 import statistics
 import sys
@@ -45,14 +45,17 @@ from benchmarks.common import (
     WrkResult,
     _process_tree_cpu_s,
     cpu_snapshot,
+    exit_on_sigterm,
     find_free_port,
     foreign_cpu,
     foreign_cpu_warning,
     generate_prompts,
     machine_info,
+    output_stem,
     require_wrk,
     run_wrk,
     running_server,
+    with_ext,
     write_lines,
     write_results,
 )
@@ -60,6 +63,9 @@ from benchmarks.common import (
 ROUTE_PATH = "/v1/route"
 HEALTH_PATH = "/health"
 LUA_SCRIPT = WRK_DIR / "route_unique.lua"
+IDLE_POLL_S = 0.05
+IDLE_TIMEOUT_S = 30.0
+ADMITTED = re.compile(r"^router_admitted_prompts (\S+)$", re.MULTILINE)
 
 DEFAULT_DURATION_S = 20.0
 MIN_RECORDED_DURATION_S = 20.0
@@ -252,6 +258,7 @@ def run_round(
         warm, _ = wrk_phase(url, files["warmup"], args.threads, args.concurrency, args.warmup, pid)
         record["warmup"] = {"requests": warm.requests, "ok_rps": round(warm.ok_rps, 2)}
     high, high_cpu = wrk_phase(url, files["main"], args.threads, args.concurrency, args.duration, pid)
+    wait_until_idle(url)
     low, low_cpu = wrk_phase(url, files["c1"], 1, 1, args.c1_duration, pid)
     record["http_concurrent"] = phase_summary(high, high_cpu)
     record["http_c1"] = phase_summary(low, low_cpu)
@@ -272,6 +279,21 @@ def run_round(
         line += f"; sentence-transformers {st['prompts_per_s']:.1f} prompts/s; ratio {record['ratio']:.3f}"
     print(line, flush=True)
     return record
+
+
+def wait_until_idle(route_url: str) -> None:
+    """Until the router holds no prompt: wrk stops at its deadline, but the prompts the high-concurrency phase left
+    queued (a second or more of compute) were still running during the c=1 phase, inflating its p99."""
+    metrics_url = route_url.rsplit(ROUTE_PATH, 1)[0] + "/metrics"
+    deadline = time.monotonic() + IDLE_TIMEOUT_S
+    while time.monotonic() < deadline:
+        try:
+            found = ADMITTED.search(httpx.get(metrics_url, timeout=IDLE_TIMEOUT_S).text)
+        except httpx.HTTPError:
+            return  # no metrics to tell by: go on as before
+        if found is None or float(found.group(1)) == 0:
+            return
+        time.sleep(IDLE_POLL_S)
 
 
 def phase_warnings(phases: dict[str, WrkResult], label: str) -> list[str]:
@@ -451,8 +473,9 @@ def markdown_summary(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    exit_on_sigterm()
     args = parse_args(argv)
-    out: Path = args.out or RESULTS_DIR / f"router-cpu-{dt.date.today().isoformat()}.json"
+    out: Path = args.out or with_ext(output_stem(RESULTS_DIR, "router-cpu"), ".json")  # never over an earlier run
     result = run(args)
     write_results(out, result, markdown_summary(result))
     return 1 if args.strict and not result["pass"] else 0

@@ -432,9 +432,17 @@ def machine_info() -> dict[str, Any]:
         "torch": package_version("torch"),
         "sentence_transformers": package_version("sentence-transformers"),
         "wrk": _wrk_version(),
-        "git_commit": git_commit(REPO_ROOT),
+        "git_commit": git_commit(REPO_ROOT) or _carried_commit(),
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
+
+
+def _carried_commit() -> str | None:
+    """On a GPU machine the tree is a copy without .git: the commit gpu_prepare.py wrote into .carry/."""
+    try:
+        return f"{(REPO_ROOT / '.carry' / 'commit').read_text().strip()} (carried)"
+    except OSError:
+        return None
 
 
 def _wrk_version() -> str | None:
@@ -459,3 +467,24 @@ def write_results(out: Path, result: Mapping[str, Any], summary: str) -> None:
     print()
     print(summary)
     print(f"wrote {out} and {out.with_suffix('.md')}")
+
+
+def with_ext(stem: Path, ext: str) -> Path:
+    """``stem`` plus ``ext``, appended: ``Path.with_suffix`` would replace whatever follows a dot in the label."""
+    return stem.with_name(stem.name + ext)
+
+
+def output_stem(out_dir: Path, machine: str) -> Path:
+    """``<machine>-<date>``, with ``-runN`` added rather than overwriting an earlier result."""
+    base = f"{machine}-{dt.datetime.now(dt.UTC).date().isoformat()}"
+    stem, n = out_dir / base, 1
+    while with_ext(stem, ".json").exists():
+        n += 1
+        stem = out_dir / f"{base}-run{n}"
+    return stem
+
+
+def exit_on_sigterm() -> None:
+    """SIGTERM (a time limit, a supervisor) unwinds like Ctrl-C, through the ``finally`` blocks that stop the servers
+    under test: they run in sessions of their own, so without this they outlived the benchmark."""
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))

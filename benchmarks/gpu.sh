@@ -18,7 +18,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu-out}
 WORK=/tmp/gpu-run
 CARRY=.carry
-if [ ! -d "$CARRY/wheels" ] || [ ! -d "$CARRY/model-fp16" ]; then
+if ! compgen -G "$CARRY/wheels/*.whl" >/dev/null || [ ! -d "$CARRY/model-fp16" ]; then
   echo "gpu.sh: $CARRY/wheels or $CARRY/model-fp16 is missing: run 'python benchmarks/gpu_prepare.py' first" \
     "(on the machine you start from), then pass carry=[\"$CARRY\"] to the device run" >&2
   exit 1

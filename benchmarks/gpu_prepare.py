@@ -24,8 +24,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from service.digest import git_commit  # noqa: E402  (torch-free; the path above makes the package importable)
+
 # Left in the folder this script writes: only a folder that has it is deleted on the next run.
 MARKER = ".made-by-gpu-prepare"
+COMMIT_FILE = "commit"  # read by benchmarks.common.machine_info on the device, whose tree has no .git
 CARRY_LIMIT_BYTES = 64 * 1024 * 1024  # the device tool's cap on the working tree plus carried paths
 DEVICE_PYTHON = "3.12"
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux1_x86_64")
@@ -39,12 +42,18 @@ WHEELS = (
 
 
 def download_wheels(target: Path) -> None:
-    target.mkdir(parents=True, exist_ok=True)
+    """Into ``target`` only once every wheel is there: gpu.sh takes an existing wheels/ folder as complete, and a
+    failed download found on the device costs device time."""
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
     pins = [f"{name}=={importlib.metadata.version(name)}" for name in WHEELS]
     platform_args = [arg for p in PLATFORMS for arg in ("--platform", p)]
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(target),
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(partial),
                "--python-version", DEVICE_PYTHON, "--implementation", "cp", *platform_args, *pins]  # fmt: skip
-    subprocess.run(command, check=True)
+    if subprocess.run(command, check=False).returncode != 0:
+        raise SystemExit(f"pip could not download the device's wheels ({', '.join(pins)}); nothing carried")
+    partial.rename(target)
 
 
 def tree_bytes(repo: Path = REPO) -> int:
@@ -89,6 +98,8 @@ def main() -> None:
 
     export_model(args.model_dir or default_model_dir(), args.carry / "model-fp16")
     download_wheels(args.carry / "wheels")
+    # the device's copy of the tree has no .git: results there name the commit carried
+    (args.carry / COMMIT_FILE).write_text(f"{git_commit(REPO) or 'unknown'}\n")
     model, wheels = folder_bytes(args.carry / "model-fp16"), folder_bytes(args.carry / "wheels")
     total = model + wheels + tree
     print(f"model {model / 2**20:.1f} MiB + wheels {wheels / 2**20:.1f} MiB + tree {tree / 2**20:.1f} MiB "

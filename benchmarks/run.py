@@ -9,7 +9,6 @@ sentence-transformers' offline ``encode(batch_size=256)`` is timed. Writes ``<ou
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import re
@@ -33,9 +32,12 @@ from benchmarks.common import (
     RESULTS_DIR,
     STOP_TIMEOUT_S,
     cpu_snapshot,
+    exit_on_sigterm,
     foreign_cpu,
     machine_info,
+    output_stem,
     package_version,
+    with_ext,
     write_json,
 )
 from benchmarks.harness import systems
@@ -130,21 +132,6 @@ def _only_problem(args: argparse.Namespace) -> str | None:
     if not keep & in_set:
         return f"--only {args.only} keeps nothing of set {args.scenarios} (its systems: {', '.join(sorted(in_set))})"
     return None
-
-
-def with_ext(stem: Path, ext: str) -> Path:
-    """``stem`` plus ``ext``, appended: ``Path.with_suffix`` would replace whatever follows a dot in the label."""
-    return stem.with_name(stem.name + ext)
-
-
-def output_stem(out_dir: Path, machine: str) -> Path:
-    """``<machine>-<date>``, with ``-runN`` added rather than overwriting an earlier result."""
-    base = f"{machine}-{dt.datetime.now(dt.UTC).date().isoformat()}"
-    stem, n = out_dir / base, 1
-    while with_ext(stem, ".json").exists():
-        n += 1
-        stem = out_dir / f"{base}-run{n}"
-    return stem
 
 
 def time_offline(args: argparse.Namespace) -> dict[str, Any]:
@@ -249,6 +236,7 @@ def run_system(
 
 
 def main(argv: list[str] | None = None) -> int:
+    exit_on_sigterm()
     args = parse_args(argv)
     result = run(args)
     stem = output_stem(args.out_dir, args.machine or f"cpu-{os.cpu_count()}c")

@@ -133,7 +133,9 @@ def sweep(workload: Workload, running: Running, cfg: SweepConfig, tmp_dir: Path)
         best = max(best, point["ok_rps"])
         points.append(point)
         _progress(workload, point)
-    rates = list(cfg.rates) or [round(f * best, 1) for f in cfg.rate_fractions if f * best > 0]
+    # four significant digits, not one decimal: a slow system's 0.25 x 0.18 req/s rounded to a rate of 0 (which the
+    # load generator refuses, losing the system), and its 0.5 point missed the half-load target's tolerance
+    rates = list(cfg.rates) or [float(f"{f * best:.4g}") for f in cfg.rate_fractions if f * best > 0]
     for rate in rates:
         point = measure_point(workload, running, cfg, tmp_dir, len(points), ["--rate", f"{rate:g}"], rate)
         point["rate_fraction_of_max"] = round(rate / best, 4) if best else None

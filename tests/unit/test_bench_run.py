@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from benchmarks.common import REPO_ROOT, find_free_port, output_stem, with_ext
 from benchmarks.harness.sweep import SweepConfig, point_processes
-from benchmarks.run import output_stem, parse_args, with_ext
+from benchmarks.run import parse_args
 
 
 def _usage_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
@@ -54,3 +59,31 @@ def test_a_closed_loop_point_gets_no_more_client_processes_than_its_concurrency(
     cfg = SweepConfig((1, 16, 64), (0.5,), (), 15.0, 3.0, 10.0, processes=2, client="http1", seed=0)
     assert [point_processes(cfg, c) for c in cfg.concurrencies] == [1, 2, 2]
     assert point_processes(cfg, None) == 2  # open loop: the rate is split, any count works
+
+
+# A benchmark's shape: a server under test in a session of its own, stopped on the way out of a with block.
+SIGTERMED_BENCH = """
+import sys, time
+from pathlib import Path
+from benchmarks.common import ServerProcess, exit_on_sigterm, running_server
+exit_on_sigterm()
+port = int(sys.argv[1])
+server = ServerProcess([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+                       f"http://127.0.0.1:{port}", Path(sys.argv[2]), health_path="/")
+with running_server(server, health_timeout_s=30):
+    print(server.proc.pid, flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_sigterm_stops_the_server_under_test_too(tmp_path: Path) -> None:
+    """Servers run in sessions of their own: SIGTERM (a time limit, a supervisor) reached the benchmark only, which
+    died without its finally blocks, and the server outlived it (on a GPU machine, holding the GPU)."""
+    argv = [sys.executable, "-c", SIGTERMED_BENCH, str(find_free_port()), str(tmp_path / "server.log")]
+    with subprocess.Popen(argv, cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True) as bench:
+        assert bench.stdout is not None
+        server_pid = int(bench.stdout.readline())
+        bench.send_signal(signal.SIGTERM)
+        assert bench.wait(timeout=60) == 128 + signal.SIGTERM
+    with pytest.raises(ProcessLookupError):
+        os.kill(server_pid, 0)

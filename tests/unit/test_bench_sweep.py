@@ -148,3 +148,22 @@ def test_a_late_client_start_is_warned() -> None:
     ]
     point["late_start_s"] = 0.01
     assert warnings_for({"bare/embedding": result}, None) == []
+
+
+def test_a_slow_systems_open_loop_rates_are_never_rounded_away(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """At 0.18 req/s, one decimal made 0.25 x best a rate of 0.0 (the load generator refused it and the system was
+    lost) and 0.5 x best 0.1, a fraction of 0.56 that the half-load target could not find."""
+    rates: list[float] = []
+
+    def fake_point(workload: Workload, running: Running, cfg: SweepConfig, tmp_dir: Path, index: int,
+                   args: list[str], offered: float, concurrency: int | None = None) -> dict[str, Any]:  # fmt: skip
+        if args[0] == "--rate":
+            rates.append(float(args[1]))
+        return {"mode": "closed", "concurrency": 1, "ok_rps": 0.18, "bodies": []}
+
+    monkeypatch.setattr(sweep, "measure_point", fake_point)
+    monkeypatch.setattr(sweep, "_progress", lambda workload, point: None)
+    cfg = SweepConfig((1,), (0.25, 0.5), (), 1.0, 0.5, 1.0, processes=1, client="http1", seed=0)
+    result = sweep.sweep(Workload(BARE, EMBEDDING), _running(), cfg, tmp_path)
+    assert rates == [0.045, 0.09]
+    assert [p["rate_fraction_of_max"] for p in result["points"][1:]] == [0.25, 0.5]
