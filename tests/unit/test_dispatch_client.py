@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from starlette.applications import Starlette
 
 from service.dispatch.client import (
     RETRY_AFTER_JITTER,
@@ -40,6 +41,7 @@ FIRST_IDX = 41
 SEED = 1234
 LOADING = {"ready": 0, "busy": 0, "loading": 2, "error": 0, "stopped": 0, "inactive": 0}
 WAIT_TIMEOUT_S = 5.0
+PACE_S = 0.05
 
 # Scripted steps: what the fake dispatcher answers to one /route/, what a fake worker answers to one call.
 ASSIGN = "assign"
@@ -348,6 +350,34 @@ class FakeDispatcherForWorker(FakeDispatch):
         return super().handle(request)
 
 
+class PacedDispatcher(FakeDispatcherForWorker):
+    """Answers as a real dispatcher takes time: ``/pubkey/`` (counted) and ``/delete_requests/`` after a moment, so
+    that concurrent callers overlap; ``/worker_status/`` only while ``open_reports`` is set."""
+
+    def __init__(self, signer: Signer) -> None:
+        super().__init__(signer)
+        self.open_reports = asyncio.Event()
+        self.open_reports.set()
+        self.key_fetches = 0
+
+    async def handle_async(self, request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if path == "/worker_status/":
+            await self.open_reports.wait()
+        elif path == "/pubkey/":
+            self.key_fetches += 1
+            await asyncio.sleep(PACE_S)
+        elif path == "/delete_requests/":
+            await asyncio.sleep(2 * PACE_S)
+        return self.handle(request)
+
+
+def example_worker(dispatcher_http: httpx.AsyncClient, **options: Any) -> Starlette:
+    """The example worker as ``w1`` at ``WORKER_URL``, talking to the fake dispatcher through ``dispatcher_http``."""
+    return build_example_worker(dispatcher_url=DISPATCHER, endpoint=ENDPOINT, worker_id="w1", own_url=WORKER_URL,
+                                worker_token=WORKER_TOKEN, http=dispatcher_http, **options)  # fmt: skip
+
+
 async def wait_for(condition: Callable[[], bool]) -> None:
     deadline = time.monotonic() + WAIT_TIMEOUT_S
     while not condition():
@@ -361,15 +391,7 @@ async def running_worker(
 ) -> AsyncIterator[tuple[httpx.AsyncClient, DispatchClient]]:
     """The example worker (lifespan running, keys fetched, reported ready) and a client routing to it."""
     async with httpx.AsyncClient(transport=httpx.MockTransport(dispatcher.handle)) as worker_http:
-        app = build_example_worker(
-            dispatcher_url=DISPATCHER,
-            endpoint=ENDPOINT,
-            worker_id="w1",
-            own_url=WORKER_URL,
-            worker_token=WORKER_TOKEN,
-            max_perf=50.0,
-            http=worker_http,
-        )
+        app = example_worker(worker_http, max_perf=50.0)
         transport = HostRouter(
             {"dispatcher": httpx.MockTransport(dispatcher.handle), "worker-1": httpx.ASGITransport(app=app)}
         )
@@ -444,28 +466,11 @@ async def test_the_example_worker_serves_echo_with_a_trailing_slash_and_refuses_
         await wait_for(lambda: len(dispatcher.deleted) == 1)
 
 
-class SlowReleases(FakeDispatcherForWorker):
-    """Reports are answered at once, when ``open_reports`` allows; releases take a moment."""
-
-    def __init__(self, signer: Signer) -> None:
-        super().__init__(signer)
-        self.open_reports = asyncio.Event()
-        self.open_reports.set()
-
-    async def handle_async(self, request: httpx.Request) -> httpx.Response:
-        if request.url.path == "/worker_status/":
-            await self.open_reports.wait()
-        if request.url.path == "/delete_requests/":
-            await asyncio.sleep(0.1)
-        return self.handle(request)
-
-
 async def test_the_example_worker_sends_served_requests_releases_before_it_stops(signer: Signer) -> None:
     """Shutdown cancelled releases still on their way: the loads stayed held until the request ttl."""
-    dispatcher = SlowReleases(signer)
+    dispatcher = PacedDispatcher(signer)
     async with httpx.AsyncClient(transport=httpx.MockTransport(dispatcher.handle_async)) as worker_http:
-        app = build_example_worker(dispatcher_url=DISPATCHER, endpoint=ENDPOINT, worker_id="w1", own_url=WORKER_URL,
-                                   worker_token=WORKER_TOKEN, http=worker_http)  # fmt: skip
+        app = example_worker(worker_http)
         async with app.router.lifespan_context(app):
             await wait_for(lambda: app.state.worker.keys_loaded)
             transport = httpx.ASGITransport(app=app)
@@ -479,13 +484,11 @@ async def test_the_example_worker_sends_served_requests_releases_before_it_stops
 async def test_a_worker_given_its_keys_accepts_work_only_after_its_first_report(signer: Signer) -> None:
     """With a keyring passed in it served at once, before the first report set its replay floor: an assignment the
     previous process had served was accepted again."""
-    dispatcher = SlowReleases(signer)
+    dispatcher = PacedDispatcher(signer)
     dispatcher.open_reports.clear()
     served_before = dispatcher.assigned(FIRST_IDX, COST)  # the dispatcher's last reqnum: a previous process's
     async with httpx.AsyncClient(transport=httpx.MockTransport(dispatcher.handle_async)) as worker_http:
-        app = build_example_worker(dispatcher_url=DISPATCHER, endpoint=ENDPOINT, worker_id="w1", own_url=WORKER_URL,
-                                   worker_token=WORKER_TOKEN, keyring=KeyRing([signer.public_key]),
-                                   http=worker_http)  # fmt: skip
+        app = example_worker(worker_http, keyring=KeyRing([signer.public_key]))
         worker_transport = httpx.ASGITransport(app=app)
         async with (
             app.router.lifespan_context(app),
@@ -504,26 +507,11 @@ async def test_a_worker_given_its_keys_accepts_work_only_after_its_first_report(
             assert fresh.status_code == 200, fresh.text
 
 
-class CountingKeys(FakeDispatcherForWorker):
-    """Counts ``/pubkey/`` fetches, each of which takes a moment (so that concurrent requests overlap one)."""
-
-    def __init__(self, signer: Signer) -> None:
-        super().__init__(signer)
-        self.key_fetches = 0
-
-    async def handle_async(self, request: httpx.Request) -> httpx.Response:
-        if request.url.path == "/pubkey/":
-            self.key_fetches += 1
-            await asyncio.sleep(0.05)
-        return self.handle(request)
-
-
 async def test_unknown_keys_share_one_fetch_and_fetch_at_most_every_gap(signer: Signer) -> None:
     """Forged key ids are free: one fetch serves every request waiting on it, and another waits out the gap."""
-    dispatcher = CountingKeys(signer)
+    dispatcher = PacedDispatcher(signer)
     async with httpx.AsyncClient(transport=httpx.MockTransport(dispatcher.handle_async)) as worker_http:
-        app = build_example_worker(dispatcher_url=DISPATCHER, endpoint=ENDPOINT, worker_id="w1", own_url=WORKER_URL,
-                                   worker_token=WORKER_TOKEN, http=worker_http)  # fmt: skip
+        app = example_worker(worker_http)
         worker = app.state.worker
         async with app.router.lifespan_context(app):
             await wait_for(lambda: worker.keys_loaded)
