@@ -258,12 +258,15 @@ def run_round(
         warm, _ = wrk_phase(url, files["warmup"], args.threads, args.concurrency, args.warmup, pid)
         record["warmup"] = {"requests": warm.requests, "ok_rps": round(warm.ok_rps, 2)}
     high, high_cpu = wrk_phase(url, files["main"], args.threads, args.concurrency, args.duration, pid)
-    wait_until_idle(url)
+    idle = wait_until_idle(url)
     low, low_cpu = wrk_phase(url, files["c1"], 1, 1, args.c1_duration, pid)
     record["http_concurrent"] = phase_summary(high, high_cpu)
     record["http_c1"] = phase_summary(low, low_cpu)
     line = f"{label}: c={args.concurrency} {high.ok_rps:.1f} ok req/s; c=1 p50 {low.latency_ms['p50']:.2f} ms"
     record["warnings"] = phase_warnings({"concurrent": high, "c1": low}, label)
+    if not idle:
+        record["warnings"].append(f"{label}: the router was not seen idle before the c=1 phase: its p99 may carry "
+                                  "the previous phase's queue")  # fmt: skip
     if st_model is not None:
         pool = sets["main"] + sets["c1"] + sets["warmup"]
         count = min(len(pool), max(args.st_min_prompts, high.ok_requests))
@@ -281,7 +284,7 @@ def run_round(
     return record
 
 
-def wait_until_idle(route_url: str) -> None:
+def wait_until_idle(route_url: str) -> bool:
     """Until the router holds no prompt: wrk stops at its deadline, but the prompts the high-concurrency phase left
     queued (a second or more of compute) were still running during the c=1 phase, inflating its p99."""
     metrics_url = route_url.rsplit(ROUTE_PATH, 1)[0] + "/metrics"
@@ -290,10 +293,13 @@ def wait_until_idle(route_url: str) -> None:
         try:
             found = ADMITTED.search(httpx.get(metrics_url, timeout=IDLE_TIMEOUT_S).text)
         except httpx.HTTPError:
-            return  # no metrics to tell by: go on as before
-        if found is None or float(found.group(1)) == 0:
-            return
+            return False  # no metrics to tell by
+        if found is None:
+            return False
+        if float(found.group(1)) == 0:
+            return True
         time.sleep(IDLE_POLL_S)
+    return False
 
 
 def phase_warnings(phases: dict[str, WrkResult], label: str) -> list[str]:

@@ -440,9 +440,10 @@ def machine_info() -> dict[str, Any]:
 def _carried_commit() -> str | None:
     """On a GPU machine the tree is a copy without .git: the commit gpu_prepare.py wrote into .carry/."""
     try:
-        return f"{(REPO_ROOT / '.carry' / 'commit').read_text().strip()} (carried)"
+        carried = (REPO_ROOT / ".carry" / "commit").read_text().strip()
     except OSError:
         return None
+    return f"{carried} (as of gpu_prepare.py; commits since are not reflected)"
 
 
 def _wrk_version() -> str | None:
@@ -487,4 +488,9 @@ def output_stem(out_dir: Path, machine: str) -> Path:
 def exit_on_sigterm() -> None:
     """SIGTERM (a time limit, a supervisor) unwinds like Ctrl-C, through the ``finally`` blocks that stop the servers
     under test: they run in sessions of their own, so without this they outlived the benchmark."""
-    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+    signal.signal(signal.SIGTERM, _unwind)
+
+
+def _unwind(signum: int, _frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the unwind short mid-stop
+    sys.exit(128 + signum)

@@ -125,13 +125,14 @@ def warnings_for(results: dict[str, dict[str, Any]], offline: dict[str, Any] | N
             per_process = point["client_cpu_cores"] / max(1, point["processes"])
             if per_process > CLIENT_CPU_WARN_CORES:
                 out.append(f"{where}: the client used {per_process:.2f} cores per process; add --client-processes")
-            if shortfall:  # the client's connections were all held by a server falling behind: not the client's lag
+            wait = point.get("pool_wait_ms", {}).get("p99")
+            pool_full = point["mode"] == "open" and wait is not None and wait > POOL_WAIT_WARN_MS
+            if shortfall and pool_full:  # every connection held by a server falling behind: not the client's doing
                 continue
             lag = point.get("send_lag_ms", {}).get("p99")
             if point["mode"] == "open" and lag is not None and lag > SEND_LAG_WARN_MS:
                 out.append(f"{where}: the client sent p99 {lag:.1f} ms behind schedule (client-bound)")
-            wait = point.get("pool_wait_ms", {}).get("p99")
-            if point["mode"] == "open" and wait is not None and wait > POOL_WAIT_WARN_MS:
+            if pool_full:
                 out.append(
                     f"{where}: requests waited p99 {wait:.1f} ms for a free client connection (all "
                     f"{point['connections']} busy): that queueing is the client's, not the server's"

@@ -5,13 +5,15 @@ The dispatcher tracks each request's load under its ``request_idx``. A retry the
 request_idx*: the dispatcher then moves the load to the newly picked worker (and avoids the one that failed)
 instead of counting the request twice. A fresh request_idx on retry would leak load until its TTL.
 
-Retried (after full-jitter exponential back-off, or the server's ``Retry-After`` when it sends one):
-a "no ready worker" answer, a dispatcher 429/5xx or transport error, a worker transport error, 429 or 5xx, and a
-worker 401 ``invalid_assignment`` (e.g. the assignment expired on the way, or the worker has not seen a key
-rotation yet). A retry whose request_idx the dispatcher no longer knows (it expired after the dispatcher's request
-TTL, or a dispatcher on in-memory state restarted) holds no load any more: the next attempt routes the request as a
-new one. Not retried: dispatcher 4xx other than those (bad key, bad request: retrying cannot help) and worker 4xx
-other than those above, which are the worker's answer to the payload and are returned as they are.
+Retried (after full-jitter exponential back-off, or the server's ``Retry-After`` when it sends one): a "no ready
+worker" answer, a dispatcher 429/5xx or transport error, a worker transport error (or a URL httpx cannot request),
+429 or 5xx, and a worker 401 ``invalid_assignment`` (e.g. the assignment expired on the way, or the worker has not
+seen a key rotation yet). A retry whose request_idx the dispatcher no longer knows (it expired after the
+dispatcher's request TTL, or a dispatcher on in-memory state restarted) holds no load any more: the next attempt
+routes the request as a new one. Not retried: dispatcher 4xx other than those (bad key, bad request: retrying cannot
+help), worker 4xx other than those above, which are the worker's answer to the payload and are returned as they are,
+and an answer that arrived but cannot be read (a broken encoding: ``DispatchError``), since the work it answers may
+be done.
 
 A server's ``Retry-After`` is waited, plus up to a fifth more at random, so that clients refused together do not all
 come back in the same instant.
@@ -295,9 +297,11 @@ class DispatchClient:
                 json={"auth_data": answer, "payload": payload},
                 timeout=self._worker_timeout_s,
             )
-        except (httpx.HTTPError, httpx.InvalidURL) as exc:  # unreachable, an unreadable answer, or a URL httpx refuses
+        except (httpx.TransportError, httpx.InvalidURL) as exc:  # unreachable, or a URL httpx refuses: another try
             progress.fail(f"worker {url}: {type(exc).__name__}")
             return None
+        except httpx.HTTPError as exc:  # it answered, unreadably: the work may be done, so running it again is no cure
+            raise DispatchError(f"worker {url} answered unreadably: {type(exc).__name__}: {exc}") from None
         if _worker_should_retry(response):
             code, _, _ = _error_fields(response)
             progress.fail(
@@ -318,9 +322,11 @@ class DispatchClient:
                 raise
             progress.fail(f"dispatcher: {exc.status} {exc.code}", exc.retry_after_s)
             return None
-        except httpx.HTTPError as exc:  # unreachable, or an answer that cannot be read (a broken encoding)
+        except httpx.TransportError as exc:
             progress.fail(f"dispatcher: {type(exc).__name__}")
             return None
+        except httpx.HTTPError as exc:  # it answered, unreadably: a retry would be a new request, its load held twice
+            raise DispatchError(f"dispatcher answered unreadably: {type(exc).__name__}: {exc}") from None
         if progress.request_idx is None:
             progress.request_idx = answer["request_idx"]
         return answer

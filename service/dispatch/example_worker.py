@@ -25,7 +25,7 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncIterator, Collection, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, cast
 
@@ -111,10 +111,10 @@ class ExampleWorker:
         try:
             yield
         finally:
-            if self._releases:  # loads of requests already served go back before anything is cancelled
-                await asyncio.wait(self._releases, timeout=STOP_REPORT_TIMEOUT_S)
+            # "stopped" at once (routes must stop coming), while the loads of requests already served go back
+            await self._cancel_tasks(keep=self._releases)
+            await asyncio.gather(self._report_stopped(), self._finish_releases())
             await self._cancel_tasks()
-            await self._report_stopped()
             if self._given_http is None:
                 await self._http.aclose()
             self._http = None
@@ -132,8 +132,12 @@ class ExampleWorker:
         if not task.cancelled() and task.exception() is not None:
             logger.error("background task failed", exc_info=task.exception())
 
-    async def _cancel_tasks(self) -> None:
-        tasks = list(self._tasks)
+    async def _finish_releases(self) -> None:
+        if self._releases:
+            await asyncio.wait(self._releases, timeout=STOP_REPORT_TIMEOUT_S)
+
+    async def _cancel_tasks(self, keep: Collection[asyncio.Task[Any]] = ()) -> None:
+        tasks = [task for task in self._tasks if task not in keep]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -306,12 +310,7 @@ def build_example_worker(
         http=http,
     )
     app = Starlette(
-        # /echo/ too: the middleware verifies it as /echo (using up its reqnum), so a redirect would lose the request
-        routes=[
-            Route(ECHO_PATH, worker.echo, methods=["POST"]),
-            Route(ECHO_PATH + "/", worker.echo, methods=["POST"]),
-            Route(HEALTH_PATH, worker.health, methods=["GET"]),
-        ],
+        routes=[Route(ECHO_PATH, worker.echo, methods=["POST"]), Route(HEALTH_PATH, worker.health, methods=["GET"])],
         middleware=[
             Middleware(
                 AssignmentAuthMiddleware,

@@ -91,6 +91,7 @@ _NO_READY = {
 
 # What schemas accepts, as ECMA-262 patterns: printable ASCII without '"' or '\\' for ids; for worker URLs also
 # without spaces, and without '?', '#' or '@' (a base URL: no query, fragment or credentials) and a non-empty host.
+# The URL pattern is looser than the parser, which also checks the host:port (an IPv6 or IPv4 literal's form).
 SAFE_ID_PATTERN = r"^[ !#-\[\]-~]+$"
 WORKER_URL_PATTERN = r"^[hH][tT][tT][pP][sS]?://[!$-.0->A-\[\]-~]+(/[!$-/0->A-\[\]-~]*)?$"
 _ID = {"type": "string", "minLength": 1, "maxLength": MAX_ID_CHARS, "pattern": SAFE_ID_PATTERN}

@@ -165,6 +165,7 @@ def _worker_url(text: str) -> str:
 
 # host[:port], the host a name or an IPv4 address, or an IPv6 address in brackets: what HTTP clients can connect to
 # (urlsplit takes "http://[::1]x:1", which httpx then refuses, failing every client sent there)
+_DOTTED_QUAD = re.compile(r"\d+\.\d+\.\d+\.\d+")
 _AUTHORITY = re.compile(r"(?:\[([0-9A-Fa-f:.]+)\]|[A-Za-z0-9._~%!$&'()*+,;=-]+)(?::\d{1,5})?")
 
 
@@ -172,11 +173,14 @@ def _valid_authority(netloc: str) -> bool:
     match = _AUTHORITY.fullmatch(netloc)
     if match is None:
         return False
-    if match.group(1) is not None:
-        try:
-            ipaddress.IPv6Address(match.group(1))
-        except ValueError:
-            return False
+    host = netloc.rsplit(":", 1)[0] if match.group(1) is None else match.group(1)
+    try:
+        if match.group(1) is not None:
+            ipaddress.IPv6Address(host)
+        elif _DOTTED_QUAD.fullmatch(host):  # clients read these as IPv4 addresses: 1.2.3.999 is none
+            ipaddress.IPv4Address(host)
+    except ValueError:
+        return False
     return True
 
 

@@ -50,8 +50,9 @@ class AssignmentAuthMiddleware:
     On ``unknown_key`` it awaits ``refresh_keys`` (True when the verifier got the keys the dispatcher publishes now)
     and verifies once more before answering 401: the dispatcher signs with a new key as soon as it rotates, and a
     client such as Vast's SDK does not retry a refused request.
-    Paths match with or without a trailing slash, so ``/echo/`` cannot slip past a check on ``/echo``. List the
-    paths exactly as routed all the same: a request the app then redirects has already used its reqnum."""
+    Paths match with or without trailing slashes, so ``/echo/`` cannot slip past a check on ``/echo``; the app is
+    handed the path so matched, since a redirect to it (Starlette's, for a trailing slash) would lose a request
+    whose reqnum is already used. List the paths exactly as routed all the same."""
 
     def __init__(
         self,
@@ -87,7 +88,8 @@ class AssignmentAuthMiddleware:
             await error_response(exc, retry_after_s=RETRY_AFTER_S)(scope, receive, send)
             return
         state = {**scope.get("state", {}), STATE_ASSIGNMENT: assignment, STATE_PAYLOAD: payload}
-        await self.app({**scope, "state": state}, _replay(body, receive), send)
+        routed = {**scope, "path": normalise_url(scope["path"]) or "/", "state": state}
+        await self.app(routed, _replay(body, receive), send)
 
     async def _verify(self, body: bytes) -> tuple[Assignment, object]:
         try:

@@ -212,26 +212,28 @@ async def test_a_retry_after_of_zero_still_backs_off(signer: Signer, make_client
     assert 0.25 <= delay <= 0.25 * (1 + RETRY_AFTER_JITTER)
 
 
-@pytest.mark.parametrize(
-    "failure",
-    [
-        httpx.Response(200, headers={"content-encoding": "gzip"}, stream=httpx.ByteStream(b"not gzip")),  # unreadable
-        httpx.InvalidURL("Invalid port: 'x:1'"),  # a worker URL httpx refuses
-    ],
-)
-async def test_a_worker_call_that_fails_in_any_way_httpx_can_is_retried_not_raised(
-    signer: Signer, make_client: Any, failure: Step
-) -> None:
-    """Only transport errors were caught: a broken encoding or a URL httpx refuses escaped request() raw."""
-    fake = FakeDispatch(signer, [ASSIGN, ASSIGN], [failure, ok({"answer": 1})])
+async def test_a_worker_url_httpx_refuses_is_retried_not_raised(signer: Signer, make_client: Any) -> None:
+    """Only transport errors were caught: a URL httpx refuses escaped request() raw."""
+    fake = FakeDispatch(signer, [ASSIGN, ASSIGN], [httpx.InvalidURL("Invalid port: 'x:1'"), ok({"answer": 1})])
     response = await make_client(fake).request(ENDPOINT, "/generate", {}, COST)
     assert (response.status, response.attempts) == (200, 2)
 
 
-async def test_an_unreadable_dispatcher_answer_is_retried_not_raised(signer: Signer, make_client: Any) -> None:
-    broken = httpx.Response(200, headers={"content-encoding": "gzip"}, stream=httpx.ByteStream(b"not gzip"))
-    fake = FakeDispatch(signer, [broken, ASSIGN], [ok({})])
-    assert (await make_client(fake).request(ENDPOINT, "/generate", {}, COST)).attempts == 2
+@pytest.mark.parametrize("broken", ["dispatcher", "worker"])
+async def test_an_answer_that_arrived_unreadable_is_a_dispatch_error_not_a_retry(
+    signer: Signer, make_client: Any, broken: str
+) -> None:
+    """A broken encoding escaped raw as httpx.DecodingError. It is not retried either: the worker's work may be done
+    (it ran again on every retry), and the dispatcher's route reserved load under a request_idx the client never
+    learnt (each retry held more)."""
+    unreadable = httpx.Response(200, headers={"content-encoding": "gzip"}, stream=httpx.ByteStream(b"not gzip"))
+    if broken == "dispatcher":
+        fake = FakeDispatch(signer, [unreadable, ASSIGN], [ok({})])
+    else:
+        fake = FakeDispatch(signer, [ASSIGN, ASSIGN], [unreadable, ok({})])
+    with pytest.raises(DispatchError, match="answered unreadably: DecodingError"):
+        await make_client(fake).request(ENDPOINT, "/generate", {}, COST)
+    assert len(fake.route_calls) == 1
 
 
 async def test_retry_after_from_the_dispatcher_is_honoured(signer: Signer, make_client: Any, sleep: FakeSleep) -> None:
@@ -458,12 +460,13 @@ async def test_the_example_worker_serves_echo_with_a_trailing_slash_and_refuses_
     for the request ttl. A payload of 1e400 became inf, which no JSON answer carries: a 500, retried 8 times."""
     dispatcher = FakeDispatcherForWorker(signer)
     async with running_worker(dispatcher) as (http, _client):
-        slash = await http.post(f"{WORKER_URL}/echo/", json={"auth_data": dispatcher.assigned(FIRST_IDX, COST)})
-        assert slash.status_code == 200, slash.text
+        for path, idx in (("/echo/", FIRST_IDX), ("/echo//", FIRST_IDX + 2)):
+            slash = await http.post(f"{WORKER_URL}{path}", json={"auth_data": dispatcher.assigned(idx, COST)})
+            assert slash.status_code == 200, (path, slash.text)
         huge = b'{"auth_data": %s, "payload": 1e400}' % orjson.dumps(dispatcher.assigned(FIRST_IDX + 1, COST))
         refused = await http.post(f"{WORKER_URL}/echo", content=huge, headers={"content-type": "application/json"})
         assert (refused.status_code, refused.json()["error"]["code"]) == (400, "invalid_request")
-        await wait_for(lambda: len(dispatcher.deleted) == 1)
+        await wait_for(lambda: len(dispatcher.deleted) == 2)
 
 
 async def test_the_example_worker_sends_served_requests_releases_before_it_stops(signer: Signer) -> None:

@@ -186,7 +186,8 @@ def test_bad_state_is_invalid(bad: object) -> None:
      # clients get the URL (credentials leaked to them) and append their path to it (into a query or fragment)
      "http://user:secret@10.0.0.5:8000", "http://u@h", "http://h:1/?tenant=a", "http://h/x#frag", "http://h?",
      # hosts urlsplit takes and HTTP clients (httpx) refuse: every client sent there failed
-     "http://[::1]x:1", "http://[::1]]:1", "http://[v1.x]:1", "http://[::g]:1", "http://h:1:2"],
+     "http://[::1]x:1", "http://[::1]]:1", "http://[v1.x]:1", "http://[::g]:1", "http://h:1:2",
+     "http://1.2.3.999:80", "http://256.1.1.1", "http://01.2.3.4:1"],
 )  # fmt: skip
 def test_bad_url_is_invalid(bad: object) -> None:
     with pytest.raises(InvalidRequest, match="url"):
