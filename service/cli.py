@@ -147,8 +147,9 @@ def _serve_both(args: argparse.Namespace) -> int:
     if died_on_its_own:  # stop the other (signalled once, it drains and exits 0)
         forward(signal.SIGTERM, None)
     codes = [abs(child.wait()) for child in children]
-    # the service that ended first says why (the other one's exit may be the SIGTERM sent to it)
-    return abs(first.returncode) if died_on_its_own and first.returncode else max(codes)
+    if died_on_its_own and first.returncode:  # it says why; the other's exit may be the SIGTERM sent to it
+        return abs(first.returncode)
+    return max(codes)
 
 
 def serve_dispatcher_main() -> int:

@@ -23,6 +23,7 @@ class ServiceError(Exception):
     status: int = 500
     code: str = "internal_error"
     retry_after: bool = False
+    challenge: str | None = None  # a 401's WWW-Authenticate (RFC 9110): the scheme the credential goes in
     # Answered before the request body was read to its end: the connection cannot carry another request, and
     # the answer says so (``Connection: close``) instead of the client finding out on its next send.
     close_connection: bool = False
@@ -78,7 +79,7 @@ class TooManyWorkers(Conflict):
 class Unauthorized(ServiceError):
     status = 401
     code = "unauthorized"
-    challenge: str | None = "Bearer"  # the WWW-Authenticate a 401 carries (RFC 9110): where the key goes
+    challenge: str | None = "Bearer"
 
 
 class InvalidAssignment(Unauthorized):

@@ -79,7 +79,8 @@ class MemoryStore:
         self._expiries: list[tuple[float, int]] = []  # heap; an entry is stale once its request moved on
         self._next_idx = itertools.count(request_idx_origin(self._clock(), request_idxs_per_s))
         self._load_buckets: dict[str, deque[list[float]]] = defaultdict(deque)
-        # endpoint -> {request_idx: when last polled} of the requests that hold no worker (autoscaling's demand)
+        # endpoint -> {request_idx: when last answered "no ready worker"}: autoscaling's demand. Set here only; an
+        # entry whose request has since left or found a worker is dropped when read (_waiting_costs)
         self._waiting: dict[str, dict[int, float]] = defaultdict(dict)
 
     async def route(self, endpoint: str, cost: float, request_idx: int | None, policy: PickPolicy) -> RouteOutcome:
@@ -94,8 +95,6 @@ class MemoryStore:
             if previous[_WORKER] is not None:
                 # a retry's load leaves its old worker before picking, wherever it goes next
                 self._unassign(endpoint, previous[_WORKER], previous[_COST])
-            else:
-                self._waiting[endpoint].pop(request_idx, None)  # tracked again below, waiting or assigned
         picked = pick_worker(
             workers.values(),
             now=now,
@@ -150,7 +149,8 @@ class MemoryStore:
                 not_held += 1
                 continue
             del self._requests[idx]
-            self._forget_request(idx, request)
+            if request[_WORKER] is not None:
+                self._unassign(endpoint, request[_WORKER], request[_COST])
             released += 1
         return Released(released=released, unknown=unknown, not_held=not_held)
 
@@ -202,20 +202,17 @@ class MemoryStore:
             worker.load = load_after_release(worker.load, cost, worker.open_requests)
 
     def _waiting_costs(self, endpoint: str, *, since: float) -> list[float]:
-        """The costs of the endpoint's requests waiting for a worker and polled after ``since``; those polled
-        before no longer count (their client gave up or sent the request anew) and are dropped."""
-        waiting = self._waiting.get(endpoint, {})
-        stale = [idx for idx, polled in waiting.items() if not polled > since]
-        for idx in stale:
-            del waiting[idx]
-        return [self._requests[idx][_COST] for idx in waiting]
-
-    def _forget_request(self, request_idx: int, request: _Request) -> None:
-        """A request that leaves for good gives its load back, or stops waiting."""
-        if request[_WORKER] is not None:
-            self._unassign(request[_ENDPOINT], request[_WORKER], request[_COST])
-        else:
-            self._waiting[request[_ENDPOINT]].pop(request_idx, None)
+        """The costs of the endpoint's requests still waiting for a worker and polled after ``since``. The rest are
+        dropped: released, expired or assigned since, or not polled within the window (their client gave up, or
+        sent the request anew, which would count it twice)."""
+        waiting, costs = self._waiting.get(endpoint, {}), []
+        for idx, polled in list(waiting.items()):
+            request = self._requests.get(idx)
+            if request is None or request[_WORKER] is not None or not polled > since:
+                del waiting[idx]
+            else:
+                costs.append(request[_COST])
+        return costs
 
     def _add_load_rate(self, endpoint: str, now: float, cost: float) -> None:
         buckets = self._load_buckets[endpoint]
@@ -244,4 +241,5 @@ class MemoryStore:
                 continue  # released, or re-routed with a later expiry
             del self._requests[idx]
             swept += 1
-            self._forget_request(idx, request)
+            if request[_WORKER] is not None:
+                self._unassign(request[_ENDPOINT], request[_WORKER], request[_COST])

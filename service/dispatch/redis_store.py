@@ -12,7 +12,8 @@ Key layout (``P`` is the ``prefix``, ``dispatch:`` by default; ``E`` an endpoint
     P worker:E/W            hash    url, state, max_perf, cur_load, in_flight, last_seen (the last report),
                                     load, reqnum, open_requests (the dispatcher's ledger)
     P rate:E:<second>       string  cost routed as new requests to E in that second; EXPIRE LOAD_HISTORY_S
-    P waiting:E             hash    request_idx -> when last polled, of E's requests that hold no worker (demand)
+    P waiting:E             hash    request_idx -> when last answered "no ready worker" (demand); load_stats drops
+                                    the entries whose request has left or found a worker since
 
 A worker's hash and its set member are removed together (``forget_workers``) once it has been silent for
 ``forget_s`` holding no request.

@@ -154,12 +154,12 @@ def _worker_url(text: str) -> str:
         parts.port  # noqa: B018 - parsing it is the check: a port that is not a number in 0..65535 raises
     except ValueError:
         raise InvalidRequest(problem) from None
-    if parts.scheme not in ("http", "https") or not parts.hostname or not _valid_authority(parts.netloc):
-        raise InvalidRequest(problem)
     if "@" in url or "?" in url or "#" in url:
         # every client is sent this URL (credentials would leak to them) and appends its path to it (after a query
         # or fragment, the path lands in those instead); '@' is refused anywhere, as the OpenAPI pattern says
         raise InvalidRequest("'url' must be a base URL without credentials, query or fragment ('@', '?', '#')")
+    if parts.scheme not in ("http", "https") or not parts.hostname or not _valid_authority(parts.netloc):
+        raise InvalidRequest(problem)
     return url
 
 

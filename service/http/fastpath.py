@@ -4,12 +4,12 @@
 Starlette's router, exception middlewares, ``Request`` and ``Response`` objects cost about as much per call as
 the routing work itself; this path skips them and keeps the same contract: 415 for a non-JSON content type, 413
 past ``max_body_bytes`` and 408 past ``body_timeout_s`` (``body.BodyReader``), the one error body for every
-``ServiceError`` (``error_response``: errors are not the hot path), a logged 500 for anything else. A handler that
-waits may watch ``receive`` for the client going away and raise ``ClientGone``: the answer is then a bodiless 499
-(nginx's "client closed request"), which the request metrics count. Hypercorn reports a half-closed connection
-(``shutdown(SHUT_WR)`` after the request) as a disconnect too, and so does this path, as nginx does: such a
-client, if it still reads, gets the 499. Every other path falls through
-to the wrapped app.
+``ServiceError`` (``error_response``: errors are not the hot path), a logged 500 for anything else. A client that
+leaves mid-upload, or while a handler that watches ``receive`` waits (it raises ``ClientGone``), gets a bodiless 499
+(nginx's "client closed request"), which the request metrics count apart from the server's own 5xx. Hypercorn
+reports a half-closed connection (``shutdown(SHUT_WR)`` after the request) as a disconnect too, and so does this
+path, as nginx does: such a client, if it still reads, gets the 499. Every other path falls through to the wrapped
+app.
 """
 
 from __future__ import annotations
@@ -26,8 +26,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.errors import ServiceError
 from service.http.body import BodyReader
-from service.http.middleware import CLIENT_CLOSED_REQUEST
-from service.http.responses import error_response
+from service.http.responses import CLIENT_CLOSED_REQUEST, error_response
 
 logger = logging.getLogger(__name__)
 
@@ -68,9 +67,7 @@ class FastJsonPost:
         try:
             body = await self.body.read(headers, receive)
             answer = await self.handler(body, headers, scope["query_string"], receive)
-        except ClientDisconnect:
-            return  # nobody to answer
-        except ClientGone:
+        except (ClientDisconnect, ClientGone):
             await send({"type": "http.response.start", "status": CLIENT_CLOSED_REQUEST, "headers": []})
             await send({"type": "http.response.body", "body": b""})
             return

@@ -10,8 +10,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from service.errors import ServiceError
-from service.http.middleware import CLIENT_CLOSED_REQUEST
-from service.http.responses import error_response
+from service.http.responses import CLIENT_CLOSED_REQUEST, error_response
 
 logger = logging.getLogger(__name__)
 

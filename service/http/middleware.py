@@ -17,9 +17,7 @@ OTHER_ROUTE = "other"
 # the process's life (and by Prometheus): the rest are labelled "other".
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
 OTHER_METHOD = "other"
-# What a request that ended without any answer is counted as: 499 (nginx's "client closed request") once the app saw
-# the client leave; otherwise the server answers 500 itself, as it does for an exception that escaped the app.
-CLIENT_CLOSED_REQUEST = 499
+# A request that ended without any answer: the server answers 500 itself (the apps answer a departed client 499).
 UNHANDLED_ERROR = 500
 
 
@@ -52,10 +50,8 @@ class RequestMetricsMiddleware:
             return
         path = scope["path"]
         route = path if path in self.routes else self._template_of(path)
-        status = 0
+        status = UNHANDLED_ERROR
         started = time.perf_counter()
-
-        client_left = False
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status
@@ -63,21 +59,13 @@ class RequestMetricsMiddleware:
                 status = message["status"]
             await send(message)
 
-        async def receive_wrapper() -> Message:
-            nonlocal client_left
-            message = await receive()
-            client_left = client_left or message["type"] == "http.disconnect"
-            return message
-
         self.in_flight += 1
         if self._track_gauge:
             self.metrics.in_flight.inc()
         self.idle.clear()
         try:
-            await self.app(scope, receive_wrapper, send_wrapper)
+            await self.app(scope, receive, send_wrapper)
         finally:
-            if not status:
-                status = CLIENT_CLOSED_REQUEST if client_left else UNHANDLED_ERROR
             self.in_flight -= 1
             if self._track_gauge:
                 self.metrics.in_flight.dec()

@@ -13,6 +13,10 @@ from starlette.responses import JSONResponse, Response
 
 from service.errors import InvalidRequest, MethodNotAllowed, NotFound, ServiceError
 
+# The answer to a client that left before it could be answered (nginx's "client closed request"): nobody reads it,
+# but the request metrics count it apart from the server's own errors.
+CLIENT_CLOSED_REQUEST = 499
+
 
 class ORJSONResponse(JSONResponse):
     media_type = "application/json"
@@ -28,9 +32,8 @@ def error_response(error: ServiceError, *, retry_after_s: int) -> Response:
     headers = {"Retry-After": str(retry_after_s)} if error.retry_after else {}
     if error.close_connection:
         headers["Connection"] = "close"
-    challenge = getattr(error, "challenge", None)  # Unauthorized's (RFC 9110: a 401 names the scheme it takes)
-    if challenge:
-        headers["WWW-Authenticate"] = challenge
+    if error.challenge:
+        headers["WWW-Authenticate"] = error.challenge
     body = {"code": error.code, "message": error.message, **error.details}
     return ORJSONResponse({"error": body}, status_code=error.status, headers=headers)
 

@@ -15,8 +15,8 @@ for k = back, 0, -1 do  -- oldest first, the order MemoryStore sums in
   local value = redis.call('GET', prefix .. 'rate:' .. endpoint .. ':' .. fmt(start - k * bucket))
   if value then total = total + tonumber(value) end
 end
--- MemoryStore._waiting_costs: requests polled within the window; the rest no longer count and are dropped, as are
--- entries whose request is gone or has a worker (a replica running older scripts released or assigned it)
+-- MemoryStore._waiting_costs: requests still waiting and polled within the window; the rest are dropped (released,
+-- expired or assigned since, or not polled within the window)
 local waiting_costs, waiting = {}, waiting_key(endpoint)
 local entries = redis.call('HGETALL', waiting)
 for i = 1, #entries, 2 do

@@ -11,7 +11,8 @@ local function clock()
 end
 
 local function worker_key(endpoint, worker_id) return prefix .. 'worker:' .. endpoint .. '/' .. worker_id end
--- MemoryStore._waiting: {request_idx: when last polled} of the endpoint's requests that hold no worker
+-- MemoryStore._waiting: {request_idx: when last answered "no ready worker"}, set by route.lua only; load_stats.lua
+-- drops the entries whose request has since left or found a worker
 local function waiting_key(endpoint) return prefix .. 'waiting:' .. endpoint end
 
 -- MemoryStore._unassign: a request of `cost` leaves its worker (if the worker exists); returns the new load or nil.
@@ -37,7 +38,6 @@ local function sweep(now)
     local key = prefix .. 'req:' .. idx
     local r = redis.call('HMGET', key, 'endpoint', 'cost', 'worker')
     if r[1] and r[3] then unassign(r[1], r[3], tonumber(r[2])) end
-    if r[1] and not r[3] then redis.call('HDEL', waiting_key(r[1]), idx) end
     redis.call('DEL', key)
   end
   if #idxs > 0 then redis.call('ZREM', expiries, unpack(idxs)) end

@@ -12,7 +12,7 @@ for i = 5, #ARGV do
   else
     redis.call('DEL', key)
     redis.call('ZREM', expiries, ARGV[i])
-    if r[3] then unassign(endpoint, r[3], tonumber(r[2])) else redis.call('HDEL', waiting_key(endpoint), ARGV[i]) end
+    if r[3] then unassign(endpoint, r[3], tonumber(r[2])) end
     released = released + 1
   end
 end

@@ -32,10 +32,6 @@ for _, id in ipairs(redis.call('SMEMBERS', prefix .. 'workers:' .. endpoint)) do
   end
 end
 
-if retry and not prev_worker then
-  redis.call('HDEL', waiting_key(endpoint), idx)  -- tracked again below, waiting or assigned
-end
-
 if retry and prev_worker then
   -- a retry's load leaves its old worker before picking, wherever it goes next (as MemoryStore does)
   local load = unassign(endpoint, prev_worker, prev_cost)
