@@ -172,10 +172,12 @@ def _serve_dispatcher(args: argparse.Namespace) -> int:
 
             check_url(settings.redis_url)
         from service.dispatch.app import load_signer
-        from service.dispatch.signing import read_public_keys
+        from service.dispatch.signing import read_public_key_file, read_public_keys
 
         load_signer(settings)  # key file, or hex seed: fail before binding
         read_public_keys(settings.previous_public_keys)
+        if settings.next_public_key_file is not None:
+            read_public_key_file(settings.next_public_key_file)
     except (ValueError, ConfigError, KeyFileError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

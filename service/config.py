@@ -160,6 +160,11 @@ class DispatcherSettings(BaseSettings):
     signing_key_file: Path | None = _opt(None, "Ed25519 signing key file from `keygen` (mode 0600)")
     signing_key: str | None = _opt(None, "Ed25519 signing key seed, hex (instead of a file)")
     previous_public_keys: str = _opt("", "retired public keys (hex, comma separated) still published")
+    next_public_key_file: Path | None = _opt(
+        None,
+        "public key file (keygen's PATH.pub) of the key that signs next: published before it signs, re-read on"
+        " SIGHUP; a missing or empty file publishes nothing",
+    )
     assignment_ttl_s: float = _opt(60.0, "how long a signed assignment stays valid")
     heartbeat_timeout_s: float = _opt(30.0, "a worker silent this long gets no new requests")
     worker_forget_s: float = _opt(

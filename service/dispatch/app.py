@@ -1,8 +1,9 @@
 """The dispatcher service: Starlette app, state store, signing key, endpoints, scaling loop, drain and reload.
 
-SIGHUP re-reads the endpoints file and the signing key file (a bad file is logged and what was loaded keeps serving).
-A new key in the key file takes over signing at once, in the same process, so the state (reqnums above all) carries
-on; the replaced key stays published until everything it signed has expired.
+SIGHUP re-reads the endpoints file, the signing key file and the next key's public key file (a bad file is logged and
+what was loaded keeps serving). A new key in the key file takes over signing at once, in the same process, so the state
+(reqnums above all) carries on; the replaced key stays published until everything it signed has expired. A next key is
+published before it signs, so that workers (and every replica's /pubkey/) know it by the time it does.
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ from service.dispatch.signing import (
     KeyFileError,
     PublishedKey,
     Signer,
+    key_id_for,
     publish,
     read_key_file,
+    read_public_key_file,
     read_public_keys,
 )
 from service.dispatch.signing_batch import SignatureBatcher
@@ -72,6 +75,11 @@ def load_signer(settings: DispatcherSettings) -> Signer:
     if settings.signing_key:
         return Signer.from_seed_hex(settings.signing_key)
     return Signer.generate()
+
+
+def _read_next_key(settings: DispatcherSettings) -> bytes | None:
+    path = settings.next_public_key_file
+    return None if path is None else read_public_key_file(path)
 
 
 def open_store(settings: DispatcherSettings) -> DispatchStore:
@@ -116,6 +124,8 @@ class DispatcherService(ServiceBase):
         self.signing = SignatureBatcher(self.signer)
         self._configured_previous_keys = read_public_keys(settings.previous_public_keys)
         self._retired_keys: list[bytes] = []  # replaced on SIGHUP, published until their assignments expired
+        # Published ahead of signing, so that every worker knows the key before the first assignment under it.
+        self._next_key = _read_next_key(settings)
         self.published_keys: list[PublishedKey] = []
         self._publish_keys()
         self.draining = False
@@ -196,9 +206,10 @@ class DispatcherService(ServiceBase):
         logger.info("drained")
 
     def on_reload_signal(self) -> None:
-        """SIGHUP: re-read the endpoints file and the signing key file."""
+        """SIGHUP: re-read the endpoints file, the signing key file and the next key's public key file."""
         self._reload_endpoints()
         self._reload_signing_key()
+        self._reload_next_key()
 
     def _reload_endpoints(self) -> None:
         if self.settings.config is None:
@@ -240,13 +251,29 @@ class DispatcherService(ServiceBase):
             until_expired,
         )
 
+    def _reload_next_key(self) -> None:
+        try:
+            next_key = _read_next_key(self.settings)
+        except KeyFileError as exc:
+            logger.error("SIGHUP: next public key file rejected, published keys unchanged: %s", exc)
+            return
+        if next_key == self._next_key:
+            return
+        self._next_key = next_key
+        self._publish_keys()
+        if next_key is None:
+            logger.info("SIGHUP: no next key published")
+        else:
+            logger.info("SIGHUP: next key %s published ahead of signing", key_id_for(next_key))
+
     def _unpublish_retired(self, public_key: bytes) -> None:
         if public_key in self._retired_keys:
             self._retired_keys.remove(public_key)
             self._publish_keys()
 
     def _publish_keys(self) -> None:
-        self.published_keys = publish(self.signer, [*self._retired_keys, *self._configured_previous_keys])
+        upcoming = [] if self._next_key is None else [self._next_key]
+        self.published_keys = publish(self.signer, [*upcoming, *self._retired_keys, *self._configured_previous_keys])
 
     # -- scaling decisions and worker gauges --------------------------------------------------------------------
     async def endpoint_view(self, spec: EndpointSpec) -> EndpointView:

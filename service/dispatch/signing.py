@@ -232,6 +232,23 @@ def read_key_file(path: Path) -> Signer:
         raise KeyFileError(f"signing key {path}: {exc}") from None
 
 
+def read_public_key_file(path: Path) -> bytes | None:
+    """The public key in ``path`` (keygen's ``PATH.pub``: hex), or None when the file is missing or blank (a
+    Kubernetes ConfigMap key left empty between rotations)."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:  # unreadable, a folder, not text: name the file
+        raise KeyFileError(f"public key {path}: {exc}") from None
+    if not text.strip():
+        return None
+    try:
+        return parse_hex(text, PUBLIC_KEY_BYTES, "public key")
+    except KeyFileError as exc:
+        raise KeyFileError(f"{path}: {exc}") from None
+
+
 def read_public_keys(text: str) -> list[bytes]:
     """Public keys from a comma/whitespace separated hex list (retired keys still published)."""
     return [parse_hex(item, PUBLIC_KEY_BYTES, "public key") for item in re.split(r"[\s,]+", text) if item]

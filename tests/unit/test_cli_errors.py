@@ -134,3 +134,15 @@ def test_serve_exits_with_the_code_of_the_service_that_ended_first(monkeypatch: 
     monkeypatch.setattr(subprocess, "Popen", lambda *args, **kwargs: next(children))
     monkeypatch.setattr(signal, "signal", lambda *args: None)
     assert main(["serve", "--router-port", "0", "--dispatcher-port", "0"]) == 2
+
+
+@pytest.mark.parametrize("content", ["not hex\n", "ab" * 16 + "\n", "\xff"])
+def test_a_bad_next_public_key_file_is_named_in_one_line(
+    tmp_path: Path, content: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pub = tmp_path / "next.key.pub"
+    pub.write_bytes(content.encode("latin-1"))
+    assert main(["serve-dispatcher", "--port", "0", "--next-public-key-file", str(pub)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {pub}: ") or err.startswith(f"error: public key {pub}: "), err
+    assert "Traceback" not in err

@@ -30,7 +30,7 @@ from starlette.testclient import TestClient
 from service.cli import build_parser
 from service.config import BaseSettings, DispatcherSettings, RouterSettings
 from service.dispatch.endpoints import load_config
-from service.dispatch.signing import KeyFileError, read_key_file, write_key_file
+from service.dispatch.signing import KeyFileError, read_key_file, read_public_key_file, write_key_file
 from service.http.server import CONNECTION_CLOSE_GRACE_S
 from service.metrics import DispatcherMetrics, RouterMetrics
 from tests.deploy_helpers import (
@@ -456,6 +456,25 @@ def test_the_endpoints_file_is_mounted_where_the_dispatcher_reads_it(docs: list[
     (volume,) = [v for v in pod["volumes"] if v.get("configMap", {}).get("name") == generator["name"]]
     (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == volume["name"]]
     assert literal_env(pod["containers"][0])["LLMROUTER_CONFIG"] == f"{mount['mountPath']}/{key}"
+
+
+def test_the_next_public_key_is_mounted_where_the_dispatcher_reads_it_and_empty_means_none(
+    docs: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    (generator,) = [g for g in kustomization["configMapGenerator"] if g["name"] == "llm-dispatcher-keys"]
+    literals = dict(entry.split("=", 1) for entry in generator["literals"])
+    pod = find(docs, "Deployment", "llm-dispatcher")["spec"]["template"]["spec"]
+    (volume,) = [v for v in pod["volumes"] if v.get("configMap", {}).get("name") == generator["name"]]
+    (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == volume["name"]]
+    path = literal_env(pod["containers"][0])["LLMROUTER_NEXT_PUBLIC_KEY_FILE"]
+    assert path.startswith(mount["mountPath"] + "/")
+    key = path.removeprefix(mount["mountPath"] + "/")
+    # a ConfigMap volume holds one file per key, with the literal's text: as shipped (between rotations) it is empty
+    (tmp_path / key).write_text(literals[key])
+    assert read_public_key_file(tmp_path / key) is None
+    (tmp_path / key).write_text(write_key_file(tmp_path / "new.key").public_key.hex())
+    assert read_public_key_file(tmp_path / key) is not None
 
 
 # == Prometheus and Grafana ========================================================================================

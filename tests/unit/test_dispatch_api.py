@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -698,6 +699,45 @@ async def test_handlers_work_without_the_lifespan() -> None:
         await register(client)
         body = await route(client)
         assert (await keyring(client)).verify(Assignment.from_mapping(body), body["signature"])
+
+
+async def test_a_next_key_is_published_before_it_signs_so_workers_know_it_when_it_does(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    key_file, next_file = tmp_path / "dispatch.key", tmp_path / "next.key"
+    first = write_key_file(key_file)
+    next_pub = tmp_path / "next.key.pub"  # keygen's NEXT.pub
+    settings = DispatcherSettings(autoscale_interval_s=3600.0, signing_key_file=key_file, next_public_key_file=next_pub)
+    service = DispatcherService(settings, registry=registry(), store=MemoryStore())  # no such file yet: none
+
+    async def published() -> list[tuple[str, bool]]:
+        return [(k["key_id"], k["current"]) for k in (await client.get("/pubkey/")).json()["keys"]]
+
+    async with serving(service) as client:
+        await register(client)
+        assert await published() == [(first.key_id, True)]
+        second = write_key_file(next_file)
+        service.on_reload_signal()  # step 1: published, not signing
+        assert await published() == [(first.key_id, True), (second.key_id, False)]
+        assert (await route(client))["key_id"] == first.key_id
+        worker_ring = await keyring(client)  # what a worker fetched between the two steps
+
+        next_pub.write_text("not a key\n")  # a bad file: logged, the published keys stay as they were
+        service.on_reload_signal()
+        assert "next public key file rejected" in caplog.text
+        assert await published() == [(first.key_id, True), (second.key_id, False)]
+
+        next_pub.write_text(second.public_key.hex() + "\n")
+        os.replace(next_file, key_file)  # step 2: the next key signs; its .pub stays in place
+        service.on_reload_signal()
+        assert await published() == [(second.key_id, True), (first.key_id, False)]  # listed once, as current
+        after = await route(client)
+        assert after["key_id"] == second.key_id
+        assert worker_ring.verify(Assignment.from_mapping(after), after["signature"])  # no fetch needed
+
+        next_pub.unlink()  # between rotations: nothing upcoming
+        service.on_reload_signal()
+        assert await published() == [(second.key_id, True), (first.key_id, False)]
 
 
 async def test_sighup_key_rotation_publishes_the_old_key_until_its_assignments_expired(
