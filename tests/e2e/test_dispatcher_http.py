@@ -556,3 +556,26 @@ def test_a_client_that_leaves_mid_upload_is_counted_499_not_as_our_error(tmp_pat
     finally:
         assert server.stop() == 0, server.log()
     assert "unhandled error" not in server.log()
+
+
+def test_the_access_log_is_off_by_default_and_never_holds_an_api_key(tmp_path: Path) -> None:
+    """Vast's SDK sends the api key in the body, the Bearer header and the query string: none reaches the log."""
+    secret = "sk-do-not-log-0123456789"
+    for flags, logged in (((), False), (("--access-log", "--log-level", "warning"), True)):
+        server = start_server(tmp_path, *flags, command="serve-dispatcher")
+        try:
+            refused = httpx.post(
+                f"{server.url}/route/",
+                params={"api_key": secret},
+                headers={"Authorization": f"Bearer {secret}", "User-Agent": "probe/1"},
+                json={"endpoint": "nowhere", "api_key": secret, "cost": 1.0},
+            )
+            assert refused.status_code == 401
+            assert httpx.get(f"{server.url}/health").status_code == 200
+        finally:
+            assert server.stop() == 0, server.log()
+        log = server.log()
+        assert secret not in log
+        line = re.search(r'127\.0\.0\.1:\d+ "POST /route/ HTTP/1\.1" 401 \d+ \d+\.\d{6} "probe/1"', log)
+        assert (line is not None) is logged, log
+        assert ('"GET /health HTTP/1.1" 200' in log) is logged, log
