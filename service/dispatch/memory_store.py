@@ -175,13 +175,13 @@ class MemoryStore:
         # the current bucket and those starting after current - window: window_s seconds of buckets
         since = current - window_s + LOAD_RATE_BUCKET_S
         recent = sum(total for start, total in self._load_buckets.get(endpoint, ()) if start >= since)
-        outstanding = sum(w.load for w in self._workers.get(endpoint, {}).values())
+        outstanding = math.fsum(w.load for w in self._workers.get(endpoint, {}).values())
         waiting = self._waiting_costs(endpoint, since=now - window_s)
         return LoadStats(
             load_rate=recent / window_s,
             outstanding=outstanding,
             waiting_requests=len(waiting),
-            waiting=math.fsum(waiting),  # exact, so the order (which Redis does not keep) cannot matter
+            waiting=math.fsum(waiting),  # both sums exact, so the order (which Redis does not keep) cannot matter
         )
 
     async def now(self) -> float:

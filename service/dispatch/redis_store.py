@@ -278,7 +278,7 @@ class RedisStore:
         total, waiting, loads = reply
         return LoadStats(
             load_rate=float(total) / window_s,
-            outstanding=sum(float(load) for load in loads),
+            outstanding=math.fsum(float(load) for load in loads),  # exact: SMEMBERS order is arbitrary
             waiting_requests=len(waiting),
             waiting=math.fsum(float(cost) for cost in waiting),
         )

@@ -366,6 +366,18 @@ async def test_load_stats(store: DispatchStore) -> None:
     assert await store.load_stats("nobody", 10.0) == LoadStats(load_rate=0.0, outstanding=0.0)
 
 
+async def test_outstanding_load_is_the_exact_sum_whatever_order_the_workers_come_in(store: DispatchStore) -> None:
+    """Summed left to right, 1e16 + 1 + 1 is 1e16 (each 1 rounds away) or 1e16 + 2 (the 1s first): the stores list
+    workers in different orders (a dict, a Redis set), so both must agree on the exact sum."""
+    for worker_id in ("w1", "w2", "w3"):
+        await report(store, worker_id)
+    await assign(store, 1e16)
+    await assign(store, 1.0)
+    await assign(store, 1.0)
+    assert sorted((await loads(store)).values()) == [1.0, 1.0, 1e16]
+    assert (await store.load_stats(EP, 10.0)).outstanding == 1e16 + 2.0
+
+
 async def test_load_stats_count_requests_waiting_for_a_worker_until_they_leave(store: DispatchStore) -> None:
     """A request answered "no ready worker" is demand no worker's load shows (the autoscaler read none): it waits
     until a retry is assigned, the request is released, or its ttl passes. A poll is not a second request."""
