@@ -227,7 +227,9 @@ class WrkResult:
 
     @property
     def ok_requests(self) -> int:
-        return self.requests - self.non_2xx - self.socket_errors.get("total", 0)
+        """2xx answers. wrk's ``requests`` counts answers only; a socket error (connect, read, write) is no answer
+        and must not be taken off them, and a timeout answered late was still answered."""
+        return self.requests - self.non_2xx
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "ok_requests": self.ok_requests}
@@ -260,7 +262,7 @@ def parse_wrk_output(stdout: str, threads: int, connections: int) -> WrkResult:
         requests=requests,
         duration_s=duration_s,
         rps=requests / duration_s if duration_s else 0.0,
-        ok_rps=(requests - non_2xx - errors["total"]) / duration_s if duration_s else 0.0,
+        ok_rps=(requests - non_2xx) / duration_s if duration_s else 0.0,
         latency_ms={k: float(v) / 1e3 for k, v in data["latency_us"].items()},
         non_2xx=non_2xx,
         socket_errors=errors,

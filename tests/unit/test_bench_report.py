@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import FOREIGN_CPU_WARN_CORES, foreign_cpu_warning
+from benchmarks.common import FOREIGN_CPU_WARN_CORES, foreign_cpu_warning, parse_wrk_output
 from benchmarks.harness.plots import load_order, plot
 from benchmarks.harness.report import render
 from benchmarks.harness.targets import compute_targets, warnings_for
@@ -175,3 +175,16 @@ def test_foreign_cpu_warning_only_past_the_threshold() -> None:
     assert foreign_cpu_warning("c=16", {"foreign_cores": FOREIGN_CPU_WARN_CORES}) is None
     warning = foreign_cpu_warning("c=16", {"foreign_cores": 0.4})
     assert warning is not None and warning.startswith("c=16: other processes used 0.40 cores")
+
+
+def test_wrk_ok_requests_are_its_answers_less_non_2xx_and_socket_errors_are_not_taken_off() -> None:
+    """wrk counts a request only once answered; connect, read and write errors never were (they are reported
+    beside), and a timed-out request answered late is still in ``requests``."""
+    line = (
+        'WRK_JSON {"requests":100,"duration_us":2000000,"bytes":5000,"non_2xx":10,'
+        '"socket_errors":{"connect":5,"read":3,"write":1,"timeout":2},'
+        '"latency_us":{"min":1,"mean":2,"max":3,"stdev":1,"p50":2,"p90":3,"p99":3,"p99.9":3},"body_bytes":40}'
+    )
+    result = parse_wrk_output(f"Running 2s test\n{line}\n", threads=1, connections=8)
+    assert result.ok_requests == 90 and result.ok_rps == 45.0 and result.rps == 50.0
+    assert result.socket_errors == {"connect": 5, "read": 3, "write": 1, "timeout": 2, "total": 11}
