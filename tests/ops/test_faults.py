@@ -97,11 +97,14 @@ async def test_redis_restart_and_a_dead_worker_under_load(
     # no (worker, reqnum) was ever issued twice, and each worker's reqnums only grew across the restart
     pairs = [(url, reqnum) for _, url, reqnum, _ in ledger.assignments]
     assert len(pairs) == len(set(pairs))
+    spanning = 0  # workers assigned requests both before the kill and after the restart
     for url in {url for url, _ in pairs}:
         before = [reqnum for at, u, reqnum, _ in ledger.assignments if u == url and at < killed_at]
         after = [reqnum for at, u, reqnum, _ in ledger.assignments if u == url and at > restarted_at]
         if before and after:
             assert min(after) > max(before), url
+            spanning += 1
+    assert spanning >= 1, "no worker was assigned requests on both sides of the Redis restart"
     # the dead worker: excluded within its heartbeat timeout; every request it lost landed on the survivor
     to_victim = [at for at, url, *_ in ledger.assignments if url == victim.url and at > dead_at]
     excluded_after_s = max(to_victim, default=dead_at) - dead_at

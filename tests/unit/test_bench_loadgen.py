@@ -120,7 +120,6 @@ async def test_open_loop_sends_on_schedule_and_counts_dropped_connections() -> N
     assert errors == pytest.approx(result.scheduled / 10, abs=5)  # the "boom" bodies
     assert set(result.errors) <= {"ConnectionClosed", "ConnectionResetError"}
     assert result.status[200] == result.answered
-    assert result.send_lag.summary_ms()["p50"] < 20
 
 
 async def test_chunked_answers_and_connection_close_are_handled() -> None:

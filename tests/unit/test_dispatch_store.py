@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.asyncio.connection
 
 from service.dispatch.memory_store import MemoryStore
 from service.dispatch.records import (
@@ -547,15 +548,26 @@ async def test_concurrent_routes_from_two_replicas_are_atomic(redis_pair: tuple[
     assert await loads(first) == {"w1": 0.0, "w2": 0.0, "w3": 0.0}
 
 
-async def test_unreachable_redis_fails_fast() -> None:
+async def test_unreachable_redis_fails_at_the_first_attempt(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One connection attempt per call, no retry with back-off: the route answers 503 at once (and a retried route
+    script could reserve its cost twice)."""
+    attempts = 0
+    connect = redis.asyncio.connection.Connection._connect
+
+    async def counted(self: redis.asyncio.connection.Connection) -> None:
+        nonlocal attempts
+        attempts += 1
+        await connect(self)
+
+    monkeypatch.setattr(redis.asyncio.connection.Connection, "_connect", counted)
     store = RedisStore(f"redis://127.0.0.1:{free_port()}/0", connect_timeout_s=0.5, socket_timeout_s=0.5)
     try:
-        started = time.monotonic()
         with pytest.raises(StoreUnavailable, match="PING failed"):
             await store.ping()
+        assert attempts == 1
         with pytest.raises(StoreUnavailable, match="route failed"):
             await store.route(EP, 1.0, None, POLICY)
-        assert time.monotonic() - started < 2.0
+        assert attempts == 2
     finally:
         await store.close()
 
