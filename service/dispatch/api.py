@@ -45,11 +45,13 @@ class DispatcherApi:
         if service.draining:
             raise ShuttingDown("the dispatcher is draining; send new requests elsewhere")
         authorization = headers.get(b"authorization")
+        idempotency_key = headers.get(b"idempotency-key")
         route_request = schemas.parse_route_request(
             parse_json_object(body),
             authorization=authorization.decode("latin-1") if authorization else None,
             query_api_key=_query_param(query_string, "api_key"),
             max_cost=settings.max_cost,
+            idempotency_key=idempotency_key.decode("latin-1") if idempotency_key is not None else None,
         )
         spec = service.registry.authenticate_client(route_request.endpoint, route_request.api_key)
         if spec is None:
@@ -57,7 +59,11 @@ class DispatcherApi:
         started = time.perf_counter()
         try:
             outcome = await service.store.route(
-                spec.name, route_request.cost, route_request.request_idx, self._policy(spec)
+                spec.name,
+                route_request.cost,
+                route_request.request_idx,
+                self._policy(spec),
+                route_request.idempotency_key,
             )
         except UnknownRequest:
             self._count(spec.name, "unknown_request")
@@ -80,7 +86,7 @@ class DispatcherApi:
             expires_at_ms=int((time.time() + settings.assignment_ttl_s) * MS_PER_S),
             key_id=signer.key_id,
         )
-        outcome_label = "reassigned" if route_request.request_idx else "assigned"
+        outcome_label = "reassigned" if outcome.retry else "assigned"
         self._count(spec.name, outcome_label)
         return schemas.assigned_answer(assignment, await service.signing.sign(assignment), request_id)
 

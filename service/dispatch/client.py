@@ -5,15 +5,20 @@ The dispatcher tracks each request's load under its ``request_idx``. A retry the
 request_idx*: the dispatcher then moves the load to the newly picked worker (and avoids the one that failed)
 instead of counting the request twice. A fresh request_idx on retry would leak load until its TTL.
 
+Every route call of one request carries the same ``Idempotency-Key``: a first call whose answer was lost (a
+timeout, a dropped connection, an unreadable body) reserved load under a request_idx the client never learnt, and the
+dispatcher takes the repeat as a retry of that request instead of a second one.
+
 Retried (after full-jitter exponential back-off, or the server's ``Retry-After`` when it sends one): a "no ready
-worker" answer, a dispatcher 429/5xx or transport error, a worker transport error (or a URL httpx cannot request),
+worker" answer, a dispatcher 429/5xx, transport error or unreadable answer, a worker transport error (or a URL httpx
+cannot request),
 429 or 5xx, and a worker 401 ``invalid_assignment`` (e.g. the assignment expired on the way, or the worker has not
 seen a key rotation yet). A retry whose request_idx the dispatcher no longer knows (it expired after the
 dispatcher's request TTL, or a dispatcher on in-memory state restarted) holds no load any more: the next attempt
 routes the request as a new one. Not retried: dispatcher 4xx other than those (bad key, bad request: retrying cannot
 help), worker 4xx other than those above, which are the worker's answer to the payload and are returned as they are,
-and an answer that arrived but cannot be read (a broken encoding: ``DispatchError``), since the work it answers may
-be done.
+and a worker's answer that arrived but cannot be read (a broken encoding: ``DispatchError``), since the work it
+answers may be done.
 
 A server's ``Retry-After`` is waited, plus up to a fifth more at random, so that clients refused together do not all
 come back in the same instant.
@@ -24,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
@@ -123,6 +129,7 @@ class _Progress:
     """What one ``request`` call has learnt so far."""
 
     request_idx: int | None = None
+    idempotency_key: str = field(default_factory=lambda: uuid.uuid4().hex)  # one per request, on every route call
     failures: list[str] = field(default_factory=list)
     last_status: dict[str, int] | None = None
     retry_after_s: float | None = None
@@ -217,16 +224,17 @@ class DispatchClient:
             await self._http.aclose()
 
     # -- one route call ---------------------------------------------------------------------------------------
-    async def route(self, endpoint: str, cost: float, request_idx: int | None = None) -> dict[str, Any]:
+    async def route(
+        self, endpoint: str, cost: float, request_idx: int | None = None, idempotency_key: str | None = None
+    ) -> dict[str, Any]:
         """One ``POST /route/``: the raw answer (assigned, or no ready worker). Raises ``DispatcherRefused`` on an
         HTTP error, ``DispatchError`` on a malformed answer, ``httpx.HTTPError`` when unreachable or the answer
         cannot be read."""
         body: dict[str, Any] = {"endpoint": endpoint, "cost": cost}
         if request_idx is not None:
             body["request_idx"] = request_idx
-        response = await self._http.post(
-            self._route_url, json=body, headers=self._headers, timeout=self._route_timeout_s
-        )
+        headers = self._headers if idempotency_key is None else {**self._headers, "Idempotency-Key": idempotency_key}
+        response = await self._http.post(self._route_url, json=body, headers=headers, timeout=self._route_timeout_s)
         if response.status_code != HTTP_OK:
             code, message, reason = _error_fields(response)
             retry_after = parse_retry_after(response.headers.get("retry-after"))
@@ -312,7 +320,7 @@ class DispatchClient:
 
     async def _route_once(self, progress: _Progress, endpoint: str, cost: float) -> dict[str, Any] | None:
         try:
-            answer = await self.route(endpoint, cost, progress.request_idx)
+            answer = await self.route(endpoint, cost, progress.request_idx, progress.idempotency_key)
         except DispatcherRefused as exc:
             if exc.reason == UNKNOWN_REQUEST_IDX and progress.request_idx is not None:
                 progress.fail(f"dispatcher: request_idx {progress.request_idx} is no longer known; routing anew")
@@ -322,11 +330,9 @@ class DispatchClient:
                 raise
             progress.fail(f"dispatcher: {exc.status} {exc.code}", exc.retry_after_s)
             return None
-        except httpx.TransportError as exc:
+        except httpx.HTTPError as exc:  # unreachable, or answered unreadably: the Idempotency-Key makes a retry safe
             progress.fail(f"dispatcher: {type(exc).__name__}")
             return None
-        except httpx.HTTPError as exc:  # it answered, unreadably: a retry would be a new request, its load held twice
-            raise DispatchError(f"dispatcher answered unreadably: {type(exc).__name__}: {exc}") from None
         if progress.request_idx is None:
             progress.request_idx = answer["request_idx"]
         return answer

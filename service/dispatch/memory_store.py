@@ -82,11 +82,23 @@ class MemoryStore:
         # endpoint -> {request_idx: when last answered "no ready worker"}: autoscaling's demand. Set here only; an
         # entry whose request has since left or found a worker is dropped when read (_waiting_costs)
         self._waiting: dict[str, dict[int, float]] = defaultdict(dict)
+        # (endpoint, Idempotency-Key) -> request_idx, and back: an entry lives as long as its request
+        self._by_key: dict[tuple[str, str], int] = {}
+        self._key_of: dict[int, tuple[str, str]] = {}
 
-    async def route(self, endpoint: str, cost: float, request_idx: int | None, policy: PickPolicy) -> RouteOutcome:
+    async def route(
+        self,
+        endpoint: str,
+        cost: float,
+        request_idx: int | None,
+        policy: PickPolicy,
+        idempotency_key: str | None = None,
+    ) -> RouteOutcome:
         now = self._clock()
         self._expire(now)
         workers = self._workers[endpoint]
+        if request_idx is None and idempotency_key is not None:
+            request_idx = self._by_key.get((endpoint, idempotency_key))  # that request, if still held: a retry
         previous: _Request | None = None
         if request_idx is not None:
             previous = self._requests.get(request_idx)
@@ -105,6 +117,9 @@ class MemoryStore:
         if previous is None:
             request_idx = next(self._next_idx)
             self._add_load_rate(endpoint, now, cost)
+            if idempotency_key is not None:
+                self._by_key[endpoint, idempotency_key] = request_idx
+                self._key_of[request_idx] = (endpoint, idempotency_key)
         assert request_idx is not None
         if picked is None:
             self._track(request_idx, (endpoint, cost, None, now + policy.request_ttl_s))
@@ -120,7 +135,13 @@ class MemoryStore:
         picked.open_requests += 1
         picked.reqnum += 1
         self._track(request_idx, (endpoint, cost, picked.worker_id, now + policy.request_ttl_s))
-        return Assigned(request_idx=request_idx, worker_id=picked.worker_id, url=picked.url, reqnum=picked.reqnum)
+        return Assigned(
+            request_idx=request_idx,
+            worker_id=picked.worker_id,
+            url=picked.url,
+            reqnum=picked.reqnum,
+            retry=previous is not None,
+        )
 
     async def report(self, endpoint: str, report: WorkerReport) -> WorkerRecord:
         workers = self._workers[endpoint]
@@ -148,7 +169,7 @@ class MemoryStore:
             if worker_id is not None and request[_WORKER] != worker_id:
                 not_held += 1
                 continue
-            del self._requests[idx]
+            self._drop(idx)
             if request[_WORKER] is not None:
                 self._unassign(endpoint, request[_WORKER], request[_COST])
             released += 1
@@ -228,6 +249,12 @@ class MemoryStore:
         while buckets and buckets[0][0] < current - LOAD_HISTORY_S:
             buckets.popleft()
 
+    def _drop(self, request_idx: int) -> None:
+        del self._requests[request_idx]
+        key = self._key_of.pop(request_idx, None)
+        if key is not None:
+            del self._by_key[key]
+
     def _track(self, request_idx: int, request: _Request) -> None:
         self._requests[request_idx] = request
         heapq.heappush(self._expiries, (request[_EXPIRES], request_idx))
@@ -239,7 +266,7 @@ class MemoryStore:
             request = self._requests.get(idx)
             if request is None or request[_EXPIRES] != expires_at:
                 continue  # released, or re-routed with a later expiry
-            del self._requests[idx]
+            self._drop(idx)
             swept += 1
             if request[_WORKER] is not None:
                 self._unassign(request[_ENDPOINT], request[_WORKER], request[_COST])

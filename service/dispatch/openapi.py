@@ -47,6 +47,17 @@ _API_KEY_QUERY = {
     "description": "the endpoint's api key, when neither the body nor `Authorization: Bearer` carries one",
 }
 
+# schemas.parse_idempotency_key: visible ASCII but '"' and '\', bare or quoted
+IDEMPOTENCY_KEY_PATTERN = '^ *("[!#-\\[\\]-~]{1,255}"|[!#-\\[\\]-~]{1,255}) *$'
+_IDEMPOTENCY_KEY = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string", "pattern": IDEMPOTENCY_KEY_PATTERN},
+    "description": "names a new request (ignored beside a request_idx): the same key again on this endpoint, while"
+    " that request is held, re-routes it as a retry, so a client whose first answer was lost holds no load twice",
+}
+
 _ASSIGNED = {
     "type": "object",
     "required": [
@@ -157,7 +168,7 @@ def _post(
 ) -> dict[str, Any]:
     # {} = no header needed: /route/ also takes its key in the body or the query string
     security: list[dict[str, list[str]]] = [{auth: []}, {}] if key_in_body else [{auth: []}]
-    parameters = {"parameters": [_API_KEY_QUERY]} if key_in_body else {}
+    parameters = {"parameters": [_API_KEY_QUERY, _IDEMPOTENCY_KEY]} if key_in_body else {}
     return {
         "post": {
             "summary": summary,

@@ -116,6 +116,7 @@ class Assigned:
     worker_id: str
     url: str
     reqnum: int
+    retry: bool = False  # a request already held, re-routed (by its request_idx or its Idempotency-Key)
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,13 +14,15 @@ Key layout (``P`` is the ``prefix``, ``dispatch:`` by default; ``E`` an endpoint
     P rate:E:<second>       string  cost routed as new requests to E in that second; EXPIRE LOAD_HISTORY_S
     P waiting:E             hash    request_idx -> when last answered "no ready worker" (demand); load_stats drops
                                     the entries whose request has left or found a worker since
+    P idem:E/K              string  the request_idx a new request with Idempotency-Key K got; read only while that
+                                    request is held (req:<idx> names E); PX the request ttl
 
 A worker's hash and its set member are removed together (``forget_workers``) once it has been silent for
 ``forget_s`` holding no request.
 
-Endpoint names cannot contain ``/`` (``endpoints.ENDPOINT_NAME``), which keeps ``E/W`` unambiguous; a worker id
-may contain anything. The scripts reach keys they discover (an expired request of any endpoint, an endpoint's
-workers), so this needs a single Redis primary (Sentinel is fine), not Redis Cluster. Redis >= 6.
+Endpoint names cannot contain ``/`` (``endpoints.ENDPOINT_NAME``), which keeps ``E/W`` and ``E/K`` unambiguous; a
+worker id or key may contain anything. The scripts reach keys they discover (an expired request of any endpoint,
+an endpoint's workers), so this needs a single Redis primary (Sentinel is fine), not Redis Cluster. Redis >= 6.
 
 Numbers cross into Lua as strings (Python ``repr``: shortest round-trip) and come back through
 ``string.format('%.17g', x)``: Lua numbers are C doubles, so loads follow exactly the arithmetic ``MemoryStore``
@@ -183,7 +185,14 @@ class RedisStore:
     def prefix(self) -> str:
         return self._prefix
 
-    async def route(self, endpoint: str, cost: float, request_idx: int | None, policy: PickPolicy) -> RouteOutcome:
+    async def route(
+        self,
+        endpoint: str,
+        cost: float,
+        request_idx: int | None,
+        policy: PickPolicy,
+        idempotency_key: str | None = None,
+    ) -> RouteOutcome:
         args = (
             *self._common,
             _check_endpoint(endpoint),
@@ -195,6 +204,7 @@ class RedisStore:
             str(LOAD_RATE_BUCKET_S),
             str(LOAD_HISTORY_S),
             str(self._request_idxs_per_s),
+            idempotency_key or "",
         )
         with self._unavailable("route"):
             reply = await self._route.call(args)
@@ -203,7 +213,9 @@ class RedisStore:
             raise UnknownRequest(request_idx)
         idx = int(reply[1])
         if code == 1:
-            return Assigned(request_idx=idx, worker_id=reply[2], url=reply[3], reqnum=int(reply[4]))
+            return Assigned(
+                request_idx=idx, worker_id=reply[2], url=reply[3], reqnum=int(reply[4]), retry=int(reply[5]) == 1
+            )
         status = dict.fromkeys(STATUS_KEYS, 0)
         for category, count in zip(reply[2::2], reply[3::2], strict=True):
             status[category] = int(count)

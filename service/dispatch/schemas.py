@@ -19,6 +19,9 @@ MAX_REQUEST_IDX = 2**53  # JSON numbers above this lose precision in many client
 MAX_ID_CHARS = 256
 MAX_URL_CHARS = 2048
 MAX_RELEASE_BATCH = 10_000
+# Idempotency-Key (IETF httpapi draft): a structured-field string, so visible ASCII without '"' or '\\'
+MAX_IDEMPOTENCY_KEY_CHARS = 255
+_IDEMPOTENCY_KEY = re.compile(rf"[\x21\x23-\x5b\x5d-\x7e]{{1,{MAX_IDEMPOTENCY_KEY_CHARS}}}")
 # The error ``reason`` of a retry whose request_idx the dispatcher no longer knows (expired, or its state was lost):
 # nothing is held for it any more, so a client routes the request again as a new one.
 UNKNOWN_REQUEST_IDX = "unknown_request_idx"
@@ -30,6 +33,8 @@ class RouteRequest:
     api_key: str
     cost: float
     request_idx: int | None  # None (or 0 on the wire): a new request
+    # a first call's Idempotency-Key: sent again, it re-routes that request as a retry (used without request_idx)
+    idempotency_key: str | None = None
 
 
 def bearer_token(authorization: str | None) -> str | None:
@@ -41,10 +46,15 @@ def bearer_token(authorization: str | None) -> str | None:
 
 
 def parse_route_request(
-    data: Mapping[str, Any], *, authorization: str | None, query_api_key: str | None, max_cost: float
+    data: Mapping[str, Any],
+    *,
+    authorization: str | None,
+    query_api_key: str | None,
+    max_cost: float,
+    idempotency_key: str | None = None,
 ) -> RouteRequest:
     """The body of ``POST /route/``; the key may be in the body, a Bearer header or the ``api_key`` query
-    parameter, in that order of precedence."""
+    parameter, in that order of precedence. ``idempotency_key``: the ``Idempotency-Key`` header, if any."""
     endpoint = _text(data, "endpoint", MAX_ID_CHARS)
     # + 0.0: -0.0 becomes 0.0, as the signed cost would otherwise read "-0", which workers need not expect
     cost = _bounded(_number(data, "cost"), "cost", max_cost) + 0.0
@@ -58,7 +68,28 @@ def parse_route_request(
     if not api_key:
         raise Unauthorized("an api_key is required (body, 'Authorization: Bearer', or ?api_key=)")
     # Vast's SDK sends request_idx 0 on a first call: that is a new request, not a retry of request 0.
-    return RouteRequest(endpoint=endpoint, api_key=api_key, cost=cost, request_idx=request_idx or None)
+    return RouteRequest(
+        endpoint=endpoint,
+        api_key=api_key,
+        cost=cost,
+        request_idx=request_idx or None,
+        idempotency_key=parse_idempotency_key(idempotency_key),
+    )
+
+
+def parse_idempotency_key(header: str | None) -> str | None:
+    """The ``Idempotency-Key`` header's key: quoted as the IETF draft writes it, or bare as most clients send it."""
+    if header is None:
+        return None
+    key = header.strip()
+    if len(key) >= 2 and key[0] == key[-1] == '"':
+        key = key[1:-1]
+    if not _IDEMPOTENCY_KEY.fullmatch(key):
+        raise InvalidRequest(
+            f"'Idempotency-Key' must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} visible ASCII characters"
+            " other than '\"' and '\\''"
+        )
+    return key
 
 
 def parse_worker_report(data: Mapping[str, Any], *, max_value: float) -> tuple[str, WorkerReport]:

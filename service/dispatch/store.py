@@ -64,7 +64,18 @@ class LoadStats:
 
 
 class DispatchStore(Protocol):
-    async def route(self, endpoint: str, cost: float, request_idx: int | None, policy: PickPolicy) -> RouteOutcome: ...
+    async def route(
+        self,
+        endpoint: str,
+        cost: float,
+        request_idx: int | None,
+        policy: PickPolicy,
+        idempotency_key: str | None = None,
+    ) -> RouteOutcome:
+        """Pick a worker and reserve ``cost`` on it. ``request_idx``: a retry of that request (``UnknownRequest``
+        when it is not held). Without one, ``idempotency_key`` names a new request; the same key again on this
+        endpoint, while that request is held, is a retry of it (a client whose first answer was lost)."""
+        ...
 
     async def report(self, endpoint: str, report: WorkerReport) -> WorkerRecord:
         """Record a worker's heartbeat (its load ledger and reqnum kept); ``TooManyWorkers`` for a new id on an

@@ -338,6 +338,51 @@ async def test_package_client_retries_with_the_same_request_idx_until_a_worker_i
         assert dispatcher.stop() == 0
 
 
+class LoseTheFirstRouteAnswer(httpx.AsyncBaseTransport):
+    """The dispatcher gets and serves the first /route/, but its answer never reaches the client."""
+
+    def __init__(self) -> None:
+        self.inner = httpx.AsyncHTTPTransport()
+        self.lost = 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self.inner.handle_async_request(request)
+        if request.url.path == "/route/" and not self.lost:
+            await response.aread()
+            await response.aclose()
+            self.lost += 1
+            raise httpx.ReadTimeout("the answer was lost on the way", request=request)
+        return response
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_a_first_route_whose_answer_was_lost_holds_no_load_once_served(deployment: Deployment) -> None:
+    """Without the client's Idempotency-Key its repeat was a second request, and the first one's load stayed on a
+    worker until the request ttl (600 s)."""
+    dispatcher = deployment.dispatcher()
+    worker = await asyncio.to_thread(deployment.worker, dispatcher, "w1")
+    transport = LoseTheFirstRouteAnswer()
+    try:
+        await asyncio.to_thread(wait_for, lambda: ready_workers(dispatcher, deployment.api_key, 1), "a ready worker")
+        async with httpx.AsyncClient(transport=transport) as http:
+            client = DispatchClient(dispatcher.url, deployment.api_key, http=http, backoff_max_s=0.1)
+            response = await client.request(ENDPOINT, "/echo", {"n": 1}, cost=7.0)
+        assert (response.status, response.attempts, transport.lost) == (200, 2, 1)
+        metrics = (await asyncio.to_thread(httpx.get, f"{dispatcher.url}/metrics")).text
+        assert f'dispatcher_routes_total{{endpoint="{ENDPOINT}",outcome="assigned"}} 1.0' in metrics
+        assert f'dispatcher_routes_total{{endpoint="{ENDPOINT}",outcome="reassigned"}} 1.0' in metrics
+        await asyncio.to_thread(
+            wait_for,
+            lambda: [w["load"] for w in endpoint_state(dispatcher, deployment.api_key)["workers"]] == [0.0],
+            "the served request's release to leave no load behind",
+        )
+    finally:
+        worker.stop()
+        assert dispatcher.stop() == 0
+
+
 async def test_vast_sdk_serverless_client_works_unchanged(deployment: Deployment) -> None:
     """Vast's own SDK (``vastai`` on PyPI) against this dispatcher: request_idx 0 on the first call,
     ``replay_timeout`` in the body, the key in body, Bearer header and query string, polling while no worker is

@@ -524,6 +524,25 @@ async def test_health(client: httpx.AsyncClient, service: DispatcherService) -> 
     assert body["version"]
 
 
+async def test_a_route_sent_again_with_its_idempotency_key_is_a_retry(client: httpx.AsyncClient) -> None:
+    await register(client, "w1")
+    await register(client, "w2", url="http://10.0.0.6:8000")
+    body = {"endpoint": EP, "api_key": API_KEY, "cost": 10.0}
+    first = await client.post("/route/", json=body, headers={"Idempotency-Key": "c4f2a9e0-req-1"})
+    # the IETF draft's quoted form names the same key; a retry goes to the other worker, its load moved
+    again = await client.post("/route/", json=body, headers={"Idempotency-Key": '"c4f2a9e0-req-1"'})
+    assert first.status_code == again.status_code == 200, (first.text, again.text)
+    assert again.json()["request_idx"] == first.json()["request_idx"]
+    assert again.json()["url"] != first.json()["url"]
+    assert sorted(w["load"] for w in await workers(client)) == [0.0, 10.0]
+    text = (await client.get("/metrics")).text
+    assert 'dispatcher_routes_total{endpoint="ep",outcome="assigned"} 1.0' in text
+    assert 'dispatcher_routes_total{endpoint="ep",outcome="reassigned"} 1.0' in text
+    for bad in ("", "two words", 'a"b', "k" * 256, "é"):
+        r = await client.post("/route/", json=body, headers={"Idempotency-Key": bad.encode()})
+        assert "Idempotency-Key" in assert_error(r, 400, "invalid_request"), bad
+
+
 async def test_metrics(client: httpx.AsyncClient) -> None:
     await route(client)  # no worker yet
     await register(client)
@@ -669,7 +688,14 @@ async def test_openapi_is_valid(client: httpx.AsyncClient) -> None:
 class DownStore(MemoryStore):
     """Routes and pings fail as an unreachable Redis would; everything else works."""
 
-    async def route(self, endpoint: str, cost: float, request_idx: int | None, policy: PickPolicy) -> RouteOutcome:
+    async def route(
+        self,
+        endpoint: str,
+        cost: float,
+        request_idx: int | None,
+        policy: PickPolicy,
+        idempotency_key: str | None = None,
+    ) -> RouteOutcome:
         raise StoreUnavailable("connection refused")
 
     async def ping(self) -> None:

@@ -57,6 +57,7 @@ class FakeDispatch:
         self.routes = list(routes)
         self.workers = list(workers or [])
         self.route_calls: list[dict[str, Any]] = []
+        self.route_keys: list[str | None] = []  # each route call's Idempotency-Key
         self.worker_calls: list[dict[str, Any]] = []
         self.reqnum = 0
         self.next_idx = FIRST_IDX
@@ -65,6 +66,7 @@ class FakeDispatch:
         if request.url.host == "dispatcher":
             assert request.headers["authorization"] == f"Bearer {API_KEY}"
             assert request.url.path == "/route/"
+            self.route_keys.append(request.headers.get("idempotency-key"))
             return self.answer_route(orjson.loads(request.content))
         self.worker_calls.append(orjson.loads(request.content))
         return self.play(self.workers.pop(0))
@@ -219,21 +221,35 @@ async def test_a_worker_url_httpx_refuses_is_retried_not_raised(signer: Signer, 
     assert (response.status, response.attempts) == (200, 2)
 
 
-@pytest.mark.parametrize("broken", ["dispatcher", "worker"])
-async def test_an_answer_that_arrived_unreadable_is_a_dispatch_error_not_a_retry(
-    signer: Signer, make_client: Any, broken: str
+def unreadable() -> httpx.Response:
+    return httpx.Response(200, headers={"content-encoding": "gzip"}, stream=httpx.ByteStream(b"not gzip"))
+
+
+async def test_a_worker_answer_that_arrived_unreadable_is_a_dispatch_error_not_a_retry(
+    signer: Signer, make_client: Any
 ) -> None:
     """A broken encoding escaped raw as httpx.DecodingError. It is not retried either: the worker's work may be done
-    (it ran again on every retry), and the dispatcher's route reserved load under a request_idx the client never
-    learnt (each retry held more)."""
-    unreadable = httpx.Response(200, headers={"content-encoding": "gzip"}, stream=httpx.ByteStream(b"not gzip"))
-    if broken == "dispatcher":
-        fake = FakeDispatch(signer, [unreadable, ASSIGN], [ok({})])
-    else:
-        fake = FakeDispatch(signer, [ASSIGN, ASSIGN], [unreadable, ok({})])
+    (it ran again on every retry)."""
+    fake = FakeDispatch(signer, [ASSIGN, ASSIGN], [unreadable(), ok({})])
     with pytest.raises(DispatchError, match="answered unreadably: DecodingError"):
         await make_client(fake).request(ENDPOINT, "/generate", {}, COST)
     assert len(fake.route_calls) == 1
+
+
+async def test_every_route_call_of_a_request_carries_its_idempotency_key(signer: Signer, make_client: Any) -> None:
+    """A first route whose answer could not be read (or never came) reserved load under a request_idx the client
+    never learnt: the repeat names the same request by its key, and the dispatcher takes it as a retry."""
+    fake = FakeDispatch(signer, [unreadable(), httpx.ReadTimeout("lost"), NO_READY, ASSIGN], [ok({})])
+    client = make_client(fake)
+    response = await client.request(ENDPOINT, "/generate", {}, COST)
+    assert (response.status, response.attempts) == (200, 4)
+    key = fake.route_keys[0]
+    assert key and fake.route_keys == [key] * 4
+    assert [call.get("request_idx") for call in fake.route_calls] == [None, None, None, FIRST_IDX]
+    fake.routes.append(ASSIGN)
+    fake.workers.append(ok({}))
+    await client.request(ENDPOINT, "/generate", {}, COST)
+    assert fake.route_keys[4] not in (None, key)  # the next request has a key of its own
 
 
 async def test_retry_after_from_the_dispatcher_is_honoured(signer: Signer, make_client: Any, sleep: FakeSleep) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from service.dispatch.openapi import SAFE_ID_PATTERN, WORKER_URL_PATTERN
+from service.dispatch.openapi import IDEMPOTENCY_KEY_PATTERN, SAFE_ID_PATTERN, WORKER_URL_PATTERN
 from service.dispatch.records import WorkerReport, WorkerState
 from service.dispatch.schemas import (
     MAX_ID_CHARS,
@@ -16,6 +16,7 @@ from service.dispatch.schemas import (
     MAX_REQUEST_IDX,
     RouteRequest,
     bearer_token,
+    parse_idempotency_key,
     parse_release,
     parse_route_request,
     parse_worker_report,
@@ -293,3 +294,21 @@ def test_openapis_worker_url_pattern_agrees_with_the_parser(url: str, accepted: 
 def test_openapis_worker_id_pattern_agrees_with_the_parser(worker_id: str, accepted: bool) -> None:
     assert (re.fullmatch(SAFE_ID_PATTERN, worker_id) is not None) is accepted
     assert is_safe_text(worker_id) is accepted
+
+
+@pytest.mark.parametrize(
+    ("header", "key"),
+    [("abc-123", "abc-123"), ('"abc-123"', "abc-123"), (" k ", "k"), ("!#[]~", "!#[]~"), ("k" * 255, "k" * 255),
+     ("", None), ('""', None), ("two words", None), ('a"b', None), ("a\\b", None), ("k" * 256, None),
+     ("\u00e9", None), ('"open', None)],
+)  # fmt: skip
+def test_an_idempotency_key_is_visible_ascii_bare_or_quoted_and_the_openapi_pattern_agrees(
+    header: str, key: str | None
+) -> None:
+    assert (re.search(IDEMPOTENCY_KEY_PATTERN, header) is not None) is (key is not None)
+    if key is None:
+        with pytest.raises(InvalidRequest, match="Idempotency-Key"):
+            parse_idempotency_key(header)
+    else:
+        assert parse_idempotency_key(header) == key
+    assert parse_idempotency_key(None) is None

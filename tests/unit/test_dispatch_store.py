@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import math
 import random
 import time
@@ -245,6 +246,60 @@ async def test_retry_of_unknown_or_foreign_request_raises(store: DispatchStore) 
         await store.route(OTHER_EP, 1.0, mine.request_idx, POLICY)
     assert await loads(store) == {"w1": 3.0}
     assert await loads(store, OTHER_EP) == {"v1": 0.0}
+
+
+async def test_an_idempotency_key_sent_again_is_a_retry_of_its_request_while_that_is_held(
+    store: DispatchStore,
+) -> None:
+    """A client whose first answer was lost sends the call again: the same request, never its load twice."""
+    await report(store, "w1", max_perf=100.0)
+    await report(store, "w2", max_perf=1.0)
+    await report(store, "v1", endpoint=OTHER_EP)
+    first = await store.route(EP, 1.0, None, POLICY, "key-1")
+    assert isinstance(first, Assigned) and (first.worker_id, first.retry) == ("w1", False)
+    again = await store.route(EP, 1.0, None, POLICY, "key-1")
+    assert isinstance(again, Assigned)
+    assert (again.request_idx, again.worker_id, again.retry) == (first.request_idx, "w2", True)  # moved, as a retry
+    assert await loads(store) == {"w1": 0.0, "w2": 1.0}
+    assert (await store.load_stats(EP, 10.0)).load_rate == 0.1  # counted once as new load
+    # another endpoint, or another key: a request of its own
+    other = await store.route(OTHER_EP, 1.0, None, POLICY, "key-1")
+    assert isinstance(other, Assigned) and (other.request_idx, other.retry) != (first.request_idx, True)
+    fresh = await store.route(EP, 1.0, None, POLICY, "key-2")
+    assert isinstance(fresh, Assigned) and fresh.request_idx not in (first.request_idx, other.request_idx)
+    # beside a request_idx the key is not consulted
+    by_idx = await store.route(EP, 1.0, fresh.request_idx, POLICY, "key-1")
+    assert isinstance(by_idx, Assigned) and (by_idx.request_idx, by_idx.retry) == (fresh.request_idx, True)
+    # once its request is released, the key names a new request
+    assert (await store.release(EP, [first.request_idx])).released == 1
+    after = await store.route(EP, 1.0, None, POLICY, "key-1")
+    assert isinstance(after, Assigned) and after.request_idx != first.request_idx and not after.retry
+    repeat = await store.route(EP, 1.0, None, POLICY, "key-1")
+    assert isinstance(repeat, Assigned) and (repeat.request_idx, repeat.retry) == (after.request_idx, True)
+
+
+async def test_an_idempotency_key_names_a_request_waiting_for_a_worker_too(store: DispatchStore) -> None:
+    waiting = await store.route(EP, 4.0, None, POLICY, "cold-start")
+    assert isinstance(waiting, NoReadyWorker)
+    polled = await store.route(EP, 4.0, None, POLICY, "cold-start")
+    assert isinstance(polled, NoReadyWorker) and polled.request_idx == waiting.request_idx
+    await report(store, "w1")
+    placed = await store.route(EP, 4.0, None, POLICY, "cold-start")
+    assert isinstance(placed, Assigned) and (placed.request_idx, placed.retry) == (waiting.request_idx, True)
+    assert await loads(store) == {"w1": 4.0}
+    stats = await store.load_stats(EP, 10.0)
+    assert (stats.load_rate, stats.waiting_requests) == (0.4, 0)
+
+
+async def test_an_expired_request_frees_its_idempotency_key(store: DispatchStore) -> None:
+    await report(store, "w1")
+    short = dataclasses.replace(POLICY, request_ttl_s=0.2)
+    first = await store.route(EP, 1.0, None, short, "k")
+    assert isinstance(first, Assigned)
+    await asyncio.sleep(0.3)
+    later = await store.route(EP, 1.0, None, short, "k")
+    assert isinstance(later, Assigned) and later.request_idx != first.request_idx and not later.retry
+    assert await loads(store) == {"w1": 1.0}  # the expired one gave its load back
 
 
 async def test_no_ready_worker_breakdown_holds_no_load_until_a_retry_assigns_it(store: DispatchStore) -> None:
@@ -676,15 +731,18 @@ async def test_redis_mirrors_memory_step_by_step(redis_url: str, redis_prefix: s
             elif action < 0.85:
                 cost = rng.choice([0.1, 0.2, 0.3, 1.0, 2.5, 7.0, 1e-10, 1e8, 0.0])
                 idx = rng.choice(issued) if issued and rng.random() < 0.3 else None
+                key = rng.choice([None, None, "k1", "k2", "k/3"])
                 policy = PickPolicy(rng.choice([0.5, 5.0, 30.0]), 600.0, 600.0)
                 results = []
                 for store in stores:
                     try:
-                        results.append(await store.route(endpoint, cost, idx, policy))
+                        results.append(await store.route(endpoint, cost, idx, policy, key))
                     except UnknownRequest:
                         results.append("unknown")
                 if isinstance(results[0], Assigned | NoReadyWorker) and idx is None:
                     issued.append(results[0].request_idx)
+                if isinstance(results[0], Assigned) and results[0].retry and idx is None:
+                    seen.add("retried by key")
             else:
                 batch = rng.sample(issued, min(len(issued), rng.randrange(1, 4))) if issued else [1]
                 holder = rng.choice([None, *ids])
@@ -699,7 +757,7 @@ async def test_redis_mirrors_memory_step_by_step(redis_url: str, redis_prefix: s
                 ledgers = [[(w.worker_id, w.state, w.max_perf, w.load, w.reqnum, w.open_requests)
                             for w in await s.workers(name)] for s in stores]  # fmt: skip
                 assert ledgers[0] == ledgers[1]
-        assert seen >= {"Assigned", "NoReadyWorker", "unknown", "released", "not_held"}
+        assert seen >= {"Assigned", "NoReadyWorker", "unknown", "released", "not_held", "retried by key"}
     finally:
         await redis_store.close()
 

@@ -1,6 +1,6 @@
 -- ARGV[3..]: endpoint, cost, request_idx ('' for a new request), max_queue_time_s, heartbeat_timeout_s,
--- request_ttl_s, LOAD_RATE_BUCKET_S, LOAD_HISTORY_S, REQUEST_IDXS_PER_SECOND.
--- Returns {-1} for an unknown request, {1, idx, worker_id, url, reqnum} when assigned, and
+-- request_ttl_s, LOAD_RATE_BUCKET_S, LOAD_HISTORY_S, REQUEST_IDXS_PER_SECOND, Idempotency-Key ('' for none).
+-- Returns {-1} for an unknown request, {1, idx, worker_id, url, reqnum, retry (0/1)} when assigned, and
 -- {0, idx, category, count, ...} when no worker is ready.
 local endpoint = ARGV[3]
 local cost = tonumber(ARGV[4])
@@ -11,9 +11,18 @@ local ttl = tonumber(ARGV[8])
 local bucket = tonumber(ARGV[9])
 local history = ARGV[10]
 local idxs_per_s = tonumber(ARGV[11])
+local idempotency = ARGV[12]
 
 local now = clock()
 sweep(now)
+
+-- MemoryStore._by_key: a new request's Idempotency-Key names it while it is held (E/K: no endpoint has a '/')
+local by_key = false
+if idx == '' and idempotency ~= '' then
+  by_key = prefix .. 'idem:' .. endpoint .. '/' .. idempotency
+  local known = redis.call('GET', by_key)
+  if known and redis.call('HGET', prefix .. 'req:' .. known, 'endpoint') == endpoint then idx = known end
+end
 
 local retry = idx ~= ''
 local prev_worker, prev_cost = false, 0
@@ -83,6 +92,9 @@ if not retry then
   local rate = tonumber(redis.call('GET', rate_key) or '0')
   redis.call('SET', rate_key, fmt(rate + cost), 'EX', history)
 end
+if by_key then  -- outlives its request by at most the request ttl; read only while that request is held
+  redis.call('SET', by_key, idx, 'PX', math.ceil(ttl * 1000))
+end
 
 local req_key = prefix .. 'req:' .. idx
 redis.call('DEL', req_key)
@@ -94,7 +106,7 @@ if best then
   redis.call('HINCRBY', key, 'open_requests', 1)
   local reqnum = redis.call('HINCRBY', key, 'reqnum', 1)
   redis.call('HSET', req_key, 'endpoint', endpoint, 'cost', ARGV[4], 'worker', best.id)
-  return {1, idx, best.id, best.url, reqnum}
+  return {1, idx, best.id, best.url, reqnum, retry and 1 or 0}
 end
 
 redis.call('HSET', req_key, 'endpoint', endpoint, 'cost', ARGV[4])
