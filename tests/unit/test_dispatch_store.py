@@ -278,6 +278,18 @@ async def test_an_idempotency_key_sent_again_is_a_retry_of_its_request_while_tha
     assert isinstance(repeat, Assigned) and (repeat.request_idx, repeat.retry) == (after.request_idx, True)
 
 
+async def test_an_idempotency_key_is_known_to_every_replica(redis_pair: tuple[RedisStore, RedisStore]) -> None:
+    """The repeat of a lost answer may reach another replica behind the load balancer."""
+    first, second = redis_pair
+    await report(first, "w1")
+    await report(first, "w2", url="http://w2:8000")
+    sent = await first.route(EP, 3.0, None, POLICY, "lb-key")
+    again = await second.route(EP, 3.0, None, POLICY, "lb-key")
+    assert isinstance(sent, Assigned) and isinstance(again, Assigned)
+    assert (again.request_idx, again.retry, again.worker_id) == (sent.request_idx, True, "w2")
+    assert await loads(first) == {"w1": 0.0, "w2": 3.0}
+
+
 async def test_an_idempotency_key_names_a_request_waiting_for_a_worker_too(store: DispatchStore) -> None:
     waiting = await store.route(EP, 4.0, None, POLICY, "cold-start")
     assert isinstance(waiting, NoReadyWorker)
