@@ -16,7 +16,7 @@ from service.errors import InvalidRequest, NotReady, ShuttingDown, Unauthorized
 from service.http.fastpath import ClientGone, Headers
 from service.http.responses import ORJSONResponse, parse_json_object
 from service.metrics import PROMETHEUS_CONTENT_TYPE
-from service.router.schemas import RouteDecision, parse_route_request
+from service.router.schemas import RouteDecision, models_listing, parse_route_request
 from service.router.weights import WeightsError
 
 if TYPE_CHECKING:
@@ -44,6 +44,13 @@ class RouterApi:
         if not isinstance(outcome, RouteDecision):
             outcome = await _unless_disconnected(receive, outcome)
         return outcome.to_json()
+
+    async def models(self, request: Request) -> Response:
+        """``GET /v1/models``: the serving weights' models; 503 until weights are loaded."""
+        state = self.service.holder.current()
+        if state is None:
+            raise NotReady(self.service.not_ready_reason())
+        return ORJSONResponse(models_listing(state.weights))
 
     async def health(self, request: Request) -> Response:
         body = self.service.health()

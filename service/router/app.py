@@ -81,6 +81,7 @@ class RouterService(ServiceBase):
         api = RouterApi(self)
         routes = [
             Route("/v1/route", served_by_fast_path, methods=["POST"]),
+            Route("/v1/models", self._guard(api.models), methods=["GET"]),
             Route("/health", self._guard(api.health), methods=["GET"]),
             Route("/livez", self._guard(self.livez), methods=["GET"]),
             Route("/metrics", self._guard(api.metrics), methods=["GET"]),

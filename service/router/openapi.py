@@ -6,7 +6,7 @@ import functools
 from typing import Any
 
 from service import __version__
-from service.http.openapi import ERROR_SCHEMA, common_paths, error
+from service.http.openapi import ERROR_SCHEMA, common_paths, error, json_content
 from service.router.model_card import EMBEDDING_DIM
 from service.router.weights import MAX_COST_WEIGHT
 
@@ -126,6 +126,38 @@ _HEALTH = {
 }
 
 
+_MODELS = {
+    "type": "object",
+    "required": ["object", "data", "weights_version", "default_cost_weight", "clusters", "cost_unit"],
+    "properties": {
+        "object": {"const": "list"},
+        "data": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["id", "object", "cost_per_1k", "expected_error"],
+                "properties": {
+                    "id": {"type": "string", "description": "the name available_models takes"},
+                    "object": {"const": "model"},
+                    "cost_per_1k": {"type": "number", "description": "the cost the routing rule weighs (cost_unit)"},
+                    "expected_error": {
+                        "type": "object",
+                        "description": "the model's predicted error across the clusters",
+                        "required": ["min", "mean", "max"],
+                        "properties": {name: {"type": "number"} for name in ("min", "mean", "max")},
+                    },
+                    "price_usd_per_1k": {"type": "object", "description": "list prices, where the weights record them"},
+                },
+            },
+        },
+        "weights_version": {"type": "string"},
+        "default_cost_weight": {"type": "number"},
+        "clusters": {"type": "integer"},
+        "cost_unit": {"type": "string"},
+    },
+}
+
+
 @functools.cache
 def router_openapi() -> dict[str, Any]:
     json_body = {"application/json": {"schema": {"$ref": "#/components/schemas/RouteRequest"}}}
@@ -149,6 +181,16 @@ def router_openapi() -> dict[str, Any]:
                         "408": error("request_timeout: the body did not arrive within the configured time"),
                         "429": error("overloaded: the admission queue is full", retry_after=True),
                         "503": error("router_not_ready (loading) or shutting_down (draining)", retry_after=True),
+                    },
+                }
+            },
+            "/v1/models": {
+                "get": {
+                    "summary": "The models the router picks from, with their costs and expected errors",
+                    "operationId": "models",
+                    "responses": {
+                        "200": {"description": "the serving weights' models", "content": json_content(_MODELS)},
+                        "503": error("router_not_ready: the weights are still loading", retry_after=True),
                     },
                 }
             },

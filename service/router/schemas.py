@@ -1,4 +1,4 @@
-"""POST /v1/route: request parsing and validation, and the response body.
+"""POST /v1/route: request parsing and validation, and the response body; the GET /v1/models listing.
 
 Validation here needs no weights; checks against the serving weights (model names) happen in
 ``engine.RouteQuery.build``. Unknown fields are ignored, as most JSON APIs do.
@@ -15,7 +15,7 @@ import numpy as np
 from service.errors import InvalidRequest, PayloadTooLarge
 from service.http.responses import parse_json_object
 from service.router.model_card import EMBEDDING_DIM
-from service.router.weights import MAX_COST_WEIGHT
+from service.router.weights import MAX_COST_WEIGHT, RouterWeights
 
 
 @dataclass(frozen=True)
@@ -148,3 +148,31 @@ class RouteDecision:
             "clusters": [{"cluster_id": cid, "similarity": sim} for cid, sim in self.clusters],
             "weights_version": self.weights_version,
         }
+
+
+def models_listing(weights: RouterWeights) -> dict[str, Any]:
+    """``GET /v1/models``: the models the router picks from (the names ``available_models`` takes), in the OpenAI
+    list shape, with each one's cost and its expected error across the clusters; list prices where the weights
+    record them."""
+    prices = weights.metadata.get("price_usd_per_1k", {})
+    errors = np.asarray(weights.expected_error, dtype=np.float64)  # [models, clusters]
+    data = []
+    for i, name in enumerate(weights.models):
+        row = errors[i]
+        entry: dict[str, Any] = {
+            "id": name,
+            "object": "model",
+            "cost_per_1k": float(weights.cost_per_1k[i]),
+            "expected_error": {"min": float(row.min()), "mean": float(row.mean()), "max": float(row.max())},
+        }
+        if isinstance(prices, dict) and isinstance(prices.get(name), dict):
+            entry["price_usd_per_1k"] = prices[name]
+        data.append(entry)
+    return {
+        "object": "list",
+        "data": data,
+        "weights_version": weights.version,
+        "default_cost_weight": weights.default_lambda,
+        "clusters": weights.num_clusters,
+        "cost_unit": weights.metadata.get("cost_unit", "cost_per_1k as fitted"),
+    }

@@ -159,6 +159,18 @@ def test_health(router: Server) -> None:
     assert body["embedder"] == "sentence-transformers/all-MiniLM-L6-v2"
 
 
+def test_models_lists_the_shipped_weights_models_with_their_prices(router: Server) -> None:
+    body = httpx.get(f"{router.url}/v1/models").json()
+    assert (body["weights_version"], body["clusters"]) == (WEIGHTS.version, 100)
+    assert [m["id"] for m in body["data"]] == list(WEIGHTS.models)
+    scores = httpx.post(f"{router.url}/v1/route", json={"prompt": "what is 2 + 2?"}).json()["all_scores"]
+    assert {m["id"] for m in body["data"]} == set(scores)  # the names the route scores and available_models takes
+    for model, cost in zip(body["data"], WEIGHTS.cost_per_1k, strict=True):
+        assert model["cost_per_1k"] == float(cost)
+        assert 0 <= model["expected_error"]["min"] <= model["expected_error"]["mean"] <= model["expected_error"]["max"]
+        assert set(model["price_usd_per_1k"]) == {"blended", "input", "output"}  # recorded by `fit`
+
+
 async def test_200_concurrent_requests_are_all_answered_in_batches(router: Server) -> None:
     before = _batch_stats(router)
     prompts = [f"Concurrent question number {i}: how do magnets work in motor {i * 7}?" for i in range(200)]

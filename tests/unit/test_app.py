@@ -64,6 +64,22 @@ def test_route_answer_has_every_field(client: TestClient) -> None:
     assert r.headers["content-type"] == "application/json"
 
 
+def test_models_lists_what_available_models_takes_with_costs_and_errors(client: TestClient) -> None:
+    body = client.get("/v1/models").json()
+    health = client.get("/health").json()
+    assert (body["object"], body["clusters"]) == ("list", DIM)
+    assert (body["weights_version"], body["default_cost_weight"]) == (health["weights_version"], 0.1)
+    listed = {m["id"]: m for m in body["data"]}
+    assert list(listed) == ["big", "cheap", "mid"] and {m["object"] for m in body["data"]} == {"model"}
+    assert listed["cheap"]["cost_per_1k"] == pytest.approx(0.01)
+    # error 0.6 on every cluster but cluster 0 (0.2): min, mean over the clusters, max
+    assert listed["cheap"]["expected_error"] == pytest.approx({"min": 0.2, "mean": (0.2 + 0.6 * (DIM - 1)) / DIM,
+                                                               "max": 0.6})  # fmt: skip
+    assert "price_usd_per_1k" not in listed["cheap"]  # the toy weights record no list prices
+    for name in listed:  # every listed name is one the route takes
+        assert client.post("/v1/route", json={"prompt": "x", "available_models": [name]}).status_code == 200
+
+
 def test_health_when_ready(client: TestClient) -> None:
     body = client.get("/health").json()
     assert body["status"] == "ok"
@@ -127,6 +143,8 @@ def test_not_ready_while_loading(weights_file: Path) -> None:
         assert (health.status_code, health.json()["status"]) == (503, "loading")
         livez = c.get("/livez")  # loading is alive: an orchestrator must not restart it
         assert (livez.status_code, livez.json()) == (200, {"status": "alive"})
+        models = c.get("/v1/models")
+        assert (models.status_code, models.json()["error"]["code"]) == (503, "router_not_ready")
         release.set()
         wait_ready(c)
         assert c.post("/v1/route", json={"prompt": "x"}).status_code == 200
@@ -213,7 +231,9 @@ def test_metrics_exposition(client: TestClient) -> None:
 def test_openapi_is_valid_and_lists_the_endpoints(client: TestClient) -> None:
     spec = client.get("/openapi.json").json()
     validate(spec)
-    assert set(spec["paths"]) == {"/v1/route", "/health", "/livez", "/metrics", "/openapi.json", "/admin/reload"}
+    assert set(spec["paths"]) == {
+        "/v1/route", "/v1/models", "/health", "/livez", "/metrics", "/openapi.json", "/admin/reload",
+    }  # fmt: skip
     required = spec["components"]["schemas"]["RouteResponse"]["required"]
     assert set(required) == {
         "selected_model", "cluster_id", "expected_error", "cost_adjusted_score", "all_scores", "cache_hit", "usage",
