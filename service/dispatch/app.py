@@ -208,8 +208,10 @@ class DispatcherService(ServiceBase):
     def on_reload_signal(self) -> None:
         """SIGHUP: re-read the endpoints file, the signing key file and the next key's public key file."""
         self._reload_endpoints()
-        self._reload_signing_key()
-        self._reload_next_key()
+        if self._reload_signing_key():
+            self._reload_next_key()
+        else:  # promoting the next key failed: it stays published, or workers fetching now would drop it
+            logger.error("SIGHUP: next public key file not re-read while the signing key file is refused")
 
     def _reload_endpoints(self) -> None:
         if self.settings.config is None:
@@ -223,19 +225,20 @@ class DispatcherService(ServiceBase):
         self.registry = registry
         logger.info("SIGHUP reload: now serving %d endpoint(s)", len(registry))
 
-    def _reload_signing_key(self) -> None:
+    def _reload_signing_key(self) -> bool:
         """Key rotation without a restart: a restart on in-memory state would start reqnums afresh at the clock, far
-        above what workers have seen, and their replay windows would then refuse every assignment still in flight."""
+        above what workers have seen, and their replay windows would then refuse every assignment still in flight.
+        False when the key file was refused."""
         path = self.settings.signing_key_file
         if path is None:
-            return
+            return True
         try:
             signer = read_key_file(path)
         except (KeyFileError, OSError) as exc:
             logger.error("SIGHUP: signing key file rejected, key %s keeps signing: %s", self.signer.key_id, exc)
-            return
+            return False
         if signer.key_id == self.signer.key_id:
-            return
+            return True
         retired = self.signer
         # Both at once, on the loop: a route reads the signer and hands its assignment to the batcher without
         # yielding, so each assignment names the key that signs it.
@@ -250,6 +253,7 @@ class DispatcherService(ServiceBase):
             retired.key_id,
             until_expired,
         )
+        return True
 
     def _reload_next_key(self) -> None:
         try:

@@ -82,7 +82,8 @@ class MemoryStore:
         # endpoint -> {request_idx: when last answered "no ready worker"}: autoscaling's demand. Set here only; an
         # entry whose request has since left or found a worker is dropped when read (_waiting_costs)
         self._waiting: dict[str, dict[int, float]] = defaultdict(dict)
-        # (endpoint, Idempotency-Key) -> request_idx, and back: an entry lives as long as its request
+        # (endpoint, Idempotency-Key) -> request_idx, and back: a key names its request while that is held and
+        # unexpired (an expired one not yet swept no longer counts), and the entries leave with the request
         self._by_key: dict[tuple[str, str], int] = {}
         self._key_of: dict[int, tuple[str, str]] = {}
 
@@ -98,7 +99,9 @@ class MemoryStore:
         self._expire(now)
         workers = self._workers[endpoint]
         if request_idx is None and idempotency_key is not None:
-            request_idx = self._by_key.get((endpoint, idempotency_key))  # that request, if still held: a retry
+            known = self._by_key.get((endpoint, idempotency_key))
+            if known is not None and self._requests[known][_EXPIRES] > now:  # held, unexpired: a retry of it
+                request_idx = known
         previous: _Request | None = None
         if request_idx is not None:
             previous = self._requests.get(request_idx)
@@ -252,7 +255,7 @@ class MemoryStore:
     def _drop(self, request_idx: int) -> None:
         del self._requests[request_idx]
         key = self._key_of.pop(request_idx, None)
-        if key is not None:
+        if key is not None and self._by_key.get(key) == request_idx:  # the key may name a newer request by now
             del self._by_key[key]
 
     def _track(self, request_idx: int, request: _Request) -> None:

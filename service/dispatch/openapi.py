@@ -48,7 +48,7 @@ _API_KEY_QUERY = {
 }
 
 # schemas.parse_idempotency_key: visible ASCII but '"' and '\', bare or quoted
-IDEMPOTENCY_KEY_PATTERN = '^ *("[!#-\\[\\]-~]{1,255}"|[!#-\\[\\]-~]{1,255}) *$'
+IDEMPOTENCY_KEY_PATTERN = '^[ \t]*("[!#-\\[\\]-~]{1,255}"|[!#-\\[\\]-~]{1,255})[ \t]*$'
 _IDEMPOTENCY_KEY = {
     "name": "Idempotency-Key",
     "in": "header",

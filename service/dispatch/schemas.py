@@ -81,7 +81,7 @@ def parse_idempotency_key(header: str | None) -> str | None:
     """The ``Idempotency-Key`` header's key: quoted as the IETF draft writes it, or bare as most clients send it."""
     if header is None:
         return None
-    key = header.strip()
+    key = header.strip(" \t")  # HTTP's optional whitespace, nothing else
     if len(key) >= 2 and key[0] == key[-1] == '"':
         key = key[1:-1]
     if not _IDEMPOTENCY_KEY.fullmatch(key):

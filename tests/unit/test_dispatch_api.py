@@ -766,6 +766,31 @@ async def test_a_next_key_is_published_before_it_signs_so_workers_know_it_when_i
         assert await published() == [(second.key_id, True), (first.key_id, False)]
 
 
+async def test_a_signing_key_refused_on_sighup_keeps_the_next_key_published(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The promotion step (next key moved over the key file) with a key file the dispatcher refuses: the next key
+    keeps being published, or workers fetching meanwhile would drop it and then refuse it once it signs."""
+    key_file, next_pub = tmp_path / "dispatch.key", tmp_path / "next.key.pub"
+    first = write_key_file(key_file)
+    second = write_key_file(tmp_path / "next.key")
+    settings = DispatcherSettings(autoscale_interval_s=3600.0, signing_key_file=key_file, next_public_key_file=next_pub)
+    service = DispatcherService(settings, registry=registry(), store=MemoryStore())
+    async with serving(service) as client:
+        service.on_reload_signal()
+        os.replace(tmp_path / "next.key", key_file)
+        key_file.chmod(0o640)  # refused: group-readable
+        next_pub.unlink()
+        service.on_reload_signal()
+        assert "signing key file rejected" in caplog.text
+        keys = [(k["key_id"], k["current"]) for k in (await client.get("/pubkey/")).json()["keys"]]
+        assert keys == [(first.key_id, True), (second.key_id, False)]
+        key_file.chmod(0o600)
+        service.on_reload_signal()
+        keys = [(k["key_id"], k["current"]) for k in (await client.get("/pubkey/")).json()["keys"]]
+        assert keys == [(second.key_id, True), (first.key_id, False)]
+
+
 async def test_sighup_key_rotation_publishes_the_old_key_until_its_assignments_expired(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

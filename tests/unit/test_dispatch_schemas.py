@@ -300,7 +300,7 @@ def test_openapis_worker_id_pattern_agrees_with_the_parser(worker_id: str, accep
     ("header", "key"),
     [("abc-123", "abc-123"), ('"abc-123"', "abc-123"), (" k ", "k"), ("!#[]~", "!#[]~"), ("k" * 255, "k" * 255),
      ("", None), ('""', None), ("two words", None), ('a"b', None), ("a\\b", None), ("k" * 256, None),
-     ("\u00e9", None), ('"open', None)],
+     ("\u00e9", None), ('"open', None), ("\tk\t", "k"), ("\u00a0k", None), ("k\x85", None), ("\x1fk", None)],
 )  # fmt: skip
 def test_an_idempotency_key_is_visible_ascii_bare_or_quoted_and_the_openapi_pattern_agrees(
     header: str, key: str | None

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import redis.asyncio.connection
 
-from service.dispatch.memory_store import MemoryStore
+from service.dispatch.memory_store import EXPIRY_SWEEP_LIMIT, MemoryStore
 from service.dispatch.records import (
     STATUS_KEYS,
     Assigned,
@@ -276,6 +276,38 @@ async def test_an_idempotency_key_sent_again_is_a_retry_of_its_request_while_tha
     assert isinstance(after, Assigned) and after.request_idx != first.request_idx and not after.retry
     repeat = await store.route(EP, 1.0, None, POLICY, "key-1")
     assert isinstance(repeat, Assigned) and (repeat.request_idx, repeat.retry) == (after.request_idx, True)
+
+
+async def test_an_idempotency_key_lives_as_long_as_its_request_retries_by_idx_included(store: DispatchStore) -> None:
+    """Redis let the key lapse at the first call's ttl while retries by request_idx kept the request held."""
+    await report(store, "w1")
+    await report(store, "w2", url="http://w2:8000")
+    short = dataclasses.replace(POLICY, request_ttl_s=0.4)
+    first = await store.route(EP, 1.0, None, short, "k")
+    assert isinstance(first, Assigned)
+    await asyncio.sleep(0.25)
+    await assign(store, 1.0, first.request_idx, short)  # held 0.4 s more from here
+    await asyncio.sleep(0.25)  # past the first call's ttl, within the retry's
+    again = await store.route(EP, 1.0, None, short, "k")
+    assert isinstance(again, Assigned) and (again.request_idx, again.retry) == (first.request_idx, True)
+    assert sorted((await loads(store)).values()) == [0.0, 1.0]
+
+
+async def test_an_expired_request_not_yet_swept_is_not_named_by_its_key(store: DispatchStore) -> None:
+    """A call sweeps at most EXPIRY_SWEEP_LIMIT expired requests: one past its ttl but not yet swept is no longer
+    held for its key (the memory store took it as a retry, Redis as new), and its eventual sweep must not unbind
+    the key from the request that took it over."""
+    await report(store, "w1", max_perf=1e9)
+    short = dataclasses.replace(POLICY, request_ttl_s=0.5)
+    for n in range(EXPIRY_SWEEP_LIMIT + 6):
+        assert isinstance(await store.route(EP, 1.0, None, short, f"k{n}"), Assigned)
+    last = f"k{EXPIRY_SWEEP_LIMIT + 5}"
+    await asyncio.sleep(0.6)  # all expired; the next call sweeps only the oldest EXPIRY_SWEEP_LIMIT of them
+    fresh = await store.route(EP, 1.0, None, POLICY, last)
+    assert isinstance(fresh, Assigned) and not fresh.retry
+    await store.route(EP, 1.0, None, POLICY)  # this call sweeps the rest, the old request under `last` among them
+    again = await store.route(EP, 1.0, None, POLICY, last)
+    assert isinstance(again, Assigned) and (again.request_idx, again.retry) == (fresh.request_idx, True)
 
 
 async def test_an_idempotency_key_is_known_to_every_replica(redis_pair: tuple[RedisStore, RedisStore]) -> None:

@@ -16,20 +16,26 @@ local idempotency = ARGV[12]
 local now = clock()
 sweep(now)
 
--- MemoryStore._by_key: a new request's Idempotency-Key names it while it is held (E/K: no endpoint has a '/')
-local by_key = false
+-- MemoryStore._by_key: a new request's Idempotency-Key names it while it is held and unexpired (E/K: no endpoint
+-- has a '/'); the request records its key (field idem), which keeps the key alive on every route of it
+local function idem_key(key) return prefix .. 'idem:' .. endpoint .. '/' .. key end
+local idem = false
 if idx == '' and idempotency ~= '' then
-  by_key = prefix .. 'idem:' .. endpoint .. '/' .. idempotency
-  local known = redis.call('GET', by_key)
-  if known and redis.call('HGET', prefix .. 'req:' .. known, 'endpoint') == endpoint then idx = known end
+  idem = idempotency
+  local known = redis.call('GET', idem_key(idem))
+  if known then
+    local r = redis.call('HMGET', prefix .. 'req:' .. known, 'endpoint', 'idem')
+    local expires = tonumber(redis.call('ZSCORE', expiries, known))
+    if r[1] == endpoint and r[2] == idem and expires and expires > now then idx = known end
+  end
 end
 
 local retry = idx ~= ''
 local prev_worker, prev_cost = false, 0
 if retry then
-  local r = redis.call('HMGET', prefix .. 'req:' .. idx, 'endpoint', 'cost', 'worker')
+  local r = redis.call('HMGET', prefix .. 'req:' .. idx, 'endpoint', 'cost', 'worker', 'idem')
   if r[1] ~= endpoint then return {-1} end
-  prev_worker, prev_cost = r[3], tonumber(r[2])
+  prev_worker, prev_cost, idem = r[3], tonumber(r[2]), r[4]
 end
 
 local workers = {}
@@ -92,8 +98,11 @@ if not retry then
   local rate = tonumber(redis.call('GET', rate_key) or '0')
   redis.call('SET', rate_key, fmt(rate + cost), 'EX', history)
 end
-if by_key then  -- outlives its request by at most the request ttl; read only while that request is held
-  redis.call('SET', by_key, idx, 'PX', math.ceil(ttl * 1000))
+if idem then  -- bound when the request is new; each later route of it keeps the binding as long as the request
+  local key = idem_key(idem)
+  if not retry or redis.call('GET', key) == idx then
+    redis.call('SET', key, idx, 'PX', math.ceil(ttl * 1000))
+  end
 end
 
 local req_key = prefix .. 'req:' .. idx
@@ -106,10 +115,12 @@ if best then
   redis.call('HINCRBY', key, 'open_requests', 1)
   local reqnum = redis.call('HINCRBY', key, 'reqnum', 1)
   redis.call('HSET', req_key, 'endpoint', endpoint, 'cost', ARGV[4], 'worker', best.id)
+  if idem then redis.call('HSET', req_key, 'idem', idem) end
   return {1, idx, best.id, best.url, reqnum, retry and 1 or 0}
 end
 
 redis.call('HSET', req_key, 'endpoint', endpoint, 'cost', ARGV[4])
+if idem then redis.call('HSET', req_key, 'idem', idem) end
 redis.call('HSET', waiting_key(endpoint), idx, fmt(now))
 -- selection.status_breakdown
 local counts, order = {}, {}
