@@ -243,10 +243,7 @@ def read_public_key_file(path: Path) -> bytes | None:
         raise KeyFileError(f"public key {path}: {exc}") from None
     if not text.strip():
         return None
-    try:
-        return parse_hex(text, PUBLIC_KEY_BYTES, "public key")
-    except KeyFileError as exc:
-        raise KeyFileError(f"{path}: {exc}") from None
+    return parse_hex(text, PUBLIC_KEY_BYTES, f"public key {path}")
 
 
 def read_public_keys(text: str) -> list[bytes]:

@@ -69,15 +69,19 @@ def test_keygen_names_the_file_that_exists(tmp_path: Path, capsys: pytest.Captur
 
 
 @pytest.mark.parametrize("content", ["not hex\n", "ab" * 16 + "\n", "\xff"])
-def test_a_bad_signing_key_file_is_named_in_one_line(
-    tmp_path: Path, content: str, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    ("flag", "name", "what"),
+    [("--signing-key-file", "dispatch.key", "signing key"), ("--next-public-key-file", "next.key.pub", "public key")],
+)
+def test_a_bad_key_file_is_named_in_one_line(
+    tmp_path: Path, content: str, flag: str, name: str, what: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    key = tmp_path / "dispatch.key"
+    key = tmp_path / name
     key.write_bytes(content.encode("latin-1"))
     key.chmod(0o600)
-    assert main(["serve-dispatcher", "--port", "0", "--signing-key-file", str(key)]) == 2
+    assert main(["serve-dispatcher", "--port", "0", flag, str(key)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: signing key {key}: ") and "Traceback" not in err, err
+    assert err.startswith(f"error: {what} {key}") and err.count("\n") == 1 and "Traceback" not in err, err
 
 
 def test_inspect_weights_refuses_weights_the_router_would_refuse(
@@ -134,15 +138,3 @@ def test_serve_exits_with_the_code_of_the_service_that_ended_first(monkeypatch: 
     monkeypatch.setattr(subprocess, "Popen", lambda *args, **kwargs: next(children))
     monkeypatch.setattr(signal, "signal", lambda *args: None)
     assert main(["serve", "--router-port", "0", "--dispatcher-port", "0"]) == 2
-
-
-@pytest.mark.parametrize("content", ["not hex\n", "ab" * 16 + "\n", "\xff"])
-def test_a_bad_next_public_key_file_is_named_in_one_line(
-    tmp_path: Path, content: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    pub = tmp_path / "next.key.pub"
-    pub.write_bytes(content.encode("latin-1"))
-    assert main(["serve-dispatcher", "--port", "0", "--next-public-key-file", str(pub)]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith(f"error: {pub}: ") or err.startswith(f"error: public key {pub}: "), err
-    assert "Traceback" not in err

@@ -21,7 +21,7 @@ from service.dispatch import app as dispatch_app
 from service.dispatch.app import DispatcherService
 from service.dispatch.endpoints import EndpointRegistry, EndpointSpec, hash_key
 from service.dispatch.memory_store import MemoryStore
-from service.dispatch.records import STATUS_KEYS, PickPolicy, RouteOutcome
+from service.dispatch.records import STATUS_KEYS, RouteOutcome
 from service.dispatch.signing import Assignment, KeyRing, Signer, write_key_file
 from service.dispatch.store import LoadStats, StoreUnavailable
 
@@ -688,14 +688,7 @@ async def test_openapi_is_valid(client: httpx.AsyncClient) -> None:
 class DownStore(MemoryStore):
     """Routes and pings fail as an unreachable Redis would; everything else works."""
 
-    async def route(
-        self,
-        endpoint: str,
-        cost: float,
-        request_idx: int | None,
-        policy: PickPolicy,
-        idempotency_key: str | None = None,
-    ) -> RouteOutcome:
+    async def route(self, *args: object, **kwargs: object) -> RouteOutcome:
         raise StoreUnavailable("connection refused")
 
     async def ping(self) -> None:
