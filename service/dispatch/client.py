@@ -7,7 +7,7 @@ instead of counting the request twice. A fresh request_idx on retry would leak l
 
 Every route call of one request carries the same ``Idempotency-Key``: a first call whose answer was lost (a
 timeout, a dropped connection, an unreadable body) reserved load under a request_idx the client never learnt, and the
-dispatcher takes the repeat as a retry of that request instead of a second one.
+dispatcher answers the repeat with that request instead of a second one.
 
 Retried (after full-jitter exponential back-off, or the server's ``Retry-After`` when it sends one): a "no ready
 worker" answer, a dispatcher 429/5xx, transport error or unreadable answer, a worker transport error (or a URL httpx

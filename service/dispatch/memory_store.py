@@ -98,10 +98,11 @@ class MemoryStore:
         now = self._clock()
         self._expire(now)
         workers = self._workers[endpoint]
+        repeat = False  # the same call again, by its Idempotency-Key: its worker is kept while it can take work
         if request_idx is None and idempotency_key is not None:
             known = self._by_key.get((endpoint, idempotency_key))
-            if known is not None and self._requests[known][_EXPIRES] > now:  # held, unexpired: a retry of it
-                request_idx = known
+            if known is not None and self._requests[known][_EXPIRES] > now:  # held, unexpired: that request
+                request_idx, repeat = known, True
         previous: _Request | None = None
         if request_idx is not None:
             previous = self._requests.get(request_idx)
@@ -115,7 +116,8 @@ class MemoryStore:
             now=now,
             heartbeat_timeout_s=policy.heartbeat_timeout_s,
             max_queue_time_s=policy.max_queue_time_s,
-            avoid=previous[_WORKER] if previous else None,
+            avoid=previous[_WORKER] if previous and not repeat else None,
+            keep=previous[_WORKER] if previous and repeat else None,
         )
         if previous is None:
             request_idx = next(self._next_idx)

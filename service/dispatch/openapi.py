@@ -55,7 +55,8 @@ _IDEMPOTENCY_KEY = {
     "required": False,
     "schema": {"type": "string", "pattern": IDEMPOTENCY_KEY_PATTERN},
     "description": "names a new request (ignored beside a request_idx): the same key again on this endpoint, while"
-    " that request is held, re-routes it as a retry, so a client whose first answer was lost holds no load twice",
+    " that request is held, is the same call again (that request, on its worker while that one can take work), so a"
+    " client whose first answer was lost holds no load twice",
 }
 
 _ASSIGNED = {

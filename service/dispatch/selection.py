@@ -14,10 +14,12 @@ def pick_worker(
     heartbeat_timeout_s: float,
     max_queue_time_s: float,
     avoid: str | None = None,
+    keep: str | None = None,
 ) -> WorkerRecord | None:
     """The ready, live worker where a new request would wait least (``load / max_perf``), if that wait is within
     ``max_queue_time_s``. Ties go to the lower load, then the lower worker id. ``avoid`` (the worker a retried
-    request had) is taken only when no other worker qualifies."""
+    request had) is taken only when no other worker qualifies. ``keep`` (the worker a repeated request has) is
+    taken whenever it is ready and live: the repeat of a call changes nothing the call did."""
     best: WorkerRecord | None = None
     best_key: tuple[bool, float, float, str] | None = None
     for worker in workers:
@@ -25,6 +27,8 @@ def pick_worker(
             continue
         if not worker.active(now, heartbeat_timeout_s):
             continue
+        if worker.worker_id == keep:
+            return worker
         wait = worker.wait_s()
         if wait > max_queue_time_s:
             continue

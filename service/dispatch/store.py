@@ -74,7 +74,8 @@ class DispatchStore(Protocol):
     ) -> RouteOutcome:
         """Pick a worker and reserve ``cost`` on it. ``request_idx``: a retry of that request (``UnknownRequest``
         when it is not held). Without one, ``idempotency_key`` names a new request; the same key again on this
-        endpoint, while that request is held, is a retry of it (a client whose first answer was lost)."""
+        endpoint, while that request is held and unexpired, is the same call again (a client whose first answer was
+        lost): that request, on the worker it has while that one can take work."""
         ...
 
     async def report(self, endpoint: str, report: WorkerReport) -> WorkerRecord:

@@ -529,11 +529,11 @@ async def test_a_route_sent_again_with_its_idempotency_key_is_a_retry(client: ht
     await register(client, "w2", url="http://10.0.0.6:8000")
     body = {"endpoint": EP, "api_key": API_KEY, "cost": 10.0}
     first = await client.post("/route/", json=body, headers={"Idempotency-Key": "c4f2a9e0-req-1"})
-    # the IETF draft's quoted form names the same key; a retry goes to the other worker, its load moved
+    # the IETF draft's quoted form names the same key: the same request on the same worker, signed anew
     again = await client.post("/route/", json=body, headers={"Idempotency-Key": '"c4f2a9e0-req-1"'})
     assert first.status_code == again.status_code == 200, (first.text, again.text)
-    assert again.json()["request_idx"] == first.json()["request_idx"]
-    assert again.json()["url"] != first.json()["url"]
+    assert (again.json()["request_idx"], again.json()["url"]) == (first.json()["request_idx"], first.json()["url"])
+    assert again.json()["reqnum"] == first.json()["reqnum"] + 1
     assert sorted(w["load"] for w in await workers(client)) == [0.0, 10.0]
     text = (await client.get("/metrics")).text
     assert 'dispatcher_routes_total{endpoint="ep",outcome="assigned"} 1.0' in text

@@ -19,8 +19,10 @@ def rec(worker_id: str, **fields: Any) -> WorkerRecord:
     return worker_record(worker_id, now=NOW, **fields)
 
 
-def pick(workers: list[WorkerRecord], avoid: str | None = None) -> str | None:
-    picked = pick_worker(workers, now=NOW, heartbeat_timeout_s=HEARTBEAT_S, max_queue_time_s=MAX_QUEUE_S, avoid=avoid)
+def pick(workers: list[WorkerRecord], avoid: str | None = None, keep: str | None = None) -> str | None:
+    picked = pick_worker(
+        workers, now=NOW, heartbeat_timeout_s=HEARTBEAT_S, max_queue_time_s=MAX_QUEUE_S, avoid=avoid, keep=keep
+    )
     return picked.worker_id if picked else None
 
 
@@ -76,6 +78,14 @@ def test_avoid_is_honoured_only_when_another_worker_qualifies() -> None:
     assert pick([rec("a"), rec("b", seen_s_ago=HEARTBEAT_S + 1)], avoid="a") == "a"
     assert pick([rec("a"), rec("b", load=30), rec("c", load=20)], avoid="a") == "c"  # the best of the others
     assert pick([rec("a"), rec("b", load=50)], avoid="zzz") == "a"  # an unknown avoid changes nothing
+
+
+def test_keep_is_taken_while_it_can_take_work_whatever_its_wait() -> None:
+    assert pick([rec("a"), rec("b", load=500)], keep="b") == "b"  # over the queue time: its load is already there
+    assert pick([rec("a"), rec("b", state=WorkerState.LOADING)], keep="b") == "a"
+    assert pick([rec("a", load=5), rec("b", seen_s_ago=HEARTBEAT_S + 1)], keep="b") == "a"
+    assert pick([rec("a", load=5), rec("b", perf=0.0)], keep="b") == "a"
+    assert pick([rec("a"), rec("b", load=50)], keep="zzz") == "a"  # an unknown keep changes nothing
 
 
 def breakdown(workers: list[WorkerRecord]) -> dict[str, int]:

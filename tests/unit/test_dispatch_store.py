@@ -258,9 +258,9 @@ async def test_an_idempotency_key_sent_again_is_a_retry_of_its_request_while_tha
     first = await store.route(EP, 1.0, None, POLICY, "key-1")
     assert isinstance(first, Assigned) and (first.worker_id, first.retry) == ("w1", False)
     again = await store.route(EP, 1.0, None, POLICY, "key-1")
-    assert isinstance(again, Assigned)
-    assert (again.request_idx, again.worker_id, again.retry) == (first.request_idx, "w2", True)  # moved, as a retry
-    assert await loads(store) == {"w1": 0.0, "w2": 1.0}
+    assert isinstance(again, Assigned)  # the same worker (a new reqnum, a new signature), its load held once
+    assert (again.request_idx, again.worker_id, again.reqnum, again.retry) == (first.request_idx, "w1", 2, True)
+    assert await loads(store) == {"w1": 1.0, "w2": 0.0}
     assert (await store.load_stats(EP, 10.0)).load_rate == 0.1  # counted once as new load
     # another endpoint, or another key: a request of its own
     other = await store.route(OTHER_EP, 1.0, None, POLICY, "key-1")
@@ -276,6 +276,26 @@ async def test_an_idempotency_key_sent_again_is_a_retry_of_its_request_while_tha
     assert isinstance(after, Assigned) and after.request_idx != first.request_idx and not after.retry
     repeat = await store.route(EP, 1.0, None, POLICY, "key-1")
     assert isinstance(repeat, Assigned) and (repeat.request_idx, repeat.retry) == (after.request_idx, True)
+
+
+async def test_a_repeated_call_keeps_its_worker_while_that_can_take_work(store: DispatchStore) -> None:
+    """A repeat changes nothing the call did: after a retry by request_idx moved the request, a late copy of the first
+    call (delayed on the network past the client's timeout) leaves it where the client is being served. Only a worker
+    that can no longer take work is left, as a retry leaves it."""
+    await report(store, "w1")
+    await report(store, "w2", url="http://w2:8000")
+    first = await store.route(EP, 1.0, None, POLICY, "k")
+    assert isinstance(first, Assigned) and first.worker_id == "w1"
+    moved = await assign(store, 1.0, first.request_idx)  # the client retried by request_idx
+    assert moved.worker_id == "w2"
+    late = await store.route(EP, 1.0, None, POLICY, "k")
+    assert isinstance(late, Assigned)
+    assert (late.request_idx, late.worker_id, late.retry) == (first.request_idx, "w2", True)
+    assert await loads(store) == {"w1": 0.0, "w2": 1.0}
+    await report(store, "w2", url="http://w2:8000", state=WorkerState.LOADING)  # w2 can take no work now
+    again = await store.route(EP, 1.0, None, POLICY, "k")
+    assert isinstance(again, Assigned) and (again.request_idx, again.worker_id) == (first.request_idx, "w1")
+    assert await loads(store) == {"w1": 1.0, "w2": 0.0}
 
 
 async def test_an_idempotency_key_lives_as_long_as_its_request_retries_by_idx_included(store: DispatchStore) -> None:
@@ -318,8 +338,8 @@ async def test_an_idempotency_key_is_known_to_every_replica(redis_pair: tuple[Re
     sent = await first.route(EP, 3.0, None, POLICY, "lb-key")
     again = await second.route(EP, 3.0, None, POLICY, "lb-key")
     assert isinstance(sent, Assigned) and isinstance(again, Assigned)
-    assert (again.request_idx, again.retry, again.worker_id) == (sent.request_idx, True, "w2")
-    assert await loads(first) == {"w1": 0.0, "w2": 3.0}
+    assert (again.request_idx, again.retry, again.worker_id) == (sent.request_idx, True, sent.worker_id)
+    assert await loads(first) == {"w1": 3.0, "w2": 0.0}
 
 
 async def test_an_idempotency_key_names_a_request_waiting_for_a_worker_too(store: DispatchStore) -> None:

@@ -19,14 +19,14 @@ sweep(now)
 -- MemoryStore._by_key: a new request's Idempotency-Key names it while it is held and unexpired (E/K: no endpoint
 -- has a '/'); the request records its key (field idem), which keeps the key alive on every route of it
 local function idem_key(key) return prefix .. 'idem:' .. endpoint .. '/' .. key end
-local idem = false
+local idem, repeat_call = false, false
 if idx == '' and idempotency ~= '' then
   idem = idempotency
   local known = redis.call('GET', idem_key(idem))
   if known then
     local r = redis.call('HMGET', prefix .. 'req:' .. known, 'endpoint', 'idem')
     local expires = tonumber(redis.call('ZSCORE', expiries, known))
-    if r[1] == endpoint and r[2] == idem and expires and expires > now then idx = known end
+    if r[1] == endpoint and r[2] == idem and expires and expires > now then idx, repeat_call = known, true end
   end
 end
 
@@ -74,13 +74,20 @@ local function key_lt(a, b)
   return bytes_lt(a.id, b.id)
 end
 
+-- a retry avoids the worker it had; a repeated call keeps it while it can take work
+local avoid = not repeat_call and prev_worker
+local keep = repeat_call and prev_worker
 local best, best_key = nil, nil
 for _, w in ipairs(workers) do
   -- written as the negations of selection.py's `continue` tests so that NaN behaves the same
   if w.state == 'ready' and not (w.max_perf <= 0) and now - w.last_seen <= heartbeat then
+    if w.id == keep then
+      best = w
+      break
+    end
     local wait = w.load / w.max_perf
     if not (wait > max_queue) then
-      local key = {avoid = (w.id == prev_worker), wait = wait, load = w.load, id = w.id}
+      local key = {avoid = (w.id == avoid), wait = wait, load = w.load, id = w.id}
       if best_key == nil or key_lt(key, best_key) then best, best_key = w, key end
     end
   end
