@@ -90,6 +90,7 @@ class MicroBatcher(Generic[J, R]):
         self._admitted = 0
         self._running = 0
         self._closed = False
+        self._maybe_abandoned = False  # a waiter left since the queue was last swept for jobs no one waits for
         self._tokenizer_pool = ThreadPoolExecutor(1, thread_name_prefix="tokenizer")
         self._compute_pool = ThreadPoolExecutor(config.workers, thread_name_prefix="compute")
         self._tokenizer_task: asyncio.Task[None] | None = None
@@ -103,6 +104,8 @@ class MicroBatcher(Generic[J, R]):
         """Queue a job or raise ``Overloaded`` (queue full) / ``ShuttingDown`` (stopped)."""
         if self._closed:
             raise ShuttingDown("the router is shutting down")
+        if self._admitted >= self.config.max_queue and self._maybe_abandoned:
+            self._drop_abandoned()  # their slots belong to clients still here, not to ones that left
         if self._admitted >= self.config.max_queue:
             raise Overloaded(f"router queue is full ({self.config.max_queue} prompts); retry later")
         self._admitted += 1
@@ -111,6 +114,11 @@ class MicroBatcher(Generic[J, R]):
         self._incoming.append(job)
         self._incoming_event.set()
         self._update_depth()
+
+    def note_abandoned(self) -> None:
+        """A waiter left: a job may have no one waiting any more. The next ``submit`` that finds the queue full
+        drops such jobs first (a scan only then, not on every refusal)."""
+        self._maybe_abandoned = True
 
     @property
     def admitted(self) -> int:
@@ -230,6 +238,19 @@ class MicroBatcher(Generic[J, R]):
                 jobs.append(job)
         self._update_depth()
         return jobs
+
+    def _drop_abandoned(self) -> None:
+        self._maybe_abandoned = False
+        for queue in (self._incoming, self._ready):
+            live = [job for job in queue if not job.abandoned()]
+            if len(live) == len(queue):
+                continue
+            for job in queue:
+                if job.abandoned():
+                    self._drop(job)
+            queue.clear()
+            queue.extend(live)
+        self._update_depth()
 
     def _drop(self, job: J) -> None:
         self._metrics.dropped.inc()

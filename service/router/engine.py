@@ -77,6 +77,7 @@ class Waiter:
     query: RouteQuery
     future: asyncio.Future[RouteDecision]
     lookup_s: float  # time spent in the cache lookup before queueing
+    joined_at: float  # time.monotonic() when it queued, or joined a job already queued or computing
 
 
 @dataclass(eq=False)
@@ -170,20 +171,25 @@ class RouterEngine:
             nearest = state.index.search(request.embedding[None, :], self._top_k)
             return self._decide_now(state, query, nearest.ids[0], nearest.similarity[0], False, started)
         assert request.prompt is not None
-        key = hashlib.blake2b(request.prompt.encode(), digest_size=CACHE_KEY_BYTES).digest()
+        # What the embedder embeds (sentence-transformers strips each input): prompts that differ only in leading or
+        # trailing whitespace share one cache entry and one job.
+        text = request.prompt.strip()
+        key = hashlib.blake2b(text.encode(), digest_size=CACHE_KEY_BYTES).digest()
         cached = self._cache.get((state.generation, key))
         if cached is not None:
             self._metrics.cache_hits.inc()
             return self._decide_now(state, query, cached.cluster_ids, cached.similarity, True, started)
         self._metrics.cache_misses.inc()
         job = self._inflight.get(key)
+        now = time.monotonic()
         if job is None or job.abandoned():
-            job = PromptJob(key=key, text=request.prompt, enqueued_at=time.monotonic())
+            job = PromptJob(key=key, text=text, enqueued_at=now)
             self._batcher.submit(job)
             self._inflight[key] = job
         else:
             self._metrics.singleflight_joins.inc()
-        waiter = Waiter(query, asyncio.get_running_loop().create_future(), time.perf_counter() - started)
+        waiter = Waiter(query, asyncio.get_running_loop().create_future(), time.perf_counter() - started, now)
+        waiter.future.add_done_callback(self._on_waiter_done)
         job.waiters.append(waiter)
         # Cancelling this future (client gone) leaves the job without a live waiter: the batcher drops
         # it before compute.
@@ -246,21 +252,19 @@ class RouterEngine:
 
     def _on_batch(self, jobs: list[PromptJob], result: BatchResult) -> None:
         """Event loop: cache the clusters, then score every live waiter of the batch at once."""
-        by_state: dict[int, tuple[RouterState, list[Waiter], list[int], list[float]]] = {}
+        by_state: dict[int, tuple[RouterState, list[Waiter], list[int]]] = {}
         ids, sims = result.nearest.ids, result.nearest.similarity
         for row, job in enumerate(jobs):
             self._forget(job)
             self._cache.put((result.state.generation, job.key), CachedRoute(ids[row].copy(), sims[row].copy()))
-            waited_s = result.started - job.enqueued_at
             for waiter in job.waiters:
                 if waiter.future.done():
                     continue
                 state = waiter.query.state
-                group = by_state.setdefault(state.generation, (state, [], [], []))
+                group = by_state.setdefault(state.generation, (state, [], []))
                 group[1].append(waiter)
                 group[2].append(row)
-                group[3].append(waited_s)
-        for state, waiters, rows, waits_s in by_state.values():
+        for state, waiters, rows in by_state.values():
             if state is result.state:
                 found_ids, found_sims = ids[rows], sims[rows]
             else:  # the weights were swapped during this batch: use the waiter's own snapshot
@@ -272,13 +276,19 @@ class RouterEngine:
                 found_ids,
                 found_sims,
                 cache_hit=False,
-                embedding_s=result.embedding_s,
-                queue_s=waits_s,
+                # each waiter's own share: one that joined a job while it computed did not wait for the batch, nor
+                # for the part of the forward pass before it came
+                embedding_s=[max(0.0, result.embedding_s - max(0.0, w.joined_at - result.started)) for w in waiters],
+                queue_s=[result.started - w.joined_at for w in waiters],
                 routing_s=[result.search_s + w.lookup_s for w in waiters],
             )
             for waiter, decision in zip(waiters, decisions, strict=True):
                 if not waiter.future.done():
                     waiter.future.set_result(decision)
+
+    def _on_waiter_done(self, future: asyncio.Future[RouteDecision]) -> None:
+        if future.cancelled():  # its client left: the job may now be one no one waits for
+            self._batcher.note_abandoned()
 
     def abort_waiting(self, error: ShuttingDown) -> int:
         """Fail every request still waiting for a batch with ``error`` (a JSON 503 each), so that a drain that
@@ -314,7 +324,7 @@ class RouterEngine:
         similarity: np.ndarray,
         *,
         cache_hit: bool,
-        embedding_s: float,
+        embedding_s: list[float],
         queue_s: list[float],
         routing_s: list[float],
     ) -> list[RouteDecision]:
@@ -344,7 +354,7 @@ class RouterEngine:
                     all_scores={models[m]: float(row[m]) for m in query.columns},
                     cache_hit=cache_hit,
                     routing_ms=routing * 1e3,
-                    embedding_ms=embedding_s * 1e3,
+                    embedding_ms=embedding_s[i] * 1e3,
                     queue_ms=max(0.0, queue_s[i]) * 1e3,
                     cost_weight=query.cost_weight,
                     clusters=[(int(c), float(s)) for c, s in zip(cluster_ids[i], similarity[i], strict=True)],

@@ -1,7 +1,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -131,6 +132,61 @@ async def test_departed_client_prompt_is_not_computed() -> None:
     assert eng._inflight == {}
     again = await eng.route(request("c2 gone"))  # the same prompt later is embedded afresh
     assert again.cluster_id == 2 and embedder.texts_embedded == 2
+    await eng.close()
+
+
+async def test_prompts_differing_only_in_surrounding_whitespace_share_the_cache_and_a_job() -> None:
+    """The embedder embeds the stripped prompt (as sentence-transformers does), so these are one prompt: the cache
+    and singleflight keyed the raw text, and embedded each again."""
+    embedder = FakeEmbedder(delay_s=0.05)
+    eng, metrics = make_engine(embedder)
+    together = await asyncio.gather(eng.route(request("c5 same")), eng.route(request("  c5 same\n")))
+    assert [d.cluster_id for d in together] == [5, 5] and embedder.texts_embedded == 1
+    assert metrics.singleflight_joins._value.get() == 1
+    later = await eng.route(request("\tc5 same "))
+    assert later.cache_hit and embedder.texts_embedded == 1
+    assert not (await eng.route(request("c5  same"))).cache_hit  # inner whitespace is the prompt's own
+    await eng.close()
+
+
+async def test_a_job_its_clients_left_gives_its_queue_slot_to_a_client_still_here() -> None:
+    """A full queue counted jobs no one waited for any more (dropped only when a worker reached them): a live client
+    got 429 while the queue held a departed one's prompt."""
+    embedder = FakeEmbedder(delay_s=0.3)
+    eng, metrics = make_engine(embedder, max_queue=2)
+    busy = asyncio.ensure_future(eng.route(request("c1 busy")))
+    await asyncio.sleep(0.05)  # computing: the one worker is busy
+    gone = asyncio.ensure_future(eng.route(request("c2 gone")))
+    await asyncio.sleep(0.02)
+    gone.cancel()
+    await asyncio.sleep(0.02)
+    assert eng.admitted == 2  # the departed prompt still holds a slot until someone needs it
+    served = await eng.route(request("c3 new"))
+    assert served.cluster_id == 3 and metrics.dropped._value.get() == 1
+    await busy
+    assert embedder.texts_embedded == 2 and eng.admitted == 0
+    with pytest.raises(asyncio.CancelledError):
+        await gone
+    await eng.close()
+
+
+async def test_a_client_joining_a_computing_job_reports_its_own_queue_and_embedding_time() -> None:
+    """A follower reported the leader's queue wait and the whole forward pass, time it never spent."""
+    computing = threading.Event()
+
+    class Signalling(FakeEmbedder):
+        def embed_ids(self, sequences: Sequence[Sequence[int]], *, cpu_threads: int | None = None) -> np.ndarray:
+            computing.set()
+            return super().embed_ids(sequences, cpu_threads=cpu_threads)
+
+    eng, _ = make_engine(Signalling(delay_s=0.4))
+    leader = asyncio.ensure_future(eng.route(request("c4 shared")))
+    assert await asyncio.to_thread(computing.wait, 5.0)
+    await asyncio.sleep(0.15)  # well into the 400 ms forward pass
+    follower = await eng.route(request("c4 shared"))
+    first = await leader
+    assert follower.queue_ms == 0.0  # it joined after the batch had started
+    assert follower.embedding_ms <= first.embedding_ms - 100  # it joined at least 150 ms into the pass
     await eng.close()
 
 
