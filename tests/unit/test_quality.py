@@ -350,6 +350,30 @@ def test_eval_main_scores_a_weights_file(
     assert "missing.csv" in capsys.readouterr().err
 
 
+def test_eval_main_warns_when_the_weights_were_fitted_on_the_evaluated_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Scored on their own training files, weights look better than they route unseen prompts (the shipped weights:
+    AUDC 0.854 in-sample against 0.836 cross-validated), and nothing said so."""
+    data, weights = _data_and_weights(tmp_path)
+    path = tmp_path / "w.safetensors"
+    save_weights(weights, path)
+    monkeypatch.setattr(fit, "embed_prompts", _fake_embed)
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser)
+    argv = ["--data", str(data), "--weights", str(path), "--out", str(tmp_path / "in"), "--no-progress"]
+    assert eval_main(parser.parse_args(argv)) == 0
+    warning = json.loads((tmp_path / "in.json").read_text())["warning"]
+    assert data.name in warning and "in-sample" in warning
+    assert f"**Warning: {warning}.**" in (tmp_path / "in.md").read_text()
+    assert f"warning: {warning}" in capsys.readouterr().err
+    other = tmp_path / "other.jsonl"  # the same rows in another order: not the file the weights were fitted on
+    other.write_text("".join(reversed(data.read_text(encoding="utf-8").splitlines(keepends=True))), encoding="utf-8")
+    argv = ["--data", str(other), "--weights", str(path), "--out", str(tmp_path / "out"), "--no-progress"]
+    assert eval_main(parser.parse_args(argv)) == 0
+    assert "warning" not in json.loads((tmp_path / "out.json").read_text())
+
+
 def test_eval_main_reports_weights_whose_fit_metadata_is_malformed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

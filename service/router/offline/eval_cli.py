@@ -94,6 +94,8 @@ def eval_main(args: argparse.Namespace) -> int:
         print(f"eval failed: {exc}", file=sys.stderr)
         return 1
     print(markdown)
+    if "warning" in info:
+        print(f"warning: {info['warning']}", file=sys.stderr)
     print(f"wrote {prefix}.json, .md, .png")
     return 0
 
@@ -142,7 +144,21 @@ def _info(
         }
     else:
         info["weights"] = {"path": str(args.weights or default_weights_path()), "version": weights.version}
+        seen = training_files_evaluated(weights, labelled)
+        if seen:
+            info["warning"] = (
+                f"the weights were fitted on {', '.join(seen)}: these scores are in-sample, not what the router does "
+                "on prompts it has not seen (use test files, or --cv K for an out-of-sample estimate)"
+            )
     return info
+
+
+def training_files_evaluated(weights: RouterWeights, labelled: LabelledSet) -> list[str]:
+    """The evaluated files the weights were fitted on (by sha256, as ``fit`` records them)."""
+    training = weights.metadata.get("training_data", {})
+    files = training.get("files", []) if isinstance(training, dict) else []
+    fitted = {f.get("sha256") for f in files if isinstance(f, dict)}
+    return [source.name for source in labelled.sources if source.sha256 in fitted]
 
 
 def _describe(report: QualityReport, info: dict[str, Any]) -> tuple[str, list[str]]:
@@ -164,4 +180,6 @@ def _describe(report: QualityReport, info: dict[str, Any]) -> tuple[str, list[st
         )
         return f"Router quality: {report.folds}-fold cross-validation", lines
     lines.append(f"Router: weights {info['weights']['version']} ({info['weights']['path']}).")
+    if "warning" in info:
+        lines.insert(0, f"**Warning: {info['warning']}.**")
     return "Router quality", lines
