@@ -165,9 +165,11 @@ def test_add_model_main_writes_extended_weights(
     assert info["cost"] == "from prices.json"
     assert extended.version in capsys.readouterr().out
 
+    monkeypatch.setattr(fit, "embed_prompts", None)  # a model already in the weights is refused before embedding
     again = parser.parse_args(["--data", str(data), "--model", "m-new", "--weights", str(out), "--out", str(out)])
     assert add_model.add_model_main(again) == 1
     assert "already in the weights" in capsys.readouterr().err
+    monkeypatch.setattr(fit, "embed_prompts", fake_embed)
     other = parser.parse_args(["--data", str(data), "--model", "m-other", "--weights", str(source), "--out", str(out)])
     assert add_model.add_model_main(other) == 1
     assert "priced: m-other" in capsys.readouterr().err

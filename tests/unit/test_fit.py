@@ -459,6 +459,10 @@ def test_fit_main_names_a_model_without_any_outcome(tmp_path: Path, capsys: pyte
         (6, ["--clusters", "2", "--seed", "-1"], "--seed must lie in [0, 2147483647]"),
         (6, ["--clusters", "2", "--seed", "99999999999"], "--seed must lie in [0, 2147483647]"),
         (6, ["--clusters", "2", "--seed", str(2**31 - 1)], "with the restarts' seeds (seed + restart) too"),
+        # were refused only once every prompt was embedded
+        (6, ["--clusters", "2", "--alpha", "-1"], "--alpha must be finite and >= 0; got -1"),
+        (6, ["--clusters", "2", "--alpha", "nan"], "--alpha must be finite and >= 0; got nan"),
+        (6, ["--clusters", "2", "--default-lambda", "-0.5"], "--default-lambda must be from 0 to 1e+09; got -0.5"),
     ],
 )
 def test_fit_main_checks_sizes_and_seed_before_embedding(

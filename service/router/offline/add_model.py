@@ -181,6 +181,8 @@ def add_model_main(args: argparse.Namespace) -> int:
     source: Path = args.weights or default_weights_path()
     try:
         weights = load_weights(source)
+        if args.model in weights.models:  # before the minutes of embedding
+            raise DataError(f"model {args.model!r} is already in the weights")
         labelled = load_labelled(args.data, text_mode=weights_text_mode(weights), price_models=(args.model,))
         if args.model not in labelled.models:
             raise DataError(f"no outcome column {args.model!r} in the data")

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -61,7 +62,7 @@ from service.router.offline.options import (
     TextMode,
     prices_file,
 )
-from service.router.weights import RouterWeights, WeightsError, default_weights_path, save_weights
+from service.router.weights import MAX_COST_WEIGHT, RouterWeights, WeightsError, default_weights_path, save_weights
 
 DEFAULT_KMEANS_ITERATIONS = 50
 # FAISS takes the k-means seed as a C int (restart r uses seed + r).
@@ -355,6 +356,8 @@ def fit_main(args: argparse.Namespace) -> int:
         labelled, prices, prices_path = load_inputs(args, text_mode, require_prices=args.costs == "prices")
         require_outcomes(labelled)
         check_fit_settings(labelled.num_rows, args.clusters, args.restarts, args.alpha, args.seed)
+        if not 0 <= args.default_lambda <= MAX_COST_WEIGHT:  # NaN fails too; the weights file would refuse it
+            raise DataError(f"--default-lambda must be from 0 to {MAX_COST_WEIGHT:g}; got {args.default_lambda}")
         if args.costs == "rows":
             require_observed_costs(labelled.models, labelled.cost_usd)
         embeddings, embedder_id, embedder_sha256 = embed_prompts(
@@ -407,6 +410,8 @@ def check_fit_settings(
         raise DataError(f"--clusters must be at least 1; got {clusters}")
     if restarts < 1:
         raise DataError(f"--restarts must be at least 1; got {restarts}")
+    if alpha is not None and not 0 <= alpha < math.inf:  # NaN fails too
+        raise DataError(f"--alpha must be finite and >= 0; got {alpha}")
     if rows == 0:
         raise DataError(f"{what} has no rows")
     if rows < clusters:
