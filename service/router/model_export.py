@@ -16,9 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from service.digest import file_sha256
+from service.router.model_card import EXPORT_INFO, WEIGHTS_FILE
 
-EXPORT_INFO = "router_export.json"
-WEIGHTS_FILE = "model.safetensors"
 # What MiniLMEmbedder and SentenceTransformer(folder) read besides the weights.
 MODEL_FILES = (
     "config.json",
@@ -46,11 +45,3 @@ def export_model(source: Path, target: Path, dtype: torch.dtype = torch.float16)
     info = {"source_sha256": file_sha256(source / WEIGHTS_FILE), "dtype": str(dtype).removeprefix("torch.")}
     (target / EXPORT_INFO).write_text(json.dumps(info, indent=1) + "\n")
     return target / WEIGHTS_FILE
-
-
-def model_sha256(folder: Path) -> str:
-    """The sha256 of the model's original weights file: read from an export's info, else hashed."""
-    info = folder / EXPORT_INFO
-    if info.is_file():
-        return str(json.loads(info.read_text())["source_sha256"])
-    return file_sha256(folder / WEIGHTS_FILE)

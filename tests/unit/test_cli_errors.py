@@ -97,6 +97,10 @@ def test_inspect_weights_refuses_weights_the_router_would_refuse(
     save_weights(dataclasses.replace(shipped, embedder_id="someone/else"), other)
     assert main(["inspect-weights", str(other)]) == 1
     assert "fitted with someone/else" in capsys.readouterr().err
+    # the same model id, another weights file of it: the router compares the file's sha256 too
+    save_weights(dataclasses.replace(shipped, embedder_sha256="0" * 64), other)
+    assert main(["inspect-weights", str(other)]) == 1
+    assert "sha256 000000000000..., but the running embedder is" in capsys.readouterr().err
     assert main(["inspect-weights"]) == 0
 
 

@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from service.router.embedder import MiniLMEmbedder, default_model_dir
-from service.router.model_export import EXPORT_INFO, export_model, model_sha256
+from service.router.model_card import EXPORT_INFO, model_sha256
+from service.router.model_export import export_model
 from tests.unit.test_embedder_parity import OFFICIAL_SHA256, PROMPTS
 
 MIN_COSINE = 0.9999
