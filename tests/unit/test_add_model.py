@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 
 from service.router.offline import add_model, fit
+from service.router.offline.costs import COST_UNIT_ROWS
+from service.router.offline.data import LabelledSet
 from service.router.offline.estimate import TASK_PRIOR_STRENGTH
 from service.router.offline.options import add_add_model_arguments
 from service.router.scoring import ScoreTable, score_batch
@@ -137,6 +139,24 @@ def _write_validation(path: Path, rows: list[tuple[str, str, str]]) -> Path:
         writer.writerow(["prompt", "eval_name", "m-new"])
         writer.writerows(rows)
     return path
+
+
+def test_observed_costs_are_compared_on_the_same_rows() -> None:
+    """For weights fitted with --costs rows: long prompts cost every model more. Against the weights' training means
+    (from other prompts) the new model looked dearer than it is; against a known model on the same rows it does not."""
+    weights = replace(toy_weights(), metadata={"cost_unit": COST_UNIT_ROWS})  # m-cheap 0.1, m-mid 0.4, m-dear 1.0
+    mid = np.array([0.5, 0.7, np.nan, 0.9])  # USD per call on long prompts: ten times the training mean, say
+    new = np.array([1.0, 1.4, 3.0, np.nan])  # twice m-mid wherever both are observed
+    labelled = LabelledSet(
+        texts=["a", "b", "c", "d"], task=["t"] * 4, sample_ids=["1", "2", "3", "4"], models=("m-mid", "m-new"),
+        correct=np.ones((4, 2), dtype=np.float32), cost_usd=np.stack([mid, new], axis=1), sources=(), text_mode="full",
+    )  # fmt: skip
+    assert add_model.relative_cost_from_rows(weights, labelled, 1) == pytest.approx(0.8)
+    unrelated = replace(labelled, models=("m-new", "other"))  # no model of the weights costed in the data
+    with pytest.raises(ValueError, match="give --cost-per-1k"):
+        add_model.relative_cost_from_rows(weights, unrelated, 0)
+    with pytest.raises(ValueError, match="list prices"):
+        add_model.relative_cost_from_rows(toy_weights(), labelled, 1)
 
 
 def test_add_model_main_writes_extended_weights(

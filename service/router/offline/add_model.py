@@ -207,19 +207,24 @@ def add_model_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def relative_cost_from_rows(weights: RouterWeights, cost_usd: np.ndarray) -> float:
-    """Observed USD per call -> the weights' relative unit, for weights whose costs are observed costs."""
+def relative_cost_from_rows(weights: RouterWeights, labelled: LabelledSet, column: int) -> float:
+    """Observed USD per call -> the weights' relative unit, for weights whose costs are observed costs: the new
+    model's mean cost against a model of the weights on the same rows (the first one costed on any), times that
+    model's relative cost. On the same rows, so that the prompts' lengths cancel out; the weights' recorded training
+    means came from other prompts (an mbpp-only file made a model 54 % dearer than fitting it with the rest did)."""
     if weights.metadata.get("cost_unit") != COST_UNIT_ROWS:
         raise ValueError("these weights' costs are list prices; give --price-usd or --cost-per-1k")
-    reference = None
-    for model, cost in zip(weights.models, weights.cost_per_1k, strict=True):
-        usd = _recorded_number(weights, "observed_cost_usd_per_call", model)
-        if usd is not None and cost > 0:
-            reference = usd / float(cost)
-            break
-    if reference is None or np.isnan(cost_usd).all():
-        raise ValueError("no observed cost to convert; give --cost-per-1k")
-    return float(np.nanmean(cost_usd)) / float(reference)
+    new = labelled.cost_usd[:, column]
+    for model, relative in zip(weights.models, weights.cost_per_1k, strict=True):
+        if relative <= 0 or model not in labelled.models:
+            continue
+        reference = labelled.cost_usd[:, labelled.models.index(model)]
+        both = ~np.isnan(new) & ~np.isnan(reference)
+        if both.any() and reference[both].sum() > 0:
+            return float(relative) * float(new[both].mean()) / float(reference[both].mean())
+    raise ValueError(
+        "no model of the weights has observed costs on the same rows as the new one to compare with; give --cost-per-1k"
+    )
 
 
 def _new_cost(
@@ -231,7 +236,7 @@ def _new_cost(
     if args.price_usd is not None:
         return relative_cost_from_prices(weights, *args.price_usd), "from the given USD list prices"
     if weights.metadata.get("cost_unit") == COST_UNIT_ROWS:
-        return relative_cost_from_rows(weights, labelled.cost_usd[:, column]), "from its observed per-row costs"
+        return relative_cost_from_rows(weights, labelled, column), "from its observed per-row costs"
     prices_path = prices_file(args)
     if prices_path is not None:
         prices = load_prices(prices_path)
