@@ -486,6 +486,37 @@ def test_fit_main_checks_sizes_and_seed_before_embedding(
     assert message in capsys.readouterr().err
 
 
+def test_a_prompt_with_nothing_to_embed_in_its_text_mode_is_named(tmp_path: Path) -> None:
+    """Its last message, or its last block, was empty: it was embedded as '' (the service refuses such a prompt)."""
+    data = _write_csv(tmp_path / "t.csv", [_row("fine", ["1", "0"]), _row("['Real question', '']", ["1", "0"])])
+    with pytest.raises(DataError, match=r"t\.csv:\d+: nothing to embed in the prompt with --text last_block"):
+        load_labelled([data])
+    blank_block = _write_csv(tmp_path / "b.csv", [_row("fine", ["1", "0"]), _row("Question?\n\n  ", ["1", "0"])])
+    assert load_labelled([blank_block], text_mode="last_block").texts == ["fine", "Question?"]  # stripped first
+
+
+def test_texts_that_collapse_to_a_few_are_warned_about(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """A template with a blank line before its answer cue: last_block kept only the cue, every prompt embedded alike,
+    and fit put them all in one cluster without a word."""
+    rows = [_row(f"Question {i}?\n\nAnswer:", ["1", "0"]) for i in range(6)]
+    labelled = load_labelled([_write_csv(tmp_path / "t.csv", rows)])
+    warning = labelled.collapsed_texts_warning()
+    assert warning is not None and "only 1 distinct texts to embed in 6 rows" in warning and "'Answer:'" in warning
+    assert load_labelled([_write_csv(tmp_path / "t.csv", rows)], text_mode="full").collapsed_texts_warning() is None
+
+    def no_embedding(*_: object, **__: object) -> None:
+        raise DataError("stop here")  # the warning comes before the minutes of embedding
+
+    monkeypatch.setattr(fit, "embed_prompts", no_embedding)
+    parser = argparse.ArgumentParser()
+    add_fit_arguments(parser)
+    argv = ["--data", str(tmp_path / "t.csv"), "--out", str(tmp_path / "w.safetensors"), "--costs", "rows"]
+    assert fit.fit_main(parser.parse_args([*argv, "--clusters", "2", "--alpha", "1"])) == 1
+    assert f"warning: {warning}" in capsys.readouterr().err
+
+
 def test_fit_arguments_defaults() -> None:
     parser = argparse.ArgumentParser()
     add_fit_arguments(parser)

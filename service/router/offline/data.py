@@ -28,6 +28,9 @@ TASK_COLUMN = "eval_name"
 SAMPLE_ID_COLUMN = "sample_id"
 COST_SUFFIX = "|total_cost"
 BLOCK_SEPARATOR = "\n\n"
+# Below this share of distinct texts to embed, the prompts most likely lost their content to the text mode (the
+# routerbench train files keep 99 % or more distinct).
+MIN_DISTINCT_TEXT_SHARE = 0.5
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 JSON_SUFFIX = ".json"  # one JSON document, not a row a line
 # UTF-8, with or without the byte-order mark that spreadsheet programs put before "CSV UTF-8" exports.
@@ -64,6 +67,18 @@ class LabelledSet:
     def sources_json(self) -> list[dict[str, object]]:
         """The files read, as results and weights record them (name, sha256, rows)."""
         return [asdict(source) for source in self.sources]
+
+    def collapsed_texts_warning(self) -> str | None:
+        """A warning when the texts to embed are mostly the same: a template that puts a blank line before the
+        answer cue makes ``last_block`` keep only the cue (every prompt then embeds alike and lands in one cluster)."""
+        distinct = len(set(self.texts))
+        if distinct >= MIN_DISTINCT_TEXT_SHARE * self.num_rows:
+            return None
+        common, count = Counter(self.texts).most_common(1)[0]
+        return (
+            f"only {distinct} distinct texts to embed in {self.num_rows} rows (--text {self.text_mode}); "
+            f"{count} are {common[:60]!r}: check the prompts' template, or try --text full"
+        )
 
     @property
     def task_counts(self) -> dict[str, int]:
@@ -158,7 +173,11 @@ def load_labelled(
         for line, row in rows:
             if not row[PROMPT_COLUMN].strip():  # nothing to embed (the service refuses such a prompt too)
                 raise DataError(f"{path}:{line}: the prompt is empty")
-            texts.append(extract_text(row[PROMPT_COLUMN], text_mode))
+            text = extract_text(row[PROMPT_COLUMN], text_mode)
+            if not text:  # e.g. its last message is empty, or its last block is (a template's blank line)
+                hint = "; try --text full" if text_mode == "last_block" else ""
+                raise DataError(f"{path}:{line}: nothing to embed in the prompt with --text {text_mode}{hint}")
+            texts.append(text)
             tasks.append(row.get(TASK_COLUMN) or "")
             sample_ids.append(row.get(SAMPLE_ID_COLUMN) or "")
             correct_rows.append([_parse_outcome(row.get(m, ""), path, line, m) for m in models])

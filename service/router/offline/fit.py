@@ -356,6 +356,8 @@ def fit_main(args: argparse.Namespace) -> int:
         labelled, prices, prices_path = load_inputs(args, text_mode, require_prices=args.costs == "prices")
         require_outcomes(labelled)
         check_fit_settings(labelled.num_rows, args.clusters, args.restarts, args.alpha, args.seed)
+        if (collapsed := labelled.collapsed_texts_warning()) is not None:
+            print(f"warning: {collapsed}", file=sys.stderr)
         if not 0 <= args.default_lambda <= MAX_COST_WEIGHT:  # NaN fails too; the weights file would refuse it
             raise DataError(f"--default-lambda must be from 0 to {MAX_COST_WEIGHT:g}; got {args.default_lambda}")
         if args.costs == "rows":
