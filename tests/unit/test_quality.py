@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import replace
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from service.digest import file_sha256
 from service.router.offline import costs, estimate, fit, quality
 from service.router.offline.baselines import ORACLE, RANDOM_MIX, SINGLE_ENVELOPE
 from service.router.offline.data import LabelledSet, load_labelled
@@ -372,6 +374,12 @@ def test_eval_main_warns_when_the_weights_were_fitted_on_the_evaluated_files(
     argv = ["--data", str(other), "--weights", str(path), "--out", str(tmp_path / "out"), "--no-progress"]
     assert eval_main(parser.parse_args(argv)) == 0
     assert "warning" not in json.loads((tmp_path / "out.json").read_text())
+    # a model added to the weights was estimated on that file (add-model records it so)
+    added = dataclasses.replace(weights, metadata={**weights.metadata, "added_models": [{"files": [
+        {"name": other.name, "sha256": file_sha256(other), "rows": 1}]}]})  # fmt: skip
+    save_weights(added, path)
+    assert eval_main(parser.parse_args(argv)) == 0
+    assert other.name in json.loads((tmp_path / "out.json").read_text())["warning"]
 
 
 def test_eval_main_reports_weights_whose_fit_metadata_is_malformed(

@@ -147,16 +147,22 @@ def _info(
         seen = training_files_evaluated(weights, labelled)
         if seen:
             info["warning"] = (
-                f"the weights were fitted on {', '.join(seen)}: these scores are in-sample, not what the router does "
+                f"the weights were fitted (or a model added to them estimated) on {', '.join(seen)}: these scores are "
+                "in-sample, not what the router does "
                 "on prompts it has not seen (use test files, or --cv K for an out-of-sample estimate)"
             )
     return info
 
 
 def training_files_evaluated(weights: RouterWeights, labelled: LabelledSet) -> list[str]:
-    """The evaluated files the weights were fitted on (by sha256, as ``fit`` records them)."""
+    """The evaluated files the weights were fitted on, or a model added to them estimated on (by sha256, as ``fit``
+    and ``add-model`` record them)."""
     training = weights.metadata.get("training_data", {})
-    files = training.get("files", []) if isinstance(training, dict) else []
+    files = list(training.get("files", [])) if isinstance(training, dict) else []
+    added = weights.metadata.get("added_models", [])
+    for model in added if isinstance(added, list) else []:
+        if isinstance(model, dict) and isinstance(model.get("files"), list):
+            files.extend(model["files"])
     fitted = {f.get("sha256") for f in files if isinstance(f, dict)}
     return [source.name for source in labelled.sources if source.sha256 in fitted]
 
