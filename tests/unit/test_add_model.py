@@ -147,16 +147,19 @@ def test_observed_costs_are_compared_on_the_same_rows() -> None:
     weights = replace(toy_weights(), metadata={"cost_unit": COST_UNIT_ROWS})  # m-cheap 0.1, m-mid 0.4, m-dear 1.0
     mid = np.array([0.5, 0.7, np.nan, 0.9])  # USD per call on long prompts: ten times the training mean, say
     new = np.array([1.0, 1.4, 3.0, np.nan])  # twice m-mid wherever both are observed
+    cheap = np.array([0.1, np.nan, np.nan, np.nan])  # costed beside the new model on one row only
     labelled = LabelledSet(
-        texts=["a", "b", "c", "d"], task=["t"] * 4, sample_ids=["1", "2", "3", "4"], models=("m-mid", "m-new"),
-        correct=np.ones((4, 2), dtype=np.float32), cost_usd=np.stack([mid, new], axis=1), sources=(), text_mode="full",
+        texts=["a", "b", "c", "d"], task=["t"] * 4, sample_ids=["1", "2", "3", "4"],
+        models=("m-cheap", "m-mid", "m-new"), correct=np.ones((4, 3), dtype=np.float32),
+        cost_usd=np.stack([cheap, mid, new], axis=1), sources=(), text_mode="full",
     )  # fmt: skip
-    assert add_model.relative_cost_from_rows(weights, labelled, 1) == pytest.approx(0.8)
-    unrelated = replace(labelled, models=("m-new", "other"))  # no model of the weights costed in the data
+    # against m-mid (two shared rows), not m-cheap (one, which would say 1.0)
+    assert add_model.relative_cost_from_rows(weights, labelled, 2) == pytest.approx(0.8)
+    unrelated = replace(labelled, models=("m-new", "other", "x"))  # no model of the weights costed in the data
     with pytest.raises(ValueError, match="give --cost-per-1k"):
         add_model.relative_cost_from_rows(weights, unrelated, 0)
     with pytest.raises(ValueError, match="list prices"):
-        add_model.relative_cost_from_rows(toy_weights(), labelled, 1)
+        add_model.relative_cost_from_rows(toy_weights(), labelled, 2)
 
 
 def test_add_model_main_writes_extended_weights(

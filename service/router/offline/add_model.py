@@ -211,17 +211,22 @@ def relative_cost_from_rows(weights: RouterWeights, labelled: LabelledSet, colum
     """Observed USD per call -> the weights' relative unit, for weights whose costs are observed costs: the new
     model's mean cost against a model of the weights on the same rows (the first one costed on any), times that
     model's relative cost. On the same rows, so that the prompts' lengths cancel out; the weights' recorded training
-    means came from other prompts (an mbpp-only file made a model 54 % dearer than fitting it with the rest did)."""
+    means came from other prompts (an mbpp-only file made a model 54 % dearer than fitting it with the rest did).
+    The reference is the model costed on the most rows beside the new one (the first in the weights on a tie)."""
     if weights.metadata.get("cost_unit") != COST_UNIT_ROWS:
         raise ValueError("these weights' costs are list prices; give --price-usd or --cost-per-1k")
     new = labelled.cost_usd[:, column]
+    best: tuple[int, float] | None = None  # (shared rows, the estimate)
     for model, relative in zip(weights.models, weights.cost_per_1k, strict=True):
         if relative <= 0 or model not in labelled.models:
             continue
         reference = labelled.cost_usd[:, labelled.models.index(model)]
         both = ~np.isnan(new) & ~np.isnan(reference)
-        if both.any() and reference[both].sum() > 0:
-            return float(relative) * float(new[both].mean()) / float(reference[both].mean())
+        shared = int(both.sum())
+        if shared and reference[both].sum() > 0 and (best is None or shared > best[0]):
+            best = (shared, float(relative) * float(new[both].mean()) / float(reference[both].mean()))
+    if best is not None:
+        return best[1]
     raise ValueError(
         "no model of the weights has observed costs on the same rows as the new one to compare with; give --cost-per-1k"
     )
