@@ -313,15 +313,23 @@ def _data_and_weights(tmp_path: Path) -> tuple[Path, RouterWeights]:
     return data, weights
 
 
-def test_eval_main_scores_a_weights_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
+def _eval_setup(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Path, RouterWeights, Path, argparse.ArgumentParser]:
+    """The toy data, weights fitted on it and saved, embedding faked, and eval's parser."""
     data, weights = _data_and_weights(tmp_path)
     path = tmp_path / "w.safetensors"
     save_weights(weights, path)
     monkeypatch.setattr(fit, "embed_prompts", _fake_embed)
     parser = argparse.ArgumentParser()
     add_eval_arguments(parser)
+    return data, weights, path, parser
+
+
+def test_eval_main_scores_a_weights_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data, weights, path, parser = _eval_setup(tmp_path, monkeypatch)
     prefix = tmp_path / "scored"
     argv = ["--data", str(data), "--weights", str(path), "--out", str(prefix), "--no-progress"]
     assert eval_main(parser.parse_args(argv)) == 0
@@ -357,12 +365,7 @@ def test_eval_main_warns_when_the_weights_were_fitted_on_the_evaluated_files(
 ) -> None:
     """Scored on their own training files, weights look better than they route unseen prompts (the shipped weights:
     AUDC 0.854 in-sample against 0.836 cross-validated), and nothing said so."""
-    data, weights = _data_and_weights(tmp_path)
-    path = tmp_path / "w.safetensors"
-    save_weights(weights, path)
-    monkeypatch.setattr(fit, "embed_prompts", _fake_embed)
-    parser = argparse.ArgumentParser()
-    add_eval_arguments(parser)
+    data, weights, path, parser = _eval_setup(tmp_path, monkeypatch)
     argv = ["--data", str(data), "--weights", str(path), "--out", str(tmp_path / "in"), "--no-progress"]
     assert eval_main(parser.parse_args(argv)) == 0
     warning = json.loads((tmp_path / "in.json").read_text())["warning"]
