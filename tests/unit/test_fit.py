@@ -305,6 +305,16 @@ def test_loader_rejects_bad_outcomes(tmp_path: Path, value: str, message: str) -
     assert "bad.csv" in str(info.value)
 
 
+def test_loader_refuses_the_same_file_twice(tmp_path: Path) -> None:
+    """Its rows counted twice in k-means, and with --cv landed in both a fold's training and its test rows."""
+    data = _write_csv(tmp_path / "t.csv", [_row(f"q{i}", ["1", "0"]) for i in range(3)])
+    copy = tmp_path / "copy.csv"
+    copy.write_bytes(data.read_bytes())
+    with pytest.raises(DataError, match=r"copy\.csv: the same content as an earlier --data file"):
+        load_labelled([data, copy])
+    assert load_labelled([data]).num_rows == 3
+
+
 def test_loader_rejects_missing_file_and_no_models(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="cannot read CSV"):
         load_labelled([tmp_path / "missing.csv"])

@@ -166,6 +166,9 @@ def load_labelled(
         if path.suffix.lower() == JSON_SUFFIX:  # read as CSV it would only fail on a missing 'prompt' column
             raise DataError(f"{path}: give CSV, or JSON Lines ({', '.join(JSONL_SUFFIXES)}: one object a line)")
         rows, file_models = _read_jsonl(path, price_models) if _is_jsonl(path) else _read_csv(path, price_models)
+        digest = file_sha256(path)
+        if any(source.sha256 == digest for source in sources):  # its rows twice: in both train and test of --cv
+            raise DataError(f"{path}: the same content as an earlier --data file")
         if models is None:
             models = file_models
         elif file_models != models:
@@ -182,7 +185,7 @@ def load_labelled(
             sample_ids.append(row.get(SAMPLE_ID_COLUMN) or "")
             correct_rows.append([_parse_outcome(row.get(m, ""), path, line, m) for m in models])
             cost_rows.append([_parse_cost(row.get(m + COST_SUFFIX, ""), path, line, m) for m in models])
-        sources.append(SourceFile(name=path.name, sha256=file_sha256(path), rows=len(rows)))
+        sources.append(SourceFile(name=path.name, sha256=digest, rows=len(rows)))
     assert models is not None
     if not texts:
         raise DataError(f"{', '.join(str(p) for p in paths)}: no data rows")
