@@ -40,6 +40,7 @@ from tests.redis_server import RedisServer, free_port
 EP = "ep-a"
 OTHER_EP = "ep-b"
 REDIS_CLOCK_SLACK_REQNUMS = 1_000_000  # the Redis server's clock may trail ours by up to a second
+REPLICA_TEST_TIMEOUT_S = 30.0
 POLICY = PickPolicy(max_queue_time_s=30.0, heartbeat_timeout_s=60.0, request_ttl_s=600.0)
 
 
@@ -63,8 +64,13 @@ async def store(make_store: Callable[[], DispatchStore]) -> AsyncIterator[Dispat
 
 @pytest.fixture
 async def redis_pair(redis_url: str, redis_prefix: str) -> AsyncIterator[tuple[RedisStore, RedisStore]]:
-    """Two replicas' stores: separate connection pools on the same keys."""
-    first, second = RedisStore(redis_url, prefix=redis_prefix), RedisStore(redis_url, prefix=redis_prefix)
+    """Two replicas' stores: separate connection pools on the same keys. Timeouts far above the service's 1 s: these
+    tests check atomicity with hundreds of concurrent calls, whose connections a loaded CI machine may open slowly
+    (a 1 s connect timeout tripped once there in a 500-call release)."""
+    timeouts = {"connect_timeout_s": REPLICA_TEST_TIMEOUT_S, "socket_timeout_s": REPLICA_TEST_TIMEOUT_S,
+                "pool_timeout_s": REPLICA_TEST_TIMEOUT_S}  # fmt: skip
+    first = RedisStore(redis_url, prefix=redis_prefix, **timeouts)
+    second = RedisStore(redis_url, prefix=redis_prefix, **timeouts)
     yield first, second
     await first.close()
     await second.close()
