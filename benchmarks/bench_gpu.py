@@ -131,7 +131,7 @@ def main() -> None:
     args = parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("needs CUDA")
-    from service.router.embedder import default_model_dir
+    from service.router.model_card import default_model_dir
 
     model_dir = args.model_dir or default_model_dir()
     weights = load_weights(default_weights_path())

@@ -93,7 +93,7 @@ def main() -> None:
     tree = tree_bytes()  # fails outside a git checkout, before anything is written
     fresh_carry(args.carry)
     # Imported here: the model code pulls in torch, which the checks above do not need.
-    from service.router.embedder import default_model_dir
+    from service.router.model_card import default_model_dir
     from service.router.model_export import export_model
 
     export_model(args.model_dir or default_model_dir(), args.carry / "model-fp16")

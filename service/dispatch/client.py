@@ -11,10 +11,9 @@ dispatcher answers the repeat with that request instead of a second one.
 
 Retried (after full-jitter exponential back-off, or the server's ``Retry-After`` when it sends one): a "no ready
 worker" answer, a dispatcher 429/5xx, transport error or unreadable answer, a worker transport error (or a URL httpx
-cannot request),
-429 or 5xx, and a worker 401 ``invalid_assignment`` (e.g. the assignment expired on the way, or the worker has not
-seen a key rotation yet). A retry whose request_idx the dispatcher no longer knows (it expired after the
-dispatcher's request TTL, or a dispatcher on in-memory state restarted) holds no load any more: the next attempt
+cannot request), 429 or 5xx, and a worker 401 ``invalid_assignment`` (e.g. the assignment expired on the way, or the
+worker has not seen a key rotation yet). A retry whose request_idx the dispatcher no longer knows (it expired after
+the dispatcher's request TTL, or a dispatcher on in-memory state restarted) holds no load any more: the next attempt
 routes the request as a new one. Not retried: dispatcher 4xx other than those (bad key, bad request: retrying cannot
 help), worker 4xx other than those above, which are the worker's answer to the payload and are returned as they are,
 and a worker's answer that arrived but cannot be read (a broken encoding: ``DispatchError``), since the work it

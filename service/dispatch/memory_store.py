@@ -174,9 +174,7 @@ class MemoryStore:
             if worker_id is not None and request[_WORKER] != worker_id:
                 not_held += 1
                 continue
-            self._drop(idx)
-            if request[_WORKER] is not None:
-                self._unassign(endpoint, request[_WORKER], request[_COST])
+            self._drop(idx, request)
             released += 1
         return Released(released=released, unknown=unknown, not_held=not_held)
 
@@ -254,8 +252,11 @@ class MemoryStore:
         while buckets and buckets[0][0] < current - LOAD_HISTORY_S:
             buckets.popleft()
 
-    def _drop(self, request_idx: int) -> None:
+    def _drop(self, request_idx: int, request: _Request) -> None:
+        """A request leaves for good (released or expired): its load goes back, its Idempotency-Key is unbound."""
         del self._requests[request_idx]
+        if request[_WORKER] is not None:
+            self._unassign(request[_ENDPOINT], request[_WORKER], request[_COST])
         key = self._key_of.pop(request_idx, None)
         if key is not None and self._by_key.get(key) == request_idx:  # the key may name a newer request by now
             del self._by_key[key]
@@ -271,7 +272,5 @@ class MemoryStore:
             request = self._requests.get(idx)
             if request is None or request[_EXPIRES] != expires_at:
                 continue  # released, or re-routed with a later expiry
-            self._drop(idx)
+            self._drop(idx, request)
             swept += 1
-            if request[_WORKER] is not None:
-                self._unassign(request[_ENDPOINT], request[_WORKER], request[_COST])

@@ -33,7 +33,8 @@ class RouteRequest:
     api_key: str
     cost: float
     request_idx: int | None  # None (or 0 on the wire): a new request
-    # a first call's Idempotency-Key: sent again, it re-routes that request as a retry (used without request_idx)
+    # names a new request: sent again while that is held, the same call (that request, on its worker); not consulted
+    # beside a request_idx
     idempotency_key: str | None = None
 
 

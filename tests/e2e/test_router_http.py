@@ -68,7 +68,7 @@ def test_default_cost_weight_comes_from_the_weights(router: Server) -> None:
 def test_precomputed_embedding_skips_the_embedder_and_agrees_with_the_prompt(router: Server) -> None:
     from sentence_transformers import SentenceTransformer
 
-    from service.router.embedder import default_model_dir
+    from service.router.model_card import default_model_dir
 
     prompt = "Which gas do plants absorb from the air for photosynthesis?"
     st = SentenceTransformer(str(default_model_dir()), device="cpu")

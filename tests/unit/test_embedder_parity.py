@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from service.digest import file_sha256
-from service.router.embedder import MiniLMEmbedder, default_model_dir
+from service.router.embedder import MiniLMEmbedder
 from service.router.index import CentroidIndex, build_index
+from service.router.model_card import default_model_dir
 from service.router.weights import default_weights_path, load_weights
 
 OFFICIAL_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"

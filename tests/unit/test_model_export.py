@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from service.router.embedder import MiniLMEmbedder, default_model_dir
-from service.router.model_card import EXPORT_INFO, model_sha256
+from service.router.embedder import MiniLMEmbedder
+from service.router.model_card import EXPORT_INFO, default_model_dir, model_sha256
 from service.router.model_export import export_model
 from tests.unit.test_embedder_parity import OFFICIAL_SHA256, PROMPTS
 

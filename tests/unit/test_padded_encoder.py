@@ -11,8 +11,9 @@ from tokenizers import Tokenizer
 from service.router import pooling
 from service.router.buckets import BucketGrid
 from service.router.cuda_encoder import PAD_TOKEN_ID, pack_chunk
-from service.router.embedder import SEQ_ALIGN, default_model_dir
+from service.router.embedder import SEQ_ALIGN
 from service.router.minilm import MiniLM
+from service.router.model_card import default_model_dir
 from tests.unit.test_embedder_parity import PROMPTS
 
 MAX_TOKENS = 256

@@ -113,6 +113,11 @@ if idem then  -- bound when the request is new; each later route of it keeps the
 end
 
 local req_key = prefix .. 'req:' .. idx
+local fields = {'endpoint', endpoint, 'cost', ARGV[4]}  -- plus worker once it has one, and its key if it came with one
+if idem then
+  fields[#fields + 1] = 'idem'
+  fields[#fields + 1] = idem
+end
 redis.call('DEL', req_key)
 redis.call('ZADD', expiries, fmt(now + ttl), idx)
 
@@ -121,13 +126,13 @@ if best then
   redis.call('HSET', key, 'load', fmt(best.load + cost))
   redis.call('HINCRBY', key, 'open_requests', 1)
   local reqnum = redis.call('HINCRBY', key, 'reqnum', 1)
-  redis.call('HSET', req_key, 'endpoint', endpoint, 'cost', ARGV[4], 'worker', best.id)
-  if idem then redis.call('HSET', req_key, 'idem', idem) end
+  fields[#fields + 1] = 'worker'
+  fields[#fields + 1] = best.id
+  redis.call('HSET', req_key, unpack(fields))
   return {1, idx, best.id, best.url, reqnum, retry and 1 or 0}
 end
 
-redis.call('HSET', req_key, 'endpoint', endpoint, 'cost', ARGV[4])
-if idem then redis.call('HSET', req_key, 'idem', idem) end
+redis.call('HSET', req_key, unpack(fields))
 redis.call('HSET', waiting_key(endpoint), idx, fmt(now))
 -- selection.status_breakdown
 local counts, order = {}, {}

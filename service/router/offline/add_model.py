@@ -208,11 +208,11 @@ def add_model_main(args: argparse.Namespace) -> int:
 
 
 def relative_cost_from_rows(weights: RouterWeights, labelled: LabelledSet, column: int) -> float:
-    """Observed USD per call -> the weights' relative unit, for weights whose costs are observed costs: the new
-    model's mean cost against a model of the weights on the same rows (the first one costed on any), times that
-    model's relative cost. On the same rows, so that the prompts' lengths cancel out; the weights' recorded training
-    means came from other prompts (an mbpp-only file made a model 54 % dearer than fitting it with the rest did).
-    The reference is the model costed on the most rows beside the new one (the first in the weights on a tie)."""
+    """Observed USD per call -> the weights' relative unit, for weights whose costs are observed costs: the new model's
+    mean cost against a model of the weights on the same rows, times that model's relative cost. On the same
+    rows, so that the prompts' lengths cancel out; the weights' recorded training means came from other prompts
+    (an mbpp-only file made a model 54 % dearer than fitting it with the rest did). The reference is the model
+    costed on the most rows beside the new one (the first in the weights on a tie)."""
     if weights.metadata.get("cost_unit") != COST_UNIT_ROWS:
         raise ValueError("these weights' costs are list prices; give --price-usd or --cost-per-1k")
     new = labelled.cost_usd[:, column]

@@ -148,8 +148,8 @@ def _info(
         if seen:
             info["warning"] = (
                 f"the weights were fitted (or a model added to them estimated) on {', '.join(seen)}: these scores are "
-                "in-sample, not what the router does "
-                "on prompts it has not seen (use test files, or --cv K for an out-of-sample estimate)"
+                "in-sample, not what the router does on prompts it has not seen (use test files, or --cv K for an "
+                "out-of-sample estimate)"
             )
     return info
 
