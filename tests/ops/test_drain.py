@@ -27,6 +27,9 @@ pytestmark = pytest.mark.ops
 DRAIN_TIMEOUT_S = 30.0
 READINESS_BOUND_S = 2.0  # "at once", on a shared 2-core machine
 LATE_S = 1.0  # a request sent this long after SIGTERM was certainly sent to a draining server
+# A request sent just before SIGTERM may still wait for the server's loop (a loaded 2-core machine: 70 ms seen) and be
+# read, so refused, once draining began: only one sent earlier than this is certainly admitted before the signal.
+READ_LAG_S = 0.25
 REDIS_PAUSE_MS = 500  # below the dispatcher's 1 s Redis socket timeout
 
 
@@ -130,11 +133,12 @@ async def _sigterm_and_watch(
 
 
 def _check_outcomes(outcomes: list[Outcome], signalled_at: float) -> None:
-    """Before the signal: every request answered 200. After it: 200 (admitted as the signal landed), 503
-    ``shutting_down`` with Retry-After, or a connection the closed listener refused; never anything else."""
+    """Before the signal (by more than the server's read lag): every request answered 200. After it: 200 (admitted
+    as the signal landed), 503 ``shutting_down`` with Retry-After, or a connection the closed listener refused; never
+    anything else."""
     drained_at = max(o.done_at for o in outcomes if o.status == 200)  # the last admitted request answered
     for o in outcomes:
-        if o.sent_at < signalled_at:
+        if o.sent_at < signalled_at - READ_LAG_S:
             assert o.status == 200, f"admitted before SIGTERM, answered {o.status} {o.code} {o.error}"
         elif o.status == 503:
             assert o.code == "shutting_down" and o.retry_after is not None, o
