@@ -133,7 +133,7 @@ class AssignmentVerifier:
         keyring: KeyRing,
         *,
         own_urls: Collection[str],
-        endpoint: str | None = None,
+        endpoint: str,
         replay_window: int = DEFAULT_REPLAY_WINDOW,
         clock_skew_s: float = DEFAULT_CLOCK_SKEW_S,
         clock: Callable[[], float] = time.time,
@@ -141,6 +141,10 @@ class AssignmentVerifier:
         urls = frozenset(normalise_url(url) for url in own_urls)
         if not urls:
             raise ValueError("own_urls must name at least one URL (the one this worker reports)")
+        if not endpoint:
+            # required: a worker token of any endpoint can report any URL, so the dispatcher may sign another
+            # endpoint's work for this URL, and accepting it would also move the replay window past its own reqnums
+            raise ValueError("endpoint must name the endpoint this worker serves")
         if clock_skew_s < 0:
             raise ValueError("clock_skew_s must be >= 0")
         self._keyring = keyring
@@ -191,7 +195,7 @@ class AssignmentVerifier:
     def _check_target(self, assignment: Assignment) -> None:
         if normalise_url(assignment.url) not in self._own_urls:
             raise AssignmentRejected(RejectReason.WRONG_URL, f"assigned to {assignment.url}, not this worker")
-        if self._endpoint is not None and assignment.endpoint != self._endpoint:
+        if assignment.endpoint != self._endpoint:
             raise AssignmentRejected(
                 RejectReason.WRONG_ENDPOINT, f"assigned for endpoint {assignment.endpoint!r}, not {self._endpoint!r}"
             )

@@ -20,6 +20,7 @@ import json
 import os
 import re
 import tempfile
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,9 @@ UNIT_NORM_TOLERANCE = 1e-3
 VERSION_HEX_CHARS = 12
 # mkstemp creates 0600 files; a shipped weights file must be readable by the serving user.
 WRITTEN_FILE_MODE = 0o644
+# a router picks among a handful of LLMs; a file naming more is broken or hostile (validation is linear in it)
+MAX_MODELS = 10_000
+MAX_ERROR_CHARS = 200  # of a parser's message quoted in a WeightsError
 SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
 
 # Far past "cheapest first" for any real price list, and small enough that lambda * cost_per_1k stays finite even
@@ -188,7 +192,14 @@ def load_weights(path: Path | str) -> RouterWeights:
         weights.validate()
     except WeightsError as exc:
         raise WeightsError(f"{source}: {exc}") from exc
+    except Exception as exc:  # a file is untrusted input: whatever it trips in a parser is a bad file, never a 500
+        raise WeightsError(f"{source}: malformed weights file ({type(exc).__name__}: {_short(exc)})") from exc
     return weights
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc)
+    return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS] + "..."
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, np.ndarray]]:
@@ -243,15 +254,21 @@ def _json_field(header: Mapping[str, str], key: str) -> Any:
         return json.loads(header[key])
     except json.JSONDecodeError as exc:
         raise WeightsError(f"metadata field {key!r} is not valid JSON ({exc})") from exc
+    except (ValueError, RecursionError) as exc:  # a number past int's digit limit, nesting past the stack
+        raise WeightsError(f"metadata field {key!r} is not usable JSON ({type(exc).__name__}: {_short(exc)})") from exc
 
 
 def _check_models(models: Any) -> None:
     if not isinstance(models, tuple) or not models:
         raise WeightsError(f"models must be a non-empty tuple of names; got {models!r}")
+    if len(models) > MAX_MODELS:
+        raise WeightsError(f"{len(models)} models; at most {MAX_MODELS}")
     for name in models:
         if not isinstance(name, str) or not name.strip():
             raise WeightsError(f"model names must be non-empty strings; got {name!r}")
-    duplicates = sorted({name for name in models if models.count(name) > 1})
+        if name != name.strip():  # clients name models in available_models: two that differ only there are a trap
+            raise WeightsError(f"model names must not start or end with whitespace; got {name!r}")
+    duplicates = sorted(name for name, count in Counter(models).items() if count > 1)
     if duplicates:
         raise WeightsError(f"duplicate model names: {', '.join(duplicates)}")
 

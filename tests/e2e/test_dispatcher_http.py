@@ -278,9 +278,11 @@ async def test_expired_assignment_is_refused(deployment: Deployment, tmp_path: P
                                       headers={"authorization": f"Bearer {deployment.api_key}"})).json()  # fmt: skip
             keyring = await fetch_keyring(dispatcher.url, http)
         now = time.time()
-        fresh = AssignmentVerifier(keyring, own_urls=["http://w:1"], clock=lambda: now)
+        fresh = AssignmentVerifier(keyring, own_urls=["http://w:1"], endpoint=ENDPOINT, clock=lambda: now)
         assert fresh.verify(answer).reqnum == answer["reqnum"]
-        later = AssignmentVerifier(keyring, own_urls=["http://w:1"], clock=lambda: now + 1 + 10, clock_skew_s=5)
+        later = AssignmentVerifier(
+            keyring, own_urls=["http://w:1"], endpoint=ENDPOINT, clock=lambda: now + 1 + 10, clock_skew_s=5
+        )
         with pytest.raises(AssignmentRejected) as rejected:
             later.verify(answer)
         assert rejected.value.reason is RejectReason.EXPIRED

@@ -172,8 +172,20 @@ def test_urls_compare_without_trailing_slash(signer: Signer) -> None:
     assert make_verifier(signer).verify(auth(signer, url=URL + "/")).reqnum == 1
 
 
-def test_any_endpoint_is_accepted_when_none_is_configured(signer: Signer) -> None:
-    assert make_verifier(signer, endpoint=None).verify(auth(signer, endpoint="other")).endpoint == "other"
+@pytest.mark.parametrize("endpoint", [None, ""])
+def test_the_endpoint_is_required(signer: Signer, endpoint: str | None) -> None:
+    # any endpoint's worker token can report this worker's URL: without its endpoint, a worker would do their work
+    with pytest.raises(ValueError, match="endpoint"):
+        make_verifier(signer, endpoint=endpoint)
+
+
+def test_another_endpoints_assignment_leaves_the_replay_window_alone(signer: Signer) -> None:
+    verifier = make_verifier(signer)
+    assert verifier.verify(auth(signer, 1_000)).reqnum == 1_000
+    # another endpoint's worker record reporting this URL has reqnums far above ours
+    far_above = 1_000 + 10 * WINDOW
+    assert rejection(verifier, auth(signer, far_above, endpoint="other")) is RejectReason.WRONG_ENDPOINT
+    assert verifier.verify(auth(signer, 1_001)).reqnum == 1_001
 
 
 def test_expired_assignments_are_rejected_beyond_the_clock_skew(signer: Signer) -> None:

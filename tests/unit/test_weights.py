@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+from service.router import weights as weights_module
 from service.router.weights import (
     FORMAT,
     FORMAT_VERSION,
@@ -127,6 +128,8 @@ def _nan_at_first(array: np.ndarray) -> np.ndarray:
         (lambda w: {"cost_per_1k": np.array([0.5, -0.1, 1], dtype=np.float32)}, "cost_per_1k must lie in"),
         (lambda w: {"models": ("a", "b", "a")}, "duplicate model names: a"),
         (lambda w: {"models": ("a", "", "c")}, "non-empty strings"),
+        (lambda w: {"models": ("a", "b ", "c")}, "must not start or end with whitespace"),
+        (lambda w: {"models": tuple(f"m{i}" for i in range(10_001))}, "10001 models; at most 10000"),
         (lambda w: {"models": ()}, "non-empty tuple"),
         (lambda w: {"models": ["a", "b", "c"]}, "non-empty tuple"),
         (lambda w: {"centroids": w.centroids * 2}, "centroids must be L2-normalised"),
@@ -196,6 +199,9 @@ def test_raw_header_helper_is_valid(tmp_path: Path) -> None:
         ({"models": '"just-a-string"'}, "models must be a JSON list"),
         ({"models": '["a", "a", "b"]'}, "duplicate model names"),
         ({"default_lambda": '"high"'}, "default_lambda must be a JSON number"),
+        # what Python's json trips on past its limits: a bad file, never an exception a reload answers 500 for
+        ({"metadata": "[" * 100_000 + "]" * 100_000}, "'metadata' is not usable JSON \\(RecursionError"),
+        ({"default_lambda": "1" + "0" * 5000}, "'default_lambda' is not usable JSON \\(ValueError"),
     ],
 )
 def test_load_rejects_bad_header(tmp_path: Path, edit: dict[str, str], message: str) -> None:
@@ -294,3 +300,16 @@ def test_shipped_default_weights_load() -> None:
     assert sum(meta["fit"]["cluster_sizes"]) == 2225
     assert "created_at" in meta
     assert meta["tool"]["name"] == "service.router.offline.fit"
+
+
+def test_load_turns_any_parser_failure_into_a_weights_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "w.safetensors"
+    _write_raw(path, _valid_header())
+
+    def trips(*args: Any) -> None:
+        raise IndexError("x" * 1000)
+
+    monkeypatch.setattr(weights_module, "_from_parts", trips)
+    with pytest.raises(WeightsError, match=r"malformed weights file \(IndexError: x{200}\.\.\.\)$") as info:
+        load_weights(path)
+    assert str(path) in str(info.value)
