@@ -26,6 +26,7 @@ come back in the same instant.
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import time
 import uuid
@@ -36,7 +37,6 @@ from types import TracebackType
 from typing import Any
 
 import httpx
-import orjson
 
 from service.dispatch.schemas import UNKNOWN_REQUEST_IDX
 from service.dispatch.signing import Assignment
@@ -120,7 +120,8 @@ class WorkerResponse:
     attempts: int
 
     def json(self) -> Any:
-        return orjson.loads(self.body)
+        # the standard parser, as httpx's Response.json(): orjson would turn integers past 64 bits into floats
+        return json.loads(self.body)
 
 
 @dataclass(slots=True)

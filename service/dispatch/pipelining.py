@@ -44,9 +44,11 @@ class ScriptPipeliner:
     async def _send(self, batch: list[Call]) -> None:
         try:
             replies = await self._execute([args for args, _ in batch])
-            if any(isinstance(reply, NoScriptError) for reply in replies):  # Redis restarted or was flushed
+            missed = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+            if missed:  # Redis restarted or was flushed, maybe mid-batch: the calls that ran must not run twice
                 await self._redis.script_load(self._source)
-                replies = await self._execute([args for args, _ in batch])
+                for i, reply in zip(missed, await self._execute([batch[i][0] for i in missed]), strict=True):
+                    replies[i] = reply
         except Exception as exc:  # the connection failed: every caller of the batch hears it
             for _, future in batch:
                 if not future.done():

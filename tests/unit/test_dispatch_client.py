@@ -147,6 +147,13 @@ def error(status: int, code: str, headers: dict[str, str] | None = None) -> http
 
 
 # -- the happy path ----------------------------------------------------------------------------------------------
+async def test_a_workers_json_answer_keeps_big_integers_exact(signer: Signer, make_client: Any) -> None:
+    big = 2**64 + 1  # orjson would hand this back as a float
+    fake = FakeDispatch(signer, [ASSIGN], [httpx.Response(200, content=b'{"id": %d}' % big)])
+    response = await make_client(fake).request(ENDPOINT, "/generate", {"prompt": "hi"}, COST)
+    assert response.json() == {"id": big}
+
+
 async def test_a_request_is_routed_and_sent_with_its_assignment(signer: Signer, make_client: Any) -> None:
     fake = FakeDispatch(signer, [ASSIGN], [ok({"answer": 42})])
     response = await make_client(fake).request(ENDPOINT, "/generate", {"prompt": "hi"}, COST)
