@@ -76,6 +76,13 @@ class TooManyWorkers(Conflict):
     code = "too_many_workers"
 
 
+class UrlTaken(Conflict):
+    """A worker reported a URL that an active worker of another endpoint reports: any endpoint's worker token could
+    otherwise point its endpoint's clients (and signed assignments) at another tenant's worker."""
+
+    code = "url_taken"
+
+
 class Unauthorized(ServiceError):
     status = 401
     code = "unauthorized"

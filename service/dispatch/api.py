@@ -107,7 +107,7 @@ class DispatcherApi:
         data = parse_json_object(await self.service.body.read_request(request))
         name, report = schemas.parse_worker_report(data, max_value=self.settings.max_report_value)
         spec = self._authenticate_worker(name, token)
-        record = await self.service.store.report(spec.name, report)
+        record = await self.service.store.report(spec.name, report, self.settings.heartbeat_timeout_s)
         self.metrics.reports.labels(endpoint=spec.name).inc()
         return ORJSONResponse(
             {

@@ -22,16 +22,19 @@ from service.dispatch.records import (
     RouteOutcome,
     WorkerRecord,
     WorkerReport,
+    WorkerState,
     reqnum_origin,
     request_idx_origin,
 )
 from service.dispatch.selection import pick_worker, status_breakdown
 from service.dispatch.store import (
+    DEFAULT_HEARTBEAT_TIMEOUT_S,
     DEFAULT_MAX_WORKERS_PER_ENDPOINT,
     LOAD_RATE_BUCKET_S,
     LoadStats,
     UnknownRequest,
     too_many_workers,
+    url_taken,
 )
 
 EXPIRY_SWEEP_LIMIT = 64  # expired requests released per route call: bounded work per request
@@ -86,6 +89,7 @@ class MemoryStore:
         # unexpired (an expired one not yet swept no longer counts), and the entries leave with the request
         self._by_key: dict[tuple[str, str], int] = {}
         self._key_of: dict[int, tuple[str, str]] = {}
+        self._url_owner: dict[str, tuple[str, str]] = {}  # url -> (endpoint, worker id) of the record reporting it
 
     async def route(
         self,
@@ -148,12 +152,27 @@ class MemoryStore:
             retry=previous is not None,
         )
 
-    async def report(self, endpoint: str, report: WorkerReport) -> WorkerRecord:
+    async def report(
+        self, endpoint: str, report: WorkerReport, heartbeat_timeout_s: float = DEFAULT_HEARTBEAT_TIMEOUT_S
+    ) -> WorkerRecord:
+        now = self._clock()
+        me = (endpoint, report.worker_id)
+        holder = self._url_holder(report.url)
+        if holder is not None and holder[0] == me:
+            holder = None
+        if holder is not None:
+            (holder_endpoint, _), holder_record = holder
+            if holder_endpoint != endpoint and holder_record.holds_url(now, heartbeat_timeout_s):
+                raise url_taken(report.url, heartbeat_timeout_s)
         workers = self._workers[endpoint]
         old = workers.get(report.worker_id)
         if old is None and len(workers) >= self._max_workers:
             raise too_many_workers(endpoint, self._max_workers)
-        now = self._clock()
+        if holder is not None:
+            holder[1].state = WorkerState.STOPPED
+        if old is not None and old.url != report.url and self._url_owner.get(old.url) == me:
+            del self._url_owner[old.url]
+        self._url_owner[report.url] = me
         record = WorkerRecord.from_report(
             report,
             last_seen=now,
@@ -184,7 +203,9 @@ class MemoryStore:
         workers = self._workers.get(endpoint, {})
         gone = [worker_id for worker_id, worker in workers.items() if worker.forgettable(now, forget_s)]
         for worker_id in gone:
-            del workers[worker_id]
+            url = workers.pop(worker_id).url
+            if self._url_owner.get(url) == (endpoint, worker_id):
+                del self._url_owner[url]
         return len(gone)
 
     async def workers(self, endpoint: str) -> list[WorkerRecord]:
@@ -218,6 +239,14 @@ class MemoryStore:
         return None
 
     # -- internals ------------------------------------------------------------------------------------------
+    def _url_holder(self, url: str) -> tuple[tuple[str, str], WorkerRecord] | None:
+        """The (endpoint, worker id) whose record reports ``url``, and that record."""
+        owner = self._url_owner.get(url)
+        if owner is None:
+            return None
+        record = self._workers.get(owner[0], {}).get(owner[1])
+        return (owner, record) if record is not None and record.url == url else None
+
     def _unassign(self, endpoint: str, worker_id: str, cost: float) -> None:
         """A request of ``cost`` leaves the worker it was assigned to (if the worker is still known)."""
         worker = self._workers[endpoint].get(worker_id)

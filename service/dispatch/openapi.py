@@ -213,7 +213,12 @@ def dispatcher_openapi(*, max_cost: float, max_report_value: float) -> dict[str,
                 _worker_report(max_report_value),
                 _OBJECT,
                 auth="workerToken",
-                extra={"409": error("too_many_workers: a new id on an endpoint at --max-workers-per-endpoint")},
+                extra={
+                    "409": error(
+                        "too_many_workers: a new id on an endpoint at --max-workers-per-endpoint; url_taken: the url"
+                        " is reported by an active worker of another endpoint"
+                    )
+                },
             ),
             "/delete_requests/": _post(
                 "A worker reports requests done; their load is released",

@@ -93,6 +93,10 @@ class WorkerRecord:
     def active(self, now: float, heartbeat_timeout_s: float) -> bool:
         return now - self.last_seen <= heartbeat_timeout_s
 
+    def holds_url(self, now: float, heartbeat_timeout_s: float) -> bool:
+        """Whether its URL is still its own against another endpoint's worker reporting it."""
+        return self.state is not WorkerState.STOPPED and self.active(now, heartbeat_timeout_s)
+
     def forgettable(self, now: float, forget_s: float) -> bool:
         """Silent for longer than ``forget_s`` with nothing outstanding: its record can go (a later report makes a
         new one, whose reqnums start at the clock again)."""

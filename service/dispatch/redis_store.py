@@ -14,11 +14,13 @@ Key layout (``P`` is the ``prefix``, ``dispatch:`` by default; ``E`` an endpoint
     P rate:E:<second>       string  cost routed as new requests to E in that second; EXPIRE LOAD_HISTORY_S
     P waiting:E             hash    request_idx -> when last answered "no ready worker" (demand); load_stats drops
                                     the entries whose request has left or found a worker since
+    P urls                  hash    url -> "E/W", the record reporting it (MemoryStore._url_owner); removed with
+                                    the record, or replaced when a report takes the url over
     P idem:E/K              string  the request_idx a new request with Idempotency-Key K got; read only while that
                                     request is held (req:<idx> names E); PX the request ttl
 
-A worker's hash and its set member are removed together (``forget_workers``) once it has been silent for
-``forget_s`` holding no request.
+A worker's hash, its set member and its url binding are removed together (``forget_workers``) once it has been
+silent for ``forget_s`` holding no request.
 
 Endpoint names cannot contain ``/`` (``endpoints.ENDPOINT_NAME``), which keeps ``E/W`` and ``E/K`` unambiguous; a
 worker id or key may contain anything. The scripts reach keys they discover (an expired request of any endpoint,
@@ -62,12 +64,14 @@ from service.dispatch.records import (
     WorkerState,
 )
 from service.dispatch.store import (
+    DEFAULT_HEARTBEAT_TIMEOUT_S,
     DEFAULT_MAX_WORKERS_PER_ENDPOINT,
     LOAD_RATE_BUCKET_S,
     LoadStats,
     StoreUnavailable,
     UnknownRequest,
     too_many_workers,
+    url_taken,
 )
 
 DEFAULT_PREFIX = "dispatch:"
@@ -221,7 +225,9 @@ class RedisStore:
             status[category] = int(count)
         return NoReadyWorker(request_idx=idx, status=status)
 
-    async def report(self, endpoint: str, report: WorkerReport) -> WorkerRecord:
+    async def report(
+        self, endpoint: str, report: WorkerReport, heartbeat_timeout_s: float = DEFAULT_HEARTBEAT_TIMEOUT_S
+    ) -> WorkerRecord:
         args = (
             *self._common,
             _check_endpoint(endpoint),
@@ -233,10 +239,13 @@ class RedisStore:
             str(int(report.in_flight)),
             str(self._reqnums_per_s),
             str(self._max_workers),
+            _num(heartbeat_timeout_s),
         )
         with self._unavailable("report"):
             reply = await self._report(args=args)
-        if len(reply) == 1:  # the endpoint is full and this id is new
+        if len(reply) == 1:  # 0: the endpoint is full and this id is new; -1: another endpoint's worker has the url
+            if int(reply[0]) == -1:
+                raise url_taken(report.url, heartbeat_timeout_s)
             raise too_many_workers(endpoint, self._max_workers)
         last_seen, load, reqnum, open_requests = reply
         return WorkerRecord.from_report(

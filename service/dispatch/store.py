@@ -21,11 +21,12 @@ from typing import Protocol
 
 from service.config import DispatcherSettings
 from service.dispatch.records import PickPolicy, Released, RouteOutcome, WorkerRecord, WorkerReport
-from service.errors import StoreUnavailable, TooManyWorkers
+from service.errors import StoreUnavailable, TooManyWorkers, UrlTaken
 
 # A store that cannot be reached raises the service's own 503 error, and one whose endpoint is full of workers the
 # 409, both passed through unchanged by the handlers.
 __all__ = [
+    "DEFAULT_HEARTBEAT_TIMEOUT_S",
     "DEFAULT_MAX_WORKERS_PER_ENDPOINT",
     "LOAD_RATE_BUCKET_S",
     "DispatchStore",
@@ -33,10 +34,12 @@ __all__ = [
     "StoreUnavailable",
     "UnknownRequest",
     "too_many_workers",
+    "url_taken",
 ]
 
 LOAD_RATE_BUCKET_S = 1  # granularity of the recent-load counters autoscaling reads
 DEFAULT_MAX_WORKERS_PER_ENDPOINT: int = DispatcherSettings.max_workers_per_endpoint
+DEFAULT_HEARTBEAT_TIMEOUT_S: float = DispatcherSettings.heartbeat_timeout_s
 
 
 def too_many_workers(endpoint: str, limit: int) -> TooManyWorkers:
@@ -44,6 +47,15 @@ def too_many_workers(endpoint: str, limit: int) -> TooManyWorkers:
     return TooManyWorkers(
         f"endpoint {endpoint!r} already has {limit} workers registered (--max-workers-per-endpoint); a worker that "
         "stops reporting is forgotten after --worker-forget-s"
+    )
+
+
+def url_taken(url: str, heartbeat_timeout_s: float) -> UrlTaken:
+    """What ``report`` raises for a URL an active worker of another endpoint reports (the endpoint is not named: it
+    is another tenant's)."""
+    return UrlTaken(
+        f"url {url!r} is reported by an active worker of another endpoint; it can take the url once that worker "
+        f"reports state 'stopped' or stays silent for {heartbeat_timeout_s:g} s (--heartbeat-timeout-s)"
     )
 
 
@@ -78,9 +90,16 @@ class DispatchStore(Protocol):
         lost): that request, on the worker it has while that one can take work."""
         ...
 
-    async def report(self, endpoint: str, report: WorkerReport) -> WorkerRecord:
+    async def report(
+        self, endpoint: str, report: WorkerReport, heartbeat_timeout_s: float = DEFAULT_HEARTBEAT_TIMEOUT_S
+    ) -> WorkerRecord:
         """Record a worker's heartbeat (its load ledger and reqnum kept); ``TooManyWorkers`` for a new id on an
-        endpoint at the store's cap."""
+        endpoint at the store's cap.
+
+        A URL is one worker's. Another record of the same endpoint reporting it (a worker restarted under a new id)
+        is set to ``stopped``: its reqnums, below the new record's, would be refused by the new process. One of
+        another endpoint is replaced the same way once it is stopped or silent for ``heartbeat_timeout_s``; while it
+        is active the report is refused (``UrlTaken``)."""
         ...
 
     async def release(self, endpoint: str, request_idxs: Sequence[int], worker_id: str | None = None) -> Released:

@@ -34,7 +34,7 @@ from service.dispatch.records import (
 )
 from service.dispatch.redis_store import RedisStore
 from service.dispatch.store import DispatchStore, LoadStats, StoreUnavailable, UnknownRequest
-from service.errors import TooManyWorkers
+from service.errors import TooManyWorkers, UrlTaken
 from tests.redis_server import RedisServer, free_port
 
 EP = "ep-a"
@@ -84,9 +84,11 @@ async def report(
     state: WorkerState = WorkerState.READY,
     endpoint: str = EP,
     url: str | None = None,
+    heartbeat_timeout_s: float = 60.0,
 ) -> WorkerRecord:
-    report = WorkerReport(worker_id=worker_id, url=url or f"http://{worker_id}:8000", state=state, max_perf=max_perf)
-    return await store.report(endpoint, report)
+    url = url or f"http://{worker_id}.{endpoint}:8000"  # a URL is one worker's
+    report = WorkerReport(worker_id=worker_id, url=url, state=state, max_perf=max_perf)
+    return await store.report(endpoint, report, heartbeat_timeout_s)
 
 
 async def assign(
@@ -639,6 +641,86 @@ async def test_silent_idle_workers_are_forgotten(store: DispatchStore) -> None:
     assert [w.worker_id for w in await store.workers(EP)] == ["fresh", "silent"]
 
 
+# -- one url, one worker -----------------------------------------------------------------------------------------
+URL = "http://10.0.0.5:8000"
+
+
+async def states(store: DispatchStore, endpoint: str = EP) -> dict[str, WorkerState]:
+    return {w.worker_id: w.state for w in await store.workers(endpoint)}
+
+
+async def test_a_url_reported_under_a_new_id_retires_the_old_record(store: DispatchStore) -> None:
+    """A worker restarted under a new id: the old record's reqnums are below the new one's, which the new process
+    would refuse, so the old record stops taking work (it keeps its ledger until its requests leave)."""
+    await report(store, "old", url=URL)
+    held = await assign(store, 5.0)
+    await report(store, "new", url=URL)
+    assert await states(store) == {"new": WorkerState.READY, "old": WorkerState.STOPPED}
+    assert (await assign(store, 1.0)).worker_id == "new"
+    assert (await assign(store, 1.0, held.request_idx)).worker_id == "new"  # a retry moves its load too
+    assert await loads(store) == {"new": 2.0, "old": 0.0}
+
+
+async def test_another_endpoints_active_worker_keeps_its_url(store: DispatchStore) -> None:
+    """Any endpoint's worker token can report any URL: while that URL's worker is active, another endpoint cannot
+    point its clients (and signed assignments) at it."""
+    await report(store, "a", url=URL, state=WorkerState.LOADING)
+    with pytest.raises(UrlTaken, match="another endpoint") as refused:
+        await report(store, "intruder", url=URL, endpoint=OTHER_EP)
+    assert EP not in str(refused.value)  # another tenant's endpoint is not named
+    assert await states(store) == {"a": WorkerState.LOADING}
+    assert await store.workers(OTHER_EP) == []
+
+
+@pytest.mark.parametrize("gone", ["stopped", "silent"])
+async def test_another_endpoint_takes_a_url_whose_worker_stopped_or_went_silent(
+    store: DispatchStore, gone: str
+) -> None:
+    """A worker moved to another endpoint's pool keeps its URL."""
+    await report(store, "a", url=URL, state=WorkerState.STOPPED if gone == "stopped" else WorkerState.READY)
+    await asyncio.sleep(0.2)
+    await report(store, "b", url=URL, endpoint=OTHER_EP, heartbeat_timeout_s=0.1)
+    assert await states(store, OTHER_EP) == {"b": WorkerState.READY}
+    assert await states(store) == {"a": WorkerState.STOPPED}
+    # and b's url is b's now: a, reporting it again while b is active, is refused
+    with pytest.raises(UrlTaken):
+        await report(store, "a", url=URL)
+
+
+async def test_a_worker_that_moves_frees_its_old_url(store: DispatchStore) -> None:
+    await report(store, "a", url=URL)
+    await report(store, "a", url="http://10.0.0.6:8000")
+    await report(store, "b", url=URL, endpoint=OTHER_EP)
+    assert await states(store) == {"a": WorkerState.READY}
+    assert await states(store, OTHER_EP) == {"b": WorkerState.READY}
+
+
+async def test_a_forgotten_worker_frees_its_url(store: DispatchStore) -> None:
+    await report(store, "a", url=URL)
+    await asyncio.sleep(0.05)
+    assert await store.forget_workers(EP, 0.02) == 1
+    await report(store, "b", url=URL, endpoint=OTHER_EP)
+    assert await states(store, OTHER_EP) == {"b": WorkerState.READY}
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+async def test_a_refused_report_changes_nothing(kind: str, request: pytest.FixtureRequest) -> None:
+    """Refusals come before any change: a full endpoint's new id does not retire the URL's old record."""
+    if kind == "memory":
+        store: DispatchStore = MemoryStore(reqnums_per_s=0, max_workers_per_endpoint=1)
+    else:
+        url, prefix = request.getfixturevalue("redis_url"), request.getfixturevalue("redis_prefix")
+        store = RedisStore(url, prefix=prefix, reqnums_per_s=0, max_workers_per_endpoint=1)
+    try:
+        await report(store, "a", url=URL)
+        with pytest.raises(TooManyWorkers):
+            await report(store, "b", url=URL)
+        assert await states(store) == {"a": WorkerState.READY}
+        assert (await assign(store, 1.0)).worker_id == "a"
+    finally:
+        await store.close()
+
+
 async def test_now_and_ping(store: DispatchStore) -> None:
     await store.ping()
     assert abs(await store.now() - time.time()) < 5.0  # Redis runs on this machine, on its clock
@@ -794,10 +876,15 @@ async def test_redis_mirrors_memory_step_by_step(redis_url: str, redis_prefix: s
             action = rng.random()
             endpoint = EP if rng.random() < 0.8 else OTHER_EP
             if action < 0.2:
-                report_ = WorkerReport(rng.choice(ids), f"http://{rng.randrange(99)}", rng.choice(states),
+                report_ = WorkerReport(rng.choice(ids), f"http://{rng.randrange(12)}", rng.choice(states),
                                        max_perf=rng.choice([0.0, 0.5, 1.0, 3.7, 1e-3]))  # fmt: skip
-                results: list[object] = [await store.report(endpoint, report_) for store in stores]
-                results = [(r.load, r.reqnum) for r in results if isinstance(r, WorkerRecord)]
+                results: list[object] = []
+                for store in stores:
+                    try:
+                        record = await store.report(endpoint, report_)
+                        results.append((record.load, record.reqnum))
+                    except UrlTaken:
+                        results.append("url_taken")
             elif action < 0.85:
                 cost = rng.choice([0.1, 0.2, 0.3, 1.0, 2.5, 7.0, 1e-10, 1e8, 0.0])
                 idx = rng.choice(issued) if issued and rng.random() < 0.3 else None
@@ -827,7 +914,7 @@ async def test_redis_mirrors_memory_step_by_step(redis_url: str, redis_prefix: s
                 ledgers = [[(w.worker_id, w.state, w.max_perf, w.load, w.reqnum, w.open_requests)
                             for w in await s.workers(name)] for s in stores]  # fmt: skip
                 assert ledgers[0] == ledgers[1]
-        assert seen >= {"Assigned", "NoReadyWorker", "unknown", "released", "not_held", "retried by key"}
+        assert seen >= {"Assigned", "NoReadyWorker", "unknown", "released", "not_held", "retried by key", "url_taken"}
     finally:
         await redis_store.close()
 

@@ -1,14 +1,36 @@
--- ARGV[3..]: endpoint, worker_id, url, state, max_perf, cur_load, in_flight, reqnums_per_s, max_workers.
--- Returns {last_seen, load, reqnum, open_requests}, or {0} when the id is new and the endpoint holds max_workers.
-local endpoint, id = ARGV[3], ARGV[4]
+-- ARGV[3..]: endpoint, worker_id, url, state, max_perf, cur_load, in_flight, reqnums_per_s, max_workers,
+-- heartbeat_timeout_s. Returns {last_seen, load, reqnum, open_requests}, {0} when the id is new and the endpoint
+-- holds max_workers, or {-1} when an active worker of another endpoint reports the url (MemoryStore.report).
+local endpoint, id, url = ARGV[3], ARGV[4], ARGV[5]
+local me = endpoint .. '/' .. id
+local urls = prefix .. 'urls'
+local t = clock()
+-- the record that reports url, when it is another one (endpoint names hold no '/': the first one splits)
+local holder = nil
+local owner = redis.call('HGET', urls, url)
+if owner and owner ~= me then
+  local cut = string.find(owner, '/', 1, true)
+  local holder_key = worker_key(string.sub(owner, 1, cut - 1), string.sub(owner, cut + 1))
+  local r = redis.call('HMGET', holder_key, 'url', 'state', 'last_seen')
+  if r[1] == url then
+    -- WorkerRecord.holds_url
+    if string.sub(owner, 1, cut - 1) ~= endpoint and r[2] ~= 'stopped' and t - tonumber(r[3]) <= tonumber(ARGV[12]) then
+      return {-1}
+    end
+    holder = holder_key
+  end
+end
 local members = prefix .. 'workers:' .. endpoint
 if redis.call('SISMEMBER', members, id) == 0 and redis.call('SCARD', members) >= tonumber(ARGV[11]) then
   return {0}
 end
-local t = clock()
+if holder then redis.call('HSET', holder, 'state', 'stopped') end
 local now = fmt(t)
 local key = worker_key(endpoint, id)
-redis.call('HSET', key, 'url', ARGV[5], 'state', ARGV[6], 'max_perf', ARGV[7], 'cur_load', ARGV[8],
+local old_url = redis.call('HGET', key, 'url')
+if old_url and old_url ~= url and redis.call('HGET', urls, old_url) == me then redis.call('HDEL', urls, old_url) end
+redis.call('HSET', urls, url, me)
+redis.call('HSET', key, 'url', url, 'state', ARGV[6], 'max_perf', ARGV[7], 'cur_load', ARGV[8],
            'in_flight', ARGV[9], 'last_seen', now)
 -- the ledger is the dispatcher's own: a report never resets it
 redis.call('HSETNX', key, 'load', '0')
