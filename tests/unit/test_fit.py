@@ -154,6 +154,16 @@ def test_relative_costs_blend_three_to_one() -> None:
         costs.relative_costs(np.zeros(2))
 
 
+def test_observed_costs_compare_models_on_the_same_prompts() -> None:
+    nan = np.nan
+    # "cheap" always costs a fifth of "dear" on the same prompt, but its cost was recorded on the short prompts only
+    cost_usd = np.array([[0.2, 1.0], [nan, 10.0], [0.4, 2.0], [nan, 20.0]])
+    relative = costs.relative_costs(costs.absolute_costs(["cheap", "dear"], cost_usd, None))
+    np.testing.assert_allclose(relative, [0.2, 1.0], rtol=1e-6)  # own-row means made it 0.036
+    with pytest.raises(ValueError, match="none of the labelled rows has a cost for every model"):
+        costs.require_observed_costs(["cheap", "dear"], np.array([[0.2, nan], [nan, 1.0]]))
+
+
 def _toy_labelled(n: int, models: Sequence[str] = ("a", "b"), seed: int = 0) -> LabelledSet:
     rng = np.random.default_rng(seed)
     correct = (rng.uniform(size=(n, len(models))) < 0.7).astype(np.float32)

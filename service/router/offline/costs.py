@@ -45,12 +45,16 @@ def relative_costs(blended: np.ndarray) -> np.ndarray:
 
 
 def observed_cost_per_call(cost_usd: np.ndarray) -> np.ndarray:
-    """``[M]`` mean observed USD per call (NaN cells left out); a model with no observed cost is an error."""
+    """``[M]`` mean observed USD per call over the rows that have every model's cost: models compared on the same
+    prompts (a model whose cost was recorded only on short prompts would otherwise look cheap)."""
     observed = ~np.isnan(cost_usd)
     calls = observed.sum(axis=0)
     if (calls == 0).any():
         raise ValueError(f"models at columns {np.flatnonzero(calls == 0).tolist()} have no observed cost")
-    return np.where(observed, cost_usd, 0.0).sum(axis=0) / calls
+    shared = observed.all(axis=1)
+    if not shared.any():
+        raise ValueError("no row has an observed cost for every model")
+    return cost_usd[shared].mean(axis=0)
 
 
 def absolute_costs(
@@ -67,11 +71,17 @@ def absolute_costs(
 def require_observed_costs(models: Sequence[str], cost_usd: np.ndarray, where: str = "the labelled rows") -> None:
     """Costs from the rows (``--costs rows``) need at least one observed cost per model; a ValueError names the
     models without one."""
-    missing = [m for m, seen in zip(models, (~np.isnan(cost_usd)).any(axis=0), strict=True) if not seen]
+    observed = ~np.isnan(cost_usd)
+    missing = [m for m, seen in zip(models, observed.any(axis=0), strict=True) if not seen]
     if missing:
         raise ValueError(
             f"--costs rows needs a per-row cost of every model, but {where} have none for "
             f"{', '.join(map(repr, missing))} (no '<model>|total_cost' column, or every cell empty)"
+        )
+    if not observed.all(axis=1).any():
+        raise ValueError(
+            f"--costs rows compares the models' costs on the same prompts, but none of {where} has a cost for "
+            "every model"
         )
 
 
