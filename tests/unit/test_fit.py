@@ -307,7 +307,10 @@ def test_loader_rejects_mismatched_models(tmp_path: Path) -> None:
         load_labelled([first, other])
 
 
-@pytest.mark.parametrize(("value", "message"), [("yes", "is not a number"), ("2.0", r"outside \[0, 1\]")])
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [("yes", "is not a number"), ("2.0", r"outside \[0, 1\]"), ("nan", r"is NaN: leave the cell empty \(or null\)")],
+)
 def test_loader_rejects_bad_outcomes(tmp_path: Path, value: str, message: str) -> None:
     path = _write_csv(tmp_path / "bad.csv", [_row("a", [value, "0"])])
     with pytest.raises(DataError, match=message) as info:
@@ -464,6 +467,21 @@ def test_fit_main_names_a_model_without_any_outcome(tmp_path: Path, capsys: pyte
     args = parser.parse_args(["--data", str(data), "--out", str(tmp_path / "w.safetensors"), "--costs", "rows"])
     assert fit.fit_main(args) == 1  # before embedding: no embed_prompts stub is needed
     assert "train.csv: no outcome for model(s) 'model-a' in any of the 10 rows" in capsys.readouterr().err
+
+
+def test_fit_main_names_an_unpriced_model_before_embedding(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    data = _write_csv(tmp_path / "train.csv", [_row(f"question {i}", ["1", "0"]) for i in range(10)])
+    prices = tmp_path / "prices.json"
+    prices.write_text(json.dumps({"model-b": {"input": 0.001, "output": 0.002}}), encoding="utf-8")
+    monkeypatch.setattr(fit, "embed_prompts", None)  # it said so only after the minutes of embedding
+    parser = argparse.ArgumentParser()
+    add_fit_arguments(parser)
+    out = str(tmp_path / "w.safetensors")
+    args = parser.parse_args(["--data", str(data), "--prices", str(prices), "--clusters", "2", "--out", out])
+    assert fit.fit_main(args) == 1
+    assert "no price for model(s): model-a" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

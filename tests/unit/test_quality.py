@@ -107,6 +107,22 @@ def test_cross_validate_names_a_fold_it_cannot_score() -> None:
     assert fold_rows.any()
 
 
+def test_eval_main_names_the_weights_models_the_data_lacks_before_embedding(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "test.jsonl"
+    rows = [{"prompt": f"b{i}", "gpt-4-1106-preview": i % 2, "gpt-4-1106-preview|total_cost": 0.01} for i in range(4)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    monkeypatch.setattr(fit, "embed_prompts", None)  # it said so only after the minutes of embedding
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser)
+    assert eval_main(parser.parse_args(["--data", str(path), "--out", str(tmp_path / "q"), "--no-progress"])) == 1
+    err = capsys.readouterr().err
+    assert "test.jsonl: no outcome column for model(s) " in err
+    assert "'claude-instant-v1'" in err  # one of the shipped weights' models
+    assert "'gpt-4-1106-preview'" not in err
+
+
 def test_eval_main_names_a_model_without_any_outcome(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -40,7 +40,7 @@ class Outcomes:
         if self.correct.shape != n_m or self.cost.shape != n_m:
             raise ValueError(f"correct and cost must be [N, M] = {n_m}; got {self.correct.shape}, {self.cost.shape}")
         if self.correct.shape[0] == 0:
-            raise ValueError("no prompts to evaluate on")
+            raise ValueError("no prompts to evaluate on (one is scored where every model has an outcome and a cost)")
         if not (np.isfinite(self.correct).all() and np.isfinite(self.cost).all()):
             raise ValueError("outcomes and costs must be observed (finite) for every prompt and model")
 

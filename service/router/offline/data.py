@@ -203,8 +203,13 @@ def load_labelled(
 
 
 def require_outcomes(labelled: LabelledSet, models: Sequence[str] | None = None) -> None:
-    """Raise :class:`DataError` naming each of ``models`` (default: all) that has no outcome in any row."""
+    """Raise :class:`DataError` naming each of ``models`` (default: all) that has no outcome in any row (checked
+    before the minutes of embedding)."""
     wanted = labelled.models if models is None else tuple(models)
+    absent = [m for m in wanted if m not in labelled.models]
+    if absent:
+        files = ", ".join(source.name for source in labelled.sources)
+        raise DataError(f"{files}: no outcome column for model(s) {', '.join(map(repr, absent))}")
     observed = (~np.isnan(labelled.correct)).sum(axis=0)
     empty = [m for m in wanted if m in labelled.models and observed[labelled.models.index(m)] == 0]
     if empty:
@@ -319,6 +324,8 @@ def _parse_outcome(value: str, path: Path, line: int, model: str) -> float:
         outcome = float(value)
     except ValueError:
         raise DataError(f"{path}:{line}: {model!r} outcome {value!r} is not a number") from None
+    if math.isnan(outcome):  # Python's json.dumps writes a missing float so
+        raise DataError(f"{path}:{line}: {model!r} outcome is NaN: leave the cell empty (or null) for no outcome")
     if not 0.0 <= outcome <= 1.0:
         raise DataError(f"{path}:{line}: {model!r} outcome {outcome} outside [0, 1]")
     return outcome

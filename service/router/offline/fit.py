@@ -34,6 +34,7 @@ from service.router.offline.costs import (
     INPUT_PRICE_WEIGHT,
     OUTPUT_PRICE_WEIGHT,
     absolute_costs,
+    blended_prices,
     relative_costs,
     require_observed_costs,
     routing_costs,
@@ -362,6 +363,8 @@ def fit_main(args: argparse.Namespace) -> int:
             raise DataError(f"--default-lambda must be from 0 to {MAX_COST_WEIGHT:g}; got {args.default_lambda}")
         if args.costs == "rows":
             require_observed_costs(labelled.models, labelled.cost_usd)
+        elif prices is not None:
+            blended_prices(labelled.models, prices)  # every model priced, before the minutes of embedding
         embeddings, embedder_id, embedder_sha256 = embed_prompts(
             labelled.texts, cache=args.embedding_cache, progress=not args.no_progress
         )
