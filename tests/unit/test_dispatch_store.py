@@ -91,6 +91,14 @@ async def report(
     return await store.report(endpoint, report, heartbeat_timeout_s)
 
 
+def capped_store(kind: str, request: pytest.FixtureRequest, max_workers: int) -> DispatchStore:
+    """A store of ``kind`` holding at most ``max_workers`` workers per endpoint (close it when done)."""
+    if kind == "memory":
+        return MemoryStore(reqnums_per_s=0, max_workers_per_endpoint=max_workers)
+    url, prefix = request.getfixturevalue("redis_url"), request.getfixturevalue("redis_prefix")
+    return RedisStore(url, prefix=prefix, reqnums_per_s=0, max_workers_per_endpoint=max_workers)
+
+
 async def assign(
     store: DispatchStore, cost: float, idx: int | None = None, policy: PickPolicy = POLICY, endpoint: str = EP
 ) -> Assigned:
@@ -597,11 +605,7 @@ async def test_counters_start_at_the_clock_so_a_lost_counter_never_reissues_one(
 async def test_an_endpoint_holds_at_most_its_cap_of_workers(kind: str, request: pytest.FixtureRequest) -> None:
     """Every route scans the endpoint's workers, so a worker token minting ids without end slowed every endpoint
     (47k made-up ids took routes from 2 to 30 ms, and with Redis timed other endpoints out)."""
-    if kind == "memory":
-        store: DispatchStore = MemoryStore(reqnums_per_s=0, max_workers_per_endpoint=2)
-    else:
-        url, prefix = request.getfixturevalue("redis_url"), request.getfixturevalue("redis_prefix")
-        store = RedisStore(url, prefix=prefix, reqnums_per_s=0, max_workers_per_endpoint=2)
+    store = capped_store(kind, request, 2)
     try:
         await report(store, "a")
         await report(store, "b")
@@ -706,11 +710,7 @@ async def test_a_forgotten_worker_frees_its_url(store: DispatchStore) -> None:
 @pytest.mark.parametrize("kind", ["memory", "redis"])
 async def test_a_refused_report_changes_nothing(kind: str, request: pytest.FixtureRequest) -> None:
     """Refusals come before any change: a full endpoint's new id does not retire the URL's old record."""
-    if kind == "memory":
-        store: DispatchStore = MemoryStore(reqnums_per_s=0, max_workers_per_endpoint=1)
-    else:
-        url, prefix = request.getfixturevalue("redis_url"), request.getfixturevalue("redis_prefix")
-        store = RedisStore(url, prefix=prefix, reqnums_per_s=0, max_workers_per_endpoint=1)
+    store = capped_store(kind, request, 1)
     try:
         await report(store, "a", url=URL)
         with pytest.raises(TooManyWorkers):
