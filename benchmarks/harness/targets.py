@@ -18,7 +18,7 @@ HALF_LOAD_P99_MAX_MS = 50.0
 LATENCY_TARGET_MAX_FAILED = 0
 
 CLIENT_CPU_WARN_CORES = 0.8  # per client process: near one core, the client may be the bottleneck
-SEND_LAG_WARN_MS = 5.0  # open loop: the client sent this late at p99, so it could not keep its own schedule
+SEND_LAG_WARN_MS = 5.0  # open loop: the client started requests this late at p99: it could not keep its schedule
 POOL_WAIT_WARN_MS = 1.0  # open loop: p99 wait for one of the client's connections (all busy)
 LATE_START_WARN_S = 0.05  # the client began this long after the harness's --start-at (its CPU window is shifted)
 # Open loop: answers that arrived inside the window this far below the arrivals scheduled in it mean the server
@@ -125,18 +125,17 @@ def warnings_for(results: dict[str, dict[str, Any]], offline: dict[str, Any] | N
             per_process = point["client_cpu_cores"] / max(1, point["processes"])
             if per_process > CLIENT_CPU_WARN_CORES:
                 out.append(f"{where}: the client used {per_process:.2f} cores per process; add --client-processes")
-            wait = point.get("pool_wait_ms", {}).get("p99")
-            pool_full = point["mode"] == "open" and wait is not None and wait > POOL_WAIT_WARN_MS
-            if shortfall and pool_full:  # every connection held by a server falling behind: not the client's doing
-                continue
             lag = point.get("send_lag_ms", {}).get("p99")
             if point["mode"] == "open" and lag is not None and lag > SEND_LAG_WARN_MS:
-                out.append(f"{where}: the client sent p99 {lag:.1f} ms behind schedule (client-bound)")
-            if pool_full:
-                out.append(
-                    f"{where}: requests waited p99 {wait:.1f} ms for a free client connection (all "
-                    f"{point['connections']} busy): that queueing is the client's, not the server's"
-                )
+                out.append(f"{where}: the client started requests p99 {lag:.1f} ms behind schedule (client-bound)")
+            wait = point.get("pool_wait_ms", {}).get("p99")
+            if shortfall or point["mode"] != "open" or wait is None or wait <= POOL_WAIT_WARN_MS:
+                continue  # a server falling behind holds every connection: the shortfall says it already
+            out.append(
+                f"{where}: requests waited p99 {wait:.1f} ms for a free client connection (all "
+                f"{point['connections']} held by requests in flight; counted in their latency): more --connections "
+                "change that only if the server serves more requests at once"
+            )
     if offline and (skewed := foreign_cpu_warning("offline encode", offline.get("cpu"))):
         out.append(skewed)
     return out

@@ -171,9 +171,11 @@ async def _open(
         done = now()
         window.arrived(rec, answer.status, done)
         if recorded:
-            # The lag runs to when the request got a connection, so a full client pool shows as the client's.
-            rec.sent(answer.sent_at - scheduled, answer.sent_at - called)
-            rec.answer(answer.status, answer.nbytes, done - scheduled)
+            # Latency counts from the earlier of the schedule and the start: from the schedule for a late start (the
+            # wait a real client would have had), from the start for an early one (the loop's timers may fire up to
+            # a millisecond before they are due, uvloop's resolution, and the schedule would under-report those).
+            rec.sent(called - scheduled, answer.sent_at - called)
+            rec.answer(answer.status, answer.nbytes, done - min(scheduled, called))
 
     tasks: dict[asyncio.Task[None], bool] = {}
     scheduled_in_window = 0

@@ -39,8 +39,8 @@ class Recorder:
         (self.ok_latencies_s if is_ok(status) else self.failed_latencies_s).append(latency_s)
 
     def sent(self, lag_s: float, pool_wait_s: float) -> None:
-        """Open loop: how late the request went out against its schedule, and how much of that was the wait for
-        a free connection."""
+        """Open loop: how late the generator started the request against its schedule (its own lag; early
+        starts count as 0), and how long the request then waited for a free connection."""
         self.send_lag_s.append(lag_s)
         self.pool_wait_s.append(pool_wait_s)
 
