@@ -46,6 +46,15 @@ def _run() -> dict[str, Any]:
                                             "torch_threads": 2, "seconds": 10.0, "cpu": None}}  # fmt: skip
 
 
+def test_the_unique_prompt_target_is_na_when_its_best_point_repeated_prompts() -> None:
+    run = _run()
+    run["results"]["router/unique"]["points"][1]["body_wraps"] = 2  # the c=64 point, the best: cache hits
+    checks = {c["check"]: c for c in compute_targets(run["results"], run["offline"])}
+    unique = checks["router unique prompts vs ST offline encode"]
+    assert (unique["value"], unique["pass"]) == (None, None)
+    assert "repeated its prompts (2 wraps)" in unique["detail"]
+
+
 def test_targets_pass_and_fail_honestly() -> None:
     run = _run()
     checks = {c["check"]: c for c in compute_targets(run["results"], run["offline"])}
