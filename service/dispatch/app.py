@@ -49,6 +49,9 @@ logger = logging.getLogger(__name__)
 # Silent workers are swept every tenth of --worker-forget-s (at most once per refresh): one store call per endpoint,
 # and a worker is forgotten at most 10% later than due.
 FORGET_SWEEP_FRACTION = 0.1
+# How long /health waits for the store's PING. A Redis call may take --redis-timeout-s twice (a pool connection,
+# then the reply): load balancers' probes (2 s in deploy/) must get an answer before theirs runs out.
+HEALTH_STORE_TIMEOUT_S = 0.5
 
 # A key replaced on SIGHUP stays published this long past the replaced key's last assignment's expiry: the clock skew
 # a worker's verifier allows.
@@ -153,7 +156,12 @@ class DispatcherService(ServiceBase):
             "key_id": self.signer.key_id,
         }
         try:
-            await self.store.ping()
+            try:
+                await asyncio.wait_for(self.store.ping(), HEALTH_STORE_TIMEOUT_S)
+            except TimeoutError:
+                raise StoreUnavailable(
+                    f"the state store did not answer PING within {HEALTH_STORE_TIMEOUT_S:g} s"
+                ) from None
         except StoreUnavailable as exc:
             # Still ready: the store is shared by every replica, so failing readiness would take them all out of
             # the balancer at once, and clients would get connection errors instead of this dispatcher's 503

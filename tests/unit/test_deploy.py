@@ -29,6 +29,7 @@ from starlette.testclient import TestClient
 
 from service.cli import build_parser
 from service.config import BaseSettings, DispatcherSettings, RouterSettings
+from service.dispatch.app import HEALTH_STORE_TIMEOUT_S
 from service.dispatch.endpoints import load_config
 from service.dispatch.signing import KeyFileError, read_key_file, read_public_key_file, write_key_file
 from service.http.server import CONNECTION_CLOSE_GRACE_S
@@ -286,6 +287,18 @@ def test_pods_run_as_non_root_with_resources(docs: list[dict[str, Any]]) -> None
             assert "memory" in container["resources"]["limits"]
 
 
+def test_services_on_a_read_only_root_have_a_writable_tmp(docs: list[dict[str, Any]]) -> None:
+    """Several worker processes share their metrics through files in a temporary folder (service.http.server): with
+    no writable /tmp, LLMROUTER_WORKERS > 1 failed at start."""
+    for image, container, template in service_containers(docs):
+        if not container["securityContext"].get("readOnlyRootFilesystem"):
+            continue
+        mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+        assert "/tmp" in mounts, image
+        volumes = {v["name"]: v for v in template["spec"]["volumes"]}
+        assert "emptyDir" in volumes[mounts["/tmp"]], image
+
+
 def http_probe(container: dict[str, Any], kind: str) -> str:
     probe = container[kind]["httpGet"]
     assert probe["port"] in {p["name"] for p in container["ports"]}
@@ -311,6 +324,14 @@ def test_probes_readiness_turns_with_drain_and_liveness_does_not(docs: list[dict
         dispatch.begin_drain()
         assert client.get(http_probe(dispatcher, "readinessProbe")).status_code == 503
         assert client.get(http_probe(dispatcher, "livenessProbe")).status_code == 200
+
+
+def test_the_dispatchers_health_answers_before_its_readiness_probe_gives_up(docs: list[dict[str, Any]]) -> None:
+    """/health waits for the store's PING at most HEALTH_STORE_TIMEOUT_S: with a frozen Redis, a probe that timed
+    out on every replica at once would empty the Service."""
+    containers = {image: container for image, container, _ in service_containers(docs)}
+    probe = containers["llm-dispatcher"]["readinessProbe"]
+    assert probe["timeoutSeconds"] >= 2 * HEALTH_STORE_TIMEOUT_S
 
 
 def test_the_grace_period_covers_prestop_drain_and_connection_close(docs: list[dict[str, Any]]) -> None:
@@ -748,6 +769,31 @@ def test_nginx_passes_429_through_without_retrying_or_ejecting(balancer: Any, re
     assert len(shed) == shedding.hits  # no 429 was retried elsewhere
     max_fails = int(re.search(r"max_fails=(\d+)", NGINX_CONF.read_text()).group(1))  # type: ignore[union-attr]
     assert shedding.hits > max_fails  # and 429s do not count as failures
+
+
+def test_nginx_proxies_the_public_router_api(balancer: Any, replicas: Any) -> None:
+    replica = replicas(200)
+    port = balancer([replica.port])
+    for path in ("/v1/models", "/openapi.json", "/health"):
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        connection.request("GET", path)
+        assert connection.getresponse().status == 200, path  # /v1/models answered 404 here
+        connection.close()
+    assert replica.hits == 3
+
+
+def test_nginx_refuses_an_oversized_body_in_the_routers_json_error_shape(balancer: Any, replicas: Any) -> None:
+    replica = replicas(200)
+    port = balancer([replica.port])
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    body = b'{"prompt": "' + b"x" * (1 << 20) + b'"}'
+    connection.request("POST", "/v1/route", body=body, headers={"content-type": "application/json"})
+    response = connection.getresponse()
+    answer = response.read()
+    connection.close()
+    assert (response.status, response.getheader("content-type")) == (413, "application/json")
+    assert json.loads(answer)["error"]["code"] == "invalid_request"
+    assert replica.hits == 0
 
 
 def test_the_readme_lists_every_metric_the_services_export(exported: Exported) -> None:

@@ -29,6 +29,7 @@ EP, API_KEY, WORKER_TOKEN = "ep", "dk_test-client-key", "wt_test-worker-token"
 OTHER, OTHER_API_KEY, OTHER_WORKER_TOKEN = "other", "dk_other-client-key", "wt_other-worker-token"
 WORKER_URL = "http://10.0.0.5:8000"
 LIFESPAN_TIMEOUT_S = 10.0  # a guard against a hang, not an assertion about speed
+HEALTH_PROBE_TIMEOUT_S = 2.0  # the readiness probe's timeoutSeconds in deploy/k8s/dispatcher.yaml
 
 CLIENT = {"authorization": f"Bearer {API_KEY}"}
 WORKER = {"authorization": f"Bearer {WORKER_TOKEN}"}
@@ -708,6 +709,22 @@ async def test_store_unavailable_is_503_with_retry_after() -> None:
         text = (await client.get("/metrics")).text
         assert 'dispatcher_errors_total{code="store_unavailable"} 1.0' in text
         assert "dispatcher_store_up 0.0" in text
+
+
+class HangingStore(MemoryStore):
+    """A store whose PING never answers (a frozen Redis)."""
+
+    async def ping(self) -> None:
+        await asyncio.Event().wait()
+
+
+async def test_health_answers_within_its_store_timeout_when_the_store_hangs() -> None:
+    """A probe must get its answer: a PING waiting out the Redis timeouts (2 s) timed every replica's 2 s readiness
+    probe out at once."""
+    async with serving(make_service(HangingStore())) as client:
+        health = await asyncio.wait_for(client.get("/health"), HEALTH_PROBE_TIMEOUT_S)  # as the probe would wait
+    assert (health.status_code, health.json()["status"], health.json()["store_up"]) == (200, "degraded", False)
+    assert "did not answer PING within 0.5 s" in health.json()["error"]
 
 
 async def test_handlers_work_without_the_lifespan() -> None:
