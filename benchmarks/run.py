@@ -1,7 +1,8 @@
 """Run a scenario set end to end: ``python -m benchmarks.run --scenarios cpu-default``
 
 Each system is started, warmed up and swept (closed loop at ``--concurrency``, then open loop at
-``--rate-fractions`` of its best closed-loop throughput), then stopped; with every server stopped,
+``--rate-fractions`` of its best closed-loop throughput), then stopped; the router and the bare echo then run
+``--ceiling-rounds`` interleaved rounds for the HTTP-ceiling targets (harness/rounds.py); with every server stopped,
 sentence-transformers' offline ``encode(batch_size=256)`` is timed. Writes ``<out-dir>/<machine>-<date>.json``,
 ``.md`` and ``.png``, and computes the issue's CPU targets. See benchmarks/README.md.
 """
@@ -43,6 +44,7 @@ from benchmarks.common import (
 from benchmarks.harness import systems
 from benchmarks.harness.plots import plot
 from benchmarks.harness.report import render
+from benchmarks.harness.rounds import ceiling_rounds
 from benchmarks.harness.scenarios import OFFLINE_SETS, SCENARIO_SETS, Workload
 from benchmarks.harness.sweep import SweepConfig, sweep
 from benchmarks.harness.targets import compute_targets, warnings_for
@@ -86,6 +88,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--client-processes", type=int, default=1, help="load generator processes per point")
     parser.add_argument("--client", choices=("http1", "aiohttp"), default="http1")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--ceiling-rounds", type=int, default=3,
+        help="interleaved router/bare rounds for the HTTP-ceiling targets, after the sweeps (0: compare the sweeps)",
+    )  # fmt: skip
     parser.add_argument("--st-prompts", type=int, default=5000, help="prompts for the offline encode")
     parser.add_argument("--skip-offline", action="store_true", help="skip sentence-transformers' offline encode")
     parser.add_argument("--infinity-bin", default=None, help="infinity_emb executable (its own venv)")
@@ -112,6 +118,8 @@ def _knob_problem(args: argparse.Namespace) -> str | None:
         return "--rate-fractions and --rates must be > 0"
     if args.client_processes < 1 or args.st_prompts < 1:
         return "--client-processes and --st-prompts must be >= 1"
+    if args.ceiling_rounds < 0:
+        return "--ceiling-rounds must be >= 0"
     if args.machine is not None and not MACHINE_LABEL.fullmatch(args.machine):
         return f"--machine {args.machine!r}: letters, digits and . _ + - only (it names the result files)"
     return None
@@ -179,6 +187,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         for system, group in groupby(workloads, key=lambda w: w.system):
             run_system(system, list(group), settings, cfg, args, out)
+        ceilings = {}
+        if args.ceiling_rounds:
+            print(f"== interleaved rounds for the HTTP ceiling: {args.ceiling_rounds}", flush=True)
+            try:
+                ceilings = ceiling_rounds(out.results, settings, cfg, Path(tmp), args.ceiling_rounds)
+            except Exception as exc:  # the sweeps' numbers stand; the targets then compare their maxima
+                out.errors["ceiling-rounds"] = f"{type(exc).__name__}: {exc}"[:3000]
     offline = None
     if args.scenarios in OFFLINE_SETS and any(w.system == systems.ROUTER for w in workloads):
         if args.skip_offline:
@@ -190,13 +205,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 print(f"  {offline['prompts_per_s']:.1f} prompts/s", flush=True)
             except (RuntimeError, subprocess.TimeoutExpired) as exc:
                 out.errors["st-offline"] = str(exc)
-    targets = compute_targets(out.results, offline)
+    targets = compute_targets(out.results, offline, ceilings)
     return {
         "benchmark": "harness",
         "machine": machine,
         "config": {"scenario_set": args.scenarios, **asdict(cfg), "workloads": [w.key for w in workloads]},
         "servers": out.servers,
         "results": out.results,
+        "ceiling_rounds": ceilings,
         "offline": offline,
         "targets": targets,
         "pass": overall(targets),

@@ -6,6 +6,7 @@ from typing import Any
 
 from benchmarks.harness.scenarios import DESCRIPTIONS
 from benchmarks.harness.sweep import point_label
+from benchmarks.harness.systems import BARE, ROUTER
 
 
 def _verdict(passed: bool | None) -> str:
@@ -71,6 +72,25 @@ def render(run: dict[str, Any]) -> str:
         value = "n/a" if t["value"] is None else f"{t['value']:g}"
         lines.append(f"| {t['check']} | {value} | {t['target']} | **{_verdict(t['pass'])}** | {t['detail']} |")
     lines += ["", f"Overall: **{_verdict(run['pass'])}**", ""]
+
+    ceilings = run.get("ceiling_rounds") or {}
+    for scenario, interleaved in ceilings.items():
+        c = interleaved["concurrency"]
+        lines += [
+            f"## HTTP ceiling, {scenario}: interleaved rounds (router c={c[ROUTER]}, bare c={c[BARE]})",
+            "",
+            "| round | order | bare ok req/s | router ok req/s | ratio | other procs cores (bare / router) |",
+            "| ---: | --- | ---: | ---: | ---: | --- |",
+        ]
+        for row in interleaved["rounds"]:
+            ratio = "n/a" if row["ratio"] is None else f"{row['ratio']:.3f}"
+            foreign = " / ".join("n/a" if row[n]["foreign_cores"] is None else f"{row[n]['foreign_cores']:.2f}"
+                                 for n in (BARE, ROUTER))  # fmt: skip
+            lines.append(
+                f"| {row['round']} | {', '.join(row['order'])} | {row[BARE]['ok_rps']:.1f} "
+                f"| {row[ROUTER]['ok_rps']:.1f} | {ratio} | {foreign} |"
+            )
+        lines.append("")
 
     offline = run.get("offline")
     if offline:

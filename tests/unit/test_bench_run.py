@@ -48,7 +48,8 @@ def test_only_must_name_known_systems_of_the_set(capsys: pytest.CaptureFixture[s
 @pytest.mark.parametrize(
     "argv",
     [["--duration", "0"], ["--concurrency", "0"], ["--concurrency", "1,-4"], ["--concurrency", ""],
-     ["--warmup", "-1"], ["--rate-fractions", "0.5,0"], ["--rates", "-3"], ["--client-processes", "0"]],
+     ["--warmup", "-1"], ["--rate-fractions", "0.5,0"], ["--rates", "-3"], ["--client-processes", "0"],
+     ["--ceiling-rounds", "-1"]],
 )  # fmt: skip
 def test_knobs_the_load_generator_would_reject_fail_at_once(
     argv: list[str], capsys: pytest.CaptureFixture[str]

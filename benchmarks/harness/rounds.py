@@ -1,0 +1,86 @@
+"""Interleaved rounds for the HTTP-ceiling targets (router / bare echo on the same bodies).
+
+Two sweeps run minutes apart, and on a noisy 2-core VM the same server's throughput moves by more than the margin
+such a target checks (30 % between two 3 s runs 10 s apart was seen). So, after the sweeps, both servers are started
+together and, round after round, each runs one closed-loop point at the concurrency where its sweep did best, the
+order alternating; the ratio is taken within each round and the target reads the median over rounds, as
+``bench_dispatcher.py`` does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+from pathlib import Path
+from typing import Any
+
+from benchmarks.harness import priming, scenarios, systems
+from benchmarks.harness.scenarios import EMBEDDING, REPEATED, Workload
+from benchmarks.harness.sweep import SweepConfig, measure_point
+from benchmarks.harness.systems import BARE, ROUTER
+
+CEILING_SCENARIOS = (REPEATED, EMBEDDING)
+# Point indexes of the rounds' load points (file names and seeds), apart from the sweeps' 0, 1, 2, ...
+FIRST_ROUND_POINT = 1000
+
+
+def best_concurrency(result: dict[str, Any]) -> int | None:
+    """The concurrency of a sweep's best closed-loop point (None without one)."""
+    closed = [p for p in result["points"] if p["mode"] == "closed" and p["ok_rps"] > 0]
+    return max(closed, key=lambda p: p["ok_rps"])["concurrency"] if closed else None
+
+
+def round_order(round_index: int) -> tuple[str, str]:
+    return (BARE, ROUTER) if round_index % 2 == 0 else (ROUTER, BARE)
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median and range of the per-round ratios (a round whose bare point served nothing has none)."""
+    ratios = [row["ratio"] for row in rows if row["ratio"] is not None]
+    return {
+        "rounds": rows,
+        "ratio_median": round(statistics.median(ratios), 3) if ratios else None,
+        "ratio_min": round(min(ratios), 3) if ratios else None,
+        "ratio_max": round(max(ratios), 3) if ratios else None,
+    }
+
+
+def ceiling_rounds(
+    results: dict[str, dict[str, Any]], settings: systems.Settings, cfg: SweepConfig, tmp_dir: Path, rounds: int
+) -> dict[str, dict[str, Any]]:
+    """For each ceiling scenario both systems swept: ``rounds`` interleaved rounds, summarised."""
+    wanted = {}
+    for scenario in CEILING_SCENARIOS:
+        swept = {name: results.get(f"{name}/{scenario}") for name in (BARE, ROUTER)}
+        concurrency = {name: best_concurrency(r) for name, r in swept.items() if r is not None}
+        if len(concurrency) == 2 and None not in concurrency.values():
+            wanted[scenario] = concurrency
+    if rounds < 1 or not wanted:
+        return {}
+    out: dict[str, dict[str, Any]] = {}
+    with contextlib.ExitStack() as stack:
+        running = {name: stack.enter_context(systems.start(name, settings)) for name in (BARE, ROUTER)}
+        point = FIRST_ROUND_POINT
+        for scenario, concurrency in wanted.items():
+            workloads = {name: Workload(name, scenario) for name in (BARE, ROUTER)}
+            if scenario in scenarios.PRIMED:  # fresh servers: the cache the sweep filled is gone
+                for name, workload in workloads.items():
+                    priming.prime(running[name].url, scenarios.bodies(workload, running[name], 0, cfg.seed, 0))
+            rows = []
+            for r in range(rounds):
+                row: dict[str, Any] = {"round": r + 1, "order": list(round_order(r))}
+                for name in round_order(r):
+                    c = concurrency[name]
+                    measured = measure_point(workloads[name], running[name], cfg, tmp_dir, point,
+                                             ["--concurrency", str(c)], 0.0, concurrency=c)  # fmt: skip
+                    point += 1
+                    cpu = measured.get("cpu") or {}
+                    row[name] = {"concurrency": c, "ok_rps": measured["ok_rps"], "failed": measured["failed"],
+                                 "foreign_cores": cpu.get("foreign_cores")}  # fmt: skip
+                bare_rps = row[BARE]["ok_rps"]
+                row["ratio"] = round(row[ROUTER]["ok_rps"] / bare_rps, 4) if bare_rps > 0 else None
+                print(f"  ceiling {scenario} round {r + 1}: router {row[ROUTER]['ok_rps']:.1f} / bare "
+                      f"{bare_rps:.1f} ok req/s = {row['ratio']}", flush=True)  # fmt: skip
+                rows.append(row)
+            out[scenario] = {**summarize(rows), "concurrency": concurrency}
+    return out
