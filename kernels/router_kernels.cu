@@ -125,9 +125,12 @@ __global__ void centroid_topk_kernel(const float* __restrict__ queries, const fl
       }
     }
     if (lane == 0) {
-      ids[static_cast<int64_t>(b) * k + r] = best_id;
-      scores[static_cast<int64_t>(b) * k + r] = best;
-      sims[best_id] = -INFINITY;
+      // Only a row left all -inf (an infinite input; the service sends finite, normalised vectors) has no pick:
+      // -1, as FAISS answers a missing neighbour, and nothing written past sims.
+      const bool found = best_id < num_centroids;
+      ids[static_cast<int64_t>(b) * k + r] = found ? best_id : -1;
+      scores[static_cast<int64_t>(b) * k + r] = found ? best : -INFINITY;
+      if (found) sims[best_id] = -INFINITY;
     }
     __syncwarp();
   }

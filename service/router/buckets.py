@@ -46,11 +46,16 @@ class BucketGrid:
             raise ValueError(f"seq_align and max_rows must be positive: {self.seq_align}, {self.max_rows}")
 
     @classmethod
-    def from_specs(cls, batch_spec: str, seq_spec: str, *, seq_align: int, max_rows: int) -> BucketGrid:
-        """From comma-separated settings (``"1,4,16"``); batch sizes above ``max_rows`` are dropped
-        (no batch that large is ever formed) and sequence lengths are rounded up to ``seq_align``."""
+    def from_specs(
+        cls, batch_spec: str, seq_spec: str, *, seq_align: int, max_rows: int, max_seq: int | None = None
+    ) -> BucketGrid:
+        """From comma-separated settings (``"1,4,16"``); batch sizes above ``max_rows`` are dropped (no batch that
+        large is ever formed), sequence lengths are rounded up to ``seq_align`` and those above ``max_seq`` dropped
+        (no input is longer after truncation, and one past the model's position table would fault the device)."""
         batch_sizes = sorted({b for b in parse_sizes(batch_spec) if b <= max_rows})
         seq_lens = sorted({round_up(s, seq_align) for s in parse_sizes(seq_spec)})
+        if max_seq is not None:
+            seq_lens = [s for s in seq_lens if s <= round_up(max_seq, seq_align)]
         return cls(tuple(batch_sizes), tuple(seq_lens), seq_align, max_rows)
 
     def buckets(self) -> list[tuple[int, int]]:

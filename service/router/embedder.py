@@ -127,7 +127,7 @@ class MiniLMEmbedder:
             raise ValueError(f"{folder}: hidden size {model.cfg.hidden_size}, expected {self.dim}")
         self._cuda: CudaEncoder | None = None
         if self.torch_device.type == "cuda":
-            self._cuda = _cuda_encoder(model, self.torch_device, cuda or CudaOptions())
+            self._cuda = _cuda_encoder(model, self.torch_device, cuda or CudaOptions(), self.max_seq_length)
             self._model: torch.jit.ScriptModule | MiniLM = model
         else:
             self._model = script_for_inference(model) if torchscript else model
@@ -192,9 +192,13 @@ class MiniLMEmbedder:
         return out
 
 
-def _cuda_encoder(model: MiniLM, device: torch.device, options: CudaOptions) -> CudaEncoder:
+def _cuda_encoder(model: MiniLM, device: torch.device, options: CudaOptions, max_seq_length: int) -> CudaEncoder:
     grid = BucketGrid.from_specs(
-        options.graph_batch_sizes, options.graph_seq_lens, seq_align=SEQ_ALIGN, max_rows=options.max_batch_size
+        options.graph_batch_sizes,
+        options.graph_seq_lens,
+        seq_align=SEQ_ALIGN,
+        max_rows=options.max_batch_size,
+        max_seq=max_seq_length,
     )
     kernels = load_kernels(options.kernels_path) if options.kernels else None
     encoder = CudaEncoder(model, device=device, grid=grid, kernels=kernels)

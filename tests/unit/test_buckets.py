@@ -24,6 +24,12 @@ def test_specs_are_parsed_sorted_aligned_and_capped() -> None:
         BucketGrid((4, 1), (16,), 16, 8)
 
 
+def test_sequence_lengths_past_the_models_limit_are_dropped() -> None:
+    # a bucket past the position table (512 for MiniLM) indexed out of range on the device during warm-up
+    g = BucketGrid.from_specs("1", "16,256,512,1024", seq_align=16, max_rows=8, max_seq=256)
+    assert g.seq_lens == (16, 256)
+
+
 def test_smallest_covering_bucket() -> None:
     g = grid()
     assert [g.seq_bucket(n) for n in (1, 16, 17, 64, 65)] == [16, 16, 32, 64, None]
