@@ -7,8 +7,13 @@ against sentence-transformers' ``encode`` on the same GPU, in the same run.
 overlapped with the GPU), embed (``MiniLMEmbedder.embed_ids`` in ``--inflight`` compute threads, as the
 engine runs it on CUDA), nearest centroid (the torch index on the GPU), and the vectorised routing rule.
 Variants: fp16 eager (SDPA, torch pooling), + CUDA graphs, + graphs and the fused kernels. Each variant's
-embeddings are checked against the eager one before it is timed. Target (issue 4): >= 300,000 prompts/s
-on an H100 and >= 5x sentence-transformers.
+embeddings of one batch of the timed shape (``--batch`` prompts of the same kind: the same graph bucket) are checked
+against the eager one before it is timed; a variant below ``MIN_PARITY_COSINE`` is reported but never counted as
+the best or as passing. Target (issue 4): >= 300,000 prompts/s on an H100 and >= 5x sentence-transformers.
+
+The Rust tokenizer runs with ``TOKENIZERS_PARALLELISM=true`` here (every core on one batch), recorded in the result;
+the service leaves it off and tokenizes on one thread per worker process, so one worker's HTTP rate is bounded by
+the "tokenize only" column measured with a single thread, not by this route rate.
 """
 
 from __future__ import annotations
@@ -39,7 +44,6 @@ from service.router.weights import default_weights_path, load_weights  # noqa: E
 TARGET_PROMPTS_PER_S = 300_000
 TARGET_RATIO_TO_ST = 5.0
 WARMUP_BATCHES = 8
-PARITY_PROMPTS = 512
 MIN_PARITY_COSINE = 0.9999
 VARIANTS: dict[str, dict[str, bool]] = {
     "fp16-eager": {"graphs": False, "kernels": False},
@@ -136,7 +140,7 @@ def main() -> None:
     model_dir = args.model_dir or default_model_dir()
     weights = load_weights(default_weights_path())
     prompts = generate_prompts(args.prompts, args.seed)
-    parity_prompts = generate_prompts(PARITY_PROMPTS, args.seed, start_id=10**9)
+    parity_prompts = generate_prompts(args.batch, args.seed, start_id=10**9)  # one timed-shape batch
     reference: np.ndarray | None = None
     variants: dict[str, Any] = {}
     for name in args.variants.split(","):
@@ -151,7 +155,7 @@ def main() -> None:
         reference = got if reference is None else reference
         cosine = float((got * reference).sum(axis=1).min())
         variants[name] = {"runtime": embedder.runtime_info(), "index": state.index.backend, "load_s": load_s,
-                          "min_cosine_vs_first_variant": cosine,
+                          "min_cosine_vs_first_variant": cosine, "parity_ok": cosine >= MIN_PARITY_COSINE,
                           **route_rate(embedder, state, prompts, args.batch, args.inflight)}  # fmt: skip
         print(name, json.dumps(variants[name]), flush=True)
         if cosine < MIN_PARITY_COSINE:
@@ -159,14 +163,20 @@ def main() -> None:
         del embedder, state
         torch.cuda.empty_cache()
     st = st_rate(model_dir, prompts[: args.st_prompts], args.st_batch)
-    best_name = max(variants, key=lambda n: variants[n]["route_prompts_per_s"])
-    best = variants[best_name]["route_prompts_per_s"]
+    faithful = [n for n in variants if variants[n]["parity_ok"]]  # a fast wrong answer is no result
+    best_name = max(faithful, key=lambda n: variants[n]["route_prompts_per_s"]) if faithful else "none"
+    best = variants[best_name]["route_prompts_per_s"] if faithful else 0.0
     ratio = best / st["fp16"]["prompts_per_s"]
     result = {
         "device": torch.cuda.get_device_name(),
         "machine": machine_info(),
         "torch": torch.__version__,
-        "config": vars(args) | {"out": str(args.out), "model_dir": str(model_dir)},
+        "config": vars(args)
+        | {
+            "out": str(args.out),
+            "model_dir": str(model_dir),
+            "tokenizers_parallelism": os.environ["TOKENIZERS_PARALLELISM"],
+        },
         "variants": variants,
         "sentence_transformers": st,
         "best_variant": best_name,
@@ -180,8 +190,11 @@ def main() -> None:
              "| variant | route prompts/s | embed only | tokenize only | min cosine vs eager |",
              "| --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
     for name, v in variants.items():
+        cosine_text = f"{v['min_cosine_vs_first_variant']:.6f}"
+        if not v["parity_ok"]:
+            cosine_text += f" (below {MIN_PARITY_COSINE}: not counted)"
         lines.append(f"| {name} | {v['route_prompts_per_s']:,.0f} | {v['embed_only_prompts_per_s']:,.0f} | "
-                     f"{v['tokenize_only_prompts_per_s']:,.0f} | {v['min_cosine_vs_first_variant']:.6f} |")  # fmt: skip
+                     f"{v['tokenize_only_prompts_per_s']:,.0f} | {cosine_text} |")  # fmt: skip
     for name, s in st.items():
         lines.append(
             f"| sentence-transformers encode {name}, batch {s['batch_size']} | {s['prompts_per_s']:,.0f} | | | |"
