@@ -21,6 +21,7 @@ logger = logging.getLogger(__name__)
 LIBRARY_NAME = "router_kernels.so"
 ABI_VERSION = 1  # kAbiVersion in kernels/router_kernels.cu
 SHARED_MEMORY_BYTES = 48 * 1024  # the default per-block limit the centroid kernel stays under
+SELF_TEST_ATOL = 1e-3  # fp16 inputs, fp32 accumulation in both: far below any real defect
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -50,6 +51,26 @@ class RouterKernels:
         lib.router_centroid_topk.argtypes = [ptr, ptr, i32, i32, i32, i32, ptr, ptr, ptr]
         lib.router_centroid_topk.restype = i32
         self._lib = lib
+
+    def self_test(self, device: torch.device | None = None) -> None:
+        """Launch both kernels once on small inputs and compare them with the torch references; ``KernelError`` if
+        a launch fails (a library built for another GPU or a newer driver) or an answer differs."""
+        device = device or torch.device("cuda")
+        generator = torch.Generator(device="cpu").manual_seed(0)
+        hidden = torch.randn((3, 7, 100), generator=generator).to(device, torch.float16)  # dim not a block multiple
+        mask = torch.ones((3, 7), dtype=torch.bool)
+        mask[1, 4:] = False
+        mask = mask.to(device)
+        pooled = self.mean_pool_l2norm(hidden, mask)
+        queries = torch.nn.functional.normalize(torch.randn((2, 100), generator=generator), dim=1).to(device)
+        centroids = torch.nn.functional.normalize(torch.randn((9, 100), generator=generator), dim=1).to(device)
+        scores, ids = self.centroid_topk(queries, centroids, 2)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        ref_scores, ref_ids = pooling.centroid_topk(queries, centroids, 2)
+        close = torch.allclose(pooled, pooling.mean_pool_l2norm(hidden, mask), atol=SELF_TEST_ATOL)
+        if not (close and torch.equal(ids, ref_ids) and torch.allclose(scores, ref_scores, atol=SELF_TEST_ATOL)):
+            raise KernelError(f"{self.path}: the kernels' answers differ from the torch references")
 
     def mean_pool_l2norm(self, hidden: Tensor, mask: Tensor) -> Tensor:
         """Fused ``pooling.mean_pool_l2norm`` for CUDA tensors (fp32/fp16/bf16 in, fp32 out)."""
@@ -109,12 +130,21 @@ def load_kernels(path: Path | None = None) -> RouterKernels | None:
     if path is not None:
         if not path.is_file():
             raise KernelError(f"kernels library {path} does not exist; build it with cmake (kernels/README.md)")
-        return RouterKernels(path)
+        kernels = RouterKernels(path)
+        kernels.self_test()
+        return kernels
     if not torch.cuda.is_available():
         return None
     for candidate in default_library_paths():
         if candidate.is_file():
-            kernels = RouterKernels(candidate)
+            try:  # found, not asked for: one that does not run here falls back to torch instead of failing the load
+                kernels = RouterKernels(candidate)
+                kernels.self_test()
+            except (KernelError, OSError) as exc:
+                logger.warning(
+                    "fused CUDA kernels at %s unusable (%s); using the torch pooling and scoring", candidate, exc
+                )
+                continue
             logger.info("fused CUDA kernels loaded from %s", candidate)
             return kernels
     logger.info("no %s found (%s); using the torch pooling and scoring", LIBRARY_NAME, default_library_paths())

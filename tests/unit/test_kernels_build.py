@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import ctypes
+import logging
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
+from service.router import kernels as kernels_module
 from service.router.kernels import ABI_VERSION, LIBRARY_NAME, KernelError, RouterKernels, load_kernels
 
 REPO = Path(__file__).resolve().parents[2]
@@ -39,3 +42,35 @@ def test_cmake_builds_the_kernels_library(tmp_path: Path) -> None:
 def test_a_configured_library_that_is_missing_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(KernelError, match="does not exist"):
         load_kernels(tmp_path / LIBRARY_NAME)
+
+
+class FailingKernels:
+    """A library that loads but whose kernels do not run here (built for another GPU, or a newer driver)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def self_test(self, device: torch.device | None = None) -> None:
+        raise KernelError(f"{self.path}: router_mean_pool_l2norm failed: CUDA error 209")
+
+
+def test_a_found_library_that_does_not_run_here_falls_back_to_torch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    library = tmp_path / LIBRARY_NAME
+    library.write_bytes(b"")
+    monkeypatch.setattr(kernels_module.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(kernels_module, "default_library_paths", lambda: [library])
+    monkeypatch.setattr(kernels_module, "RouterKernels", FailingKernels)
+    with caplog.at_level(logging.WARNING, logger=kernels_module.__name__):
+        assert load_kernels() is None  # the router serves with the torch references instead of failing to load
+    assert "unusable" in caplog.text and "CUDA error 209" in caplog.text
+    with pytest.raises(KernelError, match="CUDA error 209"):  # asked for by path: an error
+        load_kernels(library)
+
+
+def test_the_self_test_compares_with_the_torch_references() -> None:
+    """Off CUDA the kernels' methods fall back to the references, so this runs the self-test's own code."""
+    kernels = RouterKernels.__new__(RouterKernels)
+    kernels.path, kernels.max_top_k = Path(LIBRARY_NAME), 8
+    kernels.self_test(torch.device("cpu"))
