@@ -39,6 +39,7 @@ WRK_JSON_PREFIX = "WRK_JSON "
 DEFAULT_HOST = "127.0.0.1"
 HEALTH_TIMEOUT_S = 120.0
 HEALTH_POLL_INTERVAL_S = 0.25
+FAILED_STATUS = "failed"  # what the router's /health says after its load failed (service.router.app.Phase)
 HEALTH_REQUEST_TIMEOUT_S = 2.0
 STOP_TIMEOUT_S = 30.0
 KILL_WAIT_S = 5.0
@@ -120,6 +121,14 @@ class ServerError(RuntimeError):
     """The server under test failed to start, become healthy or stop."""
 
 
+def _health_status(resp: httpx.Response) -> object:
+    try:
+        body = resp.json()
+    except ValueError:
+        return None
+    return body.get("status") if isinstance(body, dict) else None
+
+
 @dataclass
 class ServerProcess:
     """A server under test, run as a subprocess in its own session with its output sent to ``log_path``."""
@@ -161,6 +170,8 @@ class ServerProcess:
                         self.startup_s = time.monotonic() - self._started_at
                         return self.startup_s
                     last = f"HTTP {resp.status_code}"
+                    if _health_status(resp) == FAILED_STATUS:  # it will not get better: stop waiting (GPU time)
+                        raise ServerError(f"{url} reports a failed start: {resp.text[:500]}\n{self.log_tail()}")
                 except httpx.HTTPError as exc:
                     last = f"{type(exc).__name__}: {exc}"
                 time.sleep(HEALTH_POLL_INTERVAL_S)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.common import REPO_ROOT, find_free_port, output_stem, with_ext
+from benchmarks.common import REPO_ROOT, ServerError, ServerProcess, find_free_port, output_stem, with_ext
 from benchmarks.harness.sweep import SweepConfig, point_processes
 from benchmarks.run import parse_args
 
@@ -94,3 +94,33 @@ def test_a_sigterm_stops_the_server_under_test_too(tmp_path: Path) -> None:
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(server_pid, signal.SIGKILL)  # its own session: nothing else would stop it
+
+
+FAILED_ROUTER = """
+import sys
+from http.server import BaseHTTPRequestHandler, HTTPServer
+class Failed(BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = b'{"status": "failed", "error": "weights: no such file"}'
+        self.send_response(503)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+HTTPServer(("127.0.0.1", int(sys.argv[1])), Failed).serve_forever()
+"""
+
+
+def test_waiting_for_health_stops_at_a_failed_start(tmp_path: Path) -> None:
+    """A router whose load failed says so on /health and stays up: waiting out the health timeout (300 s per server
+    in the GPU run) burnt a scarce device call for nothing."""
+    port = find_free_port()
+    server = ServerProcess([sys.executable, "-c", FAILED_ROUTER, str(port)], f"http://127.0.0.1:{port}",
+                           tmp_path / "server.log")  # fmt: skip
+    server.start()
+    try:
+        with pytest.raises(ServerError, match=r"reports a failed start: .*no such file"):
+            server.wait_healthy(timeout_s=120)
+    finally:
+        server.stop()
