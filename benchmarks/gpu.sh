@@ -12,7 +12,10 @@
 #   inprocess  benchmarks/bench_gpu.py: embed + route prompts/s per variant vs sentence-transformers
 #   http       benchmarks/bench_gpu_http.py: routes/s through HTTP with 1, 2 and 4 workers
 #
-# Results: $OUT/*.md and *.json (summaries) and $OUT/gpu-run.tar.gz (every log); the summary prints last.
+# Results: $OUT/<device>-<date>-*.md and *.json (summaries, named for benchmarks/results/) and $OUT/gpu-run.tar.gz
+# (every log); the summary prints last. The stages share one call's budget (GPU_CALL_BUDGET_S, 570 s of the device's
+# 600): each runs under `timeout` with what is left, so a stage that hangs still leaves the others' results and the
+# tar to come back (a SIGTERM stops the benchmarks' servers too).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu-out}
@@ -27,6 +30,11 @@ mkdir -p "$OUT" "$WORK"
 stages=("$@")
 ((${#stages[@]})) || stages=(build test inprocess http)
 status=0
+BUDGET_S=${GPU_CALL_BUDGET_S:-570}
+WRAP_UP_S=20  # the tar and the summary after the last stage
+MIN_STAGE_S=30
+# the seconds a stage may run: what is left of the call's budget
+stage_left() { echo $((BUDGET_S - SECONDS - WRAP_UP_S)); }
 
 # The image lacks some of the service's dependencies and has no registry: install the carried wheels.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -54,29 +62,41 @@ build_kernels() {
 }
 nvidia-smi >"$WORK/nvidia-smi.txt" 2>&1
 python3 -c 'import torch; print(torch.__version__, torch.cuda.get_device_name())' | tee "$WORK/device.txt"
+# e.g. nvidia-h100-80gb-hbm3-2026-11-24: the result files' prefix, as benchmarks/results/ names runs
+LABEL=$(python3 -c 'import datetime, re, torch
+print(re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-") + "-"
+      + datetime.datetime.now(datetime.timezone.utc).date().isoformat())')
 
 for stage in "${stages[@]}"; do
-  echo "=== $stage"
+  left=$(stage_left)
+  if ((left < MIN_STAGE_S)); then
+    echo "=== $stage: skipped, ${left} s left of this call's ${BUDGET_S} s: run it in a call of its own"; status=1
+    continue
+  fi
+  echo "=== $stage (at most ${left} s)"
+  limit=(timeout --kill-after=10 "$left")
   case $stage in
     build)
       build_kernels ;;
     test)
+      # the kernel tests skip without the library: a fresh machine builds it first, as the http stage does
+      [ -f build/router_kernels.so ] || build_kernels
       # the model package's own sha256 and CPU-vs-ST tests need the fp32 original, not carried: -m gpu only
-      "${PYTEST[@]}" -m gpu tests/unit/test_cuda_path.py tests/unit/test_embedder_parity.py \
+      "${limit[@]}" "${PYTEST[@]}" -rs -m gpu tests/unit/test_cuda_path.py tests/unit/test_embedder_parity.py \
         tests/unit/test_padded_encoder.py tests/unit/test_buckets.py tests/unit/test_kernels_build.py \
         2>&1 | tee "$WORK/tests.log" || status=1
-      "${PYTEST[@]}" tests/unit/test_padded_encoder.py tests/unit/test_buckets.py \
+      "${limit[@]}" "${PYTEST[@]}" tests/unit/test_padded_encoder.py tests/unit/test_buckets.py \
         tests/unit/test_kernels_build.py 2>&1 | tail -3 | tee -a "$WORK/tests.log" || status=1
-      cp "$WORK/tests.log" "$OUT/" ;;
+      cp "$WORK/tests.log" "$OUT/$LABEL-tests.log" ;;
     inprocess)
-      python3 benchmarks/bench_gpu.py --model-dir "$LLMROUTER_MODEL_DIR" --out "$WORK/gpu-inprocess.json" \
-        2>&1 | tee "$WORK/inprocess.log" || status=1
-      cp "$WORK"/gpu-inprocess.* "$OUT/" 2>/dev/null ;;
+      "${limit[@]}" python3 benchmarks/bench_gpu.py --model-dir "$LLMROUTER_MODEL_DIR" \
+        --out "$WORK/gpu-inprocess.json" 2>&1 | tee "$WORK/inprocess.log" || status=1
+      for f in "$WORK"/gpu-inprocess.*; do [ -f "$f" ] && cp "$f" "$OUT/$LABEL-${f##*/gpu-}"; done ;;
     http)
       [ -f build/router_kernels.so ] || build_kernels  # a fresh machine: the servers should run the fused kernels
-      python3 benchmarks/bench_gpu_http.py --workers 1 2 4 --out "$WORK/gpu-http.json" \
+      "${limit[@]}" python3 benchmarks/bench_gpu_http.py --workers 1 2 4 --out "$WORK/gpu-http.json" \
         2>&1 | tee "$WORK/http.log" || status=1
-      cp "$WORK"/gpu-http.json "$WORK"/gpu-http.md "$OUT/" 2>/dev/null ;;
+      for f in "$WORK"/gpu-http.json "$WORK"/gpu-http.md; do [ -f "$f" ] && cp "$f" "$OUT/$LABEL-${f##*/gpu-}"; done ;;
     *) echo "unknown stage $stage"; status=1 ;;
   esac
 done
