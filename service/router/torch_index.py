@@ -2,7 +2,9 @@
 
 For hosts without FAISS (the GPU benchmark machine has none). Exact like FAISS's flat index; only
 the order of exactly tied scores may differ. On CUDA it uses the fused kernel of ``kernels/`` when
-given one.
+given one, for batches: a few queries (a request's own ``embedding``, searched on the event loop) are searched
+on the host, since a device search would copy them over, wait behind the batches the GPU is running, and block
+the loop meanwhile.
 """
 
 from __future__ import annotations
@@ -14,11 +16,16 @@ from service.router import pooling
 from service.router.index import Nearest
 from service.router.kernels import RouterKernels
 
+# Up to this many queries the search runs on the host (100 x 384 per query: microseconds), never on the device.
+HOST_SEARCH_MAX_ROWS = 16
+
 
 class TorchCentroidIndex:
     def __init__(self, centroids: np.ndarray, *, device: str = "cpu", kernels: RouterKernels | None = None) -> None:
         self._device = torch.device(device)
-        self._centroids = torch.as_tensor(np.ascontiguousarray(centroids, dtype=np.float32), device=self._device)
+        host = torch.from_numpy(np.array(centroids, dtype=np.float32, order="C"))
+        self._host_centroids = host
+        self._centroids = host if self._device.type == "cpu" else host.to(self._device)
         self.num_centroids, self.dim = self._centroids.shape
         self.backend = f"torch-{self._device.type}"
         self._kernels = kernels if self._device.type == "cuda" else None
@@ -26,7 +33,11 @@ class TorchCentroidIndex:
     def search(self, queries: np.ndarray, k: int = 1) -> Nearest:
         k = min(k, self.num_centroids)
         with torch.inference_mode():
-            q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)).to(self._device)
+            q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
+            if q.shape[0] <= HOST_SEARCH_MAX_ROWS:
+                scores, ids = pooling.centroid_topk(q, self._host_centroids, k)
+                return Nearest(ids=ids.numpy(), similarity=scores.numpy())
+            q = q.to(self._device)
             if self._kernels is not None:
                 scores, ids = self._kernels.centroid_topk(q, self._centroids, k)
             else:

@@ -9,7 +9,7 @@ import pytest
 
 from service.router import index as index_module
 from service.router.index import build_index
-from service.router.torch_index import TorchCentroidIndex
+from service.router.torch_index import HOST_SEARCH_MAX_ROWS, TorchCentroidIndex
 
 
 def unit_rows(rng: np.random.Generator, n: int, dim: int = 384) -> np.ndarray:
@@ -29,6 +29,20 @@ def test_torch_index_matches_faiss() -> None:
         1,
         4,
     )
+
+
+def test_a_few_queries_are_searched_on_the_host_whatever_the_device() -> None:
+    """A request's own embedding is searched on the event loop: on a GPU, a device search would copy it over and wait
+    behind the running batches. On the meta device (no data) any device search would fail to copy its result back."""
+    rng = np.random.default_rng(4)
+    centroids, queries = unit_rows(rng, 100), unit_rows(rng, HOST_SEARCH_MAX_ROWS)
+    on_device = TorchCentroidIndex(centroids, device="meta")
+    expected = build_index(centroids, backend="faiss").search(queries, k=2)
+    found = on_device.search(queries, k=2)
+    np.testing.assert_array_equal(found.ids, expected.ids)
+    np.testing.assert_allclose(found.similarity, expected.similarity, atol=1e-5)
+    with pytest.raises(NotImplementedError):  # a batch still goes to the device
+        on_device.search(unit_rows(rng, HOST_SEARCH_MAX_ROWS + 1), k=2)
 
 
 def test_backend_choice_and_the_loud_fallback(
