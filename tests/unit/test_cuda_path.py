@@ -59,6 +59,24 @@ def test_pooling_kernel_matches_torch(kernels: RouterKernels, dtype: torch.dtype
     assert ((got - ref).norm() / ref.norm()).item() < 1e-5
 
 
+@pytest.mark.parametrize(("batch", "seq", "dim"), [(1, 5, 384), (3, 7, 100), (2, 130, 257)])
+def test_pooling_kernel_edge_shapes(kernels: RouterKernels, batch: int, seq: int, dim: int) -> None:
+    """One row, a width that is no multiple of the block (the ``d < dim`` tail), and a row with no token at all (both
+    give zeros: the torch reference divides by a count clamped to 1, then normalises a zero vector)."""
+    gen = torch.Generator(device="cuda").manual_seed(9)
+    hidden = torch.randn(batch, seq, dim, device="cuda", generator=gen).half()
+    mask = torch.ones(batch, seq, dtype=torch.bool, device="cuda")
+    if batch > 1:
+        mask[1] = False  # an empty row
+        mask[0, seq // 2 :] = False
+    got = kernels.mean_pool_l2norm(hidden, mask)
+    ref = pooling.mean_pool_l2norm(hidden.double(), mask).float()
+    assert got.shape == (batch, dim) and torch.isfinite(got).all()
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    if batch > 1:
+        assert torch.count_nonzero(got[1]) == 0
+
+
 def test_centroid_kernel_matches_torch(kernels: RouterKernels) -> None:
     gen = torch.Generator(device="cuda").manual_seed(8)
     queries = torch.nn.functional.normalize(torch.randn(513, 384, device="cuda", generator=gen), dim=1)
