@@ -1,7 +1,8 @@
 """Interleaved rounds for the HTTP-ceiling targets (router / bare echo on the same bodies).
 
 Two sweeps run minutes apart, and on a noisy 2-core VM the same server's throughput moves by more than the margin
-such a target checks (30 % between two 3 s runs 10 s apart was seen). So, after the sweeps, both servers are started
+such a target checks (harness run 5, `cpu-2c-2026-11-24-run2.md`: the bare echo 1686-1997 req/s and the router
+1161-1363 on the same embedding bodies, round to round). So, after the sweeps, both servers are started
 together and, round after round, each runs one closed-loop point at the concurrency where its sweep did best, the
 order alternating; the ratio is taken within each round and the target reads the median over rounds, as
 ``bench_dispatcher.py`` does.
@@ -14,9 +15,10 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import priming, scenarios, systems
+from benchmarks.bench_dispatcher import round_order
+from benchmarks.harness import systems
 from benchmarks.harness.scenarios import EMBEDDING, REPEATED, Workload
-from benchmarks.harness.sweep import SweepConfig, measure_point
+from benchmarks.harness.sweep import SweepConfig, measure_point, prime_if_needed
 from benchmarks.harness.systems import BARE, ROUTER
 
 CEILING_SCENARIOS = (REPEATED, EMBEDDING)
@@ -28,10 +30,6 @@ def best_concurrency(result: dict[str, Any]) -> int | None:
     """The concurrency of a sweep's best closed-loop point (None without one)."""
     closed = [p for p in result["points"] if p["mode"] == "closed" and p["ok_rps"] > 0]
     return max(closed, key=lambda p: p["ok_rps"])["concurrency"] if closed else None
-
-
-def round_order(round_index: int) -> tuple[str, str]:
-    return (BARE, ROUTER) if round_index % 2 == 0 else (ROUTER, BARE)
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -63,13 +61,13 @@ def ceiling_rounds(
         point = FIRST_ROUND_POINT
         for scenario, concurrency in wanted.items():
             workloads = {name: Workload(name, scenario) for name in (BARE, ROUTER)}
-            if scenario in scenarios.PRIMED:  # fresh servers: the cache the sweep filled is gone
-                for name, workload in workloads.items():
-                    priming.prime(running[name].url, scenarios.bodies(workload, running[name], 0, cfg.seed, 0))
+            for name, workload in workloads.items():  # fresh servers: the caches the sweeps filled are gone
+                prime_if_needed(workload, running[name], cfg)
             rows = []
             for r in range(rounds):
-                row: dict[str, Any] = {"round": r + 1, "order": list(round_order(r))}
-                for name in round_order(r):
+                order = round_order([BARE, ROUTER], r)
+                row: dict[str, Any] = {"round": r + 1, "order": order}
+                for name in order:
                     c = concurrency[name]
                     measured = measure_point(workloads[name], running[name], cfg, tmp_dir, point,
                                              ["--concurrency", str(c)], 0.0, concurrency=c)  # fmt: skip

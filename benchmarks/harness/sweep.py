@@ -119,11 +119,17 @@ def measure_point(
     return {**data["config"], **data["result"], "cpu": cpu, "distinct_bodies": len(body_list)}
 
 
+def prime_if_needed(workload: Workload, running: Running, cfg: SweepConfig) -> dict[str, Any] | None:
+    """Send each body of a cache-hit scenario once (a fresh server's cache is empty); the priming's outcome."""
+    if workload.scenario not in scenarios.PRIMED:
+        return None
+    primed = priming.prime(running.url, scenarios.bodies(workload, running, 0, cfg.seed, 0))
+    print(f"  {workload.key} primed: {primed['ok']} of {primed['bodies']} bodies answered 2xx", flush=True)
+    return primed
+
+
 def sweep(workload: Workload, running: Running, cfg: SweepConfig, tmp_dir: Path) -> dict[str, Any]:
-    primed = None
-    if workload.scenario in scenarios.PRIMED:
-        primed = priming.prime(running.url, scenarios.bodies(workload, running, 0, cfg.seed, 0))
-        print(f"  {workload.key} primed: {primed['ok']} of {primed['bodies']} bodies answered 2xx", flush=True)
+    primed = prime_if_needed(workload, running, cfg)
     points: list[dict[str, Any]] = []
     best = 0.0
     guess = scenarios.FIRST_RATE_GUESS.get(workload.scenario, 0.0)

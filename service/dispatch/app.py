@@ -156,19 +156,15 @@ class DispatcherService(ServiceBase):
             "key_id": self.signer.key_id,
         }
         try:
-            try:
-                await asyncio.wait_for(self.store.ping(), HEALTH_STORE_TIMEOUT_S)
-            except TimeoutError:
-                raise StoreUnavailable(
-                    f"the state store did not answer PING within {HEALTH_STORE_TIMEOUT_S:g} s"
-                ) from None
-        except StoreUnavailable as exc:
+            await asyncio.wait_for(self.store.ping(), HEALTH_STORE_TIMEOUT_S)
+        except (StoreUnavailable, TimeoutError) as exc:
             # Still ready: the store is shared by every replica, so failing readiness would take them all out of
             # the balancer at once, and clients would get connection errors instead of this dispatcher's 503
             # store_unavailable with Retry-After. Reported here and as dispatcher_store_up for alerting.
             if not self.draining:
                 body["status"] = "degraded"
-            body.update(store_up=False, error=str(exc))
+            timed_out = f"the state store did not answer PING within {HEALTH_STORE_TIMEOUT_S:g} s"
+            body.update(store_up=False, error=str(exc) if isinstance(exc, StoreUnavailable) else timed_out)
             self.metrics.store_up.set(0)
         else:
             body["store_up"] = True

@@ -157,18 +157,14 @@ class MemoryStore:
     ) -> WorkerRecord:
         now = self._clock()
         me = (endpoint, report.worker_id)
-        holder = self._url_holder(report.url)
-        if holder is not None and holder[0] == me:
-            holder = None
-        if holder is not None:
-            (holder_endpoint, _), holder_record = holder
-            if holder_endpoint != endpoint and holder_record.holds_url(now, heartbeat_timeout_s):
-                raise url_taken(report.url, heartbeat_timeout_s)
+        holder = self._url_holder(report.url, other_than=me)
+        if holder is not None and holder[0] != endpoint and holder[1].holds_url(now, heartbeat_timeout_s):
+            raise url_taken(report.url, heartbeat_timeout_s)
         workers = self._workers[endpoint]
         old = workers.get(report.worker_id)
         if old is None and len(workers) >= self._max_workers:
             raise too_many_workers(endpoint, self._max_workers)
-        if holder is not None:
+        if holder is not None:  # refusals above change nothing: only now is the URL taken over
             holder[1].state = WorkerState.STOPPED
         if old is not None and old.url != report.url and self._url_owner.get(old.url) == me:
             del self._url_owner[old.url]
@@ -239,13 +235,13 @@ class MemoryStore:
         return None
 
     # -- internals ------------------------------------------------------------------------------------------
-    def _url_holder(self, url: str) -> tuple[tuple[str, str], WorkerRecord] | None:
-        """The (endpoint, worker id) whose record reports ``url``, and that record."""
+    def _url_holder(self, url: str, *, other_than: tuple[str, str]) -> tuple[str, WorkerRecord] | None:
+        """The endpoint and record of the worker reporting ``url``, when that is not ``other_than``."""
         owner = self._url_owner.get(url)
-        if owner is None:
+        if owner is None or owner == other_than:
             return None
         record = self._workers.get(owner[0], {}).get(owner[1])
-        return (owner, record) if record is not None and record.url == url else None
+        return (owner[0], record) if record is not None and record.url == url else None
 
     def _unassign(self, endpoint: str, worker_id: str, cost: float) -> None:
         """A request of ``cost`` leaves the worker it was assigned to (if the worker is still known)."""

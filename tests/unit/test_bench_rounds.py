@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from benchmarks.harness import rounds
+from benchmarks.harness import priming, rounds
 from benchmarks.harness.report import render
 from benchmarks.harness.scenarios import EMBEDDING, REPEATED, Workload
 from benchmarks.harness.sweep import SweepConfig
@@ -45,7 +45,12 @@ def fake_systems(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[Any]]:
 
     monkeypatch.setattr(rounds.systems, "start", start)
     monkeypatch.setattr(rounds, "measure_point", measure_point)
-    monkeypatch.setattr(rounds.priming, "prime", lambda url, bodies: log["primed"].append(url))
+
+    def prime(url: str, bodies: list[bytes]) -> dict[str, Any]:
+        log["primed"].append(url)
+        return {"ok": len(bodies), "bodies": len(bodies)}
+
+    monkeypatch.setattr(priming, "prime", prime)
     return log
 
 

@@ -10,11 +10,12 @@ local holder = nil
 local owner = redis.call('HGET', urls, url)
 if owner and owner ~= me then
   local cut = string.find(owner, '/', 1, true)
-  local holder_key = worker_key(string.sub(owner, 1, cut - 1), string.sub(owner, cut + 1))
+  local holder_endpoint = string.sub(owner, 1, cut - 1)
+  local holder_key = worker_key(holder_endpoint, string.sub(owner, cut + 1))
   local r = redis.call('HMGET', holder_key, 'url', 'state', 'last_seen')
   if r[1] == url then
     -- WorkerRecord.holds_url
-    if string.sub(owner, 1, cut - 1) ~= endpoint and r[2] ~= 'stopped' and t - tonumber(r[3]) <= tonumber(ARGV[12]) then
+    if holder_endpoint ~= endpoint and r[2] ~= 'stopped' and t - tonumber(r[3]) <= tonumber(ARGV[12]) then
       return {-1}
     end
     holder = holder_key

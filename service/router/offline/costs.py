@@ -46,15 +46,9 @@ def relative_costs(blended: np.ndarray) -> np.ndarray:
 
 def observed_cost_per_call(cost_usd: np.ndarray) -> np.ndarray:
     """``[M]`` mean observed USD per call over the rows that have every model's cost: models compared on the same
-    prompts (a model whose cost was recorded only on short prompts would otherwise look cheap)."""
-    observed = ~np.isnan(cost_usd)
-    calls = observed.sum(axis=0)
-    if (calls == 0).any():
-        raise ValueError(f"models at columns {np.flatnonzero(calls == 0).tolist()} have no observed cost")
-    shared = observed.all(axis=1)
-    if not shared.any():
-        raise ValueError("no row has an observed cost for every model")
-    return cost_usd[shared].mean(axis=0)
+    prompts (a model whose cost was recorded only on short prompts would otherwise look cheap). Needs such a row
+    (``require_observed_costs``)."""
+    return cost_usd[~np.isnan(cost_usd).any(axis=1)].mean(axis=0)
 
 
 def absolute_costs(
@@ -69,8 +63,8 @@ def absolute_costs(
 
 
 def require_observed_costs(models: Sequence[str], cost_usd: np.ndarray, where: str = "the labelled rows") -> None:
-    """Costs from the rows (``--costs rows``) need at least one observed cost per model; a ValueError names the
-    models without one."""
+    """Costs from the rows (``--costs rows``) need at least one observed cost per model (a ValueError names the models
+    without one) and a row with every model's cost, where ``observed_cost_per_call`` compares them."""
     observed = ~np.isnan(cost_usd)
     missing = [m for m, seen in zip(models, observed.any(axis=0), strict=True) if not seen]
     if missing:

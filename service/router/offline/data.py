@@ -211,7 +211,7 @@ def require_outcomes(labelled: LabelledSet, models: Sequence[str] | None = None)
         files = ", ".join(source.name for source in labelled.sources)
         raise DataError(f"{files}: no outcome column for model(s) {', '.join(map(repr, absent))}")
     observed = (~np.isnan(labelled.correct)).sum(axis=0)
-    empty = [m for m in wanted if m in labelled.models and observed[labelled.models.index(m)] == 0]
+    empty = [m for m in wanted if observed[labelled.models.index(m)] == 0]
     if empty:
         files = ", ".join(source.name for source in labelled.sources)
         raise DataError(
