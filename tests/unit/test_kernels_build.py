@@ -69,8 +69,25 @@ def test_a_found_library_that_does_not_run_here_falls_back_to_torch(
         load_kernels(library)
 
 
-def test_the_self_test_compares_with_the_torch_references() -> None:
-    """Off CUDA the kernels' methods fall back to the references, so this runs the self-test's own code."""
+def _unloaded_kernels() -> RouterKernels:
+    """A RouterKernels without a library: off CUDA its methods fall back to the torch references."""
     kernels = RouterKernels.__new__(RouterKernels)
     kernels.path, kernels.max_top_k = Path(LIBRARY_NAME), 8
-    kernels.self_test(torch.device("cpu"))
+    return kernels
+
+
+def test_the_self_test_passes_answers_that_match_the_references() -> None:
+    _unloaded_kernels().self_test(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("broken", ["pooling", "topk"])
+def test_the_self_test_refuses_kernels_whose_answers_differ(broken: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    kernels = _unloaded_kernels()
+    if broken == "pooling":  # e.g. the mean taken over padding too
+        monkeypatch.setattr(kernels, "mean_pool_l2norm", lambda hidden, mask: kernels_module.pooling.mean_pool_l2norm(
+            hidden, torch.ones_like(mask)))  # fmt: skip
+    else:  # the runner-up reported first
+        monkeypatch.setattr(kernels, "centroid_topk", lambda q, c, k: tuple(
+            t.flip(1) for t in kernels_module.pooling.centroid_topk(q, c, k)))  # fmt: skip
+    with pytest.raises(KernelError, match="differ from the torch references"):
+        kernels.self_test(torch.device("cpu"))
