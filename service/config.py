@@ -172,6 +172,11 @@ class DispatcherSettings(BaseSettings):
         3600.0, "a worker silent this long and holding no request is forgotten (>= --heartbeat-timeout-s)"
     )
     request_ttl_s: float = _opt(600.0, "a request never reported done gives its load back after this")
+    released_retry_s: float = _opt(
+        60.0,
+        "a released request's request_idx stays valid this long (at most --request-ttl-s): a client retrying the"
+        " request its worker refused and released is routed again",
+    )
     max_cost: float = _opt(1e9, "largest accepted request cost (400 above)")
     max_report_value: float = _opt(1e12, "largest max_perf or cur_load a worker may report (400 above)")
     max_workers_per_endpoint: int = _opt(
@@ -189,8 +194,9 @@ class DispatcherSettings(BaseSettings):
             problems.append("several workers need shared state: pass --redis-url (in-memory state is per process)")
         # each of these, zero, negative, NaN or inf, broke the running service rather than its start: every route a
         # 500 (ttl inf), assignments expired on issue, a refresh loop spinning (interval 0) or dead (window 0)
-        for name in ("redis_timeout_s", "assignment_ttl_s", "request_ttl_s", "load_window_s", "autoscale_interval_s",
-                     "heartbeat_timeout_s", "worker_forget_s", "max_cost", "max_report_value"):  # fmt: skip
+        for name in ("redis_timeout_s", "assignment_ttl_s", "request_ttl_s", "released_retry_s", "load_window_s",
+                     "autoscale_interval_s", "heartbeat_timeout_s", "worker_forget_s", "max_cost",
+                     "max_report_value"):  # fmt: skip
             if not _positive_finite(getattr(self, name)):
                 problems.append(f"{_flag(name)} must be a finite number > 0; got {getattr(self, name)!r}")
         # forgetting a worker the pick still counts as live would drop a record routes rely on

@@ -125,7 +125,7 @@ class DispatcherApi:
         data = parse_json_object(await self.service.body.read_request(request))
         name, idxs, success, worker_id = schemas.parse_release(data)
         spec = self._authenticate_worker(name, token)
-        released = await self.service.store.release(spec.name, idxs, worker_id)
+        released = await self.service.store.release(spec.name, idxs, worker_id, self.settings.released_retry_s)
         self.metrics.released.labels(endpoint=spec.name, success=str(success).lower()).inc(released.released)
         return ORJSONResponse(
             {"ok": True, "released": released.released, "unknown": released.unknown, "not_held": released.not_held}

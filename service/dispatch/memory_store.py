@@ -30,6 +30,7 @@ from service.dispatch.selection import pick_worker, status_breakdown
 from service.dispatch.store import (
     DEFAULT_HEARTBEAT_TIMEOUT_S,
     DEFAULT_MAX_WORKERS_PER_ENDPOINT,
+    DEFAULT_RELEASED_RETRY_S,
     LOAD_RATE_BUCKET_S,
     LoadStats,
     UnknownRequest,
@@ -41,14 +42,16 @@ EXPIRY_SWEEP_LIMIT = 64  # expired requests released per route call: bounded wor
 LOAD_HISTORY_S = 600  # how far back the load-rate buckets reach
 
 
-# A request in flight: (endpoint, cost, worker_id or None, expires_at). A plain tuple of atomic values, which the
+# A request in flight: (endpoint, cost, worker_id or None, expires_at, the worker that released it or None). A plain
+# tuple of atomic values, which the
 # garbage collector stops tracking: hundreds of thousands of open requests would otherwise make every full
 # collection a pause of tens of milliseconds (measured: 23 ms per 200k as slotted dataclasses, 2 ms as tuples).
-_Request = tuple[str, float, str | None, float]
+_Request = tuple[str, float, str | None, float, str | None]
 _ENDPOINT: Final = 0
 _COST: Final = 1
 _WORKER: Final = 2
 _EXPIRES: Final = 3
+_RELEASED_BY: Final = 4  # a retry of a released request avoids that worker, as any retry avoids its last
 
 
 def _by_id(worker: WorkerRecord) -> str:
@@ -120,7 +123,7 @@ class MemoryStore:
             now=now,
             heartbeat_timeout_s=policy.heartbeat_timeout_s,
             max_queue_time_s=policy.max_queue_time_s,
-            avoid=previous[_WORKER] if previous and not repeat else None,
+            avoid=(previous[_WORKER] or previous[_RELEASED_BY]) if previous and not repeat else None,
             keep=previous[_WORKER] if previous and repeat else None,
         )
         if previous is None:
@@ -131,7 +134,7 @@ class MemoryStore:
                 self._key_of[request_idx] = (endpoint, idempotency_key)
         assert request_idx is not None
         if picked is None:
-            self._track(request_idx, (endpoint, cost, None, now + policy.request_ttl_s))
+            self._track(request_idx, (endpoint, cost, None, now + policy.request_ttl_s, None))
             self._waiting[endpoint][request_idx] = now
             status = status_breakdown(
                 workers.values(),
@@ -143,7 +146,7 @@ class MemoryStore:
         picked.load += cost
         picked.open_requests += 1
         picked.reqnum += 1
-        self._track(request_idx, (endpoint, cost, picked.worker_id, now + policy.request_ttl_s))
+        self._track(request_idx, (endpoint, cost, picked.worker_id, now + policy.request_ttl_s, None))
         return Assigned(
             request_idx=request_idx,
             worker_id=picked.worker_id,
@@ -179,17 +182,25 @@ class MemoryStore:
         workers[report.worker_id] = record
         return dataclasses.replace(record)
 
-    async def release(self, endpoint: str, request_idxs: Sequence[int], worker_id: str | None = None) -> Released:
+    async def release(
+        self,
+        endpoint: str,
+        request_idxs: Sequence[int],
+        worker_id: str | None = None,
+        retry_window_s: float = DEFAULT_RELEASED_RETRY_S,
+    ) -> Released:
         released = unknown = not_held = 0
+        until = self._clock() + retry_window_s
         for idx in request_idxs:
             request = self._requests.get(idx)
             if request is None or request[_ENDPOINT] != endpoint:
                 unknown += 1
                 continue
-            if worker_id is not None and request[_WORKER] != worker_id:
+            holder = request[_WORKER]
+            if holder is None or (worker_id is not None and holder != worker_id):  # waiting, released, or moved
                 not_held += 1
                 continue
-            self._drop(idx, request)
+            self._release(idx, request, holder, until)
             released += 1
         return Released(released=released, unknown=unknown, not_held=not_held)
 
@@ -277,14 +288,31 @@ class MemoryStore:
         while buckets and buckets[0][0] < current - LOAD_HISTORY_S:
             buckets.popleft()
 
-    def _drop(self, request_idx: int, request: _Request) -> None:
-        """A request leaves for good (released or expired): its load goes back, its Idempotency-Key is unbound."""
-        del self._requests[request_idx]
-        if request[_WORKER] is not None:
-            self._unassign(request[_ENDPOINT], request[_WORKER], request[_COST])
+    def _release(self, request_idx: int, request: _Request, holder: str, until: float) -> None:
+        """A worker is done with a request: its load goes back and its Idempotency-Key is unbound, but the request_idx
+        stays known, with no worker, until ``until`` (or its own expiry, if sooner). Vast's SDK retries a worker's
+        429 or 5xx by routing that idx again, and a worker releases what it refuses (Vast's pyworker does): the
+        retry is then routed afresh, its load counted once, instead of failing as an unknown request. The window is
+        short so that what is kept stays near the requests in flight, not the request rate times the ttl."""
+        self._unbind_key(request_idx)
+        self._waiting.get(request[_ENDPOINT], {}).pop(request_idx, None)
+        self._unassign(request[_ENDPOINT], holder, request[_COST])
+        if until < request[_EXPIRES]:
+            self._track(request_idx, (request[_ENDPOINT], request[_COST], None, until, holder))
+        else:
+            self._requests[request_idx] = (request[_ENDPOINT], request[_COST], None, request[_EXPIRES], holder)
+
+    def _unbind_key(self, request_idx: int) -> None:
         key = self._key_of.pop(request_idx, None)
         if key is not None and self._by_key.get(key) == request_idx:  # the key may name a newer request by now
             del self._by_key[key]
+
+    def _drop(self, request_idx: int, request: _Request) -> None:
+        """A request leaves for good (expired): its load goes back, its Idempotency-Key is unbound."""
+        del self._requests[request_idx]
+        if request[_WORKER] is not None:
+            self._unassign(request[_ENDPOINT], request[_WORKER], request[_COST])
+        self._unbind_key(request_idx)
 
     def _track(self, request_idx: int, request: _Request) -> None:
         self._requests[request_idx] = request

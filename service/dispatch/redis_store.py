@@ -7,7 +7,9 @@ Key layout (``P`` is the ``prefix``, ``dispatch:`` by default; ``E`` an endpoint
 
     P request_idx           string  the last request_idx issued (INCR; a missing counter restarts at the clock)
     P expiries              zset    member request_idx, score its expiry (unix seconds)
-    P req:<idx>             hash    endpoint, cost, worker (absent while no worker holds it)
+    P req:<idx>             hash    endpoint, cost, worker (absent while no worker holds it: waiting, or released
+                                    and kept for a retry until it expires), idem (its Idempotency-Key),
+                                    released_by (the worker that released it, which its retry avoids)
     P workers:E             set     the worker ids of endpoint E
     P worker:E/W            hash    url, state, max_perf, cur_load, in_flight, last_seen (the last report),
                                     load, reqnum, open_requests (the dispatcher's ledger)
@@ -66,6 +68,7 @@ from service.dispatch.records import (
 from service.dispatch.store import (
     DEFAULT_HEARTBEAT_TIMEOUT_S,
     DEFAULT_MAX_WORKERS_PER_ENDPOINT,
+    DEFAULT_RELEASED_RETRY_S,
     LOAD_RATE_BUCKET_S,
     LoadStats,
     StoreUnavailable,
@@ -252,11 +255,18 @@ class RedisStore:
             report, last_seen=float(last_seen), load=float(load), reqnum=int(reqnum), open_requests=int(open_requests)
         )
 
-    async def release(self, endpoint: str, request_idxs: Sequence[int], worker_id: str | None = None) -> Released:
+    async def release(
+        self,
+        endpoint: str,
+        request_idxs: Sequence[int],
+        worker_id: str | None = None,
+        retry_window_s: float = DEFAULT_RELEASED_RETRY_S,
+    ) -> Released:
         if not request_idxs:
             return Released(released=0, unknown=0)
         holder = "" if worker_id is None else worker_id  # worker ids are never empty (schemas)
-        args = (*self._common, _check_endpoint(endpoint), holder, *(str(int(idx)) for idx in request_idxs))
+        args = (*self._common, _check_endpoint(endpoint), holder, _num(retry_window_s),
+                *(str(int(idx)) for idx in request_idxs))  # fmt: skip
         with self._unavailable("release"):
             released, unknown, not_held = await self._release(args=args)
         return Released(released=int(released), unknown=int(unknown), not_held=int(not_held))

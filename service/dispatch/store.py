@@ -6,7 +6,10 @@ Contract, which ``tests/unit/test_dispatch_store.py`` checks against both implem
   ``reqnum`` and (for a new request) a new ``request_idx`` happen as one step.
 * A retry (``request_idx`` given) moves the request's load to the newly picked worker; its load is never counted
   twice. A request answered "no ready worker" holds no load until a later retry assigns it.
-* ``release`` gives a finished request's load back, once; releasing an unknown or released request is a no-op.
+* ``release`` gives a finished request's load back, once (``not_held`` for a request no worker holds: released
+  already, or waiting). A released request stays known, without a worker, for ``retry_window_s`` more (never past
+  its ttl): a retry of it (a worker refused it and the client tries again) is routed afresh, avoiding that worker,
+  and is not new load again.
 * A request never released gives its load back after ``PickPolicy.request_ttl_s``.
 * A worker holding no request has a load of exactly 0.0, and a load is never negative.
 * ``forget_workers`` removes the records of workers silent for longer than ``forget_s`` that hold no request.
@@ -28,6 +31,7 @@ from service.errors import StoreUnavailable, TooManyWorkers, UrlTaken
 __all__ = [
     "DEFAULT_HEARTBEAT_TIMEOUT_S",
     "DEFAULT_MAX_WORKERS_PER_ENDPOINT",
+    "DEFAULT_RELEASED_RETRY_S",
     "LOAD_RATE_BUCKET_S",
     "DispatchStore",
     "LoadStats",
@@ -40,6 +44,7 @@ __all__ = [
 LOAD_RATE_BUCKET_S = 1  # granularity of the recent-load counters autoscaling reads
 DEFAULT_MAX_WORKERS_PER_ENDPOINT: int = DispatcherSettings.max_workers_per_endpoint
 DEFAULT_HEARTBEAT_TIMEOUT_S: float = DispatcherSettings.heartbeat_timeout_s
+DEFAULT_RELEASED_RETRY_S: float = DispatcherSettings.released_retry_s
 
 
 def too_many_workers(endpoint: str, limit: int) -> TooManyWorkers:
@@ -102,9 +107,16 @@ class DispatchStore(Protocol):
         is active the report is refused (``UrlTaken``)."""
         ...
 
-    async def release(self, endpoint: str, request_idxs: Sequence[int], worker_id: str | None = None) -> Released:
-        """Give the requests' load back. With ``worker_id``, only requests that worker holds: a request a retry moved
-        to another worker stays with that one when the first worker reports it done."""
+    async def release(
+        self,
+        endpoint: str,
+        request_idxs: Sequence[int],
+        worker_id: str | None = None,
+        retry_window_s: float = DEFAULT_RELEASED_RETRY_S,
+    ) -> Released:
+        """Give the requests' load back; each stays known, held by no worker, for ``retry_window_s`` more (at most
+        until its ttl). With ``worker_id``, only requests that worker holds: a request a retry moved to another worker
+        stays with that one when the first worker reports it done."""
         ...
 
     async def workers(self, endpoint: str) -> list[WorkerRecord]: ...

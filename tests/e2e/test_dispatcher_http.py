@@ -23,6 +23,10 @@ from typing import Any
 import httpx
 import pytest
 from nacl.signing import VerifyKey
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from service.dispatch.client import DispatchClient
 from service.dispatch.records import STATUS_KEYS
@@ -410,6 +414,75 @@ async def test_vast_sdk_serverless_client_works_unchanged(deployment: Deployment
         await client.close()
         if worker is not None:
             worker.stop()
+        assert dispatcher.stop() == 0
+
+
+class RefusingWorker:
+    """A worker as Vast's pyworker behaves when it cannot take a request: it releases it (``/delete_requests/``,
+    ``success: false``) and answers 503; it serves the ones after. Hypercorn in this process, on a free port."""
+
+    def __init__(self, dispatcher: Server, worker_token: str) -> None:
+        self.dispatcher = dispatcher
+        self.auth = {"authorization": f"Bearer {worker_token}"}
+        self.url = f"http://127.0.0.1:{free_port()}"
+        self.seen: list[int] = []  # the request_idx of every call, in order
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def echo(self, request: Request) -> Response:
+        body = await request.json()
+        idx = body["auth_data"]["request_idx"]
+        self.seen.append(idx)
+        release = {"endpoint": ENDPOINT, "id": "refuser", "request_idxs": [idx], "success": len(self.seen) > 1}
+        async with httpx.AsyncClient() as http:
+            released = await http.post(f"{self.dispatcher.url}/delete_requests/", json=release, headers=self.auth)
+        assert released.json()["released"] == 1, released.text
+        if len(self.seen) == 1:
+            return JSONResponse({"error": "busy"}, status_code=503)
+        return JSONResponse({"payload": body["payload"]})
+
+    async def __aenter__(self) -> RefusingWorker:
+        from hypercorn.asyncio import serve
+        from hypercorn.config import Config
+
+        config = Config()
+        config.bind = [self.url.removeprefix("http://")]
+        app = Starlette(routes=[Route("/echo", self.echo, methods=["POST"])])
+        self._task = asyncio.ensure_future(serve(app, config, shutdown_trigger=self._stop.wait))  # type: ignore[arg-type]
+        report = {"endpoint": ENDPOINT, "id": "refuser", "url": self.url, "state": "ready", "max_perf": 1000.0}
+        async with httpx.AsyncClient() as http:
+            answer = await http.post(f"{self.dispatcher.url}/worker_status/", json=report, headers=self.auth)
+        assert answer.status_code == 200, answer.text
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._stop.set()
+        assert self._task is not None
+        await self._task
+
+
+async def test_vast_sdk_retries_a_request_its_worker_refused_and_released(deployment: Deployment) -> None:
+    """The SDK retries a worker's 429/5xx by routing the same request_idx again; the worker released the request
+    when it refused it (as Vast's pyworker does), and the retry is served, its load held once."""
+    from vastai.serverless.client import CoroutineServerless, Endpoint
+
+    dispatcher = deployment.dispatcher()
+    client = CoroutineServerless(api_key=deployment.api_key, autoscaler_url=dispatcher.url, max_poll_interval=0.5)
+    client._ssl_context = ssl.create_default_context()  # as in the test above: no TLS here
+    try:
+        async with RefusingWorker(dispatcher, deployment.worker_token) as worker:
+            endpoint = Endpoint(client, name=ENDPOINT, id=1, api_key=deployment.api_key)
+            result = await asyncio.wait_for(endpoint.request("/echo", {"hello": "again"}, cost=50), WAIT_S)
+            assert result["ok"] is True and result["status"] == 200, result
+            assert result["response"]["payload"] == {"hello": "again"}
+            assert len(worker.seen) == 2 and worker.seen[0] == worker.seen[1] == result["request_idx"]
+        state = await asyncio.to_thread(endpoint_state, dispatcher, deployment.api_key)
+        assert [w["load"] for w in state["workers"]] == [0.0]
+        metrics = (await asyncio.to_thread(httpx.get, f"{dispatcher.url}/metrics")).text
+        assert f'dispatcher_routes_total{{endpoint="{ENDPOINT}",outcome="assigned"}} 1.0' in metrics
+        assert f'dispatcher_routes_total{{endpoint="{ENDPOINT}",outcome="reassigned"}} 1.0' in metrics
+    finally:
+        await client.close()
         assert dispatcher.stop() == 0
 
 

@@ -419,11 +419,42 @@ async def test_release_gives_load_back_once(store: DispatchStore) -> None:
     assert await store.release(EP, [first.request_idx]) == Released(released=1, unknown=0)
     assert await loads(store) == {"w1": 3.0}
     result = await store.release(EP, [first.request_idx, second.request_idx, 987654, second.request_idx])
-    assert result == Released(released=1, unknown=3)
+    assert result == Released(released=1, unknown=1, not_held=2)  # released ones hold nothing any more
     assert await loads(store) == {"w1": 0.0}
     assert await store.release(EP, []) == Released(released=0, unknown=0)
-    with pytest.raises(UnknownRequest):  # a released request cannot be retried
-        await store.route(EP, 1.0, first.request_idx, POLICY)
+
+
+async def test_a_released_request_is_routed_afresh_when_retried_until_it_expires(store: DispatchStore) -> None:
+    """Vast's SDK retries a worker's 429 or 5xx by routing the same request_idx again, and a worker releases what it
+    refuses (Vast's pyworker does): the retry gets a worker, its load held once and not counted as new load again."""
+    short = PickPolicy(max_queue_time_s=30.0, heartbeat_timeout_s=60.0, request_ttl_s=0.3)
+    await report(store, "w1")
+    await report(store, "w2")
+    first = await assign(store, 3.0, policy=short)
+    assert await store.release(EP, [first.request_idx], first.worker_id) == Released(released=1, unknown=0)
+    assert await loads(store) == {"w1": 0.0, "w2": 0.0}
+    again = await assign(store, 3.0, first.request_idx, policy=short)
+    assert (again.request_idx, again.retry, again.worker_id) == (first.request_idx, True, "w2")  # avoids w1 no more
+    assert sorted((await loads(store)).values()) == [0.0, 3.0]
+    assert await store.load_stats(EP, 10.0) == LoadStats(load_rate=0.3, outstanding=3.0)  # new load once
+    assert await store.release(EP, [again.request_idx], again.worker_id) == Released(released=1, unknown=0)
+    await asyncio.sleep(0.45)  # past its ttl: nothing is kept for it any more
+    with pytest.raises(UnknownRequest):
+        await store.route(EP, 3.0, first.request_idx, short)
+    assert await store.release(EP, [first.request_idx]) == Released(released=0, unknown=1)
+
+
+async def test_a_released_request_is_kept_for_the_retry_window_only(store: DispatchStore) -> None:
+    """What a store keeps stays near the requests in flight, not the request rate times the (long) request ttl."""
+    await report(store, "w1")
+    kept, dropped = await assign(store, 1.0), await assign(store, 2.0)
+    assert await store.release(EP, [kept.request_idx], retry_window_s=60.0) == Released(released=1, unknown=0)
+    assert await store.release(EP, [dropped.request_idx], retry_window_s=0.2) == Released(released=1, unknown=0)
+    await asyncio.sleep(0.35)
+    with pytest.raises(UnknownRequest):
+        await store.route(EP, 2.0, dropped.request_idx, POLICY)
+    assert (await assign(store, 1.0, kept.request_idx)).request_idx == kept.request_idx
+    assert await loads(store) == {"w1": 1.0}
 
 
 async def test_release_by_a_worker_leaves_requests_a_retry_moved_to_another(store: DispatchStore) -> None:
@@ -437,14 +468,16 @@ async def test_release_by_a_worker_leaves_requests_a_retry_moved_to_another(stor
     assert await loads(store) == {"w1": 0.0, "w2": 1.0}
     assert await store.release(EP, [first.request_idx], "w2") == Released(released=1, unknown=0, not_held=0)
     assert await loads(store) == {"w1": 0.0, "w2": 0.0}
-    assert await store.release(EP, [first.request_idx], "w2") == Released(released=0, unknown=1, not_held=0)
+    assert await store.release(EP, [first.request_idx], "w2") == Released(released=0, unknown=0, not_held=1)
 
 
-async def test_release_of_a_request_without_worker(store: DispatchStore) -> None:
+async def test_a_request_waiting_for_a_worker_holds_nothing_to_release(store: DispatchStore) -> None:
     await report(store, "w1", state=WorkerState.LOADING)
     refused = await no_ready(store, 5.0)
-    assert await store.release(EP, [refused.request_idx]) == Released(released=1, unknown=0)
+    assert await store.release(EP, [refused.request_idx]) == Released(released=0, unknown=0, not_held=1)
     assert await loads(store) == {"w1": 0.0}
+    await report(store, "w1")
+    assert (await assign(store, 5.0, refused.request_idx)).request_idx == refused.request_idx  # its poll goes on
 
 
 async def test_request_ttl_gives_load_back(store: DispatchStore) -> None:
@@ -528,8 +561,10 @@ async def test_load_stats_count_requests_waiting_for_a_worker_until_they_leave(s
     await report(store, "w1")
     await assign(store, 2.0, first.request_idx)  # the retry finds a worker: its load now shows there
     assert await store.load_stats(EP, 10.0) == LoadStats(0.6, 2.0, waiting_requests=1, waiting=3.0)
-    assert await store.release(EP, [second.request_idx]) == Released(released=1, unknown=0)
-    assert await store.load_stats(EP, 10.0) == LoadStats(0.6, 2.0, waiting_requests=0, waiting=0.0)
+    assert await store.release(EP, [first.request_idx]) == Released(released=1, unknown=0)  # done: it left for good
+    assert await store.load_stats(EP, 10.0) == LoadStats(0.6, 0.0, waiting_requests=1, waiting=3.0)
+    await assign(store, 3.0, second.request_idx)
+    assert await store.load_stats(EP, 10.0) == LoadStats(0.6, 3.0, waiting_requests=0, waiting=0.0)
     assert await store.load_stats(OTHER_EP, 10.0) == LoadStats(0.4, 0.0, waiting_requests=1, waiting=4.0)
 
 

@@ -14,6 +14,8 @@ local function worker_key(endpoint, worker_id) return prefix .. 'worker:' .. end
 -- MemoryStore._waiting: {request_idx: when last answered "no ready worker"}, set by route.lua only; load_stats.lua
 -- drops the entries whose request has since left or found a worker
 local function waiting_key(endpoint) return prefix .. 'waiting:' .. endpoint end
+-- MemoryStore._by_key: the request_idx a new request with an Idempotency-Key got (E/K: no endpoint has a '/')
+local function idem_key(endpoint, key) return prefix .. 'idem:' .. endpoint .. '/' .. key end
 
 -- MemoryStore._unassign: a request of `cost` leaves its worker (if the worker exists); returns the new load or nil.
 -- memory_store.load_after_release: exactly 0 once the worker holds no request, never below 0 (float dust).

@@ -1,18 +1,29 @@
--- ARGV[3..]: endpoint, worker_id ('' = any worker), request_idx... Returns {released, unknown, not_held}.
--- MemoryStore.release: with a worker id, a request held by another worker (a retry moved it) stays with that one.
+-- ARGV[3..]: endpoint, worker_id ('' = any worker), retry window (s), request_idx... Returns {released, unknown,
+-- not_held}. MemoryStore.release: with a worker id, a request held by another worker (a retry moved it) stays with
+-- that one; a released request stays known, without a worker or its Idempotency-Key, for the retry window (never
+-- past its own expiry), so that a retry of it routes afresh, avoiding the worker that released it.
 local endpoint, holder = ARGV[3], ARGV[4]
+local keep_until = clock() + tonumber(ARGV[5])
 local released, unknown, not_held = 0, 0, 0
-for i = 5, #ARGV do
-  local key = prefix .. 'req:' .. ARGV[i]
-  local r = redis.call('HMGET', key, 'endpoint', 'cost', 'worker')
+for i = 6, #ARGV do
+  local idx = ARGV[i]
+  local key = prefix .. 'req:' .. idx
+  local r = redis.call('HMGET', key, 'endpoint', 'cost', 'worker', 'idem')
   if r[1] ~= endpoint then
     unknown = unknown + 1
-  elseif holder ~= '' and r[3] ~= holder then
+  elseif not r[3] or (holder ~= '' and r[3] ~= holder) then
     not_held = not_held + 1
   else
-    redis.call('DEL', key)
-    redis.call('ZREM', expiries, ARGV[i])
-    if r[3] then unassign(endpoint, r[3], tonumber(r[2])) end
+    redis.call('HDEL', key, 'worker', 'idem')
+    redis.call('HSET', key, 'released_by', r[3])
+    redis.call('HDEL', waiting_key(endpoint), idx)
+    if r[4] then
+      local idem = idem_key(endpoint, r[4])
+      if redis.call('GET', idem) == idx then redis.call('DEL', idem) end
+    end
+    local expires = tonumber(redis.call('ZSCORE', expiries, idx))
+    if expires and keep_until < expires then redis.call('ZADD', expiries, fmt(keep_until), idx) end
+    unassign(endpoint, r[3], tonumber(r[2]))
     released = released + 1
   end
 end

@@ -16,13 +16,12 @@ local idempotency = ARGV[12]
 local now = clock()
 sweep(now)
 
--- MemoryStore._by_key: a new request's Idempotency-Key names it while it is held and unexpired (E/K: no endpoint
--- has a '/'); the request records its key (field idem), which keeps the key alive on every route of it
-local function idem_key(key) return prefix .. 'idem:' .. endpoint .. '/' .. key end
+-- A new request's Idempotency-Key names it while it is held and unexpired; the request records its key (field
+-- idem), which keeps the key alive on every route of it
 local idem, repeat_call = false, false
 if idx == '' and idempotency ~= '' then
   idem = idempotency
-  local known = redis.call('GET', idem_key(idem))
+  local known = redis.call('GET', idem_key(endpoint, idem))
   if known then
     local r = redis.call('HMGET', prefix .. 'req:' .. known, 'endpoint', 'idem')
     local expires = tonumber(redis.call('ZSCORE', expiries, known))
@@ -31,11 +30,11 @@ if idx == '' and idempotency ~= '' then
 end
 
 local retry = idx ~= ''
-local prev_worker, prev_cost = false, 0
+local prev_worker, prev_cost, released_by = false, 0, false
 if retry then
-  local r = redis.call('HMGET', prefix .. 'req:' .. idx, 'endpoint', 'cost', 'worker', 'idem')
+  local r = redis.call('HMGET', prefix .. 'req:' .. idx, 'endpoint', 'cost', 'worker', 'idem', 'released_by')
   if r[1] ~= endpoint then return {-1} end
-  prev_worker, prev_cost, idem = r[3], tonumber(r[2]), r[4]
+  prev_worker, prev_cost, idem, released_by = r[3], tonumber(r[2]), r[4], r[5]
 end
 
 local workers = {}
@@ -75,7 +74,7 @@ local function key_lt(a, b)
 end
 
 -- a retry avoids the worker it had; a repeated call keeps it while it can take work
-local avoid = not repeat_call and prev_worker
+local avoid = not repeat_call and (prev_worker or released_by)
 local keep = repeat_call and prev_worker
 local best, best_key = nil, nil
 for _, w in ipairs(workers) do
@@ -106,7 +105,7 @@ if not retry then
   redis.call('SET', rate_key, fmt(rate + cost), 'EX', history)
 end
 if idem then  -- bound when the request is new; each later route of it keeps the binding as long as the request
-  local key = idem_key(idem)
+  local key = idem_key(endpoint, idem)
   if not retry or redis.call('GET', key) == idx then
     redis.call('SET', key, idx, 'PX', math.ceil(ttl * 1000))
   end
