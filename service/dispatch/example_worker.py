@@ -61,8 +61,12 @@ KEY_RETRY_FIRST_S = 0.2
 KEY_RETRY_MAX_S = 5.0
 HTTP_TIMEOUT_S = 10.0
 STOP_REPORT_TIMEOUT_S = 2.0  # the "stopped" report must not hold up shutdown
+# A release lost to a dispatcher blip (Redis restarting: 503) would hold the request's load until --request-ttl-s
+RELEASE_ATTEMPTS = 4
+RELEASE_RETRY_FIRST_S = 0.5
 HTTP_OK = 200
 HTTP_SERVICE_UNAVAILABLE = 503
+HTTP_SERVER_ERROR = 500
 UNSPECIFIED_HOSTS = frozenset({"", "0.0.0.0", "::"})
 LOOPBACK = "127.0.0.1"
 WORKER_TOKEN_ENV = "LLMROUTER_WORKER_TOKEN"
@@ -259,10 +263,27 @@ class ExampleWorker:
             await self.report(WorkerState.STOPPED, timeout_s=STOP_REPORT_TIMEOUT_S)
 
     async def release(self, request_idx: int, *, success: bool = True) -> None:
+        """Report the request done; a transport error or a 5xx is retried with back-off (``RELEASE_ATTEMPTS``), a 4xx
+        is not (the request is unknown or not this worker's: sending it again changes nothing)."""
         body = {"endpoint": self.endpoint, "id": self.worker_id, "request_idxs": [request_idx], "success": success}
         url = join_url(self.dispatcher_url, DELETE_REQUESTS_PATH)
-        response = await self.http.post(url, json=body, headers=self._headers)
-        response.raise_for_status()
+        delay = RELEASE_RETRY_FIRST_S
+        for attempt in range(1, RELEASE_ATTEMPTS + 1):
+            try:
+                response = await self.http.post(url, json=body, headers=self._headers)
+                if response.status_code < HTTP_SERVER_ERROR:
+                    response.raise_for_status()
+                    return
+                failure: Exception = httpx.HTTPStatusError(
+                    f"dispatcher answered {response.status_code}", request=response.request, response=response
+                )
+            except httpx.TransportError as exc:
+                failure = exc
+            if attempt == RELEASE_ATTEMPTS:
+                raise failure
+            logger.warning("release of request %d failed (%s); retrying in %.1f s", request_idx, failure, delay)
+            await asyncio.sleep(delay)
+            delay *= 2
 
     # -- handlers ---------------------------------------------------------------------------------------------
     async def echo(self, request: Request) -> Response:

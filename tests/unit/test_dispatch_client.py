@@ -18,6 +18,7 @@ import orjson
 import pytest
 from starlette.applications import Starlette
 
+from service.dispatch import example_worker as example_worker_module
 from service.dispatch.client import (
     RETRY_AFTER_JITTER,
     AttemptsExhausted,
@@ -546,6 +547,47 @@ async def test_unknown_keys_share_one_fetch_and_fetch_at_most_every_gap(signer: 
             assert results == [True] * 5 and dispatcher.key_fetches == fetched_at_start + 1
             assert await worker.refresh_for_unknown_key() is False  # within the gap: refused without a fetch
             assert dispatcher.key_fetches == fetched_at_start + 1
+
+
+class FlakyReleases(FakeDispatcherForWorker):
+    """Answers ``/delete_requests/`` with the given statuses first (a Redis blip: 503), then as usual."""
+
+    def __init__(self, signer: Signer, statuses: list[int]) -> None:
+        super().__init__(signer)
+        self.statuses = statuses
+        self.release_calls = 0
+
+    def handle(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/delete_requests/":
+            self.release_calls += 1
+            if self.statuses:
+                status = self.statuses.pop(0)
+                return httpx.Response(status, json={"error": {"code": "store_unavailable", "message": "blip"}})
+        return super().handle(request)
+
+
+@pytest.mark.parametrize(
+    ("statuses", "calls", "delivered"),
+    [([503, 502], 3, True), ([503, 503, 503, 503], 4, False), ([400], 1, False)],
+)
+async def test_the_example_worker_retries_a_release_the_dispatcher_failed(
+    signer: Signer, monkeypatch: pytest.MonkeyPatch, statuses: list[int], calls: int, delivered: bool
+) -> None:
+    """One 503 during a Redis restart held the request's load until the request ttl (600 s); a 4xx is not retried:
+    sending it again changes nothing."""
+    monkeypatch.setattr(example_worker_module, "RELEASE_RETRY_FIRST_S", 0.001)
+    dispatcher = FlakyReleases(signer, statuses)
+    async with httpx.AsyncClient(transport=httpx.MockTransport(dispatcher.handle)) as worker_http:
+        app = example_worker(worker_http)
+        async with app.router.lifespan_context(app):
+            await wait_for(lambda: app.state.worker.keys_loaded)
+            if delivered:
+                await app.state.worker.release(FIRST_IDX)
+            else:
+                with pytest.raises(httpx.HTTPStatusError):
+                    await app.state.worker.release(FIRST_IDX)
+    assert dispatcher.release_calls == calls
+    assert [d["request_idxs"] for d in dispatcher.deleted] == ([[FIRST_IDX]] if delivered else [])
 
 
 class MalformedKeysFirst(FakeDispatcherForWorker):
