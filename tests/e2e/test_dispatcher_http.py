@@ -471,7 +471,10 @@ async def test_vast_sdk_retries_a_request_its_worker_refused_and_released(deploy
     client._ssl_context = ssl.create_default_context()  # as in the test above: no TLS here
     try:
         async with RefusingWorker(dispatcher, deployment.worker_token) as worker:
-            endpoint = Endpoint(client, name=ENDPOINT, id=1, api_key=deployment.api_key)
+            # built as the README says for a long-lived client: a week old, it does not call Vast's web API
+            endpoint = Endpoint(client, name=ENDPOINT, id=1, api_key=deployment.api_key,
+                                soft_refresh_threshold=float("inf"), hard_refresh_threshold=float("inf"))  # fmt: skip
+            endpoint.last_refresh = time.time() - 7 * 24 * 3600
             result = await asyncio.wait_for(endpoint.request("/echo", {"hello": "again"}, cost=50), WAIT_S)
             assert result["ok"] is True and result["status"] == 200, result
             assert result["response"]["payload"] == {"hello": "again"}
