@@ -114,7 +114,7 @@ class RouterSettings(BaseSettings):
 
     def __post_init__(self) -> None:
         # a value that can only fail once loading has started would leave a server answering 503 for ever
-        problems = _base_problems(self)
+        problems = _base_problems(self) + _admin_token_problems(self.admin_token)
         for name in ("max_batch_size", "max_batch_tokens", "max_queue", "max_prompt_chars", "top_clusters",
                      "cuda_inflight_batches"):  # fmt: skip
             if getattr(self, name) < 1:
@@ -189,7 +189,7 @@ class DispatcherSettings(BaseSettings):
     admin_token: str | None = _opt(None, "bearer token for GET /endpoints/ (unset: only each endpoint's api key)")
 
     def __post_init__(self) -> None:
-        problems = _base_problems(self)
+        problems = _base_problems(self) + _admin_token_problems(self.admin_token)
         if self.workers > 1 and not self.redis_url:
             problems.append("several workers need shared state: pass --redis-url (in-memory state is per process)")
         # each of these, zero, negative, NaN or inf, broke the running service rather than its start: every route a
@@ -244,6 +244,14 @@ def _base_problems(settings: BaseSettings) -> list[str]:
     if not (settings.body_timeout_s > 0 and math.isfinite(settings.body_timeout_s)):
         problems.append("--body-timeout-s must be a finite number of seconds > 0")
     return problems
+
+
+def _admin_token_problems(token: str | None) -> list[str]:
+    # `--admin-token "$TOKEN"` with TOKEN unset gave an empty token, which an empty Bearer header matched, and the
+    # start-up warning about open admin endpoints stayed silent
+    if token is not None and not token.strip():
+        return ["--admin-token must be a non-blank token (leave it unset for no admin token)"]
+    return []
 
 
 def _base_type(hint: Any) -> type:

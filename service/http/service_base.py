@@ -15,6 +15,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from service.config import BaseSettings
+from service.errors import NotFound
 from service.http.body import BodyReader
 from service.http.fastpath import FastJsonPost, JsonHandler
 from service.http.handlers import Handler, guarded
@@ -23,6 +24,7 @@ from service.http.responses import ORJSONResponse, error_response, http_exceptio
 from service.metrics import HttpMetrics
 
 Lifespan = Callable[[Starlette], AbstractAsyncContextManager[None]]
+HTTP_NOT_FOUND = 404
 
 
 class ServiceBase:
@@ -30,6 +32,7 @@ class ServiceBase:
     metrics: HttpMetrics
     _middleware: RequestMetricsMiddleware  # set by _build_asgi
     body: BodyReader  # set by _build_asgi: every handler reads its JSON body through it
+    _paths: frozenset[str]  # set by _build_asgi: the route templates, for a 404's hint
 
     def __init__(self) -> None:
         self._tasks: set[asyncio.Task[Any]] = set()  # kept referenced; cancelled by the lifespan
@@ -41,6 +44,10 @@ class ServiceBase:
         """Starlette's own 404/405 in the service's error shape, keeping its headers (a 405's ``Allow``, which
         RFC 9110 requires)."""
         error = http_exception_to_error(exc)
+        path = request.url.path
+        twin = path[:-1] if path.endswith("/") else path + "/"
+        if exc.status_code == HTTP_NOT_FOUND and twin in self._paths:
+            error = NotFound(f"no such endpoint; did you mean {twin}?")
         self.metrics.errors.labels(code=error.code).inc()
         response = error_response(error, retry_after_s=self.settings.retry_after_s)
         if exc.headers:
@@ -62,6 +69,10 @@ class ServiceBase:
             exception_handlers={HTTPException: self._http_exception},  # type: ignore[dict-item]
             lifespan=lifespan,
         )
+        # A path with a slash too many or too few is a 404 like any unknown path, not a 307 to where the client's Host
+        # header and plain http point: behind a TLS load balancer that resent the body in the clear.
+        app.router.redirect_slashes = False
+        self._paths = frozenset(route.path for route in routes)
         self.body = BodyReader(max_bytes=self.settings.max_body_bytes, timeout_s=self.settings.body_timeout_s)
         fast = FastJsonPost(
             app,

@@ -62,7 +62,7 @@ class RouterApi:
     async def openapi(self, request: Request) -> Response:
         from service.router.openapi import router_openapi
 
-        return ORJSONResponse(router_openapi())
+        return ORJSONResponse(router_openapi(self.service.settings.max_prompt_chars))
 
     async def reload(self, request: Request) -> Response:
         """POST /admin/reload {"path": optional}: validate, swap atomically, clear the cache."""

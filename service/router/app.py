@@ -196,7 +196,8 @@ class RouterService(ServiceBase):
     async def reload_weights(self, path: Path) -> RouterWeights:
         """``/admin/reload``. With several worker processes behind the port, every one must serve the same weights:
         only the configured file can be reloaded (its path is what SIGHUP re-reads), and once this worker has
-        validated and swapped it in, the parent is sent SIGHUP, which it forwards to every worker."""
+        validated it, the parent is sent SIGHUP, which it forwards to every worker, this one included: each swaps
+        it in once."""
         assert self.engine is not None
         configured = self.settings.resolved_weights()
         siblings = self.fleet.size > 1
@@ -206,9 +207,10 @@ class RouterService(ServiceBase):
                 f"new weights over the configured file ({configured}) and POST /admin/reload without a path "
                 "(or send SIGHUP to the parent process)"
             )
-        weights = await self.engine.reload(path)
-        if siblings:
-            os.kill(os.getppid(), signal.SIGHUP)  # the supervisor forwards it to every worker, this one included
+        if not siblings:
+            return await self.engine.reload(path)
+        weights = (await self.engine.validate(path)).weights
+        os.kill(os.getppid(), signal.SIGHUP)  # the supervisor forwards it to every worker, this one included
         return weights
 
     def on_reload_signal(self) -> None:

@@ -18,6 +18,7 @@ import hashlib
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,7 +28,7 @@ from prometheus_client import Counter
 
 from service.config import RouterSettings
 from service.errors import InvalidRequest, NotReady, ShuttingDown
-from service.metrics import RELOAD_OK, RELOAD_REJECTED, RouterMetrics
+from service.metrics import RELOAD_OK, RELOAD_REJECTED, RouterMetrics, multiprocess
 from service.router.batcher import BatcherConfig, MicroBatcher
 from service.router.cache import LRUCache
 from service.router.index import Nearest
@@ -42,6 +43,8 @@ if TYPE_CHECKING:  # torch loads in the background, after the server listens (se
 logger = logging.getLogger(__name__)
 
 CACHE_KEY_BYTES = 16
+MAX_NAMES_IN_ERROR = 20  # model names an unknown-model error lists before '(+N more)'
+MAX_NAME_CHARS_IN_ERROR = 100
 
 
 @dataclass(frozen=True)
@@ -65,11 +68,19 @@ class RouteQuery:
             unknown = [name for name in request.available_models if name not in state.model_index]
             if unknown:
                 raise InvalidRequest(
-                    f"unknown model(s) in 'available_models': {', '.join(map(repr, unknown))}; "
-                    f"known: {', '.join(state.weights.models)}"
+                    f"unknown model(s) in 'available_models': {_some_names(unknown)}; "
+                    f"known: {_some_names(state.weights.models)}"
                 )
         weight = state.weights.default_lambda if request.cost_weight is None else request.cost_weight
         return cls(state=state, cost_weight=weight, columns=state.allowed_columns(request.available_models))
+
+
+def _some_names(names: Sequence[str]) -> str:
+    """The first few names (each cut short), then how many more: an error must not echo a megabyte request back."""
+    shown = [repr(name if len(name) <= MAX_NAME_CHARS_IN_ERROR else name[:MAX_NAME_CHARS_IN_ERROR] + "...")
+             for name in names[:MAX_NAMES_IN_ERROR]]  # fmt: skip
+    more = len(names) - len(shown)
+    return ", ".join(shown) + (f" (+{more} more)" if more else "")
 
 
 @dataclass(eq=False)
@@ -384,14 +395,19 @@ class RouterEngine:
         On any problem the old weights keep serving and ``WeightsError`` is raised.
         """
         async with self._reload_lock:
-            try:
-                state = await asyncio.to_thread(build_state, path, self._embedder, index_backend=self._index_backend)
-            except WeightsError:
-                self._metrics.reloads.labels(result=RELOAD_REJECTED).inc()
-                raise
+            state = await self.validate(path)
             self.install(state)
             self._metrics.reloads.labels(result=RELOAD_OK).inc()
             return state.weights
+
+    async def validate(self, path: Path) -> RouterState:
+        """Build the serving state of a weights file off the loop without installing it; ``WeightsError`` (counted as
+        a rejected reload) if it cannot serve."""
+        try:
+            return await asyncio.to_thread(build_state, path, self._embedder, index_backend=self._index_backend)
+        except WeightsError:
+            self._metrics.reloads.labels(result=RELOAD_REJECTED).inc()
+            raise
 
     def install(self, state: RouterState) -> None:
         previous = self._holder.swap(state)
@@ -399,7 +415,8 @@ class RouterEngine:
         if previous is not None:
             old = _weights_labels(previous.weights)
             self._metrics.weights_info.labels(*old).set(0)  # with several processes the merged files keep the value
-            self._metrics.weights_info.remove(*old)
+            if not multiprocess():  # (where removing a series is not implemented, and warns)
+                self._metrics.weights_info.remove(*old)
         self._metrics.weights_info.labels(*_weights_labels(state.weights)).set(1)
         logger.info(
             "serving weights %s (%d models, %d clusters)",

@@ -13,8 +13,10 @@ from service.router.weights import MAX_COST_WEIGHT
 _PROMPT = {
     "type": "string",
     "minLength": 1,
-    "pattern": "\\S",  # not only whitespace: that embeds to nothing worth routing on
-    "description": "The user text to route (not only whitespace, unless an embedding is given).",
+    # not only whitespace (\\s and what Python's str.strip removes besides): that embeds to nothing worth routing on
+    "pattern": "[^\\s\\x1c-\\x1f\\x85]",
+    "description": "The user text to route (not only whitespace, unless an embedding is given)."
+    " Characters the tokenizer drops (control, zero-width) are embedded as sentence-transformers embeds them.",
 }
 _EMBEDDING = {
     "type": "array",
@@ -159,8 +161,15 @@ _MODELS = {
 
 
 @functools.cache
-def router_openapi() -> dict[str, Any]:
+def router_openapi(max_prompt_chars: int) -> dict[str, Any]:
+    """The document for a server started with ``--max-prompt-chars max_prompt_chars`` (longer prompts: 413)."""
     json_body = {"application/json": {"schema": {"$ref": "#/components/schemas/RouteRequest"}}}
+    properties = _ROUTE_REQUEST["properties"]
+    assert isinstance(properties, dict)
+    route_request = {
+        **_ROUTE_REQUEST,
+        "properties": {**properties, "prompt": {**properties["prompt"], "maxLength": max_prompt_chars}},
+    }
     return {
         "openapi": "3.1.0",
         "info": {"title": "LLM model router", "version": __version__},
@@ -245,7 +254,9 @@ def router_openapi() -> dict[str, Any]:
                                             "clusters": {"type": "integer"},
                                             "workers": {
                                                 "type": "integer",
-                                                "description": "worker processes behind the port, all reloaded",
+                                                "description": "worker processes behind the port: with more than"
+                                                " one, the file was validated and each process swaps it in on the"
+                                                " signal that follows (each one's /health shows its version)",
                                             },
                                         },
                                     }
@@ -253,8 +264,14 @@ def router_openapi() -> dict[str, Any]:
                             },
                         },
                         "400": error("invalid_request: the file was rejected; the previous weights keep serving"),
-                        "401": error("unauthorized: missing or wrong admin token"),
+                        "401": {
+                            **error("unauthorized: missing or wrong admin token"),
+                            "headers": {"WWW-Authenticate": {"schema": {"type": "string"}, "description": "Bearer"}},
+                        },
+                        "408": error("request_timeout: the body did not arrive within the configured time"),
                         "409": error("conflict: with several worker processes only the configured file reloads"),
+                        "413": error("invalid_request: body over the configured limit"),
+                        "415": error("invalid_request: content type is not application/json"),
                         "503": error("router_not_ready", retry_after=True),
                     },
                 }
@@ -263,7 +280,7 @@ def router_openapi() -> dict[str, Any]:
         },
         "components": {
             "schemas": {
-                "RouteRequest": _ROUTE_REQUEST,
+                "RouteRequest": route_request,
                 "RouteResponse": _ROUTE_RESPONSE,
                 "Error": ERROR_SCHEMA,
             },

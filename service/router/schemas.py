@@ -33,7 +33,7 @@ def parse_route_request(body: bytes, *, max_prompt_chars: int, dim: int = EMBEDD
     if embedding is None:  # the prompt is what gets embedded (beside an embedding, any text is fine)
         if prompt is None:
             raise InvalidRequest("give a 'prompt' (string) or an 'embedding' (array of numbers)")
-        if not prompt.strip(WHITESPACE):
+        if not prompt.strip(BLANK):
             raise InvalidRequest("'prompt' must not be empty or only whitespace")
     return RouteRequest(
         prompt=prompt,
@@ -43,11 +43,13 @@ def parse_route_request(body: bytes, *, max_prompt_chars: int, dim: int = EMBEDD
     )
 
 
-# What "only whitespace" means for a prompt: ECMA-262's \s, the regex dialect of the OpenAPI document's pattern
-# (Python's str.isspace differs both ways: it counts \x1c-\x1f and \x85, not the BOM).
+# What "only whitespace" means for a prompt: ECMA-262's \s (the regex dialect of the OpenAPI document's pattern) and
+# what Python's str.strip removes besides (\x1c-\x1f, \x85): the engine strips a prompt before embedding it, as
+# sentence-transformers does, so one of those alone embedded as "" (which is refused) while it was accepted.
 WHITESPACE = (
     "\t\n\v\f\r \u00a0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + "\u2028\u2029\u202f\u205f\u3000\ufeff"
 )
+BLANK = WHITESPACE + "\x1c\x1d\x1e\x1f\x85"
 
 
 def _prompt(value: Any, max_chars: int) -> str | None:

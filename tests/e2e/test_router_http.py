@@ -132,6 +132,9 @@ def test_wrong_content_type_method_and_path(router: Server) -> None:
     assert (r.status_code, r.json()["error"]["code"]) == (405, "method_not_allowed")
     r = httpx.get(f"{router.url}/v2/nothing")
     assert (r.status_code, r.json()["error"]["code"]) == (404, "not_found")
+    r = httpx.post(f"{router.url}/v1/route/", json={"prompt": "x"}, headers={"host": "elsewhere.example"})
+    assert (r.status_code, r.json()["error"]["code"]) == (404, "not_found")  # not a 307 to http://elsewhere.example
+    assert "location" not in r.headers and "did you mean /v1/route?" in r.json()["error"]["message"]
 
 
 def test_answers_before_the_body_is_read_close_the_connection(router: Server) -> None:

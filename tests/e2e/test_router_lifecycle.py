@@ -240,6 +240,10 @@ def test_admin_reload_reaches_every_worker_process(tmp_path: Path) -> None:
                 break
             assert time.monotonic() < deadline, versions
             time.sleep(0.2)
+        # each process swapped the file in once: the one that took the request validated it, then the signal came
+        text = httpx.get(f"{server.url}/metrics").text
+        assert _labelled(text, "router_weights_reloads_total", 'result="ok"') == 2
+        assert "Removal of labels" not in server.log()
     finally:
         assert server.stop() == 0, server.log()
     assert server.log().count(f"SIGHUP reload: now serving {newer.version}") == 2  # the parent reached both workers

@@ -238,6 +238,15 @@ def test_openapi_is_valid_and_lists_the_endpoints(client: TestClient) -> None:
     assert set(required) == {
         "selected_model", "cluster_id", "expected_error", "cost_adjusted_score", "all_scores", "cache_hit", "usage",
     }  # fmt: skip
+    assert spec["components"]["schemas"]["RouteRequest"]["properties"]["prompt"]["maxLength"] == 32_768  # the default
+    # /admin/reload reads its body as /v1/route does: the same body errors
+    assert {"408", "413", "415"} <= set(spec["paths"]["/admin/reload"]["post"]["responses"])
+
+
+def test_the_openapi_prompt_limit_is_the_servers(weights_file: Path) -> None:
+    with TestClient(make_service(weights_file, max_prompt_chars=500).asgi) as client:
+        spec = client.get("/openapi.json").json()
+        assert spec["components"]["schemas"]["RouteRequest"]["properties"]["prompt"]["maxLength"] == 500
 
 
 def test_the_server_side_imports_no_torch_before_it_listens() -> None:

@@ -72,6 +72,8 @@ def test_default_weights_path_is_the_shipped_file() -> None:
         (["--port", "70000"], "--port must be 0-65535"),
         (["--drain-timeout-s", "nan"], "--drain-timeout-s must be a finite"),
         (["--log-level", "foo"], "--log-level must be one of debug, info, warning, error, critical; got 'foo'"),
+        (["--admin-token", ""], "--admin-token must be a non-blank token"),  # "$UNSET": open to a bare Bearer
+        (["--admin-token", "  "], "--admin-token must be a non-blank token"),
     ],
 )
 def test_invalid_router_settings_are_refused_up_front(flags: list[str], message: str) -> None:
@@ -117,6 +119,8 @@ def test_invalid_dispatcher_base_settings_are_refused_up_front() -> None:
         ["--max-report-value", "0"],
         ["--redis-timeout-s", "inf"],
         ["--log-level", "loud"],  # a traceback once logging was configured
+        ["--released-retry-s", "0"],
+        ["--admin-token", ""],
     ],
 )
 def test_invalid_dispatcher_settings_are_refused_up_front(flags: list[str]) -> None:

@@ -81,6 +81,10 @@ async def test_available_models_restricts_and_unknown_names_are_named(
     assert set(decision.all_scores) == {"cheap", "mid"}
     with pytest.raises(InvalidRequest, match=r"'nope'.*'gone'"):
         await eng.route(request("c3 x", models=["mid", "nope", "gone"]))
+    # a request of 80,000 made-up names (and a megabyte-long one) is not echoed back whole
+    with pytest.raises(InvalidRequest) as info:
+        await eng.route(request("c3 x", models=["x" * 1_000_000] + [f"u{i}" for i in range(80_000)]))
+    assert len(info.value.message) < 2_000 and "(+79981 more)" in info.value.message
 
 
 async def test_embedding_input_skips_the_embedder(engine: tuple[RouterEngine, FakeEmbedder, RouterMetrics]) -> None:

@@ -1,13 +1,15 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import orjson
 import pytest
 
 from service.errors import InvalidRequest, PayloadTooLarge
-from service.router.schemas import parse_route_request
+from service.router.openapi import _PROMPT
+from service.router.schemas import WHITESPACE, parse_route_request
 
 LIMIT = 100
 
@@ -24,9 +26,27 @@ def test_prompt_and_options() -> None:
     assert req.embedding is None
 
 
-@pytest.mark.parametrize("prompt", ["\x1c", "\x85", "a"])  # str.isspace says whitespace; ECMA-262's \\s does not
-def test_what_the_openapi_pattern_calls_text_is_accepted(prompt: str) -> None:
-    assert parse({"prompt": prompt}).prompt == prompt
+@pytest.mark.parametrize(
+    ("prompt", "accepted"),
+    [
+        ("a", True),
+        ("\x1ca", True),
+        ("\u200b", True),  # zero-width: no whitespace anywhere; embedded as sentence-transformers embeds it
+        ("\x1c", False),  # whitespace to str.strip (so the engine embedded ""), not to ECMA-262's \\s
+        ("\x85", False),
+        ("\ufeff\x1c", False),  # the other way round for each: blank to neither alone, to both together
+        ("\u3000\x1f", False),
+    ],
+)
+def test_the_openapi_prompt_pattern_and_the_parser_agree(prompt: str, accepted: bool) -> None:
+    # the pattern in ECMA-262's dialect, its \\s spelled out (Python's re \\s is str.isspace's set)
+    pattern = _PROMPT["pattern"].replace("\\s", "".join(f"\\u{ord(c):04x}" for c in WHITESPACE))
+    assert (re.search(pattern, prompt) is not None) is accepted
+    if accepted:
+        assert parse({"prompt": prompt}).prompt == prompt
+    else:
+        with pytest.raises(InvalidRequest, match="must not be empty or only whitespace"):
+            parse({"prompt": prompt})
 
 
 def test_beside_an_embedding_any_prompt_text_is_fine_and_unused() -> None:
