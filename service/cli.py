@@ -204,17 +204,16 @@ def _add_endpoint(args: argparse.Namespace) -> int:
         EndpointRegistry,
         EndpointSpec,
         hash_key,
-        load_config,
         new_key,
-        save_config,
+        update_config,
         with_endpoint,
     )
 
-    try:
-        registry = load_config(args.config) if args.config.exists() else EndpointRegistry()
+    api_key, worker_token = new_key("dk"), new_key("wt")
+
+    def add(registry: EndpointRegistry) -> EndpointRegistry:
         if registry.get(args.name) is not None:
             raise ConfigError(f"endpoint {args.name!r} exists; use add-key to give it more keys")
-        api_key, worker_token = new_key("dk"), new_key("wt")
         spec = EndpointSpec(
             name=args.name,
             api_key_sha256=(hash_key(api_key),),
@@ -225,7 +224,10 @@ def _add_endpoint(args: argparse.Namespace) -> int:
             max_workers=args.max_workers,
             cold_workers=args.cold_workers,
         )
-        save_config(args.config, with_endpoint(registry, spec))
+        return with_endpoint(registry, spec)
+
+    try:
+        update_config(args.config, add)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -235,15 +237,21 @@ def _add_endpoint(args: argparse.Namespace) -> int:
 
 
 def _add_key(args: argparse.Namespace) -> int:
-    from service.dispatch.endpoints import ConfigError, add_key, load_config, new_key, save_config, with_endpoint
+    from service.dispatch.endpoints import ConfigError, EndpointRegistry, add_key, new_key, update_config, with_endpoint
 
-    try:
-        registry = load_config(args.config)
+    key = new_key("dk" if args.kind == "api" else "wt")
+
+    def add(registry: EndpointRegistry) -> EndpointRegistry:
         spec = registry.get(args.name)
         if spec is None:
             raise ConfigError(f"no endpoint named {args.name!r} in {args.config}")
-        key = new_key("dk" if args.kind == "api" else "wt")
-        save_config(args.config, with_endpoint(registry, add_key(spec, kind=args.kind, key=key)))
+        return with_endpoint(registry, add_key(spec, kind=args.kind, key=key))
+
+    if not args.config.exists():
+        print(f"error: cannot read {args.config}: No such file or directory", file=sys.stderr)
+        return 1
+    try:
+        update_config(args.config, add)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -18,6 +18,8 @@ unknown endpoint is compared against a dummy digest, so the answer and its timin
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import hmac
 import math
@@ -25,8 +27,9 @@ import os
 import re
 import secrets
 import stat
+import tempfile
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -36,6 +39,8 @@ from tomlkit.exceptions import TOMLKitError
 
 ENDPOINT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 KEY_BYTES = 32
+# Worker counts past this are typos (a 21-digit max_workers passed the loader, then broke the JSON answers and gauges)
+MAX_WORKER_COUNT = 1_000_000
 NEW_CONFIG_MODE = 0o644  # it holds key digests, not keys: readable by the dispatcher's user whoever writes it
 _DUMMY_DIGEST = hashlib.sha256(b"no such endpoint").hexdigest()
 
@@ -82,10 +87,10 @@ class EndpointSpec:
             raise ConfigError(f"endpoint {self.name}: max_queue_time_s must be a finite number > 0")
         if not 0 < self.target_util <= 1:
             raise ConfigError(f"endpoint {self.name}: target_util must be in (0, 1]")
-        if not 0 <= self.min_workers <= self.max_workers:
-            raise ConfigError(f"endpoint {self.name}: need 0 <= min_workers <= max_workers")
-        if self.cold_workers < 0:
-            raise ConfigError(f"endpoint {self.name}: cold_workers must be >= 0")
+        if not 0 <= self.min_workers <= self.max_workers <= MAX_WORKER_COUNT:
+            raise ConfigError(f"endpoint {self.name}: need 0 <= min_workers <= max_workers <= {MAX_WORKER_COUNT}")
+        if not 0 <= self.cold_workers <= MAX_WORKER_COUNT:
+            raise ConfigError(f"endpoint {self.name}: cold_workers must be from 0 to {MAX_WORKER_COUNT}")
 
 
 @dataclass(frozen=True)
@@ -173,13 +178,63 @@ def load_config(path: Path) -> EndpointRegistry:
     return parse_config(data)
 
 
+def update_config(path: Path, change: Callable[[EndpointRegistry], EndpointRegistry]) -> EndpointRegistry:
+    """Read the endpoints file (none yet: no endpoints), apply ``change`` and write the result back, holding an
+    exclusive lock on the file's folder throughout: commands run at once each see the others' keys, none is lost."""
+    target = path.resolve()
+    try:
+        folder = os.open(target.parent, os.O_RDONLY)
+    except OSError as exc:
+        raise ConfigError(f"cannot update {path}: {exc.strerror}") from None
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
+        registry = change(load_config(path) if target.exists() else EndpointRegistry())
+        save_config(path, registry)
+        return registry
+    finally:
+        os.close(folder)  # releases the lock
+
+
 def save_config(path: Path, registry: EndpointRegistry) -> None:
     """Write ``registry`` to ``path``, editing the file in place when it exists: its comments, its layout and the
-    order of its tables survive (an operator's notes must not vanish when a command adds a key)."""
+    order of its tables survive (an operator's notes must not vanish when a command adds a key). The text is parsed
+    back before it replaces the file: a layout the in-place edit cannot keep (dotted keys, inline tables) is refused
+    rather than written with another meaning."""
     try:
         document = tomlkit.parse(path.read_text(encoding="utf-8")) if path.exists() else tomlkit.document()
-    except (OSError, UnicodeDecodeError, TOMLKitError) as exc:
+        _edit_document(document, registry)
+        text = tomlkit.dumps(document)
+    except (OSError, UnicodeDecodeError, TOMLKitError, ValueError) as exc:
         raise ConfigError(f"cannot update {path}: {exc}") from None
+    try:
+        written: EndpointRegistry | None = parse_config(tomllib.loads(text))
+    except (tomllib.TOMLDecodeError, ConfigError):
+        written = None
+    if written != registry:
+        raise ConfigError(
+            f"cannot update {path} in place without changing what it says (its layout: dotted keys or inline tables?); "
+            "write its endpoints as [endpoints.NAME] tables and run the command again"
+        )
+    # A symlinked file is edited where it lives (replacing the link would leave its target without the new key), and
+    # keeps its permissions and owner (a 0600 file must not come back 0644, nor root's after a sudo).
+    target = path.resolve()
+    existing = target.stat() if target.exists() else None
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")  # 0600, a name of its own
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            os.fchmod(handle.fileno(), stat.S_IMODE(existing.st_mode) if existing else NEW_CONFIG_MODE)
+            if existing is not None and (existing.st_uid, existing.st_gid) != (os.geteuid(), os.getegid()):
+                with contextlib.suppress(PermissionError):  # only root may give a file away; others keep theirs
+                    os.fchown(handle.fileno(), existing.st_uid, existing.st_gid)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _edit_document(document: tomlkit.TOMLDocument, registry: EndpointRegistry) -> None:
     if "endpoints" not in document:
         document.add("endpoints", tomlkit.table(is_super_table=True))
     tables = document["endpoints"]
@@ -196,16 +251,6 @@ def save_config(path: Path, registry: EndpointRegistry) -> None:
         for key, value in values.items():
             if key not in table or table[key] != value:  # unchanged values keep their comments
                 table[key] = value
-    # A symlinked file is edited where it lives (replacing the link would leave its target without the new key), and
-    # keeps its permissions (a 0600 file must not come back 0644).
-    target = path.resolve()
-    mode = stat.S_IMODE(target.stat().st_mode) if target.exists() else NEW_CONFIG_MODE
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.unlink(missing_ok=True)  # a leftover of an interrupted run: O_EXCL below makes the mode ours
-    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w", encoding="utf-8") as handle:
-        handle.write(tomlkit.dumps(document))
-    os.chmod(tmp, mode)  # never wider than the file it replaces, not even for a moment
-    tmp.replace(target)
 
 
 def with_endpoint(registry: EndpointRegistry, spec: EndpointSpec) -> EndpointRegistry:

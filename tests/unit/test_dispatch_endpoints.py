@@ -5,6 +5,9 @@ from __future__ import annotations
 import hashlib
 import re
 import stat
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,7 @@ from service.dispatch.endpoints import (
     new_key,
     parse_config,
     save_config,
+    update_config,
     with_endpoint,
 )
 
@@ -187,6 +191,53 @@ def test_save_keeps_the_files_mode_and_edits_a_symlinks_target(tmp_path: Path, r
 
 
 # -- credentials ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "text",
+    [
+        # dotted keys: the new [endpoints.newep] table came before a's second key, which then belonged to newep
+        f'endpoints.a.max_workers = 3\nendpoints.a.api_key_sha256 = ["{DIGEST}"]\n',
+        "endpoints = { a = { max_workers = 3 } }\n",  # an inline table cannot take a table: tomlkit raised
+    ],
+)
+def test_a_layout_the_edit_cannot_keep_is_refused_and_the_file_left_alone(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "endpoints.toml"
+    path.write_text(text, encoding="utf-8")
+    before = load_config(path)
+    with pytest.raises(ConfigError, match="cannot update"):
+        save_config(path, with_endpoint(before, EndpointSpec("newep", api_key_sha256=(DIGEST,))))
+    assert path.read_text(encoding="utf-8") == text and load_config(path) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["endpoints.toml"]  # no temporary file left behind
+
+
+def test_concurrent_updates_each_keep_their_change(tmp_path: Path) -> None:
+    """Parallel add-key runs shared one temporary name and read before the others wrote: keys were printed, then
+    lost, and some runs failed on a vanished temporary file."""
+    path = tmp_path / "endpoints.toml"
+    update_config(path, lambda r: with_endpoint(r, EndpointSpec("ep")))
+    digests = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(24)]
+
+    def add(digest: str) -> None:
+        def change(registry: EndpointRegistry) -> EndpointRegistry:
+            spec = registry.get("ep")
+            assert spec is not None
+            time.sleep(0.002)  # widen the read-modify-write window
+            return with_endpoint(registry, replace(spec, api_key_sha256=(*spec.api_key_sha256, digest)))
+
+        update_config(path, change)
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(add, digests))
+    spec = load_config(path).get("ep")
+    assert spec is not None and sorted(spec.api_key_sha256) == sorted(digests)
+
+
+def test_worker_counts_are_bounded() -> None:
+    with pytest.raises(ConfigError, match="max_workers <= 1000000"):
+        parse_config({"endpoints": {"ep": {"max_workers": 10**21}}})
+    with pytest.raises(ConfigError, match="cold_workers must be from 0 to 1000000"):
+        parse_config({"endpoints": {"ep": {"cold_workers": 10**7}}})
+
+
 def test_hash_key_is_sha256_hex() -> None:
     assert hash_key("secret") == hashlib.sha256(b"secret").hexdigest()
 
