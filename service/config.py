@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 ENV_PREFIX = "LLMROUTER_"
+MAX_LOAD_WINDOW_S = 600  # how far back the dispatcher's stores keep load-rate buckets
 
 S = TypeVar("S", bound="BaseSettings")
 
@@ -183,7 +184,9 @@ class DispatcherSettings(BaseSettings):
         1024, "most worker records one endpoint may hold; a new worker id beyond is refused (409)"
     )
     load_window_s: float = _opt(
-        60.0, "window of the load rate that autoscaling reads (and of how recently a waiting request was polled)"
+        60.0,
+        "window of the load rate that autoscaling reads (and of how recently a waiting request was polled);"
+        f" at most {MAX_LOAD_WINDOW_S} (the load history the stores keep)",
     )
     autoscale_interval_s: float = _opt(5.0, "how often the scaling decisions and worker gauges refresh")
     admin_token: str | None = _opt(None, "bearer token for GET /endpoints/ (unset: only each endpoint's api key)")
@@ -199,6 +202,8 @@ class DispatcherSettings(BaseSettings):
                      "max_report_value"):  # fmt: skip
             if not _positive_finite(getattr(self, name)):
                 problems.append(f"{_flag(name)} must be a finite number > 0; got {getattr(self, name)!r}")
+        if self.load_window_s > MAX_LOAD_WINDOW_S:  # the rate would count that history over a longer window
+            problems.append(f"--load-window-s must be at most {MAX_LOAD_WINDOW_S}; got {self.load_window_s:g}")
         # forgetting a worker the pick still counts as live would drop a record routes rely on
         if not self.worker_forget_s >= self.heartbeat_timeout_s:
             problems.append(

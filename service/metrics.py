@@ -11,7 +11,9 @@ over all of them (counters, histograms) or each gauge's ``multiprocess_mode`` ac
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterable
 from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -265,3 +267,16 @@ class DispatcherMetrics(HttpMetrics):
         self.ready = Gauge(
             "dispatcher_ready", "1 when serving and not draining", multiprocess_mode=ALL_LIVE, registry=registry
         )
+
+    def forget_endpoint(self, endpoint: str, states: Iterable[str]) -> None:
+        """An endpoint left the configuration: its gauges go (an autoscaler reading the last wanted_workers would keep
+        scaling a pool that no longer exists). Several processes cannot remove a series: there they read 0."""
+        gauges = (self.load, self.load_rate, self.waiting_requests, self.wanted_workers, self.wanted_cold_workers)
+        series: list[tuple[Gauge, tuple[str, ...]]] = [(gauge, (endpoint,)) for gauge in gauges]
+        series += [(self.workers, (endpoint, state)) for state in states]
+        for gauge, labels in series:
+            if multiprocess():
+                gauge.labels(*labels).set(0)
+            else:
+                with contextlib.suppress(KeyError):  # never set: the endpoint came and went between refreshes
+                    gauge.remove(*labels)

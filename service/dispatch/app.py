@@ -226,7 +226,10 @@ class DispatcherService(ServiceBase):
         except ConfigError as exc:
             logger.error("SIGHUP reload rejected, previous endpoints keep serving: %s", exc)
             return
+        gone = set(self.registry.endpoints) - set(registry.endpoints)
         self.registry = registry
+        for name in gone:
+            self.metrics.forget_endpoint(name, STATUS_KEYS)
         logger.info("SIGHUP reload: now serving %d endpoint(s)", len(registry))
 
     def _reload_signing_key(self) -> bool:

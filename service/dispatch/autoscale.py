@@ -1,7 +1,8 @@
 """How many workers an endpoint wants: a pure function of its recent load, its workers and its settings.
 
     demand  = max(recent load rate, (outstanding + waiting load) / max_queue_time_s)   (workload units per second)
-    perf    = mean max_perf of the endpoint's live workers that measured one
+    perf    = mean max_perf of the endpoint's live workers, ready or loading, that measured one (an errored or
+              stopped worker's speed serves nothing)
     needed  = max(1, ceil(demand / (perf * target_util))) if demand > 0 or a request waits, else 0
     wanted  = clamp(needed, min_workers, max_workers)
     cold    = min(cold_workers, max_workers - wanted)      (stopped workers kept loaded, for quick start)

@@ -12,6 +12,7 @@ from collections import defaultdict, deque
 from collections.abc import Callable, Sequence
 from typing import Final
 
+from service.config import MAX_LOAD_WINDOW_S
 from service.dispatch.records import (
     REQNUMS_PER_SECOND,
     REQUEST_IDXS_PER_SECOND,
@@ -39,7 +40,10 @@ from service.dispatch.store import (
 )
 
 EXPIRY_SWEEP_LIMIT = 64  # expired requests released per route call: bounded work per request
-LOAD_HISTORY_S = 600  # how far back the load-rate buckets reach
+# per load_stats call, which the dispatcher's refresh loop makes for each endpoint every few seconds: with no traffic
+# the route calls' sweeps alone left expired requests' loads counted for about twice their ttl
+BACKGROUND_SWEEP_LIMIT = 10_000
+LOAD_HISTORY_S = MAX_LOAD_WINDOW_S  # how far back the load-rate buckets reach: the longest window read
 
 
 # A request in flight: (endpoint, cost, worker_id or None, expires_at, the worker that released it or None). A plain
@@ -221,7 +225,7 @@ class MemoryStore:
 
     async def load_stats(self, endpoint: str, window_s: float) -> LoadStats:
         now = self._clock()
-        self._expire(now)
+        self._expire(now, BACKGROUND_SWEEP_LIMIT)
         current = math.floor(now / LOAD_RATE_BUCKET_S) * LOAD_RATE_BUCKET_S
         self._trim_load_rate(endpoint, current)
         # the current bucket and those starting after current - window: window_s seconds of buckets
@@ -318,9 +322,9 @@ class MemoryStore:
         self._requests[request_idx] = request
         heapq.heappush(self._expiries, (request[_EXPIRES], request_idx))
 
-    def _expire(self, now: float) -> None:
+    def _expire(self, now: float, limit: int = EXPIRY_SWEEP_LIMIT) -> None:
         swept = 0
-        while self._expiries and self._expiries[0][0] <= now and swept < EXPIRY_SWEEP_LIMIT:
+        while self._expiries and self._expiries[0][0] <= now and swept < limit:
             expires_at, idx = heapq.heappop(self._expiries)
             request = self._requests.get(idx)
             if request is None or request[_EXPIRES] != expires_at:

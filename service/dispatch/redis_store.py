@@ -50,7 +50,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from service.dispatch.memory_store import EXPIRY_SWEEP_LIMIT, LOAD_HISTORY_S
+from service.dispatch.memory_store import BACKGROUND_SWEEP_LIMIT, EXPIRY_SWEEP_LIMIT, LOAD_HISTORY_S
 from service.dispatch.pipelining import ScriptPipeliner
 from service.dispatch.records import (
     REQNUMS_PER_SECOND,
@@ -129,10 +129,13 @@ def _secret(query_argument: str) -> bool:
 
 
 def check_url(url: str) -> None:
-    """``ValueError`` (without the password) for a URL redis-py cannot use: for start-up checks."""
+    """``ValueError`` (without the password) for a URL redis-py cannot use: for start-up checks. A connection is
+    built (no I/O): a query argument redis-py does not know (a typo, ``ssl_password`` on ``redis://``) passes the
+    URL parser and fails only there, which made every call a 500."""
     try:
         parse_url(url)
-    except ValueError as exc:
+        BlockingConnectionPool.from_url(url).make_connection()
+    except (ValueError, TypeError) as exc:
         raise ValueError(f"--redis-url {_redacted(url)}: {exc}") from None
 
 
@@ -303,7 +306,8 @@ class RedisStore:
         return sorted(records, key=lambda w: w.worker_id)
 
     async def load_stats(self, endpoint: str, window_s: float) -> LoadStats:
-        args = (*self._common, _check_endpoint(endpoint), _num(window_s), str(LOAD_RATE_BUCKET_S), str(LOAD_HISTORY_S))
+        args = (self._prefix, str(BACKGROUND_SWEEP_LIMIT), _check_endpoint(endpoint), _num(window_s),
+                str(LOAD_RATE_BUCKET_S), str(LOAD_HISTORY_S))  # fmt: skip
         with self._unavailable("load_stats"):
             reply = await self._load_stats(args=args)
         total, waiting, loads = reply

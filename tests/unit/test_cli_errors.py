@@ -50,6 +50,9 @@ def test_serve_on_a_port_in_use_exits_1_before_starting() -> None:
     [
         (["--redis-url", "http://127.0.0.1:6379/0"], "error: --redis-url http://127.0.0.1:6379/0: Redis URL must"),
         (["--redis-url", "redis://:pw@h:notaport/0"], "error: --redis-url redis://:***@h:notaport/0: Port could not"),
+        # past the URL parser: every call was a 500 (redis-py refuses the argument only when it builds a connection)
+        (["--redis-url", "redis://:pw@h/0?socket_timout=1"], "error: --redis-url redis://:***@h/0?socket_timout=1: "),
+        (["--redis-url", "redis://h/0?ssl_password=pw"], "error: --redis-url redis://h/0?ssl_password=***: "),
         (["--log-level", "loud"], "error: --log-level must be one of debug, info, warning, error, critical"),
     ],
 )

@@ -19,7 +19,7 @@ from starlette.types import Message
 from service.config import DispatcherSettings
 from service.dispatch import app as dispatch_app
 from service.dispatch.app import DispatcherService
-from service.dispatch.endpoints import EndpointRegistry, EndpointSpec, hash_key
+from service.dispatch.endpoints import EndpointRegistry, EndpointSpec, hash_key, save_config
 from service.dispatch.memory_store import MemoryStore
 from service.dispatch.records import STATUS_KEYS, RouteOutcome
 from service.dispatch.signing import Assignment, KeyRing, Signer, write_key_file
@@ -834,3 +834,19 @@ async def test_sighup_key_rotation_publishes_the_old_key_until_its_assignments_e
         await asyncio.sleep(0.5)  # past the old key's last assignment's expiry
         published = (await client.get("/pubkey/")).json()["keys"]
         assert [k["key_id"] for k in published] == [second.key_id]
+
+
+async def test_an_endpoint_removed_on_sighup_leaves_no_gauges_behind(tmp_path: Path) -> None:
+    """Its last dispatcher_wanted_workers stayed exported: an autoscaler reading it kept scaling a pool that is gone."""
+    config = tmp_path / "endpoints.toml"
+    save_config(config, registry())
+    service = make_service(config=config)
+    async with serving(service) as client:
+        await service.refresh_gauges()
+        assert 'dispatcher_wanted_workers{endpoint="other"}' in (await client.get("/metrics")).text
+        save_config(config, EndpointRegistry({EP: registry().endpoints[EP]}))
+        service.on_reload_signal()
+        await service.refresh_gauges()
+        text = (await client.get("/metrics")).text
+    assert 'dispatcher_wanted_workers{endpoint="ep"}' in text
+    assert [line for line in text.splitlines() if 'endpoint="other"' in line] == []

@@ -506,6 +506,17 @@ async def test_expiry_sweep_is_bounded_per_call(store: DispatchStore) -> None:
     assert await loads(store) == {"w1": 0.0}
 
 
+async def test_the_refresh_loops_load_stats_sweep_far_more_per_call(store: DispatchStore) -> None:
+    """With no traffic only the refresh loop calls the store: at 64 per call, expired requests kept their load for
+    about twice their ttl after a busy spell."""
+    policy = PickPolicy(max_queue_time_s=1e9, heartbeat_timeout_s=60.0, request_ttl_s=0.2)
+    await report(store, "w1")
+    for _ in range(300):
+        await assign(store, 1.0, policy=policy)
+    await asyncio.sleep(0.35)
+    assert (await store.load_stats(EP, 10.0)).outstanding == 0.0  # one call: every expired request swept
+
+
 # -- reports and stats ------------------------------------------------------------------------------------------
 async def test_report_keeps_load_and_reqnum(store: DispatchStore) -> None:
     first = await report(store, "w1", max_perf=2.5)
@@ -977,3 +988,13 @@ async def test_concurrent_routes_share_pipelines_and_each_gets_its_own_answer(
             await asyncio.gather(store.route(EP, 1.0, 10**9, POLICY), store.route(EP, 1.0, None, POLICY))
     finally:
         await store.close()
+
+
+async def test_a_very_long_request_ttl_works_with_an_idempotency_key(store: DispatchStore) -> None:
+    """Redis read the key's PX (ms) as a Lua number, written 1e+17 past 1e14 s: every keyed route failed there."""
+    policy = PickPolicy(max_queue_time_s=30.0, heartbeat_timeout_s=60.0, request_ttl_s=1e14)
+    await report(store, "w1")
+    first = await store.route(EP, 1.0, None, policy, "long-lived")
+    again = await store.route(EP, 1.0, None, policy, "long-lived")
+    assert isinstance(first, Assigned) and isinstance(again, Assigned)
+    assert (again.request_idx, again.retry) == (first.request_idx, True)
