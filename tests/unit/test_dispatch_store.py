@@ -626,6 +626,20 @@ async def test_waiting_entries_an_older_replica_left_behind_are_dropped(redis_ur
         await store.close()
 
 
+async def test_a_release_leaves_no_idempotency_key_in_redis(redis_url: str, redis_prefix: str) -> None:
+    """The key (PX the request ttl, 600 s) outlived its released request: ~200 B each, 120 MB at 1000 routes/s."""
+    store = RedisStore(redis_url, prefix=redis_prefix)
+    try:
+        await report(store, "w1")
+        first = await store.route(EP, 1.0, None, POLICY, "key-1")
+        assert isinstance(first, Assigned)
+        assert await store._redis.keys(f"{redis_prefix}idem:*") == [f"{redis_prefix}idem:{EP}/key-1"]
+        assert (await store.release(EP, [first.request_idx])).released == 1
+        assert await store._redis.keys(f"{redis_prefix}idem:*") == []
+    finally:
+        await store.close()
+
+
 async def test_counters_start_at_the_clock_so_a_lost_counter_never_reissues_one(
     redis_url: str, redis_prefix: str
 ) -> None:
