@@ -44,6 +44,7 @@ from service.dispatch.records import WorkerState
 from service.dispatch.signing import Assignment, KeyRing
 from service.dispatch.verifier import AssignmentVerifier, fetch_keyring
 from service.dispatch.worker_auth import STATE_ASSIGNMENT, STATE_PAYLOAD, AssignmentAuthMiddleware
+from service.http import hypercorn_close
 from service.http.server import configure_logging
 
 logger = logging.getLogger(__name__)
@@ -399,6 +400,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def _serve(app: Starlette, config: Config, sockets: Sockets) -> None:
+    hypercorn_close.install()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

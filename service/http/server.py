@@ -29,6 +29,7 @@ from prometheus_client.multiprocess import mark_process_dead
 from starlette.types import ASGIApp
 
 from service.config import BaseSettings
+from service.http import hypercorn_close
 from service.metrics import MULTIPROC_DIR_ENV
 
 logger = logging.getLogger(__name__)
@@ -131,6 +132,7 @@ def run_worker(factory: ServiceFactory, config: Config, sockets: Sockets, fleet:
 
 
 async def _serve(factory: ServiceFactory, config: Config, sockets: Sockets, fleet: Fleet) -> None:
+    hypercorn_close.install()
     service = factory(fleet)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

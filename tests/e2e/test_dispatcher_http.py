@@ -702,3 +702,24 @@ def test_the_access_log_is_off_by_default_and_never_holds_an_api_key(tmp_path: P
         line = re.search(r'127\.0\.0\.1:\d+ "POST /route/ HTTP/1\.1" 401 \d+ \d+\.\d{6} "probe/1"', log)
         assert (line is not None) is logged, log
         assert ('"GET /health HTTP/1.1" 200' in log) is logged, log
+
+
+def test_a_connection_its_client_closed_is_closed_at_once(tmp_path: Path) -> None:
+    """Hypercorn kept such a socket (CLOSE-WAIT, a file descriptor) until the 75 s keep-alive timer ran out: clients
+    that open a connection per request used up the descriptors and the server stopped answering."""
+    dispatcher = start_server(tmp_path, command="serve-dispatcher")
+    try:
+        port = int(dispatcher.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=WAIT_S) as conn:
+            conn.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = b""
+            while b"\r\n\r\n" not in answer or not answer.endswith(b"}"):
+                answer += conn.recv(4096)
+            assert answer.startswith(b"HTTP/1.1 200")
+            started = time.monotonic()
+            conn.shutdown(socket.SHUT_WR)  # the client is done: the server's end must close now, not in 75 s
+            conn.settimeout(10.0)
+            assert conn.recv(4096) == b""
+        assert time.monotonic() - started < 5.0
+    finally:
+        assert dispatcher.stop() == 0
