@@ -124,8 +124,16 @@ def _serve_both(args: argparse.Namespace) -> int:
     import subprocess
     import time
 
+    from service.http.server import drain_when_parent_dies
+
+    # Each child ignores SIGHUP (a disposition exec keeps) until its loop handles it: a reload forwarded while it
+    # still imports killed it. And each drains when this process dies, rather than serving on as an orphan.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     children = [
-        subprocess.Popen([sys.executable, "-m", "service", command, "--host", args.host, "--port", str(port)])
+        subprocess.Popen(
+            [sys.executable, "-m", "service", command, "--host", args.host, "--port", str(port)],
+            preexec_fn=functools.partial(drain_when_parent_dies, os.getpid()),  # safe: no threads run here yet
+        )
         for command, port in (("serve-router", args.router_port), ("serve-dispatcher", args.dispatcher_port))
     ]
 

@@ -12,6 +12,7 @@ batcher and model) and forwards SIGTERM, SIGINT and SIGHUP to them.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import multiprocessing
 import os
@@ -19,6 +20,7 @@ import signal
 import sys
 import tempfile
 from collections.abc import Callable
+from multiprocessing.connection import wait
 from multiprocessing.sharedctypes import Synchronized
 from typing import Any, Protocol, cast
 
@@ -36,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 # Seconds Hypercorn waits for open connections after the service has drained its own work.
 CONNECTION_CLOSE_GRACE_S = 5.0
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
 KEEP_ALIVE_S = 75  # above common load-balancer idle timeouts (60 s), so the LB closes first
 # Client address, request line without the query string (clients such as Vast's SDK send the api key in it), status,
 # response bytes, seconds taken, user agent. Request headers (Authorization) are never logged.
@@ -65,8 +68,11 @@ class Fleet:
     each one's ``/health`` is 200 only once ``all_ready()``.
     """
 
-    def __init__(self, size: int = 1, counter: Synchronized[int] | None = None) -> None:
+    def __init__(
+        self, size: int = 1, counter: Synchronized[int] | None = None, supervisor_pid: int | None = None
+    ) -> None:
         self.size = size
+        self.supervisor_pid = supervisor_pid  # the parent process that forwards signals; None with one process
         self._counter = counter
         self._local = 0
         self._marked = False
@@ -84,6 +90,13 @@ class Fleet:
     def all_ready(self) -> bool:
         count = self._local if self._counter is None else self._counter.value
         return count >= self.size
+
+    def signal_all(self, signum: int) -> None:
+        """Have the supervisor forward ``signum`` to every worker, this one included. ``RuntimeError`` when it is gone
+        (this process outlived it): the signal would reach whatever process adopted this one."""
+        if self.supervisor_pid is None or os.getppid() != self.supervisor_pid:
+            raise RuntimeError("the supervisor process is gone; this worker is shutting down")
+        os.kill(self.supervisor_pid, signum)
 
 
 ServiceFactory = Callable[[Fleet], Service]
@@ -123,6 +136,8 @@ def serve(factory: ServiceFactory, settings: BaseSettings) -> int:
 
 def run_worker(factory: ServiceFactory, config: Config, sockets: Sockets, fleet: Fleet) -> None:
     configure_logging(config.loglevel)  # a spawned worker process starts with logging unconfigured (else a no-op)
+    if fleet.supervisor_pid is not None:
+        drain_when_parent_dies(fleet.supervisor_pid)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
@@ -158,30 +173,63 @@ def _run_supervisor(factory: ServiceFactory, config: Config, sockets: Sockets, w
 
 
 def _supervise(factory: ServiceFactory, config: Config, sockets: Sockets, workers: int) -> int:
+    """Start the workers, forward SIGTERM, SIGINT and SIGHUP to them, and wait. A worker that exits unasked (killed,
+    crashed) has the others drained and the server exit 1, for the process manager to restart it whole: the rest
+    would go on answering /health 200 on part of their capacity, and the dead one's gauges would stay merged."""
     ctx = multiprocessing.get_context("spawn")
-    fleet = Fleet(workers, ctx.Value("i", 0))
+    fleet = Fleet(workers, ctx.Value("i", 0), supervisor_pid=os.getpid())
     processes = [
         ctx.Process(target=run_worker, args=(factory, config, sockets, fleet), daemon=False, name=f"worker-{i}")
         for i in range(workers)
     ]
-    for process in processes:
-        process.start()
-    logger.info("started %d workers on %s", workers, ", ".join(config.bind))
+    stopping = False
 
     def forward(signum: int, _frame: Any) -> None:
+        nonlocal stopping
+        stopping = stopping or signum != signal.SIGHUP
         for process in processes:
             if process.is_alive() and process.pid is not None:
                 os.kill(process.pid, signum)
 
+    # A worker starts with SIGHUP ignored (a disposition exec keeps) until its loop handles it: a reload forwarded
+    # while it still imports would otherwise kill it.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    for process in processes:
+        process.start()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
+    logger.info("started %d workers on %s", workers, ", ".join(config.bind))
+    running = {process.sentinel: process for process in processes}
     exit_code = 0
-    for process in processes:
-        process.join()
-        exit_code = exit_code or (process.exitcode or 0)
-        if process.pid is not None:
-            mark_process_dead(process.pid)  # its "live" gauges leave the merged view
+    while running:
+        for sentinel in wait(list(running)):
+            process = running.pop(cast(int, sentinel))
+            process.join()
+            if process.pid is not None:
+                mark_process_dead(process.pid)  # its "live" gauges leave the merged view
+            if not stopping:
+                logger.error(
+                    "worker %s (pid %s) exited unasked (code %s): draining the others; exiting 1 for the process "
+                    "manager to restart the server",
+                    process.name, process.pid, process.exitcode,
+                )  # fmt: skip
+                stopping, exit_code = True, 1
+                forward(signal.SIGTERM, None)
+            elif process.exitcode:  # killed by a signal: negative; as a shell reports it, 128 + the signal
+                exit_code = exit_code or (process.exitcode if process.exitcode > 0 else 128 - process.exitcode)
     return exit_code
+
+
+def drain_when_parent_dies(parent_pid: int) -> None:
+    """Linux: SIGTERM (a drain) reaches this process when its parent, ``parent_pid``, dies. Orphaned workers kept
+    serving with nobody to forward signals, and a reload they asked for signalled whatever process adopted them."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        return
+    if os.getppid() != parent_pid:  # it died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def configure_logging(level: str) -> None:

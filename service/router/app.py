@@ -210,7 +210,10 @@ class RouterService(ServiceBase):
         if not siblings:
             return await self.engine.reload(path)
         weights = (await self.engine.validate(path)).weights
-        os.kill(os.getppid(), signal.SIGHUP)  # the supervisor forwards it to every worker, this one included
+        try:
+            self.fleet.signal_all(signal.SIGHUP)
+        except RuntimeError as exc:
+            raise ShuttingDown(str(exc)) from None
         return weights
 
     def on_reload_signal(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import signal
 import time
@@ -280,3 +281,51 @@ async def _wait_for_admitted(client: httpx.AsyncClient, done: Callable[[float], 
     while not done(admitted := _metric((await client.get("/metrics")).text, "router_admitted_prompts")):
         assert time.monotonic() < deadline, f"{admitted} prompts admitted"
         await asyncio.sleep(0.01)
+
+
+def _workers_of(parent: int) -> list[int]:
+    """The spawned worker processes of ``parent`` (not multiprocessing's resource tracker)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        if ppid == parent and b"spawn_main" in cmdline:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _wait(condition: Callable[[], bool], what: str, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_a_reload_signal_while_workers_start_is_harmless_and_a_dead_worker_stops_the_server(tmp_path: Path) -> None:
+    """A SIGHUP forwarded before a worker handled it killed that worker (and the port); a worker killed later went
+    unnoticed, the rest answering /health 200 on half the capacity with the dead one's gauges merged."""
+    server = start_server(tmp_path, "--workers", "2", wait=False)
+    try:
+        _wait(lambda: len(_workers_of(server.process.pid)) == 2, "two workers")
+        server.process.send_signal(signal.SIGHUP)  # they are still importing
+        server.wait_ready()
+        victim, survivor = _workers_of(server.process.pid)
+        os.kill(victim, signal.SIGKILL)
+        assert server.process.wait(STARTUP_TIMEOUT_S) == 1
+        _wait(lambda: not Path(f"/proc/{survivor}").exists(), "the other worker to drain and exit")
+        assert "exited unasked" in server.log()
+    finally:
+        server.stop()
+
+
+def test_workers_drain_when_their_supervisor_dies(tmp_path: Path) -> None:
+    """Orphans kept serving, and an /admin/reload through one signalled whatever process had adopted it."""
+    server = start_server(tmp_path, "--workers", "2")
+    workers = _workers_of(server.process.pid)
+    assert len(workers) == 2
+    server.process.send_signal(signal.SIGKILL)
+    server.process.wait()
+    _wait(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), "the orphaned workers to exit")

@@ -22,6 +22,8 @@ def test_serve_starts_router_and_dispatcher_and_stops_both(tmp_path: Path) -> No
         cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:
+        time.sleep(0.5)
+        process.send_signal(signal.SIGHUP)  # forwarded while the children still import: it killed them
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         healthy: dict[int, dict[str, object]] = {}
         while len(healthy) < 2 and time.monotonic() < deadline:
@@ -49,3 +51,34 @@ def test_serve_starts_router_and_dispatcher_and_stops_both(tmp_path: Path) -> No
         except httpx.TransportError:
             continue
         raise AssertionError(f"port {port} still answers after serve exited")
+
+
+def test_serves_children_exit_when_it_dies(tmp_path: Path) -> None:
+    """Killed outright (no signal to forward), it left both services serving as orphans."""
+    with (tmp_path / "serve.log").open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service", "serve", "--router-port", str(free_port()),
+             "--dispatcher-port", str(free_port())],
+            cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while len(children := _children(process.pid)) < 2:
+        assert time.monotonic() < deadline, "the two services never started"
+        time.sleep(0.05)
+    process.kill()
+    process.wait()
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while any(Path(f"/proc/{pid}").exists() for pid in children):
+        assert time.monotonic() < deadline, "the orphaned services kept running"
+        time.sleep(0.05)
+
+
+def _children(parent: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == parent:
+                found.append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+    return found
