@@ -110,11 +110,21 @@ def _serve_router(args: argparse.Namespace) -> int:
 
     try:
         settings = RouterSettings.from_args(args)
+        _check_router_files(settings)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
     return serve(functools.partial(build_router_service, settings), settings)
+
+
+def _check_router_files(settings: RouterSettings) -> None:
+    """Files the loading thread reads, checked before binding: missing, the server listened, failed to load and
+    answered 503 for ever instead of exiting with the reason."""
+    if settings.weights is not None and not settings.weights.is_file():
+        raise ValueError(f"--weights {settings.weights}: no such file")
+    if settings.model_dir is not None and not (settings.model_dir / "model.safetensors").is_file():
+        raise ValueError(f"--model-dir {settings.model_dir}: no model.safetensors in it")
 
 
 def _serve_both(args: argparse.Namespace) -> int:

@@ -38,7 +38,11 @@ class BaseSettings:
     workers: int = _opt(1, "server processes sharing the port (each with its own state)")
     log_level: str = _opt("info", "logging level")
     access_log: bool = _opt(False, "log every request to stderr (off by default: it costs throughput; /metrics counts)")
-    drain_timeout_s: float = _opt(30.0, "on SIGTERM, how long in-flight work may take before exit")
+    drain_timeout_s: float = _opt(
+        30.0,
+        "on SIGTERM, how long in-flight work may take; the process exits a few seconds later (the last answers sent,"
+        " then open connections closed: see the README)",
+    )
     retry_after_s: int = _opt(1, "Retry-After seconds sent with 429/503 answers")
     max_body_bytes: int = _opt(1 << 20, "largest request body accepted (413 above)")
     body_timeout_s: float = _opt(30.0, "longest a request body may take to arrive (408 after)")

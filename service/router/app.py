@@ -75,6 +75,7 @@ class RouterService(ServiceBase):
         self.engine: RouterEngine | None = None
         self.phase = Phase.LOADING
         self.load_error: str | None = None
+        self._reload_pending = False  # a SIGHUP arrived before the engine existed
         self._embedder: Embedder | None = None
         self._embedder_factory = embedder_factory or functools.partial(build_embedder, settings)
         self._drain_requested = asyncio.Event()
@@ -159,6 +160,9 @@ class RouterService(ServiceBase):
             logger.exception("router failed to load")
             return
         self.engine = engine
+        if self._reload_pending:  # a SIGHUP came while loading, maybe after the file was read: read it again
+            self._reload_pending = False
+            await self._reload_from_signal()
         if self.phase is Phase.LOADING:
             self.phase = Phase.READY
             self.fleet.mark_ready()
@@ -221,7 +225,8 @@ class RouterService(ServiceBase):
 
     async def _reload_from_signal(self) -> None:
         if self.engine is None:
-            logger.warning("SIGHUP ignored: the router is not loaded yet")
+            logger.info("SIGHUP while loading: the weights file is read again once loaded")
+            self._reload_pending = True
             return
         path = self.settings.resolved_weights()
         try:

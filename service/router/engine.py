@@ -133,7 +133,7 @@ class RouterEngine:
         self._index_backend = settings.index_backend
         workers = compute_workers(settings, embedder.device)
         self._cpu = embedder.device.startswith("cpu")
-        self._cores = os.cpu_count() or 1
+        self._cores = usable_cores()
         self._workers = workers
         self._batcher: MicroBatcher[PromptJob, BatchResult] = MicroBatcher(
             config=BatcherConfig(
@@ -442,7 +442,16 @@ def compute_workers(settings: RouterSettings, device: str) -> int:
     runs one batch at a time, a second worker packs the next one meanwhile (see cuda_encoder.py)."""
     if not device.startswith("cpu"):
         return max(1, settings.cuda_inflight_batches)
-    return settings.compute_threads or (os.cpu_count() or 1)
+    return settings.compute_threads or usable_cores()
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (``taskset``, a container's cpuset), not the host's: one worker per host core
+    on one allowed core split every batch into slivers."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
 
 
 def _weights_labels(weights: RouterWeights) -> tuple[str, str, str]:

@@ -145,6 +145,7 @@ async def test_sigterm_drains_admitted_work_then_exits(tmp_path: Path) -> None:
         refused = await client.post("/v1/route", json={"prompt": "arrived after SIGTERM"})
         assert refused.status_code == 503
         assert refused.json()["error"]["code"] == "shutting_down"
+        assert refused.headers["connection"] == "close"  # a kept-alive connection would be cut at exit, mid-request
         responses = await asyncio.gather(*tasks)
     assert [r.status_code for r in responses] == [200] * 60
     assert await asyncio.to_thread(server.process.wait, 60) == 0

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import pytest
 from openapi_spec_validator import validate
 from starlette.testclient import TestClient
@@ -148,6 +150,34 @@ def test_not_ready_while_loading(weights_file: Path) -> None:
         release.set()
         wait_ready(c)
         assert c.post("/v1/route", json={"prompt": "x"}).status_code == 200
+
+
+class GatedWarmUp(FakeEmbedder):
+    """Its embeddings (the warm-up, once the weights file was read) say so in ``entered`` and wait for ``gate``."""
+
+    def __init__(self, entered: threading.Event, gate: threading.Event) -> None:
+        super().__init__()
+        self.entered, self.gate = entered, gate
+
+    def embed_ids(self, sequences: Sequence[Sequence[int]], *, cpu_threads: int | None = None) -> np.ndarray:
+        self.entered.set()
+        self.gate.wait(READY_TIMEOUT_S)
+        return super().embed_ids(sequences, cpu_threads=cpu_threads)
+
+
+def test_a_reload_signal_while_loading_is_applied_once_loaded(weights_file: Path) -> None:
+    """It was dropped ("not loaded yet"): a worker that had read the old file served it for good while its siblings
+    reloaded, and /admin/reload had answered 200."""
+    entered, gate = threading.Event(), threading.Event()
+    service = make_service(weights_file, functools.partial(GatedWarmUp, entered, gate))
+    with TestClient(service.asgi) as c:
+        assert entered.wait(READY_TIMEOUT_S)  # the old file is read; warming up
+        newer = toy_weights(bump=0.01)
+        save_weights(newer, weights_file)  # written over the file the loading thread may already have read
+        c.portal.call(service.on_reload_signal)
+        gate.set()
+        wait_ready(c)
+        assert c.get("/health").json()["weights_version"] == newer.version
 
 
 def test_failed_load_reports_why(tmp_path: Path) -> None:

@@ -97,6 +97,16 @@ def test_serve_router_exits_2_on_an_invalid_setting(capsys: pytest.CaptureFixtur
     assert "--max-queue must be >= 1" in capsys.readouterr().err
 
 
+def test_serve_router_exits_2_on_files_it_could_not_load(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Each used to bind, fail in the loading thread and answer 503 for ever."""
+    from service.cli import main
+
+    assert main(["serve-router", "--port", "0", "--weights", str(tmp_path / "missing.safetensors")]) == 2
+    assert "--weights" in capsys.readouterr().err
+    assert main(["serve-router", "--port", "0", "--model-dir", str(tmp_path)]) == 2
+    assert "no model.safetensors" in capsys.readouterr().err
+
+
 def test_invalid_dispatcher_base_settings_are_refused_up_front() -> None:
     from service.config import DispatcherSettings
 

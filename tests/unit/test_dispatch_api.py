@@ -510,7 +510,7 @@ async def test_draining_refuses_new_routes_with_retry_after(
     service.begin_drain()
     r = await client.post("/route/", json={"endpoint": EP, "api_key": API_KEY, "cost": 1})
     assert_error(r, 503, "shutting_down")
-    assert r.headers["retry-after"] == "1"
+    assert (r.headers["retry-after"], r.headers["connection"]) == ("1", "close")
     health = await client.get("/health")
     assert (health.status_code, health.json()["status"]) == (503, "draining")
     livez = await client.get("/livez")  # draining is alive: taken out of the balancer, never restarted

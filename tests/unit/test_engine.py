@@ -301,3 +301,14 @@ def test_build_state_checks_the_embedder(tmp_path: Path) -> None:
     path = tmp_path / "w.safetensors"
     save_weights(toy_weights(), path)
     assert build_state(path, FakeEmbedder()).weights.num_clusters == DIM
+
+
+def test_cpu_workers_follow_the_cores_this_process_may_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under taskset or a container's cpuset, os.cpu_count() still names the host's cores."""
+    from service.config import RouterSettings
+    from service.router.engine import compute_workers
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda _pid: {3})
+    monkeypatch.setattr("os.cpu_count", lambda: 64)
+    assert compute_workers(RouterSettings.from_env({}), "cpu") == 1
+    assert compute_workers(RouterSettings.from_env({}, compute_threads=3), "cpu") == 3
