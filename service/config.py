@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 ENV_PREFIX = "LLMROUTER_"
 MAX_LOAD_WINDOW_S = 600  # how far back the dispatcher's stores keep load-rate buckets
+MAX_REQUEST_TTL_S = 365 * 24 * 3600  # a request held longer than a year is a typo
 
 S = TypeVar("S", bound="BaseSettings")
 
@@ -176,7 +177,9 @@ class DispatcherSettings(BaseSettings):
     worker_forget_s: float = _opt(
         3600.0, "a worker silent this long and holding no request is forgotten (>= --heartbeat-timeout-s)"
     )
-    request_ttl_s: float = _opt(600.0, "a request never reported done gives its load back after this")
+    request_ttl_s: float = _opt(
+        600.0, f"a request never reported done gives its load back after this (at most {MAX_REQUEST_TTL_S:g})"
+    )
     released_retry_s: float = _opt(
         60.0,
         "a released request's request_idx stays valid this long (at most --request-ttl-s): a client retrying the"
@@ -206,6 +209,8 @@ class DispatcherSettings(BaseSettings):
                      "max_report_value"):  # fmt: skip
             if not _positive_finite(getattr(self, name)):
                 problems.append(f"{_flag(name)} must be a finite number > 0; got {getattr(self, name)!r}")
+        if self.request_ttl_s > MAX_REQUEST_TTL_S:  # past ~1e16 s Redis cannot hold its keys' expiry (64-bit ms)
+            problems.append(f"--request-ttl-s must be at most {MAX_REQUEST_TTL_S:g}; got {self.request_ttl_s:g}")
         if self.load_window_s > MAX_LOAD_WINDOW_S:  # the rate would count that history over a longer window
             problems.append(f"--load-window-s must be at most {MAX_LOAD_WINDOW_S}; got {self.load_window_s:g}")
         # forgetting a worker the pick still counts as live would drop a record routes rely on

@@ -301,6 +301,8 @@ class DispatcherService(ServiceBase):
         metrics, decisions = self.metrics, []
         for spec in self.registry.endpoints.values():
             view = await self.endpoint_view(spec)
+            if spec.name not in self.registry.endpoints:  # a SIGHUP removed it meanwhile (and forgot its gauges)
+                continue
             counts = status_breakdown(
                 view.workers,
                 now=view.now,

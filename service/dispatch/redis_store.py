@@ -135,7 +135,7 @@ def check_url(url: str) -> None:
     try:
         parse_url(url)
         BlockingConnectionPool.from_url(url).make_connection()
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, RedisError) as exc:  # RedisError: ?protocol=4, ?ssl_cert_reqs=bogus
         raise ValueError(f"--redis-url {_redacted(url)}: {exc}") from None
 
 

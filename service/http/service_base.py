@@ -11,7 +11,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import Match, Route
 from starlette.types import ASGIApp
 
 from service.config import BaseSettings
@@ -32,7 +32,7 @@ class ServiceBase:
     metrics: HttpMetrics
     _middleware: RequestMetricsMiddleware  # set by _build_asgi
     body: BodyReader  # set by _build_asgi: every handler reads its JSON body through it
-    _paths: frozenset[str]  # set by _build_asgi: the route templates, for a 404's hint
+    _routes: list[Route]  # set by _build_asgi: for a 404's hint
 
     def __init__(self) -> None:
         self._tasks: set[asyncio.Task[Any]] = set()  # kept referenced; cancelled by the lifespan
@@ -44,15 +44,20 @@ class ServiceBase:
         """Starlette's own 404/405 in the service's error shape, keeping its headers (a 405's ``Allow``, which
         RFC 9110 requires)."""
         error = http_exception_to_error(exc)
-        path = request.url.path
-        twin = path[:-1] if path.endswith("/") else path + "/"
-        if exc.status_code == HTTP_NOT_FOUND and twin in self._paths:
+        if exc.status_code == HTTP_NOT_FOUND and (twin := self._slash_twin(request)) is not None:
             error = NotFound(f"no such endpoint; did you mean {twin}?")
         self.metrics.errors.labels(code=error.code).inc()
         response = error_response(error, retry_after_s=self.settings.retry_after_s)
         if exc.headers:
             response.headers.update(exc.headers)
         return response
+
+    def _slash_twin(self, request: Request) -> str | None:
+        """The path with a trailing slash added or removed, where a route serves that."""
+        path = request.url.path
+        twin = path[:-1] if path.endswith("/") else path + "/"
+        scope = {"type": "http", "path": twin, "root_path": "", "method": request.method}
+        return twin if any(route.matches(scope)[0] is not Match.NONE for route in self._routes) else None
 
     @property
     def asgi(self) -> ASGIApp:
@@ -72,7 +77,7 @@ class ServiceBase:
         # A path with a slash too many or too few is a 404 like any unknown path, not a 307 to where the client's Host
         # header and plain http point: behind a TLS load balancer that resent the body in the clear.
         app.router.redirect_slashes = False
-        self._paths = frozenset(route.path for route in routes)
+        self._routes = routes
         self.body = BodyReader(max_bytes=self.settings.max_body_bytes, timeout_s=self.settings.body_timeout_s)
         fast = FastJsonPost(
             app,

@@ -53,6 +53,7 @@ def test_serve_on_a_port_in_use_exits_1_before_starting() -> None:
         # past the URL parser: every call was a 500 (redis-py refuses the argument only when it builds a connection)
         (["--redis-url", "redis://:pw@h/0?socket_timout=1"], "error: --redis-url redis://:***@h/0?socket_timout=1: "),
         (["--redis-url", "redis://h/0?ssl_password=pw"], "error: --redis-url redis://h/0?ssl_password=***: "),
+        (["--redis-url", "redis://h/0?protocol=4"], "error: --redis-url redis://h/0?protocol=4: "),  # a RedisError
         (["--log-level", "loud"], "error: --log-level must be one of debug, info, warning, error, critical"),
     ],
 )

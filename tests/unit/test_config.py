@@ -130,6 +130,7 @@ def test_invalid_dispatcher_base_settings_are_refused_up_front() -> None:
         ["--redis-timeout-s", "inf"],
         ["--log-level", "loud"],  # a traceback once logging was configured
         ["--released-retry-s", "0"],
+        ["--request-ttl-s", "1e16"],  # Redis refused the idempotency keys' expiry: every keyed route a 503
         ["--load-window-s", "1200"],  # past the 600 s of load history kept: the rate read half the load
         ["--admin-token", ""],
     ],

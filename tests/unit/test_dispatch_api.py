@@ -500,6 +500,10 @@ async def test_wrong_method_and_unknown_path(client: httpx.AsyncClient) -> None:
     unslashed = await client.post("/route", json={})
     assert_error(unslashed, 404, "not_found")
     assert "did you mean /route/?" in unslashed.json()["error"]["message"]
+    templated = await client.get("/endpoints/ep", headers=CLIENT)
+    assert_error(templated, 404, "not_found")
+    assert "did you mean /endpoints/ep/?" in templated.json()["error"]["message"]
+    assert "did you mean" not in (await client.get("/no/such/path")).json()["error"]["message"]
 
 
 # -- draining, health, metrics, docs ----------------------------------------------------------------------------
@@ -847,6 +851,32 @@ async def test_an_endpoint_removed_on_sighup_leaves_no_gauges_behind(tmp_path: P
         save_config(config, EndpointRegistry({EP: registry().endpoints[EP]}))
         service.on_reload_signal()
         await service.refresh_gauges()
+        text = (await client.get("/metrics")).text
+    assert 'dispatcher_wanted_workers{endpoint="ep"}' in text
+    assert [line for line in text.splitlines() if 'endpoint="other"' in line] == []
+
+
+async def test_a_refresh_under_way_when_an_endpoint_is_removed_does_not_bring_its_gauges_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "endpoints.toml"
+    save_config(config, registry())
+    store = MemoryStore()
+    service = make_service(store, config=config)
+    async with serving(service) as client:
+        gate, original = asyncio.Event(), store.load_stats
+
+        async def slow_load_stats(endpoint: str, window_s: float) -> LoadStats:
+            await gate.wait()  # Redis taking its time: the pass is under way when SIGHUP comes
+            return await original(endpoint, window_s)
+
+        monkeypatch.setattr(store, "load_stats", slow_load_stats)
+        refresh = asyncio.ensure_future(service.refresh_gauges())
+        await asyncio.sleep(0.01)
+        save_config(config, EndpointRegistry({EP: registry().endpoints[EP]}))
+        service.on_reload_signal()
+        gate.set()
+        await refresh
         text = (await client.get("/metrics")).text
     assert 'dispatcher_wanted_workers{endpoint="ep"}' in text
     assert [line for line in text.splitlines() if 'endpoint="other"' in line] == []

@@ -19,6 +19,8 @@ from typing import Any
 import pytest
 import redis.asyncio.connection
 
+from service.config import MAX_REQUEST_TTL_S
+from service.dispatch import redis_store as redis_store_module
 from service.dispatch.memory_store import EXPIRY_SWEEP_LIMIT, MemoryStore
 from service.dispatch.records import (
     STATUS_KEYS,
@@ -517,6 +519,24 @@ async def test_the_refresh_loops_load_stats_sweep_far_more_per_call(store: Dispa
     assert (await store.load_stats(EP, 10.0)).outstanding == 0.0  # one call: every expired request swept
 
 
+async def test_a_sweep_of_thousands_of_expired_requests_works_in_redis(
+    redis_url: str, redis_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past ~8000 expired requests at once, the sweep's ZREM of them all failed (Lua 5.1's unpack limit): every
+    load_stats call raised, /endpoints/ answered 503 and the gauges stopped."""
+    store = RedisStore(redis_url, prefix=redis_prefix)
+    policy = PickPolicy(max_queue_time_s=1e9, heartbeat_timeout_s=60.0, request_ttl_s=0.5)
+    try:
+        await report(store, "w1")
+        await asyncio.gather(*(assign(store, 1.0, policy=policy) for _ in range(9_000)))
+        await asyncio.sleep(0.6)
+        monkeypatch.setattr(redis_store_module, "BACKGROUND_SWEEP_LIMIT", 10_000)  # every one in one script
+        assert (await store.load_stats(EP, 10.0)).outstanding == 0.0
+        assert await store._redis.zcard(f"{redis_prefix}expiries") == 0
+    finally:
+        await store.close()
+
+
 # -- reports and stats ------------------------------------------------------------------------------------------
 async def test_report_keeps_load_and_reqnum(store: DispatchStore) -> None:
     first = await report(store, "w1", max_perf=2.5)
@@ -1005,8 +1025,9 @@ async def test_concurrent_routes_share_pipelines_and_each_gets_its_own_answer(
 
 
 async def test_a_very_long_request_ttl_works_with_an_idempotency_key(store: DispatchStore) -> None:
-    """Redis read the key's PX (ms) as a Lua number, written 1e+17 past 1e14 s: every keyed route failed there."""
-    policy = PickPolicy(max_queue_time_s=30.0, heartbeat_timeout_s=60.0, request_ttl_s=1e14)
+    """Redis read the key's PX (ms) as a Lua number, written 1e+17 past 1e14 s: every keyed route failed there (the
+    settings now stop at a year; the script writes an integer anyway)."""
+    policy = PickPolicy(max_queue_time_s=30.0, heartbeat_timeout_s=60.0, request_ttl_s=MAX_REQUEST_TTL_S)
     await report(store, "w1")
     first = await store.route(EP, 1.0, None, policy, "long-lived")
     again = await store.route(EP, 1.0, None, policy, "long-lived")

@@ -2,6 +2,7 @@
 local prefix = ARGV[1]
 local sweep_limit = tonumber(ARGV[2])
 local expiries = prefix .. 'expiries'
+local UNPACK_CHUNK = 1000
 
 local function fmt(x) return string.format('%.17g', x) end
 
@@ -42,5 +43,7 @@ local function sweep(now)
     if r[1] and r[3] then unassign(r[1], r[3], tonumber(r[2])) end
     redis.call('DEL', key)
   end
-  if #idxs > 0 then redis.call('ZREM', expiries, unpack(idxs)) end
+  for i = 1, #idxs, UNPACK_CHUNK do  -- Lua 5.1's unpack fails past ~8000 values
+    redis.call('ZREM', expiries, unpack(idxs, i, math.min(i + UNPACK_CHUNK - 1, #idxs)))
+  end
 end
