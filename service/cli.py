@@ -265,11 +265,8 @@ def _add_key(args: argparse.Namespace) -> int:
             raise ConfigError(f"no endpoint named {args.name!r} in {args.config}")
         return with_endpoint(registry, add_key(spec, kind=args.kind, key=key))
 
-    if not args.config.exists():
-        print(f"error: cannot read {args.config}: No such file or directory", file=sys.stderr)
-        return 1
     try:
-        update_config(args.config, add)
+        update_config(args.config, add)  # no file: no endpoints, so the endpoint is named as missing
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -48,9 +48,9 @@ LOAD_HISTORY_S = MAX_LOAD_WINDOW_S  # how far back the load-rate buckets reach: 
 
 
 # A request in flight: (endpoint, cost, worker_id or None, expires_at, the worker that released it or None). A plain
-# tuple of atomic values, which the
-# garbage collector stops tracking: hundreds of thousands of open requests would otherwise make every full
-# collection a pause of tens of milliseconds (measured: 23 ms per 200k as slotted dataclasses, 2 ms as tuples).
+# tuple of atomic values, which the garbage collector stops tracking: hundreds of thousands of open requests would
+# otherwise make every full collection a pause of tens of milliseconds (measured: 23 ms per 200k as slotted
+# dataclasses, 2 ms as tuples).
 _Request = tuple[str, float, str | None, float, str | None]
 _ENDPOINT: Final = 0
 _COST: Final = 1

@@ -159,7 +159,8 @@ def test_add_key_api_is_the_default(tmp_path: Path, capsys: pytest.CaptureFixtur
 def test_add_key_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = tmp_path / "endpoints.toml"
     assert cli.main(["add-key", "ep", "--config", str(config)]) == 1  # no file
-    assert "cannot read" in capsys.readouterr().err
+    assert f"no endpoint named 'ep' in {config}" in capsys.readouterr().err
+    assert not config.exists()  # nothing written
     assert cli.main(["add-endpoint", "ep", "--config", str(config)]) == 0
     before = config.read_bytes()
     assert cli.main(["add-key", "nope", "--config", str(config)]) == 1

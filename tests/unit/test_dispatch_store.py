@@ -1025,8 +1025,8 @@ async def test_concurrent_routes_share_pipelines_and_each_gets_its_own_answer(
 
 
 async def test_a_very_long_request_ttl_works_with_an_idempotency_key(store: DispatchStore) -> None:
-    """Redis read the key's PX (ms) as a Lua number, written 1e+17 past 1e14 s: every keyed route failed there (the
-    settings now stop at a year; the script writes an integer anyway)."""
+    """The longest ttl the settings accept (a year) holds an idempotency key in both stores. (Past ~1e14 s Redis got
+    the key's PX in exponent form and every keyed route failed; the settings now stop far below that.)"""
     policy = PickPolicy(max_queue_time_s=30.0, heartbeat_timeout_s=60.0, request_ttl_s=MAX_REQUEST_TTL_S)
     await report(store, "w1")
     first = await store.route(EP, 1.0, None, policy, "long-lived")

@@ -107,7 +107,7 @@ end
 if idem then  -- bound when the request is new; each later route of it keeps the binding as long as the request
   local key = idem_key(endpoint, idem)
   if not retry or redis.call('GET', key) == idx then
-    redis.call('SET', key, idx, 'PX', string.format('%.0f', math.ceil(ttl * 1000)))  -- a number past 1e14 ms reads 1e+17
+    redis.call('SET', key, idx, 'PX', string.format('%.0f', math.ceil(ttl * 1000)))  -- an integer: Lua writes 1e14 and more in exponent form
   end
 end
 
