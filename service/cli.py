@@ -119,12 +119,20 @@ def _serve_router(args: argparse.Namespace) -> int:
 
 
 def _check_router_files(settings: RouterSettings) -> None:
-    """Files the loading thread reads, checked before binding: missing, the server listened, failed to load and
-    answered 503 for ever instead of exiting with the reason."""
+    """Files the loading thread reads and the device it loads onto, checked before binding: missing, the server
+    listened, failed to load and answered 503 for ever instead of exiting with the reason."""
     if settings.weights is not None and not settings.weights.is_file():
         raise ValueError(f"--weights {settings.weights}: no such file")
     if settings.model_dir is not None and not (settings.model_dir / "model.safetensors").is_file():
         raise ValueError(f"--model-dir {settings.model_dir}: no model.safetensors in it")
+    if settings.device.startswith("cuda"):  # only then is torch worth importing here
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {settings.device}: CUDA is not available on this host (use auto or cpu)")
+        index = int(settings.device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"--device {settings.device}: this host has {torch.cuda.device_count()} CUDA device(s)")
 
 
 def _serve_both(args: argparse.Namespace) -> int:

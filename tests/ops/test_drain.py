@@ -106,9 +106,9 @@ async def _admitted(probe: httpx.AsyncClient) -> int:
 async def _sigterm_and_watch(
     server: Server, path: str, body: dict[str, object], *, headers: dict[str, str] | None = None
 ) -> dict[str, float]:
-    """SIGTERM, then: how soon /health answers 503, that a new request gets 503 ``shutting_down`` with Retry-After,
-    and how long until the process exits (with code 0). Both probes go out while admitted work is still open (the
-    listener closes once it is done)."""
+    """SIGTERM, then: how soon /health answers 503, that a new request gets 503 ``shutting_down`` with Retry-After
+    while ``/livez`` stays 200, and how long until the process exits (with code 0). The probes go out while admitted
+    work is still open (the listener closes once it is done)."""
     async with httpx.AsyncClient(base_url=server.url, timeout=30) as probe:
         signalled_at = time.monotonic()
         server.process.send_signal(signal.SIGTERM)
@@ -120,8 +120,12 @@ async def _sigterm_and_watch(
             assert (health.status_code, health.json()["status"]) == (503, "draining")
             return time.monotonic() - signalled_at
 
-        refused, unready_s = await asyncio.gather(probe.post(path, json=body, headers=headers), unready_after_s())
+        refused, livez, unready_s = await asyncio.gather(
+            probe.post(path, json=body, headers=headers), probe.get("/livez"), unready_after_s()
+        )
     assert (refused.status_code, refused.json()["error"]["code"]) == (503, "shutting_down"), refused.text
+    # draining is a reason to leave the balancer, not to be restarted by the orchestrator
+    assert (livez.status_code, livez.json()) == (200, {"status": "alive"}), livez.text
     assert int(refused.headers["retry-after"]) >= 1
     code = await asyncio.to_thread(server.process.wait, DRAIN_TIMEOUT_S + CONNECTION_CLOSE_GRACE_S + 30)
     exited_after_s = time.monotonic() - signalled_at

@@ -4,6 +4,7 @@ import argparse
 from pathlib import Path
 
 import pytest
+import torch
 
 from service.config import RouterSettings, settings_summary
 
@@ -105,6 +106,14 @@ def test_serve_router_exits_2_on_files_it_could_not_load(tmp_path: Path, capsys:
     assert "--weights" in capsys.readouterr().err
     assert main(["serve-router", "--port", "0", "--model-dir", str(tmp_path)]) == 2
     assert "no model.safetensors" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a host without CUDA")
+def test_serve_router_exits_2_on_a_cuda_device_this_host_lacks(capsys: pytest.CaptureFixture[str]) -> None:
+    from service.cli import main
+
+    assert main(["serve-router", "--port", "0", "--device", "cuda:0"]) == 2
+    assert "--device cuda:0: CUDA is not available" in capsys.readouterr().err
 
 
 def test_invalid_dispatcher_base_settings_are_refused_up_front() -> None:
