@@ -84,16 +84,18 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("needs CUDA (on CPU it would run a long benchmark of nothing it measures)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    bodies = args.out.parent / "gpu-http-bodies.jsonl"
+    bodies = args.out.parent / "gpu-http-bodies.jsonl"  # gpu.sh's archive leaves *.jsonl out
     bodies.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in generate_prompts(args.prompts, seed=1)))
     runs = []
-    for workers in args.workers:
-        try:
-            runs.append(measure(workers, bodies, args))
-        except Exception as exc:  # one failing configuration must not lose the others' numbers
-            runs.append({"workers": workers, "error": str(exc)[-2000:]})
-        print(json.dumps(runs[-1]), flush=True)
-    bodies.unlink()
+    try:
+        for workers in args.workers:
+            try:
+                runs.append(measure(workers, bodies, args))
+            except Exception as exc:  # one failing configuration must not lose the others' numbers
+                runs.append({"workers": workers, "error": str(exc)[-2000:]})
+            print(json.dumps(runs[-1]), flush=True)
+    finally:  # also when the call's time limit stops the run (exit_on_sigterm raises SystemExit)
+        bodies.unlink(missing_ok=True)
     ok = [r for r in runs if "ok_rps" in r]
     best = max(ok, key=lambda r: r["ok_rps"]) if ok else None
     device, machine = device_name(), machine_info()

@@ -54,9 +54,17 @@ export PATH=$PATH:/usr/local/cuda/bin
 export PYTEST_DISABLE_PLUGIN_AUTOLOAD=1
 PYTEST=(python3 -m pytest -q -p no:cacheprovider -p pytest_asyncio.plugin -W default)
 
+# the budget left now, as a `timeout` prefix: each command of a stage gets what is left when it starts, so that
+# together they never run past the call's budget (which would lose every result and the tar)
+limit_now() {
+  local left; left=$(stage_left)
+  limit=(timeout --kill-after=10 "$((left > 1 ? left : 1))")
+}
+
 build_kernels() {
-  { cmake -S . -B build -DROUTER_CUDA_ARCHITECTURES=90 && cmake --build build; } >"$WORK/build.log" 2>&1 \
-    || { status=1; tail -30 "$WORK/build.log"; }
+  limit_now
+  { "${limit[@]}" cmake -S . -B build -DROUTER_CUDA_ARCHITECTURES=90 && "${limit[@]}" cmake --build build; } \
+    >"$WORK/build.log" 2>&1 || { status=1; tail -30 "$WORK/build.log"; }
   if [ -f build/router_kernels.so ]; then ls -la build/router_kernels.so
   else status=1; echo "kernels not built: see $WORK/build.log (is nvcc on PATH?)"; tail -30 "$WORK/build.log"; fi
 }
@@ -74,7 +82,6 @@ for stage in "${stages[@]}"; do
     continue
   fi
   echo "=== $stage (at most ${left} s)"
-  limit=(timeout --kill-after=10 "$left")
   case $stage in
     build)
       build_kernels ;;
@@ -82,18 +89,23 @@ for stage in "${stages[@]}"; do
       # the kernel tests skip without the library: a fresh machine builds it first, as the http stage does
       [ -f build/router_kernels.so ] || build_kernels
       # the model package's own sha256 and CPU-vs-ST tests need the fp32 original, not carried: -m gpu only
+      limit_now
       "${limit[@]}" "${PYTEST[@]}" -rs -m gpu tests/unit/test_cuda_path.py tests/unit/test_embedder_parity.py \
         tests/unit/test_padded_encoder.py tests/unit/test_buckets.py tests/unit/test_kernels_build.py \
         2>&1 | tee "$WORK/tests.log" || status=1
+      cp "$WORK/tests.log" "$OUT/$LABEL-tests.log"  # after each run: a later overrun must not lose it
+      limit_now
       "${limit[@]}" "${PYTEST[@]}" tests/unit/test_padded_encoder.py tests/unit/test_buckets.py \
         tests/unit/test_kernels_build.py 2>&1 | tail -3 | tee -a "$WORK/tests.log" || status=1
       cp "$WORK/tests.log" "$OUT/$LABEL-tests.log" ;;
     inprocess)
+      limit_now
       "${limit[@]}" python3 benchmarks/bench_gpu.py --model-dir "$LLMROUTER_MODEL_DIR" \
         --out "$WORK/gpu-inprocess.json" 2>&1 | tee "$WORK/inprocess.log" || status=1
       for f in "$WORK"/gpu-inprocess.*; do [ -f "$f" ] && cp "$f" "$OUT/$LABEL-${f##*/gpu-}"; done ;;
     http)
       [ -f build/router_kernels.so ] || build_kernels  # a fresh machine: the servers should run the fused kernels
+      limit_now
       "${limit[@]}" python3 benchmarks/bench_gpu_http.py --workers 1 2 4 --out "$WORK/gpu-http.json" \
         2>&1 | tee "$WORK/http.log" || status=1
       for f in "$WORK"/gpu-http.json "$WORK"/gpu-http.md; do [ -f "$f" ] && cp "$f" "$OUT/$LABEL-${f##*/gpu-}"; done ;;
@@ -101,7 +113,8 @@ for stage in "${stages[@]}"; do
   esac
 done
 
-tar czf "$OUT/gpu-run.tar.gz" -C /tmp gpu-run
+# the request bodies (tens of MiB) stay behind: the archive must stay under the device tool's 16 MiB per file
+tar czf "$OUT/gpu-run.tar.gz" --exclude='*.jsonl' -C /tmp gpu-run
 echo "=== summary ($(cat "$WORK/device.txt"))"
 grep -h -E "passed|failed|error" "$WORK/tests.log" 2>/dev/null | tail -2
 cat "$WORK/gpu-inprocess.md" "$WORK/gpu-http.md" 2>/dev/null

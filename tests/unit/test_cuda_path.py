@@ -115,6 +115,20 @@ def test_graphs_match_eager_across_buckets_and_fallbacks(eager: MiniLMEmbedder) 
     assert cosine(got, ref).min() >= MIN_COSINE
 
 
+def test_the_chosen_attention_backend_matches_the_math_one(eager: MiniLMEmbedder) -> None:
+    """The other tests compare CUDA paths with each other, so an attention backend wrong on this GPU would pass them
+    all alike: torch picks cuDNN attention on Hopper with a recent cuDNN, here with a broadcast padding mask and
+    inside graphs. Both paths against SDPA's plain math backend."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    batch = texts(23)
+    graphed = MiniLMEmbedder(device="cuda", cuda=SMALL)
+    with sdpa_kernel(SDPBackend.MATH):
+        ref = eager.embed(batch, batch_size=16)
+    for got in (eager.embed(batch, batch_size=16), graphed.embed(batch, batch_size=16)):
+        assert cosine(got, ref).min() >= MIN_COSINE
+
+
 def test_a_bucket_whose_capture_fails_runs_eagerly(eager: MiniLMEmbedder, monkeypatch: pytest.MonkeyPatch) -> None:
     real_graph = torch.cuda.graph
     calls = 0

@@ -39,6 +39,18 @@ def test_cmake_builds_the_kernels_library(tmp_path: Path) -> None:
     assert kernels.max_top_k >= 1
 
 
+@needs_toolchain
+@pytest.mark.parametrize(
+    ("flags", "architectures"),
+    [([], "80;90"), (["-DROUTER_CUDA_ARCHITECTURES=90"], "90"), (["-DCMAKE_CUDA_ARCHITECTURES=90"], "90")],
+)
+def test_cmake_builds_for_the_architectures_asked(tmp_path: Path, flags: list[str], architectures: str) -> None:
+    """CMake's own -DCMAKE_CUDA_ARCHITECTURES was overwritten by the project's default list (two device compiles)."""
+    configure = ["cmake", "-S", str(REPO), "-B", str(tmp_path / "build"), *flags]
+    done = subprocess.run(configure, check=True, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+    assert f"router kernels: building for CUDA architectures {architectures}\n" in done.stdout
+
+
 def test_a_configured_library_that_is_missing_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(KernelError, match="does not exist"):
         load_kernels(tmp_path / LIBRARY_NAME)
