@@ -79,6 +79,19 @@ def test_new_model_errors_with_the_task_prior() -> None:
     np.testing.assert_allclose(errors, expected, rtol=1e-6)
 
 
+def test_weights_fitted_on_the_global_prior_give_the_new_model_the_global_prior() -> None:
+    """fit records the task counts whatever the prior: they alone made add-model use the task mix for a model
+    appended to weights whose other models were all shrunk toward their global rate."""
+    weights = toy_weights()
+    fitted = weights.metadata["fit"]
+    assert isinstance(fitted, dict)
+    weights = replace(weights, metadata={**weights.metadata, "fit": {**fitted, "prior": "global"}})
+    clusters, tasks, correct = [0, 0, 3, 3], ["a", "a", "b", "b"], np.array([1.0, 1.0, 0.0, 0.0])
+    errors = add_model.new_model_errors(weights, _embeddings(clusters), correct, tasks, alpha=2.0)
+    g = 0.5  # 2 wrong of 4
+    np.testing.assert_allclose(errors, [(0 + 2 * g) / (2 + 2), g, g, (2 + 2 * g) / (2 + 2)], rtol=1e-6)
+
+
 def test_task_prior_uses_only_known_task_rows_with_an_outcome() -> None:
     # The only row naming a known task ("a") has no outcome; the others name a task the weights never saw.
     # This failed with "models at columns [0] have no observed outcomes"; now the prior is the global rate.

@@ -109,8 +109,18 @@ def test_lambda_breakpoints_visit_every_policy() -> None:
     error = np.array([[0.5, 0.2]])
     cost = np.array([0.1, 1.0])
     lambdas = ev.lambda_breakpoints(error, cost)
-    np.testing.assert_allclose(lambdas, [0.0, 1 / 3])
-    assert ev.chosen_columns(error, cost, lambdas).tolist() == [[1], [0]]  # at the breakpoint the cheaper wins
+    np.testing.assert_allclose(lambdas, [0.0, 1 / 3, 1 / 3], rtol=1e-8)  # each breakpoint, and just above it
+    assert ev.chosen_columns(error, cost, lambdas).tolist() == [[1], [0], [0]]  # at the breakpoint the cheaper wins
+
+
+def test_lambda_breakpoints_visit_the_policy_above_a_breakpoint_float_rounding_hides() -> None:
+    """At the computed breakpoint 0.83 / 0.55 the two scores differ in their last bit, so the dearer model still wins
+    there; the cheap policy above it was never evaluated."""
+    error = np.array([[0.86, 0.03]])
+    cost = np.array([0.18, 0.73])
+    lambdas = ev.lambda_breakpoints(error, cost)
+    assert ev.chosen_columns(error, cost, lambdas[lambdas > 0][:1]).tolist() == [[1]]  # the rounding, as found
+    assert ev.chosen_columns(error, cost, lambdas)[:, 0].tolist() == [1, 1, 0]
 
 
 def test_lambda_breakpoints_are_thinned_to_the_cap() -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from service.digest import git_commit
 from service.router.offline import costs, estimate, fit
 from service.router.offline.data import DataError, LabelledSet, extract_text, load_labelled, load_prices
 from service.router.offline.options import add_fit_arguments
@@ -445,6 +446,7 @@ def test_fit_main_writes_weights(
     assert weights.embedder_id == "fake-embedder"
     assert weights.num_clusters == 4
     assert weights.metadata["provenance"]["prices_file"] == "prices.json"
+    assert weights.metadata["tool"]["git_commit"] == git_commit(Path(fit.__file__).parent)  # the code that fitted
     printed = capsys.readouterr().out
     assert weights.version in printed
     assert "model-a" in printed

@@ -8,6 +8,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -86,6 +87,29 @@ def test_cross_validate_compares_every_system_on_the_same_folds() -> None:
     markdown = report_markdown(report, "title", ["preamble"])
     assert "| router |" in markdown
     assert "Router minus plain k-means" in markdown
+
+
+def test_the_global_rate_baseline_chooses_alpha_as_the_router_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The baseline differs from the router in its prior alone: it took alpha by log-loss whatever the router's
+    criterion, and ignored a given alpha."""
+    labelled, x = _labelled()
+    route = costs.relative_costs(costs.blended_prices(MODELS, PRICES))
+    given = quality.FitSettings(k=BLOBS, n_restarts=1, alpha=3.0)
+    report = quality.cross_validate(labelled, x, labelled.cost_usd, route_cost=route, folds=3, settings=given)
+    assert [f["global_shrink_alpha"] for f in report.fold_info] == [3.0, 3.0, 3.0]
+    criteria: list[bool] = []
+    real = quality.select_alpha
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        criteria.append(kwargs.get("costs") is not None)  # AUDC needs costs; log-loss is chosen without them
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(quality, "select_alpha", spy)
+    for criterion in ("audc", "log-loss"):
+        criteria.clear()
+        settings = quality.FitSettings(k=BLOBS, n_restarts=1, alpha_criterion=criterion)
+        quality.cross_validate(labelled, x, labelled.cost_usd, route_cost=route, folds=2, settings=settings)
+        assert criteria == [criterion == "audc"] * 2, criterion  # once per fold, for the baseline
 
 
 def test_cross_validate_names_a_fold_it_cannot_score() -> None:

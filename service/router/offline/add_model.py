@@ -62,8 +62,10 @@ def new_model_errors(
 
 
 def _task_prior(weights: RouterWeights, outcomes: np.ndarray, tasks: Sequence[str]) -> np.ndarray | None:
-    """``[K, 1]`` the task-mix prior, or None when the weights record no tasks or no validation row with an
-    outcome names one of them."""
+    """``[K, 1]`` the task-mix prior, or None when the weights were fitted on the global prior (``fit`` records the
+    task counts either way), record no tasks, or no validation row with an outcome names one of them."""
+    if recorded_fit(weights).get("prior", "task") != "task":
+        return None
     counts_by_task = recorded_task_counts(weights)
     names = list(counts_by_task)
     observed = ~np.isnan(outcomes[:, 0])

@@ -37,6 +37,8 @@ BUDGETS: tuple[float, ...] = (0.05, 0.10, 0.25, 0.50)
 # More distinct lambdas than this are thinned to evenly spaced quantiles (the oracle's per-prompt
 # costs give ~N * M^2 / 2 breakpoints; the points they add are too close together to matter).
 MAX_LAMBDAS = 4000
+# Far above float64 rounding of a breakpoint (1e-16 relative), far below the gap between two distinct breakpoints.
+BREAKPOINT_NUDGE = 1e-9
 # Score cells ([lambdas, prompts, models]) evaluated at once by routed_points: bounds its memory (~32 MB).
 CHUNK_CELLS = 1 << 22
 # Envelope values and accuracies are compared with this slack, so float noise neither hides a
@@ -94,9 +96,11 @@ def lambda_breakpoints(
     """Sorted lambdas covering every distinct routing decision: 0 and each ``lambda > 0`` at which a row's
     choice can change, ``(e[a] - e[b]) / (c[b] - c[a])`` for pairs with ``c[a] < c[b]`` and ``e[a] > e[b]``.
 
-    At a breakpoint the tie goes to the cheaper model, which is also the choice just above it, so
-    evaluating exactly these values visits every policy. More than ``max_lambdas`` are thinned to
-    evenly spaced quantiles (0 and the largest are kept).
+    At a breakpoint the tie goes to the cheaper model, which is also the choice just above it; but in floating
+    point the two scores at a computed breakpoint often differ in their last bit, leaving the dearer model chosen
+    there, so each breakpoint is also evaluated a relative ``BREAKPOINT_NUDGE`` above it: together they visit every
+    policy (the cheapest one above the largest breakpoint included). More than ``max_lambdas`` are thinned to evenly
+    spaced quantiles (0 and the largest are kept).
     """
     error = np.asarray(expected_error, dtype=np.float64)
     cost = np.broadcast_to(np.asarray(route_cost, dtype=np.float64), error.shape)
@@ -106,8 +110,9 @@ def lambda_breakpoints(
     de = e[:, :, None] - e[:, None, :]  # e[a] - e[b]
     dc = c[:, None, :] - c[:, :, None]  # c[b] - c[a]
     valid = (dc > 0) & (de > 0)
-    found = np.unique(de[valid] / dc[valid])
-    lambdas = np.concatenate([[0.0], found[found > 0]])
+    found = de[valid] / dc[valid]
+    found = found[found > 0]
+    lambdas = np.unique(np.concatenate([[0.0], found, found * (1 + BREAKPOINT_NUDGE)]))
     if lambdas.size > max_lambdas:
         keep = np.unique(np.round(np.linspace(0, lambdas.size - 1, max_lambdas)).astype(np.int64))
         lambdas = lambdas[keep]

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from service import __version__
+from service.digest import git_commit
 from service.router.offline.costs import (
     COST_UNIT,
     COST_UNIT_ROWS,
@@ -320,6 +321,7 @@ def _fit_metadata(
         "tool": {
             "name": "service.router.offline.fit",
             "version": __version__,
+            "git_commit": git_commit(Path(__file__).parent),  # None outside a checkout (an installed package)
             "faiss": _faiss().__version__,
             "numpy": np.__version__,
         },

@@ -129,9 +129,13 @@ def fold_error_tables(
     errors = {ROUTER: table.error.T[test_assign]}
     info: dict[str, Any] = {"alpha": table.choice.alpha, "prior": table.prior}
     if table.prior == "task":
-        choice = select_alpha(table.assign, correct, settings.k, seed=settings.seed)
-        errors[GLOBAL_SHRINK] = cluster_error(table.assign, correct, settings.k, choice.alpha).T[test_assign]
-        info["global_shrink_alpha"] = choice.alpha
+        # like for like: only the prior differs from the router's (its alpha chosen the same way, or the same given)
+        alpha = settings.alpha
+        if alpha is None:
+            criterion_costs = costs if settings.alpha_criterion == "audc" else None
+            alpha = select_alpha(table.assign, correct, settings.k, costs=criterion_costs, seed=settings.seed).alpha
+        errors[GLOBAL_SHRINK] = cluster_error(table.assign, correct, settings.k, alpha).T[test_assign]
+        info["global_shrink_alpha"] = alpha
     plain = kmeans_centroids(x_train, settings.k, seed=settings.seed, n_restarts=PLAIN_RESTARTS)
     plain_error = cluster_error(assign_clusters(x_train, plain), correct, settings.k, PLAIN_ALPHA)
     errors[PLAIN] = plain_error.T[assign_clusters(x_test, plain)]
