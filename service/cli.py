@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from service.config import MAX_PORT, DispatcherSettings, RouterSettings
+from service.config import MAX_PORT, MULTIPROC_DIR_ENV, DispatcherSettings, RouterSettings
 
 CHILD_POLL_S = 0.2  # `serve`: how often it checks that both services still run
 
@@ -104,7 +104,16 @@ def serve_router_main() -> int:
     return main(["serve-router", *sys.argv[1:]])
 
 
+def _own_metrics_folder() -> None:
+    """Drop an inherited ``PROMETHEUS_MULTIPROC_DIR`` before prometheus_client is imported (it picks file-backed
+    values at import). Set in an image for another program, a folder shared across runs carried counters over from
+    earlier runs, and a dead run's last ``*_ready`` 0 held the merged gauge at 0 while the server served."""
+    if os.environ.pop(MULTIPROC_DIR_ENV, None):
+        print(f"warning: {MULTIPROC_DIR_ENV} ignored: the server keeps its own metrics folder", file=sys.stderr)
+
+
 def _serve_router(args: argparse.Namespace) -> int:
+    _own_metrics_folder()
     from service.http.server import configure_logging, serve
     from service.router.app import build_router_service
 
@@ -138,6 +147,7 @@ def _check_router_files(settings: RouterSettings) -> None:
 def _serve_both(args: argparse.Namespace) -> int:
     """Both services as child processes (each configurable through its ``LLMROUTER_*`` variables); signals are
     forwarded, and when one exits the other is stopped."""
+    _own_metrics_folder()
     import signal
     import subprocess
     import time
@@ -184,6 +194,7 @@ def serve_dispatcher_main() -> int:
 
 
 def _serve_dispatcher(args: argparse.Namespace) -> int:
+    _own_metrics_folder()
     from service.dispatch.app import build_dispatcher_service
     from service.dispatch.endpoints import ConfigError, load_config
     from service.dispatch.signing import KeyFileError
@@ -198,9 +209,9 @@ def _serve_dispatcher(args: argparse.Namespace) -> int:
 
             check_url(settings.redis_url)
         from service.dispatch.app import load_signer
-        from service.dispatch.signing import read_public_key_file, read_public_keys
+        from service.dispatch.signing import SEED_BYTES, read_public_key_file, read_public_keys
 
-        load_signer(settings)  # key file, or hex seed: fail before binding
+        signer = load_signer(settings)  # key file, or hex seed: fail before binding
         read_public_keys(settings.previous_public_keys)
         if settings.next_public_key_file is not None:
             read_public_key_file(settings.next_public_key_file)
@@ -208,7 +219,9 @@ def _serve_dispatcher(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
-    return serve(functools.partial(build_dispatcher_service, settings), settings)
+    # No key configured: every worker process must sign with the same ephemeral one, so the parent makes it.
+    seed = os.urandom(SEED_BYTES) if signer.ephemeral and settings.workers > 1 else None
+    return serve(functools.partial(build_dispatcher_service, settings, ephemeral_seed=seed), settings)
 
 
 def _keygen(args: argparse.Namespace) -> int:

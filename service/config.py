@@ -22,6 +22,8 @@ from typing import Any, TypeVar
 ENV_PREFIX = "LLMROUTER_"
 MAX_LOAD_WINDOW_S = 600  # how far back the dispatcher's stores keep load-rate buckets
 MAX_REQUEST_TTL_S = 365 * 24 * 3600  # a request held longer than a year is a typo
+# prometheus_client's folder for merging several processes' metrics; a server sets it itself (--workers N)
+MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 S = TypeVar("S", bound="BaseSettings")
 

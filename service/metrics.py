@@ -20,9 +20,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from service.config import MULTIPROC_DIR_ENV
 from service.errors import ServiceError
 
-MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # gauge aggregation across worker processes (ignored with one process)
 PER_PROCESS_SUM: Final = "livesum"  # each process holds its own share (queue, in flight): the server's is the sum
 ALL_LIVE: Final = "livemin"  # a 0/1 flag every process must have (ready, store up)

@@ -354,6 +354,11 @@ class DispatcherService(ServiceBase):
             await asyncio.sleep(self.settings.autoscale_interval_s)
 
 
-def build_dispatcher_service(settings: DispatcherSettings, fleet: Fleet) -> DispatcherService:
-    """Picklable factory for the server runner (worker processes call it)."""
-    return DispatcherService(settings, fleet=fleet)
+def build_dispatcher_service(
+    settings: DispatcherSettings, fleet: Fleet, *, ephemeral_seed: bytes | None = None
+) -> DispatcherService:
+    """Picklable factory for the server runner (worker processes call it). ``ephemeral_seed``: with no key
+    configured, the one ephemeral key the parent made for all of its worker processes (each making its own split
+    ``/pubkey/`` between them, and workers rejected the other processes' assignments)."""
+    signer = None if ephemeral_seed is None else Signer.generate(ephemeral_seed)
+    return DispatcherService(settings, fleet=fleet, signer=signer)

@@ -124,8 +124,9 @@ class Signer:
         self.ephemeral = ephemeral
 
     @classmethod
-    def generate(cls) -> Signer:
-        return cls(SigningKey.generate(), ephemeral=True)
+    def generate(cls, seed: bytes | None = None) -> Signer:
+        """An ephemeral key: a new one, or the one of ``seed`` (several processes sharing an ephemeral key)."""
+        return cls(SigningKey.generate() if seed is None else SigningKey(seed), ephemeral=True)
 
     @classmethod
     def from_seed_hex(cls, seed_hex: str) -> Signer:

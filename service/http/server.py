@@ -30,9 +30,8 @@ from hypercorn.utils import wrap_app
 from prometheus_client.multiprocess import mark_process_dead
 from starlette.types import ASGIApp
 
-from service.config import BaseSettings
+from service.config import MULTIPROC_DIR_ENV, BaseSettings
 from service.http import hypercorn_close
-from service.metrics import MULTIPROC_DIR_ENV
 
 logger = logging.getLogger(__name__)
 

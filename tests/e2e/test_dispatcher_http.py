@@ -489,6 +489,62 @@ async def test_vast_sdk_retries_a_request_its_worker_refused_and_released(deploy
         assert dispatcher.stop() == 0
 
 
+def test_an_inherited_prometheus_multiproc_dir_is_ignored(
+    deployment: Deployment, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One folder set in the environment (by an image, for another program) was used by every run: counters carried
+    on from the last run, and its dead process's last dispatcher_ready 0 held the merged gauge at 0 for ever."""
+    shared = tmp_path / "multiproc"
+    shared.mkdir()
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(shared))
+    for _ in range(2):
+        dispatcher = deployment.dispatcher()
+        try:
+            assert httpx.get(f"{dispatcher.url}/pubkey/").status_code == 200
+            metrics = httpx.get(f"{dispatcher.url}/metrics").text
+        finally:
+            assert dispatcher.stop() == 0
+        assert "\ndispatcher_ready 1.0\n" in metrics
+        assert 'dispatcher_http_requests_total{method="GET",route="/pubkey/",status="200"} 1.0' in metrics
+    assert not any(shared.iterdir())
+    assert "PROMETHEUS_MULTIPROC_DIR ignored" in dispatcher.log()
+
+
+async def test_worker_processes_without_a_configured_key_share_one_ephemeral_key(
+    deployment: Deployment, redis_url: str
+) -> None:
+    """Each process of `--workers 2` made its own ephemeral key: /pubkey/ answered one or the other by connection,
+    and a worker that fetched it once rejected about half of its assignments as signed by an unknown key."""
+    prefix = f"e2e-{uuid.uuid4().hex[:8]}:"
+    argv = ("--config", str(deployment.config), "--redis-url", redis_url, "--redis-prefix", prefix, "--workers", "2")
+    dispatcher = start_server(deployment.tmp, *argv, command="serve-dispatcher")
+    try:
+        key_ids = set()
+        for _ in range(12):  # a connection each: the kernel spreads them over both processes
+            async with httpx.AsyncClient() as http:
+                key_ids |= {k["key_id"] for k in (await http.get(f"{dispatcher.url}/pubkey/")).json()["keys"]}
+        assert len(key_ids) == 1, key_ids
+        async with httpx.AsyncClient() as http:
+            keyring = await fetch_keyring(dispatcher.url, http)
+            report = {"endpoint": ENDPOINT, "id": "w", "url": "http://w:1", "state": "ready", "max_perf": 1e9}
+            worker = {"authorization": f"Bearer {deployment.worker_token}"}
+            assert (await http.post(f"{dispatcher.url}/worker_status/", json=report, headers=worker)).is_success
+        verifier = AssignmentVerifier(keyring, own_urls=["http://w:1"], endpoint=ENDPOINT)
+        for _ in range(10):
+            async with httpx.AsyncClient() as http:
+                answer = await http.post(f"{dispatcher.url}/route/", json={"endpoint": ENDPOINT, "cost": 1},
+                                         headers={"authorization": f"Bearer {deployment.api_key}"})  # fmt: skip
+            assert verifier.verify(answer.json()).reqnum == answer.json()["reqnum"]
+        assert (
+            dispatcher.log().count(
+                f"NO SIGNING KEY CONFIGURED: using an ephemeral Ed25519 key (key id {key_ids.pop()})"
+            )
+            == 2
+        )
+    finally:
+        assert dispatcher.stop() == 0
+
+
 async def test_two_dispatchers_on_one_redis_keep_reqnums_unique_and_loads_exact(
     deployment: Deployment, redis_url: str
 ) -> None:
