@@ -62,9 +62,9 @@ limit_now() {
 }
 
 build_kernels() {
-  limit_now
-  { "${limit[@]}" cmake -S . -B build -DROUTER_CUDA_ARCHITECTURES=90 && "${limit[@]}" cmake --build build; } \
-    >"$WORK/build.log" 2>&1 || { status=1; tail -30 "$WORK/build.log"; }
+  { limit_now && "${limit[@]}" cmake -S . -B build -DROUTER_CUDA_ARCHITECTURES=90 \
+      && limit_now && "${limit[@]}" cmake --build build; } >"$WORK/build.log" 2>&1 \
+    || { status=1; tail -30 "$WORK/build.log"; }
   if [ -f build/router_kernels.so ]; then ls -la build/router_kernels.so
   else status=1; echo "kernels not built: see $WORK/build.log (is nvcc on PATH?)"; tail -30 "$WORK/build.log"; fi
 }

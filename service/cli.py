@@ -108,8 +108,9 @@ def _own_metrics_folder() -> None:
     """Drop an inherited ``PROMETHEUS_MULTIPROC_DIR`` before prometheus_client is imported (it picks file-backed
     values at import). Set in an image for another program, a folder shared across runs carried counters over from
     earlier runs, and a dead run's last ``*_ready`` 0 held the merged gauge at 0 while the server served."""
-    if os.environ.pop(MULTIPROC_DIR_ENV, None):
-        print(f"warning: {MULTIPROC_DIR_ENV} ignored: the server keeps its own metrics folder", file=sys.stderr)
+    for name in (MULTIPROC_DIR_ENV, MULTIPROC_DIR_ENV.lower()):  # prometheus_client still honours the old spelling
+        if os.environ.pop(name, None):
+            print(f"warning: {name} ignored: the server keeps its own metrics folder", file=sys.stderr)
 
 
 def _serve_router(args: argparse.Namespace) -> int:

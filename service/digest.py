@@ -19,6 +19,16 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+# The checkout this package runs from, when it runs from one: the folder holding service/.
+SOURCE_ROOT = Path(__file__).resolve().parents[1]
+
+
+def source_commit(root: Path = SOURCE_ROOT) -> str | None:
+    """The commit of the code running now: its checkout's, or None for an installed package, also when that is
+    installed inside another project's repository (a .venv in it), whose commit would say nothing of this code."""
+    return git_commit(root) if (root / ".git").exists() else None
+
+
 def git_commit(directory: Path) -> str | None:
     """The commit checked out at ``directory``, with ``-dirty`` when tracked files differ from it (a result
     measured on uncommitted code must say so); None outside a git checkout."""

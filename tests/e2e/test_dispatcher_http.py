@@ -489,14 +489,15 @@ async def test_vast_sdk_retries_a_request_its_worker_refused_and_released(deploy
         assert dispatcher.stop() == 0
 
 
+@pytest.mark.parametrize("variable", ["PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir"])
 def test_an_inherited_prometheus_multiproc_dir_is_ignored(
-    deployment: Deployment, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    deployment: Deployment, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, variable: str
 ) -> None:
     """One folder set in the environment (by an image, for another program) was used by every run: counters carried
     on from the last run, and its dead process's last dispatcher_ready 0 held the merged gauge at 0 for ever."""
     shared = tmp_path / "multiproc"
     shared.mkdir()
-    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(shared))
+    monkeypatch.setenv(variable, str(shared))
     for _ in range(2):
         dispatcher = deployment.dispatcher()
         try:
@@ -507,7 +508,7 @@ def test_an_inherited_prometheus_multiproc_dir_is_ignored(
         assert "\ndispatcher_ready 1.0\n" in metrics
         assert 'dispatcher_http_requests_total{method="GET",route="/pubkey/",status="200"} 1.0' in metrics
     assert not any(shared.iterdir())
-    assert "PROMETHEUS_MULTIPROC_DIR ignored" in dispatcher.log()
+    assert f"{variable} ignored" in dispatcher.log()
 
 
 async def test_worker_processes_without_a_configured_key_share_one_ephemeral_key(

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.digest import git_commit
+from service.digest import git_commit, source_commit
 from service.router.offline import costs, estimate, fit
 from service.router.offline.data import DataError, LabelledSet, extract_text, load_labelled, load_prices
 from service.router.offline.options import add_fit_arguments
@@ -446,10 +446,23 @@ def test_fit_main_writes_weights(
     assert weights.embedder_id == "fake-embedder"
     assert weights.num_clusters == 4
     assert weights.metadata["provenance"]["prices_file"] == "prices.json"
-    assert weights.metadata["tool"]["git_commit"] == git_commit(Path(fit.__file__).parent)  # the code that fitted
+    assert weights.metadata["tool"]["git_commit"] == source_commit()  # the code that fitted
     printed = capsys.readouterr().out
     assert weights.version in printed
     assert "model-a" in printed
+
+
+def test_source_commit_is_none_for_a_package_installed_inside_another_repository(tmp_path: Path) -> None:
+    """git found the enclosing repository of a .venv and recorded that project's commit as the fitting code's."""
+    outer = tmp_path / "outer"
+    site = outer / ".venv" / "lib" / "site-packages"
+    site.mkdir(parents=True)
+    subprocess.run(["git", "init", "-q", str(outer)], check=True)
+    subprocess.run(["git", "-C", str(outer), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q",
+                    "--allow-empty", "-m", "x"], check=True)  # fmt: skip
+    assert git_commit(site) is not None  # what the fit recorded before
+    assert source_commit(site) is None
+    assert source_commit(outer) == git_commit(outer)  # a checkout of its own: its commit
 
 
 def test_fit_main_reports_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

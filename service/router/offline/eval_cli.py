@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from service import __version__
-from service.digest import git_commit
+from service.digest import source_commit
 from service.router.offline import fit as fit_module
 from service.router.offline.costs import blended_prices, has_observed_costs, relative_costs, require_observed_costs
 from service.router.offline.data import DataError, LabelledSet, require_outcomes
@@ -128,7 +128,7 @@ def _info(
         "text_mode": text_mode,
         "realised_cost": cost_source,
         "embedder": {"id": embedder_id, "sha256": embedder_sha256},
-        "tool": {"version": __version__, "numpy": np.__version__, "git_commit": git_commit(Path(__file__).parent)},
+        "tool": {"version": __version__, "numpy": np.__version__, "git_commit": source_commit()},
     }
     if weights is None:
         info["settings"] = {

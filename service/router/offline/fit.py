@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from service import __version__
-from service.digest import git_commit
+from service.digest import source_commit
 from service.router.offline.costs import (
     COST_UNIT,
     COST_UNIT_ROWS,
@@ -321,7 +321,7 @@ def _fit_metadata(
         "tool": {
             "name": "service.router.offline.fit",
             "version": __version__,
-            "git_commit": git_commit(Path(__file__).parent),  # None outside a checkout (an installed package)
+            "git_commit": source_commit(),
             "faiss": _faiss().__version__,
             "numpy": np.__version__,
         },
