@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import os
 import re
 import tempfile
@@ -44,6 +45,8 @@ VERSION_HEX_CHARS = 12
 WRITTEN_FILE_MODE = 0o644
 # a router picks among a handful of LLMs; a file naming more is broken or hostile (validation is linear in it)
 MAX_MODELS = 10_000
+# Per tensor: far past any real table (MAX_MODELS x thousands of clusters), far below what would exhaust memory.
+MAX_TENSOR_ELEMENTS = 1 << 26
 MAX_ERROR_CHARS = 200  # of a parser's message quoted in a WeightsError
 SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
 
@@ -212,13 +215,22 @@ def _read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, np.ndarray]
     try:
         with safe_open(str(path), framework="numpy") as fh:
             header = dict(fh.metadata() or {})
-            tensors = {name: fh.get_tensor(name) for name in fh.keys()}  # noqa: SIM118 (safe_open is not iterable)
+            names = list(fh.keys())
+            shapes = {name: tuple(fh.get_slice(name).get_shape()) for name in names}
+            # Checked before any tensor is read: any other safetensors file (an LLM's, GBs) was loaded whole first.
+            _check_layout(header, names)
+            for name, shape in shapes.items():
+                if math.prod(shape) > MAX_TENSOR_ELEMENTS:
+                    raise WeightsError(f"tensor {name!r} of shape {list(shape)} is far larger than router weights")
+            tensors = {name: fh.get_tensor(name) for name in names}
+    except WeightsError:
+        raise
     except (SafetensorError, OSError, ValueError) as exc:
         raise WeightsError(f"not a readable safetensors file ({exc})") from exc
     return header, tensors
 
 
-def _from_parts(header: Mapping[str, str], tensors: Mapping[str, np.ndarray]) -> RouterWeights:
+def _check_layout(header: Mapping[str, str], tensor_names: list[str]) -> None:
     found_format = header.get(_KEY_FORMAT)
     if found_format != FORMAT:
         raise WeightsError(f"format is {found_format!r}, expected {FORMAT!r}")
@@ -228,8 +240,12 @@ def _from_parts(header: Mapping[str, str], tensors: Mapping[str, np.ndarray]) ->
     missing = [key for key in _REQUIRED_KEYS if key not in header]
     if missing:
         raise WeightsError(f"metadata lacks {', '.join(missing)}")
-    if set(tensors) != set(TENSOR_NAMES):
-        raise WeightsError(f"tensors are {sorted(tensors)}, expected {sorted(TENSOR_NAMES)}")
+    if set(tensor_names) != set(TENSOR_NAMES):
+        raise WeightsError(f"tensors are {sorted(tensor_names)}, expected {sorted(TENSOR_NAMES)}")
+
+
+def _from_parts(header: Mapping[str, str], tensors: Mapping[str, np.ndarray]) -> RouterWeights:
+    _check_layout(header, list(tensors))
     models = _json_field(header, _KEY_MODELS)
     if not isinstance(models, list):
         raise WeightsError(f"models must be a JSON list; got {type(models).__name__}")

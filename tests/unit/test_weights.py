@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import resource
 import stat
 from pathlib import Path
 from typing import Any
@@ -313,3 +314,43 @@ def test_load_turns_any_parser_failure_into_a_weights_error(tmp_path: Path, monk
     with pytest.raises(WeightsError, match=r"malformed weights file \(IndexError: x{200}\.\.\.\)$") as info:
         load_weights(path)
     assert str(path) in str(info.value)
+
+
+def _sparse_safetensors(path: Path, header: dict[str, str] | None, tensors: dict[str, list[int]]) -> None:
+    """A safetensors file whose tensors are declared but never written: a sparse file, GBs long, KBs on disk."""
+    layout: dict[str, Any] = {} if header is None else {"__metadata__": header}
+    offset = 0
+    for name, shape in tensors.items():
+        size = 4 * int(np.prod(shape))
+        layout[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(layout).encode()
+    text += b" " * (-len(text) % 8)
+    with path.open("wb") as fh:
+        fh.write(len(text).to_bytes(8, "little") + text)
+        fh.truncate(8 + len(text) + offset)
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def test_another_safetensors_file_is_refused_before_its_tensors_are_read(tmp_path: Path) -> None:
+    """/admin/reload of any large safetensors file on the host (an LLM's weights) loaded every tensor, GBs, before
+    finding it was no router weights file."""
+    path = tmp_path / "llm.safetensors"
+    _sparse_safetensors(path, None, {"model.embed_tokens.weight": [1 << 20, 1 << 10]})  # 4 GiB declared
+    before = _peak_rss_mib()
+    with pytest.raises(WeightsError, match="format is None, expected 'llm-router-weights'"):
+        load_weights(path)
+    assert _peak_rss_mib() - before < 256
+
+
+def test_router_weights_with_a_huge_tensor_are_refused_before_it_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "huge.safetensors"
+    shapes = {"centroids": [1 << 20, 1 << 10], "expected_error": [3, 4], "cost_per_1k": [3]}
+    _sparse_safetensors(path, _valid_header(), shapes)
+    before = _peak_rss_mib()
+    with pytest.raises(WeightsError, match="tensor 'centroids' of shape \\[1048576, 1024\\] is far larger"):
+        load_weights(path)
+    assert _peak_rss_mib() - before < 256
