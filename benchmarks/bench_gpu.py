@@ -158,12 +158,13 @@ def main() -> None:
         reference = got if reference is None else reference
         cosine = float((got * reference).sum(axis=1).min())
         cosine_cpu = float((got * cpu_fp32).sum(axis=1).min())
+        parity_ok = min(cosine, cosine_cpu) >= MIN_PARITY_COSINE
         variants[name] = {"runtime": embedder.runtime_info(), "index": state.index.backend, "load_s": load_s,
                           "min_cosine_vs_first_variant": cosine, "min_cosine_vs_cpu_fp32": cosine_cpu,
-                          "parity_ok": min(cosine, cosine_cpu) >= MIN_PARITY_COSINE,
+                          "parity_ok": parity_ok,
                           **route_rate(embedder, state, prompts, args.batch, args.inflight)}  # fmt: skip
         print(name, json.dumps(variants[name]), flush=True)
-        if min(cosine, cosine_cpu) < MIN_PARITY_COSINE:
+        if not parity_ok:
             print(f"WARNING: {name} differs: min cosine {cosine} vs {next(iter(variants))}, {cosine_cpu} vs CPU fp32",
                   flush=True)  # fmt: skip
         del embedder, state

@@ -216,10 +216,10 @@ def _read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, np.ndarray]
         with safe_open(str(path), framework="numpy") as fh:
             header = dict(fh.metadata() or {})
             names = list(fh.keys())
-            shapes = {name: tuple(fh.get_slice(name).get_shape()) for name in names}
             # Checked before any tensor is read: any other safetensors file (an LLM's, GBs) was loaded whole first.
             _check_layout(header, names)
-            for name, shape in shapes.items():
+            for name in names:
+                shape = fh.get_slice(name).get_shape()
                 if math.prod(shape) > MAX_TENSOR_ELEMENTS:
                     raise WeightsError(f"tensor {name!r} of shape {list(shape)} is far larger than router weights")
             tensors = {name: fh.get_tensor(name) for name in names}
@@ -245,7 +245,7 @@ def _check_layout(header: Mapping[str, str], tensor_names: list[str]) -> None:
 
 
 def _from_parts(header: Mapping[str, str], tensors: Mapping[str, np.ndarray]) -> RouterWeights:
-    _check_layout(header, list(tensors))
+    """From what ``_read_safetensors`` read, its layout already checked."""
     models = _json_field(header, _KEY_MODELS)
     if not isinstance(models, list):
         raise WeightsError(f"models must be a JSON list; got {type(models).__name__}")

@@ -108,12 +108,20 @@ def test_serve_router_exits_2_on_files_it_could_not_load(tmp_path: Path, capsys:
     assert "no model.safetensors" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a host without CUDA")
-def test_serve_router_exits_2_on_a_cuda_device_this_host_lacks(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    ("gpus", "device", "message"),
+    [(0, "cuda", "--device cuda: CUDA is not available"), (1, "cuda:1", "--device cuda:1: this host has 1 CUDA")],
+)
+def test_serve_router_exits_2_on_a_cuda_device_this_host_lacks(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, gpus: int, device: str, message: str
+) -> None:
+    """It listened, failed to load and answered 503 for ever (the host's GPUs faked: the test runs anywhere)."""
     from service.cli import main
 
-    assert main(["serve-router", "--port", "0", "--device", "cuda:0"]) == 2
-    assert "--device cuda:0: CUDA is not available" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    assert main(["serve-router", "--port", "0", "--device", device]) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_invalid_dispatcher_base_settings_are_refused_up_front() -> None:

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import resource
 import stat
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -331,8 +331,16 @@ def _sparse_safetensors(path: Path, header: dict[str, str] | None, tensors: dict
         fh.truncate(8 + len(text) + offset)
 
 
-def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _load_refused_within(path: Path, message: str, max_mib: float = 64) -> None:
+    """``load_weights`` refuses ``path`` with ``message``, allocating under ``max_mib`` on the way."""
+    tracemalloc.start()
+    try:
+        with pytest.raises(WeightsError, match=message):
+            load_weights(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < max_mib * 2**20, f"{peak / 2**20:.0f} MiB allocated"
 
 
 def test_another_safetensors_file_is_refused_before_its_tensors_are_read(tmp_path: Path) -> None:
@@ -340,17 +348,11 @@ def test_another_safetensors_file_is_refused_before_its_tensors_are_read(tmp_pat
     finding it was no router weights file."""
     path = tmp_path / "llm.safetensors"
     _sparse_safetensors(path, None, {"model.embed_tokens.weight": [1 << 20, 1 << 10]})  # 4 GiB declared
-    before = _peak_rss_mib()
-    with pytest.raises(WeightsError, match="format is None, expected 'llm-router-weights'"):
-        load_weights(path)
-    assert _peak_rss_mib() - before < 256
+    _load_refused_within(path, "format is None, expected 'llm-router-weights'")
 
 
 def test_router_weights_with_a_huge_tensor_are_refused_before_it_is_read(tmp_path: Path) -> None:
     path = tmp_path / "huge.safetensors"
     shapes = {"centroids": [1 << 20, 1 << 10], "expected_error": [3, 4], "cost_per_1k": [3]}
     _sparse_safetensors(path, _valid_header(), shapes)
-    before = _peak_rss_mib()
-    with pytest.raises(WeightsError, match="tensor 'centroids' of shape \\[1048576, 1024\\] is far larger"):
-        load_weights(path)
-    assert _peak_rss_mib() - before < 256
+    _load_refused_within(path, "tensor 'centroids' of shape \\[1048576, 1024\\] is far larger")
