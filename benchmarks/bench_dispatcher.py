@@ -123,6 +123,10 @@ WORKER_URL = "http://10.0.0.{n}:8000"
 WORKER_ID = "bench-worker-{n}"
 WORKER_STATE = "ready"
 DISPATCHER_LOG_LEVEL = "warning"
+# The fake workers never report requests done, so every routed request stays open for the ttl: a sweep of points
+# routes past the default --max-open-requests (100000), whose 429s would end the run. The check is one compare
+# either way.
+BENCH_MAX_OPEN_REQUESTS = 1_000_000_000
 # The dispatcher's default heartbeat timeout; the fake workers report again before every phase, and the timeout
 # passed to the dispatchers covers a warm-up plus a recorded phase with this margin to spare.
 DISPATCHER_HEARTBEAT_TIMEOUT_S = 30.0
@@ -324,6 +328,7 @@ def dispatcher_command(
         "--host", args.host, "--port", str(port),
         "--config", str(creds.config_path), "--signing-key-file", str(creds.key_path),
         "--heartbeat-timeout-s", f"{heartbeat_timeout_s:g}",
+        "--max-open-requests", str(BENCH_MAX_OPEN_REQUESTS),
         "--log-level", DISPATCHER_LOG_LEVEL,
     ]  # fmt: skip
     if redis_url is not None:

@@ -192,6 +192,11 @@ class DispatcherSettings(BaseSettings):
     max_workers_per_endpoint: int = _opt(
         1024, "most worker records one endpoint may hold; a new worker id beyond is refused (409)"
     )
+    max_open_requests: int = _opt(
+        100_000,
+        "most open requests (assigned and not reported done, or waiting for a worker) one endpoint may hold; a new"
+        " request beyond is answered 429 with Retry-After (retries still route)",
+    )
     load_window_s: float = _opt(
         60.0,
         "window of the load rate that autoscaling reads (and of how recently a waiting request was polled);"
@@ -221,8 +226,9 @@ class DispatcherSettings(BaseSettings):
                 f"--worker-forget-s ({self.worker_forget_s:g}) must be >= --heartbeat-timeout-s "
                 f"({self.heartbeat_timeout_s:g})"
             )
-        if self.max_workers_per_endpoint < 1:
-            problems.append("--max-workers-per-endpoint must be >= 1")
+        for name in ("max_workers_per_endpoint", "max_open_requests"):
+            if getattr(self, name) < 1:
+                problems.append(f"{_flag(name)} must be >= 1")
         if problems:
             raise ValueError("; ".join(problems))
 

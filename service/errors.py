@@ -9,6 +9,7 @@ ServiceError (500 internal_error)
 ├── Unauthorized (401 unauthorized)
 │   └── InvalidAssignment (401 invalid_assignment, a worker refusing an assignment; details: reason)
 ├── Overloaded (429 overloaded, Retry-After)
+│   └── TooManyOpenRequests (429 too_many_open_requests, Retry-After)
 ├── NotReady (503 router_not_ready, Retry-After)
 ├── ShuttingDown (503 shutting_down, Retry-After)
 └── StoreUnavailable (503 store_unavailable, Retry-After)
@@ -98,6 +99,14 @@ class Overloaded(ServiceError):
     status = 429
     code = "overloaded"
     retry_after = True
+
+
+class TooManyOpenRequests(Overloaded):
+    """A new request on an endpoint already holding ``--max-open-requests``: each open request is state kept until it
+    is reported done or its ttl passes, so one endpoint's clients (routing with no worker ready, say) could otherwise
+    fill the dispatcher's memory, or Redis, for every endpoint."""
+
+    code = "too_many_open_requests"
 
 
 class NotReady(ServiceError):

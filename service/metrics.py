@@ -244,6 +244,14 @@ class DispatcherMetrics(HttpMetrics):
             multiprocess_mode=SHARED_VIEW,
             registry=registry,
         )
+        self.open_requests = Gauge(
+            "dispatcher_open_requests",
+            "Requests assigned and not reported done, or waiting for a worker, per endpoint (--max-open-requests caps"
+            " them)",
+            ["endpoint"],
+            multiprocess_mode=SHARED_VIEW,
+            registry=registry,
+        )
         self.wanted_workers = Gauge(
             "dispatcher_wanted_workers",
             "Workers the autoscaling decision wants",
@@ -271,7 +279,8 @@ class DispatcherMetrics(HttpMetrics):
     def forget_endpoint(self, endpoint: str, states: Iterable[str]) -> None:
         """An endpoint left the configuration: its gauges go (an autoscaler reading the last wanted_workers would keep
         scaling a pool that no longer exists). Several processes cannot remove a series: there they read 0."""
-        gauges = (self.load, self.load_rate, self.waiting_requests, self.wanted_workers, self.wanted_cold_workers)
+        gauges = (self.load, self.load_rate, self.waiting_requests, self.open_requests, self.wanted_workers,
+                  self.wanted_cold_workers)  # fmt: skip
         series: list[tuple[Gauge, tuple[str, ...]]] = [(gauge, (endpoint,)) for gauge in gauges]
         series += [(self.workers, (endpoint, state)) for state in states]
         for gauge, labels in series:

@@ -20,7 +20,6 @@ from starlette.testclient import TestClient
 from service.config import DispatcherSettings, RouterSettings
 from service.dispatch.app import DispatcherService
 from service.dispatch.endpoints import EndpointRegistry, EndpointSpec, hash_key
-from service.dispatch.memory_store import MemoryStore
 from service.dispatch.records import STATUS_KEYS
 from service.dispatch.signing import Signer
 from service.errors import ServiceError
@@ -245,6 +244,7 @@ def _exercised_router_metrics(tmp_path: Path) -> str:
 
 
 EXAMPLE_ENDPOINT, EXAMPLE_API_KEY, EXAMPLE_WORKER_TOKEN = "pool", "dk_deploy-test", "wt_deploy-test"
+EXAMPLE_MAX_OPEN = 2  # reached below, for the too_many_open_requests outcome
 
 
 def dispatcher_service() -> DispatcherService:
@@ -254,9 +254,8 @@ def dispatcher_service() -> DispatcherService:
         worker_token_sha256=(hash_key(EXAMPLE_WORKER_TOKEN),),
     )
     return DispatcherService(
-        DispatcherSettings(autoscale_interval_s=0.02),
+        DispatcherSettings(autoscale_interval_s=0.02, max_open_requests=EXAMPLE_MAX_OPEN),
         registry=EndpointRegistry({EXAMPLE_ENDPOINT: spec}),
-        store=MemoryStore(),
         signer=Signer.generate(),
     )
 
@@ -275,6 +274,8 @@ def _exercised_dispatcher_metrics() -> str:
         for idx, success in ((first["request_idx"], True), (second["request_idx"] + 1, False)):
             done = {"endpoint": EXAMPLE_ENDPOINT, "id": "w1", "request_idxs": [idx], "success": success}
             assert client.post("/delete_requests/", json=done, headers=worker).status_code == 200
+        assert client.post("/route/", json=route).status_code == 200  # open: the first, still waiting, and this
+        assert client.post("/route/", json=route).status_code == 429
         ready_line = f'dispatcher_workers{{endpoint="{EXAMPLE_ENDPOINT}",state="ready"}} 1.0'
         wait_until(lambda: ready_line in client.get("/metrics").text, "worker gauges refreshed")
         return client.get("/metrics").text

@@ -18,7 +18,7 @@ from service.dispatch.ids import new_request_id
 from service.dispatch.records import Assigned, PickPolicy
 from service.dispatch.signing import ALGORITHM
 from service.dispatch.store import UnknownRequest
-from service.errors import InvalidRequest, NotFound, ShuttingDown, Unauthorized
+from service.errors import InvalidRequest, NotFound, ShuttingDown, TooManyOpenRequests, Unauthorized
 from service.http.fastpath import Headers
 from service.http.responses import ORJSONResponse, parse_json_object
 from service.metrics import PROMETHEUS_CONTENT_TYPE
@@ -72,6 +72,9 @@ class DispatcherApi:
                 "(never issued here, or expired); send request_idx 0 for a new request",
                 details={"reason": schemas.UNKNOWN_REQUEST_IDX},
             ) from None
+        except TooManyOpenRequests:
+            self._count(spec.name, "too_many_open_requests")
+            raise
         finally:
             self.metrics.pick_duration.observe(time.perf_counter() - started)
         request_id = new_request_id()

@@ -96,8 +96,11 @@ def open_store(settings: DispatcherSettings) -> DispatchStore:
             socket_timeout_s=settings.redis_timeout_s,
             pool_timeout_s=settings.redis_timeout_s,
             max_workers_per_endpoint=settings.max_workers_per_endpoint,
+            max_open_requests=settings.max_open_requests,
         )
-    return MemoryStore(max_workers_per_endpoint=settings.max_workers_per_endpoint)
+    return MemoryStore(
+        max_workers_per_endpoint=settings.max_workers_per_endpoint, max_open_requests=settings.max_open_requests
+    )
 
 
 def load_registry(settings: DispatcherSettings) -> EndpointRegistry:
@@ -314,6 +317,7 @@ class DispatcherService(ServiceBase):
             metrics.load.labels(endpoint=spec.name).set(view.stats.outstanding)
             metrics.load_rate.labels(endpoint=spec.name).set(view.stats.load_rate)
             metrics.waiting_requests.labels(endpoint=spec.name).set(view.stats.waiting_requests)
+            metrics.open_requests.labels(endpoint=spec.name).set(view.stats.open_requests)
             metrics.wanted_workers.labels(endpoint=spec.name).set(view.decision.wanted_workers)
             metrics.wanted_cold_workers.labels(endpoint=spec.name).set(view.decision.wanted_cold_workers)
             decisions.append(view.decision)

@@ -30,11 +30,13 @@ from service.dispatch.records import (
 from service.dispatch.selection import pick_worker, status_breakdown
 from service.dispatch.store import (
     DEFAULT_HEARTBEAT_TIMEOUT_S,
+    DEFAULT_MAX_OPEN_REQUESTS,
     DEFAULT_MAX_WORKERS_PER_ENDPOINT,
     DEFAULT_RELEASED_RETRY_S,
     LOAD_RATE_BUCKET_S,
     LoadStats,
     UnknownRequest,
+    too_many_open_requests,
     too_many_workers,
     url_taken,
 )
@@ -81,12 +83,15 @@ class MemoryStore:
         reqnums_per_s: int = REQNUMS_PER_SECOND,
         request_idxs_per_s: int = REQUEST_IDXS_PER_SECOND,
         max_workers_per_endpoint: int = DEFAULT_MAX_WORKERS_PER_ENDPOINT,
+        max_open_requests: int = DEFAULT_MAX_OPEN_REQUESTS,
     ) -> None:
         self._clock = clock
         self._max_workers = max_workers_per_endpoint
+        self._max_open = max_open_requests
         self._reqnums_per_s = reqnums_per_s
         self._workers: dict[str, dict[str, WorkerRecord]] = defaultdict(dict)
         self._requests: dict[int, _Request] = {}
+        self._open: dict[str, int] = defaultdict(int)  # endpoint -> its requests not released (held or waiting)
         self._expiries: list[tuple[float, int]] = []  # heap; an entry is stale once its request moved on
         self._next_idx = itertools.count(request_idx_origin(self._clock(), request_idxs_per_s))
         self._load_buckets: dict[str, deque[list[float]]] = defaultdict(deque)
@@ -115,6 +120,8 @@ class MemoryStore:
             known = self._by_key.get((endpoint, idempotency_key))
             if known is not None and self._requests[known][_EXPIRES] > now:  # held, unexpired: that request
                 request_idx, repeat = known, True
+        if request_idx is None and self._open[endpoint] >= self._max_open:
+            raise too_many_open_requests(endpoint, self._max_open)
         previous: _Request | None = None
         if request_idx is not None:
             previous = self._requests.get(request_idx)
@@ -239,6 +246,7 @@ class MemoryStore:
             outstanding=outstanding,
             waiting_requests=len(waiting),
             waiting=math.fsum(waiting),  # both sums exact, so the order (which Redis does not keep) cannot matter
+            open_requests=self._open.get(endpoint, 0),
         )
 
     async def now(self) -> float:
@@ -305,7 +313,7 @@ class MemoryStore:
         if until < request[_EXPIRES]:
             self._track(request_idx, (request[_ENDPOINT], request[_COST], None, until, holder))
         else:
-            self._requests[request_idx] = (request[_ENDPOINT], request[_COST], None, request[_EXPIRES], holder)
+            self._put(request_idx, (request[_ENDPOINT], request[_COST], None, request[_EXPIRES], holder))
 
     def _unbind_key(self, request_idx: int) -> None:
         key = self._key_of.pop(request_idx, None)
@@ -315,13 +323,24 @@ class MemoryStore:
     def _drop(self, request_idx: int, request: _Request) -> None:
         """A request leaves for good (expired): its load goes back, its Idempotency-Key is unbound."""
         del self._requests[request_idx]
+        self._count_open(request, -1)
         if request[_WORKER] is not None:
             self._unassign(request[_ENDPOINT], request[_WORKER], request[_COST])
         self._unbind_key(request_idx)
 
     def _track(self, request_idx: int, request: _Request) -> None:
-        self._requests[request_idx] = request
+        self._put(request_idx, request)
         heapq.heappush(self._expiries, (request[_EXPIRES], request_idx))
+
+    def _put(self, request_idx: int, request: _Request) -> None:
+        """Every write of a request goes here, which keeps the endpoints' open counts (what the cap reads) exact."""
+        self._count_open(self._requests.get(request_idx), -1)
+        self._requests[request_idx] = request
+        self._count_open(request, 1)
+
+    def _count_open(self, request: _Request | None, delta: int) -> None:
+        if request is not None and request[_RELEASED_BY] is None:  # released ones are kept for a retry only
+            self._open[request[_ENDPOINT]] += delta
 
     def _expire(self, now: float, limit: int = EXPIRY_SWEEP_LIMIT) -> None:
         swept = 0

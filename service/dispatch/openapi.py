@@ -206,6 +206,13 @@ def dispatcher_openapi(*, max_cost: float, max_report_value: float) -> dict[str,
                 {"oneOf": [_ASSIGNED, _NO_READY]},
                 auth="apiKey",
                 key_in_body=True,
+                extra={
+                    "429": error(
+                        "too_many_open_requests: a new request on an endpoint holding --max-open-requests open"
+                        " requests (a retry with request_idx still routes)",
+                        retry_after=True,
+                    )
+                },
             ),
             "/worker_status/": _post(
                 "A worker reports its state, speed and load (heartbeat)",

@@ -20,6 +20,8 @@ Key layout (``P`` is the ``prefix``, ``dispatch:`` by default; ``E`` an endpoint
                                     the record, or replaced when a report takes the url over
     P idem:E/K              string  the request_idx a new request with Idempotency-Key K got; read only while that
                                     request is held (req:<idx> names E); PX the request ttl
+    P open:E                string  how many of E's requests are open (req:<idx> without released_by): what
+                                    max_open_requests caps (MemoryStore._open)
 
 A worker's hash, its set member and its url binding are removed together (``forget_workers``) once it has been
 silent for ``forget_s`` holding no request.
@@ -67,12 +69,14 @@ from service.dispatch.records import (
 )
 from service.dispatch.store import (
     DEFAULT_HEARTBEAT_TIMEOUT_S,
+    DEFAULT_MAX_OPEN_REQUESTS,
     DEFAULT_MAX_WORKERS_PER_ENDPOINT,
     DEFAULT_RELEASED_RETRY_S,
     LOAD_RATE_BUCKET_S,
     LoadStats,
     StoreUnavailable,
     UnknownRequest,
+    too_many_open_requests,
     too_many_workers,
     url_taken,
 )
@@ -154,9 +158,11 @@ class RedisStore:
         reqnums_per_s: int = REQNUMS_PER_SECOND,
         request_idxs_per_s: int = REQUEST_IDXS_PER_SECOND,
         max_workers_per_endpoint: int = DEFAULT_MAX_WORKERS_PER_ENDPOINT,
+        max_open_requests: int = DEFAULT_MAX_OPEN_REQUESTS,
     ) -> None:
         self._where = _redacted(url)
         self._max_workers = max_workers_per_endpoint
+        self._max_open = max_open_requests
         self._prefix = prefix
         self._reqnums_per_s = reqnums_per_s
         self._request_idxs_per_s = request_idxs_per_s
@@ -215,10 +221,13 @@ class RedisStore:
             str(LOAD_HISTORY_S),
             str(self._request_idxs_per_s),
             idempotency_key or "",
+            str(self._max_open),
         )
         with self._unavailable("route"):
             reply = await self._route.call(args)
         code = int(reply[0])
+        if code == -2:
+            raise too_many_open_requests(endpoint, self._max_open)
         if code < 0:
             raise UnknownRequest(request_idx)
         idx = int(reply[1])
@@ -310,12 +319,13 @@ class RedisStore:
                 str(LOAD_RATE_BUCKET_S), str(LOAD_HISTORY_S))  # fmt: skip
         with self._unavailable("load_stats"):
             reply = await self._load_stats(args=args)
-        total, waiting, loads = reply
+        total, waiting, loads, open_requests = reply
         return LoadStats(
             load_rate=float(total) / window_s,
             outstanding=math.fsum(float(load) for load in loads),  # exact: SMEMBERS order is arbitrary
             waiting_requests=len(waiting),
             waiting=math.fsum(float(cost) for cost in waiting),
+            open_requests=int(open_requests),
         )
 
     async def now(self) -> float:

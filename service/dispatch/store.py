@@ -14,6 +14,9 @@ Contract, which ``tests/unit/test_dispatch_store.py`` checks against both implem
 * A worker holding no request has a load of exactly 0.0, and a load is never negative.
 * ``forget_workers`` removes the records of workers silent for longer than ``forget_s`` that hold no request.
 * ``reqnum`` only grows per worker; ``request_idx`` is unique and never 0.
+* An endpoint holds at most ``max_open_requests`` open requests (assigned and not released, or waiting for a worker;
+  not the released ones kept for a retry): a new request beyond raises ``TooManyOpenRequests`` and changes nothing.
+  Retries and repeated calls are not new and still route.
 """
 
 from __future__ import annotations
@@ -24,12 +27,13 @@ from typing import Protocol
 
 from service.config import DispatcherSettings
 from service.dispatch.records import PickPolicy, Released, RouteOutcome, WorkerRecord, WorkerReport
-from service.errors import StoreUnavailable, TooManyWorkers, UrlTaken
+from service.errors import StoreUnavailable, TooManyOpenRequests, TooManyWorkers, UrlTaken
 
 # A store that cannot be reached raises the service's own 503 error, and one whose endpoint is full of workers the
 # 409, both passed through unchanged by the handlers.
 __all__ = [
     "DEFAULT_HEARTBEAT_TIMEOUT_S",
+    "DEFAULT_MAX_OPEN_REQUESTS",
     "DEFAULT_MAX_WORKERS_PER_ENDPOINT",
     "DEFAULT_RELEASED_RETRY_S",
     "LOAD_RATE_BUCKET_S",
@@ -37,6 +41,7 @@ __all__ = [
     "LoadStats",
     "StoreUnavailable",
     "UnknownRequest",
+    "too_many_open_requests",
     "too_many_workers",
     "url_taken",
 ]
@@ -44,6 +49,7 @@ __all__ = [
 LOAD_RATE_BUCKET_S = 1  # granularity of the recent-load counters autoscaling reads
 DEFAULT_MAX_WORKERS_PER_ENDPOINT: int = DispatcherSettings.max_workers_per_endpoint
 DEFAULT_HEARTBEAT_TIMEOUT_S: float = DispatcherSettings.heartbeat_timeout_s
+DEFAULT_MAX_OPEN_REQUESTS: int = DispatcherSettings.max_open_requests
 DEFAULT_RELEASED_RETRY_S: float = DispatcherSettings.released_retry_s
 
 
@@ -52,6 +58,14 @@ def too_many_workers(endpoint: str, limit: int) -> TooManyWorkers:
     return TooManyWorkers(
         f"endpoint {endpoint!r} already has {limit} workers registered (--max-workers-per-endpoint); a worker that "
         "stops reporting is forgotten after --worker-forget-s"
+    )
+
+
+def too_many_open_requests(endpoint: str, limit: int) -> TooManyOpenRequests:
+    """What ``route`` raises for a new request on an endpoint that already holds ``limit`` open requests."""
+    return TooManyOpenRequests(
+        f"endpoint {endpoint!r} already has {limit} open requests (--max-open-requests): requests assigned and not "
+        "reported done, or waiting for a worker; retry later, or retry an open one with its request_idx"
     )
 
 
@@ -78,6 +92,7 @@ class LoadStats:
     # load shows
     waiting_requests: int = 0
     waiting: float = 0.0
+    open_requests: int = 0  # assigned and not released, or waiting: what --max-open-requests caps
 
 
 class DispatchStore(Protocol):

@@ -150,6 +150,8 @@ def test_invalid_dispatcher_base_settings_are_refused_up_front() -> None:
         ["--request-ttl-s", "1e16"],  # Redis refused the idempotency keys' expiry: every keyed route a 503
         ["--load-window-s", "1200"],  # past the 600 s of load history kept: the rate read half the load
         ["--admin-token", ""],
+        ["--max-workers-per-endpoint", "0"],
+        ["--max-open-requests", "0"],  # every new route refused
     ],
 )
 def test_invalid_dispatcher_settings_are_refused_up_front(flags: list[str]) -> None:

@@ -347,6 +347,25 @@ async def test_a_new_worker_beyond_the_endpoints_cap_is_refused() -> None:
         assert [w["id"] for w in await workers(client)] == ["w1", "w2"]
 
 
+async def test_a_new_request_beyond_the_endpoints_open_requests_is_answered_429() -> None:
+    settings = DispatcherSettings(autoscale_interval_s=3600.0, max_open_requests=2, retry_after_s=3)
+    service = DispatcherService(settings, registry=registry(), signer=Signer.generate())  # the store from settings
+    async with serving(service) as client:
+        first = await route(client)  # no worker: both wait, and are open
+        await route(client)
+        body = {"endpoint": EP, "api_key": API_KEY, "cost": 10.0}
+        refused = await client.post("/route/", json=body)
+        assert "--max-open-requests" in assert_error(refused, 429, "too_many_open_requests")
+        assert refused.headers["retry-after"] == "3"
+        polled = await route(client, request_idx=first["request_idx"])  # a poll is not a new request
+        assert polled["request_idx"] == first["request_idx"]
+        other = await client.post("/route/", json={**body, "endpoint": OTHER, "api_key": OTHER_API_KEY})
+        assert other.status_code == 200  # the cap is the endpoint's
+        text = (await client.get("/metrics")).text
+        assert 'dispatcher_routes_total{endpoint="ep",outcome="too_many_open_requests"} 1.0' in text
+        assert 'dispatcher_errors_total{code="too_many_open_requests"} 1.0' in text
+
+
 @pytest.mark.parametrize("path", ["/worker_status/", "/delete_requests/"])
 async def test_worker_paths_without_a_token_are_401_before_the_body_is_judged(
     client: httpx.AsyncClient, path: str
@@ -609,6 +628,8 @@ async def test_refresh_gauges_sets_worker_and_scaling_gauges(
         'dispatcher_waiting_requests{endpoint="ep"} 0.0',
         'dispatcher_wanted_cold_workers{endpoint="ep"} 0.0',
         'dispatcher_outstanding_load{endpoint="ep"} 50.0',
+        'dispatcher_open_requests{endpoint="ep"} 1.0',
+        'dispatcher_open_requests{endpoint="other"} 1.0',
     ):
         assert line in text, line
 

@@ -36,13 +36,14 @@ from service.dispatch.records import (
 )
 from service.dispatch.redis_store import RedisStore
 from service.dispatch.store import DispatchStore, LoadStats, StoreUnavailable, UnknownRequest
-from service.errors import TooManyWorkers, UrlTaken
+from service.errors import TooManyOpenRequests, TooManyWorkers, UrlTaken
 from tests.redis_server import RedisServer, free_port
 
 EP = "ep-a"
 OTHER_EP = "ep-b"
 REDIS_CLOCK_SLACK_REQNUMS = 1_000_000  # the Redis server's clock may trail ours by up to a second
 REPLICA_TEST_TIMEOUT_S = 30.0
+MIRROR_MAX_OPEN = 20
 POLICY = PickPolicy(max_queue_time_s=30.0, heartbeat_timeout_s=60.0, request_ttl_s=600.0)
 
 
@@ -93,12 +94,20 @@ async def report(
     return await store.report(endpoint, report, heartbeat_timeout_s)
 
 
-def capped_store(kind: str, request: pytest.FixtureRequest, max_workers: int) -> DispatchStore:
-    """A store of ``kind`` holding at most ``max_workers`` workers per endpoint (close it when done)."""
+def capped_store(
+    kind: str, request: pytest.FixtureRequest, max_workers: int = 1024, max_open: int = 100_000
+) -> DispatchStore:
+    """A store of ``kind`` holding at most ``max_workers`` workers and ``max_open`` open requests per endpoint (close
+    it when done)."""
+    caps = {"max_workers_per_endpoint": max_workers, "max_open_requests": max_open}
     if kind == "memory":
-        return MemoryStore(reqnums_per_s=0, max_workers_per_endpoint=max_workers)
+        return MemoryStore(reqnums_per_s=0, **caps)
     url, prefix = request.getfixturevalue("redis_url"), request.getfixturevalue("redis_prefix")
-    return RedisStore(url, prefix=prefix, reqnums_per_s=0, max_workers_per_endpoint=max_workers)
+    return RedisStore(url, prefix=prefix, reqnums_per_s=0, **caps)
+
+
+async def open_requests(store: DispatchStore, endpoint: str = EP) -> int:
+    return (await store.load_stats(endpoint, 60.0)).open_requests
 
 
 async def assign(
@@ -438,7 +447,9 @@ async def test_a_released_request_is_routed_afresh_when_retried_until_it_expires
     again = await assign(store, 3.0, first.request_idx, policy=short)
     assert (again.request_idx, again.retry, again.worker_id) == (first.request_idx, True, "w2")  # avoids w1 no more
     assert sorted((await loads(store)).values()) == [0.0, 3.0]
-    assert await store.load_stats(EP, 10.0) == LoadStats(load_rate=0.3, outstanding=3.0)  # new load once
+    assert await store.load_stats(EP, 10.0) == LoadStats(
+        load_rate=0.3, outstanding=3.0, open_requests=1
+    )  # new load once
     assert await store.release(EP, [again.request_idx], again.worker_id) == Released(released=1, unknown=0)
     await asyncio.sleep(0.45)  # past its ttl: nothing is kept for it any more
     with pytest.raises(UnknownRequest):
@@ -560,9 +571,9 @@ async def test_load_stats(store: DispatchStore) -> None:
     await assign(store, 9.0, first.request_idx)  # a retry is not new load
     await report(store, "v1", endpoint=OTHER_EP)
     await assign(store, 7.0, endpoint=OTHER_EP)
-    assert await store.load_stats(EP, 10.0) == LoadStats(load_rate=0.5, outstanding=12.0)
+    assert await store.load_stats(EP, 10.0) == LoadStats(load_rate=0.5, outstanding=12.0, open_requests=2)
     assert await store.release(EP, [first.request_idx]) == Released(released=1, unknown=0)
-    assert await store.load_stats(EP, 10.0) == LoadStats(load_rate=0.5, outstanding=3.0)
+    assert await store.load_stats(EP, 10.0) == LoadStats(load_rate=0.5, outstanding=3.0, open_requests=1)
     assert await store.load_stats("nobody", 10.0) == LoadStats(load_rate=0.0, outstanding=0.0)
 
 
@@ -585,18 +596,20 @@ async def test_load_stats_count_requests_waiting_for_a_worker_until_they_leave(s
     first, second = await no_ready(store, 2.0), await no_ready(store, 3.0)
     await no_ready(store, 1.0, policy=short)
     await no_ready(store, 4.0, endpoint=OTHER_EP)
-    assert await store.load_stats(EP, 10.0) == LoadStats(0.6, 0.0, waiting_requests=3, waiting=6.0)
+    assert await store.load_stats(EP, 10.0) == LoadStats(0.6, 0.0, waiting_requests=3, waiting=6.0, open_requests=3)
     await asyncio.sleep(0.3)  # the short-lived one expires
     await no_ready(store, 2.0, first.request_idx)  # a poll: still one request
-    assert await store.load_stats(EP, 10.0) == LoadStats(0.6, 0.0, waiting_requests=2, waiting=5.0)
+    assert await store.load_stats(EP, 10.0) == LoadStats(0.6, 0.0, waiting_requests=2, waiting=5.0, open_requests=2)
     await report(store, "w1")
     await assign(store, 2.0, first.request_idx)  # the retry finds a worker: its load now shows there
-    assert await store.load_stats(EP, 10.0) == LoadStats(0.6, 2.0, waiting_requests=1, waiting=3.0)
+    assert await store.load_stats(EP, 10.0) == LoadStats(0.6, 2.0, waiting_requests=1, waiting=3.0, open_requests=2)
     assert await store.release(EP, [first.request_idx]) == Released(released=1, unknown=0)  # done: it left for good
-    assert await store.load_stats(EP, 10.0) == LoadStats(0.6, 0.0, waiting_requests=1, waiting=3.0)
+    assert await store.load_stats(EP, 10.0) == LoadStats(0.6, 0.0, waiting_requests=1, waiting=3.0, open_requests=1)
     await assign(store, 3.0, second.request_idx)
-    assert await store.load_stats(EP, 10.0) == LoadStats(0.6, 3.0, waiting_requests=0, waiting=0.0)
-    assert await store.load_stats(OTHER_EP, 10.0) == LoadStats(0.4, 0.0, waiting_requests=1, waiting=4.0)
+    assert await store.load_stats(EP, 10.0) == LoadStats(0.6, 3.0, waiting_requests=0, waiting=0.0, open_requests=1)
+    assert await store.load_stats(OTHER_EP, 10.0) == LoadStats(
+        0.4, 0.0, waiting_requests=1, waiting=4.0, open_requests=1
+    )
 
 
 async def test_a_waiting_request_counts_while_its_client_polls_within_the_window(store: DispatchStore) -> None:
@@ -698,6 +711,62 @@ async def test_an_endpoint_holds_at_most_its_cap_of_workers(kind: str, request: 
         await report(store, "a")
         assert await store.forget_workers(EP, 0.02) == 1  # b: silent and holding nothing
         assert (await report(store, "c")).worker_id == "c"  # room again
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+async def test_an_endpoint_holds_at_most_its_cap_of_open_requests(kind: str, request: pytest.FixtureRequest) -> None:
+    """Each open request is state kept until it is released or expires: a client routing without end (no worker
+    ready, or cost 0, or a worker that never reports done) filled memory (~470 bytes each) or Redis for everyone."""
+    store = capped_store(kind, request, max_open=3)
+    try:
+        await report(store, "w1", max_perf=1e6)
+        first = await assign(store, 1.0)
+        await assign(store, 2.0)
+        keyed = await store.route(EP, 4.0, None, POLICY, "key-1")
+        assert isinstance(keyed, Assigned) and await open_requests(store) == 3
+        with pytest.raises(TooManyOpenRequests, match=r"'ep-a' already has 3 open requests"):
+            await store.route(EP, 8.0, None, POLICY, "key-2")
+        assert await loads(store) == {"w1": 7.0}  # the refusal changed nothing: no load, no reqnum, no idx
+        assert (await report(store, "w1", max_perf=1e6)).reqnum == 3
+        # not new: a retry by idx and the same call again by its key still route, and stay one request each
+        assert (await assign(store, 1.0, first.request_idx)).retry
+        again = await store.route(EP, 4.0, None, POLICY, "key-1")
+        assert isinstance(again, Assigned) and again.request_idx == keyed.request_idx
+        assert await open_requests(store) == 3
+        assert isinstance(await store.route(OTHER_EP, 1.0, None, POLICY), NoReadyWorker)  # per endpoint
+        assert await open_requests(store, OTHER_EP) == 1
+
+        assert (await store.release(EP, [first.request_idx])).released == 1
+        assert await open_requests(store) == 2  # a released request, kept for a retry, is not open
+        later = await assign(store, 1.0)
+        with pytest.raises(TooManyOpenRequests):
+            await assign(store, 1.0)
+        # a retry of the released request routes again even at the cap: it is not new, and it is open again
+        assert (await assign(store, 1.0, first.request_idx)).retry
+        assert await open_requests(store) == 4
+        assert (await store.release(EP, [first.request_idx, later.request_idx])).released == 2
+        assert await open_requests(store) == 2
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+async def test_requests_waiting_for_a_worker_count_until_they_expire(kind: str, request: pytest.FixtureRequest) -> None:
+    store = capped_store(kind, request, max_open=2)
+    short = PickPolicy(max_queue_time_s=30.0, heartbeat_timeout_s=60.0, request_ttl_s=0.05)
+    try:
+        waiting = await no_ready(store, 1.0, policy=short)
+        await no_ready(store, 1.0, policy=short)
+        with pytest.raises(TooManyOpenRequests):
+            await store.route(EP, 1.0, None, short)
+        assert (await no_ready(store, 1.0, waiting.request_idx, short)).request_idx == waiting.request_idx  # a poll
+        await asyncio.sleep(0.2)
+        await no_ready(store, 1.0, policy=short)  # the route's own sweep dropped the expired two first
+        assert await open_requests(store) == 1
+        await asyncio.sleep(0.2)
+        assert await open_requests(store) == 0  # load_stats sweeps too
     finally:
         await store.close()
 
@@ -944,8 +1013,10 @@ async def test_redis_mirrors_memory_step_by_step(redis_url: str, redis_prefix: s
     """The same random operations on both stores give the same answers and the same ledgers, bit for bit: the Lua
     picking, breakdown and float arithmetic are the Python ones. (No time-outs fire: the clocks differ.)"""
     rng = random.Random(20240611)
-    memory = MemoryStore(reqnums_per_s=0, request_idxs_per_s=0)  # both counters from 1: the clocks differ
-    redis_store = RedisStore(redis_url, prefix=redis_prefix, reqnums_per_s=0, request_idxs_per_s=0)
+    # both counters from 1 (the clocks differ); a cap of open requests that the run reaches now and then
+    options = {"reqnums_per_s": 0, "request_idxs_per_s": 0, "max_open_requests": MIRROR_MAX_OPEN}
+    memory = MemoryStore(**options)
+    redis_store = RedisStore(redis_url, prefix=redis_prefix, **options)
     stores: tuple[DispatchStore, DispatchStore] = (memory, redis_store)
     ids = [f"w{i}" for i in range(6)] + ["W", "w10", "é"]  # "é" and "W": code-point order, not the locale's
     states = [WorkerState.READY] * 5 + [WorkerState.LOADING, WorkerState.ERROR, WorkerState.STOPPED]
@@ -976,6 +1047,8 @@ async def test_redis_mirrors_memory_step_by_step(redis_url: str, redis_prefix: s
                         results.append(await store.route(endpoint, cost, idx, policy, key))
                     except UnknownRequest:
                         results.append("unknown")
+                    except TooManyOpenRequests:
+                        results.append("too_many_open_requests")
                 if isinstance(results[0], Assigned | NoReadyWorker) and idx is None:
                     issued.append(results[0].request_idx)
                 if isinstance(results[0], Assigned) and results[0].retry and idx is None:
@@ -994,7 +1067,9 @@ async def test_redis_mirrors_memory_step_by_step(redis_url: str, redis_prefix: s
                 ledgers = [[(w.worker_id, w.state, w.max_perf, w.load, w.reqnum, w.open_requests)
                             for w in await s.workers(name)] for s in stores]  # fmt: skip
                 assert ledgers[0] == ledgers[1]
-        assert seen >= {"Assigned", "NoReadyWorker", "unknown", "released", "not_held", "retried by key", "url_taken"}
+                assert await open_requests(memory, name) == await open_requests(redis_store, name)
+        assert seen >= {"Assigned", "NoReadyWorker", "unknown", "released", "not_held", "retried by key", "url_taken",
+                        "too_many_open_requests"}  # fmt: skip
     finally:
         await redis_store.close()
 

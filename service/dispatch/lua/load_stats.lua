@@ -1,5 +1,6 @@
 -- ARGV[3..]: endpoint, window_s, LOAD_RATE_BUCKET_S, LOAD_HISTORY_S.
--- Returns {sum of the buckets in the window, {cost of each request waiting for a worker}, {load of each worker}}.
+-- Returns {sum of the buckets in the window, {cost of each request waiting for a worker}, {load of each worker},
+-- open requests}.
 local endpoint = ARGV[3]
 local window = tonumber(ARGV[4])
 local bucket = tonumber(ARGV[5])
@@ -32,4 +33,4 @@ for _, id in ipairs(redis.call('SMEMBERS', prefix .. 'workers:' .. endpoint)) do
   local load = redis.call('HGET', worker_key(endpoint, id), 'load')
   if load then loads[#loads + 1] = load end
 end
-return {fmt(total), waiting_costs, loads}
+return {fmt(total), waiting_costs, loads, redis.call('GET', open_key(endpoint)) or '0'}

@@ -17,6 +17,13 @@ local function worker_key(endpoint, worker_id) return prefix .. 'worker:' .. end
 local function waiting_key(endpoint) return prefix .. 'waiting:' .. endpoint end
 -- MemoryStore._by_key: the request_idx a new request with an Idempotency-Key got (E/K: no endpoint has a '/')
 local function idem_key(endpoint, key) return prefix .. 'idem:' .. endpoint .. '/' .. key end
+-- MemoryStore._open: how many of the endpoint's requests are open (held or waiting, not released): the cap's count
+local function open_key(endpoint) return prefix .. 'open:' .. endpoint end
+local function add_open(endpoint, delta)
+  local key = open_key(endpoint)
+  if delta < 0 and tonumber(redis.call('GET', key) or '0') <= 0 then return end  -- never below 0
+  redis.call('INCRBY', key, delta)
+end
 
 -- MemoryStore._unassign: a request of `cost` leaves its worker (if the worker exists); returns the new load or nil.
 -- memory_store.load_after_release: exactly 0 once the worker holds no request, never below 0 (float dust).
@@ -39,8 +46,9 @@ local function sweep(now)
   local idxs = redis.call('ZRANGEBYSCORE', expiries, '-inf', fmt(now), 'LIMIT', 0, sweep_limit)
   for _, idx in ipairs(idxs) do
     local key = prefix .. 'req:' .. idx
-    local r = redis.call('HMGET', key, 'endpoint', 'cost', 'worker')
+    local r = redis.call('HMGET', key, 'endpoint', 'cost', 'worker', 'released_by')
     if r[1] and r[3] then unassign(r[1], r[3], tonumber(r[2])) end
+    if r[1] and not r[4] then add_open(r[1], -1) end
     redis.call('DEL', key)
   end
   for i = 1, #idxs, UNPACK_CHUNK do  -- Lua 5.1's unpack fails past ~8000 values

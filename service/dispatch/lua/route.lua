@@ -1,7 +1,9 @@
 -- ARGV[3..]: endpoint, cost, request_idx ('' for a new request), max_queue_time_s, heartbeat_timeout_s,
--- request_ttl_s, LOAD_RATE_BUCKET_S, LOAD_HISTORY_S, REQUEST_IDXS_PER_SECOND, Idempotency-Key ('' for none).
--- Returns {-1} for an unknown request, {1, idx, worker_id, url, reqnum, retry (0/1)} when assigned, and
--- {0, idx, category, count, ...} when no worker is ready.
+-- request_ttl_s, LOAD_RATE_BUCKET_S, LOAD_HISTORY_S, REQUEST_IDXS_PER_SECOND, Idempotency-Key ('' for none),
+-- max_open_requests.
+-- Returns {-1} for an unknown request, {-2} for a new one on an endpoint at max_open_requests (nothing changed),
+-- {1, idx, worker_id, url, reqnum, retry (0/1)} when assigned, and {0, idx, category, count, ...} when no worker is
+-- ready.
 local endpoint = ARGV[3]
 local cost = tonumber(ARGV[4])
 local idx = ARGV[5]
@@ -12,6 +14,7 @@ local bucket = tonumber(ARGV[9])
 local history = ARGV[10]
 local idxs_per_s = tonumber(ARGV[11])
 local idempotency = ARGV[12]
+local max_open = tonumber(ARGV[13])
 
 local now = clock()
 sweep(now)
@@ -30,6 +33,7 @@ if idx == '' and idempotency ~= '' then
 end
 
 local retry = idx ~= ''
+if not retry and tonumber(redis.call('GET', open_key(endpoint)) or '0') >= max_open then return {-2} end
 local prev_worker, prev_cost, released_by = false, 0, false
 if retry then
   local r = redis.call('HMGET', prefix .. 'req:' .. idx, 'endpoint', 'cost', 'worker', 'idem', 'released_by')
@@ -119,6 +123,7 @@ if idem then
 end
 redis.call('DEL', req_key)
 redis.call('ZADD', expiries, fmt(now + ttl), idx)
+if not retry or released_by then add_open(endpoint, 1) end  -- new, or released and routed again: open (again)
 
 if best then
   local key = worker_key(endpoint, best.id)
