@@ -116,7 +116,13 @@ def _worker_report(max_value: float) -> dict[str, Any]:
         "properties": {
             "endpoint": {"type": "string", "minLength": 1, "maxLength": MAX_ID_CHARS},
             "id": _ID,
-            "url": {"type": "string", "maxLength": MAX_URL_CHARS, "pattern": WORKER_URL_PATTERN},
+            "url": {
+                "type": "string",
+                "maxLength": MAX_URL_CHARS,
+                "pattern": WORKER_URL_PATTERN,
+                "description": "the worker's base URL; kept, sent to clients and signed in one spelling: scheme and"
+                " host lowercased, the default port and trailing slashes dropped (an IPv4 host must be a dotted quad)",
+            },
             "state": {"type": "string", "enum": [s.value for s in WorkerState]},
             "max_perf": {
                 "type": "number",

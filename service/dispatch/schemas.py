@@ -3,16 +3,15 @@ clients that send more (Vast's SDK adds ``replay_timeout``) keep working."""
 
 from __future__ import annotations
 
-import ipaddress
 import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 from service.dispatch.records import Assigned, NoReadyWorker, WorkerRecord, WorkerReport, WorkerState
 from service.dispatch.signing import Assignment, is_safe_text
+from service.dispatch.worker_url import canonical_url
 from service.errors import InvalidRequest, Unauthorized
 
 MAX_REQUEST_IDX = 2**53  # JSON numbers above this lose precision in many clients
@@ -176,44 +175,12 @@ def _worker_id(data: Mapping[str, Any]) -> str:
 
 
 def _worker_url(text: str) -> str:
-    """The URL clients are sent to, trailing slashes removed (assignments carry it so; workers compare it so)."""
-    url = text.rstrip("/")
-    problem = "'url' must be an http(s) URL with a host, of printable ASCII without spaces, quotes or backslashes"
-    if not is_safe_text(url) or " " in url:
-        raise InvalidRequest(problem)
+    """The URL in its one spelling (``worker_url.canonical_url``): assignments carry it so, the URL is bound to its
+    worker so, and workers compare it so."""
     try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - parsing it is the check: a port that is not a number in 0..65535 raises
-    except ValueError:
-        raise InvalidRequest(problem) from None
-    if "@" in url or "?" in url or "#" in url:
-        # every client is sent this URL (credentials would leak to them) and appends its path to it (after a query
-        # or fragment, the path lands in those instead); '@' is refused anywhere, as the OpenAPI pattern says
-        raise InvalidRequest("'url' must be a base URL without credentials, query or fragment ('@', '?', '#')")
-    if parts.scheme not in ("http", "https") or not parts.hostname or not _valid_authority(parts.netloc):
-        raise InvalidRequest(problem)
-    return url
-
-
-# host[:port], the host a name or an IPv4 address, or an IPv6 address in brackets: what HTTP clients can connect to
-# (urlsplit takes "http://[::1]x:1", which httpx then refuses, failing every client sent there)
-_DOTTED_QUAD = re.compile(r"\d+\.\d+\.\d+\.\d+")
-_AUTHORITY = re.compile(r"(?:\[([0-9A-Fa-f:.]+)\]|[A-Za-z0-9._~%!$&'()*+,;=-]+)(?::\d{1,5})?")
-
-
-def _valid_authority(netloc: str) -> bool:
-    match = _AUTHORITY.fullmatch(netloc)
-    if match is None:
-        return False
-    host = netloc.rsplit(":", 1)[0] if match.group(1) is None else match.group(1)
-    try:
-        if match.group(1) is not None:
-            ipaddress.IPv6Address(host)
-        elif _DOTTED_QUAD.fullmatch(host):  # clients read these as IPv4 addresses: 1.2.3.999 is none
-            ipaddress.IPv4Address(host)
-    except ValueError:
-        return False
-    return True
+        return canonical_url(text)
+    except ValueError as exc:
+        raise InvalidRequest(f"'url' {exc}") from None
 
 
 def _text(data: Mapping[str, Any], name: str, max_chars: int) -> str:

@@ -37,6 +37,7 @@ from service.dispatch.signing import (
     key_id_for,
     parse_hex,
 )
+from service.dispatch.worker_url import canonical_url
 from service.errors import InvalidAssignment
 
 DEFAULT_REPLAY_WINDOW = 4096  # reqnums below the highest seen that may still arrive late
@@ -74,6 +75,13 @@ class KeyFetchError(ValueError):
 def normalise_url(url: str) -> str:
     """URLs compare without trailing slashes: ``http://h:8000/`` and ``http://h:8000`` name the same worker."""
     return url.rstrip("/")
+
+
+def _canonical_or_none(url: str) -> str | None:
+    try:
+        return canonical_url(url)
+    except ValueError:
+        return None
 
 
 class ReplayWindow:
@@ -138,7 +146,7 @@ class AssignmentVerifier:
         clock_skew_s: float = DEFAULT_CLOCK_SKEW_S,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        urls = frozenset(normalise_url(url) for url in own_urls)
+        urls = frozenset(canonical_url(url) for url in own_urls)  # the spelling the dispatcher signs
         if not urls:
             raise ValueError("own_urls must name at least one URL (the one this worker reports)")
         if not endpoint:
@@ -193,7 +201,7 @@ class AssignmentVerifier:
             raise AssignmentRejected(RejectReason.BAD_SIGNATURE, "signature does not match the assignment")
 
     def _check_target(self, assignment: Assignment) -> None:
-        if normalise_url(assignment.url) not in self._own_urls:
+        if _canonical_or_none(assignment.url) not in self._own_urls:
             raise AssignmentRejected(RejectReason.WRONG_URL, f"assigned to {assignment.url}, not this worker")
         if assignment.endpoint != self._endpoint:
             raise AssignmentRejected(

@@ -366,6 +366,31 @@ async def test_a_new_request_beyond_the_endpoints_open_requests_is_answered_429(
         assert 'dispatcher_errors_total{code="too_many_open_requests"} 1.0' in text
 
 
+async def test_another_endpoints_worker_cannot_take_a_url_by_spelling_it_differently(client: httpx.AsyncClient) -> None:
+    """A URL is bound to one worker in its one spelling: another tenant's worker token reporting an alias of it would
+    send its clients, with signed assignments, to this endpoint's worker."""
+    await register(client, "w1", url="http://10.0.0.5:8000")
+    await register(client, "named", url="HTTP://Worker.Example:80/")
+    report = {"endpoint": OTHER, "id": "squatter", "state": "ready", "max_perf": 1}
+    other = {"authorization": f"Bearer {OTHER_WORKER_TOKEN}"}
+    for alias in (
+        "HTTP://10.0.0.5:8000/",
+        "http://10.0.0.5:08000",
+        "http://worker.example",
+        "http://WORKER.example:80",
+    ):
+        taken = await client.post("/worker_status/", json={**report, "url": alias}, headers=other)
+        assert_error(taken, 409, "url_taken")
+    for alias in ("http://10.0.5:8000", "http://167772165:8000"):  # 10.0.0.5 to inet_aton: refused outright
+        refused = await client.post("/worker_status/", json={**report, "url": alias}, headers=other)
+        assert "dotted quad" in assert_error(refused, 400, "invalid_request")
+    assert [(w["id"], w["url"]) for w in await workers(client)] == [
+        ("named", "http://worker.example"),
+        ("w1", "http://10.0.0.5:8000"),
+    ]
+    assert (await route(client))["url"] in {"http://10.0.0.5:8000", "http://worker.example"}
+
+
 @pytest.mark.parametrize("path", ["/worker_status/", "/delete_requests/"])
 async def test_worker_paths_without_a_token_are_401_before_the_body_is_judged(
     client: httpx.AsyncClient, path: str

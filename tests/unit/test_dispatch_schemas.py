@@ -162,7 +162,9 @@ def test_a_worker_report() -> None:
     assert endpoint == "ep"
     assert (r.worker_id, r.url, r.state) == ("w1", "http://10.0.0.5:8000", WorkerState.READY)  # trailing / dropped
     assert (r.max_perf, r.cur_load, r.in_flight) == (50.0, 2.5, 3)
-    assert parse_report(report(url="http://proxy:80/workers/w1/"))[1].url == "http://proxy:80/workers/w1"  # a prefix
+    assert parse_report(report(url="http://proxy:81/workers/w1/"))[1].url == "http://proxy:81/workers/w1"  # a prefix
+    # one spelling (service/dispatch/worker_url.py): scheme and host lowercased, the default port dropped
+    assert parse_report(report(url="HTTP://Proxy:80/Workers/W1"))[1].url == "http://proxy/Workers/W1"
     assert parse_report(report(url="http://[::1]:8000"))[1].url == "http://[::1]:8000"  # an IPv6 literal
     _, defaults = parse_report(report(url="https://w.example"))
     assert (defaults.url, defaults.cur_load, defaults.in_flight) == ("https://w.example", 0.0, 0)
@@ -188,7 +190,9 @@ def test_bad_state_is_invalid(bad: object) -> None:
      "http://user:secret@10.0.0.5:8000", "http://u@h", "http://h:1/?tenant=a", "http://h/x#frag", "http://h?",
      # hosts urlsplit takes and HTTP clients (httpx) refuse: every client sent there failed
      "http://[::1]x:1", "http://[::1]]:1", "http://[v1.x]:1", "http://[::g]:1", "http://h:1:2",
-     "http://1.2.3.999:80", "http://256.1.1.1", "http://01.2.3.4:1"],
+     "http://1.2.3.999:80", "http://256.1.1.1", "http://01.2.3.4:1",
+     # IPv4 spellings other than the dotted quad, which clients read differently (and would alias another's URL)
+     "http://127.1", "http://2130706433:80", "http://0x7f.0.0.1", "http://1.2.3.4.", "http://h:0", "http://w%31"],
 )  # fmt: skip
 def test_bad_url_is_invalid(bad: object) -> None:
     with pytest.raises(InvalidRequest, match="url"):

@@ -172,6 +172,21 @@ def test_urls_compare_without_trailing_slash(signer: Signer) -> None:
     assert make_verifier(signer).verify(auth(signer, url=URL + "/")).reqnum == 1
 
 
+def test_urls_compare_in_their_one_spelling(signer: Signer) -> None:
+    """The dispatcher signs the URL a worker reported in its canonical spelling (``worker_url``): a worker that knows
+    itself as ``HTTP://W1:80/`` accepts the ``http://w1`` it is sent, and nothing that is another server."""
+    verifier = make_verifier(signer, own_urls=["HTTP://W1:80/"])
+    assert verifier.verify(auth(signer, 1, url="http://w1")).url == "http://w1"
+    assert verifier.verify(auth(signer, 2, url="http://W1:080")).reqnum == 2
+    for other in ("http://w1:8080", "https://w1", "http://w1/x", "http://w2", "http://127.1", "not a url"):
+        assert rejection(verifier, auth(signer, 3, url=other)) is RejectReason.WRONG_URL, other
+
+
+def test_own_urls_must_be_worker_urls(signer: Signer) -> None:
+    with pytest.raises(ValueError, match="must"):
+        make_verifier(signer, own_urls=["10.0.0.5:8000"])
+
+
 @pytest.mark.parametrize("endpoint", [None, ""])
 def test_the_endpoint_is_required(signer: Signer, endpoint: str | None) -> None:
     # any endpoint's worker token can report this worker's URL: without its endpoint, a worker would do their work

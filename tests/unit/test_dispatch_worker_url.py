@@ -1,0 +1,52 @@
+"""A worker URL's one spelling: the key that binds it to one worker, what assignments carry and workers compare."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.dispatch.worker_url import canonical_url
+
+
+@pytest.mark.parametrize(
+    ("spelling", "canonical"),
+    [
+        ("http://10.0.0.5:8000", "http://10.0.0.5:8000"),
+        ("http://10.0.0.5:8000/", "http://10.0.0.5:8000"),
+        ("HTTP://W1.Example:8000", "http://w1.example:8000"),
+        ("http://w1:80", "http://w1"),
+        ("https://w1:443/", "https://w1"),
+        ("https://w1:80", "https://w1:80"),  # not https' default
+        ("http://w1:0080", "http://w1"),
+        ("http://w1:08000", "http://w1:8000"),
+        ("http://[0:0:0:0:0:0:0:1]:8000", "http://[::1]:8000"),
+        ("http://[::FFFF:a00:5]", "http://[::ffff:a00:5]"),
+        ("http://proxy/Workers/W1//", "http://proxy/Workers/W1"),  # paths are case-sensitive
+        ("http://w1.example.", "http://w1.example."),  # with search domains, a trailing dot is another name
+        ("http://w1.example/x/80", "http://w1.example/x/80"),
+    ],
+)
+def test_spellings_clients_read_as_one_server_are_one_url(spelling: str, canonical: str) -> None:
+    assert canonical_url(spelling) == canonical
+    assert canonical_url(canonical) == canonical  # stable
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://127.1", "http://2130706433", "http://0x7f.0.0.1", "http://0177.0.0.1", "http://010.0.0.1",
+     "http://1.2.3.4.", "http://10.0.0.256", "http://host.123", "http://host.0x1f"],
+)  # fmt: skip
+def test_an_ipv4_address_is_only_taken_as_a_dotted_quad(url: str) -> None:
+    """Clients resolve these as IPv4 addresses (glibc's inet_aton, the WHATWG URL parser), not always alike."""
+    with pytest.raises(ValueError, match="dotted quad"):
+        canonical_url(url)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["ftp://w1", "http://", "w1:8000", "http://w1:0", "http://w1:65536", "http://w1:x", "http://[::g]",
+     "http://[::1]x:1", "http://w%31", "http://u@w1", "http://w1/?q", "http://w1/#f", "http://w 1", 'http://w"1',
+     "http://w\\1", "http://w\u00e9"],
+)  # fmt: skip
+def test_what_is_not_a_worker_base_url_is_refused(url: str) -> None:
+    with pytest.raises(ValueError, match="must"):
+        canonical_url(url)
