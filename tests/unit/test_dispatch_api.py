@@ -902,6 +902,32 @@ async def test_an_endpoint_removed_on_sighup_leaves_no_gauges_behind(tmp_path: P
     assert [line for line in text.splitlines() if 'endpoint="other"' in line] == []
 
 
+async def test_the_workers_of_an_endpoint_removed_on_sighup_are_forgotten_too(tmp_path: Path) -> None:
+    """The forget sweep went over the configured endpoints only: a removed one's records (its workers can no longer
+    report) stayed in the store for good, in Redis across restarts too."""
+    config = tmp_path / "endpoints.toml"
+    save_config(config, registry())
+    store = MemoryStore()
+    service = make_service(store, config=config, heartbeat_timeout_s=0.1, worker_forget_s=0.2, request_ttl_s=0.3)
+    async with serving(service) as client:
+        await register(client, "v1", url="http://v1:1", endpoint=OTHER, token=OTHER_WORKER_TOKEN)
+        await register(client, "v2", url="http://v2:1", endpoint=OTHER, token=OTHER_WORKER_TOKEN)
+        held = await client.post("/route/", json={"endpoint": OTHER, "api_key": OTHER_API_KEY, "cost": 1.0})
+        assert held.json()["url"] == "http://v1:1"
+        save_config(config, EndpointRegistry({EP: registry().endpoints[EP]}))
+        service.on_reload_signal()
+        await asyncio.sleep(0.25)
+        assert await service.forget_silent_workers() == 1  # v2; v1 holds a request until its ttl
+        assert [w.worker_id for w in await store.workers(OTHER)] == ["v1"]
+        await asyncio.sleep(0.1)
+        assert await service.forget_silent_workers() == 1
+        assert await store.workers(OTHER) == []
+        save_config(config, registry())  # back again: its workers report afresh
+        service.on_reload_signal()
+        await register(client, "v1", url="http://v1:1", endpoint=OTHER, token=OTHER_WORKER_TOKEN)
+        assert [w.worker_id for w in await store.workers(OTHER)] == ["v1"]
+
+
 async def test_a_refresh_under_way_when_an_endpoint_is_removed_does_not_bring_its_gauges_back(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
