@@ -121,7 +121,9 @@ def _worker_report(max_value: float) -> dict[str, Any]:
                 "maxLength": MAX_URL_CHARS,
                 "pattern": WORKER_URL_PATTERN,
                 "description": "the worker's base URL; kept, sent to clients and signed in one spelling: scheme and"
-                " host lowercased, the default port and trailing slashes dropped (an IPv4 host must be a dotted quad)",
+                " host lowercased, the default port and trailing slashes dropped. An IPv4 host must be a dotted quad"
+                " (not a name ending in a number, not ::ffff:a.b.c.d); a path has no '.', '..' or empty segments and"
+                " no '%'",
             },
             "state": {"type": "string", "enum": [s.value for s in WorkerState]},
             "max_perf": {

@@ -4,11 +4,12 @@ The dispatcher sends clients to the URL a worker reports, binds it to that one w
 may not report it: ``url_taken``), and signs it into every assignment, which the worker checks against its own.
 Spellings that every HTTP client reads as the same server must therefore be one URL, or a second tenant could bind
 ``HTTP://Host:80`` to another tenant's ``http://host`` worker. ``canonical_url`` lowercases the scheme and host,
-drops the scheme's default port and leading zeros of a port, and writes an IPv6 address in its compressed form.
-An IPv4 address must be a dotted quad of decimals: the other forms clients accept (``127.1``, ``2130706433``,
-``0x7f.0.0.1``) are refused, since some read ``010.0.0.1`` as 8.0.0.1 and others as 10.0.0.1. The path is kept
-as it is, less trailing slashes (paths are case-sensitive). Names that DNS makes one server (``localhost`` and
-``127.0.0.1``) stay distinct: only the resolver knows those.
+drops the scheme's default port and leading zeros of a port, and writes an IPv6 address in RFC 5952's compressed
+form. An IPv4 address must be a dotted quad of decimals: the other forms clients accept (``127.1``,
+``2130706433``, ``0x7f.0.0.1``, ``[::ffff:10.0.0.5]``, any host whose last label is a number) are refused, since
+some read ``010.0.0.1`` as 8.0.0.1 and others as 10.0.0.1. The path is kept as it is, less trailing slashes (paths
+are case-sensitive), so it may not have another reading: no ``.``, ``..`` or empty segments, no percent-escapes.
+Names that DNS makes one server (``localhost`` and ``127.0.0.1``) stay distinct: only the resolver knows those.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ _AUTHORITY = re.compile(
     r"(?:\[(?P<ipv6>[0-9A-Fa-f:.]+)\]|(?P<name>[A-Za-z0-9._~!$&'()*+,;=-]+))(?::(?P<port>\d{1,5}))?"
 )
 _NUMBER = re.compile(r"\d+|0[xX][0-9A-Fa-f]*")  # a label that makes a host an IPv4 address (WHATWG "ends in a number")
+# ::a.b.c.d, deprecated (RFC 4291) but read as IPv4 by some stacks; :: and ::1 are not IPv4 addresses
+_IPV4_COMPATIBLE = re.compile(r"(0000:){6}(?!0000:0000|0000:0001)[0-9a-f]{4}:[0-9a-f]{4}")
 _UNSAFE = re.compile(r"[^\x21-\x7e]|[\"\\@?#]")  # beyond printable ASCII; quotes, backslashes; credentials, query
 
 
@@ -55,15 +58,30 @@ def canonical_url(text: str) -> str:
     if not 0 < port <= 65535:
         raise ValueError("must have a port in 1..65535")
     authority = host if port == DEFAULT_PORTS[scheme] else f"{host}:{port}"
-    return f"{scheme}://{authority}{parts.path}"
+    return f"{scheme}://{authority}{_checked_path(parts.path)}"
+
+
+def _checked_path(path: str) -> str:
+    """A base path is kept as given, so it must have one reading: clients remove ``.`` and ``..`` segments before
+    sending (``/x/..`` is ``/``), and servers and proxies differ on percent-escapes and empty segments."""
+    if "%" in path:
+        raise ValueError("must have a path without percent-escapes ('%')")
+    segments = path.split("/")[1:]
+    if any(segment in ("", ".", "..") for segment in segments):
+        raise ValueError("must have a path without empty, '.' or '..' segments")
+    return path
 
 
 def _canonical_host(ipv6: str | None, name: str | None) -> str:
     if ipv6 is not None:
         try:
-            return f"[{ipaddress.IPv6Address(ipv6).compressed}]"
+            address = ipaddress.IPv6Address(ipv6)
         except ValueError:
             raise ValueError(f"must have a valid IPv6 address in brackets, not {ipv6!r}") from None
+        if address.ipv4_mapped is not None or _IPV4_COMPATIBLE.fullmatch(address.exploded):
+            # [::ffff:10.0.0.5] reaches 10.0.0.5 (an IPv4-only server too): the IPv4 spelling is the one
+            raise ValueError(f"must write an IPv4 address as a dotted quad, not as the IPv6 address {ipv6!r}")
+        return f"[{address.compressed}]"  # RFC 5952's form: lowercase, the longest run of zero groups as '::'
     assert name is not None
     labels = name.split(".")
     last = labels[-1] or (labels[-2] if len(labels) > 1 else "")
