@@ -121,7 +121,9 @@ class MemoryStore:
             if known is not None and self._requests[known][_EXPIRES] > now:  # held, unexpired: that request
                 request_idx, repeat = known, True
         if request_idx is None and self._open[endpoint] >= self._max_open:
-            raise too_many_open_requests(endpoint, self._max_open)
+            self._expire(now, len(self._expiries))  # at the cap, expired requests no longer count (as in Redis)
+            if self._open[endpoint] >= self._max_open:
+                raise too_many_open_requests(endpoint, self._max_open)
         previous: _Request | None = None
         if request_idx is not None:
             previous = self._requests.get(request_idx)

@@ -20,8 +20,9 @@ Key layout (``P`` is the ``prefix``, ``dispatch:`` by default; ``E`` an endpoint
                                     the record, or replaced when a report takes the url over
     P idem:E/K              string  the request_idx a new request with Idempotency-Key K got; read only while that
                                     request is held (req:<idx> names E); PX the request ttl
-    P open:E                string  how many of E's requests are open (req:<idx> without released_by): what
-                                    max_open_requests caps (MemoryStore._open)
+    P open:E                zset    member request_idx, score its expiry: E's open requests (req:<idx> without
+                                    released_by), what max_open_requests caps (MemoryStore._open); expired
+                                    members leave when counted
 
 A worker's hash, its set member and its url binding are removed together (``forget_workers``) once it has been
 silent for ``forget_s`` holding no request.

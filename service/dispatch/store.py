@@ -15,7 +15,8 @@ Contract, which ``tests/unit/test_dispatch_store.py`` checks against both implem
 * ``forget_workers`` removes the records of workers silent for longer than ``forget_s`` that hold no request.
 * ``reqnum`` only grows per worker; ``request_idx`` is unique and never 0.
 * An endpoint holds at most ``max_open_requests`` open requests (assigned and not released, or waiting for a worker;
-  not the released ones kept for a retry): a new request beyond raises ``TooManyOpenRequests`` and changes nothing.
+  not the released ones kept for a retry, nor expired ones): a new request beyond raises ``TooManyOpenRequests`` and
+  changes nothing.
   Retries and repeated calls are not new and still route.
 """
 

@@ -673,6 +673,28 @@ async def test_a_release_leaves_no_idempotency_key_in_redis(redis_url: str, redi
         await store.close()
 
 
+async def test_an_open_request_that_another_script_version_let_go_stops_counting_at_its_expiry(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """In a rolling deploy, replicas without the open-request count release and expire requests that others counted:
+    a counter kept each such request for ever, until the endpoint answered 429 to every new request."""
+    store = RedisStore(redis_url, prefix=redis_prefix, max_open_requests=2)
+    short = PickPolicy(max_queue_time_s=30.0, heartbeat_timeout_s=60.0, request_ttl_s=0.3)
+    try:
+        first = await no_ready(store, 1.0, policy=short)
+        # an older replica's sweep or release: the request's record goes, the open count is not told
+        await store._redis.delete(f"{redis_prefix}req:{first.request_idx}")
+        await store._redis.zrem(f"{redis_prefix}expiries", first.request_idx)
+        await no_ready(store, 1.0)  # a long-lived one
+        with pytest.raises(TooManyOpenRequests):
+            await store.route(EP, 1.0, None, POLICY)
+        await asyncio.sleep(0.4)
+        assert await open_requests(store) == 1
+        await no_ready(store, 1.0)
+    finally:
+        await store.close()
+
+
 async def test_counters_start_at_the_clock_so_a_lost_counter_never_reissues_one(
     redis_url: str, redis_prefix: str
 ) -> None:

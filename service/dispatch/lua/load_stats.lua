@@ -33,4 +33,4 @@ for _, id in ipairs(redis.call('SMEMBERS', prefix .. 'workers:' .. endpoint)) do
   local load = redis.call('HGET', worker_key(endpoint, id), 'load')
   if load then loads[#loads + 1] = load end
 end
-return {fmt(total), waiting_costs, loads, redis.call('GET', open_key(endpoint)) or '0'}
+return {fmt(total), waiting_costs, loads, count_open(endpoint, now)}

@@ -17,12 +17,14 @@ local function worker_key(endpoint, worker_id) return prefix .. 'worker:' .. end
 local function waiting_key(endpoint) return prefix .. 'waiting:' .. endpoint end
 -- MemoryStore._by_key: the request_idx a new request with an Idempotency-Key got (E/K: no endpoint has a '/')
 local function idem_key(endpoint, key) return prefix .. 'idem:' .. endpoint .. '/' .. key end
--- MemoryStore._open: how many of the endpoint's requests are open (held or waiting, not released): the cap's count
+-- MemoryStore._open: the endpoint's open requests (held or waiting, not released), as a zset of request_idx scored
+-- by expiry. A set rather than a counter, so that what a script without it (an older replica in a rolling deploy)
+-- released or let expire leaves by itself once its score passes (count_open), instead of counting for ever.
 local function open_key(endpoint) return prefix .. 'open:' .. endpoint end
-local function add_open(endpoint, delta)
+local function count_open(endpoint, now)
   local key = open_key(endpoint)
-  if delta < 0 and tonumber(redis.call('GET', key) or '0') <= 0 then return end  -- never below 0
-  redis.call('INCRBY', key, delta)
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', fmt(now))  -- expired: no longer open, swept or not
+  return redis.call('ZCARD', key)
 end
 
 -- MemoryStore._unassign: a request of `cost` leaves its worker (if the worker exists); returns the new load or nil.
@@ -46,9 +48,9 @@ local function sweep(now)
   local idxs = redis.call('ZRANGEBYSCORE', expiries, '-inf', fmt(now), 'LIMIT', 0, sweep_limit)
   for _, idx in ipairs(idxs) do
     local key = prefix .. 'req:' .. idx
-    local r = redis.call('HMGET', key, 'endpoint', 'cost', 'worker', 'released_by')
+    local r = redis.call('HMGET', key, 'endpoint', 'cost', 'worker')
     if r[1] and r[3] then unassign(r[1], r[3], tonumber(r[2])) end
-    if r[1] and not r[4] then add_open(r[1], -1) end
+    if r[1] then redis.call('ZREM', open_key(r[1]), idx) end
     redis.call('DEL', key)
   end
   for i = 1, #idxs, UNPACK_CHUNK do  -- Lua 5.1's unpack fails past ~8000 values

@@ -24,7 +24,7 @@ for i = 6, #ARGV do
     local expires = tonumber(redis.call('ZSCORE', expiries, idx))
     if expires and keep_until < expires then redis.call('ZADD', expiries, fmt(keep_until), idx) end
     unassign(endpoint, r[3], tonumber(r[2]))
-    add_open(endpoint, -1)
+    redis.call('ZREM', open_key(endpoint), idx)
     released = released + 1
   end
 end

@@ -33,7 +33,7 @@ if idx == '' and idempotency ~= '' then
 end
 
 local retry = idx ~= ''
-if not retry and tonumber(redis.call('GET', open_key(endpoint)) or '0') >= max_open then return {-2} end
+if not retry and count_open(endpoint, now) >= max_open then return {-2} end
 local prev_worker, prev_cost, released_by = false, 0, false
 if retry then
   local r = redis.call('HMGET', prefix .. 'req:' .. idx, 'endpoint', 'cost', 'worker', 'idem', 'released_by')
@@ -123,7 +123,7 @@ if idem then
 end
 redis.call('DEL', req_key)
 redis.call('ZADD', expiries, fmt(now + ttl), idx)
-if not retry or released_by then add_open(endpoint, 1) end  -- new, or released and routed again: open (again)
+redis.call('ZADD', open_key(endpoint), fmt(now + ttl), idx)  -- open (again, if it was released), until its expiry
 
 if best then
   local key = worker_key(endpoint, best.id)
