@@ -133,9 +133,6 @@ class DispatcherService(ServiceBase):
         # Published ahead of signing, so that every worker knows the key before the first assignment under it.
         self._next_key = _read_next_key(settings)
         self.published_keys: list[PublishedKey] = []
-        # Endpoints a SIGHUP removed whose worker records may remain: their workers can no longer report, so the
-        # forget sweep removes the records once silent (and their requests expired); without it they stayed forever.
-        self._removed_endpoints: set[str] = set()
         self._publish_keys()
         self.draining = False
         self._drain_requested = asyncio.Event()
@@ -234,7 +231,6 @@ class DispatcherService(ServiceBase):
             return
         gone = set(self.registry.endpoints) - set(registry.endpoints)
         self.registry = registry
-        self._removed_endpoints = (self._removed_endpoints | gone) - set(registry.endpoints)
         for name in gone:
             self.metrics.forget_endpoint(name, STATUS_KEYS)
         logger.info("SIGHUP reload: now serving %d endpoint(s)", len(registry))
@@ -328,15 +324,12 @@ class DispatcherService(ServiceBase):
         return decisions
 
     async def forget_silent_workers(self) -> int:
-        """Forget the workers silent for ``--worker-forget-s`` that hold no request, in every endpoint: each route
-        scans an endpoint's records and each no-ready answer counts them, so dead ones must not pile up."""
+        """Forget the workers silent for ``--worker-forget-s`` that hold no request, in every endpoint the store has
+        records of: each route scans an endpoint's records and each no-ready answer counts them, so dead ones must not
+        pile up. Removed endpoints too (their workers can no longer report), whichever process saw the removal."""
         forgotten = 0
-        for name in list(self.registry.endpoints):
+        for name in await self.store.endpoints():
             forgotten += await self.store.forget_workers(name, self.settings.worker_forget_s)
-        for name in list(self._removed_endpoints):
-            forgotten += await self.store.forget_workers(name, self.settings.worker_forget_s)
-            if not await self.store.workers(name) and name not in self.registry.endpoints:
-                self._removed_endpoints.discard(name)  # nothing left to forget
         if forgotten:
             logger.info("forgot %d worker(s) silent for over %gs", forgotten, self.settings.worker_forget_s)
         return forgotten

@@ -229,6 +229,9 @@ class MemoryStore:
                 del self._url_owner[url]
         return len(gone)
 
+    async def endpoints(self) -> list[str]:
+        return sorted(endpoint for endpoint, workers in self._workers.items() if workers)
+
     async def workers(self, endpoint: str) -> list[WorkerRecord]:
         self._expire(self._clock())
         return sorted((dataclasses.replace(w) for w in self._workers.get(endpoint, {}).values()), key=_by_id)

@@ -10,6 +10,7 @@ Key layout (``P`` is the ``prefix``, ``dispatch:`` by default; ``E`` an endpoint
     P req:<idx>             hash    endpoint, cost, worker (absent while no worker holds it: waiting, or released
                                     and kept for a retry until it expires), idem (its Idempotency-Key),
                                     released_by (the worker that released it, which its retry avoids)
+    P endpoints             set     the endpoints E with a workers:E set (report adds, forget removes when empty)
     P workers:E             set     the worker ids of endpoint E
     P worker:E/W            hash    url, state, max_perf, cur_load, in_flight, last_seen (the last report),
                                     load, reqnum, open_requests (the dispatcher's ledger)
@@ -288,6 +289,11 @@ class RedisStore:
         with self._unavailable("forget_workers"):
             gone = await self._forget(args=(*self._common, _check_endpoint(endpoint), _num(forget_s)))
         return int(gone)
+
+    async def endpoints(self) -> list[str]:
+        with self._unavailable("endpoints"):
+            names = await self._redis.smembers(self._prefix + "endpoints")
+        return sorted(str(name) for name in names)  # str already (decode_responses); the cast is for the types
 
     async def workers(self, endpoint: str) -> list[WorkerRecord]:
         with self._unavailable("workers"):

@@ -137,6 +137,10 @@ class DispatchStore(Protocol):
 
     async def workers(self, endpoint: str) -> list[WorkerRecord]: ...
 
+    async def endpoints(self) -> list[str]:
+        """The endpoints holding worker records, sorted: configured or not (an endpoints file may have dropped one)."""
+        ...
+
     async def forget_workers(self, endpoint: str, forget_s: float) -> int:
         """Remove the endpoint's workers not heard from for over ``forget_s`` that hold no request; how many went.
         Without it every worker that ever reported would be scanned by each route and counted forever."""

@@ -18,6 +18,8 @@ import ipaddress
 import re
 from urllib.parse import urlsplit
 
+from service.dispatch.signing import is_safe_text
+
 DEFAULT_PORTS = {"http": 80, "https": 443}
 # host[:port]: a name (no '%': a percent-encoded name is one that clients decode differently), an IPv4 address,
 # or an IPv6 address in brackets: what HTTP clients can connect to (urlsplit also takes
@@ -28,14 +30,14 @@ _AUTHORITY = re.compile(
 _NUMBER = re.compile(r"\d+|0[xX][0-9A-Fa-f]*")  # a label that makes a host an IPv4 address (WHATWG "ends in a number")
 # ::a.b.c.d, deprecated (RFC 4291) but read as IPv4 by some stacks; :: and ::1 are not IPv4 addresses
 _IPV4_COMPATIBLE = re.compile(r"(0000:){6}(?!0000:0000|0000:0001)[0-9a-f]{4}:[0-9a-f]{4}")
-_UNSAFE = re.compile(r"[^\x21-\x7e]|[\"\\@?#]")  # beyond printable ASCII; quotes, backslashes; credentials, query
 
 
 def canonical_url(text: str) -> str:
     """The one spelling of a worker's base URL; ``ValueError`` for one that is not an http(s) base URL with a host
     that clients can connect to (its message says what the URL "must" be)."""
     url = text.rstrip("/")
-    if _UNSAFE.search(url):
+    # signed text (is_safe_text: printable ASCII without quotes or backslashes), without spaces either
+    if not is_safe_text(url) or any(c in url for c in " @?#"):
         # every client is sent this URL (credentials would leak to them) and appends its path to it (after a query
         # or fragment, the path lands in those instead)
         raise ValueError(

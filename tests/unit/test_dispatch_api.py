@@ -926,6 +926,13 @@ async def test_the_workers_of_an_endpoint_removed_on_sighup_are_forgotten_too(tm
         service.on_reload_signal()
         await register(client, "v1", url="http://v1:1", endpoint=OTHER, token=OTHER_WORKER_TOKEN)
         assert [w.worker_id for w in await store.workers(OTHER)] == ["v1"]
+    # a process started with the endpoint already gone (a restart, another replica) forgets its records as well
+    await asyncio.sleep(0.25)
+    settings = DispatcherSettings(heartbeat_timeout_s=0.1, worker_forget_s=0.2, autoscale_interval_s=3600.0)
+    only_ep = EndpointRegistry({EP: registry().endpoints[EP]})
+    restarted = DispatcherService(settings, registry=only_ep, store=store, signer=Signer.generate())
+    assert await restarted.forget_silent_workers() == 1
+    assert await store.workers(OTHER) == []
 
 
 async def test_a_refresh_under_way_when_an_endpoint_is_removed_does_not_bring_its_gauges_back(

@@ -793,6 +793,22 @@ async def test_requests_waiting_for_a_worker_count_until_they_expire(kind: str, 
         await store.close()
 
 
+async def test_endpoints_lists_those_holding_worker_records(store: DispatchStore) -> None:
+    """The forget sweep goes over these, not the configured endpoints: an endpoint dropped from the endpoints file
+    keeps its records until they are forgotten, also by a process started after the drop."""
+    assert await store.endpoints() == []
+    await report(store, "w1", endpoint=OTHER_EP)
+    await report(store, "w1")
+    await report(store, "w2")
+    assert await store.endpoints() == [EP, OTHER_EP]
+    await asyncio.sleep(0.05)
+    await report(store, "w2")
+    assert await store.forget_workers(OTHER_EP, 0.02) == 1
+    assert await store.endpoints() == [EP]
+    assert await store.forget_workers(EP, 0.02) == 1  # w1; w2 just reported: EP still holds records
+    assert await store.endpoints() == [EP]
+
+
 async def test_silent_idle_workers_are_forgotten(store: DispatchStore) -> None:
     policy = PickPolicy(max_queue_time_s=30.0, heartbeat_timeout_s=0.1, request_ttl_s=600.0)
     await report(store, "holding")

@@ -19,4 +19,5 @@ for _, id in ipairs(redis.call('SMEMBERS', members)) do
     gone = gone + 1
   end
 end
+if redis.call('SCARD', members) == 0 then redis.call('SREM', prefix .. 'endpoints', endpoint) end
 return gone

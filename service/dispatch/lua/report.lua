@@ -39,5 +39,6 @@ redis.call('HSETNX', key, 'open_requests', '0')
 -- a new record's reqnums start at the clock (records.reqnum_origin), above any issued before a lost counter
 redis.call('HSETNX', key, 'reqnum', fmt(math.floor(t * tonumber(ARGV[10]))))
 redis.call('SADD', members, id)
+redis.call('SADD', prefix .. 'endpoints', endpoint)
 local r = redis.call('HMGET', key, 'load', 'reqnum', 'open_requests')
 return {now, r[1], r[2], r[3]}
