@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Collection, Mapping
 
 from starlette.requests import ClientDisconnect
+from starlette.routing import get_route_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.dispatch.signing import Assignment
@@ -30,6 +31,8 @@ DEFAULT_BODY_TIMEOUT_S = 60.0  # a stalled upload must not hold the worker's con
 STATE_ASSIGNMENT = "assignment"
 STATE_PAYLOAD = "payload"
 RETRY_AFTER_S = 1  # error_response needs one; none of the errors raised here carries Retry-After
+# methods that do no work: the only ones let through unchecked when no path list is given
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 def verify_request_body(verifier: AssignmentVerifier, body: bytes) -> tuple[Assignment, object]:
@@ -45,14 +48,17 @@ def verify_request_body(verifier: AssignmentVerifier, body: bytes) -> tuple[Assi
 
 
 class AssignmentAuthMiddleware:
-    """Verifies ``auth_data`` on POSTs to ``protected_paths`` (every POST when None).
+    """Verifies ``auth_data`` on every request to ``protected_paths``, whatever its method (when None: on every
+    request but GET, HEAD and OPTIONS).
 
     On ``unknown_key`` it awaits ``refresh_keys`` (True when the verifier got the keys the dispatcher publishes now)
     and verifies once more before answering 401: the dispatcher signs with a new key as soon as it rotates, and a
     client such as Vast's SDK does not retry a refused request.
     Paths match with or without trailing slashes, so ``/echo/`` cannot slip past a check on ``/echo``; the app is
     handed the path so matched, since a redirect to it (Starlette's, for a trailing slash) would lose a request
-    whose reqnum is already used. List the paths exactly as routed all the same."""
+    whose reqnum is already used. List the paths exactly as routed all the same. Paths are matched as the router
+    matches them, below the app's ``root_path``: a worker app mounted under a prefix, or served with a root path,
+    is checked on the same routes."""
 
     def __init__(
         self,
@@ -71,9 +77,11 @@ class AssignmentAuthMiddleware:
         self._body = BodyReader(max_bytes=max_body_bytes, timeout_s=body_timeout_s)
 
     def protects(self, scope: Scope) -> bool:
-        if scope["type"] != "http" or scope["method"] != "POST":
+        if scope["type"] != "http":
             return False
-        return self._paths is None or normalise_url(scope["path"]) in self._paths
+        if self._paths is None:
+            return scope["method"] not in SAFE_METHODS
+        return normalise_url(get_route_path(scope)) in self._paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if not self.protects(scope):
@@ -88,7 +96,9 @@ class AssignmentAuthMiddleware:
             await error_response(exc, retry_after_s=RETRY_AFTER_S)(scope, receive, send)
             return
         state = {**scope.get("state", {}), STATE_ASSIGNMENT: assignment, STATE_PAYLOAD: payload}
-        routed = {**scope, "path": normalise_url(scope["path"]) or "/", "state": state}
+        route_path = get_route_path(scope)
+        prefix = scope["path"][: len(scope["path"]) - len(route_path)]  # the root_path, as the path carries it
+        routed = {**scope, "path": prefix + (normalise_url(route_path) or "/"), "state": state}
         await self.app(routed, _replay(body, receive), send)
 
     async def _verify(self, body: bytes) -> tuple[Assignment, object]:

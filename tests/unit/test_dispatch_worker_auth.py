@@ -14,7 +14,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 from starlette.types import Message, Scope
 
 from service.dispatch.signing import Assignment, KeyRing, Signer
@@ -161,9 +161,18 @@ async def test_an_oversized_body_answers_413(verifier: AssignmentVerifier, signe
     assert r.status_code == 413
 
 
-async def test_unprotected_paths_and_methods_pass_through(client: httpx.AsyncClient) -> None:
+async def test_unprotected_paths_pass_through(client: httpx.AsyncClient) -> None:
     assert (await client.post("/open", content=b"anything")).json() == {"open": True, "has_assignment": False}
-    assert (await client.get("/work")).json() == {"open": True, "has_assignment": False}
+
+
+async def test_every_method_on_a_protected_path_is_checked(client: httpx.AsyncClient) -> None:
+    # a handler of another method on the same path (PUT, a GET with side effects) must not run unsigned work
+    bodiless = await client.get("/work")
+    assert bodiless.status_code == 400  # no JSON object to read auth_data from
+    assert bodiless.json()["error"]["code"] == "invalid_request"
+    unsigned = await client.request("GET", "/work", json={"payload": {}})
+    assert unsigned.status_code == 401
+    assert unsigned.json()["error"]["code"] == "invalid_assignment"
 
 
 async def test_a_trailing_slash_does_not_bypass_the_check(client: httpx.AsyncClient) -> None:
@@ -171,10 +180,31 @@ async def test_a_trailing_slash_does_not_bypass_the_check(client: httpx.AsyncCli
     assert r.status_code == 401
 
 
-async def test_every_post_is_protected_without_a_path_list(verifier: AssignmentVerifier) -> None:
+async def test_every_method_but_the_safe_ones_is_protected_without_a_path_list(verifier: AssignmentVerifier) -> None:
     app = build_app(verifier, None)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=BASE) as c:
         assert (await c.post("/open", json={})).status_code == 401
+        assert (await c.put("/open", json={})).status_code == 401
+        assert (await c.get("/work")).json() == {"open": True, "has_assignment": False}  # GET, HEAD, OPTIONS pass
+
+
+@pytest.mark.parametrize("mounted", [False, True], ids=["root_path", "mount"])
+async def test_a_path_below_a_root_path_or_a_mount_is_checked(
+    verifier: AssignmentVerifier, signer: Signer, mounted: bool
+) -> None:
+    # the router matches routes below the root path; the check must match the same paths, not the full one
+    app = build_app(verifier, ["/work"])
+    if mounted:
+        transport = httpx.ASGITransport(app=Starlette(routes=[Mount("/v1", app=app)]))
+    else:
+        transport = httpx.ASGITransport(app=app, root_path="/v1")
+    async with httpx.AsyncClient(transport=transport, base_url=BASE) as c:
+        refused = await c.post("/v1/work", json={"payload": "unsigned"})
+        assert refused.status_code == 401, refused.text
+        assert (await c.post("/v1/work/", json={"payload": "unsigned"})).status_code == 401
+        served = await c.post("/v1/work/", json={"auth_data": auth(signer, 5), "payload": "signed"})
+        assert served.status_code == 200, served.text
+        assert served.json()["reqnum"] == 5
 
 
 async def test_a_chunked_body_is_read_whole_and_replayed(verifier: AssignmentVerifier, signer: Signer) -> None:
