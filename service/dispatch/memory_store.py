@@ -185,12 +185,16 @@ class MemoryStore:
             holder[1].state = WorkerState.STOPPED
         if old is not None and old.url != report.url and self._url_owner.get(old.url) == me:
             del self._url_owner[old.url]
+        origin = reqnum_origin(now, self._reqnums_per_s)
+        reqnum = origin if old is None else old.reqnum
+        if self._url_owner.get(report.url) != me:  # binding a URL: from the clock on (records.reqnum_origin)
+            reqnum = max(reqnum, origin)
         self._url_owner[report.url] = me
         record = WorkerRecord.from_report(
             report,
             last_seen=now,
             load=old.load if old else 0.0,
-            reqnum=old.reqnum if old else reqnum_origin(now, self._reqnums_per_s),
+            reqnum=reqnum,
             open_requests=old.open_requests if old else 0,
         )
         workers[report.worker_id] = record

@@ -25,6 +25,10 @@ INACTIVE = "inactive"  # has not reported within heartbeat_timeout_s
 REQNUMS_PER_SECOND = 1_000_000
 
 
+# A record that binds a URL it did not hold (a new one, one taking a URL over, one coming back to a URL another
+# record held meanwhile) continues from the clock too, if its own count is lower: the worker now serving that URL
+# takes the answer's reqnum as its floor, and a lower one would let it accept again what another record assigned
+# there (a replay), then refuse its own new assignments as far below that.
 def reqnum_origin(now: float, reqnums_per_s: int = REQNUMS_PER_SECOND) -> int:
     return math.floor(now * reqnums_per_s)
 

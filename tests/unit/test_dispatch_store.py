@@ -852,6 +852,32 @@ async def test_a_url_reported_under_a_new_id_retires_the_old_record(store: Dispa
     assert await loads(store) == {"new": 2.0, "old": 0.0}
 
 
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+async def test_a_record_coming_back_to_a_url_goes_on_above_what_was_issued_there(
+    kind: str, request: pytest.FixtureRequest
+) -> None:
+    """x, y, x again on one URL (a worker restarted under another id and back, two ids swapping machines): the
+    process now at the URL takes the answer's reqnum as its floor. Below y's reqnums, it accepted y's unexpired
+    assignments again (the work done twice), then refused its own as far below the highest seen."""
+    if kind == "memory":
+        store: DispatchStore = MemoryStore()  # reqnums from the clock, as served
+    else:
+        store = RedisStore(request.getfixturevalue("redis_url"), prefix=request.getfixturevalue("redis_prefix"))
+    try:
+        x = await report(store, "x", url=URL)
+        await asyncio.sleep(0.01)  # y's record starts later on the clock than x's
+        await report(store, "y", url=URL)
+        issued_by_y = [(await assign(store, 1.0)).reqnum for _ in range(3)]
+        assert max(issued_by_y) > x.reqnum  # what x would have gone on from
+        back = await report(store, "x", url=URL)
+        assert back.reqnum > max(issued_by_y)
+        assert await states(store) == {"x": WorkerState.READY, "y": WorkerState.STOPPED}
+        assert (await assign(store, 1.0)).reqnum == back.reqnum + 1
+        assert (await report(store, "x", url=URL)).reqnum == back.reqnum + 1  # heartbeats do not move it
+    finally:
+        await store.close()
+
+
 async def test_another_endpoints_active_worker_keeps_its_url(store: DispatchStore) -> None:
     """Any endpoint's worker token can report any URL: while that URL's worker is active, another endpoint cannot
     point its clients (and signed assignments) at it."""

@@ -30,6 +30,7 @@ local now = fmt(t)
 local key = worker_key(endpoint, id)
 local old_url = redis.call('HGET', key, 'url')
 if old_url and old_url ~= url and redis.call('HGET', urls, old_url) == me then redis.call('HDEL', urls, old_url) end
+local binding = owner ~= me  -- a URL this record did not hold: its reqnums go on from the clock (MemoryStore.report)
 redis.call('HSET', urls, url, me)
 redis.call('HSET', key, 'url', url, 'state', ARGV[6], 'max_perf', ARGV[7], 'cur_load', ARGV[8],
            'in_flight', ARGV[9], 'last_seen', now)
@@ -37,7 +38,11 @@ redis.call('HSET', key, 'url', url, 'state', ARGV[6], 'max_perf', ARGV[7], 'cur_
 redis.call('HSETNX', key, 'load', '0')
 redis.call('HSETNX', key, 'open_requests', '0')
 -- a new record's reqnums start at the clock (records.reqnum_origin), above any issued before a lost counter
-redis.call('HSETNX', key, 'reqnum', fmt(math.floor(t * tonumber(ARGV[10]))))
+local origin = math.floor(t * tonumber(ARGV[10]))
+if redis.call('HSETNX', key, 'reqnum', fmt(origin)) == 0 and binding
+   and tonumber(redis.call('HGET', key, 'reqnum')) < origin then
+  redis.call('HSET', key, 'reqnum', fmt(origin))
+end
 redis.call('SADD', members, id)
 redis.call('SADD', prefix .. 'endpoints', endpoint)
 local r = redis.call('HMGET', key, 'load', 'reqnum', 'open_requests')
