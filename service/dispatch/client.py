@@ -6,7 +6,7 @@ request_idx*: the dispatcher then moves the load to the newly picked worker (and
 instead of counting the request twice. A fresh request_idx on retry would leak load until its TTL.
 
 Every route call of one request carries the same ``Idempotency-Key``: a first call whose answer was lost (a
-timeout, a dropped connection, an unreadable body) reserved load under a request_idx the client never learnt, and the
+timeout, a dropped connection, a body cut off) reserved load under a request_idx the client never learnt, and the
 dispatcher answers the repeat with that request instead of a second one.
 
 Retried (after full-jitter exponential back-off, or the server's ``Retry-After`` when it sends one): a "no ready
@@ -16,8 +16,8 @@ worker has not seen a key rotation yet). A retry whose request_idx the dispatche
 the dispatcher's request TTL, or a dispatcher on in-memory state restarted) holds no load any more: the next attempt
 routes the request as a new one. Not retried: dispatcher 4xx other than those (bad key, bad request: retrying cannot
 help), worker 4xx other than those above, which are the worker's answer to the payload and are returned as they are,
-and a worker's answer that arrived but cannot be read (a broken encoding: ``DispatchError``), since the work it
-answers may be done.
+and a worker's answer that arrived but cannot be read (a broken encoding, a body cut off: ``DispatchError``), since
+the work it answers may be done; a transport error after the worker's status line counts as such an answer.
 
 A server's ``Retry-After`` is waited, plus up to a fifth more at random, so that clients refused together do not all
 come back in the same instant.
@@ -300,16 +300,29 @@ class DispatchClient:
         except ValueError as exc:
             raise DispatchError(f"route answer is not a valid assignment: {exc}") from None
         try:
-            response = await self._http.post(
+            request = self._http.build_request(
+                "POST",
                 join_url(url, route_path),
                 json={"auth_data": answer, "payload": payload},
                 timeout=self._worker_timeout_s,
             )
+            response = await self._http.send(request, stream=True)  # the status first: it says what a retry risks
         except (httpx.TransportError, httpx.InvalidURL) as exc:  # unreachable, or a URL httpx refuses: another try
             progress.fail(f"worker {url}: {type(exc).__name__}")
             return None
-        except httpx.HTTPError as exc:  # it answered, unreadably: the work may be done, so running it again is no cure
-            raise DispatchError(f"worker {url} answered unreadably: {type(exc).__name__}: {exc}") from None
+        try:
+            await response.aread()
+        except httpx.HTTPError as exc:
+            if not is_retryable_status(response.status_code):
+                # it answered, unreadably (a broken encoding, a body cut off): the work may be done, so running it
+                # again is no cure
+                raise DispatchError(
+                    f"worker {url} answered {response.status_code} unreadably: {type(exc).__name__}: {exc}"
+                ) from None
+            progress.fail(f"worker {url}: {response.status_code}, body unread: {type(exc).__name__}")
+            return None
+        finally:
+            await response.aclose()
         if _worker_should_retry(response):
             code, _, _ = _error_fields(response)
             progress.fail(

@@ -239,9 +239,36 @@ async def test_a_worker_answer_that_arrived_unreadable_is_a_dispatch_error_not_a
     """A broken encoding escaped raw as httpx.DecodingError. It is not retried either: the worker's work may be done
     (it ran again on every retry)."""
     fake = FakeDispatch(signer, [ASSIGN, ASSIGN], [unreadable(), ok({})])
-    with pytest.raises(DispatchError, match="answered unreadably: DecodingError"):
+    with pytest.raises(DispatchError, match="answered 200 unreadably: DecodingError"):
         await make_client(fake).request(ENDPOINT, "/generate", {}, COST)
     assert len(fake.route_calls) == 1
+
+
+class CutOff(httpx.AsyncByteStream):
+    """A body that breaks off after its first bytes (the worker's connection dropped mid-answer)."""
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield b'{"result": "do'
+        raise httpx.RemoteProtocolError("peer closed connection without sending complete message body")
+
+
+def cut_off(status: int) -> httpx.Response:
+    return httpx.Response(status, headers={"content-length": "100"}, stream=CutOff())
+
+
+async def test_a_worker_answer_cut_off_after_its_status_is_not_run_again(signer: Signer, make_client: Any) -> None:
+    """A transport error after the status line was retried as if nothing had arrived: the worker's work, done once
+    (it answered 200), ran again on every attempt."""
+    fake = FakeDispatch(signer, [ASSIGN, ASSIGN], [cut_off(200), ok({})])
+    with pytest.raises(DispatchError, match="answered 200 unreadably: RemoteProtocolError"):
+        await make_client(fake).request(ENDPOINT, "/generate", {}, COST)
+    assert len(fake.route_calls) == 1
+
+
+async def test_a_retryable_worker_status_with_its_body_cut_off_is_retried(signer: Signer, make_client: Any) -> None:
+    fake = FakeDispatch(signer, [ASSIGN, ASSIGN], [cut_off(503), ok({"answer": 1})])
+    response = await make_client(fake).request(ENDPOINT, "/generate", {}, COST)
+    assert (response.status, response.attempts, response.json()) == (200, 2, {"answer": 1})
 
 
 async def test_every_route_call_of_a_request_carries_its_idempotency_key(signer: Signer, make_client: Any) -> None:
