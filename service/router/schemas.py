@@ -63,6 +63,7 @@ def _prompt(value: Any, max_chars: int) -> str | None:
 
 
 _NUMBER_TYPES = frozenset({int, float})  # what orjson gives for JSON numbers (never subclasses)
+_SMALLEST_NORMAL = float(np.finfo(np.float64).tiny)
 
 
 def _embedding(value: Any, dim: int) -> np.ndarray | None:
@@ -77,14 +78,16 @@ def _embedding(value: Any, dim: int) -> np.ndarray | None:
     vector = np.asarray(value, dtype=np.float64)
     with np.errstate(over="ignore", invalid="ignore"):  # huge or non-finite numbers take the careful path below
         squared = float(vector @ vector)
-    if 0.0 < squared < math.inf:  # the common case in one pass: every number finite, not all zero, no overflow
+    # the common case in one pass: every number finite, no overflow, and no underflow (a subnormal sum has lost
+    # precision: vectors of about 1e-161 came back off unit length by percents)
+    if _SMALLEST_NORMAL <= squared < math.inf:
         return (vector / math.sqrt(squared)).astype(np.float32)
     if not np.isfinite(vector).all():
         raise InvalidRequest("'embedding' must contain only finite numbers")
     largest = float(np.max(np.abs(vector)))
     if largest == 0.0:
         raise InvalidRequest("'embedding' must not be all zeros")
-    vector /= largest  # scale first so that squaring huge (finite) values cannot overflow
+    vector /= largest  # scale first so that squaring huge (or tiny) values cannot overflow (or underflow)
     return (vector / np.linalg.norm(vector)).astype(np.float32)
 
 

@@ -76,6 +76,9 @@ def test_embedding_is_normalised() -> None:
     np.testing.assert_array_equal(parse({"embedding": [0, 0, 0, 1]}).embedding, [0, 0, 0, 1])
     huge = parse({"embedding": [3e307, 0, 0, 4e307]})  # squaring would overflow
     np.testing.assert_allclose(huge.embedding, [0.6, 0, 0, 0.8], rtol=1e-6)
+    for scale in (3e-161, 1e-161, 2.3e-162, 1e-300, 5e-324):  # the squares sum to a subnormal number, or to 0
+        tiny = parse({"embedding": [3 * scale, 0, 0, 4 * scale]})
+        np.testing.assert_allclose(tiny.embedding, [0.6, 0, 0, 0.8], rtol=1e-6)
 
 
 @pytest.mark.parametrize(
