@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from service.config import MAX_PORT, MULTIPROC_DIR_ENV, DispatcherSettings, RouterSettings
+from service.dispatch.endpoints import EndpointSpec
 
 CHILD_POLL_S = 0.2  # `serve`: how often it checks that both services still run
 
@@ -23,9 +24,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     both = commands.add_parser("serve", help="run the router and the dispatcher together on their defaults")
-    both.add_argument("--host", default="127.0.0.1", help="address both services bind")
-    both.add_argument("--router-port", type=_port, default=RouterSettings.port, help="router port")
-    both.add_argument("--dispatcher-port", type=_port, default=DispatcherSettings.port, help="dispatcher port")
+    both.add_argument("--host", default=RouterSettings.host, help="address both services bind (default: %(default)s)")
+    both.add_argument(
+        "--router-port", type=_port, default=RouterSettings.port, help="router port (default: %(default)s)"
+    )
+    both.add_argument(
+        "--dispatcher-port", type=_port, default=DispatcherSettings.port, help="dispatcher port (default: %(default)s)"
+    )
     both.set_defaults(handler=_serve_both)
 
     serve = commands.add_parser("serve-router", help="serve POST /v1/route (model router)")
@@ -43,11 +48,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_endpoint = commands.add_parser("add-endpoint", help="add an endpoint with a new api key and worker token")
     add_endpoint.add_argument("name", help="endpoint name (letters, digits, ._:-)")
     add_endpoint.add_argument("--config", type=Path, required=True, help="endpoints file (TOML), created if absent")
-    add_endpoint.add_argument("--max-queue-time-s", type=float, default=30.0)
-    add_endpoint.add_argument("--target-util", type=float, default=0.9)
-    add_endpoint.add_argument("--min-workers", type=int, default=0)
-    add_endpoint.add_argument("--max-workers", type=int, default=16)
-    add_endpoint.add_argument("--cold-workers", type=int, default=0)
+    scaling = (
+        ("--max-queue-time-s", float, "seconds of queued work (load / max_perf) past which a worker takes no more"),
+        ("--target-util", float, "share of the workers' measured perf that the autoscaler plans to use"),
+        ("--min-workers", int, "fewest workers wanted"),
+        ("--max-workers", int, "most workers wanted"),
+        ("--cold-workers", int, "spare stopped workers wanted, ready to start"),
+    )
+    for flag, kind, text in scaling:
+        default = getattr(EndpointSpec, flag.removeprefix("--").replace("-", "_"))
+        add_endpoint.add_argument(flag, type=kind, default=default, help=f"{text} (default: %(default)s)")
     add_endpoint.set_defaults(handler=_add_endpoint)
 
     add_key = commands.add_parser("add-key", help="add another api key or worker token to an endpoint (rotation)")

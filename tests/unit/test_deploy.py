@@ -527,6 +527,16 @@ def test_every_alert_fires_in_a_unit_test_and_tells_the_operator_what_it_means()
         assert rule["annotations"]["summary"] and rule["annotations"]["description"]
 
 
+def test_the_deploy_readme_lists_every_alert_with_its_severity() -> None:
+    """The operator's table of alerts (a new rule was once added without its row)."""
+    listed: dict[str, str] = {}
+    for line in (DEPLOY / "README.md").read_text().splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if line.startswith("| LLM") and len(cells) == 3:
+            listed.update({name.strip(): cells[1] for name in cells[0].split("/")})
+    assert listed == {rule["alert"]: rule["labels"]["severity"] for rule in alert_rules()}
+
+
 def dashboard_queries() -> list[str]:
     dashboard = json.loads(DASHBOARD.read_text())
     return [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
