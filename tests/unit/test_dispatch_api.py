@@ -908,7 +908,7 @@ async def test_the_workers_of_an_endpoint_removed_on_sighup_are_forgotten_too(tm
     config = tmp_path / "endpoints.toml"
     save_config(config, registry())
     store = MemoryStore()
-    service = make_service(store, config=config, heartbeat_timeout_s=0.1, worker_forget_s=0.2, request_ttl_s=0.3)
+    service = make_service(store, config=config, heartbeat_timeout_s=0.1, worker_forget_s=0.2, request_ttl_s=1.0)
     async with serving(service) as client:
         await register(client, "v1", url="http://v1:1", endpoint=OTHER, token=OTHER_WORKER_TOKEN)
         await register(client, "v2", url="http://v2:1", endpoint=OTHER, token=OTHER_WORKER_TOKEN)
@@ -916,10 +916,10 @@ async def test_the_workers_of_an_endpoint_removed_on_sighup_are_forgotten_too(tm
         assert held.json()["url"] == "http://v1:1"
         save_config(config, EndpointRegistry({EP: registry().endpoints[EP]}))
         service.on_reload_signal()
-        await asyncio.sleep(0.25)
+        await asyncio.sleep(0.3)
         assert await service.forget_silent_workers() == 1  # v2; v1 holds a request until its ttl
         assert [w.worker_id for w in await store.workers(OTHER)] == ["v1"]
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.8)
         assert await service.forget_silent_workers() == 1
         assert await store.workers(OTHER) == []
         save_config(config, registry())  # back again: its workers report afresh
