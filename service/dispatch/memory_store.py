@@ -92,7 +92,7 @@ class MemoryStore:
         self._workers: dict[str, dict[str, WorkerRecord]] = defaultdict(dict)
         self._requests: dict[int, _Request] = {}
         self._open: dict[str, int] = defaultdict(int)  # endpoint -> its requests not released (held or waiting)
-        self._expiries: list[tuple[float, int]] = []  # heap; an entry is stale once its request moved on
+        self._expiries: list[tuple[float, int]] = []  # heap of (due, idx), due at or before the request's expiry
         self._next_idx = itertools.count(request_idx_origin(self._clock(), request_idxs_per_s))
         self._load_buckets: dict[str, deque[list[float]]] = defaultdict(deque)
         # endpoint -> {request_idx: when last answered "no ready worker"}: autoscaling's demand. Set here only; an
@@ -126,7 +126,7 @@ class MemoryStore:
                 raise too_many_open_requests(endpoint, self._max_open)
         previous: _Request | None = None
         if request_idx is not None:
-            previous = self._requests.get(request_idx)
+            previous = self._live(request_idx, now)
             if previous is None or previous[_ENDPOINT] != endpoint:
                 raise UnknownRequest(request_idx)
             if previous[_WORKER] is not None:
@@ -208,9 +208,10 @@ class MemoryStore:
         retry_window_s: float = DEFAULT_RELEASED_RETRY_S,
     ) -> Released:
         released = unknown = not_held = 0
-        until = self._clock() + retry_window_s
+        now = self._clock()
+        until = now + retry_window_s
         for idx in request_idxs:
-            request = self._requests.get(idx)
+            request = self._live(idx, now)
             if request is None or request[_ENDPOINT] != endpoint:
                 unknown += 1
                 continue
@@ -329,17 +330,33 @@ class MemoryStore:
         if key is not None and self._by_key.get(key) == request_idx:  # the key may name a newer request by now
             del self._by_key[key]
 
+    def _live(self, request_idx: int, now: float) -> _Request | None:
+        """The request, unless it has expired: one past its expiry that the bounded sweeps have not reached yet
+        leaves now, so that a retry or a release of it finds it unknown, whatever the backlog (as in Redis)."""
+        request = self._requests.get(request_idx)
+        if request is not None and request[_EXPIRES] <= now:
+            self._drop(request_idx, request)
+            return None
+        return request
+
     def _drop(self, request_idx: int, request: _Request) -> None:
         """A request leaves for good (expired): its load goes back, its Idempotency-Key is unbound."""
         del self._requests[request_idx]
         self._count_open(request, -1)
+        self._waiting.get(request[_ENDPOINT], {}).pop(request_idx, None)
         if request[_WORKER] is not None:
             self._unassign(request[_ENDPOINT], request[_WORKER], request[_COST])
         self._unbind_key(request_idx)
 
     def _track(self, request_idx: int, request: _Request) -> None:
+        """Writes a request with a new expiry. The heap gets an entry only when the expiry comes sooner than the
+        request's last one (new, or released): a later one (a retry, a poll) is found when the entry it had comes
+        due (``_expire`` moves it on). A push per poll grew the heap by the poll rate times the ttl, past the
+        open-request cap (500,000 polls of one request: 44 MB)."""
+        previous = self._requests.get(request_idx)
         self._put(request_idx, request)
-        heapq.heappush(self._expiries, (request[_EXPIRES], request_idx))
+        if previous is None or request[_EXPIRES] < previous[_EXPIRES]:
+            heapq.heappush(self._expiries, (request[_EXPIRES], request_idx))
 
     def _put(self, request_idx: int, request: _Request) -> None:
         """Every write of a request goes here, which keeps the endpoints' open counts (what the cap reads) exact."""
@@ -354,9 +371,12 @@ class MemoryStore:
     def _expire(self, now: float, limit: int = EXPIRY_SWEEP_LIMIT) -> None:
         swept = 0
         while self._expiries and self._expiries[0][0] <= now and swept < limit:
-            expires_at, idx = heapq.heappop(self._expiries)
+            _, idx = heapq.heappop(self._expiries)
             request = self._requests.get(idx)
-            if request is None or request[_EXPIRES] != expires_at:
-                continue  # released, or re-routed with a later expiry
+            if request is None:
+                continue  # gone already (an earlier entry of it)
+            if request[_EXPIRES] > now:  # re-routed since with a later expiry: its entry moves there
+                heapq.heappush(self._expiries, (request[_EXPIRES], idx))
+                continue
             self._drop(idx, request)
             swept += 1

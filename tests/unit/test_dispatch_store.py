@@ -793,6 +793,75 @@ async def test_requests_waiting_for_a_worker_count_until_they_expire(kind: str, 
         await store.close()
 
 
+async def test_a_polled_or_retried_request_expires_a_ttl_after_its_last_route(store: DispatchStore) -> None:
+    short = PickPolicy(max_queue_time_s=30.0, heartbeat_timeout_s=60.0, request_ttl_s=0.6)
+    waiting = await no_ready(store, 1.0, policy=short)
+    await asyncio.sleep(0.4)
+    await no_ready(store, 1.0, waiting.request_idx, short)  # a poll: the ttl starts again
+    await asyncio.sleep(0.4)  # 0.8 s after the first route, 0.4 s after the poll
+    await no_ready(store, 1.0, policy=short)  # its sweep leaves the polled request alone
+    assert await open_requests(store) == 2
+    assert (await no_ready(store, 1.0, waiting.request_idx, short)).request_idx == waiting.request_idx
+    await asyncio.sleep(0.8)
+    with pytest.raises(UnknownRequest):
+        await store.route(EP, 1.0, waiting.request_idx, short)
+    assert await open_requests(store) == 0
+
+
+async def test_polls_do_not_grow_the_memory_stores_expiry_heap() -> None:
+    """Each poll pushed an entry that stayed until its own expiry: 500,000 polls of one request held 44 MB, past
+    what --max-open-requests bounds."""
+    store = MemoryStore(reqnums_per_s=0, max_open_requests=1)
+    waiting = await no_ready(store, 1.0)
+    for _ in range(1000):
+        await no_ready(store, 1.0, waiting.request_idx)
+    assert len(store._expiries) == 1
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+async def test_an_expired_request_behind_the_sweeps_backlog_is_unknown(
+    kind: str, request: pytest.FixtureRequest
+) -> None:
+    """Each call sweeps a bounded number of expired requests; one further back was still retried (with a fresh ttl)
+    or released as if it were held."""
+    store = capped_store(kind, request)
+    short = PickPolicy(max_queue_time_s=30.0, heartbeat_timeout_s=60.0, request_ttl_s=0.5)
+    try:
+        await report(store, "w1", max_perf=1e9)
+        backlog = [await assign(store, 1.0, policy=short) for _ in range(3 * EXPIRY_SWEEP_LIMIT)]
+        await asyncio.sleep(0.8)
+        assert (await report(store, "w1", max_perf=1e9)).load == len(backlog)  # reports do not sweep
+        with pytest.raises(UnknownRequest):
+            await store.route(EP, 1.0, backlog[-1].request_idx, short)
+        released = await store.release(EP, [backlog[-2].request_idx])
+        assert (released.released, released.unknown) == (0, 1)
+        # the route's sweep took EXPIRY_SWEEP_LIMIT back, and the two expired ones named left: none routed again
+        assert (await report(store, "w1", max_perf=1e9)).load == len(backlog) - EXPIRY_SWEEP_LIMIT - 2
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+async def test_expired_waiting_requests_leave_the_waiting_table_of_an_endpoint_no_longer_served(
+    kind: str, request: pytest.FixtureRequest
+) -> None:
+    """Only load_stats trimmed it, and the refresh loop calls that for configured endpoints only: a removed
+    endpoint's waiting requests stayed in Redis for good."""
+    store = capped_store(kind, request)
+    short = PickPolicy(max_queue_time_s=30.0, heartbeat_timeout_s=60.0, request_ttl_s=0.3)
+    try:
+        for _ in range(5):
+            await no_ready(store, 1.0, policy=short, endpoint=OTHER_EP)
+        await asyncio.sleep(0.5)
+        await no_ready(store, 1.0)  # another endpoint's route sweeps the expired requests
+        if isinstance(store, RedisStore):
+            assert await store._redis.hlen(f"{request.getfixturevalue('redis_prefix')}waiting:{OTHER_EP}") == 0
+        else:
+            assert isinstance(store, MemoryStore) and not store._waiting[OTHER_EP]
+    finally:
+        await store.close()
+
+
 async def test_endpoints_lists_those_holding_worker_records(store: DispatchStore) -> None:
     """The forget sweep goes over these, not the configured endpoints: an endpoint dropped from the endpoints file
     keeps its records until they are forgotten, also by a process started after the drop."""

@@ -43,17 +43,35 @@ local function unassign(endpoint, worker_id, cost)
   return load
 end
 
+-- MemoryStore._drop without the expiries entry: an expired request leaves, its load goes back
+local function drop(idx)
+  local key = prefix .. 'req:' .. idx
+  local r = redis.call('HMGET', key, 'endpoint', 'cost', 'worker')
+  if r[1] and r[3] then unassign(r[1], r[3], tonumber(r[2])) end
+  if r[1] then
+    redis.call('ZREM', open_key(r[1]), idx)
+    redis.call('HDEL', waiting_key(r[1]), idx)  -- else an endpoint no longer configured keeps its entries for good
+  end
+  redis.call('DEL', key)
+end
+
 -- requests never released give their load back; bounded work per call, as MemoryStore._expire
 local function sweep(now)
   local idxs = redis.call('ZRANGEBYSCORE', expiries, '-inf', fmt(now), 'LIMIT', 0, sweep_limit)
-  for _, idx in ipairs(idxs) do
-    local key = prefix .. 'req:' .. idx
-    local r = redis.call('HMGET', key, 'endpoint', 'cost', 'worker')
-    if r[1] and r[3] then unassign(r[1], r[3], tonumber(r[2])) end
-    if r[1] then redis.call('ZREM', open_key(r[1]), idx) end
-    redis.call('DEL', key)
-  end
+  for _, idx in ipairs(idxs) do drop(idx) end
   for i = 1, #idxs, UNPACK_CHUNK do  -- Lua 5.1's unpack fails past ~8000 values
     redis.call('ZREM', expiries, unpack(idxs, i, math.min(i + UNPACK_CHUNK - 1, #idxs)))
   end
+end
+
+-- MemoryStore._live: a request past its expiry that the bounded sweeps have not reached yet leaves now, so that a
+-- retry or a release of it finds it unknown whatever the backlog. True when it was expired.
+local function expired(idx, now)
+  local expires = tonumber(redis.call('ZSCORE', expiries, idx))
+  if expires and expires <= now then
+    drop(idx)
+    redis.call('ZREM', expiries, idx)
+    return true
+  end
+  return false
 end

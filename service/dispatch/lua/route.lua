@@ -36,6 +36,7 @@ local retry = idx ~= ''
 if not retry and count_open(endpoint, now) >= max_open then return {-2} end
 local prev_worker, prev_cost, released_by = false, 0, false
 if retry then
+  if expired(idx, now) then return {-1} end
   local r = redis.call('HMGET', prefix .. 'req:' .. idx, 'endpoint', 'cost', 'worker', 'idem', 'released_by')
   if r[1] ~= endpoint then return {-1} end
   prev_worker, prev_cost, idem, released_by = r[3], tonumber(r[2]), r[4], r[5]
