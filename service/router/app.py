@@ -287,6 +287,6 @@ def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return ipaddress.ip_address(host.removeprefix("[").removesuffix("]")).is_loopback  # [::1] as in URLs
     except ValueError:  # a host name: it may resolve anywhere
         return False

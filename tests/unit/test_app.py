@@ -17,7 +17,7 @@ from openapi_spec_validator import validate
 from starlette.testclient import TestClient
 
 from service.config import RouterSettings
-from service.router.app import RouterService
+from service.router.app import RouterService, _is_loopback
 from service.router.weights import save_weights
 from tests.fakes import DIM, FakeEmbedder, toy_weights
 
@@ -302,3 +302,12 @@ def test_open_admin_endpoints_on_a_reachable_address_are_warned_at_start(
     with caplog.at_level(logging.WARNING, logger="service.router.app"), TestClient(service.asgi) as client:
         wait_ready(client)
     assert any("NO ADMIN TOKEN" in r.getMessage() for r in caplog.records) is warned
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [("localhost", True), ("127.0.0.1", True), ("::1", True), ("[::1]", True), ("0.0.0.0", False), ("::", False),
+     ("[::]", False), ("10.0.0.5", False), ("router.internal", False)],
+)  # fmt: skip
+def test_the_open_admin_warning_knows_loopback_binds(host: str, loopback: bool) -> None:
+    assert _is_loopback(host) is loopback
