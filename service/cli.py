@@ -124,8 +124,10 @@ def _own_metrics_folder() -> None:
 
 
 def _serve_router(args: argparse.Namespace) -> int:
+    from service.http.server import configure_logging, hold_early_signals, serve
+
+    hold_early_signals()
     _own_metrics_folder()
-    from service.http.server import configure_logging, serve
     from service.router.app import build_router_service
 
     try:
@@ -158,16 +160,16 @@ def _check_router_files(settings: RouterSettings) -> None:
 def _serve_both(args: argparse.Namespace) -> int:
     """Both services as child processes (each configurable through its ``LLMROUTER_*`` variables); signals are
     forwarded, and when one exits the other is stopped."""
-    _own_metrics_folder()
     import signal
     import subprocess
     import time
 
-    from service.http.server import drain_when_parent_dies
+    from service.http.server import drain_when_parent_dies, exit_status, hold_early_signals, stop_requested
 
     # Each child ignores SIGHUP (a disposition exec keeps) until its loop handles it: a reload forwarded while it
     # still imports killed it. And each drains when this process dies, rather than serving on as an orphan.
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    hold_early_signals()
+    _own_metrics_folder()
     children = [
         subprocess.Popen(
             [sys.executable, "-m", "service", command, "--host", args.host, "--port", str(port)],
@@ -187,15 +189,19 @@ def _serve_both(args: argparse.Namespace) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
+    if stop_requested():
+        forward(signal.SIGTERM, None)
     while all(child.poll() is None for child in children):
         time.sleep(CHILD_POLL_S)
     first = next(child for child in children if child.returncode is not None)
     died_on_its_own = not stopping
     if died_on_its_own:  # stop the other (signalled once, it drains and exits 0)
         forward(signal.SIGTERM, None)
-    codes = [abs(child.wait()) for child in children]
-    if died_on_its_own and first.returncode:  # it says why; the other's exit may be the SIGTERM sent to it
-        return abs(first.returncode)
+    codes = [exit_status(child.wait()) for child in children]
+    if died_on_its_own:
+        # it says why (the other's exit may be the SIGTERM sent to it); stopped unasked with 0, the pair is still
+        # down: 1, for the process manager to restart it, as the --workers supervisor does
+        return exit_status(first.returncode) or 1
     return max(codes)
 
 
@@ -205,11 +211,13 @@ def serve_dispatcher_main() -> int:
 
 
 def _serve_dispatcher(args: argparse.Namespace) -> int:
+    from service.http.server import configure_logging, hold_early_signals, serve
+
+    hold_early_signals()
     _own_metrics_folder()
     from service.dispatch.app import build_dispatcher_service
     from service.dispatch.endpoints import ConfigError, load_config
     from service.dispatch.signing import KeyFileError
-    from service.http.server import configure_logging, serve
 
     try:
         settings = DispatcherSettings.from_args(args)

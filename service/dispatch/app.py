@@ -213,8 +213,12 @@ class DispatcherService(ServiceBase):
         logger.info("drained")
 
     def on_reload_signal(self) -> None:
-        """SIGHUP: re-read the endpoints file, the signing key file and the next key's public key file."""
-        self._reload_endpoints()
+        """SIGHUP: re-read the endpoints file, the signing key file and the next key's public key file. Each part
+        stands alone: a failure the checks did not foresee in one must not skip the others (a key rotation)."""
+        try:
+            self._reload_endpoints()
+        except Exception:
+            logger.exception("SIGHUP reload of the endpoints file failed, previous endpoints keep serving")
         if self._reload_signing_key():
             self._reload_next_key()
         else:  # promoting the next key failed: it stays published, or workers fetching now would drop it

@@ -27,6 +27,7 @@ import os
 import re
 import secrets
 import stat
+import sys
 import tempfile
 import tomllib
 from collections.abc import Callable, Mapping
@@ -137,7 +138,9 @@ def _check_types(name: str, values: dict[str, Any]) -> None:
             raise ConfigError(f"[endpoints.{name}] {key} must be an integer")
     for key in _FLOAT_FIELDS:
         value = values.get(key)
+        # an integer past float range is not finite either (math.isfinite raised OverflowError on it)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or
+                                  not (isinstance(value, float) or abs(value) <= sys.float_info.max) or
                                   not math.isfinite(value)):  # fmt: skip
             raise ConfigError(f"[endpoints.{name}] {key} must be a finite number")
 
@@ -175,6 +178,8 @@ def load_config(path: Path) -> EndpointRegistry:
         raise ConfigError(f"{path}: {exc}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a UTF-8 text file (TOML is UTF-8)") from None
+    except RecursionError:  # tomllib parses nested arrays and tables recursively
+        raise ConfigError(f"{path}: nested too deeply") from None
     return parse_config(data)
 
 

@@ -120,6 +120,29 @@ def _access_logger() -> logging.Logger:
     return logger
 
 
+# A SIGTERM or SIGINT before the event loop (or the supervisor) handles them: their default killed the process
+# (exit 143) while it imported and loaded, instead of the drain and exit 0 a stop promises.
+_stop_requested = False
+
+
+def hold_early_signals() -> None:
+    """From a server process's start until its loop takes them over: SIGTERM and SIGINT are remembered (the server
+    drains as soon as it serves), SIGHUP is ignored (it would re-read files that start-up reads anyway)."""
+
+    def remember(_signum: int, _frame: Any) -> None:
+        global _stop_requested
+        _stop_requested = True
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, remember)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
+def stop_requested() -> bool:
+    """Whether a SIGTERM or SIGINT came while ``hold_early_signals`` held them."""
+    return _stop_requested
+
+
 def serve(factory: ServiceFactory, settings: BaseSettings) -> int:
     config = hypercorn_config(settings)
     sockets = config.create_sockets()  # bind before anything starts: a port in use is a plain error (OSError)
@@ -134,6 +157,7 @@ def serve(factory: ServiceFactory, settings: BaseSettings) -> int:
 
 
 def run_worker(factory: ServiceFactory, config: Config, sockets: Sockets, fleet: Fleet) -> None:
+    hold_early_signals()  # a spawned worker starts with the default dispositions
     configure_logging(config.loglevel)  # a spawned worker process starts with logging unconfigured (else a no-op)
     if fleet.supervisor_pid is not None:
         drain_when_parent_dies(fleet.supervisor_pid)
@@ -152,6 +176,8 @@ async def _serve(factory: ServiceFactory, config: Config, sockets: Sockets, flee
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, service.begin_drain)
     loop.add_signal_handler(signal.SIGHUP, service.on_reload_signal)
+    if _stop_requested:
+        service.begin_drain()  # asked to stop while starting: serve nothing new, exit as a drain does
     await worker_serve(
         # Starlette's and Hypercorn's ASGI type aliases differ in spelling only
         wrap_app(cast(Any, service.asgi), config.wsgi_max_body_size, "asgi"),
@@ -197,6 +223,8 @@ def _supervise(factory: ServiceFactory, config: Config, sockets: Sockets, worker
         process.start()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
+    if _stop_requested:
+        forward(signal.SIGTERM, None)
     logger.info("started %d workers on %s", workers, ", ".join(config.bind))
     running = {process.sentinel: process for process in processes}
     exit_code = 0
@@ -214,9 +242,14 @@ def _supervise(factory: ServiceFactory, config: Config, sockets: Sockets, worker
                 )  # fmt: skip
                 stopping, exit_code = True, 1
                 forward(signal.SIGTERM, None)
-            elif process.exitcode:  # killed by a signal: negative; as a shell reports it, 128 + the signal
-                exit_code = exit_code or (process.exitcode if process.exitcode > 0 else 128 - process.exitcode)
+            elif process.exitcode:
+                exit_code = exit_code or exit_status(process.exitcode)
     return exit_code
+
+
+def exit_status(returncode: int) -> int:
+    """A child's exit code as a shell reports it: a kill by signal N (negative N from Python) is 128 + N."""
+    return returncode if returncode >= 0 else 128 - returncode
 
 
 def drain_when_parent_dies(parent_pid: int) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -71,6 +72,41 @@ def test_serves_children_exit_when_it_dies(tmp_path: Path) -> None:
     while any(Path(f"/proc/{pid}").exists() for pid in children):
         assert time.monotonic() < deadline, "the orphaned services kept running"
         time.sleep(0.05)
+
+
+def test_serve_exits_1_when_a_service_stops_unasked(tmp_path: Path) -> None:
+    """One service stopped by someone else (exit 0, drained): serve stopped the other and exited 0, so a process
+    manager restarting on failure left both down."""
+    with (tmp_path / "serve.log").open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service", "serve", "--router-port", str(free_port()),
+             "--dispatcher-port", str(free_port())],
+            cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while not (dispatcher := [pid for pid in _children(process.pid) if _handles_sigterm(pid, b"serve-dispatcher")]):
+            assert time.monotonic() < deadline, "the dispatcher never started"
+            time.sleep(0.01)
+        os.kill(dispatcher[0], signal.SIGTERM)  # it drains and exits 0
+        code = process.wait(STOP_TIMEOUT_S)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert code == 1, (tmp_path / "serve.log").read_text()
+
+
+def _handles_sigterm(pid: int, command: bytes) -> bool:
+    """Whether process ``pid`` runs ``command`` and has a SIGTERM handler (before that, SIGTERM kills it)."""
+    try:
+        if command not in Path(f"/proc/{pid}/cmdline").read_bytes():
+            return False
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    caught = next(line for line in status.splitlines() if line.startswith("SigCgt:"))
+    return bool(int(caught.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
 
 
 def _children(parent: int) -> list[int]:

@@ -830,6 +830,31 @@ async def test_a_next_key_is_published_before_it_signs_so_workers_know_it_when_i
         assert await published() == [(second.key_id, True), (first.key_id, False)]
 
 
+async def test_an_endpoints_file_failing_unforeseen_on_sighup_does_not_skip_the_key_rotation(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error other than ConfigError escaped the endpoints reload and the signal handler with it: the key rotation
+    sent in the same SIGHUP was dropped, the old key signing on."""
+    key_file, config = tmp_path / "dispatch.key", tmp_path / "endpoints.toml"
+    first = write_key_file(key_file)
+    save_config(config, registry())
+    settings = DispatcherSettings(autoscale_interval_s=3600.0, signing_key_file=key_file, config=config)
+    service = DispatcherService(settings, registry=registry(), store=MemoryStore())
+
+    def broken(path: Path) -> EndpointRegistry:
+        raise RuntimeError("unforeseen")
+
+    monkeypatch.setattr(dispatch_app, "load_config", broken)
+    async with serving(service) as client:
+        await register(client)
+        second = write_key_file(tmp_path / "new.key")
+        os.replace(tmp_path / "new.key", key_file)
+        service.on_reload_signal()
+        assert "SIGHUP reload of the endpoints file failed" in caplog.text
+        assert (await route(client))["key_id"] == second.key_id != first.key_id
+        assert service.registry.get(EP) is not None  # the endpoints kept serving
+
+
 async def test_a_signing_key_refused_on_sighup_keeps_the_next_key_published(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

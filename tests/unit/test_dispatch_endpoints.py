@@ -102,6 +102,8 @@ def test_parse_config_builds_specs() -> None:
         ({"endpoints": {"ep": {"max_workers": "16"}}}, "ep"),
         ({"endpoints": {"bad name": {}}}, "bad name"),
         ({"endpoints": {"ep": {"api_key_sha256": ["short"]}}}, "digests"),
+        ({"endpoints": {"ep": {"target_util": 10**400}}}, "target_util must be a finite number"),  # OverflowError
+        ({"endpoints": {"ep": {"max_queue_time_s": -(10**309)}}}, "max_queue_time_s must be a finite number"),
     ],
 )
 def test_parse_config_errors(data: dict[str, Any], message: str) -> None:
@@ -176,6 +178,10 @@ def test_load_config_errors(tmp_path: Path) -> None:
     latin1.write_bytes("# caf\u00e9\n".encode("latin-1"))
     with pytest.raises(ConfigError, match=r"latin1\.toml: not a UTF-8 text file"):
         load_config(latin1)
+    deep = tmp_path / "deep.toml"
+    deep.write_text("x = " + "[" * 5000 + "]" * 5000 + "\n")  # tomllib recurses: RecursionError
+    with pytest.raises(ConfigError, match=r"deep\.toml: nested too deeply"):
+        load_config(deep)
 
 
 def test_save_keeps_the_files_mode_and_edits_a_symlinks_target(tmp_path: Path, registry: EndpointRegistry) -> None:
