@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import signal
 import uuid
 from collections.abc import Iterator
 
 import pytest
 
 from tests.redis_server import INSTALL_HINT, RedisServer, redis_server_path
+
+
+@pytest.fixture(autouse=True)
+def _signal_dispositions() -> Iterator[None]:
+    """A serve command called in process holds SIGTERM, SIGINT and SIGHUP while it starts
+    (``service.http.server.hold_early_signals``): what pytest had is put back, so that later tests, and the
+    processes they start (which inherit an ignored SIGHUP), begin as usual."""
+    held = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    saved = {sig: signal.getsignal(sig) for sig in held}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
 
 
 @pytest.fixture(scope="session")

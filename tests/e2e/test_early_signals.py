@@ -3,6 +3,7 @@ killed it (SIGTERM: exit 143, SIGHUP: exit 129), where a stop promises a drain a
 
 from __future__ import annotations
 
+import functools
 import signal
 import subprocess
 import sys
@@ -30,6 +31,7 @@ def start(tmp_path: Path, command: str) -> tuple[subprocess.Popen[bytes], Path]:
         process = subprocess.Popen(
             [sys.executable, "-m", "service", command, "--host", "127.0.0.1", "--port", str(free_port())],
             cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+            preexec_fn=functools.partial(signal.signal, signal.SIGHUP, signal.SIG_DFL),  # not inherited ignored
         )  # fmt: skip
     return process, log_path
 
