@@ -225,6 +225,9 @@ FEW_SHOT = "Q: 1+1?\nAnswer:\n2\n\nQ: 2+2?\nAnswer:\n4\n\nQ: What is 3+3?\nA) 5\
 def test_extract_text_last_block_of_plain_prompt() -> None:
     assert extract_text(FEW_SHOT) == "Q: What is 3+3?\nA) 5\nB) 6\nAnswer:"
     assert extract_text("  no blank line here \n") == "no blank line here"
+    # blank lines written with Windows line endings, or holding spaces, separate blocks too
+    assert extract_text(FEW_SHOT.replace("\n", "\r\n")) == "Q: What is 3+3?\nA) 5\nB) 6\nAnswer:"
+    assert extract_text("shot 1\nA: x\n \t\nthe question?") == "the question?"
     assert extract_text(FEW_SHOT, "full") == FEW_SHOT
 
 

@@ -13,6 +13,7 @@ import ast
 import csv
 import json
 import math
+import re
 from collections import Counter
 from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass
@@ -27,7 +28,9 @@ PROMPT_COLUMN = "prompt"
 TASK_COLUMN = "eval_name"
 SAMPLE_ID_COLUMN = "sample_id"
 COST_SUFFIX = "|total_cost"
-BLOCK_SEPARATOR = "\n\n"
+# a blank line, also one holding spaces or tabs (line endings are made "\n" first: a CSV saved on Windows keeps
+# "\r\n" inside quoted prompts, and its few-shot prefix was embedded whole)
+BLOCK_SEPARATOR = re.compile(r"\n[ \t]*\n")
 # Below this share of distinct texts to embed, the prompts most likely lost their content to the text mode (the
 # routerbench train files keep 99 % or more distinct).
 MIN_DISTINCT_TEXT_SHARE = 0.5
@@ -114,7 +117,7 @@ def extract_text(prompt: str, mode: TextMode = "last_block") -> str:
     if mode == "full":
         return text
     if mode == "last_block":
-        return text.split(BLOCK_SEPARATOR)[-1].strip()
+        return BLOCK_SEPARATOR.split(text.replace("\r\n", "\n").replace("\r", "\n"))[-1].strip()
     raise ValueError(f"text mode must be one of {', '.join(TEXT_MODES)}; got {mode!r}")
 
 
