@@ -124,10 +124,10 @@ def _own_metrics_folder() -> None:
 
 
 def _serve_router(args: argparse.Namespace) -> int:
+    _own_metrics_folder()  # before anything imports prometheus_client
     from service.http.server import configure_logging, hold_early_signals, serve
 
     hold_early_signals()
-    _own_metrics_folder()
     from service.router.app import build_router_service
 
     try:
@@ -160,6 +160,7 @@ def _check_router_files(settings: RouterSettings) -> None:
 def _serve_both(args: argparse.Namespace) -> int:
     """Both services as child processes (each configurable through its ``LLMROUTER_*`` variables); signals are
     forwarded, and when one exits the other is stopped."""
+    _own_metrics_folder()  # before anything imports prometheus_client; the children then inherit none
     import signal
     import subprocess
     import time
@@ -169,7 +170,6 @@ def _serve_both(args: argparse.Namespace) -> int:
     # Each child ignores SIGHUP (a disposition exec keeps) until its loop handles it: a reload forwarded while it
     # still imports killed it. And each drains when this process dies, rather than serving on as an orphan.
     hold_early_signals()
-    _own_metrics_folder()
     children = [
         subprocess.Popen(
             [sys.executable, "-m", "service", command, "--host", args.host, "--port", str(port)],
@@ -211,10 +211,10 @@ def serve_dispatcher_main() -> int:
 
 
 def _serve_dispatcher(args: argparse.Namespace) -> int:
+    _own_metrics_folder()  # before anything imports prometheus_client
     from service.http.server import configure_logging, hold_early_signals, serve
 
     hold_early_signals()
-    _own_metrics_folder()
     from service.dispatch.app import build_dispatcher_service
     from service.dispatch.endpoints import ConfigError, load_config
     from service.dispatch.signing import KeyFileError
