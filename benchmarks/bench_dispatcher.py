@@ -502,7 +502,7 @@ def summarize(rounds: list[dict[str, Any]], systems: list[str]) -> dict[str, Any
         if name != BARE:
             ratios = [r["ratios"][name] for r in rounds]
             entry["ratio_to_bare_per_round"] = ratios
-            entry["ratio_to_bare_median"] = round(statistics.median(ratios), 4)
+            entry["ratio_to_bare_median"] = statistics.median(ratios)  # unrounded: the target compares it
         summary[name] = entry
     return summary
 
@@ -642,7 +642,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     bare_rps = entry["results"][BARE]["ok_rps"]
                     for name in systems[1:]:
                         ratio = entry["results"][name]["ok_rps"] / bare_rps if bare_rps else 0.0
-                        entry["ratios"][name] = round(ratio, 4)
+                        entry["ratios"][name] = ratio
                     rounds.append(entry)
         except Exception:
             for name in systems:
@@ -736,7 +736,7 @@ def markdown_summary(result: dict[str, Any]) -> str:
     ]
     for name, entry in summary.items():
         ratio = entry.get("ratio_to_bare_median")
-        ratio_text = "1" if ratio is None else f"{ratio:.3f}"
+        ratio_text = "1" if ratio is None else f"{ratio:.4f}"
         lat = entry["latency_ms"]
         lines.append(
             f"| {name} | {entry['median_ok_rps']:.1f} | {entry['min_ok_rps']:.0f}-{entry['max_ok_rps']:.0f} "
@@ -756,7 +756,7 @@ def markdown_summary(result: dict[str, Any]) -> str:
     lines.append("")
     for name, target in targets.items():
         lines.append(
-            f"- {name} / bare = **{target['ratio_to_bare']:.3f}** (median of per-round ratios; target >= "
+            f"- {name} / bare = **{target['ratio_to_bare']:.4f}** (median of per-round ratios; target >= "
             f"{target['ratio_to_bare_min']:.2f}): **{verdict(target['pass'])}**"
         )
     lines.append(f"- Overall: **{verdict(result['pass'])}**")

@@ -278,8 +278,8 @@ def run_round(
         if st["cpu"] is not None and pid:
             st["cpu"]["idle_server_cores"] = round((server_after - server_before) / st["cpu"]["wall_s"], 4)
         record["st_encode"] = st
-        record["ratio"] = round(high.ok_rps / st["prompts_per_s"], 4)
-        line += f"; sentence-transformers {st['prompts_per_s']:.1f} prompts/s; ratio {record['ratio']:.3f}"
+        record["ratio"] = high.ok_rps / st["prompts_per_s"]  # unrounded: the target compares the median
+        line += f"; sentence-transformers {st['prompts_per_s']:.1f} prompts/s; ratio {record['ratio']:.4f}"
     print(line, flush=True)
     return record
 
@@ -406,9 +406,9 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         "st_prompts_per_s_median": (
             round(statistics.median(r["st_encode"]["prompts_per_s"] for r in rounds), 2) if ratios else None
         ),
-        "ratio_median": round(statistics.median(ratios), 4) if ratios else None,
-        "ratio_min": round(min(ratios), 4) if ratios else None,
-        "ratio_max": round(max(ratios), 4) if ratios else None,
+        "ratio_median": statistics.median(ratios) if ratios else None,
+        "ratio_min": min(ratios) if ratios else None,
+        "ratio_max": max(ratios) if ratios else None,
         "c1_p50_ms_median": round(statistics.median(r["http_c1"]["latency_ms"]["p50"] for r in rounds), 3),
         "c1_failures": sum(phase_failures(r["http_c1"]) for r in rounds),
     }
@@ -469,12 +469,12 @@ def markdown_summary(result: dict[str, Any]) -> str:
         failed = phase_failures(hi) + phase_failures(lo)
         lines.append(
             f"| {r['round']} | {hi['ok_rps']:.1f} | {lat(hi)} | {lat(lo)} | {failed} "
-            f"| {st['prompts_per_s']:.1f} | {r['ratio']:.3f} | {max(cpus) if cpus else 'n/a'} | {idle} |"
+            f"| {st['prompts_per_s']:.1f} | {r['ratio']:.4f} | {max(cpus) if cpus else 'n/a'} | {idle} |"
             if st
             else f"| {r['round']} | {hi['ok_rps']:.1f} | {lat(hi)} | {lat(lo)} | {failed} | skipped | n/a | n/a | n/a |"
         )
-    ratio = "n/a" if tg["ratio"] is None else f"{tg['ratio']:.3f}"
-    spread = "" if sm["ratio_min"] is None else f" (rounds {sm['ratio_min']:.3f}-{sm['ratio_max']:.3f})"
+    ratio = "n/a" if tg["ratio"] is None else f"{tg['ratio']:.4f}"
+    spread = "" if sm["ratio_min"] is None else f" (rounds {sm['ratio_min']:.4f}-{sm['ratio_max']:.4f})"
     lines += [
         "",
         f"- http_rps / st_encode_rps, median of the rounds' ratios = **{ratio}**{spread} "

@@ -69,7 +69,7 @@ def render(run: dict[str, Any]) -> str:
         "| --- | ---: | --- | --- | --- |",
     ]
     for t in run["targets"]:
-        value = "n/a" if t["value"] is None else f"{t['value']:g}"
+        value = "n/a" if t["value"] is None else f"{t['value']:.4g}"
         lines.append(f"| {t['check']} | {value} | {t['target']} | **{_verdict(t['pass'])}** | {t['detail']} |")
     lines += ["", f"Overall: **{_verdict(run['pass'])}**", ""]
 
@@ -83,7 +83,7 @@ def render(run: dict[str, Any]) -> str:
             "| ---: | --- | ---: | ---: | ---: | --- |",
         ]
         for row in interleaved["rounds"]:
-            ratio = "n/a" if row["ratio"] is None else f"{row['ratio']:.3f}"
+            ratio = "n/a" if row["ratio"] is None else f"{row['ratio']:.4f}"
             foreign = " / ".join("n/a" if row[n]["foreign_cores"] is None else f"{row[n]['foreign_cores']:.2f}"
                                  for n in (BARE, ROUTER))  # fmt: skip
             lines.append(

@@ -70,7 +70,7 @@ def compute_targets(
     unique = results.get(f"{ROUTER}/{UNIQUE}")
     if unique is not None:
         st = offline["prompts_per_s"] if offline else None
-        ratio = round(unique["max_ok_rps"] / st, 3) if st else None
+        ratio = unique["max_ok_rps"] / st if st else None  # unrounded: 0.8996 must not pass 0.9
         detail = (
             f"router unique-prompt max {unique['max_ok_rps']:.1f} ok req/s over HTTP / sentence-transformers "
             f"encode(batch_size=256) {st:.1f} prompts/s"
@@ -91,7 +91,7 @@ def compute_targets(
             detail = _rounds_detail(interleaved)
             checks.append(_check(name, interleaved["ratio_median"], CEILING_SHARE_MIN, True, detail))
             continue
-        share = round(mine["max_ok_rps"] / ceiling["max_ok_rps"], 3) if ceiling and ceiling["max_ok_rps"] else None
+        share = mine["max_ok_rps"] / ceiling["max_ok_rps"] if ceiling and ceiling["max_ok_rps"] else None
         detail = (
             f"router {mine['max_ok_rps']:.1f} / bare echo {ceiling['max_ok_rps']:.1f} max ok req/s, same bodies "
             "(the two sweeps' maxima, minutes apart: no interleaved rounds)"
@@ -108,7 +108,9 @@ def compute_targets(
 
 def _rounds_detail(interleaved: dict[str, Any]) -> str:
     rows, c = interleaved["rounds"], interleaved["concurrency"]
-    spread = "" if interleaved["ratio_min"] is None else f" {interleaved['ratio_min']:g}-{interleaved['ratio_max']:g}"
+    spread = (
+        "" if interleaved["ratio_min"] is None else f" {interleaved['ratio_min']:.4f}-{interleaved['ratio_max']:.4f}"
+    )
     return (
         f"median of {len(rows)} interleaved rounds' router / bare echo ok req/s (rounds{spread}), router at "
         f"c={c[ROUTER]}, bare at c={c[BARE]} (each sweep's best), same bodies, both servers up"

@@ -12,10 +12,10 @@ import pytest
 
 from benchmarks.harness import priming, rounds
 from benchmarks.harness.report import render
-from benchmarks.harness.scenarios import EMBEDDING, REPEATED, Workload
+from benchmarks.harness.scenarios import EMBEDDING, REPEATED, UNIQUE, Workload
 from benchmarks.harness.sweep import SweepConfig
 from benchmarks.harness.systems import BARE, ROUTER, Running, Settings
-from benchmarks.harness.targets import compute_targets
+from benchmarks.harness.targets import CEILING_SHARE_MIN, UNIQUE_VS_OFFLINE_MIN, compute_targets
 
 CFG = SweepConfig((1, 16, 64), (0.5,), (), 1.0, 0.5, 1.0, processes=1, client="http1", seed=0)
 
@@ -68,14 +68,15 @@ def test_rounds_alternate_both_servers_and_take_each_ratio_within_its_round(
     assert {key: c for key, c, _ in fake_systems["points"]} == {"bare/repeated": 16, "router/repeated": 64}
     assert len({index for _, _, index in fake_systems["points"]}) == 6  # each point its own files
     repeated = ceilings[REPEATED]
-    assert [row["ratio"] for row in repeated["rounds"]] == [0.95, 0.85, 0.925]
-    assert (repeated["ratio_median"], repeated["ratio_min"], repeated["ratio_max"]) == (0.925, 0.85, 0.95)
+    assert [row["ratio"] for row in repeated["rounds"]] == pytest.approx([0.95, 0.85, 0.925])
+    summary = (repeated["ratio_median"], repeated["ratio_min"], repeated["ratio_max"])
+    assert summary == pytest.approx((0.925, 0.85, 0.95))
     assert EMBEDDING not in ceilings  # the sweeps did not run it on both systems
 
     checks = {c["check"]: c for c in compute_targets(results, None, ceilings)}
     ceiling = checks["router repeated vs bare HTTP ceiling"]
-    assert (ceiling["value"], ceiling["pass"]) == (0.925, True)
-    assert "median of 3 interleaved rounds" in ceiling["detail"] and "0.85-0.95" in ceiling["detail"]
+    assert (ceiling["value"], ceiling["pass"]) == (pytest.approx(0.925), True)
+    assert "median of 3 interleaved rounds" in ceiling["detail"] and "0.8500-0.9500" in ceiling["detail"]
     # without the rounds, the two sweeps' maxima, said so
     fallback = {c["check"]: c for c in compute_targets(results, None)}["router repeated vs bare HTTP ceiling"]
     assert fallback["value"] == 1.0 and "minutes apart" in fallback["detail"]
@@ -90,7 +91,7 @@ def test_rounds_alternate_both_servers_and_take_each_ratio_within_its_round(
     }  # fmt: skip
     report = render(run)
     assert "## HTTP ceiling, repeated: interleaved rounds (router c=64, bare c=16)" in report
-    assert "| 2 | router, bare | 2000.0 | 1700.0 | 0.850 | 0.01 / 0.01 |" in report
+    assert "| 2 | router, bare | 2000.0 | 1700.0 | 0.8500 | 0.01 / 0.01 |" in report
 
 
 def test_no_rounds_without_both_sweeps_or_when_turned_off(fake_systems: dict[str, list[Any]], tmp_path: Path) -> None:
@@ -102,8 +103,18 @@ def test_no_rounds_without_both_sweeps_or_when_turned_off(fake_systems: dict[str
     assert fake_systems["started"] == []
 
 
+def test_ratios_are_compared_with_the_targets_unrounded() -> None:
+    """Rounded to 3 places first, 1799.2 / 2000 = 0.8996 read 0.9 and passed the 0.9 target."""
+    summary = rounds.summarize([{"ratio": 1799.2 / 2000}])
+    assert summary["ratio_median"] < CEILING_SHARE_MIN
+    unique = {"max_ok_rps": 164.96, "points": []}  # / 100 prompts/s offline: 1.6496, under 1.65
+    checks = {c["check"]: c for c in compute_targets({f"{ROUTER}/{UNIQUE}": unique}, {"prompts_per_s": 100.0})}
+    check = checks["router unique prompts vs ST offline encode"]
+    assert check["value"] < UNIQUE_VS_OFFLINE_MIN and check["pass"] is False
+
+
 def test_a_round_whose_bare_point_served_nothing_has_no_ratio() -> None:
     rows = [{"ratio": 0.9}, {"ratio": None}, {"ratio": 0.8}]
     summary = rounds.summarize(rows)
-    assert (summary["ratio_median"], summary["ratio_min"], summary["ratio_max"]) == (0.85, 0.8, 0.9)
+    assert (summary["ratio_median"], summary["ratio_min"], summary["ratio_max"]) == pytest.approx((0.85, 0.8, 0.9))
     assert rounds.summarize([{"ratio": None}])["ratio_median"] is None
