@@ -49,6 +49,11 @@ class BaseSettings:
     retry_after_s: int = _opt(1, "Retry-After seconds sent with 429/503 answers")
     max_body_bytes: int = _opt(1 << 20, "largest request body accepted (413 above)")
     body_timeout_s: float = _opt(30.0, "longest a request body may take to arrive (408 after)")
+    listen_backlog: int = _opt(
+        2048,
+        "connections the kernel queues before the server accepts them (capped by net.core.somaxconn); Hypercorn's"
+        " 100 overflowed under bursts of new connections, and each refused one waited a 1 s SYN retry",
+    )
 
     @classmethod
     def from_env(cls: type[S], environ: Mapping[str, str] | None = None, **overrides: Any) -> S:
@@ -265,6 +270,8 @@ def _base_problems(settings: BaseSettings) -> list[str]:
         problems.append("--max-body-bytes must be >= 1")
     if not (settings.body_timeout_s > 0 and math.isfinite(settings.body_timeout_s)):
         problems.append("--body-timeout-s must be a finite number of seconds > 0")
+    if settings.listen_backlog < 1:
+        problems.append("--listen-backlog must be >= 1")
     return problems
 
 

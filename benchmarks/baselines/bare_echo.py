@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import orjson
 import uvloop
@@ -18,6 +20,10 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the service package, from a plain checkout
+
+from service.config import BaseSettings
 
 
 async def echo(request: Request) -> Response:
@@ -43,6 +49,7 @@ def run(make_app: Callable[[], Starlette], *, default_port: int, description: st
     config.bind = [f"{args.host}:{args.port}"]
     config.accesslog = None
     config.keep_alive_timeout = 75
+    config.backlog = BaseSettings.listen_backlog  # the services' own: the same kernel queue for new connections
     uvloop.run(serve(make_app(), config))  # type: ignore[arg-type]
 
 

@@ -104,6 +104,7 @@ ServiceFactory = Callable[[Fleet], Service]
 def hypercorn_config(settings: BaseSettings) -> Config:
     config = Config()
     config.bind = [f"{settings.host}:{settings.port}"]
+    config.backlog = settings.listen_backlog
     config.graceful_timeout = CONNECTION_CLOSE_GRACE_S
     config.keep_alive_timeout = KEEP_ALIVE_S
     # Off by default: a line per request costs throughput, and the metrics count requests anyway.

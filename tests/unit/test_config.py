@@ -70,6 +70,7 @@ def test_default_weights_path_is_the_shipped_file() -> None:
         (["--index-backend", "bogus"], "--index-backend must be one of"),
         (["--cuda-graph-seq-lens", "16,x"], "--cuda-graph-seq-lens must be positive integers"),
         (["--workers", "0"], "--workers must be >= 1"),
+        (["--listen-backlog", "0"], "--listen-backlog must be >= 1"),
         (["--port", "70000"], "--port must be 0-65535"),
         (["--drain-timeout-s", "nan"], "--drain-timeout-s must be a finite"),
         (["--log-level", "foo"], "--log-level must be one of debug, info, warning, error, critical; got 'foo'"),

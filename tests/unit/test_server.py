@@ -53,3 +53,5 @@ def test_hypercorn_config_from_settings() -> None:
     config = hypercorn_config(RouterSettings.from_env({}, host="0.0.0.0", port=9999))
     assert config.bind == ["0.0.0.0:9999"]
     assert config.accesslog is None
+    assert config.backlog == RouterSettings.listen_backlog > 100  # Hypercorn's 100 overflowed under bursts
+    assert hypercorn_config(RouterSettings.from_env({"LLMROUTER_LISTEN_BACKLOG": "64"})).backlog == 64
