@@ -133,6 +133,13 @@ def _time(fn: Any) -> float:
     return time.perf_counter() - started
 
 
+def _write_partial(path: Path, result: dict[str, Any]) -> None:
+    """What is measured so far, rewritten after each step: a run stopped by the device call's time limit leaves its
+    finished variants behind (the final write replaces this)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"partial": True, **result}, indent=1, default=str) + "\n")
+
+
 def main() -> None:
     args = parse_args()
     if not torch.cuda.is_available():
@@ -164,6 +171,7 @@ def main() -> None:
                           "parity_ok": parity_ok,
                           **route_rate(embedder, state, prompts, args.batch, args.inflight)}  # fmt: skip
         print(name, json.dumps(variants[name]), flush=True)
+        _write_partial(args.out, {"device": torch.cuda.get_device_name(), "variants": variants})
         if not parity_ok:
             print(f"WARNING: {name} differs: min cosine {cosine} vs {next(iter(variants))}, {cosine_cpu} vs CPU fp32",
                   flush=True)  # fmt: skip

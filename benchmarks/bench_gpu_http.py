@@ -94,6 +94,8 @@ def main() -> None:
             except Exception as exc:  # one failing configuration must not lose the others' numbers
                 runs.append({"workers": workers, "error": str(exc)[-2000:]})
             print(json.dumps(runs[-1]), flush=True)
+            # so far, rewritten after each run: one stopped by the call's time limit leaves the finished ones
+            args.out.write_text(json.dumps({"partial": True, "runs": runs}, indent=1, default=str) + "\n")
     finally:  # also when the call's time limit stops the run (exit_on_sigterm raises SystemExit)
         bodies.unlink(missing_ok=True)
     ok = [r for r in runs if "ok_rps" in r]

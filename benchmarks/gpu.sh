@@ -26,12 +26,16 @@ if ! compgen -G "$CARRY/wheels/*.whl" >/dev/null || [ ! -d "$CARRY/model-fp16" ]
     "(on the machine you start from), then pass carry=[\"$CARRY\"] to the device run" >&2
   exit 1
 fi
+rm -rf "$WORK"  # a warm machine keeps /tmp: an earlier call's logs must not pass for this one's
 mkdir -p "$OUT" "$WORK"
 stages=("$@")
 ((${#stages[@]})) || stages=(build test inprocess http)
 status=0
 BUDGET_S=${GPU_CALL_BUDGET_S:-570}
-WRAP_UP_S=20  # the tar and the summary after the last stage
+# a stage's SIGTERM gives its benchmark this long to stop its servers (common.py: STOP_TIMEOUT_S 30 + KILL_WAIT_S 5)
+# before the SIGKILL, which would leave them running in their own sessions
+KILL_AFTER_S=40
+WRAP_UP_S=$((KILL_AFTER_S + 15))  # a stopped stage's grace, then the tar and the summary
 MIN_STAGE_S=30
 # the seconds a stage may run: what is left of the call's budget
 stage_left() { echo $((BUDGET_S - SECONDS - WRAP_UP_S)); }
@@ -58,7 +62,7 @@ PYTEST=(python3 -m pytest -q -p no:cacheprovider -p pytest_asyncio.plugin -W def
 # together they never run past the call's budget (which would lose every result and the tar)
 limit_now() {
   local left; left=$(stage_left)
-  limit=(timeout --kill-after=10 "$((left > 1 ? left : 1))")
+  limit=(timeout --kill-after="$KILL_AFTER_S" "$((left > 1 ? left : 1))")
 }
 
 build_kernels() {
@@ -113,6 +117,8 @@ for stage in "${stages[@]}"; do
   esac
 done
 
+# servers a killed benchmark left behind (they run in sessions of their own) would hold the GPU past this call
+pkill -KILL -f "[-]m (service serve-router|benchmarks.loadgen)" 2>/dev/null
 # the request bodies (tens of MiB) stay behind: the archive must stay under the device tool's 16 MiB per file
 tar czf "$OUT/gpu-run.tar.gz" --exclude='*.jsonl' -C /tmp gpu-run
 echo "=== summary ($(cat "$WORK/device.txt"))"
