@@ -41,15 +41,20 @@ class RouterKernels:
     def __init__(self, path: Path) -> None:
         self.path = path
         lib = ctypes.CDLL(str(path))
-        version = lib.router_kernels_abi_version()
-        if version != ABI_VERSION:
-            raise KernelError(f"{path}: C ABI version {version}, this package needs {ABI_VERSION}; rebuild kernels/")
-        self.max_top_k = int(lib.router_max_top_k())
-        ptr, i32 = ctypes.c_void_p, ctypes.c_int
-        lib.router_mean_pool_l2norm.argtypes = [ptr, i32, ptr, i32, i32, i32, ptr, ptr]
-        lib.router_mean_pool_l2norm.restype = i32
-        lib.router_centroid_topk.argtypes = [ptr, ptr, i32, i32, i32, i32, ptr, ptr, ptr]
-        lib.router_centroid_topk.restype = i32
+        try:
+            version = lib.router_kernels_abi_version()
+            if version != ABI_VERSION:
+                raise KernelError(
+                    f"{path}: C ABI version {version}, this package needs {ABI_VERSION}; rebuild kernels/"
+                )
+            self.max_top_k = int(lib.router_max_top_k())
+            ptr, i32 = ctypes.c_void_p, ctypes.c_int
+            lib.router_mean_pool_l2norm.argtypes = [ptr, i32, ptr, i32, i32, i32, ptr, ptr]
+            lib.router_mean_pool_l2norm.restype = i32
+            lib.router_centroid_topk.argtypes = [ptr, ptr, i32, i32, i32, i32, ptr, ptr, ptr]
+            lib.router_centroid_topk.restype = i32
+        except AttributeError as exc:  # a symbol missing: another library, or one built from other sources
+            raise KernelError(f"{path} is not a router kernels library: {exc}") from None
         self._lib = lib
 
     def self_test(self, device: torch.device | None = None) -> None:

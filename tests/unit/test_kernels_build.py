@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
 import logging
 import shutil
 import subprocess
@@ -54,6 +55,14 @@ def test_cmake_builds_for_the_architectures_asked(tmp_path: Path, flags: list[st
 def test_a_configured_library_that_is_missing_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(KernelError, match="does not exist"):
         load_kernels(tmp_path / LIBRARY_NAME)
+
+
+def test_a_library_without_the_kernels_symbols_is_a_kernel_error() -> None:
+    """A missing symbol raised AttributeError, which the fallback to torch did not catch: start-up failed."""
+    libc = ctypes.util.find_library("c")
+    assert libc is not None
+    with pytest.raises(KernelError, match="is not a router kernels library"):
+        RouterKernels(Path(libc))
 
 
 class FailingKernels:
