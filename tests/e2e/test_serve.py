@@ -56,12 +56,7 @@ def test_serve_starts_router_and_dispatcher_and_stops_both(tmp_path: Path) -> No
 
 def test_serves_children_exit_when_it_dies(tmp_path: Path) -> None:
     """Killed outright (no signal to forward), it left both services serving as orphans."""
-    with (tmp_path / "serve.log").open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "service", "serve", "--router-port", str(free_port()),
-             "--dispatcher-port", str(free_port())],
-            cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+    process = _start_serve(tmp_path)
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while len(children := _children(process.pid)) < 2:
         assert time.monotonic() < deadline, "the two services never started"
@@ -77,12 +72,7 @@ def test_serves_children_exit_when_it_dies(tmp_path: Path) -> None:
 def test_serve_exits_1_when_a_service_stops_unasked(tmp_path: Path) -> None:
     """One service stopped by someone else (exit 0, drained): serve stopped the other and exited 0, so a process
     manager restarting on failure left both down."""
-    with (tmp_path / "serve.log").open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "service", "serve", "--router-port", str(free_port()),
-             "--dispatcher-port", str(free_port())],
-            cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+    process = _start_serve(tmp_path)
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while not (dispatcher := [pid for pid in _children(process.pid) if _handles_sigterm(pid, b"serve-dispatcher")]):
@@ -107,6 +97,16 @@ def _handles_sigterm(pid: int, command: bytes) -> bool:
         return False
     caught = next(line for line in status.splitlines() if line.startswith("SigCgt:"))
     return bool(int(caught.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
+
+
+def _start_serve(tmp_path: Path) -> subprocess.Popen[bytes]:
+    """``python -m service serve`` on free ports, its output in ``serve.log``."""
+    with (tmp_path / "serve.log").open("wb") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "service", "serve", "--router-port", str(free_port()),
+             "--dispatcher-port", str(free_port())],
+            cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
 
 
 def _children(parent: int) -> list[int]:
