@@ -9,7 +9,7 @@ from benchmarks.harness.systems import BARE, DISPATCH_MEMORY, DISPATCH_REDIS, IN
 
 UNIQUE, REPEATED, EMBEDDING, MIXED, ROUTE = "unique", "repeated", "embedding", "mixed", "route"
 DESCRIPTIONS = {
-    UNIQUE: "a new ~23-token prompt every request (the embedder's speed; the cache never hits)",
+    UNIQUE: "a new ~24-token prompt every request (the embedder's speed; the cache never hits)",
     REPEATED: f"{256} prompts sent in turn, each sent once before the first point (cache hits)",
     EMBEDDING: "a precomputed 384-d unit vector instead of a prompt (skips the embedder)",
     MIXED: "new prompts of 8-300 tokens by the MiniLM tokenizer, log-uniform (median ~50)",

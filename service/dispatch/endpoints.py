@@ -27,7 +27,6 @@ import os
 import re
 import secrets
 import stat
-import sys
 import tempfile
 import tomllib
 from collections.abc import Callable, Mapping
@@ -138,11 +137,17 @@ def _check_types(name: str, values: dict[str, Any]) -> None:
             raise ConfigError(f"[endpoints.{name}] {key} must be an integer")
     for key in _FLOAT_FIELDS:
         value = values.get(key)
-        # an integer past float range is not finite either (math.isfinite raised OverflowError on it)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or
-                                  not (isinstance(value, float) or abs(value) <= sys.float_info.max) or
-                                  not math.isfinite(value)):  # fmt: skip
+        if value is not None and not _finite_number(value):
             raise ConfigError(f"[endpoints.{name}] {key} must be a finite number")
+
+
+def _finite_number(value: object) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer past float range
+        return False
 
 
 def parse_config(data: Mapping[str, Any]) -> EndpointRegistry:
