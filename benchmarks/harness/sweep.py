@@ -114,9 +114,14 @@ def measure_point(
     seed = cfg.seed * 1000 + index
     processes = point_processes(cfg, concurrency)
     out = tmp_dir / f"{stem}.json"
+    before = running.route_outcomes() if running.route_outcomes else None
     data, cpu = run_loadgen(running.url, bodies_file, mode_args, cfg, out, seed, processes, running.pids)
     bodies_file.unlink()
-    return {**data["config"], **data["result"], "cpu": cpu, "distinct_bodies": len(body_list)}
+    point = {**data["config"], **data["result"], "cpu": cpu, "distinct_bodies": len(body_list)}
+    if before is not None and running.route_outcomes:  # warm-up included: the counter has no window
+        after = running.route_outcomes()
+        point["route_outcomes"] = {k: v - before.get(k, 0.0) for k, v in after.items() if v != before.get(k, 0.0)}
+    return point
 
 
 def prime_if_needed(workload: Workload, running: Running, cfg: SweepConfig) -> dict[str, Any] | None:

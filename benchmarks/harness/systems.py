@@ -57,6 +57,8 @@ class Running:
     fixed_body: bytes | None = None  # the dispatchers: every request the same (as Vast's SDK sends it)
     before_point: Callable[[], None] = lambda: None
     info: dict[str, Any] = field(default_factory=dict)
+    # The dispatchers: their routes by outcome so far; a no-ready answer is a 200 the load generator counts as ok.
+    route_outcomes: Callable[[], dict[str, float]] | None = None
 
 
 class Unavailable(RuntimeError):
@@ -185,4 +187,5 @@ def _dispatcher(name: str, s: Settings, port: int) -> Iterator[Running]:
             fixed_body=orjson.dumps(body),
             before_point=lambda: bd.register_workers(server.base_url, creds, bd.DEFAULT_WORKERS_PER_ENDPOINT),
             info=info,
+            route_outcomes=lambda: bd.route_outcomes(server.base_url, creds.endpoint),
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from benchmarks.bench_dispatcher import NO_READY as NO_READY_WORKER
 from benchmarks.common import foreign_cpu_warning
 from benchmarks.harness.scenarios import EMBEDDING, MIXED, REPEATED, UNIQUE
 from benchmarks.harness.systems import BARE, ROUTER
@@ -144,6 +145,11 @@ def warnings_for(results: dict[str, dict[str, Any]], offline: dict[str, Any] | N
                 out.append(
                     f"{where}: {point['failed']} failed (status {point['status']}, errors {point['errors']}"
                     f"{open_at_end}); the latency percentiles cover 2xx answers only"
+                )
+            if no_ready := point.get("route_outcomes", {}).get(NO_READY_WORKER):
+                out.append(
+                    f"{where}: {no_ready:g} answers (warm-up included) had no ready worker: 200s without an "
+                    "assignment, counted as ok"
                 )
             if shortfall := _open_loop_shortfall(where, point):
                 out.append(shortfall)

@@ -46,9 +46,10 @@ class RouterApi:
         return outcome.to_json()
 
     async def models(self, request: Request) -> Response:
-        """``GET /v1/models``: the serving weights' models; 503 until weights are loaded."""
+        """``GET /v1/models``: the serving weights' models; 503 until the router serves (the weights are
+        installed before the warm-up, which may still fail)."""
         state = self.service.holder.current()
-        if state is None:
+        if self.service.engine is None or state is None:
             raise NotReady(self.service.not_ready_reason())
         return ORJSONResponse(models_listing(state.weights))
 

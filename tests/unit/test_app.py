@@ -196,6 +196,24 @@ def test_failed_load_reports_why(tmp_path: Path) -> None:
         assert (livez.status_code, livez.json()) == (503, {"status": "failed"})
 
 
+class FailingWarmUp(FakeEmbedder):
+    def embed_ids(self, sequences: Sequence[Sequence[int]], *, cpu_threads: int | None = None) -> np.ndarray:
+        raise RuntimeError("out of memory in warm-up")
+
+
+def test_failed_warm_up_serves_nothing(weights_file: Path) -> None:
+    """The weights were installed before the warm-up failed: /v1/models answered 200 for a router that never serves."""
+    with TestClient(make_service(weights_file, FailingWarmUp).asgi) as c:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while c.get("/health").json()["status"] != "failed":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert "out of memory in warm-up" in c.get("/health").json()["error"]
+        models = c.get("/v1/models")
+        assert (models.status_code, models.json()["error"]["code"]) == (503, "router_not_ready")
+        assert "failed to load" in models.json()["error"]["message"]
+
+
 def test_draining_refuses_new_work(weights_file: Path) -> None:
     service = make_service(weights_file)
     with TestClient(service.asgi) as c:

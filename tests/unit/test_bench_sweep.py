@@ -167,3 +167,28 @@ def test_a_slow_systems_open_loop_rates_are_never_rounded_away(monkeypatch: pyte
     result = sweep.sweep(Workload(BARE, EMBEDDING), _running(), cfg, tmp_path)
     assert rates == [0.045, 0.09]
     assert [p["rate_fraction_of_max"] for p in result["points"][1:]] == [0.25, 0.5]
+
+
+def test_dispatcher_no_ready_answers_are_recorded_and_warned(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A no-ready answer is a 200 without an assignment: the load generator counts it as ok, so the point keeps the
+    dispatcher's own count of route outcomes over its run, and the report warns."""
+    counters = iter([{"assigned": 10.0, "no_ready_worker": 2.0}, {"assigned": 510.0, "no_ready_worker": 9.0}])
+    running = Running("dispatcher-memory", "http://127.0.0.1:9/route/", {}, encode_prompt=None, fixed_body=b"{}",
+                      route_outcomes=lambda: next(counters))  # fmt: skip
+
+    def fake_loadgen(*args: Any) -> tuple[dict[str, Any], None]:
+        result = {"mode": "closed", "concurrency": 4, "failed": 0, "body_wraps": 0, "processes": 1,
+                  "client_cpu_cores": 0.1}  # fmt: skip
+        return {"config": {}, "result": result}, None
+
+    monkeypatch.setattr(sweep, "run_loadgen", fake_loadgen)
+    workload = Workload("dispatcher-memory", scenarios.ROUTE)
+    point = sweep.measure_point(workload, running, CFG, tmp_path, 0, ["--concurrency", "4"], 100.0, concurrency=4)
+    assert point["route_outcomes"] == {"assigned": 500.0, "no_ready_worker": 7.0}
+    result = {"scenario": scenarios.ROUTE, "primed": None, "points": [point]}
+    assert warnings_for({"dispatcher-memory/route": result}, None) == [
+        "dispatcher-memory/route c=4: 7 answers (warm-up included) had no ready worker: 200s without an assignment, "
+        "counted as ok"
+    ]
+    point["route_outcomes"] = {"assigned": 500.0}
+    assert warnings_for({"dispatcher-memory/route": result}, None) == []
