@@ -200,7 +200,7 @@ def _cuda_encoder(model: MiniLM, device: torch.device, options: CudaOptions, max
         max_rows=options.max_batch_size,
         max_seq=max_seq_length,
     )
-    kernels = load_kernels(options.kernels_path) if options.kernels else None
+    kernels = load_kernels(options.kernels_path, device) if options.kernels else None
     encoder = CudaEncoder(model, device=device, grid=grid, kernels=kernels)
     if options.graphs:
         encoder.capture_graphs()

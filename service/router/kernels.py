@@ -86,8 +86,8 @@ class RouterKernels:
         mask_bytes = (mask if mask.dtype == torch.bool else mask != 0).contiguous().view(torch.uint8)
         batch, seq, dim = hidden.shape
         out = torch.empty((batch, dim), dtype=torch.float32, device=hidden.device)
-        _check(
-            self._lib.router_mean_pool_l2norm(
+        with torch.cuda.device(hidden.device):  # the launch goes to the current device, which must own the stream
+            code = self._lib.router_mean_pool_l2norm(
                 hidden.data_ptr(),
                 _DTYPE_CODES[hidden.dtype],
                 mask_bytes.data_ptr(),
@@ -96,9 +96,8 @@ class RouterKernels:
                 dim,
                 out.data_ptr(),
                 _stream(hidden),
-            ),
-            "router_mean_pool_l2norm",
-        )
+            )
+        _check(code, "router_mean_pool_l2norm")
         return out
 
     def centroid_topk(self, queries: Tensor, centroids: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -112,8 +111,8 @@ class RouterKernels:
         batch = queries.shape[0]
         ids = torch.empty((batch, k), dtype=torch.int64, device=queries.device)
         scores = torch.empty((batch, k), dtype=torch.float32, device=queries.device)
-        _check(
-            self._lib.router_centroid_topk(
+        with torch.cuda.device(queries.device):
+            code = self._lib.router_centroid_topk(
                 queries.data_ptr(),
                 centroids.data_ptr(),
                 batch,
@@ -123,20 +122,20 @@ class RouterKernels:
                 ids.data_ptr(),
                 scores.data_ptr(),
                 _stream(queries),
-            ),
-            "router_centroid_topk",
-        )
+            )
+        _check(code, "router_centroid_topk")
         return scores, ids
 
 
-def load_kernels(path: Path | None = None) -> RouterKernels | None:
+def load_kernels(path: Path | None = None, device: torch.device | None = None) -> RouterKernels | None:
     """The kernels library at ``path`` (an error if it does not load), else the first default
-    location that has one; None without CUDA or without a built library."""
+    location that has one; None without CUDA or without a built library. Self-tested on ``device``,
+    the one it will serve on (the current CUDA device when None)."""
     if path is not None:
         if not path.is_file():
             raise KernelError(f"kernels library {path} does not exist; build it with cmake (kernels/README.md)")
         kernels = RouterKernels(path)
-        kernels.self_test()
+        kernels.self_test(device)
         return kernels
     if not torch.cuda.is_available():
         return None
@@ -144,7 +143,7 @@ def load_kernels(path: Path | None = None) -> RouterKernels | None:
         if candidate.is_file():
             try:  # found, not asked for: one that does not run here falls back to torch instead of failing the load
                 kernels = RouterKernels(candidate)
-                kernels.self_test()
+                kernels.self_test(device)
             except (KernelError, OSError) as exc:
                 logger.warning(
                     "fused CUDA kernels at %s unusable (%s); using the torch pooling and scoring", candidate, exc

@@ -90,6 +90,29 @@ def test_a_found_library_that_does_not_run_here_falls_back_to_torch(
         load_kernels(library)
 
 
+def test_the_library_is_self_tested_on_the_serving_device(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With --device cuda:1 the self-test ran on the current device, cuda:0: a library that does not run on
+    the serving GPU passed, or a busy device 0 was touched."""
+    tested_on: list[torch.device | None] = []
+
+    class RecordingKernels:
+        def __init__(self, path: Path) -> None:
+            self.path = path
+
+        def self_test(self, device: torch.device | None = None) -> None:
+            tested_on.append(device)
+
+    library = tmp_path / LIBRARY_NAME
+    library.write_bytes(b"")
+    monkeypatch.setattr(kernels_module.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(kernels_module, "default_library_paths", lambda: [library])
+    monkeypatch.setattr(kernels_module, "RouterKernels", RecordingKernels)
+    serving = torch.device("cuda", 1)
+    assert isinstance(load_kernels(None, serving), RecordingKernels)
+    assert isinstance(load_kernels(library, serving), RecordingKernels)
+    assert tested_on == [serving, serving]
+
+
 def _unloaded_kernels() -> RouterKernels:
     """A RouterKernels without a library: off CUDA its methods fall back to the torch references."""
     kernels = RouterKernels.__new__(RouterKernels)
