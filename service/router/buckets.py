@@ -5,13 +5,22 @@ a small grid and pads each part of a batch up to a bucket. A batch is first sort
 by sequence bucket (a few long prompts must not pad hundreds of short ones to 256 tokens), then into
 chunks of at most the largest batch bucket. A chunk no bucket covers (graphs off, or a length past the
 largest sequence bucket) runs eagerly at its own row count, its length rounded up to ``seq_align``.
+
+A chunk between two batch buckets either pads up to the larger one or runs as several replays (600 rows
+as 512 + 64 + 64 instead of 1024): whichever costs least, counting each replay as ``LAUNCH_COST_TOKENS``
+tokens of work on top of its padded rows.
 """
 
 from __future__ import annotations
 
 import bisect
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+# What one graph replay costs beyond its rows, in tokens of work: its ~70 kernels run one after another and
+# each takes a few microseconds however small its input. Estimated (an H100 runs about 2k MiniLM tokens in
+# fp16 in that time), not measured yet: a replay of a 64 x 32 bucket counts double its rows.
+LAUNCH_COST_TOKENS = 2048
 
 
 @dataclass(frozen=True)
@@ -37,6 +46,7 @@ class BucketGrid:
     seq_lens: tuple[int, ...]
     seq_align: int
     max_rows: int  # eager chunks are cut at this many rows too
+    _splits: dict[int, list[tuple[int, ...]]] = field(init=False, repr=False, compare=False)  # per seq bucket
 
     def __post_init__(self) -> None:
         for name, sizes in (("batch sizes", self.batch_sizes), ("sequence lengths", self.seq_lens)):
@@ -44,6 +54,8 @@ class BucketGrid:
                 raise ValueError(f"CUDA graph {name} must be distinct positive integers, ascending: {sizes}")
         if self.seq_align < 1 or self.max_rows < 1:
             raise ValueError(f"seq_align and max_rows must be positive: {self.seq_align}, {self.max_rows}")
+        splits = {seq: cheapest_splits(self.batch_sizes, LAUNCH_COST_TOKENS / seq) for seq in self.seq_lens}
+        object.__setattr__(self, "_splits", splits)  # frozen: planned once, read per batch
 
     @classmethod
     def from_specs(
@@ -87,10 +99,36 @@ class BucketGrid:
             seq = bucket if bucket is not None else round_up(sorted_lengths[group_stop - 1], self.seq_align)
             for chunk_start in range(start, group_stop, cap):
                 rows = min(cap, group_stop - chunk_start)
-                padded = self.batch_bucket(rows) if graphable else None
-                chunks.append(Chunk(chunk_start, chunk_start + rows, padded or rows, seq, graphed=padded is not None))
+                if not graphable:
+                    chunks.append(Chunk(chunk_start, chunk_start + rows, rows, seq, graphed=False))
+                    continue
+                at, stop = chunk_start, chunk_start + rows
+                for batch in self._splits[seq][rows]:  # largest first; only the last one pads
+                    take = min(batch, stop - at)
+                    chunks.append(Chunk(at, at + take, batch, seq, graphed=True))
+                    at += take
             start = group_stop
         return chunks
+
+
+def cheapest_splits(batch_sizes: Sequence[int], launch_rows: float) -> list[tuple[int, ...]]:
+    """For each row count up to the largest batch size, the batch sizes (largest first) that hold that many rows
+    at the least cost: the rows they pad to, plus ``launch_rows`` per replay. Dropping any one of them leaves rows
+    uncovered (it would cost less otherwise), so every replay but the last runs full."""
+    if not batch_sizes:
+        return []
+    largest_first = sorted(batch_sizes, reverse=True)  # on a tie the larger one wins: fewer replays
+    cost = [0.0] * (batch_sizes[-1] + 1)
+    splits: list[tuple[int, ...]] = [()] * len(cost)
+    for rows in range(1, len(cost)):
+        best = None
+        for batch in largest_first:
+            rest = max(0, rows - batch)
+            candidate = batch + launch_rows + cost[rest]
+            if best is None or candidate < best:
+                best, splits[rows] = candidate, tuple(sorted((batch, *splits[rest]), reverse=True))
+        cost[rows] = best if best is not None else 0.0
+    return splits
 
 
 def parse_sizes(spec: str) -> list[int]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.router.buckets import BucketGrid, Chunk, parse_sizes, round_up
+from service.router.buckets import BucketGrid, Chunk, cheapest_splits, parse_sizes, round_up
 
 
 def grid(batch: str = "1,4,16,64", seq: str = "16,32,64", *, max_rows: int = 64) -> BucketGrid:
@@ -61,3 +61,31 @@ def test_graphs_off_plans_eager_chunks_at_their_own_row_count() -> None:
     chunks = grid(max_rows=8).plan([3] * 10 + [30] * 2, graphs=False)
     assert chunks == [Chunk(0, 8, 8, 16, False), Chunk(8, 10, 2, 16, False), Chunk(10, 12, 2, 32, False)]
     assert grid().plan([], graphs=True) == []
+
+
+def test_a_chunk_between_buckets_runs_as_the_cheapest_set_of_replays() -> None:
+    """600 rows at 32 tokens padded to the 1024 bucket: 424 rows of work for nothing (70 %). Split 512 + 64 + 64
+    they pad 40 rows, for two more replays."""
+    g = BucketGrid.from_specs("1,4,16,64,256,512,1024", "16,32", seq_align=16, max_rows=1024)
+    chunks = g.plan([20] * 600, graphs=True)
+    assert [(c.start, c.stop, c.batch, c.graphed) for c in chunks] == [
+        (0, 512, 512, True),
+        (512, 576, 64, True),
+        (576, 600, 64, True),
+    ]
+    # a few rows past a small bucket still pad up (a replay costs more than the padding), past a large one they split
+    assert [(c.rows, c.batch) for c in g.plan([20] * 17, graphs=True)] == [(17, 64)]
+    assert [(c.rows, c.batch) for c in g.plan([20] * 70, graphs=True)] == [(64, 64), (6, 16)]
+    assert [(c.rows, c.batch) for c in g.plan([20] * 1024, graphs=True)] == [(1024, 1024)]
+
+
+def test_cheapest_splits_cover_every_row_count_and_never_cost_more_than_padding_up() -> None:
+    sizes, launch_rows = (1, 4, 16, 64, 256), 64.0
+    splits = cheapest_splits(sizes, launch_rows)
+    for rows in range(1, sizes[-1] + 1):
+        split = splits[rows]
+        assert list(split) == sorted(split, reverse=True) and sum(split) >= rows
+        assert sum(split[:-1]) < rows  # every replay but the last is full
+        padded_up = min(b for b in sizes if b >= rows)
+        assert sum(split) + launch_rows * len(split) <= padded_up + launch_rows
+    assert splits[1] == (1,) and splits[256] == (256,) and cheapest_splits((), 1.0) == []
