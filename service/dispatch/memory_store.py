@@ -34,11 +34,13 @@ from service.dispatch.store import (
     DEFAULT_MAX_WORKERS_PER_ENDPOINT,
     DEFAULT_RELEASED_RETRY_S,
     LOAD_RATE_BUCKET_S,
+    WAITING_SAMPLE,
     LoadStats,
     UnknownRequest,
     too_many_open_requests,
     too_many_workers,
     url_taken,
+    waiting_load,
 )
 
 EXPIRY_SWEEP_LIMIT = 64  # expired requests released per route call: bounded work per request
@@ -95,8 +97,8 @@ class MemoryStore:
         self._expiries: list[tuple[float, int]] = []  # heap of (due, idx), due at or before the request's expiry
         self._next_idx = itertools.count(request_idx_origin(self._clock(), request_idxs_per_s))
         self._load_buckets: dict[str, deque[list[float]]] = defaultdict(deque)
-        # endpoint -> {request_idx: when last answered "no ready worker"}: autoscaling's demand. Set here only; an
-        # entry whose request has since left or found a worker is dropped when read (_waiting_costs)
+        # endpoint -> {request_idx: when last answered "no ready worker"}, oldest poll first: autoscaling's demand.
+        # An entry leaves when its request finds a worker or leaves, or when its poll is older than the window.
         self._waiting: dict[str, dict[int, float]] = defaultdict(dict)
         # (endpoint, Idempotency-Key) -> request_idx, and back: a key names its request while that is held and
         # unexpired (an expired one not yet swept no longer counts), and the entries leave with the request
@@ -149,7 +151,9 @@ class MemoryStore:
         assert request_idx is not None
         if picked is None:
             self._track(request_idx, (endpoint, cost, None, now + policy.request_ttl_s, None))
-            self._waiting[endpoint][request_idx] = now
+            waiting = self._waiting[endpoint]
+            waiting.pop(request_idx, None)  # to the end: the dict stays in order of polls
+            waiting[request_idx] = now
             status = status_breakdown(
                 workers.values(),
                 now=now,
@@ -157,6 +161,8 @@ class MemoryStore:
                 max_queue_time_s=policy.max_queue_time_s,
             )
             return NoReadyWorker(request_idx=request_idx, status=status)
+        if previous is not None:
+            self._waiting[endpoint].pop(request_idx, None)
         picked.load += cost
         picked.open_requests += 1
         picked.reqnum += 1
@@ -250,12 +256,13 @@ class MemoryStore:
         since = current - window_s + LOAD_RATE_BUCKET_S
         recent = sum(total for start, total in self._load_buckets.get(endpoint, ()) if start >= since)
         outstanding = math.fsum(w.load for w in self._workers.get(endpoint, {}).values())
-        waiting = self._waiting_costs(endpoint, since=now - window_s)
+        waiting = self._waiting_polled_since(endpoint, now - window_s)
+        sample = [self._requests[idx][_COST] for idx in itertools.islice(reversed(waiting), WAITING_SAMPLE)]
         return LoadStats(
             load_rate=recent / window_s,
             outstanding=outstanding,
             waiting_requests=len(waiting),
-            waiting=math.fsum(waiting),  # both sums exact, so the order (which Redis does not keep) cannot matter
+            waiting=waiting_load(sample, len(waiting)),
             open_requests=self._open.get(endpoint, 0),
         )
 
@@ -284,18 +291,17 @@ class MemoryStore:
             worker.open_requests = max(0, worker.open_requests - 1)
             worker.load = load_after_release(worker.load, cost, worker.open_requests)
 
-    def _waiting_costs(self, endpoint: str, *, since: float) -> list[float]:
-        """The costs of the endpoint's requests still waiting for a worker and polled after ``since``. The rest are
-        dropped: released, expired or assigned since, or not polled within the window (their client gave up, or
-        sent the request anew, which would count it twice)."""
-        waiting, costs = self._waiting.get(endpoint, {}), []
-        for idx, polled in list(waiting.items()):
-            request = self._requests.get(idx)
-            if request is None or request[_WORKER] is not None or not polled > since:
-                del waiting[idx]
-            else:
-                costs.append(request[_COST])
-        return costs
+    def _waiting_polled_since(self, endpoint: str, since: float) -> dict[int, float]:
+        """The endpoint's requests waiting for a worker, oldest poll first, once those last polled at or before
+        ``since`` have left: their client gave up, or sent the request anew, which would count it twice. Each entry
+        leaves once, so this costs what was polled since the last call."""
+        waiting = self._waiting.get(endpoint, {})
+        while waiting:
+            idx = next(iter(waiting))
+            if waiting[idx] > since:
+                break
+            del waiting[idx]
+        return waiting
 
     def _add_load_rate(self, endpoint: str, now: float, cost: float) -> None:
         buckets = self._load_buckets[endpoint]

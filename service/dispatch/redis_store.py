@@ -15,8 +15,9 @@ Key layout (``P`` is the ``prefix``, ``dispatch:`` by default; ``E`` an endpoint
     P worker:E/W            hash    url, state, max_perf, cur_load, in_flight, last_seen (the last report),
                                     load, reqnum, open_requests (the dispatcher's ledger)
     P rate:E:<second>       string  cost routed as new requests to E in that second; EXPIRE LOAD_HISTORY_S
-    P waiting:E             hash    request_idx -> when last answered "no ready worker" (demand); load_stats drops
-                                    the entries whose request has left or found a worker since
+    P waiting_polls:E       zset    member request_idx waiting for a worker, score when last answered "no ready
+                                    worker" (demand); it leaves when its request finds a worker or leaves, or
+                                    once its poll is older than the load window (load_stats)
     P urls                  hash    url -> "E/W", the record reporting it (MemoryStore._url_owner); removed with
                                     the record, or replaced when a report takes the url over
     P idem:E/K              string  the request_idx a new request with Idempotency-Key K got; read only while that
@@ -75,12 +76,14 @@ from service.dispatch.store import (
     DEFAULT_MAX_WORKERS_PER_ENDPOINT,
     DEFAULT_RELEASED_RETRY_S,
     LOAD_RATE_BUCKET_S,
+    WAITING_SAMPLE,
     LoadStats,
     StoreUnavailable,
     UnknownRequest,
     too_many_open_requests,
     too_many_workers,
     url_taken,
+    waiting_load,
 )
 
 DEFAULT_PREFIX = "dispatch:"
@@ -323,15 +326,15 @@ class RedisStore:
 
     async def load_stats(self, endpoint: str, window_s: float) -> LoadStats:
         args = (self._prefix, str(BACKGROUND_SWEEP_LIMIT), _check_endpoint(endpoint), _num(window_s),
-                str(LOAD_RATE_BUCKET_S), str(LOAD_HISTORY_S))  # fmt: skip
+                str(LOAD_RATE_BUCKET_S), str(LOAD_HISTORY_S), str(WAITING_SAMPLE))  # fmt: skip
         with self._unavailable("load_stats"):
             reply = await self._load_stats(args=args)
-        total, waiting, loads, open_requests = reply
+        total, waiting_count, sample, loads, open_requests = reply
         return LoadStats(
             load_rate=float(total) / window_s,
             outstanding=math.fsum(float(load) for load in loads),  # exact: SMEMBERS order is arbitrary
-            waiting_requests=len(waiting),
-            waiting=math.fsum(float(cost) for cost in waiting),
+            waiting_requests=int(waiting_count),
+            waiting=waiting_load([float(cost) for cost in sample], int(waiting_count)),
             open_requests=int(open_requests),
         )
 

@@ -22,6 +22,7 @@ Contract, which ``tests/unit/test_dispatch_store.py`` checks against both implem
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -38,6 +39,7 @@ __all__ = [
     "DEFAULT_MAX_WORKERS_PER_ENDPOINT",
     "DEFAULT_RELEASED_RETRY_S",
     "LOAD_RATE_BUCKET_S",
+    "WAITING_SAMPLE",
     "DispatchStore",
     "LoadStats",
     "StoreUnavailable",
@@ -45,13 +47,26 @@ __all__ = [
     "too_many_open_requests",
     "too_many_workers",
     "url_taken",
+    "waiting_load",
 ]
 
 LOAD_RATE_BUCKET_S = 1  # granularity of the recent-load counters autoscaling reads
+# The waiting load is summed over at most this many requests, the most recently polled, and scaled to their count:
+# a cold-start burst can hold 100k waiting requests, and summing them all took Redis over a second per call.
+WAITING_SAMPLE = 1000
 DEFAULT_MAX_WORKERS_PER_ENDPOINT: int = DispatcherSettings.max_workers_per_endpoint
 DEFAULT_HEARTBEAT_TIMEOUT_S: float = DispatcherSettings.heartbeat_timeout_s
 DEFAULT_MAX_OPEN_REQUESTS: int = DispatcherSettings.max_open_requests
 DEFAULT_RELEASED_RETRY_S: float = DispatcherSettings.released_retry_s
+
+
+def waiting_load(sample: Sequence[float], count: int) -> float:
+    """The load of ``count`` waiting requests from the costs of a sample of them (all of them up to
+    ``WAITING_SAMPLE``: then exact, whatever the order)."""
+    total = math.fsum(sample)
+    if not sample or count <= len(sample):
+        return total
+    return total / len(sample) * count
 
 
 def too_many_workers(endpoint: str, limit: int) -> TooManyWorkers:
@@ -89,8 +104,8 @@ class LoadStats:
 
     load_rate: float  # workload units per second routed as new requests over the window
     outstanding: float  # workload units assigned and not yet released
-    # requests answered "no ready worker" and polled within the window, and their workload: demand that no worker's
-    # load shows
+    # requests answered "no ready worker" and polled within the window, and their workload (estimated past
+    # WAITING_SAMPLE of them: waiting_load): demand that no worker's load shows
     waiting_requests: int = 0
     waiting: float = 0.0
     open_requests: int = 0  # assigned and not released, or waiting: what --max-open-requests caps

@@ -20,6 +20,7 @@ import pytest
 import redis.asyncio.connection
 
 from service.config import MAX_REQUEST_TTL_S
+from service.dispatch import memory_store as memory_store_module
 from service.dispatch import redis_store as redis_store_module
 from service.dispatch.memory_store import EXPIRY_SWEEP_LIMIT, MemoryStore
 from service.dispatch.records import (
@@ -35,7 +36,7 @@ from service.dispatch.records import (
     request_idx_origin,
 )
 from service.dispatch.redis_store import RedisStore
-from service.dispatch.store import DispatchStore, LoadStats, StoreUnavailable, UnknownRequest
+from service.dispatch.store import DispatchStore, LoadStats, StoreUnavailable, UnknownRequest, waiting_load
 from service.errors import TooManyOpenRequests, TooManyWorkers, UrlTaken
 from tests.redis_server import RedisServer, free_port
 
@@ -644,19 +645,48 @@ async def test_a_retry_whose_worker_went_away_waits_again_and_its_worker_cannot_
     assert (stats.waiting_requests, stats.waiting) == (1, 4.0)
 
 
-async def test_waiting_entries_an_older_replica_left_behind_are_dropped(redis_url: str, redis_prefix: str) -> None:
-    """Scripts from before the waiting hash release or assign a request without touching it (a rolling update):
-    load_stats checks each entry against its request."""
+async def test_the_waiting_hash_of_older_replicas_is_freed(redis_url: str, redis_prefix: str) -> None:
+    """The waiting requests were a hash, waiting:E, read whole by every load_stats; they are a zset under a new name
+    now, and what older replicas wrote under the old one goes."""
     store = RedisStore(redis_url, prefix=redis_prefix)
     try:
-        gone = await no_ready(store, 5.0)
+        await store._redis.hset(f"{redis_prefix}waiting:{EP}", "123", "1.0")
         kept = await no_ready(store, 1.0)
-        await store._redis.delete(f"{redis_prefix}req:{gone.request_idx}")  # as an old release.lua does
         stats = await store.load_stats(EP, 10.0)
         assert (stats.waiting_requests, stats.waiting) == (1, 1.0)
-        assert await store._redis.hkeys(f"{redis_prefix}waiting:{EP}") == [str(kept.request_idx)]
+        assert not await store._redis.exists(f"{redis_prefix}waiting:{EP}")
+        members = await store._redis.zrange(f"{redis_prefix}waiting_polls:{EP}", 0, -1)
+        assert members == [str(kept.request_idx)]
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+async def test_past_the_sample_the_waiting_load_is_scaled_from_the_latest_polls(
+    kind: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """load_stats read every waiting request: with 100k of them (a cold-start burst) it held Redis over a second
+    per call, and every replica's routes timed out behind it."""
+    for module in (memory_store_module, redis_store_module):
+        monkeypatch.setattr(module, "WAITING_SAMPLE", 4)
+    store = capped_store(kind, request)
+    try:
+        for cost in (1.0, 1.0, 9.0, 9.0, 2.0, 2.0, 2.0, 2.0):  # the four latest cost 2 each
+            await no_ready(store, cost)
+        stats = await store.load_stats(EP, 10.0)
+        assert (stats.waiting_requests, stats.waiting) == (8, 16.0)  # 8 x the sample's mean, not 28
+        for module in (memory_store_module, redis_store_module):
+            monkeypatch.setattr(module, "WAITING_SAMPLE", 8)
+        stats = await store.load_stats(EP, 10.0)
+        assert (stats.waiting_requests, stats.waiting) == (8, 28.0)  # all of them: exact
+    finally:
+        await store.close()
+
+
+def test_waiting_load_is_exact_within_the_sample_and_scaled_past_it() -> None:
+    assert waiting_load([0.1] * 10, 10) == 1.0  # fsum: exact
+    assert waiting_load([1.0, 3.0], 10) == 20.0
+    assert waiting_load([], 5) == 0.0
 
 
 async def test_a_release_leaves_no_idempotency_key_in_redis(redis_url: str, redis_prefix: str) -> None:
@@ -855,7 +885,7 @@ async def test_expired_waiting_requests_leave_the_waiting_table_of_an_endpoint_n
         await asyncio.sleep(0.5)
         await no_ready(store, 1.0)  # another endpoint's route sweeps the expired requests
         if isinstance(store, RedisStore):
-            assert await store._redis.hlen(f"{request.getfixturevalue('redis_prefix')}waiting:{OTHER_EP}") == 0
+            assert await store._redis.zcard(f"{request.getfixturevalue('redis_prefix')}waiting_polls:{OTHER_EP}") == 0
         else:
             assert isinstance(store, MemoryStore) and not store._waiting[OTHER_EP]
     finally:

@@ -12,9 +12,10 @@ local function clock()
 end
 
 local function worker_key(endpoint, worker_id) return prefix .. 'worker:' .. endpoint .. '/' .. worker_id end
--- MemoryStore._waiting: {request_idx: when last answered "no ready worker"}, set by route.lua only; load_stats.lua
--- drops the entries whose request has since left or found a worker
-local function waiting_key(endpoint) return prefix .. 'waiting:' .. endpoint end
+-- MemoryStore._waiting: a zset of the request_idxs waiting for a worker, scored by when last answered "no ready
+-- worker"; a member leaves when its request finds a worker or leaves, and load_stats.lua drops the stale polls.
+-- (waiting:E, a hash before, is left to old replicas in a rolling deploy: a new type needs a new name.)
+local function waiting_key(endpoint) return prefix .. 'waiting_polls:' .. endpoint end
 -- MemoryStore._by_key: the request_idx a new request with an Idempotency-Key got (E/K: no endpoint has a '/')
 local function idem_key(endpoint, key) return prefix .. 'idem:' .. endpoint .. '/' .. key end
 -- MemoryStore._open: the endpoint's open requests (held or waiting, not released), as a zset of request_idx scored
@@ -50,7 +51,7 @@ local function drop(idx)
   if r[1] and r[3] then unassign(r[1], r[3], tonumber(r[2])) end
   if r[1] then
     redis.call('ZREM', open_key(r[1]), idx)
-    redis.call('HDEL', waiting_key(r[1]), idx)  -- else an endpoint no longer configured keeps its entries for good
+    redis.call('ZREM', waiting_key(r[1]), idx)  -- else an endpoint no longer configured keeps its entries for good
   end
   redis.call('DEL', key)
 end

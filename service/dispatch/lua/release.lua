@@ -17,7 +17,7 @@ for i = 6, #ARGV do
   else
     redis.call('HDEL', key, 'worker', 'idem')
     redis.call('HSET', key, 'released_by', r[3])
-    redis.call('HDEL', waiting_key(endpoint), idx)
+    redis.call('ZREM', waiting_key(endpoint), idx)
     if r[4] then
       local idem = idem_key(endpoint, r[4])
       if redis.call('GET', idem) == idx then redis.call('DEL', idem) end

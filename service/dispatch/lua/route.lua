@@ -127,6 +127,7 @@ redis.call('ZADD', expiries, fmt(now + ttl), idx)
 redis.call('ZADD', open_key(endpoint), fmt(now + ttl), idx)  -- open (again, if it was released), until its expiry
 
 if best then
+  if retry then redis.call('ZREM', waiting_key(endpoint), idx) end
   local key = worker_key(endpoint, best.id)
   redis.call('HSET', key, 'load', fmt(best.load + cost))
   redis.call('HINCRBY', key, 'open_requests', 1)
@@ -138,7 +139,7 @@ if best then
 end
 
 redis.call('HSET', req_key, unpack(fields))
-redis.call('HSET', waiting_key(endpoint), idx, fmt(now))
+redis.call('ZADD', waiting_key(endpoint), fmt(now), idx)
 -- selection.status_breakdown
 local counts, order = {}, {}
 for _, w in ipairs(workers) do
