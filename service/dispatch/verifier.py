@@ -7,9 +7,13 @@ A worker must not trust that a caller went through the dispatcher: the route ans
 2. the signing key, among those ``GET /pubkey/`` publishes (``unknown_key``), and the signature (``bad_signature``);
 3. that the assignment names this worker (``wrong_url``) and, when configured, its endpoint (``wrong_endpoint``);
 4. that it has not expired (``expired``), allowing for some clock skew between the two machines;
-5. that its ``reqnum`` was not used before (``replayed``, ``too_old``).
+5. that its ``reqnum`` was not used before (``replayed``, ``too_old``) nor issued before this process started
+   (``issued_before_start``).
 
 Checks 3 to 5 only run on authentic assignments, so their reason codes describe what the dispatcher really said.
+A refusal is a 401, except those that routing the request again mends (``TRANSIENT``): a key not fetched yet, an
+assignment that came too late or from before a restart. Those are 503 with Retry-After, which Vast's SDK retries
+by routing the request again (a 401 ended its request, and the load stayed reserved until the request ttl).
 ``reqnum`` grows per worker, so replays are caught the way IPsec does (RFC 4303, section 3.4.3): the highest
 reqnum seen plus a bitmap of the ``replay_window`` reqnums below it. Memory stays bounded whatever arrives, and
 requests that overtake each other (several client connections) are still accepted once each. A reqnum is only
@@ -58,14 +62,28 @@ class RejectReason(StrEnum):
     EXPIRED = "expired"
     REPLAYED = "replayed"
     TOO_OLD = "too_old"  # below the replay window: it cannot be told from a replay any more
+    # at or below the last reqnum the dispatcher had issued to this URL when this process started (reject_up_to)
+    ISSUED_BEFORE_START = "issued_before_start"
+
+
+TRANSIENT = frozenset(
+    {RejectReason.UNKNOWN_KEY, RejectReason.EXPIRED, RejectReason.TOO_OLD, RejectReason.ISSUED_BEFORE_START}
+)
+HTTP_SERVICE_UNAVAILABLE = 503
 
 
 class AssignmentRejected(InvalidAssignment):
-    """``verify`` refused an assignment; ``reason`` is a ``RejectReason`` value (also in the 401 body)."""
+    """``verify`` refused an assignment; ``reason`` is a ``RejectReason`` value (also in the error body)."""
 
     def __init__(self, reason: RejectReason, message: str) -> None:
-        super().__init__(f"{reason.value}: {message}", details={"reason": reason.value})
+        transient = reason in TRANSIENT
+        super().__init__(
+            f"{reason.value}: {message}" + ("; route the request again" if transient else ""),
+            status=HTTP_SERVICE_UNAVAILABLE if transient else None,
+            details={"reason": reason.value},
+        )
         self.reason = reason
+        self.retry_after = transient
 
 
 class KeyFetchError(ValueError):
@@ -95,6 +113,7 @@ class ReplayWindow:
         self._mask = (1 << size) - 1
         self._highest: int | None = None
         self._seen = 0
+        self._floor: int | None = None  # reject_up_to's: issued before this process started
 
     @property
     def highest(self) -> int | None:
@@ -102,6 +121,10 @@ class ReplayWindow:
 
     def check(self, reqnum: int) -> None:
         """Raise ``AssignmentRejected`` if ``reqnum`` may not be accepted now; record nothing."""
+        if self._floor is not None and reqnum <= self._floor:
+            raise AssignmentRejected(
+                RejectReason.ISSUED_BEFORE_START, f"reqnum {reqnum} was issued before this worker started"
+            )
         if self._highest is None or reqnum > self._highest:
             return
         offset = self._highest - reqnum
@@ -113,11 +136,8 @@ class ReplayWindow:
             raise AssignmentRejected(RejectReason.REPLAYED, f"reqnum {reqnum} was already used")
 
     def reject_up_to(self, floor: int) -> None:
-        """Mark every reqnum <= ``floor`` as used."""
-        if self._highest is None or floor > self._highest:
-            self._highest, self._seen = floor, self._mask
-        elif self._highest - floor < self.size:
-            self._seen |= self._mask ^ ((1 << (self._highest - floor)) - 1)
+        """Refuse every reqnum <= ``floor`` as issued before this process started."""
+        self._floor = floor if self._floor is None else max(self._floor, floor)
 
     def record(self, reqnum: int) -> None:
         """Mark ``reqnum`` as used; call only after ``check`` passed (under the same lock)."""

@@ -247,7 +247,9 @@ def test_every_single_byte_change_to_a_signed_field_is_refused_by_the_worker(
     with httpx.Client(timeout=10) as client:
         for field_name, tampered in variants:
             answer = client.post(f"{worker_url}/echo", json={"auth_data": tampered, "payload": {}})
-            assert answer.status_code == 401, (field_name, tampered, answer.text)
+            # a key id the worker does not know may be a rotation it has not fetched yet: 503, route it again
+            refused = (503, "unknown_key") if field_name == "key_id" else (401, answer.json()["error"]["reason"])
+            assert (answer.status_code, answer.json()["error"]["reason"]) == refused, (field_name, tampered)
         # untouched, it is still accepted: the refusals did not burn its reqnum
         assert client.post(f"{worker_url}/echo", json={"auth_data": assignment, "payload": {}}).status_code == 200
 

@@ -462,7 +462,7 @@ async def test_end_to_end_with_the_example_worker(signer: Signer) -> None:
     issued_before_start = dispatcher.assigned(FIRST_IDX - 1, COST)  # e.g. served by a previous worker process
     async with running_worker(dispatcher) as (http, client):
         old = await http.post(f"{WORKER_URL}/echo", json={"auth_data": issued_before_start})
-        assert (old.status_code, old.json()["error"]["reason"]) == (401, "replayed")
+        assert (old.status_code, old.json()["error"]["reason"]) == (503, "issued_before_start")
         response = await client.request(ENDPOINT, "/echo", {"text": "hello"}, COST)
         assert response.status == 200, response.body
         echoed = response.json()
@@ -553,10 +553,10 @@ async def test_a_worker_given_its_keys_accepts_work_only_after_its_first_report(
                 early = (await http.post("/echo", json={"auth_data": served_before})).status_code
             finally:
                 dispatcher.open_reports.set()  # else the worker's shutdown waits on its "stopped" report for ever
-            assert (health, early) == (503, 401)
+            assert (health, early) == (503, 503)  # no key yet: route it again
             await wait_for(lambda: app.state.worker.keys_loaded)
             again = await http.post("/echo", json={"auth_data": served_before})
-            assert (again.status_code, again.json()["error"]["reason"]) == (401, "replayed")
+            assert (again.status_code, again.json()["error"]["reason"]) == (503, "issued_before_start")
             fresh = await http.post("/echo", json={"auth_data": dispatcher.assigned(FIRST_IDX + 1, COST)})
             assert fresh.status_code == 200, fresh.text
 

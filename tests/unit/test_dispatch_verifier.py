@@ -251,14 +251,22 @@ def test_a_jump_past_the_window_forgets_the_old_reqnums(signer: Signer) -> None:
 
 
 def test_reqnums_issued_before_a_restart_can_be_refused(signer: Signer) -> None:
+    """Refused with a reason of their own, which workers answer 503: routing the request again mends it. They were
+    "replayed" (401), which Vast's SDK does not retry: every request in flight to a restarted worker failed."""
     verifier = make_verifier(signer)
     verifier.reject_up_to(100)  # a fresh worker learns the last reqnum issued to its URL
-    assert rejection(verifier, auth(signer, 100)) is RejectReason.REPLAYED
-    assert rejection(verifier, auth(signer, 1)) is RejectReason.REPLAYED
+    assert rejection(verifier, auth(signer, 100)) is RejectReason.ISSUED_BEFORE_START
+    assert rejection(verifier, auth(signer, 1)) is RejectReason.ISSUED_BEFORE_START
     assert verifier.verify(auth(signer, 102)).reqnum == 102
-    verifier.reject_up_to(101)  # below the highest: marks what lies under it, keeps the rest
-    assert rejection(verifier, auth(signer, 101)) is RejectReason.REPLAYED
+    assert rejection(verifier, auth(signer, 102)) is RejectReason.REPLAYED
+    verifier.reject_up_to(101)  # below the highest: raises the floor, keeps the rest
+    assert rejection(verifier, auth(signer, 101)) is RejectReason.ISSUED_BEFORE_START
     assert verifier.verify(auth(signer, 103)).reqnum == 103
+    verifier.reject_up_to(50)  # a lower floor never lowers it
+    assert rejection(verifier, auth(signer, 99)) is RejectReason.ISSUED_BEFORE_START
+    refused = AssignmentRejected(RejectReason.ISSUED_BEFORE_START, "x")
+    assert (refused.status, refused.retry_after) == (503, True)
+    assert AssignmentRejected(RejectReason.REPLAYED, "x").status == 401
 
 
 def test_replay_window_memory_is_bounded() -> None:
