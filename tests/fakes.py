@@ -93,6 +93,7 @@ def worker_record(
     perf: float = 10.0,
     state: WorkerState = WorkerState.READY,
     seen_s_ago: float = 0.0,
+    open_requests: int = 0,
 ) -> WorkerRecord:
     """A dispatcher worker record as a store would hold it, last seen ``seen_s_ago`` before ``now``."""
     return WorkerRecord(
@@ -105,4 +106,5 @@ def worker_record(
         last_seen=now - seen_s_ago,
         load=load,
         reqnum=0,
+        open_requests=open_requests,
     )

@@ -2,8 +2,9 @@
 
     demand  = max(recent load rate, (outstanding + waiting load) / max_queue_time_s)   (workload units per second)
     perf    = mean max_perf of the endpoint's live workers, ready or loading, that measured one (an errored or
-              stopped worker's speed serves nothing)
-    needed  = max(1, ceil(demand / (perf * target_util))) if demand > 0 or a request waits, else 0
+              stopped worker's speed serves nothing); with none, that of every worker on record that measured one
+              (cold workers about to be started: the speed they will bring)
+    needed  = max(1, ceil(demand / (perf * target_util))) if demand > 0 or a request waits or is open, else 0
     wanted  = clamp(needed, min_workers, max_workers)
     cold    = min(cold_workers, max_workers - wanted)      (stopped workers kept loaded, for quick start)
 
@@ -12,9 +13,11 @@ work waiting for a worker (requests answered "no ready worker" and polled within
 has passed, a client waiting on a cold start is the only sign of demand, and without it the decision scaled the
 loading worker away. A waiting request of cost 0 still wants a worker. One its client stopped polling no longer
 counts after a window (it may have been sent anew, and would count twice).
-With no measured perf yet, any demand asks for one worker (it will measure itself when it starts); any demand at
-all asks for at least one, however fast the workers (within max_workers). A ready worker without a positive
-max_perf gets no requests (picking divides by it), so it is no serving capacity: not counted as ready.
+With no measured perf on record at all, any demand asks for one worker (it will measure itself when it starts); any
+demand at all, or any open request (cost-0 requests are demand no load shows), asks for at least one, however fast
+the workers (within max_workers). The ratio is rounded up after a relative slack of 1e-12: a demand that fits k
+workers exactly (56.7 u/s on 7 workers of 9 at 0.9) came out as k + 1 through float rounding. A ready worker without
+a positive max_perf gets no requests (picking divides by it), so it is no serving capacity: not counted as ready.
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ from typing import Any
 from service.dispatch.endpoints import EndpointSpec
 from service.dispatch.records import WorkerRecord, WorkerState
 from service.dispatch.store import LoadStats
+
+# demand / capacity is rounded up past this relative float error only (the quotient of two rounded numbers)
+CEIL_SLACK = 1e-12
 
 
 class Action(StrEnum):
@@ -82,7 +88,7 @@ def workers_needed(demand: float, perf: float | None, target_util: float, max_wo
     ratio = demand / capacity if capacity > 0 else math.inf
     if not math.isfinite(ratio):
         return max(1, max_workers)
-    return max(1, math.ceil(ratio))
+    return max(1, math.ceil(ratio * (1 - CEIL_SLACK)))
 
 
 def decide(
@@ -94,9 +100,11 @@ def decide(
     perf = mean_perf(
         [w.max_perf for w in live if measured(w.max_perf) and w.state in (WorkerState.READY, WorkerState.LOADING)]
     )
+    if perf is None:  # scaling up from cold: the speed of the workers on record
+        perf = mean_perf([w.max_perf for w in workers if measured(w.max_perf)])
     demand = max(stats.load_rate, (stats.outstanding + stats.waiting) / spec.max_queue_time_s)
     needed = workers_needed(demand, perf, spec.target_util, spec.max_workers)
-    if stats.waiting_requests:
+    if stats.waiting_requests or stats.open_requests:
         needed = max(needed, 1)
     wanted = min(max(needed, spec.min_workers), spec.max_workers)
     cold = min(spec.cold_workers, spec.max_workers - wanted)

@@ -172,7 +172,8 @@ class MemoryStore:
             worker_id=picked.worker_id,
             url=picked.url,
             reqnum=picked.reqnum,
-            retry=previous is not None,
+            # the request had a worker (or was released by one): a poll that found one is no retry
+            retry=previous is not None and (previous[_WORKER] is not None or previous[_RELEASED_BY] is not None),
         )
 
     async def report(

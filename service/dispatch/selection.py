@@ -17,11 +17,14 @@ def pick_worker(
     keep: str | None = None,
 ) -> WorkerRecord | None:
     """The ready, live worker where a new request would wait least (``load / max_perf``), if that wait is within
-    ``max_queue_time_s``. Ties go to the lower load, then the lower worker id. ``avoid`` (the worker a retried
-    request had) is taken only when no other worker qualifies. ``keep`` (the worker a repeated request has) is
-    taken whenever it is ready and live: the repeat of a call changes nothing the call did."""
+    ``max_queue_time_s``. Ties go to the lower load, then the fewer open requests (cost-0 requests spread too), then
+    the lower worker id. ``avoid`` (the worker a retried request had) is never taken: with no other worker the retry
+    is answered "no ready worker", and the client's poll, which avoids nothing, may take it. (Vast's SDK retries a
+    connection error at once: given a dead worker again, each request looped on /route/ hundreds of times a second
+    until the heartbeat timed the worker out.) ``keep`` (the worker a repeated request has) is taken whenever it is
+    ready and live: the repeat of a call changes nothing the call did."""
     best: WorkerRecord | None = None
-    best_key: tuple[bool, float, float, str] | None = None
+    best_key: tuple[float, float, int, str] | None = None
     for worker in workers:
         if worker.state is not WorkerState.READY or worker.max_perf <= 0:
             continue
@@ -30,9 +33,9 @@ def pick_worker(
         if worker.worker_id == keep:
             return worker
         wait = worker.wait_s()
-        if wait > max_queue_time_s:
+        if wait > max_queue_time_s or worker.worker_id == avoid:
             continue
-        key = (worker.worker_id == avoid, wait, worker.load, worker.worker_id)
+        key = (wait, worker.load, worker.open_requests, worker.worker_id)
         if best_key is None or key < best_key:
             best, best_key = worker, key
     return best

@@ -205,10 +205,14 @@ async def test_the_body_key_beats_a_valid_bearer(client: httpx.AsyncClient) -> N
 async def test_a_retry_keeps_its_idx_and_does_not_add_load(client: httpx.AsyncClient) -> None:
     await register(client)
     first = await route(client)
-    retry = await route(client, request_idx=first["request_idx"])
-    assert retry["request_idx"] == first["request_idx"]
-    assert retry["reqnum"] == first["reqnum"] + 1
-    assert retry["url"] == WORKER_URL  # the only worker, even though a retry avoids its previous one
+    retry = await route(client, request_idx=first["request_idx"])  # the only worker is the one it had
+    assert (retry["request_idx"], retry["status"]["ready"]) == (first["request_idx"], 1) and "url" not in retry
+    (worker,) = await workers(client)
+    assert worker["load"] == 0.0
+    poll = await route(client, request_idx=first["request_idx"])
+    assert poll["request_idx"] == first["request_idx"]
+    assert poll["reqnum"] == first["reqnum"] + 1
+    assert poll["url"] == WORKER_URL
     (worker,) = await workers(client)
     assert worker["load"] == 10.0
 
@@ -259,7 +263,10 @@ async def test_release_gives_the_load_back_and_counts_unknown_requests(client: h
     assert again.json() == {"ok": True, "released": 1, "unknown": 0, "not_held": 1}  # a was already released
     assert (await workers(client))[0]["load"] == 0.0
     # a released request is routed again when retried (a worker refused it; Vast's SDK retries by request_idx)
+    # (after a no-ready answer, since the only worker is the one that released it)
     retry = {"endpoint": EP, "api_key": API_KEY, "cost": 1, "request_idx": a["request_idx"]}
+    r = await client.post("/route/", json=retry)
+    assert r.status_code == 200 and "url" not in r.json(), r.text
     r = await client.post("/route/", json=retry)
     assert r.status_code == 200, r.text
     assert r.json()["request_idx"] == a["request_idx"] and r.json()["url"] == a["url"]
@@ -600,6 +607,7 @@ async def test_metrics(client: httpx.AsyncClient) -> None:
     await route(client)  # no worker yet
     await register(client)
     first = await route(client)
+    await register(client, "w2", url="http://w2:8000")  # where the retry goes: it avoids the first worker
     await route(client, request_idx=first["request_idx"])
     await client.post("/route/", json={"endpoint": EP, "api_key": API_KEY, "cost": 1, "request_idx": 777_777})
     await client.post("/route/", json={"endpoint": EP, "api_key": "dk_wrong", "cost": 1})
@@ -614,7 +622,7 @@ async def test_metrics(client: httpx.AsyncClient) -> None:
         'dispatcher_routes_total{endpoint="ep",outcome="unknown_request"} 1.0',
         "dispatcher_pick_duration_seconds_count 4.0",  # every store call, not the 401
         "dispatcher_pick_duration_seconds_bucket",
-        'dispatcher_worker_reports_total{endpoint="ep"} 1.0',
+        'dispatcher_worker_reports_total{endpoint="ep"} 2.0',
         'dispatcher_errors_total{code="unauthorized"} 1.0',
         'dispatcher_errors_total{code="invalid_request"} 1.0',
         'dispatcher_http_requests_total{method="POST",route="/route/",status="200"} 3.0',

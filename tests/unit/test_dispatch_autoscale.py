@@ -107,6 +107,30 @@ def test_without_a_measured_perf_demand_asks_for_one_worker() -> None:
     assert (none.demand, none.wanted_workers, none.action) == (0.0, 0, Action.HOLD)
 
 
+def test_scaling_up_from_cold_workers_uses_their_measured_perf() -> None:
+    """With every worker stopped there was no perf, and any demand asked for one worker, one at a time."""
+    cold = [rec(f"c{i}", perf=10.0, state=WorkerState.STOPPED) for i in range(5)]
+    d = run(spec(max_workers=50), cold, load_rate=200.0)
+    assert (d.perf_per_worker, d.wanted_workers, d.action) == (10.0, 40, Action.SCALE_UP)  # 200 / (10 * 0.5)
+    silent = [rec("s", perf=4.0, seen_s_ago=HEARTBEAT_S * 10)]  # the last speed known for the endpoint
+    assert run(spec(max_workers=50), silent, load_rate=20.0).wanted_workers == 10
+
+
+def test_demand_that_fits_whole_workers_is_not_rounded_up_past_them() -> None:
+    """56.7 / (9 * 0.9) is 7.000000000000001 in floats: eight workers for what seven serve."""
+    d = run(spec(target_util=0.9, max_workers=50), [rec("a", perf=9.0)], load_rate=3402 / 60)
+    assert d.wanted_workers == 7
+    assert run(spec(target_util=0.9, max_workers=50), [rec("a", perf=9.0)], load_rate=57.0).wanted_workers == 8
+
+
+def test_open_requests_want_a_worker_even_when_they_cost_nothing() -> None:
+    """100 routes of cost 0: no load, no load rate, and the decision scaled the serving workers to zero."""
+    stats = LoadStats(load_rate=0.0, outstanding=0.0, open_requests=100)
+    d = decide(spec(), [rec("a"), rec("b")], stats, now=NOW, heartbeat_timeout_s=HEARTBEAT_S)
+    assert (d.wanted_workers, d.action) == (1, Action.SCALE_DOWN)
+    assert run(spec(), [rec("a"), rec("b")]).wanted_workers == 0
+
+
 def test_perf_counts_live_ready_and_loading_workers_that_measured_one() -> None:
     workers = [
         rec("ready", perf=10),

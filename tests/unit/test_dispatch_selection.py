@@ -70,14 +70,23 @@ def test_workers_over_the_queue_time_are_skipped() -> None:
     assert pick([rec("over", load=101), rec("fast-over", load=1000, perf=50)]) is None  # 20 s
 
 
-def test_avoid_is_honoured_only_when_another_worker_qualifies() -> None:
+def test_avoid_is_never_taken() -> None:
+    """With no other worker the retry is answered "no ready worker": the client's poll after its back-off may take
+    it again (given it at once, Vast's SDK looped on a dead worker until its heartbeat timed out)."""
     assert pick([rec("a"), rec("b", load=50)], avoid="a") == "b"  # a would wait less, but the retry avoids it
-    assert pick([rec("a")], avoid="a") == "a"  # no alternative
-    assert pick([rec("a"), rec("b", load=101)], avoid="a") == "a"  # the alternative is over the queue time
-    assert pick([rec("a"), rec("b", state=WorkerState.LOADING)], avoid="a") == "a"
-    assert pick([rec("a"), rec("b", seen_s_ago=HEARTBEAT_S + 1)], avoid="a") == "a"
+    assert pick([rec("a")], avoid="a") is None  # no alternative
+    assert pick([rec("a"), rec("b", load=101)], avoid="a") is None  # the alternative is over the queue time
+    assert pick([rec("a"), rec("b", state=WorkerState.LOADING)], avoid="a") is None
+    assert pick([rec("a"), rec("b", seen_s_ago=HEARTBEAT_S + 1)], avoid="a") is None
     assert pick([rec("a"), rec("b", load=30), rec("c", load=20)], avoid="a") == "c"  # the best of the others
     assert pick([rec("a"), rec("b", load=50)], avoid="zzz") == "a"  # an unknown avoid changes nothing
+
+
+def test_ties_on_load_go_to_the_worker_with_fewer_open_requests() -> None:
+    """Cost-0 requests left every worker at load 0: all of them went to the lowest id."""
+    assert pick([rec("a", open_requests=3), rec("b", open_requests=1)]) == "b"
+    assert pick([rec("a", open_requests=1), rec("b", open_requests=1)]) == "a"
+    assert pick([rec("a", load=1, open_requests=0), rec("b", open_requests=5)]) == "b"  # the load comes first
 
 
 def test_keep_is_taken_while_it_can_take_work_whatever_its_wait() -> None:

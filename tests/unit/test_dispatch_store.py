@@ -245,19 +245,35 @@ async def test_retry_moves_load_and_avoids_previous_worker(store: DispatchStore)
     assert await loads(store) == {"w1": 2.0, "w2": 5.0}
 
 
-async def test_retry_reuses_the_only_worker_without_double_counting(store: DispatchStore) -> None:
+async def test_a_retry_waits_a_poll_for_the_only_worker_it_had_without_double_counting(store: DispatchStore) -> None:
+    """Vast's SDK retries a connection error at once: handed the same dead worker again (it stays ready until its
+    heartbeat times out), each request looped on /route/ some 500 times a second. The poll that follows a no-ready
+    answer comes after the client's back-off, and avoids nothing."""
     await report(store, "w1")
     first = await assign(store, 2.0)
-    retried = await assign(store, 2.0, first.request_idx)
-    assert (retried.request_idx, retried.worker_id, retried.reqnum) == (first.request_idx, "w1", 2)
+    retried = await no_ready(store, 2.0, first.request_idx)
+    assert (retried.request_idx, retried.status) == (first.request_idx, breakdown(ready=1))
+    assert await loads(store) == {"w1": 0.0}
+    polled = await assign(store, 2.0, first.request_idx)
+    assert (polled.request_idx, polled.worker_id, polled.reqnum, polled.retry) == (first.request_idx, "w1", 2, False)
     assert await loads(store) == {"w1": 2.0}
+
+
+async def test_requests_of_cost_zero_spread_over_the_workers(store: DispatchStore) -> None:
+    """Every worker stayed at load 0 and every tie went to the lowest id: one worker took all of them."""
+    for worker_id in ("w1", "w2", "w3"):
+        await report(store, worker_id)
+    picked = [(await assign(store, 0.0)).worker_id for _ in range(6)]
+    assert sorted(picked) == ["w1", "w1", "w2", "w2", "w3", "w3"]
+    assert {w.worker_id: w.open_requests for w in await store.workers(EP)} == {"w1": 2, "w2": 2, "w3": 2}
 
 
 async def test_a_retry_does_not_wait_behind_its_own_cost(store: DispatchStore) -> None:
     await report(store, "w1", max_perf=1.0)
     first = await assign(store, 45.0)  # 45 s of work on the only worker, over the 30 s queue budget
-    retried = await assign(store, 45.0, first.request_idx)  # its own load leaves before the pick
-    assert (retried.worker_id, retried.reqnum) == ("w1", 2)
+    await no_ready(store, 45.0, first.request_idx)  # its own load leaves before the pick
+    polled = await assign(store, 45.0, first.request_idx)
+    assert (polled.worker_id, polled.reqnum) == ("w1", 2)
     assert await loads(store) == {"w1": 45.0}
     second = await store.route(EP, 1.0, None, POLICY)  # a new request does wait behind it
     assert isinstance(second, NoReadyWorker) and second.status["busy"] == 1
@@ -377,7 +393,8 @@ async def test_an_idempotency_key_names_a_request_waiting_for_a_worker_too(store
     assert isinstance(polled, NoReadyWorker) and polled.request_idx == waiting.request_idx
     await report(store, "w1")
     placed = await store.route(EP, 4.0, None, POLICY, "cold-start")
-    assert isinstance(placed, Assigned) and (placed.request_idx, placed.retry) == (waiting.request_idx, True)
+    # it waited, never held: its first worker is no retry (the reassigned count)
+    assert isinstance(placed, Assigned) and (placed.request_idx, placed.retry) == (waiting.request_idx, False)
     assert await loads(store) == {"w1": 4.0}
     stats = await store.load_stats(EP, 10.0)
     assert (stats.load_rate, stats.waiting_requests) == (0.4, 0)
@@ -416,7 +433,8 @@ async def test_no_ready_worker_breakdown_holds_no_load_until_a_retry_assigns_it(
     assigned = await assign(store, 4.0, refused.request_idx, policy=policy)
     assert (assigned.request_idx, assigned.worker_id, assigned.reqnum) == (refused.request_idx, "fresh", 1)
     assert (await loads(store))["fresh"] == 4.0
-    moved = await assign(store, 4.0, refused.request_idx, policy=policy)  # fresh is avoided, nobody else fits
+    await no_ready(store, 4.0, refused.request_idx, policy=policy)  # fresh is avoided, nobody else fits
+    moved = await assign(store, 4.0, refused.request_idx, policy=policy)  # the poll after that
     assert moved.worker_id == "fresh"
     after = await loads(store)
     assert after["fresh"] == 4.0 and sum(after.values()) == 104.0
@@ -467,6 +485,7 @@ async def test_a_released_request_is_kept_for_the_retry_window_only(store: Dispa
     await asyncio.sleep(0.35)
     with pytest.raises(UnknownRequest):
         await store.route(EP, 2.0, dropped.request_idx, POLICY)
+    await no_ready(store, 1.0, kept.request_idx)  # w1 released it: the retry avoids it, then the poll takes it
     assert (await assign(store, 1.0, kept.request_idx)).request_idx == kept.request_idx
     assert await loads(store) == {"w1": 1.0}
 
@@ -782,6 +801,7 @@ async def test_an_endpoint_holds_at_most_its_cap_of_open_requests(kind: str, req
             await store.route(EP, 8.0, None, POLICY, "key-2")
         assert await loads(store) == {"w1": 7.0}  # the refusal changed nothing: no load, no reqnum, no idx
         assert (await report(store, "w1", max_perf=1e6)).reqnum == 3
+        await report(store, "w2", max_perf=1e6)  # for the retries, which avoid w1
         # not new: a retry by idx and the same call again by its key still route, and stay one request each
         assert (await assign(store, 1.0, first.request_idx)).retry
         again = await store.route(EP, 4.0, None, POLICY, "key-1")

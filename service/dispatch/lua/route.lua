@@ -44,10 +44,11 @@ end
 
 local workers = {}
 for _, id in ipairs(redis.call('SMEMBERS', prefix .. 'workers:' .. endpoint)) do
-  local r = redis.call('HMGET', worker_key(endpoint, id), 'state', 'max_perf', 'last_seen', 'load', 'url')
+  local r = redis.call('HMGET', worker_key(endpoint, id), 'state', 'max_perf', 'last_seen', 'load', 'url',
+                       'open_requests')
   if r[1] then
     workers[#workers + 1] = {id = id, state = r[1], max_perf = tonumber(r[2]), last_seen = tonumber(r[3]),
-                             load = tonumber(r[4]), url = r[5]}
+                             load = tonumber(r[4]), url = r[5], open = tonumber(r[6] or '0')}
   end
 end
 
@@ -56,7 +57,10 @@ if retry and prev_worker then
   local load = unassign(endpoint, prev_worker, prev_cost)
   if load then
     for _, w in ipairs(workers) do
-      if w.id == prev_worker then w.load = load end
+      if w.id == prev_worker then
+        w.load = load
+        w.open = math.max(0, w.open - 1)
+      end
     end
   end
 end
@@ -70,15 +74,15 @@ local function bytes_lt(a, b)
   return #a < #b
 end
 
--- selection.pick_worker: key (avoid, wait, load, worker_id), compared as a Python tuple
+-- selection.pick_worker: key (wait, load, open requests, worker_id), compared as a Python tuple
 local function key_lt(a, b)
-  if a.avoid ~= b.avoid then return b.avoid end
   if a.wait ~= b.wait then return a.wait < b.wait end
   if a.load ~= b.load then return a.load < b.load end
+  if a.open ~= b.open then return a.open < b.open end
   return bytes_lt(a.id, b.id)
 end
 
--- a retry avoids the worker it had; a repeated call keeps it while it can take work
+-- a retry never takes the worker it had; a repeated call keeps it while it can take work
 local avoid = not repeat_call and (prev_worker or released_by)
 local keep = repeat_call and prev_worker
 local best, best_key = nil, nil
@@ -90,8 +94,8 @@ for _, w in ipairs(workers) do
       break
     end
     local wait = w.load / w.max_perf
-    if not (wait > max_queue) then
-      local key = {avoid = (w.id == avoid), wait = wait, load = w.load, id = w.id}
+    if not (wait > max_queue) and w.id ~= avoid then
+      local key = {wait = wait, load = w.load, open = w.open, id = w.id}
       if best_key == nil or key_lt(key, best_key) then best, best_key = w, key end
     end
   end
@@ -135,7 +139,8 @@ if best then
   fields[#fields + 1] = 'worker'
   fields[#fields + 1] = best.id
   redis.call('HSET', req_key, unpack(fields))
-  return {1, idx, best.id, best.url, reqnum, retry and 1 or 0}
+  -- records.Assigned.retry: the request had a worker (or was released by one); a poll that found one is no retry
+  return {1, idx, best.id, best.url, reqnum, (prev_worker or released_by) and 1 or 0}
 end
 
 redis.call('HSET', req_key, unpack(fields))
