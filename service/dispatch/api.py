@@ -167,7 +167,11 @@ class DispatcherApi:
 
         settings = self.settings
         return ORJSONResponse(
-            dispatcher_openapi(max_cost=settings.max_cost, max_report_value=settings.max_report_value)
+            dispatcher_openapi(
+                max_cost=settings.max_cost,
+                max_report_value=settings.max_report_value,
+                admin_token=settings.admin_token is not None,
+            )
         )
 
     # -- helpers ------------------------------------------------------------------------------------------------

@@ -2,13 +2,32 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
 from service import __version__
+from service.dispatch.autoscale import Action, ScaleDecision
 from service.dispatch.records import STATUS_KEYS, WorkerState
-from service.dispatch.schemas import MAX_ID_CHARS, MAX_RELEASE_BATCH, MAX_REQUEST_IDX, MAX_URL_CHARS
-from service.http.openapi import ERROR_SCHEMA, common_paths, error, json_content
+from service.dispatch.schemas import (
+    MAX_ID_CHARS,
+    MAX_IN_FLIGHT,
+    MAX_RELEASE_BATCH,
+    MAX_REQUEST_IDX,
+    MAX_URL_CHARS,
+)
+from service.dispatch.signing import ALGORITHM
+from service.http.openapi import (
+    ERROR_SCHEMA,
+    common_paths,
+    error,
+    json_content,
+    unauthorized,
+    unsupported_media_type,
+)
+
+# schemas._integer: the server takes what JSON Schema's "integer" takes, 5.0 included
+_INTEGRAL = "a number with no fractional part (5.0 counts as 5)"
 
 
 def _route_request(max_cost: float) -> dict[str, Any]:
@@ -32,7 +51,8 @@ def _route_request(max_cost: float) -> dict[str, Any]:
                 "type": ["integer", "null"],
                 "minimum": 0,
                 "maximum": MAX_REQUEST_IDX,
-                "description": "only to retry: the request_idx of an earlier answer (0 or absent: a new request)",
+                "description": "only to retry: the request_idx of an earlier answer (0 or absent: a new request);"
+                f" {_INTEGRAL}",
             },
         },
     }
@@ -93,6 +113,7 @@ _NO_READY = {
         "status": {
             "type": "object",
             "description": "the endpoint's workers by state",
+            "required": list(STATUS_KEYS),  # every key, 0 included (selection.status_breakdown, redis_store.route)
             "properties": {key: {"type": "integer", "minimum": 0} for key in STATUS_KEYS},
         },
         "request_idx": {"type": "integer", "description": "poll /route/ again with it; no load is added"},
@@ -101,11 +122,19 @@ _NO_READY = {
 }
 
 
-# What schemas accepts, as ECMA-262 patterns: printable ASCII without '"' or '\\' for ids; for worker URLs also
-# without spaces, and without '?', '#' or '@' (a base URL: no query, fragment or credentials) and a non-empty host.
-# The URL pattern is looser than the parser, which also checks the host:port (an IPv6 or IPv4 literal's form).
+# What schemas accepts, as ECMA-262 patterns: printable ASCII without '"' or '\\' for ids. For worker URLs
+# (worker_url.canonical_url): the host:port as its _AUTHORITY reads it (a port of 1 to 5 digits, none empty); a path
+# of printable ASCII without spaces, '"', '\\', '%' (no percent-escapes), '?', '#' or '@' (no query, fragment or
+# credentials) and without empty, '.' or '..' segments (trailing slashes are dropped, so they may be there). Looser
+# than the parser only in what a pattern cannot check cheaply: an IPv4 or IPv6 literal's form and the port's range.
 SAFE_ID_PATTERN = r"^[ !#-\[\]-~]+$"
-WORKER_URL_PATTERN = r"^[hH][tT][tT][pP][sS]?://[!$-.0->A-\[\]-~]+(/[!$-/0->A-\[\]-~]*)?$"
+_HOST = r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=-]+)(:[0-9]{1,5})?"
+_PATH_CHAR_BUT_DOT = r"!$&-\-0->A-\[\]-~"  # '&' to '-' then '0' to '>': no '%', '.', '/', '?' or '@'
+_PATH_CHAR = "." + _PATH_CHAR_BUT_DOT
+# a segment that is not '.' or '..' (no lookahead: not every generator of examples supports it): 3+ characters, or
+# 1 or 2 not starting with '.', or '.' and one other than '.'
+_SEGMENT = f"([{_PATH_CHAR}]{{3,}}|[{_PATH_CHAR_BUT_DOT}][{_PATH_CHAR}]?|\\.[{_PATH_CHAR_BUT_DOT}])"
+WORKER_URL_PATTERN = f"^[hH][tT][tT][pP][sS]?://{_HOST}(/{_SEGMENT})*/*$"
 _ID = {"type": "string", "minLength": 1, "maxLength": MAX_ID_CHARS, "pattern": SAFE_ID_PATTERN}
 
 
@@ -122,8 +151,8 @@ def _worker_report(max_value: float) -> dict[str, Any]:
                 "pattern": WORKER_URL_PATTERN,
                 "description": "the worker's base URL; kept, sent to clients and signed in one spelling: scheme and"
                 " host lowercased, the default port and trailing slashes dropped. An IPv4 host must be a dotted quad"
-                " (not a name ending in a number, not ::ffff:a.b.c.d); a path has no '.', '..' or empty segments and"
-                " no '%'",
+                " (not a name ending in a number, not ::ffff:a.b.c.d), a port in 1..65535; a path has no '.', '..'"
+                " or empty segments and no '%'",
             },
             "state": {"type": "string", "enum": [s.value for s in WorkerState]},
             "max_perf": {
@@ -139,9 +168,25 @@ def _worker_report(max_value: float) -> dict[str, Any]:
                 "maximum": max_value,
                 "description": "null or absent: 0",
             },
-            "in_flight": {"type": ["integer", "null"], "minimum": 0, "description": "null or absent: 0"},
+            "in_flight": {
+                "type": ["integer", "null"],
+                "minimum": 0,
+                "maximum": MAX_IN_FLIGHT,
+                "description": f"null or absent: 0; {_INTEGRAL}",
+            },
         },
+        # schemas.parse_worker_report: picking divides by a ready worker's max_perf
+        "if": {"required": ["state"], "properties": {"state": {"const": WorkerState.READY.value}}},
+        "then": {"properties": {"max_perf": {"exclusiveMinimum": 0}}},
     }
+
+
+# what the server checks beyond the pattern (worker_url.canonical_url), for the 400's description
+_URL_CHECKS = (
+    "; a url's host must also be a valid IPv6 address (not an IPv4-mapped or -compatible one), a dotted quad of"
+    " decimals, or a name whose last label is not a number, and its port in 1..65535, which the pattern does not"
+    " check"
+)
 
 
 _RELEASE = {
@@ -151,18 +196,141 @@ _RELEASE = {
         "endpoint": {"type": "string", "minLength": 1, "maxLength": MAX_ID_CHARS},
         "id": {
             **_ID,
-            "description": "the releasing worker: requests a retry moved to another worker are left with it (not_held)",
+            "type": ["string", "null"],  # schemas.parse_release: null is absent
+            "description": "the releasing worker: requests a retry moved to another worker are left with it"
+            " (not_held); null or absent: any holder",
         },
         "request_idxs": {
             "type": "array",
             "maxItems": MAX_RELEASE_BATCH,
-            "items": {"type": "integer", "minimum": 1, "maximum": MAX_REQUEST_IDX},
+            "items": {"type": "integer", "minimum": 1, "maximum": MAX_REQUEST_IDX, "description": _INTEGRAL},
         },
         "success": {"type": "boolean"},
     },
 }
 
-_OBJECT = {"type": "object"}
+
+# -- answers (api.DispatcherApi) ---------------------------------------------------------------------------------
+def _object(properties: dict[str, Any], *, optional: tuple[str, ...] = ()) -> dict[str, Any]:
+    """An object that always carries every one of ``properties`` but those ``optional``."""
+    return {"type": "object", "required": [k for k in properties if k not in optional], "properties": properties}
+
+
+_COUNT = {"type": "integer", "minimum": 0}
+
+_REPORTED = _object(
+    {
+        "ok": {"const": True},
+        "endpoint": {"type": "string"},
+        "id": {"type": "string"},
+        "reqnum": {"type": "integer", "description": "the worker's latest request number"},
+        "load": {"type": "number", "description": "workload units the dispatcher counts on the worker"},
+        "heartbeat_timeout_s": {"type": "number", "description": "report again within this"},
+    }
+)
+
+_RELEASED = _object(
+    {
+        "ok": {"const": True},
+        "released": {**_COUNT, "description": "requests whose load was given back"},
+        "unknown": {**_COUNT, "description": "already released, expired, or never issued for this endpoint"},
+        "not_held": {**_COUNT, "description": "held by another worker (a retry moved them): left with it"},
+    }
+)
+
+_HEX = {"type": "string", "pattern": "^[0-9a-f]+$"}
+_PUBKEY = _object(
+    {
+        "algorithm": {"const": ALGORITHM},
+        "key_id": {**_HEX, "description": "the current (signing) key's"},
+        "public_key": {**_HEX, "description": "the current key, hex"},
+        "keys": {
+            "type": "array",
+            "minItems": 1,
+            "description": "every key to accept: the current one first, then a next one and retired ones",
+            "items": _object(
+                {
+                    "key_id": _HEX,
+                    "algorithm": {"const": ALGORITHM},
+                    "public_key": _HEX,
+                    "current": {"type": "boolean"},
+                }
+            ),
+        },
+    }
+)
+
+
+def _health(statuses: list[str]) -> dict[str, Any]:
+    """app.DispatcherService.health: ``error`` exactly when the store did not answer (``store_up`` false)."""
+    schema = _object(
+        {
+            "status": {"type": "string", "enum": statuses},
+            "version": {"type": "string"},
+            "store": {"type": "string", "enum": ["memory", "redis"]},
+            "endpoints": {**_COUNT, "description": "endpoints configured"},
+            "key_id": {**_HEX, "description": "the signing key's"},
+            "store_up": {"type": "boolean", "description": "the state store answered PING"},
+            "error": {"type": "string", "description": "why the store is taken as down"},
+        },
+        optional=("error",),
+    )
+    store_down: dict[str, Any] = {"required": ["error"]}
+    store_up: dict[str, Any] = {"not": {"required": ["error"]}}
+    if "ok" in statuses:  # not draining: the status says whether the store answered
+        store_down["properties"] = {"status": {"const": "degraded"}}
+        store_up["properties"] = {"status": {"const": "ok"}}
+    return {
+        **schema,
+        "if": {"required": ["store_up"], "properties": {"store_up": {"const": True}}},
+        "then": store_up,
+        "else": store_down,
+    }
+
+
+_NUMBER = {"type": "number"}
+_WORKER = _object(  # schemas.worker_json
+    {
+        "id": {"type": "string"},
+        "url": {"type": "string"},
+        "state": {"type": "string", "enum": [s.value for s in WorkerState]},
+        "active": {"type": "boolean", "description": "reported within the heartbeat timeout"},
+        "max_perf": _NUMBER,
+        "cur_load": _NUMBER,
+        "in_flight": _COUNT,
+        "load": _NUMBER,
+        "open_requests": _COUNT,
+        "reqnum": {"type": "integer"},
+        "last_seen_s_ago": {**_NUMBER, "minimum": 0},
+    }
+)
+_AUTOSCALE_TYPES: dict[str, dict[str, Any]] = {
+    "endpoint": {"type": "string"},
+    "perf_per_worker": {"type": ["number", "null"], "description": "null: no ready worker has measured one"},
+    "action": {"type": "string", "enum": [a.value for a in Action]},
+    **dict.fromkeys(
+        ("waiting_requests", "ready_workers", "starting_workers", "wanted_workers", "wanted_cold_workers"), _COUNT
+    ),
+}
+_ENDPOINT_INFO = _object(
+    {
+        "endpoint": {"type": "string"},
+        "settings": _object(
+            {
+                "max_queue_time_s": _NUMBER,
+                "target_util": _NUMBER,
+                "min_workers": _COUNT,
+                "max_workers": _COUNT,
+                "cold_workers": _COUNT,
+            }
+        ),
+        "workers": {"type": "array", "items": _WORKER},
+        # autoscale.ScaleDecision.to_json: every field (the float ones as numbers)
+        "autoscale": _object(
+            {f.name: _AUTOSCALE_TYPES.get(f.name, _NUMBER) for f in dataclasses.fields(ScaleDecision)}
+        ),
+    }
+)
 
 
 def _post(
@@ -173,6 +341,8 @@ def _post(
     *,
     auth: str,
     key_in_body: bool = False,
+    bad_request: str = "",
+    unavailable: str = "store_unavailable",
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     # {} = no header needed: /route/ also takes its key in the body or the query string
@@ -187,12 +357,12 @@ def _post(
             "requestBody": {"required": True, "content": json_content(body)},
             "responses": {
                 "200": {"description": "ok", "content": json_content(ok)},
-                "400": error("invalid_request: malformed body or wrong types"),
-                "401": error("unauthorized: missing or wrong key"),
+                "400": error("invalid_request: malformed body or wrong types" + bad_request),
+                "401": unauthorized("unauthorized: missing or wrong key"),
                 "413": error("invalid_request: body over the size limit"),
-                "415": error("invalid_request: content type is not application/json"),
+                "415": unsupported_media_type(),
                 "408": error("request_timeout: the body did not arrive within the configured time"),
-                "503": error("store_unavailable or shutting_down", retry_after=True),
+                "503": error(unavailable, retry_after=True),
                 **(extra or {}),
             },
         }
@@ -200,9 +370,17 @@ def _post(
 
 
 @functools.cache
-def dispatcher_openapi(*, max_cost: float, max_report_value: float) -> dict[str, Any]:
+def dispatcher_openapi(*, max_cost: float, max_report_value: float, admin_token: bool = False) -> dict[str, Any]:
     """The document for these limits (settings: ``--max-cost``, ``--max-report-value``), so that a schema-valid
-    value is never one the dispatcher refuses for its size."""
+    value is never one the dispatcher refuses for its size; ``admin_token``: whether ``--admin-token`` is set, which
+    /endpoints/{name}/ then takes besides the endpoint's key. Cached per arguments: one document per setting."""
+    operator: list[dict[str, list[str]]] = [{"apiKey": []}, {"adminToken": []}] if admin_token else [{"apiKey": []}]
+    schemes = {
+        "apiKey": {"type": "http", "scheme": "bearer", "description": "an endpoint's client api key"},
+        "workerToken": {"type": "http", "scheme": "bearer", "description": "an endpoint's worker token"},
+    }
+    if admin_token:
+        schemes["adminToken"] = {"type": "http", "scheme": "bearer", "description": "the dispatcher's --admin-token"}
     return {
         "openapi": "3.1.0",
         "info": {"title": "LLM worker dispatcher", "version": __version__},
@@ -214,6 +392,7 @@ def dispatcher_openapi(*, max_cost: float, max_report_value: float) -> dict[str,
                 {"oneOf": [_ASSIGNED, _NO_READY]},
                 auth="apiKey",
                 key_in_body=True,
+                unavailable="store_unavailable, or shutting_down (draining)",
                 extra={
                     "429": error(
                         "too_many_open_requests: a new request on an endpoint holding --max-open-requests open"
@@ -226,8 +405,9 @@ def dispatcher_openapi(*, max_cost: float, max_report_value: float) -> dict[str,
                 "A worker reports its state, speed and load (heartbeat)",
                 "workerStatus",
                 _worker_report(max_report_value),
-                _OBJECT,
+                _REPORTED,
                 auth="workerToken",
+                bad_request=_URL_CHECKS,
                 extra={
                     "409": error(
                         "too_many_workers: a new id on an endpoint at --max-workers-per-endpoint; url_taken: the url"
@@ -239,25 +419,25 @@ def dispatcher_openapi(*, max_cost: float, max_report_value: float) -> dict[str,
                 "A worker reports requests done; their load is released",
                 "deleteRequests",
                 _RELEASE,
-                _OBJECT,
+                _RELEASED,
                 auth="workerToken",
             ),
             "/pubkey/": {
                 "get": {
                     "summary": "Public keys workers verify assignments with (current first)",
                     "operationId": "pubkey",
-                    "responses": {"200": {"description": "keys", "content": json_content(_OBJECT)}},
+                    "responses": {"200": {"description": "keys", "content": json_content(_PUBKEY)}},
                 }
             },
             "/endpoints/{name}/": {
                 "get": {
                     "summary": "Operator view: workers and the autoscaling decision of one endpoint",
                     "operationId": "endpointInfo",
-                    "security": [{"apiKey": []}],
+                    "security": operator,
                     "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
                     "responses": {
-                        "200": {"description": "endpoint state", "content": json_content(_OBJECT)},
-                        "401": error("unauthorized"),
+                        "200": {"description": "endpoint state", "content": json_content(_ENDPOINT_INFO)},
+                        "401": unauthorized("unauthorized: missing or wrong key"),
                         "404": error("not_found (admin token, unknown endpoint)"),
                         "503": error("store_unavailable", retry_after=True),
                     },
@@ -268,8 +448,11 @@ def dispatcher_openapi(*, max_cost: float, max_report_value: float) -> dict[str,
                     "summary": "Readiness: 200 when serving (degraded while the shared store is down), 503 draining",
                     "operationId": "health",
                     "responses": {
-                        "200": {"description": "ready", "content": json_content(_OBJECT)},
-                        "503": {"description": "not ready", "content": json_content(_OBJECT)},
+                        "200": {
+                            "description": "ready (degraded: the shared store did not answer)",
+                            "content": json_content(_health(["ok", "degraded"])),
+                        },
+                        "503": {"description": "draining", "content": json_content(_health(["draining"]))},
                     },
                 }
             },
@@ -277,9 +460,6 @@ def dispatcher_openapi(*, max_cost: float, max_report_value: float) -> dict[str,
         },
         "components": {
             "schemas": {"Error": ERROR_SCHEMA},
-            "securitySchemes": {
-                "apiKey": {"type": "http", "scheme": "bearer", "description": "an endpoint's client api key"},
-                "workerToken": {"type": "http", "scheme": "bearer", "description": "an endpoint's worker token"},
-            },
+            "securitySchemes": schemes,
         },
     }

@@ -15,6 +15,7 @@ from service.dispatch.worker_url import canonical_url
 from service.errors import InvalidRequest, Unauthorized
 
 MAX_REQUEST_IDX = 2**53  # JSON numbers above this lose precision in many clients
+MAX_IN_FLIGHT = 2**53  # a count the operator view sends back: the same bound, for the same reason
 MAX_ID_CHARS = 256
 MAX_URL_CHARS = 2048
 MAX_RELEASE_BATCH = 10_000
@@ -107,8 +108,8 @@ def parse_worker_report(data: Mapping[str, Any], *, max_value: float) -> tuple[s
     max_perf = _bounded(_number(data, "max_perf"), "max_perf", max_value)
     cur_load = _bounded(_number(data, "cur_load", default=0.0), "cur_load", max_value)
     in_flight = _optional_int(data, "in_flight") or 0
-    if in_flight < 0:
-        raise InvalidRequest("'in_flight' must be >= 0")
+    if not 0 <= in_flight <= MAX_IN_FLIGHT:
+        raise InvalidRequest(f"'in_flight' must be an integer between 0 and {MAX_IN_FLIGHT}")
     if state is WorkerState.READY and not max_perf > 0:
         # picking divides by it: a ready worker without speed could never be given a request
         raise InvalidRequest("'max_perf' must be > 0 for a worker reporting state 'ready'")
@@ -123,12 +124,14 @@ def parse_release(data: Mapping[str, Any]) -> tuple[str, list[int], bool, str | 
     idxs = data.get("request_idxs")
     if not isinstance(idxs, list) or len(idxs) > MAX_RELEASE_BATCH:
         raise InvalidRequest(f"'request_idxs' must be a list of at most {MAX_RELEASE_BATCH} integers")
-    if not all(isinstance(i, int) and not isinstance(i, bool) and 0 < i <= MAX_REQUEST_IDX for i in idxs):
+    numbers = [_integer(i) for i in idxs]
+    checked = [i for i in numbers if i is not None and 0 < i <= MAX_REQUEST_IDX]
+    if len(checked) != len(numbers):
         raise InvalidRequest(f"'request_idxs' must hold integers between 1 and {MAX_REQUEST_IDX}")
     success = data.get("success", True)
     if not isinstance(success, bool):
         raise InvalidRequest("'success' must be a boolean")
-    return endpoint, idxs, success, worker_id
+    return endpoint, checked, success, worker_id
 
 
 def assigned_answer(assignment: Assignment, signature: str, request_id: str) -> dict[str, Any]:
@@ -219,9 +222,23 @@ def _optional_int(data: Mapping[str, Any], name: str) -> int | None:
     value = data.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int):
+    number = _integer(value)
+    if number is None:
         raise InvalidRequest(f"'{name}' must be an integer")
-    return value
+    return number
+
+
+def _integer(value: object) -> int | None:
+    """``value`` as an int, None if it is not one. A float with no fractional part counts (JSON Schema's
+    ``integer``, which the OpenAPI document promises, takes 5.0, and some clients write every number so); in the
+    ranges the callers allow (at most 2**53) each such float is exactly its integer. Never a bool."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():  # False for inf and nan
+        return int(value)
+    return None
 
 
 def worker_json(record: WorkerRecord, *, now: float, heartbeat_timeout_s: float) -> dict[str, Any]:

@@ -11,7 +11,18 @@ ERROR_SCHEMA: dict[str, Any] = {
         "error": {
             "type": "object",
             "required": ["code", "message"],
-            "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
+            "properties": {
+                "code": {"type": "string"},
+                "message": {"type": "string"},
+                # an open set (not an enum): a client that branches on it must pass over values it does not know
+                "reason": {
+                    "type": "string",
+                    "description": "machine-readable detail of `code`, where there is one to branch on: the"
+                    " dispatcher's 400 `unknown_request_idx` (a retry's request_idx is no longer known: nothing is"
+                    " held for it, route the request again as a new one); a worker's 401 `invalid_assignment`:"
+                    " bad_format, unknown_key, bad_signature, wrong_url, wrong_endpoint, expired, replayed, too_old",
+                },
+            },
         }
     },
 }
@@ -29,6 +40,17 @@ def error(description: str, *, retry_after: bool = False) -> dict[str, Any]:
     if retry_after:
         response["headers"] = {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}}
     return response
+
+
+def unsupported_media_type() -> dict[str, Any]:
+    # body.BodyReader.read takes any JSON media type, application/*+json as RFC 6839 names them
+    return error("invalid_request: content type is neither application/json nor application/*+json")
+
+
+def unauthorized(description: str) -> dict[str, Any]:
+    """A 401: every one names the scheme its credential goes in (``errors.Unauthorized.challenge``, RFC 9110)."""
+    challenge = {"required": True, "schema": {"type": "string", "const": "Bearer"}, "description": "Bearer"}
+    return {**error(description), "headers": {"WWW-Authenticate": challenge}}
 
 
 _LIVEZ = {

@@ -63,7 +63,8 @@ class RouterApi:
     async def openapi(self, request: Request) -> Response:
         from service.router.openapi import router_openapi
 
-        return ORJSONResponse(router_openapi(self.service.settings.max_prompt_chars))
+        settings = self.service.settings
+        return ORJSONResponse(router_openapi(settings.max_prompt_chars, admin_token=settings.admin_token is not None))
 
     async def reload(self, request: Request) -> Response:
         """POST /admin/reload {"path": optional}: validate, swap atomically, clear the cache."""

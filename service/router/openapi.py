@@ -6,7 +6,14 @@ import functools
 from typing import Any
 
 from service import __version__
-from service.http.openapi import ERROR_SCHEMA, common_paths, error, json_content
+from service.http.openapi import (
+    ERROR_SCHEMA,
+    common_paths,
+    error,
+    json_content,
+    unauthorized,
+    unsupported_media_type,
+)
 from service.router.model_card import EMBEDDING_DIM
 from service.router.weights import MAX_COST_WEIGHT
 
@@ -65,6 +72,9 @@ _ROUTE_RESPONSE = {
         "all_scores",
         "cache_hit",
         "usage",
+        "cost_weight",
+        "clusters",
+        "weights_version",
     ],
     "properties": {
         "selected_model": {"type": "string", "description": "argmin of expected_error + lambda * cost_per_1k"},
@@ -79,7 +89,7 @@ _ROUTE_RESPONSE = {
         "cache_hit": {"type": "boolean", "description": "cluster came from the LRU cache"},
         "usage": {
             "type": "object",
-            "required": ["routing_ms", "embedding_ms"],
+            "required": ["routing_ms", "embedding_ms", "queue_ms"],
             "properties": {
                 "routing_ms": {"type": "number", "description": "cache lookup, centroid search and scoring"},
                 "embedding_ms": {
@@ -95,6 +105,7 @@ _ROUTE_RESPONSE = {
             "description": "nearest clusters, best first, with cosine similarity",
             "items": {
                 "type": "object",
+                "required": ["cluster_id", "similarity"],
                 "properties": {"cluster_id": {"type": "integer"}, "similarity": {"type": "number"}},
             },
         },
@@ -160,9 +171,22 @@ _MODELS = {
 }
 
 
+_ADMIN_TOKEN = {"type": "http", "scheme": "bearer", "description": "the router's --admin-token"}
+
+
+def _reload_auth(admin_token: bool) -> dict[str, Any]:
+    """api._check_admin: with --admin-token every call needs it (anonymous: 401); without one, none is asked for."""
+    return {"security": [{"adminToken": []}]} if admin_token else {}
+
+
+def _reload_401(admin_token: bool) -> dict[str, Any]:
+    return {"401": unauthorized("unauthorized: missing or wrong admin token")} if admin_token else {}
+
+
 @functools.cache
-def router_openapi(max_prompt_chars: int) -> dict[str, Any]:
-    """The document for a server started with ``--max-prompt-chars max_prompt_chars`` (longer prompts: 413)."""
+def router_openapi(max_prompt_chars: int, admin_token: bool = False) -> dict[str, Any]:
+    """The document for a server started with ``--max-prompt-chars max_prompt_chars`` (longer prompts: 413) and,
+    if ``admin_token``, ``--admin-token`` (then /admin/reload takes no anonymous call). Cached per arguments."""
     json_body = {"application/json": {"schema": {"$ref": "#/components/schemas/RouteRequest"}}}
     properties = _ROUTE_REQUEST["properties"]
     assert isinstance(properties, dict)
@@ -186,7 +210,7 @@ def router_openapi(max_prompt_chars: int) -> dict[str, Any]:
                         },
                         "400": error("invalid_request: malformed body, wrong types, unknown models, bad embedding"),
                         "413": error("invalid_request: body or prompt over the configured limit"),
-                        "415": error("invalid_request: content type is not application/json"),
+                        "415": unsupported_media_type(),
                         "408": error("request_timeout: the body did not arrive within the configured time"),
                         "429": error("overloaded: the admission queue is full", retry_after=True),
                         "503": error("router_not_ready (loading) or shutting_down (draining)", retry_after=True),
@@ -220,8 +244,7 @@ def router_openapi(max_prompt_chars: int) -> dict[str, Any]:
                 "post": {
                     "summary": "Load a new weights file without downtime: validated, swapped atomically, cache cleared",
                     "operationId": "reload",
-                    # the admin token is only asked for when the server was started with --admin-token
-                    "security": [{"adminToken": []}, {}],
+                    **_reload_auth(admin_token),
                     "requestBody": {
                         "required": False,
                         "content": {
@@ -264,15 +287,12 @@ def router_openapi(max_prompt_chars: int) -> dict[str, Any]:
                             },
                         },
                         "400": error("invalid_request: the file was rejected; the previous weights keep serving"),
-                        "401": {
-                            **error("unauthorized: missing or wrong admin token"),
-                            "headers": {"WWW-Authenticate": {"schema": {"type": "string"}, "description": "Bearer"}},
-                        },
                         "408": error("request_timeout: the body did not arrive within the configured time"),
                         "409": error("conflict: with several worker processes only the configured file reloads"),
                         "413": error("invalid_request: body over the configured limit"),
-                        "415": error("invalid_request: content type is not application/json"),
+                        "415": unsupported_media_type(),
                         "503": error("router_not_ready", retry_after=True),
+                        **_reload_401(admin_token),
                     },
                 }
             },
@@ -284,6 +304,6 @@ def router_openapi(max_prompt_chars: int) -> dict[str, Any]:
                 "RouteResponse": _ROUTE_RESPONSE,
                 "Error": ERROR_SCHEMA,
             },
-            "securitySchemes": {"adminToken": {"type": "http", "scheme": "bearer"}},
+            **({"securitySchemes": {"adminToken": _ADMIN_TOKEN}} if admin_token else {}),
         },
     }

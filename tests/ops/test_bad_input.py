@@ -61,7 +61,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, De
     cli("keygen", str(key_file))
     api_key, worker_token = add_endpoint(config, ENDPOINT)
     deployment = Deployment(tmp, config, key_file, api_key, worker_token)
-    server = deployment.dispatcher("--max-body-bytes", str(MAX_BODY_BYTES))
+    server = deployment.dispatcher("--max-body-bytes", str(MAX_BODY_BYTES), "--admin-token", ADMIN_TOKEN)
     report = {"endpoint": ENDPOINT, "id": "w0", "url": "http://10.0.0.1:8000", "state": "ready", "max_perf": 1e9}
     answer = httpx.post(f"{server.url}/worker_status/", json=report, headers=_bearer(worker_token))
     assert answer.status_code == 200, answer.text
@@ -77,7 +77,8 @@ def router_schema(router: Server) -> BaseSchema:
 @pytest.fixture(scope="module")
 def dispatcher_schema(stack: tuple[Server, Deployment]) -> BaseSchema:
     server, deployment = stack
-    return _schema(server, {"apiKey": deployment.api_key, "workerToken": deployment.worker_token})
+    tokens = {"apiKey": deployment.api_key, "workerToken": deployment.worker_token, "adminToken": ADMIN_TOKEN}
+    return _schema(server, tokens)
 
 
 def _schema(server: Server, tokens: dict[str, str]) -> BaseSchema:

@@ -20,6 +20,7 @@ from service.config import RouterSettings
 from service.router.app import RouterService, _is_loopback
 from service.router.weights import save_weights
 from tests.fakes import DIM, FakeEmbedder, toy_weights
+from tests.openapi_check import assert_answers_as_documented
 
 READY_TIMEOUT_S = 10.0
 
@@ -285,10 +286,47 @@ def test_openapi_is_valid_and_lists_the_endpoints(client: TestClient) -> None:
     required = spec["components"]["schemas"]["RouteResponse"]["required"]
     assert set(required) == {
         "selected_model", "cluster_id", "expected_error", "cost_adjusted_score", "all_scores", "cache_hit", "usage",
+        "cost_weight", "clusters", "weights_version",
     }  # fmt: skip
     assert spec["components"]["schemas"]["RouteRequest"]["properties"]["prompt"]["maxLength"] == 32_768  # the default
     # /admin/reload reads its body as /v1/route does: the same body errors
     assert {"408", "413", "415"} <= set(spec["paths"]["/admin/reload"]["post"]["responses"])
+
+
+def test_route_answers_are_as_the_openapi_document_says(client: TestClient) -> None:
+    """Every key a route answer always carries is required in the document (cost_weight, clusters and their fields,
+    weights_version and usage.queue_ms were not); 415 says that any JSON media type is read."""
+    spec = client.get("/openapi.json").json()
+    for _ in ("embedded", "cached"):
+        assert_answers_as_documented(spec, "/v1/route", "post", client.post("/v1/route", json={"prompt": "c3 hi"}))
+    assert_answers_as_documented(spec, "/v1/route", "post", client.post("/v1/route", content=b"{}"))  # 400
+    plain = client.post("/v1/route", content=b"{}", headers={"content-type": "text/plain"})
+    assert_answers_as_documented(spec, "/v1/route", "post", plain)
+    assert "application/*+json" in spec["paths"]["/v1/route"]["post"]["responses"]["415"]["description"]
+    suffixed = client.post("/v1/route", content=b'{"prompt": "hi"}', headers={"content-type": "application/x+json"})
+    assert suffixed.status_code == 200, suffixed.text
+
+
+def test_the_reload_security_is_documented_as_the_server_started(weights_file: Path) -> None:
+    """With --admin-token, an anonymous reload is a 401: the document offered anonymous access ({}) beside the token
+    whatever the setting. The document is cached per setting: one served without a token first must not leak."""
+    with TestClient(make_service(weights_file).asgi) as client:
+        wait_ready(client)
+        open_spec = client.get("/openapi.json").json()
+        open_reload = open_spec["paths"]["/admin/reload"]["post"]
+        assert "security" not in open_reload and "401" not in open_reload["responses"]
+        assert client.post("/admin/reload").status_code == 200
+    with TestClient(make_service(weights_file, admin_token="s3cret").asgi) as client:
+        wait_ready(client)
+        spec = client.get("/openapi.json").json()
+        validate(spec)
+        reload = spec["paths"]["/admin/reload"]["post"]
+        assert reload["security"] == [{"adminToken": []}]
+        assert set(spec["components"]["securitySchemes"]) == {"adminToken"}
+        anonymous = client.post("/admin/reload")
+        assert anonymous.status_code == 401
+        assert_answers_as_documented(spec, "/admin/reload", "post", anonymous)  # WWW-Authenticate: Bearer
+        assert reload["responses"]["401"]["headers"]["WWW-Authenticate"]["required"] is True
 
 
 def test_the_openapi_prompt_limit_is_the_servers(weights_file: Path) -> None:

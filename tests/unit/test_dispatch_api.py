@@ -24,6 +24,7 @@ from service.dispatch.memory_store import MemoryStore
 from service.dispatch.records import STATUS_KEYS, RouteOutcome
 from service.dispatch.signing import Assignment, KeyRing, Signer, write_key_file
 from service.dispatch.store import LoadStats, StoreUnavailable
+from tests.openapi_check import assert_answers_as_documented
 
 EP, API_KEY, WORKER_TOKEN = "ep", "dk_test-client-key", "wt_test-worker-token"
 OTHER, OTHER_API_KEY, OTHER_WORKER_TOKEN = "other", "dk_other-client-key", "wt_other-worker-token"
@@ -992,3 +993,87 @@ async def test_a_refresh_under_way_when_an_endpoint_is_removed_does_not_bring_it
         text = (await client.get("/metrics")).text
     assert 'dispatcher_wanted_workers{endpoint="ep"}' in text
     assert [line for line in text.splitlines() if 'endpoint="other"' in line] == []
+
+
+# -- the document against live answers ----------------------------------------------------------------------------
+async def test_every_answer_is_as_the_openapi_document_says() -> None:
+    """Each operation's answers validate against their documented schema, with every key they always carry listed
+    as required (most 200s were documented as a bare object, /health as one for all of its states), and each 401's
+    WWW-Authenticate documented."""
+    service = make_service(admin_token="s3cret")
+    admin = {"authorization": "Bearer s3cret"}
+    async with serving(service) as client:
+        spec = (await client.get("/openapi.json")).json()
+
+        def check(path: str, answer: httpx.Response, method: str = "post") -> None:
+            assert_answers_as_documented(spec, path, method, answer)
+
+        check("/worker_status/", await client.post("/worker_status/", json=report_body(), headers=WORKER))
+        loading = report_body(id="w2", url="http://10.0.0.6:8000", state="loading", max_perf=0)
+        check("/worker_status/", await client.post("/worker_status/", json=loading, headers=WORKER))
+        assigned = await client.post("/route/", json={"endpoint": EP, "api_key": API_KEY, "cost": 1})
+        check("/route/", assigned)
+        no_ready = await client.post("/route/", json={"endpoint": OTHER, "api_key": OTHER_API_KEY, "cost": 1})
+        check("/route/", no_ready)
+        assert set(no_ready.json()["status"]) == set(STATUS_KEYS)
+        unknown = await client.post("/route/", json={"endpoint": EP, "api_key": API_KEY, "cost": 1, "request_idx": 9})
+        check("/route/", unknown)
+        assert unknown.json()["error"]["reason"] == "unknown_request_idx"
+        idx = assigned.json()["request_idx"]
+        release = {"endpoint": EP, "request_idxs": [idx, 12345], "id": None}
+        check("/delete_requests/", await client.post("/delete_requests/", json=release, headers=WORKER))
+        check("/pubkey/", await client.get("/pubkey/"), "get")
+        for headers in (CLIENT, admin):
+            info = await client.get(f"/endpoints/{EP}/", headers=headers)
+            check("/endpoints/{name}/", info, "get")
+            assert len(info.json()["workers"]) == 2
+        check("/endpoints/{name}/", await client.get("/endpoints/nope/", headers=admin), "get")  # 404
+        check("/health", await client.get("/health"), "get")
+        # every 401 names its scheme, as documented
+        check("/route/", await client.post("/route/", json={"endpoint": EP, "cost": 1}))
+        check("/worker_status/", await client.post("/worker_status/", json=report_body()))
+        check("/delete_requests/", await client.post("/delete_requests/", json=release))
+        check("/endpoints/{name}/", await client.get(f"/endpoints/{EP}/"), "get")
+        check("/worker_status/", await client.post("/worker_status/", content=b"{}", headers={"content-type": "a/b"}))
+        service.begin_drain()
+        check("/health", await client.get("/health"), "get")  # 503 draining
+        draining = await client.post("/worker_status/", json=report_body(), headers=WORKER)
+        assert draining.status_code == 200  # the 503 is store_unavailable only: workers report while it drains
+        check("/worker_status/", draining)
+        check("/route/", await client.post("/route/", json={"endpoint": EP, "api_key": API_KEY, "cost": 1}))
+    async with serving(make_service(DownStore())) as client:
+        spec = (await client.get("/openapi.json")).json()
+        degraded = await client.get("/health")
+        assert degraded.json()["status"] == "degraded"
+        assert_answers_as_documented(spec, "/health", "get", degraded)
+
+
+def report_body(**fields: Any) -> dict[str, Any]:
+    return {"endpoint": EP, "id": "w1", "url": WORKER_URL, "state": "ready", "max_perf": 100.0, **fields}
+
+
+async def test_the_admin_token_is_documented_where_it_is_taken() -> None:
+    """/endpoints/{name}/ takes --admin-token beside the endpoint's key: the document says so when one is set, and
+    only then (it is cached per setting)."""
+    async with serving(make_service()) as client:
+        plain = (await client.get("/openapi.json")).json()
+    async with serving(make_service(admin_token="s3cret")) as client:
+        spec = (await client.get("/openapi.json")).json()
+    validate(spec)
+    assert spec["paths"]["/endpoints/{name}/"]["get"]["security"] == [{"apiKey": []}, {"adminToken": []}]
+    assert {"type": "http", "scheme": "bearer"}.items() <= spec["components"]["securitySchemes"]["adminToken"].items()
+    assert plain["paths"]["/endpoints/{name}/"]["get"]["security"] == [{"apiKey": []}]
+    assert "adminToken" not in plain["components"]["securitySchemes"]
+
+
+async def test_the_document_says_what_the_worker_paths_answer_while_draining_and_which_bodies_they_take(
+    client: httpx.AsyncClient,
+) -> None:
+    spec = (await client.get("/openapi.json")).json()
+    for path in ("/worker_status/", "/delete_requests/"):
+        responses = spec["paths"][path]["post"]["responses"]
+        assert responses["503"]["description"] == "store_unavailable"  # they answer 200 while draining
+        assert "application/*+json" in responses["415"]["description"]  # body.BodyReader takes those too
+        r = await client.post(path, content=b"{}", headers={"content-type": "application/vnd.x+json", **WORKER})
+        assert_error(r, 400, "invalid_request")  # read and judged, not refused for its type
+    assert "shutting_down" in spec["paths"]["/route/"]["post"]["responses"]["503"]["description"]

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from typing import Any
 
 import pytest
+from jsonschema import Draft202012Validator
 
-from service.dispatch.openapi import IDEMPOTENCY_KEY_PATTERN, SAFE_ID_PATTERN, WORKER_URL_PATTERN
+from service.dispatch.openapi import IDEMPOTENCY_KEY_PATTERN, SAFE_ID_PATTERN, WORKER_URL_PATTERN, dispatcher_openapi
 from service.dispatch.records import WorkerReport, WorkerState
 from service.dispatch.schemas import (
     MAX_ID_CHARS,
+    MAX_IN_FLIGHT,
     MAX_RELEASE_BATCH,
     MAX_REQUEST_IDX,
+    UNKNOWN_REQUEST_IDX,
     RouteRequest,
     bearer_token,
     parse_idempotency_key,
@@ -22,7 +26,9 @@ from service.dispatch.schemas import (
     parse_worker_report,
 )
 from service.dispatch.signing import is_safe_text
+from service.dispatch.verifier import RejectReason
 from service.errors import InvalidRequest, Unauthorized
+from service.http.openapi import ERROR_SCHEMA
 
 MAX_COST = 1000.0
 MAX_REPORT_VALUE = 1e6
@@ -86,7 +92,7 @@ def test_request_idx_zero_or_null_is_a_new_request(given: int | None, parsed: in
     assert route(body(request_idx=given)).request_idx == parsed
 
 
-@pytest.mark.parametrize("bad", [-1, True, False, 1.0, 1.5, "3", [1], MAX_REQUEST_IDX + 1])
+@pytest.mark.parametrize("bad", [-1, True, False, -1.0, 1.5, "3", [1], MAX_REQUEST_IDX + 1, float(MAX_REQUEST_IDX + 2)])
 def test_bad_request_idx_is_invalid(bad: object) -> None:
     with pytest.raises(InvalidRequest, match="request_idx"):
         route(body(request_idx=bad))
@@ -256,8 +262,8 @@ def test_a_release() -> None:
 
 @pytest.mark.parametrize(
     "idxs",
-    [None, "1", 1, {"1": 1}, [True], [1, False], [0], [-1], [1.0], ["1"], [MAX_REQUEST_IDX + 1],
-     [1] * (MAX_RELEASE_BATCH + 1)],
+    [None, "1", 1, {"1": 1}, [True], [1, False], [0], [-1], [1.5], [0.0], ["1"], [MAX_REQUEST_IDX + 1],
+     [float(MAX_REQUEST_IDX + 2)], [1] * (MAX_RELEASE_BATCH + 1)],
 )  # fmt: skip
 def test_bad_request_idxs_are_invalid(idxs: object) -> None:
     with pytest.raises(InvalidRequest, match="request_idxs"):
@@ -280,7 +286,17 @@ def test_a_release_without_endpoint_is_invalid() -> None:
     [("http://10.0.0.5:8000", True), ("https://w.example/", True), ("http://proxy/workers/w-1~x", True),
      ("ftp://h", False), ("http://", False), ("http://a b", False), ('http://h/"', False), ("http://h\\x", False),
      ("http://u:p@h", False), ("http://h/?q=1", False), ("http://h/#f", False), ("http://h\u00e9", False),
-     ("HTTP://h", True), ("http://h/a@b", False)],
+     ("HTTP://h", True), ("http://h/a@b", False),
+     # what the pattern took and the parser refuses: an empty or 6-digit port, '%' (host or path), empty, '.' and
+     # '..' segments, a host of characters no name has
+     ("http://h:", False), ("http://h:/x", False), ("http://h:123456", False), ("http://w%31", False),
+     ("http://h/a%20b", False), ("http://h//a", False), ("http://h/a//b/", False), ("http://h/./a", False),
+     ("http://h/a/.", False), ("http://h/../a", False), ("http://h/a/../", False), ("http://h<x>", False),
+     ("http://h[1]", False), ("http://[::1", False),
+     # and what both take: segments that only look like dots, trailing slashes, sub-delimiters, brackets in a path
+     ("http://h/.a/a./..a/a../.../a.b", True), ("http://h//", True), ("http://h/a///", True),
+     ("http://[::1]:8/x", True), ("http://h/a;b=c,d/~x_y-z/[q]:1", True), ("https://H.example:65535/", True),
+     ("http://a-b_c~d!e$f&g'h(i)j*k+l", True)],
 )  # fmt: skip
 def test_openapis_worker_url_pattern_agrees_with_the_parser(url: str, accepted: bool) -> None:
     """The schema a worker's author codes against takes what the server takes (it took query strings and
@@ -316,3 +332,91 @@ def test_an_idempotency_key_is_visible_ascii_bare_or_quoted_and_the_openapi_patt
     else:
         assert parse_idempotency_key(header) == key
     assert parse_idempotency_key(None) is None
+
+
+@pytest.mark.parametrize("url", ["http://127.1", "http://h:0", "http://h:99999", "http://[::ffff:10.0.0.5]",
+                                 "http://[1:2]", "http://1.2.3.999"])  # fmt: skip
+def test_what_the_url_pattern_cannot_check_the_400_description_says(url: str) -> None:
+    assert re.fullmatch(WORKER_URL_PATTERN, url) is not None
+    with pytest.raises(InvalidRequest, match="url"):
+        parse_report(report(url=url))
+    bad_request = DOC["paths"]["/worker_status/"]["post"]["responses"]["400"]["description"]
+    for what in ("IPv6", "IPv4-mapped", "dotted quad", "last label is not a number", "port in 1..65535"):
+        assert what in bad_request
+
+
+# -- the document's request schemas against the parser --------------------------------------------------------------
+DOC = dispatcher_openapi(max_cost=MAX_COST, max_report_value=MAX_REPORT_VALUE)
+
+
+def request_schema(path: str) -> Draft202012Validator:
+    return Draft202012Validator(DOC["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"])
+
+
+def accepted(parse: Callable[[], object]) -> bool:
+    try:
+        parse()
+    except InvalidRequest:
+        return False
+    return True
+
+
+@pytest.mark.parametrize(
+    ("state", "max_perf"), [("ready", 0), ("ready", -0.0), ("ready", 1e-300), ("ready", 5), ("loading", 0),
+                            ("error", 0.0), ("stopped", 0), ("loading", 5)],
+)  # fmt: skip
+def test_the_report_schema_wants_a_positive_max_perf_when_ready_as_the_server_does(state: str, max_perf: float) -> None:
+    """The schema said minimum 0 whatever the state; the server refuses 0 for a ready worker."""
+    data = report(state=state, max_perf=max_perf)
+    assert request_schema("/worker_status/").is_valid(data) is accepted(lambda: parse_report(data))
+
+
+# JSON Schema's "integer" takes a number with no fractional part, 5.0 too: the server takes those in range as well
+INTEGERS = [0, 5, 5.0, 0.0, -0.0, 1.0, float(MAX_REQUEST_IDX), MAX_REQUEST_IDX, MAX_REQUEST_IDX + 1,
+            float(MAX_REQUEST_IDX + 2), -1, -1.0, 1.5, 1e-9, True, False, "5", None]  # fmt: skip
+
+
+@pytest.mark.parametrize("value", INTEGERS)
+def test_integer_fields_take_what_the_schema_takes(value: object) -> None:
+    route_request = body(request_idx=value)
+    route_schema = Draft202012Validator(
+        DOC["paths"]["/route/"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    )
+    assert route_schema.is_valid(route_request) is accepted(lambda: route(route_request))
+    worker_report = report(in_flight=value)
+    assert request_schema("/worker_status/").is_valid(worker_report) is accepted(lambda: parse_report(worker_report))
+    release = {"endpoint": "ep", "request_idxs": [3, value]}
+    assert request_schema("/delete_requests/").is_valid(release) is accepted(lambda: parse_release(release))
+
+
+def test_integral_floats_are_read_as_integers() -> None:
+    assert route(body(request_idx=5.0)).request_idx == 5
+    assert route(body(request_idx=0.0)).request_idx is None  # 0: a new request, as 0 is
+    assert parse_report(report(in_flight=3.0))[1].in_flight == 3
+    assert parse_release({"endpoint": "ep", "request_idxs": [1.0, 2]})[1] == [1, 2]
+    assert all(type(i) is int for i in parse_release({"endpoint": "ep", "request_idxs": [1.0]})[1])
+
+
+def test_in_flight_is_bounded_in_the_schema_and_the_server() -> None:
+    assert parse_report(report(in_flight=MAX_IN_FLIGHT))[1].in_flight == MAX_IN_FLIGHT
+    with pytest.raises(InvalidRequest, match=f"'in_flight' must be an integer between 0 and {MAX_IN_FLIGHT}"):
+        parse_report(report(in_flight=MAX_IN_FLIGHT + 1))
+    in_flight = request_schema("/worker_status/").schema["properties"]["in_flight"]
+    assert (in_flight["minimum"], in_flight["maximum"]) == (0, MAX_IN_FLIGHT)
+
+
+@pytest.mark.parametrize("worker_id", [None, "gpu-0", "", 7])
+def test_a_release_may_name_its_worker_or_send_null(worker_id: object) -> None:
+    release = {"endpoint": "ep", "request_idxs": [1], "id": worker_id}
+    assert request_schema("/delete_requests/").is_valid(release) is accepted(lambda: parse_release(release))
+    if worker_id is None:
+        assert parse_release(release)[3] is None
+
+
+def test_the_error_schema_documents_every_reason_sent() -> None:
+    """Clients branch on error.reason (unknown_request_idx: route again as new), which the schema lacked."""
+    reason = ERROR_SCHEMA["properties"]["error"]["properties"]["reason"]
+    assert reason["type"] == "string"
+    for value in (UNKNOWN_REQUEST_IDX, *RejectReason):
+        assert value in reason["description"]
+    assert Draft202012Validator(ERROR_SCHEMA).is_valid({"error": {"code": "c", "message": "m", "reason": "r"}})
