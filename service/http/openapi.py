@@ -19,8 +19,9 @@ ERROR_SCHEMA: dict[str, Any] = {
                     "type": "string",
                     "description": "machine-readable detail of `code`, where there is one to branch on: the"
                     " dispatcher's 400 `unknown_request_idx` (a retry's request_idx is no longer known: nothing is"
-                    " held for it, route the request again as a new one); a worker's 401 `invalid_assignment`:"
-                    " bad_format, unknown_key, bad_signature, wrong_url, wrong_endpoint, expired, replayed, too_old",
+                    " held for it, route the request again as a new one); a worker's `invalid_assignment`: 401"
+                    " bad_format, bad_signature, wrong_url, wrong_endpoint, replayed; 503 (route the request again)"
+                    " unknown_key, expired, too_old, issued_before_start",
                 },
             },
         }
