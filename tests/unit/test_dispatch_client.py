@@ -517,7 +517,7 @@ async def test_the_example_worker_serves_echo_with_a_trailing_slash_and_refuses_
         huge = b'{"auth_data": %s, "payload": 1e400}' % orjson.dumps(dispatcher.assigned(FIRST_IDX + 1, COST))
         refused = await http.post(f"{WORKER_URL}/echo", content=huge, headers={"content-type": "application/json"})
         assert (refused.status_code, refused.json()["error"]["code"]) == (400, "invalid_request")
-        await wait_for(lambda: len(dispatcher.deleted) == 2)
+        await wait_for(lambda: sum(len(d["request_idxs"]) for d in dispatcher.deleted) == 2)
 
 
 async def test_the_example_worker_sends_served_requests_releases_before_it_stops(signer: Signer) -> None:
@@ -533,6 +533,22 @@ async def test_the_example_worker_sends_served_requests_releases_before_it_stops
             assert served.status_code == 200 and dispatcher.deleted == []
     assert [d["request_idxs"] for d in dispatcher.deleted] == [[FIRST_IDX]]
     assert dispatcher.reports[-1]["state"] == "stopped"
+
+
+async def test_the_example_worker_releases_a_burst_in_few_calls(signer: Signer) -> None:
+    """One release call per request: a burst of 1000 took 3.8 s of calls, and the worker's reports queued behind
+    them in the same connection pool until the dispatcher took the worker for dead."""
+    dispatcher = FakeDispatcherForWorker(signer)
+    async with running_worker(dispatcher) as (http, _client):
+        served = await asyncio.gather(
+            *(http.post(f"{WORKER_URL}/echo", json={"auth_data": dispatcher.assigned(FIRST_IDX + i, COST)})
+              for i in range(200))
+        )  # fmt: skip
+        assert [r.status_code for r in served] == [200] * 200
+        await wait_for(lambda: sum(len(d["request_idxs"]) for d in dispatcher.deleted) == 200)
+    released = [idx for d in dispatcher.deleted for idx in d["request_idxs"]]
+    assert sorted(released) == [FIRST_IDX + i for i in range(200)]
+    assert len(dispatcher.deleted) <= 5  # gathered over RELEASE_BATCH_S
 
 
 async def test_a_worker_given_its_keys_accepts_work_only_after_its_first_report(signer: Signer) -> None:
@@ -609,10 +625,10 @@ async def test_the_example_worker_retries_a_release_the_dispatcher_failed(
         async with app.router.lifespan_context(app):
             await wait_for(lambda: app.state.worker.keys_loaded)
             if delivered:
-                await app.state.worker.release(FIRST_IDX)
+                await app.state.worker.release([FIRST_IDX])
             else:
                 with pytest.raises(httpx.HTTPStatusError):
-                    await app.state.worker.release(FIRST_IDX)
+                    await app.state.worker.release([FIRST_IDX])
     assert dispatcher.release_calls == calls
     assert [d["request_idxs"] for d in dispatcher.deleted] == ([[FIRST_IDX]] if delivered else [])
 
