@@ -427,6 +427,23 @@ def test_redis_runs_the_manifests_arguments_without_persistence(docs: list[dict[
     assert config == {"appendonly": "no", "save": "", "maxmemory-policy": "noeviction"}
 
 
+# The official image's redis account, by variant (docker-library/redis: alpine/Dockerfile `addgroup -S -g 1000
+# redis; adduser -S -G redis -u 999 redis`; debian/Dockerfile `groupadd -r -g 999 redis; useradd -r -g redis -u
+# 999 redis`). The image has no USER; its entrypoint drops to this account, which Kubernetes' runAs* replaces.
+REDIS_IMAGE_ACCOUNT = {"alpine": (999, 1000), "debian": (999, 999)}
+
+
+def test_redis_runs_as_the_images_own_redis_user_and_group(docs: list[dict[str, Any]]) -> None:
+    """runAsGroup and fsGroup were 999, the Debian variant's group, on the alpine image (whose redis group is
+    1000)."""
+    pod = find(docs, "StatefulSet", "llm-dispatcher-redis")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    variant = "alpine" if container["image"].endswith("-alpine") else "debian"
+    user, group = REDIS_IMAGE_ACCOUNT[variant]
+    context = pod["securityContext"]
+    assert (context["runAsUser"], context["runAsGroup"], context["fsGroup"]) == (user, group, group)
+
+
 def test_the_signing_key_secret_reaches_the_dispatcher_as_a_0600_file(
     docs: list[dict[str, Any]], tmp_path: Path
 ) -> None:
