@@ -170,6 +170,27 @@ def test_the_router_image_puts_the_kernels_where_the_package_looks_first() -> No
     assert copy[-1] == f"/opt/venv/lib/{python.group(0)}/site-packages/{expected}"
 
 
+def test_one_cuda_version_drives_the_router_images_devel_and_runtime_bases() -> None:
+    """The kernels stage was hard-coded to nvidia/cuda:12.8.1-devel while the runtime base was a build argument:
+    changing one left the kernels compiled for another CUDA than the image runs. Both FROM lines take the global
+    CUDA_VERSION, whose minor is the torch wheel index's (cu128 = 12.8)."""
+    stages = dockerfile_stages(DOCKERFILES["llm-router"])
+    global_args = args_of(stages[:1])  # declared before the first FROM: the only ARGs a FROM line can use
+    version = global_args["CUDA_VERSION"]
+    froms = [stage[0].args for stage in stages[1:]]
+    cuda = [line for line in froms if "nvidia/cuda" in line]
+    assert sorted(re.sub(r"-(base|devel)-", "-FLAVOUR-", line.split()[0]) for line in cuda) == 2 * [
+        "nvidia/cuda:${CUDA_VERSION}-FLAVOUR-ubuntu22.04"
+    ], cuda
+    assert {re.search(r"-(base|devel)-", line).group(1) for line in cuda} == {"base", "devel"}  # type: ignore[union-attr]
+    assert not any(re.search(r"\$\{?CUDA_BASE", line) for line in froms)
+    major, minor, _patch = version.split(".")
+    assert args_of(stages)["TORCH_INDEX_URL"].endswith(f"/cu{major}{minor}")
+    readme = (DEPLOY / "README.md").read_text()
+    (paragraph,) = [p for p in readme.split("\n- ") if "`CUDA_VERSION`" in p and "driver" in p]
+    assert "`TORCH_INDEX_URL`" in paragraph
+
+
 def dispatcher_requirements() -> list[str]:
     lines = (DEPLOY / "docker" / "dispatcher-requirements.txt").read_text().splitlines()
     return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
