@@ -191,6 +191,36 @@ def test_one_cuda_version_drives_the_router_images_devel_and_runtime_bases() -> 
     assert "`TORCH_INDEX_URL`" in paragraph
 
 
+def docker_run_commands(text: str, *, comment: bool = False) -> list[str]:
+    """The ``docker run`` command lines of a README or of a Dockerfile's comments, continuation lines joined."""
+    lines = [line.strip().lstrip("#").strip() if comment else line.strip() for line in text.splitlines()]
+    commands, pending = [], ""
+    for line in lines:
+        if pending or line.startswith("docker run "):
+            pending += line.removesuffix("\\").strip() + " "
+            if not line.endswith("\\"):
+                commands.append(pending.strip())
+                pending = ""
+    return commands
+
+
+def test_docker_run_examples_give_the_drain_time_to_finish_before_sigkill() -> None:
+    """docker stop sends SIGKILL 10 s after SIGTERM unless told otherwise; the drain takes up to
+    LLMROUTER_DRAIN_TIMEOUT_S (30 s) plus Hypercorn's connection close (5 s)."""
+    sources = [(DEPLOY / "README.md", False)] + [(path, True) for path in DOCKERFILES.values()]
+    checked = set()
+    for path, comment in sources:
+        for command in docker_run_commands(path.read_text(), comment=comment):
+            (image,) = [name for name in SERVICES if re.search(rf"\s{name}:\S+$", command)]
+            settings_cls, _ = SERVICES[image]
+            drain = settings_cls.from_env(env_of(dockerfile_stages(DOCKERFILES[image])[-1])).drain_timeout_s
+            stop = re.search(r"--stop-timeout[ =](\d+)", command)
+            assert stop, f"{path.name}: {command}"
+            assert int(stop.group(1)) > drain + CONNECTION_CLOSE_GRACE_S, f"{path.name}: {command}"
+            checked.add((path.name, image))
+    assert len(checked) == 4  # each image in the README and in its own Dockerfile
+
+
 def dispatcher_requirements() -> list[str]:
     lines = (DEPLOY / "docker" / "dispatcher-requirements.txt").read_text().splitlines()
     return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
