@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import stat
 import subprocess
 import sys
@@ -683,10 +684,15 @@ def test_the_dashboard_covers_both_services_through_a_datasource_variable(export
 NGINX_START_TIMEOUT_S = 10.0
 
 
-def render_nginx(folder: Path, *, listen_port: int, upstream_ports: list[int]) -> Path:
+def render_nginx(
+    folder: Path, *, listen_port: int, upstream_ports: list[int], replace: dict[str, str] | None = None
+) -> Path:
     """A main nginx.conf around deploy/nginx/router.conf with the example's replicas replaced by local ports and
-    every path (pid, logs, temp files) inside ``folder``."""
+    every path (pid, logs, temp files) inside ``folder``; ``replace``: text to swap in the config (each present)."""
     conf = NGINX_CONF.read_text()
+    for old, new in (replace or {}).items():
+        assert old in conf, old
+        conf = conf.replace(old, new)
     servers = re.findall(r"^\s*server\s+\S+:\d+(\s[^;]*)?;$", conf, flags=re.M)
     assert len(servers) >= 2, "the example balances several replicas"
     params = servers[0]
@@ -788,9 +794,9 @@ def balancer(tmp_path: Path) -> Iterator[Any]:
     """Starts nginx on the rendered config in front of the given replica ports; yields a function doing that."""
     started: list[subprocess.Popen[bytes]] = []
 
-    def start(upstream_ports: list[int]) -> int:
+    def start(upstream_ports: list[int], replace: dict[str, str] | None = None) -> int:
         port = free_port()
-        main = render_nginx(tmp_path, listen_port=port, upstream_ports=upstream_ports)
+        main = render_nginx(tmp_path, listen_port=port, upstream_ports=upstream_ports, replace=replace)
         argv = [nginx_binary(), "-p", str(tmp_path), "-c", str(main), "-e", str(tmp_path / "logs" / "error.log")]
         started.append(subprocess.Popen([*argv, "-g", "daemon off;"]))
         deadline = time.monotonic() + NGINX_START_TIMEOUT_S
@@ -872,6 +878,40 @@ def test_nginx_refuses_an_oversized_body_in_the_routers_json_error_shape(balance
     assert (response.status, response.getheader("content-type")) == (413, "application/json")
     assert json.loads(answer)["error"]["code"] == "invalid_request"
     assert replica.hits == 0
+
+
+@pytest.mark.parametrize("failure", ["refused", "silent"])
+def test_nginx_answers_in_the_routers_json_shape_when_no_replica_answers(balancer: Any, failure: str) -> None:
+    """With every replica refusing connections (502) or not answering in time (504), nginx answered its own HTML
+    page without Retry-After; clients read error.code and back off on Retry-After, as from a loading router."""
+    listeners = []
+    if failure == "refused":
+        upstream_ports = [free_port(), free_port()]  # nothing listens there
+        replace = None
+    else:  # connections are accepted (by the kernel's backlog) and never answered
+        for _ in range(2):
+            listener = socket.socket()
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(64)
+            listeners.append(listener)
+        upstream_ports = [listener.getsockname()[1] for listener in listeners]
+        replace = {"proxy_read_timeout 10s;": "proxy_read_timeout 1s;"}  # the test's patience, not the config's
+    try:
+        port = balancer(upstream_ports, replace)
+        requests = [("POST", "/v1/route")] * 3 + [("GET", "/health"), ("GET", "/v1/models")]  # 3: past max_fails
+        for method, path in requests:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            body = b'{"prompt": "hi"}' if method == "POST" else None
+            connection.request(method, path, body=body, headers={"content-type": "application/json"})
+            response = connection.getresponse()
+            answer = response.read()
+            connection.close()
+            assert (response.status, response.getheader("content-type")) == (503, "application/json"), (path, answer)
+            assert response.getheader("retry-after") == "1", path
+            assert json.loads(answer)["error"]["code"] == "router_not_ready", path
+    finally:
+        for listener in listeners:
+            listener.close()
 
 
 def test_the_readme_lists_every_metric_the_services_export(exported: Exported) -> None:
