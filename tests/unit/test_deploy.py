@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -30,7 +31,6 @@ from starlette.testclient import TestClient
 
 from service.cli import build_parser
 from service.config import BaseSettings, DispatcherSettings, RouterSettings
-from service.dispatch.app import HEALTH_STORE_TIMEOUT_S
 from service.dispatch.endpoints import load_config
 from service.dispatch.signing import KeyFileError, read_key_file, read_public_key_file, write_key_file
 from service.http.server import CONNECTION_CLOSE_GRACE_S
@@ -54,7 +54,7 @@ from tests.deploy_helpers import (
     wait_until,
 )
 from tests.install_closure import allowed_modules, only_these_imports, status_once_ready
-from tests.redis_server import free_port
+from tests.redis_server import RedisServer, free_port
 
 K8S = DEPLOY / "k8s"
 PROMETHEUS = DEPLOY / "prometheus"
@@ -378,12 +378,68 @@ def test_probes_readiness_turns_with_drain_and_liveness_does_not(docs: list[dict
         assert client.get(http_probe(dispatcher, "livenessProbe")).status_code == 200
 
 
-def test_the_dispatchers_health_answers_before_its_readiness_probe_gives_up(docs: list[dict[str, Any]]) -> None:
-    """/health waits for the store's PING at most HEALTH_STORE_TIMEOUT_S: with a frozen Redis, a probe that timed
-    out on every replica at once would empty the Service."""
+def redis_pid(port: int) -> int:
+    client = redis.Redis(port=port, socket_timeout=5)
+    try:
+        return int(client.info("server")["process_id"])
+    finally:
+        client.close()
+
+
+def get_health(port: int, timeout_s: float) -> tuple[int, dict[str, Any], float]:
+    """GET /health as a probe does: status, JSON body, seconds taken (raises on the client's timeout)."""
+    started = time.monotonic()
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout_s)
+    try:
+        connection.request("GET", "/health")
+        response = connection.getresponse()
+        body = json.loads(response.read())
+    except TimeoutError:
+        pytest.fail(f"/health did not answer within {timeout_s:g} s, when the readiness probe gives up")
+    finally:
+        connection.close()
+    return response.status, body, time.monotonic() - started
+
+
+def test_the_dispatchers_health_answers_before_its_readiness_probe_gives_up(
+    docs: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    """A real dispatcher on a real Redis, then Redis frozen (SIGSTOP: connections open, nothing answers): /health
+    must still answer 200 "degraded" within the readiness probe's timeoutSeconds. A probe that timed out on every
+    replica at once would empty the Service; the dispatcher waits HEALTH_STORE_TIMEOUT_S for the PING."""
     containers = {image: container for image, container, _ in service_containers(docs)}
-    probe = containers["llm-dispatcher"]["readinessProbe"]
-    assert probe["timeoutSeconds"] >= 2 * HEALTH_STORE_TIMEOUT_S
+    timeout_s = float(containers["llm-dispatcher"]["readinessProbe"]["timeoutSeconds"])
+    port = free_port()
+    log = tmp_path / "dispatcher.log"
+    # the container's own settings (LLMROUTER_REDIS_TIMEOUT_S, say), less the pod's addresses and paths
+    pod_only = {"HOST", "PORT", "CONFIG", "SIGNING_KEY_FILE", "NEXT_PUBLIC_KEY_FILE", "REDIS_URL"}
+    manifest = literal_env(containers["llm-dispatcher"])
+    settings = {k: v for k, v in manifest.items() if k.removeprefix("LLMROUTER_") not in pod_only}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLMROUTER_")}
+    env.update(settings, PYTHONPATH=str(REPO))
+    with RedisServer(tmp_path / "redis") as server, log.open("w") as out:
+        pid = redis_pid(server.port)
+        argv = [sys.executable, "-m", "service", "serve-dispatcher", "--host", "127.0.0.1", "--port", str(port),
+                "--redis-url", server.url]  # fmt: skip
+        proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            assert status_once_ready(port, "/health", proc, timeout_s=60.0) == 200, log.read_text()
+            assert get_health(port, timeout_s)[1]["store_up"] is True
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                for _ in range(3):  # successive probes, each on a connection stuck on the frozen server
+                    status, body, took = get_health(port, timeout_s)
+                    assert (status, body["status"], body["store_up"]) == (200, "degraded", False), body
+                    assert took < timeout_s, f"/health took {took:.2f} s, the probe gives up after {timeout_s:g} s"
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            deadline = time.monotonic() + 10.0
+            while get_health(port, timeout_s)[1]["store_up"] is not True:  # and it recovers by itself
+                assert time.monotonic() < deadline, "store_up stayed false after Redis resumed"
+                time.sleep(0.1)
+        finally:
+            proc.terminate()
+            assert proc.wait(timeout=30) == 0, log.read_text()
 
 
 def test_the_grace_period_covers_prestop_drain_and_connection_close(docs: list[dict[str, Any]]) -> None:
