@@ -283,6 +283,64 @@ def test_every_manifest_validates_against_the_kubernetes_schemas(docs: list[dict
     assert checked >= 9
 
 
+def kustomize_build() -> list[dict[str, Any]]:
+    """What ``kubectl apply -k deploy/k8s`` sends: the kustomization rendered by kustomize (or kubectl's copy)."""
+    if kustomize := shutil.which("kustomize"):
+        argv = [kustomize, "build", str(K8S)]
+    elif kubectl := shutil.which("kubectl"):
+        argv = [kubectl, "kustomize", str(K8S)]
+    else:
+        pytest.skip("neither kustomize nor kubectl is on PATH: the rendered kustomization is not checked")
+    result = run_tool(*argv)
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def config_map_references(pod: dict[str, Any]) -> Iterator[tuple[str, str | None, bool]]:
+    """(ConfigMap name, key or None for the whole map, optional) for every reference a pod spec makes."""
+    for container in pod["containers"] + pod.get("initContainers", []):
+        for env in container.get("env", []):
+            if ref := env.get("valueFrom", {}).get("configMapKeyRef"):
+                yield ref["name"], ref["key"], ref.get("optional", False)
+        for source in container.get("envFrom", []):
+            if ref := source.get("configMapRef"):
+                yield ref["name"], None, ref.get("optional", False)
+    for volume in pod.get("volumes", []):
+        sources = [volume, *volume.get("projected", {}).get("sources", [])]
+        for ref in (s["configMap"] for s in sources if "configMap" in s):
+            keys = [item["key"] for item in ref.get("items", [])] or [None]
+            for key in keys:
+                yield ref["name"], key, ref.get("optional", False)
+
+
+def test_what_kubectl_apply_k_sends_validates_and_references_the_generated_config_maps() -> None:
+    """The other tests read the files; kubectl applies kustomize's output, where the generated ConfigMaps get a
+    hash suffix and every reference to them must have been rewritten to it (a reference kustomize does not
+    recognise keeps the bare name, which names no ConfigMap: the pod never starts)."""
+    rendered = kustomize_build()
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    generated = {g["name"] for g in kustomization["configMapGenerator"]}
+    config_maps = {d["metadata"]["name"]: d.get("data", {}) for d in rendered if d["kind"] == "ConfigMap"}
+    assert {name.rsplit("-", 1)[0] for name in config_maps} == generated, sorted(config_maps)
+    referenced = set()
+    for doc in rendered:
+        if doc["kind"] != "Namespace":
+            assert doc["metadata"]["namespace"] == kustomization["namespace"], doc["metadata"]["name"]
+        if not doc["apiVersion"].startswith("monitoring.coreos.com/"):
+            kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+        if doc["kind"] not in {"Deployment", "StatefulSet"}:
+            continue
+        pod = doc["spec"]["template"]["spec"]
+        for name, key, optional in config_map_references(pod):
+            where = f"{doc['metadata']['name']}: ConfigMap {name}"
+            assert name in config_maps, f"{where} is not in the output (generated: {sorted(config_maps)})"
+            assert key is None or key in config_maps[name] or optional, f"{where} has no key {key}"
+            referenced.add(name)
+        for container in pod["containers"] + pod.get("initContainers", []):
+            assert re.search(r"[:@][^/]+$", container["image"]), container["image"]  # images: init containers too
+    assert referenced == set(config_maps)  # every generated map is used
+
+
 def pod_specs(docs: list[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
     for doc in docs:
         if doc["kind"] in {"Deployment", "StatefulSet"}:
