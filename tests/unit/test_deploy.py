@@ -232,34 +232,101 @@ def test_the_dispatcher_requirements_are_pyprojects_own() -> None:
     assert set(dispatcher_requirements()) <= set(declared)
 
 
-def test_the_dispatcher_serves_with_only_what_its_image_installs(tmp_path: Path) -> None:
-    """``serve-dispatcher`` started for real with every import outside the image refused: the standard library,
-    the package, and the distributions ``dispatcher-requirements.txt`` installs (with their own requirements)
-    only. A module that the test environment happens to have (httpx, say) cannot hide a missing requirement."""
+def copy_build_context(dockerfile: Path, into: Path) -> None:
+    """What the Dockerfile's COPY lines take from the build context (not from other stages), at their
+    destinations under ``into``, less what .dockerignore excludes."""
+    patterns = dockerignore_patterns()
+
+    def ignored(folder: str, names: list[str]) -> set[str]:
+        relative = Path(folder).resolve().relative_to(REPO)
+        return {name for name in names if dockerignore_excludes(str(relative / name), patterns)}
+
+    for stage in dockerfile_stages(dockerfile):
+        for ins in stage:
+            if ins.keyword != "COPY" or ins.args.startswith("--from"):
+                continue
+            *sources, dest = ins.args.split()
+            for source in sources:
+                target = into / dest / Path(source).name if dest.endswith("/") else into / dest
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if (REPO / source).is_dir():
+                    shutil.copytree(REPO / source, target, ignore=ignored)
+                else:
+                    shutil.copy2(REPO / source, target)
+
+
+@pytest.fixture(scope="module")
+def installed_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The package built into a wheel from the image's build context and installed (no dependencies) into a folder
+    of its own, as ``pip install --no-deps .`` does in the image: only what the wheel carries (package-data
+    included) is there. The folder, for PYTHONPATH; the build context copy is in its parent's ``src``."""
+    tmp_path = tmp_path_factory.mktemp("installed")
+    source, wheels, site = tmp_path / "src", tmp_path / "wheels", tmp_path / "site"
+    copy_build_context(DOCKERFILES["llm-dispatcher"], source)
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input", "--quiet"]
+    # --no-build-isolation: the installed setuptools builds it, with no index to reach (the image's build fetches
+    # pyproject's build requirements instead; the wheel's contents come from pyproject either way)
+    built = run_tool(*pip, "wheel", "--no-deps", "--no-index", "--no-build-isolation", "--wheel-dir", wheels, source)
+    assert built.returncode == 0, built.stdout + built.stderr
+    (wheel,) = wheels.glob("*.whl")
+    installed = run_tool(*pip, "install", "--no-deps", "--no-index", "--target", site, wheel)
+    assert installed.returncode == 0, installed.stdout + installed.stderr
+    return site
+
+
+def test_the_installed_package_carries_every_file_of_the_source_package(installed_package: Path) -> None:
+    """A file that package-data misses (the Lua scripts, the default weights) is in the checkout, so a test run
+    from it never notices; the image has only what the wheel carries."""
+    site = installed_package
+    source = site.parent / "src" / "service"
+    # a kernels library built beside the package (cmake --install) is the router image's own COPY, not package data
+    files = {p.relative_to(source) for p in source.rglob("*") if p.is_file() and p.suffix != ".so"}
+    missing = sorted(str(f) for f in files if not (site / "service" / f).is_file())
+    assert missing == [], f"not installed by the wheel (package-data in pyproject.toml): {missing}"
+    assert any(f.suffix == ".lua" for f in files) and any(f.suffix == ".safetensors" for f in files)
+
+
+def test_the_dispatcher_serves_with_only_what_its_image_installs(installed_package: Path, tmp_path: Path) -> None:
+    """``serve-dispatcher`` started for real, on a real Redis (so the Lua scripts load), from the package as built
+    and installed by the image (not the checkout: a file missing from package-data fails it), with every import
+    outside the image refused: the standard library, the package, and the distributions
+    ``dispatcher-requirements.txt`` installs (with their own requirements) only. A module that the test environment
+    happens to have (httpx, say) cannot hide a missing requirement."""
     allowed = allowed_modules(dispatcher_requirements())
     assert "nacl" in allowed and "hypercorn" in allowed and "torch" not in allowed and "httpx" not in allowed
+    site = installed_package
     port = free_port()
     script = (
         only_these_imports(allowed)
         + f"""
+import service
+assert service.__file__.startswith({str(site) + "/"!r}), "imported from " + service.__file__
 from service.cli import main
-sys.exit(main(["serve-dispatcher", "--host", "127.0.0.1", "--port", "{port}"]))
+sys.exit(main(sys.argv[1:]))
 """
     )
     log = tmp_path / "dispatcher.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        health = status_once_ready(port, "/health", proc, timeout_s=60.0)
-        assert health == 200, log.read_text()
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        conn.request("POST", "/route/", body=b'{"endpoint": "x", "cost": 1}',
-                     headers={"Content-Type": "application/json"})  # fmt: skip
-        assert conn.getresponse().status == 401  # no endpoints on the embedded default: the same 401 as a bad key
-        conn.close()
-    finally:
-        proc.terminate()
-        assert proc.wait(timeout=30) == 0, log.read_text()
+    run_dir = tmp_path / "run"  # the working directory: nothing importable there
+    run_dir.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLMROUTER_")}
+    env["PYTHONPATH"] = str(site)
+    with RedisServer(tmp_path / "redis") as server, log.open("w") as out:
+        argv = ["serve-dispatcher", "--host", "127.0.0.1", "--port", str(port), "--redis-url", server.url]
+        proc = subprocess.Popen([sys.executable, "-c", script, *argv], cwd=run_dir, env=env, stdout=out,
+                                stderr=subprocess.STDOUT)  # fmt: skip
+        try:
+            health = status_once_ready(port, "/health", proc, timeout_s=60.0)
+            assert health == 200, log.read_text()
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            conn.request("GET", "/health")
+            assert json.loads(conn.getresponse().read())["store_up"] is True  # the scripts loaded, Redis answers
+            conn.request("POST", "/route/", body=b'{"endpoint": "x", "cost": 1}',
+                         headers={"Content-Type": "application/json"})  # fmt: skip
+            assert conn.getresponse().status == 401  # no endpoints on the embedded default: the same 401 as a bad key
+            conn.close()
+        finally:
+            proc.terminate()
+            assert proc.wait(timeout=30) == 0, log.read_text()
     assert "not installed with the declared requirements" not in log.read_text()
 
 
