@@ -269,13 +269,15 @@ def _exercised_dispatcher_metrics() -> str:
         report = {"endpoint": EXAMPLE_ENDPOINT, "id": "w1", "url": "http://w1:1", "state": "ready", "max_perf": 10.0}
         assert client.post("/worker_status/", json=report, headers=worker).status_code == 200
         first = client.post("/route/", json=route).json()
+        other = {**report, "id": "w2", "url": "http://w2:1"}  # where the retry goes: never back to w1 at once
+        assert client.post("/worker_status/", json=other, headers=worker).status_code == 200
         second = client.post("/route/", json={**route, "request_idx": first["request_idx"]}).json()
         assert client.post("/route/", json={**route, "request_idx": 999_999}).status_code == 400
         for idx, success in ((first["request_idx"], True), (second["request_idx"] + 1, False)):
-            done = {"endpoint": EXAMPLE_ENDPOINT, "id": "w1", "request_idxs": [idx], "success": success}
+            done = {"endpoint": EXAMPLE_ENDPOINT, "request_idxs": [idx], "success": success}
             assert client.post("/delete_requests/", json=done, headers=worker).status_code == 200
         assert client.post("/route/", json=route).status_code == 200  # open: the first, still waiting, and this
         assert client.post("/route/", json=route).status_code == 429
-        ready_line = f'dispatcher_workers{{endpoint="{EXAMPLE_ENDPOINT}",state="ready"}} 1.0'
+        ready_line = f'dispatcher_workers{{endpoint="{EXAMPLE_ENDPOINT}",state="ready"}} 2.0'
         wait_until(lambda: ready_line in client.get("/metrics").text, "worker gauges refreshed")
         return client.get("/metrics").text
