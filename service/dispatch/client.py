@@ -21,6 +21,10 @@ the work it answers may be done; a transport error after the worker's status lin
 
 A server's ``Retry-After`` is waited, plus up to a fifth more at random, so that clients refused together do not all
 come back in the same instant.
+
+"No ready worker" answers are polled for up to ``wait_for_worker_s`` of back-off (a worker's cold start takes
+minutes), not counted among the ``max_attempts`` failures: counted there, a client gave up after about 5 s and
+left its request open at the dispatcher until the request ttl.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from service.errors import InvalidAssignment
 
 ROUTE_PATH = "/route/"
 DEFAULT_MAX_ATTEMPTS = 8
+DEFAULT_WAIT_FOR_WORKER_S = 300.0  # back-off spent polling "no ready worker" before giving up
 DEFAULT_BACKOFF_BASE_S = 0.1
 DEFAULT_BACKOFF_MAX_S = 5.0
 DEFAULT_RETRY_AFTER_MAX_S = 30.0  # a Retry-After above this is waited only this long
@@ -133,10 +138,12 @@ class _Progress:
     failures: list[str] = field(default_factory=list)
     last_status: dict[str, int] | None = None
     retry_after_s: float | None = None
+    no_ready: bool = False  # the last attempt was answered "no ready worker"
 
-    def fail(self, reason: str, retry_after_s: float | None = None) -> None:
+    def fail(self, reason: str, retry_after_s: float | None = None, *, no_ready: bool = False) -> None:
         self.failures.append(reason)
         self.retry_after_s = retry_after_s
+        self.no_ready = no_ready
 
 
 def is_retryable_status(status: int) -> bool:
@@ -186,6 +193,7 @@ class DispatchClient:
         *,
         http: httpx.AsyncClient | None = None,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        wait_for_worker_s: float = DEFAULT_WAIT_FOR_WORKER_S,
         backoff_base_s: float = DEFAULT_BACKOFF_BASE_S,
         backoff_max_s: float = DEFAULT_BACKOFF_MAX_S,
         retry_after_max_s: float = DEFAULT_RETRY_AFTER_MAX_S,
@@ -196,13 +204,14 @@ class DispatchClient:
     ) -> None:
         if max_attempts < 1:
             raise ValueError("max_attempts must be >= 1")
-        if backoff_base_s < 0 or backoff_max_s < 0 or retry_after_max_s < 0:
-            raise ValueError("back-off times must be >= 0")
+        if backoff_base_s < 0 or backoff_max_s < 0 or retry_after_max_s < 0 or wait_for_worker_s < 0:
+            raise ValueError("back-off and waiting times must be >= 0")
         self._route_url = join_url(dispatcher_url, ROUTE_PATH)
         self._headers = {"Authorization": f"Bearer {api_key}"}
         self._owns_http = http is None
         self._http = http if http is not None else httpx.AsyncClient()
         self._max_attempts = max_attempts
+        self._wait_for_worker_s = wait_for_worker_s
         self._backoff_base_s = backoff_base_s
         self._backoff_max_s = backoff_max_s
         self._retry_after_max_s = retry_after_max_s
@@ -253,11 +262,22 @@ class DispatchClient:
         """Route, send ``payload`` to the assigned worker at ``route_path``, retrying as the module says.
 
         Raises ``DispatcherRefused`` at once for a dispatcher 4xx other than 429 and an unknown request_idx,
-        ``AttemptsExhausted`` (a ``DispatchError``) when ``max_attempts`` attempts all failed."""
+        ``AttemptsExhausted`` (a ``DispatchError``) when ``max_attempts`` attempts failed, or no worker was ready
+        for ``wait_for_worker_s`` of polling."""
         progress = _Progress()
-        for attempt in range(1, self._max_attempts + 1):
-            if attempt > 1:
-                await self._sleep(self.backoff_delay(attempt - 1, progress.retry_after_s))
+        attempt = failed = 0
+        polled_s = 0.0  # back-off waited on "no ready worker" answers
+        while True:
+            if attempt:
+                delay = self.backoff_delay(attempt, progress.retry_after_s)
+                if progress.no_ready:
+                    if polled_s + delay > self._wait_for_worker_s:
+                        break
+                    polled_s += delay
+                elif failed >= self._max_attempts:
+                    break
+                await self._sleep(delay)
+            attempt += 1
             served = await self._attempt(progress, endpoint, route_path, payload, cost)
             if served is not None:
                 assignment, answer, response = served
@@ -269,6 +289,7 @@ class DispatchClient:
                     route_answer=answer,
                     attempts=attempt,
                 )
+            failed += not progress.no_ready
         raise AttemptsExhausted(endpoint, progress.request_idx, tuple(progress.failures), progress.last_status)
 
     def backoff_delay(self, retry: int, retry_after_s: float | None = None) -> float:
@@ -293,7 +314,7 @@ class DispatchClient:
         if not isinstance(url, str):
             status = answer.get("status")
             progress.last_status = dict(status) if isinstance(status, dict) else None
-            progress.fail(f"no ready worker ({_format_status(progress.last_status or {})})")
+            progress.fail(f"no ready worker ({_format_status(progress.last_status or {})})", no_ready=True)
             return None
         try:
             assignment = Assignment.from_mapping(answer)

@@ -195,7 +195,7 @@ async def test_every_retry_reuses_the_request_idx(signer: Signer, make_client: A
 
 async def test_backoff_is_full_jitter_and_bounded(signer: Signer, make_client: Any, sleep: FakeSleep) -> None:
     attempts, base, cap = 8, 0.1, 0.5
-    fake = FakeDispatch(signer, [NO_READY] * attempts)
+    fake = FakeDispatch(signer, [ASSIGN] * attempts, [httpx.Response(503)] * attempts)
     client = make_client(fake, max_attempts=attempts, backoff_base_s=base, backoff_max_s=cap)
     with pytest.raises(AttemptsExhausted):
         await client.request(ENDPOINT, "/generate", {}, COST)
@@ -203,6 +203,22 @@ async def test_backoff_is_full_jitter_and_bounded(signer: Signer, make_client: A
     expected = [reference.uniform(0.0, min(cap, base * 2 ** (retry - 1))) for retry in range(1, attempts)]
     assert sleep.delays == pytest.approx(expected)
     assert all(0.0 <= delay <= cap for delay in sleep.delays)
+
+
+async def test_no_ready_answers_are_polled_for_the_waiting_time_not_the_attempts(
+    signer: Signer, make_client: Any, sleep: FakeSleep
+) -> None:
+    """Counted among the attempts, no-ready answers made the client give up after about 5 s of a worker's cold
+    start (which takes minutes), leaving its request open at the dispatcher until the request ttl."""
+    fake = FakeDispatch(signer, [NO_READY] * 30 + [ASSIGN], [ok({"done": True})])
+    response = await make_client(fake, max_attempts=2, backoff_max_s=0.5).request(ENDPOINT, "/generate", {}, COST)
+    assert (response.status, response.attempts) == (200, 31)
+    waiting = FakeDispatch(signer, [NO_READY] * 100)
+    client = make_client(waiting, wait_for_worker_s=2.0, backoff_base_s=0.2, backoff_max_s=0.5)
+    sleep.delays.clear()
+    with pytest.raises(AttemptsExhausted, match="no ready worker"):
+        await client.request(ENDPOINT, "/generate", {}, COST)
+    assert 1.5 <= sum(sleep.delays) <= 2.0 and len(waiting.route_calls) < 100
 
 
 async def test_backoff_cap_holds_for_any_retry_count() -> None:
@@ -322,9 +338,9 @@ async def test_other_dispatcher_400s_are_not_retried(signer: Signer, make_client
 
 
 async def test_giving_up_says_why(signer: Signer, make_client: Any) -> None:
-    fake = FakeDispatch(signer, [NO_READY, ASSIGN, NO_READY], [error(502, "bad_gateway")])
+    fake = FakeDispatch(signer, [NO_READY, ASSIGN, ASSIGN], [error(502, "bad_gateway")] * 2)
     with pytest.raises(DispatchError) as caught:
-        await make_client(fake, max_attempts=3).request(ENDPOINT, "/generate", {}, COST)
+        await make_client(fake, max_attempts=2).request(ENDPOINT, "/generate", {}, COST)
     exc = caught.value
     assert isinstance(exc, AttemptsExhausted)
     assert (exc.attempts, exc.request_idx, exc.last_status) == (3, FIRST_IDX, LOADING)
