@@ -39,7 +39,7 @@ class RouterApi:
         engine = service.engine
         if engine is None:
             raise NotReady(service.not_ready_reason())
-        route_request = parse_route_request(body, max_prompt_chars=service.settings.max_prompt_chars)
+        route_request = parse_route_request(body, max_prompt_chars=service.settings.max_prompt_chars, dim=engine.dim)
         outcome = engine.route_or_queue(route_request)
         if not isinstance(outcome, RouteDecision):
             outcome = await _unless_disconnected(receive, outcome)

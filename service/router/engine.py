@@ -168,6 +168,11 @@ class RouterEngine:
         """Prompts queued or computing (what ``max_queue`` bounds)."""
         return self._batcher.admitted
 
+    @property
+    def dim(self) -> int:
+        """The embedding width the weights and the index take (checked against the embedder's at load)."""
+        return self._embedder.dim
+
     # -- routing --------------------------------------------------------------------------------
     def route_or_queue(self, request: RouteRequest) -> RouteDecision | asyncio.Future[RouteDecision]:
         """The decision itself when the clusters are known at once (a supplied embedding, a cached

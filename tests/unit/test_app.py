@@ -100,6 +100,8 @@ def test_health_when_ready(client: TestClient) -> None:
         ("post", "/v1/route", {"json": {"cost_weight": 1}}, 400, "invalid_request"),
         ("post", "/v1/route", {"json": {"prompt": "x", "available_models": ["zzz"]}}, 400, "invalid_request"),
         ("post", "/v1/route", {"json": {"embedding": [0.1] * 5}}, 400, "invalid_request"),
+        # MiniLM's width, not the embedder's (these toy weights are 8-d): a faiss assertion made it a 500
+        ("post", "/v1/route", {"json": {"embedding": [0.1] * 384}}, 400, "invalid_request"),
         ("post", "/v1/route", {"content": b"prompt=x", "headers": {"content-type": "text/plain"}}, 415,
          "invalid_request"),
         ("get", "/v1/route", {}, 405, "method_not_allowed"),
