@@ -143,8 +143,15 @@ def _serve_router(args: argparse.Namespace) -> int:
 def _check_router_files(settings: RouterSettings) -> None:
     """Files the loading thread reads and the device it loads onto, checked before binding: missing, the server
     listened, failed to load and answered 503 for ever instead of exiting with the reason."""
-    if settings.weights is not None and not settings.weights.is_file():
-        raise ValueError(f"--weights {settings.weights}: no such file")
+    if settings.weights is not None:
+        if not settings.weights.is_file():
+            raise ValueError(f"--weights {settings.weights}: no such file")
+        from service.router.weights import WeightsError, load_weights
+
+        try:  # a few hundred KB: a file that is no weights exits here, not in a router that answers 503 for ever
+            load_weights(settings.weights)
+        except WeightsError as exc:
+            raise ValueError(f"--weights: {exc}") from None
     if settings.model_dir is not None and not (settings.model_dir / "model.safetensors").is_file():
         raise ValueError(f"--model-dir {settings.model_dir}: no model.safetensors in it")
     if settings.device.startswith("cuda"):  # only then is torch worth importing here

@@ -22,6 +22,11 @@ from typing import Any, TypeVar
 ENV_PREFIX = "LLMROUTER_"
 MAX_LOAD_WINDOW_S = 600  # how far back the dispatcher's stores keep load-rate buckets
 MAX_REQUEST_TTL_S = 365 * 24 * 3600  # a request held longer than a year is a typo
+MAX_DURATION_S = MAX_REQUEST_TTL_S  # any other duration setting too (1e300 s of assignment ttl made every route a 500)
+MIN_REFRESH_INTERVAL_S = 0.1  # the autoscale refresh loop: 1e-9 s spun a core
+MIN_REDIS_TIMEOUT_S = 0.001
+MAX_LISTEN_BACKLOG = 65535  # the kernel's own ceiling (somaxconn); a larger int overflowed in listen()
+WORKERS_PER_CORE_MAX = 4  # --workers past this many per usable core only contend (and 10^8 ran the host out of memory)
 # prometheus_client's folder for merging several processes' metrics; a server sets it itself (--workers N)
 MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -221,8 +226,18 @@ class DispatcherSettings(BaseSettings):
                      "max_report_value"):  # fmt: skip
             if not _positive_finite(getattr(self, name)):
                 problems.append(f"{_flag(name)} must be a finite number > 0; got {getattr(self, name)!r}")
-        if self.request_ttl_s > MAX_REQUEST_TTL_S:  # past ~1e16 s Redis cannot hold its keys' expiry (64-bit ms)
-            problems.append(f"--request-ttl-s must be at most {MAX_REQUEST_TTL_S:g}; got {self.request_ttl_s:g}")
+        # past ~1e16 s Redis cannot hold a key's expiry (64-bit ms), and an assignment's expiry no longer fits the
+        # 64-bit integer its answer carries
+        for name in ("redis_timeout_s", "assignment_ttl_s", "request_ttl_s", "released_retry_s",
+                     "autoscale_interval_s", "heartbeat_timeout_s", "worker_forget_s"):  # fmt: skip
+            if getattr(self, name) > MAX_DURATION_S:
+                problems.append(f"{_flag(name)} must be at most {MAX_DURATION_S:g}; got {getattr(self, name):g}")
+        for name, least in (("autoscale_interval_s", MIN_REFRESH_INTERVAL_S), ("redis_timeout_s", MIN_REDIS_TIMEOUT_S)):
+            if 0 < getattr(self, name) < least:
+                problems.append(f"{_flag(name)} must be at least {least:g}; got {getattr(self, name):g}")
+        if self.signing_key_file is not None and self.signing_key is not None:
+            # which one signed depended on which was a file, not on which was the flag and which the environment
+            problems.append("--signing-key-file must be left out when --signing-key is given (by flag or environment)")
         if self.load_window_s > MAX_LOAD_WINDOW_S:  # the rate would count that history over a longer window
             problems.append(f"--load-window-s must be at most {MAX_LOAD_WINDOW_S}; got {self.load_window_s:g}")
         # forgetting a worker the pick still counts as live would drop a record routes rely on
@@ -262,6 +277,11 @@ def _base_problems(settings: BaseSettings) -> list[str]:
         problems.append(f"--port must be 0-{MAX_PORT}")
     if settings.workers < 1:
         problems.append("--workers must be >= 1")
+    elif settings.workers > (most := WORKERS_PER_CORE_MAX * usable_cores()):
+        problems.append(f"--workers must be at most {most} ({WORKERS_PER_CORE_MAX} per usable core)")
+    if not settings.host.strip():
+        # `--host "$HOST"` with HOST unset bound every interface, while an empty LLMROUTER_HOST meant unset
+        problems.append("--host must be a non-blank address (0.0.0.0 for every interface)")
     if not (settings.drain_timeout_s >= 0 and math.isfinite(settings.drain_timeout_s)):
         problems.append("--drain-timeout-s must be a finite number of seconds >= 0")
     if settings.retry_after_s < 0:
@@ -270,9 +290,18 @@ def _base_problems(settings: BaseSettings) -> list[str]:
         problems.append("--max-body-bytes must be >= 1")
     if not (settings.body_timeout_s > 0 and math.isfinite(settings.body_timeout_s)):
         problems.append("--body-timeout-s must be a finite number of seconds > 0")
-    if settings.listen_backlog < 1:
-        problems.append("--listen-backlog must be >= 1")
+    if not 1 <= settings.listen_backlog <= MAX_LISTEN_BACKLOG:
+        problems.append(f"--listen-backlog must be 1-{MAX_LISTEN_BACKLOG}")
     return problems
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (``taskset``, a container's cpuset), not the host's: one worker per host core
+    on one allowed core split every batch into slivers."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
 
 
 def _admin_token_problems(token: str | None) -> list[str]:

@@ -16,7 +16,6 @@ import asyncio
 import functools
 import hashlib
 import logging
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from prometheus_client import Counter
 
-from service.config import RouterSettings
+from service.config import RouterSettings, usable_cores
 from service.errors import InvalidRequest, NotReady, ShuttingDown
 from service.metrics import RELOAD_OK, RELOAD_REJECTED, RouterMetrics, multiprocess
 from service.router.batcher import BatcherConfig, MicroBatcher
@@ -448,15 +447,6 @@ def compute_workers(settings: RouterSettings, device: str) -> int:
     if not device.startswith("cpu"):
         return max(1, settings.cuda_inflight_batches)
     return settings.compute_threads or usable_cores()
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (``taskset``, a container's cpuset), not the host's: one worker per host core
-    on one allowed core split every batch into slivers."""
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
 
 
 def _weights_labels(weights: RouterWeights) -> tuple[str, str, str]:

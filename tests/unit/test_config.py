@@ -70,7 +70,10 @@ def test_default_weights_path_is_the_shipped_file() -> None:
         (["--index-backend", "bogus"], "--index-backend must be one of"),
         (["--cuda-graph-seq-lens", "16,x"], "--cuda-graph-seq-lens must be positive integers"),
         (["--workers", "0"], "--workers must be >= 1"),
-        (["--listen-backlog", "0"], "--listen-backlog must be >= 1"),
+        (["--listen-backlog", "0"], "--listen-backlog must be 1-65535"),
+        (["--listen-backlog", "99999999999999999999"], "--listen-backlog must be 1-65535"),  # listen() overflowed
+        (["--workers", "99999999"], "--workers must be at most"),  # ran the host out of memory
+        (["--host", ""], "--host must be a non-blank address"),  # "$UNSET" bound every interface
         (["--port", "70000"], "--port must be 0-65535"),
         (["--drain-timeout-s", "nan"], "--drain-timeout-s must be a finite"),
         (["--log-level", "foo"], "--log-level must be one of debug, info, warning, error, critical; got 'foo'"),
@@ -107,6 +110,10 @@ def test_serve_router_exits_2_on_files_it_could_not_load(tmp_path: Path, capsys:
     assert "--weights" in capsys.readouterr().err
     assert main(["serve-router", "--port", "0", "--model-dir", str(tmp_path)]) == 2
     assert "no model.safetensors" in capsys.readouterr().err
+    not_weights = tmp_path / "passwd"
+    not_weights.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    assert main(["serve-router", "--port", "0", "--weights", str(not_weights)]) == 2
+    assert "not a readable safetensors file" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -153,6 +160,12 @@ def test_invalid_dispatcher_base_settings_are_refused_up_front() -> None:
         ["--admin-token", ""],
         ["--max-workers-per-endpoint", "0"],
         ["--max-open-requests", "0"],  # every new route refused
+        ["--assignment-ttl-s", "1e300"],  # its expiry past a 64-bit integer: every route a 500
+        ["--heartbeat-timeout-s", "1e300"],
+        ["--autoscale-interval-s", "1e-9"],  # spun a core
+        ["--redis-timeout-s", "1e-300"],
+        ["--signing-key-file", "k", "--signing-key", "00"],  # the file won, wherever each came from
+        ["--host", " "],
     ],
 )
 def test_invalid_dispatcher_settings_are_refused_up_front(flags: list[str]) -> None:
