@@ -194,15 +194,15 @@ class RouterEngine:
         if cached is not None:
             self._metrics.cache_hits.inc()
             return self._decide_now(state, query, cached.cluster_ids, cached.similarity, True, started)
-        self._metrics.cache_misses.inc()
         job = self._inflight.get(key)
         now = time.monotonic()
         if job is None or job.abandoned():
             job = PromptJob(key=key, text=text, enqueued_at=now)
-            self._batcher.submit(job)
+            self._batcher.submit(job)  # raises when the queue is full: a refusal, not a lookup that computes
             self._inflight[key] = job
         else:
             self._metrics.singleflight_joins.inc()
+        self._metrics.cache_misses.inc()
         waiter = Waiter(query, asyncio.get_running_loop().create_future(), time.perf_counter() - started, now)
         waiter.future.add_done_callback(self._on_waiter_done)
         job.waiters.append(waiter)

@@ -232,11 +232,12 @@ async def test_many_concurrent_prompts_are_batched() -> None:
 
 async def test_queue_limit_answers_overloaded() -> None:
     embedder = FakeEmbedder(delay_s=0.05)
-    eng, _ = make_engine(embedder, max_queue=4)
+    eng, metrics = make_engine(embedder, max_queue=4)
     results = await asyncio.gather(*(eng.route(request(f"p{i}")) for i in range(10)), return_exceptions=True)
     overloaded = [r for r in results if isinstance(r, Overloaded)]
     assert len(overloaded) == 6
     assert all(not isinstance(r, Exception) for r in results[:4])
+    assert metrics.cache_misses._value.get() == 4  # the refused ones computed nothing (120 read 58 computed)
     await eng.close()
 
 
