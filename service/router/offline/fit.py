@@ -64,7 +64,7 @@ from service.router.offline.options import (
     TextMode,
     prices_file,
 )
-from service.router.weights import MAX_COST_WEIGHT, RouterWeights, WeightsError, default_weights_path, save_weights
+from service.router.weights import MAX_COST_WEIGHT, RouterWeights, WeightsError, save_weights
 
 DEFAULT_KMEANS_ITERATIONS = 50
 # FAISS takes the k-means seed as a C int (restart r uses seed + r).
@@ -352,7 +352,7 @@ def load_inputs(
 
 def fit_main(args: argparse.Namespace) -> int:
     """Load, embed, fit, save, print a summary; returns the process exit code."""
-    out: Path = args.out or default_weights_path()
+    out: Path = args.out
     text_mode: TextMode = args.text
     try:
         _faiss()  # before the inputs are read and embedded, which takes minutes

@@ -88,7 +88,8 @@ def prices_file(args: argparse.Namespace) -> Path | None:
 def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     add_data_arguments(parser)
     add_fit_settings(parser)
-    parser.add_argument("--out", type=Path, default=None, help="weights file to write (default: the shipped file)")
+    # required: a default of the shipped file replaced the weights every router loads by default on a bare `fit`
+    parser.add_argument("--out", type=Path, required=True, help="weights file to write (the shipped one: see README)")
     parser.add_argument("--default-lambda", type=float, default=DEFAULT_LAMBDA, help="cost weight stored as default")
 
 
