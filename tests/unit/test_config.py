@@ -162,7 +162,7 @@ def test_invalid_dispatcher_base_settings_are_refused_up_front() -> None:
         ["--max-open-requests", "0"],  # every new route refused
         ["--assignment-ttl-s", "1e300"],  # its expiry past a 64-bit integer: every route a 500
         ["--heartbeat-timeout-s", "1e300"],
-        ["--autoscale-interval-s", "1e-9"],  # spun a core
+        ["--autoscale-interval-s", "0.001"],  # 1e-9 spun a core
         ["--redis-timeout-s", "1e-300"],
         ["--signing-key-file", "k", "--signing-key", "00"],  # the file won, wherever each came from
         ["--host", " "],
