@@ -54,6 +54,12 @@ class BaseSettings:
     retry_after_s: int = _opt(1, "Retry-After seconds sent with 429/503 answers")
     max_body_bytes: int = _opt(1 << 20, "largest request body accepted (413 above)")
     body_timeout_s: float = _opt(30.0, "longest a request body may take to arrive (408 after)")
+    keep_alive_s: float = _opt(
+        75.0,
+        "how long an idle client connection stays open; keep it above the load balancer's own idle timeout (60 s"
+        " for most; Google Cloud's needs more than 600 s), so that the balancer closes first and never sends on a"
+        " connection the server is closing",
+    )
     listen_backlog: int = _opt(
         2048,
         "connections the kernel queues before the server accepts them (capped by net.core.somaxconn); Hypercorn's"
@@ -290,6 +296,8 @@ def _base_problems(settings: BaseSettings) -> list[str]:
         problems.append("--max-body-bytes must be >= 1")
     if not (settings.body_timeout_s > 0 and math.isfinite(settings.body_timeout_s)):
         problems.append("--body-timeout-s must be a finite number of seconds > 0")
+    if not 0 < settings.keep_alive_s <= MAX_DURATION_S:
+        problems.append(f"--keep-alive-s must be a number of seconds > 0 and at most {MAX_DURATION_S:g}")
     if not 1 <= settings.listen_backlog <= MAX_LISTEN_BACKLOG:
         problems.append(f"--listen-backlog must be 1-{MAX_LISTEN_BACKLOG}")
     return problems

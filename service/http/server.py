@@ -38,7 +38,6 @@ logger = logging.getLogger(__name__)
 # Seconds Hypercorn waits for open connections after the service has drained its own work.
 CONNECTION_CLOSE_GRACE_S = 5.0
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
-KEEP_ALIVE_S = 75  # above common load-balancer idle timeouts (60 s), so the LB closes first
 # Client address, request line without the query string (clients such as Vast's SDK send the api key in it), status,
 # response bytes, seconds taken, user agent. Request headers (Authorization) are never logged.
 ACCESS_LOG_FORMAT = '%(h)s "%(m)s %(U)s HTTP/%(H)s" %(s)s %(b)s %(L)s "%(a)s"'
@@ -106,7 +105,7 @@ def hypercorn_config(settings: BaseSettings) -> Config:
     config.bind = [f"{settings.host}:{settings.port}"]
     config.backlog = settings.listen_backlog
     config.graceful_timeout = CONNECTION_CLOSE_GRACE_S
-    config.keep_alive_timeout = KEEP_ALIVE_S
+    config.keep_alive_timeout = settings.keep_alive_s
     # Off by default: a line per request costs throughput, and the metrics count requests anyway.
     config.accesslog = _access_logger() if settings.access_log else None
     config.access_log_format = ACCESS_LOG_FORMAT

@@ -74,6 +74,8 @@ def test_default_weights_path_is_the_shipped_file() -> None:
         (["--listen-backlog", "99999999999999999999"], "--listen-backlog must be 1-65535"),  # listen() overflowed
         (["--workers", "99999999"], "--workers must be at most"),  # ran the host out of memory
         (["--host", ""], "--host must be a non-blank address"),  # "$UNSET" bound every interface
+        (["--keep-alive-s", "0"], "--keep-alive-s must be a number of seconds > 0"),
+        (["--keep-alive-s", "nan"], "--keep-alive-s must be a number of seconds > 0"),
         (["--port", "70000"], "--port must be 0-65535"),
         (["--drain-timeout-s", "nan"], "--drain-timeout-s must be a finite"),
         (["--log-level", "foo"], "--log-level must be one of debug, info, warning, error, critical; got 'foo'"),

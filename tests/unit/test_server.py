@@ -55,3 +55,6 @@ def test_hypercorn_config_from_settings() -> None:
     assert config.accesslog is None
     assert config.backlog == RouterSettings.listen_backlog > 100  # Hypercorn's 100 overflowed under bursts
     assert hypercorn_config(RouterSettings.from_env({"LLMROUTER_LISTEN_BACKLOG": "64"})).backlog == 64
+    assert config.keep_alive_timeout == 75.0  # above common load balancers' 60 s idle timeout: they close first
+    # Google Cloud's load balancer keeps idle connections 600 s: the server must outlast it
+    assert hypercorn_config(RouterSettings.from_env({"LLMROUTER_KEEP_ALIVE_S": "620"})).keep_alive_timeout == 620.0
