@@ -177,12 +177,13 @@ def _serve_both(args: argparse.Namespace) -> int:
     # Each child ignores SIGHUP (a disposition exec keeps) until its loop handles it: a reload forwarded while it
     # still imports killed it. And each drains when this process dies, rather than serving on as an orphan.
     hold_early_signals()
+    commands = (("serve-router", args.router_port), ("serve-dispatcher", args.dispatcher_port))
     children = [
         subprocess.Popen(
             [sys.executable, "-m", "service", command, "--host", args.host, "--port", str(port)],
             preexec_fn=functools.partial(drain_when_parent_dies, os.getpid()),  # safe: no threads run here yet
         )
-        for command, port in (("serve-router", args.router_port), ("serve-dispatcher", args.dispatcher_port))
+        for command, port in commands
     ]
 
     stopping = False
@@ -203,6 +204,8 @@ def _serve_both(args: argparse.Namespace) -> int:
     first = next(child for child in children if child.returncode is not None)
     died_on_its_own = not stopping
     if died_on_its_own:  # stop the other (signalled once, it drains and exits 0)
+        name = commands[children.index(first)][0]  # its own error, if any, is above: say whose it was
+        print(f"error: {name} exited ({exit_status(first.returncode)}); stopping the other service", file=sys.stderr)
         forward(signal.SIGTERM, None)
     codes = [exit_status(child.wait()) for child in children]
     if died_on_its_own:

@@ -157,12 +157,16 @@ class FakeChild:
         return self.returncode
 
 
-def test_serve_exits_with_the_code_of_the_service_that_ended_first(monkeypatch: pytest.MonkeyPatch) -> None:
-    """It exited 15 (the SIGTERM sent to the surviving service) instead of the failing service's 2."""
+def test_serve_exits_with_the_code_of_the_service_that_ended_first(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It exited 15 (the SIGTERM sent to the surviving service) instead of the failing service's 2, and said
+    nothing of which one had failed (LLMROUTER_WORKERS=2 reaches both: the dispatcher refuses it without Redis)."""
     import signal
     import subprocess
 
-    children = iter([FakeChild(exits_with=2), FakeChild(exits_with=None)])
+    children = iter([FakeChild(exits_with=None), FakeChild(exits_with=2)])
     monkeypatch.setattr(subprocess, "Popen", lambda *args, **kwargs: next(children))
     monkeypatch.setattr(signal, "signal", lambda *args: None)
     assert main(["serve", "--router-port", "0", "--dispatcher-port", "0"]) == 2
+    assert "error: serve-dispatcher exited (2); stopping the other service" in capsys.readouterr().err
