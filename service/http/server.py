@@ -16,12 +16,15 @@ import ctypes
 import logging
 import multiprocessing
 import os
+import re
+import shutil
 import signal
 import sys
 import tempfile
 from collections.abc import Callable
 from multiprocessing.connection import wait
 from multiprocessing.sharedctypes import Synchronized
+from pathlib import Path
 from typing import Any, Protocol, cast
 
 from hypercorn.asyncio.run import worker_serve
@@ -187,8 +190,36 @@ async def _serve(factory: ServiceFactory, config: Config, sockets: Sockets, flee
     )
 
 
+METRICS_DIR_PREFIX = "metrics-"
+_METRICS_DIR = re.compile(rf"{METRICS_DIR_PREFIX}(\d+)-")
+
+
+def sweep_dead_metrics_folders(tmp_dir: str | None = None) -> int:
+    """Remove the metrics folders of supervisors that are gone: one killed (SIGKILL, an OOM kill) cannot remove its
+    own, and in a container's /tmp that outlives restarts they piled up. A folder's name carries its owner's pid."""
+    removed = 0
+    for folder in Path(tmp_dir or tempfile.gettempdir()).glob(f"{METRICS_DIR_PREFIX}*-*"):
+        match = _METRICS_DIR.match(folder.name)
+        if match is None or not folder.is_dir() or _alive(int(match.group(1))):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed += 1
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # another user's process, or no pid: not ours to judge
+    return True
+
+
 def _run_supervisor(factory: ServiceFactory, config: Config, sockets: Sockets, workers: int) -> int:
-    with tempfile.TemporaryDirectory(prefix="metrics-") as metrics_dir:
+    sweep_dead_metrics_folders()
+    with tempfile.TemporaryDirectory(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-") as metrics_dir:
         # set before the workers start: prometheus_client picks its value class when a worker imports it
         os.environ[MULTIPROC_DIR_ENV] = metrics_dir
         try:

@@ -1,12 +1,13 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 from pathlib import Path
 
 from starlette.testclient import TestClient
 
 from service.config import RouterSettings
-from service.http.server import Fleet, hypercorn_config
+from service.http.server import Fleet, hypercorn_config, sweep_dead_metrics_folders
 from service.router.weights import save_weights
 from tests.fakes import toy_weights
 from tests.unit.test_app import make_service, wait_ready
@@ -58,3 +59,17 @@ def test_hypercorn_config_from_settings() -> None:
     assert config.keep_alive_timeout == 75.0  # above common load balancers' 60 s idle timeout: they close first
     # Google Cloud's load balancer keeps idle connections 600 s: the server must outlast it
     assert hypercorn_config(RouterSettings.from_env({"LLMROUTER_KEEP_ALIVE_S": "620"})).keep_alive_timeout == 620.0
+
+
+def test_metrics_folders_of_dead_supervisors_are_swept(tmp_path: Path) -> None:
+    """A supervisor killed with SIGKILL (an OOM kill) left its folder; in a container's /tmp, which outlives
+    restarts, they piled up (27 of them on the dev box)."""
+    dead_pid = 4_194_305  # past Linux's largest pid_max: no process has it
+    dead = tmp_path / f"metrics-{dead_pid}-abc123"
+    live = tmp_path / f"metrics-{os.getpid()}-def456"
+    other = tmp_path / "metrics-unrelated"
+    for folder in (dead, live, other):
+        folder.mkdir()
+        (folder / "counter_1.db").write_bytes(b"\0" * 16)
+    assert sweep_dead_metrics_folders(str(tmp_path)) == 1
+    assert not dead.exists() and live.is_dir() and other.is_dir()
