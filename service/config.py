@@ -53,6 +53,11 @@ class BaseSettings:
     )
     retry_after_s: int = _opt(1, "Retry-After seconds sent with 429/503 answers")
     max_body_bytes: int = _opt(1 << 20, "largest request body accepted (413 above)")
+    max_buffered_body_bytes: int = _opt(
+        0,
+        "request bodies held while they arrive, all connections together (429 above: stalled bodies pinned memory"
+        " without any credential); 0: 64 bodies of --max-body-bytes",
+    )
     body_timeout_s: float = _opt(30.0, "longest a request body may take to arrive (408 after)")
     keep_alive_s: float = _opt(
         75.0,
@@ -294,6 +299,8 @@ def _base_problems(settings: BaseSettings) -> list[str]:
         problems.append("--retry-after-s must be >= 0")
     if settings.max_body_bytes < 1:
         problems.append("--max-body-bytes must be >= 1")
+    if settings.max_buffered_body_bytes and settings.max_buffered_body_bytes < settings.max_body_bytes:
+        problems.append("--max-buffered-body-bytes must be 0 (auto) or at least --max-body-bytes")
     if not (settings.body_timeout_s > 0 and math.isfinite(settings.body_timeout_s)):
         problems.append("--body-timeout-s must be a finite number of seconds > 0")
     if not 0 < settings.keep_alive_s <= MAX_DURATION_S:

@@ -78,7 +78,11 @@ class ServiceBase:
         # header and plain http point: behind a TLS load balancer that resent the body in the clear.
         app.router.redirect_slashes = False
         self._routes = routes
-        self.body = BodyReader(max_bytes=self.settings.max_body_bytes, timeout_s=self.settings.body_timeout_s)
+        self.body = BodyReader(
+            max_bytes=self.settings.max_body_bytes,
+            timeout_s=self.settings.body_timeout_s,
+            max_buffered_bytes=self.settings.max_buffered_body_bytes or None,
+        )
         fast = FastJsonPost(
             app,
             path=fast_path,
