@@ -18,7 +18,6 @@ SHA-256 over the 32-byte public key. Public keys travel as lowercase hex (``GET 
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import math
 import os
@@ -208,14 +207,21 @@ def parse_hex(text: str, size: int, what: str) -> bytes:
 def write_key_file(path: Path) -> Signer:
     """Create a new signing key at ``path`` (mode 0600, never overwriting) and its public key at ``path.pub``."""
     key = SigningKey.generate()
+    signer = Signer(key)
     public_path = Path(f"{path}.pub")
-    if public_path.exists():
-        raise FileExistsError(errno.EEXIST, "exists", str(public_path))
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    # O_EXCL for both: it also refuses a symlink, dangling or not (writing the public key through one, planted in the
+    # key folder, created or filled a file of the planter's choice, as root when keygen ran as root)
+    public_fd = os.open(public_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError:
+        os.close(public_fd)
+        public_path.unlink()
+        raise
     with os.fdopen(fd, "w") as handle:
         handle.write(bytes(key).hex() + "\n")
-    signer = Signer(key)
-    public_path.write_text(signer.public_key.hex() + "\n")
+    with os.fdopen(public_fd, "w") as handle:
+        handle.write(signer.public_key.hex() + "\n")
     return signer
 
 

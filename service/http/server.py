@@ -117,9 +117,22 @@ def hypercorn_config(settings: BaseSettings) -> Config:
     return config
 
 
+# The path is logged percent-decoded: "%0A" in a URL wrote a line of the client's choosing into the log (a forged
+# "200 POST /route/" entry), "%1B" a terminal escape. Control characters are logged escaped instead.
+_CONTROL_ESCAPES = {code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F)}
+
+
+class EscapeControlCharacters(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = record.getMessage().translate(_CONTROL_ESCAPES), None
+        return True
+
+
 def _access_logger() -> logging.Logger:
     logger = logging.getLogger("hypercorn.access")
     logger.setLevel(logging.INFO)  # asked for explicitly: shown even under --log-level warning
+    if not any(isinstance(f, EscapeControlCharacters) for f in logger.filters):
+        logger.addFilter(EscapeControlCharacters())
     return logger
 
 

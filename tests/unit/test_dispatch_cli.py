@@ -63,6 +63,20 @@ def test_keygen_refuses_to_overwrite(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert cli.main(["keygen", str(path)]) == 1
     assert "refusing to overwrite" in capsys.readouterr().err
     assert path.read_bytes() == before
+    Path(f"{path}.pub").unlink()  # the private key alone left: nothing written, no public key left behind
+    assert cli.main(["keygen", str(path)]) == 1
+    assert path.read_bytes() == before and not Path(f"{path}.pub").exists()
+
+
+def test_keygen_does_not_write_through_a_planted_symlink(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """exists() is false for a dangling link, and the public key was then written through it: keygen (often run as
+    root) created or filled a file of the planter's choice."""
+    victim = tmp_path / "victim.conf"
+    path = tmp_path / "new.key"
+    Path(f"{path}.pub").symlink_to(victim)
+    assert cli.main(["keygen", str(path)]) == 1
+    assert "refusing to overwrite" in capsys.readouterr().err
+    assert not victim.exists() and not path.exists()
 
 
 # -- add-endpoint, add-key --------------------------------------------------------------------------------------

@@ -1,13 +1,21 @@
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 from pathlib import Path
 
+import pytest
 from starlette.testclient import TestClient
 
 from service.config import RouterSettings
-from service.http.server import Fleet, hypercorn_config, sweep_dead_metrics_folders
+from service.http.server import (
+    EscapeControlCharacters,
+    Fleet,
+    _access_logger,
+    hypercorn_config,
+    sweep_dead_metrics_folders,
+)
 from service.router.weights import save_weights
 from tests.fakes import toy_weights
 from tests.unit.test_app import make_service, wait_ready
@@ -73,3 +81,15 @@ def test_metrics_folders_of_dead_supervisors_are_swept(tmp_path: Path) -> None:
         (folder / "counter_1.db").write_bytes(b"\0" * 16)
     assert sweep_dead_metrics_folders(str(tmp_path)) == 1
     assert not dead.exists() and live.is_dir() and other.is_dir()
+
+
+def test_the_access_log_escapes_control_characters(caplog: pytest.LogCaptureFixture) -> None:
+    """The path is logged percent-decoded: a URL with %0A wrote a forged line of the client's choosing into the log
+    (a "200 POST /route/" from an address of its choice), %1B a terminal escape."""
+    logger = _access_logger()
+    _access_logger()  # asked again (each server start): still one filter
+    assert sum(isinstance(f, EscapeControlCharacters) for f in logger.filters) == 1
+    with caplog.at_level(logging.INFO, logger="hypercorn.access"):
+        logger.info('%(h)s "%(m)s %(U)s"', {"h": "127.0.0.1", "m": "GET", "U": "/x\n2026 INFO forged\x1b[31m"})
+    (record,) = caplog.records
+    assert record.getMessage() == '127.0.0.1 "GET /x\\x0a2026 INFO forged\\x1b[31m"'
