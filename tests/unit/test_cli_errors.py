@@ -170,3 +170,13 @@ def test_serve_exits_with_the_code_of_the_service_that_ended_first(
     monkeypatch.setattr(signal, "signal", lambda *args: None)
     assert main(["serve", "--router-port", "0", "--dispatcher-port", "0"]) == 2
     assert "error: serve-dispatcher exited (2); stopping the other service" in capsys.readouterr().err
+
+
+def test_a_secret_given_as_a_flag_is_warned_about(capsys: pytest.CaptureFixture[str]) -> None:
+    """`ps` shows a process's arguments to every local user: the admin token or the signing key's seed with them."""
+    assert main(["serve-dispatcher", "--admin-token=s3cret", "--signing-key", "00", "--port", "70000"]) == 2
+    err = capsys.readouterr().err
+    assert "warning: --admin-token on the command line is visible to every local user (ps); set" in err
+    assert "LLMROUTER_SIGNING_KEY instead" in err and "s3cret" not in err
+    assert main(["serve-dispatcher", "--signing-key-file", "k", "--port", "70000"]) == 2
+    assert "warning" not in capsys.readouterr().err
