@@ -55,6 +55,8 @@ DEFAULT_RETRY_AFTER_MAX_S = 30.0  # a Retry-After above this is waited only this
 RETRY_AFTER_JITTER = 0.2  # a Retry-After is stretched by up to this fraction, at random
 DEFAULT_ROUTE_TIMEOUT_S = 10.0
 DEFAULT_WORKER_TIMEOUT_S = 300.0  # a worker call is a whole inference
+# a worker's answer is read into memory: any worker URL a worker token reported could send one without end
+DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 MAX_BACKOFF_DOUBLINGS = 32  # beyond this the cap is backoff_max_s anyway; keeps 2**n small
 HTTP_OK = 200
 HTTP_UNAUTHORIZED = 401
@@ -199,6 +201,7 @@ class DispatchClient:
         retry_after_max_s: float = DEFAULT_RETRY_AFTER_MAX_S,
         route_timeout_s: float = DEFAULT_ROUTE_TIMEOUT_S,
         worker_timeout_s: float | None = DEFAULT_WORKER_TIMEOUT_S,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
         rng: random.Random | None = None,
         sleep: Sleep = asyncio.sleep,
     ) -> None:
@@ -217,6 +220,7 @@ class DispatchClient:
         self._retry_after_max_s = retry_after_max_s
         self._route_timeout_s = route_timeout_s
         self._worker_timeout_s = worker_timeout_s
+        self._max_response_bytes = max_response_bytes
         self._rng = rng if rng is not None else random.Random()
         self._sleep = sleep
 
@@ -332,7 +336,7 @@ class DispatchClient:
             progress.fail(f"worker {url}: {type(exc).__name__}")
             return None
         try:
-            await response.aread()
+            await _read_at_most(response, self._max_response_bytes, url)
         except httpx.HTTPError as exc:
             if not is_retryable_status(response.status_code):
                 # it answered, unreadably (a broken encoding, a body cut off): the work may be done, so running it
@@ -370,6 +374,18 @@ class DispatchClient:
         if progress.request_idx is None:
             progress.request_idx = answer["request_idx"]
         return answer
+
+
+async def _read_at_most(response: httpx.Response, limit: int, url: str) -> None:
+    """``response.aread()`` that stops past ``limit`` bytes with a ``DispatchError`` (the work may be done: no
+    retry)."""
+    chunks, size = [], 0
+    async for chunk in response.aiter_bytes():
+        size += len(chunk)
+        if size > limit:
+            raise DispatchError(f"worker {url} answered over {limit} bytes ({response.status_code}); not read")
+        chunks.append(chunk)
+    response._content = b"".join(chunks)  # what aread() keeps: response.content and .json() then work as after it
 
 
 def _worker_should_retry(response: httpx.Response) -> bool:

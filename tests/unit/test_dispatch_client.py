@@ -281,6 +281,30 @@ async def test_a_worker_answer_cut_off_after_its_status_is_not_run_again(signer:
     assert len(fake.route_calls) == 1
 
 
+class Endless(httpx.AsyncByteStream):
+    """An answer that never ends: any URL a worker token reported can send one."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        while True:
+            self.sent += 1
+            yield b"x" * 1024
+
+
+async def test_a_worker_answer_is_read_up_to_a_limit(signer: Signer, make_client: Any) -> None:
+    """It was read whole into memory: an endless answer ran the client out of memory."""
+    endless = Endless()
+    fake = FakeDispatch(signer, [ASSIGN, ASSIGN], [httpx.Response(200, stream=endless), ok({})])
+    with pytest.raises(DispatchError, match="answered over 65536 bytes"):
+        await make_client(fake, max_response_bytes=64 * 1024).request(ENDPOINT, "/generate", {}, COST)
+    assert endless.sent == 65 and len(fake.route_calls) == 1  # not retried: the work may be done
+    fits = FakeDispatch(signer, [ASSIGN], [ok({"answer": "y" * 100})])
+    response = await make_client(fits, max_response_bytes=1024).request(ENDPOINT, "/generate", {}, COST)
+    assert response.json() == {"answer": "y" * 100}
+
+
 async def test_a_retryable_worker_status_with_its_body_cut_off_is_retried(signer: Signer, make_client: Any) -> None:
     fake = FakeDispatch(signer, [ASSIGN, ASSIGN], [cut_off(503), ok({"answer": 1})])
     response = await make_client(fake).request(ENDPOINT, "/generate", {}, COST)
