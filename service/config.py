@@ -293,16 +293,16 @@ def _base_problems(settings: BaseSettings) -> list[str]:
     if not settings.host.strip():
         # `--host "$HOST"` with HOST unset bound every interface, while an empty LLMROUTER_HOST meant unset
         problems.append("--host must be a non-blank address (0.0.0.0 for every interface)")
-    if not (settings.drain_timeout_s >= 0 and math.isfinite(settings.drain_timeout_s)):
-        problems.append("--drain-timeout-s must be a finite number of seconds >= 0")
+    if not 0 <= settings.drain_timeout_s <= MAX_DURATION_S:
+        problems.append(f"--drain-timeout-s must be a finite number of seconds >= 0 (at most {MAX_DURATION_S:g})")
     if settings.retry_after_s < 0:
         problems.append("--retry-after-s must be >= 0")
     if settings.max_body_bytes < 1:
         problems.append("--max-body-bytes must be >= 1")
     if settings.max_buffered_body_bytes and settings.max_buffered_body_bytes < settings.max_body_bytes:
         problems.append("--max-buffered-body-bytes must be 0 (auto) or at least --max-body-bytes")
-    if not (settings.body_timeout_s > 0 and math.isfinite(settings.body_timeout_s)):
-        problems.append("--body-timeout-s must be a finite number of seconds > 0")
+    if not 0 < settings.body_timeout_s <= MAX_DURATION_S:
+        problems.append(f"--body-timeout-s must be a finite number of seconds > 0 (at most {MAX_DURATION_S:g})")
     if not 0 < settings.keep_alive_s <= MAX_DURATION_S:
         problems.append(f"--keep-alive-s must be a number of seconds > 0 and at most {MAX_DURATION_S:g}")
     if not 1 <= settings.listen_backlog <= MAX_LISTEN_BACKLOG:

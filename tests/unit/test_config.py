@@ -78,6 +78,8 @@ def test_default_weights_path_is_the_shipped_file() -> None:
         (["--keep-alive-s", "nan"], "--keep-alive-s must be a number of seconds > 0"),
         (["--port", "70000"], "--port must be 0-65535"),
         (["--drain-timeout-s", "nan"], "--drain-timeout-s must be a finite"),
+        (["--drain-timeout-s", "1e300"], "--drain-timeout-s must be a finite"),
+        (["--body-timeout-s", "1e300"], "--body-timeout-s must be a finite"),
         (["--log-level", "foo"], "--log-level must be one of debug, info, warning, error, critical; got 'foo'"),
         (["--admin-token", ""], "--admin-token must be a non-blank token"),  # "$UNSET": open to a bare Bearer
         (["--admin-token", "  "], "--admin-token must be a non-blank token"),
