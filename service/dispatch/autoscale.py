@@ -14,7 +14,8 @@ has passed, a client waiting on a cold start is the only sign of demand, and wit
 loading worker away. A waiting request of cost 0 still wants a worker. One its client stopped polling no longer
 counts after a window (it may have been sent anew, and would count twice).
 With no measured perf on record at all, any demand asks for one worker (it will measure itself when it starts); any
-demand at all, or any open request (cost-0 requests are demand no load shows), asks for at least one, however fast
+demand at all, or any request a live worker holds (cost-0 requests are demand no load shows), asks for at least one,
+however fast
 the workers (within max_workers). The ratio is rounded up after a relative slack of 1e-12: a demand that fits k
 workers exactly (56.7 u/s on 7 workers of 9 at 0.9) came out as k + 1 through float rounding. A ready worker without
 a positive max_perf gets no requests (picking divides by it), so it is no serving capacity: not counted as ready.
@@ -104,7 +105,8 @@ def decide(
         perf = mean_perf([w.max_perf for w in workers if measured(w.max_perf)])
     demand = max(stats.load_rate, (stats.outstanding + stats.waiting) / spec.max_queue_time_s)
     needed = workers_needed(demand, perf, spec.target_util, spec.max_workers)
-    if stats.waiting_requests or stats.open_requests:
+    # a request held by a worker (cost 0 shows no load) wants it kept; one whose client stopped polling does not
+    if stats.waiting_requests or any(w.open_requests for w in live):
         needed = max(needed, 1)
     wanted = min(max(needed, spec.min_workers), spec.max_workers)
     cold = min(spec.cold_workers, spec.max_workers - wanted)

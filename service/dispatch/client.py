@@ -207,8 +207,11 @@ class DispatchClient:
     ) -> None:
         if max_attempts < 1:
             raise ValueError("max_attempts must be >= 1")
-        if backoff_base_s < 0 or backoff_max_s < 0 or retry_after_max_s < 0 or wait_for_worker_s < 0:
-            raise ValueError("back-off and waiting times must be >= 0")
+        if not (backoff_base_s > 0 and backoff_max_s > 0):
+            # no-ready polls are budgeted by the back-off they wait: a zero back-off polled without end
+            raise ValueError("back-off times must be > 0")
+        if retry_after_max_s < 0 or wait_for_worker_s < 0:
+            raise ValueError("waiting times must be >= 0")
         self._route_url = join_url(dispatcher_url, ROUTE_PATH)
         self._headers = {"Authorization": f"Bearer {api_key}"}
         self._owns_http = http is None

@@ -14,6 +14,7 @@ tokens of work on top of its padded rows.
 from __future__ import annotations
 
 import bisect
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -46,7 +47,7 @@ class BucketGrid:
     seq_lens: tuple[int, ...]
     seq_align: int
     max_rows: int  # eager chunks are cut at this many rows too
-    _splits: dict[int, list[tuple[int, ...]]] = field(init=False, repr=False, compare=False)  # per seq bucket
+    _first_replays: dict[int, list[int]] = field(init=False, repr=False, compare=False)  # per seq bucket
 
     def __post_init__(self) -> None:
         for name, sizes in (("batch sizes", self.batch_sizes), ("sequence lengths", self.seq_lens)):
@@ -54,8 +55,8 @@ class BucketGrid:
                 raise ValueError(f"CUDA graph {name} must be distinct positive integers, ascending: {sizes}")
         if self.seq_align < 1 or self.max_rows < 1:
             raise ValueError(f"seq_align and max_rows must be positive: {self.seq_align}, {self.max_rows}")
-        splits = {seq: cheapest_splits(self.batch_sizes, LAUNCH_COST_TOKENS / seq) for seq in self.seq_lens}
-        object.__setattr__(self, "_splits", splits)  # frozen: planned once, read per batch
+        firsts = {seq: cheapest_first_replays(self.batch_sizes, LAUNCH_COST_TOKENS / seq) for seq in self.seq_lens}
+        object.__setattr__(self, "_first_replays", firsts)  # frozen: planned once, read per batch
 
     @classmethod
     def from_specs(
@@ -103,7 +104,7 @@ class BucketGrid:
                     chunks.append(Chunk(chunk_start, chunk_start + rows, rows, seq, graphed=False))
                     continue
                 at, stop = chunk_start, chunk_start + rows
-                for batch in self._splits[seq][rows]:  # largest first; only the last one pads
+                for batch in split_of(self._first_replays[seq], rows):  # largest first; only the last one pads
                     take = min(batch, stop - at)
                     chunks.append(Chunk(at, at + take, batch, seq, graphed=True))
                     at += take
@@ -111,24 +112,33 @@ class BucketGrid:
         return chunks
 
 
-def cheapest_splits(batch_sizes: Sequence[int], launch_rows: float) -> list[tuple[int, ...]]:
-    """For each row count up to the largest batch size, the batch sizes (largest first) that hold that many rows
-    at the least cost: the rows they pad to, plus ``launch_rows`` per replay. Dropping any one of them leaves rows
-    uncovered (it would cost less otherwise), so every replay but the last runs full."""
+def cheapest_first_replays(batch_sizes: Sequence[int], launch_rows: float) -> list[int]:
+    """For each row count up to the largest batch size, the first (largest) replay of the batch sizes that hold that
+    many rows at the least cost: the rows they pad to, plus ``launch_rows`` per replay. The others are the split of
+    what it leaves (``split_of``): one number a row count, where whole splits took O(rows^2) on a sparse grid."""
     if not batch_sizes:
         return []
     largest_first = sorted(batch_sizes, reverse=True)  # on a tie the larger one wins: fewer replays
     cost = [0.0] * (batch_sizes[-1] + 1)
-    splits: list[tuple[int, ...]] = [()] * len(cost)
+    first = [0] * len(cost)
     for rows in range(1, len(cost)):
-        best = None
+        best = math.inf
         for batch in largest_first:
-            rest = max(0, rows - batch)
-            candidate = batch + launch_rows + cost[rest]
-            if best is None or candidate < best:
-                best, splits[rows] = candidate, tuple(sorted((batch, *splits[rest]), reverse=True))
-        cost[rows] = best if best is not None else 0.0
-    return splits
+            candidate = batch + launch_rows + cost[max(0, rows - batch)]
+            if candidate < best:
+                best, first[rows] = candidate, batch
+        cost[rows] = best
+    return first
+
+
+def split_of(first_replays: Sequence[int], rows: int) -> tuple[int, ...]:
+    """The batch sizes, largest first, that ``cheapest_first_replays`` chose for ``rows``. Dropping any one of them
+    leaves rows uncovered (it would cost less otherwise), so every replay but the last runs full."""
+    parts = []
+    while rows > 0:
+        parts.append(first_replays[rows])
+        rows -= first_replays[rows]
+    return tuple(sorted(parts, reverse=True))
 
 
 def parse_sizes(spec: str) -> list[int]:

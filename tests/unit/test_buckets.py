@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.router.buckets import BucketGrid, Chunk, cheapest_splits, parse_sizes, round_up
+from service.router.buckets import BucketGrid, Chunk, cheapest_first_replays, parse_sizes, round_up, split_of
 
 
 def grid(batch: str = "1,4,16,64", seq: str = "16,32,64", *, max_rows: int = 64) -> BucketGrid:
@@ -81,11 +81,14 @@ def test_a_chunk_between_buckets_runs_as_the_cheapest_set_of_replays() -> None:
 
 def test_cheapest_splits_cover_every_row_count_and_never_cost_more_than_padding_up() -> None:
     sizes, launch_rows = (1, 4, 16, 64, 256), 64.0
-    splits = cheapest_splits(sizes, launch_rows)
+    firsts = cheapest_first_replays(sizes, launch_rows)
     for rows in range(1, sizes[-1] + 1):
-        split = splits[rows]
+        split = split_of(firsts, rows)
         assert list(split) == sorted(split, reverse=True) and sum(split) >= rows
         assert sum(split[:-1]) < rows  # every replay but the last is full
         padded_up = min(b for b in sizes if b >= rows)
         assert sum(split) + launch_rows * len(split) <= padded_up + launch_rows
-    assert splits[1] == (1,) and splits[256] == (256,) and cheapest_splits((), 1.0) == []
+    assert split_of(firsts, 1) == (1,) and split_of(firsts, 256) == (256,) and cheapest_first_replays((), 1.0) == []
+    # a sparse grid: one number a row count (whole splits took 4 s and 1.1 GB for 1,65536)
+    sparse = cheapest_first_replays((1, 65536), 64.0)
+    assert len(sparse) == 65537 and split_of(sparse, 100) == (1,) * 100 and split_of(sparse, 2000) == (65536,)

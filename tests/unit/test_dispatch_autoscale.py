@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -123,11 +124,15 @@ def test_demand_that_fits_whole_workers_is_not_rounded_up_past_them() -> None:
     assert run(spec(target_util=0.9, max_workers=50), [rec("a", perf=9.0)], load_rate=57.0).wanted_workers == 8
 
 
-def test_open_requests_want_a_worker_even_when_they_cost_nothing() -> None:
-    """100 routes of cost 0: no load, no load rate, and the decision scaled the serving workers to zero."""
+def test_requests_a_worker_holds_want_it_kept_even_when_they_cost_nothing() -> None:
+    """100 routes of cost 0: no load, no load rate, and the decision scaled the serving workers to zero. An open
+    request no worker holds (its client stopped polling) wants nothing: it held a worker up for the request ttl."""
+    holding = dataclasses.replace(rec("a"), open_requests=100)
     stats = LoadStats(load_rate=0.0, outstanding=0.0, open_requests=100)
-    d = decide(spec(), [rec("a"), rec("b")], stats, now=NOW, heartbeat_timeout_s=HEARTBEAT_S)
+    d = decide(spec(), [holding, rec("b")], stats, now=NOW, heartbeat_timeout_s=HEARTBEAT_S)
     assert (d.wanted_workers, d.action) == (1, Action.SCALE_DOWN)
+    abandoned = LoadStats(load_rate=0.0, outstanding=0.0, open_requests=1)  # waiting, unpolled for a window
+    assert decide(spec(), [], abandoned, now=NOW, heartbeat_timeout_s=HEARTBEAT_S).wanted_workers == 0
     assert run(spec(), [rec("a"), rec("b")]).wanted_workers == 0
 
 
