@@ -201,10 +201,22 @@ class AssignmentVerifier:
     def verify(self, auth_data: Mapping[str, Any]) -> Assignment:
         """The assignment in ``auth_data`` if it is authentic, meant for this worker, fresh and unused; its
         reqnum is then used up. Raises ``AssignmentRejected`` otherwise."""
+        return self.use(self.authenticate(auth_data))
+
+    def authenticate(self, auth_data: Mapping[str, Any]) -> Assignment:
+        """``verify`` without using the reqnum up (``use`` does): a request refused for its payload after this can
+        be sent again with the same assignment."""
         assignment, signature = _parse(auth_data)
         self._check_signature(assignment, signature)
         self._check_target(assignment)
         self._check_expiry(assignment)
+        with self._lock:
+            self._window.check(assignment.reqnum)
+        return assignment
+
+    def use(self, assignment: Assignment) -> Assignment:
+        """Use up the reqnum of an ``authenticate``d assignment; ``AssignmentRejected`` (replayed) when another
+        request used it meanwhile."""
         with self._lock:
             self._window.check(assignment.reqnum)
             self._window.record(assignment.reqnum)

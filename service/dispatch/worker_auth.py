@@ -15,6 +15,7 @@ left alone: the signature is the only credential a worker needs.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import Any
 
@@ -24,7 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.dispatch.signing import Assignment
 from service.dispatch.verifier import AssignmentRejected, AssignmentVerifier, RejectReason, normalise_url
-from service.errors import ServiceError
+from service.errors import InvalidRequest, ServiceError
 from service.http.body import BodyReader
 from service.http.responses import error_response, parse_exact_json_object, parse_json_object
 
@@ -43,24 +44,35 @@ def verify_request_body(verifier: AssignmentVerifier, body: bytes) -> tuple[Assi
     """The verified assignment and the ``payload`` of a worker request body.
 
     Raises ``InvalidRequest`` when the body is not a JSON object, ``AssignmentRejected`` when ``auth_data`` is
-    missing or does not verify."""
-    assignment = verifier.verify(auth_data_of(body))
-    return assignment, exact_payload(body)
+    missing or does not verify. The reqnum is used up only once the payload has parsed too."""
+    exact: dict[str, Any] | None = None
+    try:
+        data = parse_json_object(body)
+    except InvalidRequest:  # what orjson refuses but JSON allows (see parse_body)
+        data = exact = parse_exact_json_object(body)
+    assignment = verifier.authenticate(auth_data_of(data))
+    payload = (exact if exact is not None else parse_exact_json_object(body)).get("payload")
+    return verifier.use(assignment), payload
 
 
-def auth_data_of(body: bytes) -> Mapping[str, Any]:
-    """``auth_data``, parsed with orjson: the exact parser holds the event loop about 0.25 s per MiB of numbers, and
-    anyone may send 16 MiB; only a verified request pays for it (``exact_payload``). The signed fields read the same
-    either way: integers within 64 bits, correctly rounded floats."""
-    auth_data = parse_json_object(body).get("auth_data")
+def auth_data_of(data: Mapping[str, Any]) -> Mapping[str, Any]:
+    auth_data = data.get("auth_data")
     if not isinstance(auth_data, Mapping):
         raise AssignmentRejected(RejectReason.BAD_FORMAT, "body has no auth_data object")
     return auth_data
 
 
-def exact_payload(body: bytes) -> object:
-    """The body's ``payload`` with every number exact, for the application."""
-    return parse_exact_json_object(body).get("payload")
+async def parse_body(body: bytes) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The body for ``auth_data`` and, when it took the exact parser already, for the payload. orjson first: the
+    exact parser holds the event loop about 0.25 s per MiB of numbers, and anyone may send 16 MiB, so only a verified
+    request pays for it. The signed fields read the same either way (integers within 64 bits, correctly rounded
+    floats). A body orjson refuses but JSON allows (an integer past a double, a lone surrogate escape) is parsed
+    exactly in a thread, so that it cannot hold the loop either."""
+    try:
+        return parse_json_object(body), None
+    except InvalidRequest:
+        exact = await asyncio.to_thread(parse_exact_json_object, body)
+        return exact, exact
 
 
 class AssignmentAuthMiddleware:
@@ -121,16 +133,19 @@ class AssignmentAuthMiddleware:
         await self.app(routed, _replay(body, receive), send)
 
     async def _verify(self, body: bytes) -> tuple[Assignment, object]:
-        auth_data = auth_data_of(body)
+        data, exact = await parse_body(body)
+        auth_data = auth_data_of(data)
         try:
-            assignment = self.verifier.verify(auth_data)
+            assignment = self.verifier.authenticate(auth_data)
         except AssignmentRejected as exc:
             if exc.reason is not RejectReason.UNKNOWN_KEY or self._refresh_keys is None:
                 raise
             if not await self._refresh_keys():
                 raise
-            assignment = self.verifier.verify(auth_data)  # with the keys just fetched
-        return assignment, exact_payload(body)
+            assignment = self.verifier.authenticate(auth_data)  # with the keys just fetched
+        # its reqnum is used up only once the payload parsed: one refused as 400 can be sent again, fixed
+        payload = (exact if exact is not None else parse_exact_json_object(body)).get("payload")
+        return self.verifier.use(assignment), payload
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

@@ -142,8 +142,8 @@ async def test_a_cost_too_large_for_a_float_is_a_bad_format_not_a_crash(
 ) -> None:
     json_body = {"content-type": "application/json"}
     huge = json.dumps({"auth_data": {**auth(signer, 5), "cost": 10**400}})
-    r = await client.post("/work", content=huge, headers=json_body)  # no double holds it: not JSON the service takes
-    assert r.status_code == 400 and "infinity" in r.json()["error"]["message"], r.text
+    r = await client.post("/work", content=huge, headers=json_body)  # orjson refuses it; the exact parse reads it
+    assert r.status_code == 401 and r.json()["error"]["reason"] == "bad_format", r.text
     r = await client.post("/work", content=json.dumps({"auth_data": {**auth(signer, 5), "cost": 2**70}}))
     assert r.status_code == 401 and r.json()["error"]["reason"] == "bad_signature", r.text  # not what was signed
     r = await client.post("/work", content=b'{"auth_data": {"cost": NaN}}', headers=json_body)
@@ -171,6 +171,24 @@ async def test_an_unsigned_body_is_refused_without_the_exact_parse(
     assert exact_parses == []
     served = await client.post("/work", json={"auth_data": auth(signer, 6), "payload": [1.5]})
     assert served.status_code == 200 and len(exact_parses) == 1
+
+
+async def test_json_that_orjson_refuses_is_read_exactly_and_a_bad_payload_keeps_its_reqnum(
+    client: httpx.AsyncClient, signer: Signer
+) -> None:
+    """orjson first (the exact parse of an unsigned body held the loop) refused what JSON allows and the exact parser
+    reads (an integer past a double, a lone surrogate escape): 200 before, 400 then. And a payload refused after the
+    signature had checked used the reqnum up: the fixed request, same assignment, got 401 replayed for good."""
+    json_body = {"content-type": "application/json"}
+    huge = int("10" * 250)  # past a double: orjson refuses the whole body
+    body = f'{{"auth_data": {json.dumps(auth(signer, 40))}, "payload": [{huge}]}}'
+    r = await client.post("/work", content=body, headers=json_body)
+    assert r.status_code == 200 and json.loads(r.content)["payload"] == [huge], r.text
+    deep = f'{{"auth_data": {json.dumps(auth(signer, 90))}, "payload": {"[" * 5000 + "]" * 5000}}}'
+    r = await client.post("/work", content=deep, headers=json_body)
+    assert r.status_code == 400, r.text
+    fixed = await client.post("/work", json={"auth_data": auth(signer, 90), "payload": [1]})
+    assert fixed.status_code == 200, fixed.text
 
 
 async def test_a_replayed_request_is_refused(client: httpx.AsyncClient, signer: Signer) -> None:
