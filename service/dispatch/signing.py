@@ -81,6 +81,8 @@ class Assignment:
         for name, value in texts.items():
             if not isinstance(value, str):
                 raise ValueError(f"{name} must be a string")
+            if not is_safe_text(value):  # what the dispatcher signs; a lone surrogate could not even be answered
+                raise ValueError(f"{name} must be printable ASCII without quotes or backslashes")
         try:
             as_float = float(cost)  # an int past float's range (stdlib json parses one) overflows here
         except OverflowError:

@@ -16,6 +16,7 @@ left alone: the signature is the only credential a worker needs.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import Any
 
@@ -48,7 +49,9 @@ def verify_request_body(verifier: AssignmentVerifier, body: bytes) -> tuple[Assi
     exact: dict[str, Any] | None = None
     try:
         data = parse_json_object(body)
-    except InvalidRequest:  # what orjson refuses but JSON allows (see parse_body)
+    except InvalidRequest as exc:  # what orjson refuses but JSON allows (see parse_body)
+        if not _JSON_ORJSON_REFUSES.search(exc.message):
+            raise
         data = exact = parse_exact_json_object(body)
     assignment = verifier.authenticate(auth_data_of(data))
     payload = (exact if exact is not None else parse_exact_json_object(body)).get("payload")
@@ -62,17 +65,23 @@ def auth_data_of(data: Mapping[str, Any]) -> Mapping[str, Any]:
     return auth_data
 
 
-async def parse_body(body: bytes) -> tuple[dict[str, Any], dict[str, Any] | None]:
+# orjson's refusals of what JSON allows (an integer past a double, a lone surrogate escape): those bodies take the
+# exact parser; anything else orjson refuses is not JSON
+_JSON_ORJSON_REFUSES = re.compile(r"infinity when parsed as double|surrogate")
+async def parse_body(body: bytes, exact_parses: asyncio.Semaphore) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """The body for ``auth_data`` and, when it took the exact parser already, for the payload. orjson first: the
     exact parser holds the event loop about 0.25 s per MiB of numbers, and anyone may send 16 MiB, so only a verified
     request pays for it. The signed fields read the same either way (integers within 64 bits, correctly rounded
-    floats). A body orjson refuses but JSON allows (an integer past a double, a lone surrogate escape) is parsed
-    exactly in a thread, so that it cannot hold the loop either."""
+    floats). A body orjson refuses but JSON allows is parsed exactly in a thread, one at a time (``exact_parses``):
+    it holds the GIL, so a thread spares the loop only its turns."""
     try:
         return parse_json_object(body), None
-    except InvalidRequest:
+    except InvalidRequest as exc:
+        if not _JSON_ORJSON_REFUSES.search(exc.message):
+            raise
+    async with exact_parses:
         exact = await asyncio.to_thread(parse_exact_json_object, body)
-        return exact, exact
+    return exact, exact
 
 
 class AssignmentAuthMiddleware:
@@ -103,6 +112,9 @@ class AssignmentAuthMiddleware:
         self._refresh_keys = refresh_keys
         self.verifier = verifier
         self._paths = None if protected_paths is None else frozenset(normalise_url(p) for p in protected_paths)
+        if max_buffered_bytes < max_body_bytes:
+            raise ValueError("max_buffered_bytes must be at least max_body_bytes (a largest body would never fit)")
+        self._exact_parses = asyncio.Semaphore(1)  # of bodies orjson refused, before any is verified
         self._body = BodyReader(
             max_bytes=max_body_bytes, timeout_s=body_timeout_s, max_buffered_bytes=max_buffered_bytes
         )
@@ -133,7 +145,7 @@ class AssignmentAuthMiddleware:
         await self.app(routed, _replay(body, receive), send)
 
     async def _verify(self, body: bytes) -> tuple[Assignment, object]:
-        data, exact = await parse_body(body)
+        data, exact = await parse_body(body, self._exact_parses)
         auth_data = auth_data_of(data)
         try:
             assignment = self.verifier.authenticate(auth_data)

@@ -191,6 +191,29 @@ async def test_json_that_orjson_refuses_is_read_exactly_and_a_bad_payload_keeps_
     assert fixed.status_code == 200, fixed.text
 
 
+async def test_json_orjson_refuses_for_no_good_reason_is_a_400_not_an_exact_parse(
+    client: httpx.AsyncClient, signer: Signer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every body orjson refused took the exact parse, before any check: 16 MiB of garbage held the GIL for seconds.
+    And a lone surrogate in a signed text field answered 500 (its refusal could not be encoded)."""
+    exact_parses: list[int] = []
+    real = worker_auth_module.parse_exact_json_object
+
+    def counting(body: bytes) -> dict[str, Any]:
+        exact_parses.append(len(body))
+        return real(body)
+
+    monkeypatch.setattr(worker_auth_module, "parse_exact_json_object", counting)
+    garbage = b'{"payload": [' + b"1.5," * 10_000 + b"1] x"
+    r = await client.post("/work", content=garbage, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and exact_parses == [], r.text
+    forged = {**auth(signer, 50), "url": "http://evil\ud800:1", "key_id": "0" * 16}
+    r = await client.post(
+        "/work", content=json.dumps({"auth_data": forged}), headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 401 and r.json()["error"]["reason"] == "bad_format", r.text
+
+
 async def test_a_replayed_request_is_refused(client: httpx.AsyncClient, signer: Signer) -> None:
     body = {"auth_data": auth(signer, 9), "payload": None}
     assert (await client.post("/work", json=body)).status_code == 200
