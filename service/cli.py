@@ -87,15 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Secrets a flag shows to every local user (`ps`, /proc/PID/cmdline): said so, with the variable to use instead.
-SECRET_FLAGS = {"--admin-token": "LLMROUTER_ADMIN_TOKEN", "--signing-key": "LLMROUTER_SIGNING_KEY"}
+SECRET_FLAGS = {"admin_token": "LLMROUTER_ADMIN_TOKEN", "signing_key": "LLMROUTER_SIGNING_KEY"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = build_parser().parse_args(argv)
-    for arg in sys.argv[1:] if argv is None else argv:
-        if (variable := SECRET_FLAGS.get(arg.split("=", 1)[0])) is not None:
-            print(f"warning: {arg.split('=', 1)[0]} on the command line is visible to every local user (ps); set"
+    for name, variable in SECRET_FLAGS.items():  # from the parsed values: argparse also takes abbreviations
+        if getattr(args, name, None) is not None:
+            print(f"warning: --{name.replace('_', '-')} on the command line is visible to every local user (ps); set"
                   f" {variable} instead", file=sys.stderr)  # fmt: skip
     try:
         return int(args.handler(args) or 0)

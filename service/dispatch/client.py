@@ -51,6 +51,7 @@ DEFAULT_MAX_ATTEMPTS = 8
 DEFAULT_WAIT_FOR_WORKER_S = 300.0  # back-off spent polling "no ready worker" before giving up
 DEFAULT_BACKOFF_BASE_S = 0.1
 DEFAULT_BACKOFF_MAX_S = 5.0
+MIN_BACKOFF_S = 0.001
 DEFAULT_RETRY_AFTER_MAX_S = 30.0  # a Retry-After above this is waited only this long
 RETRY_AFTER_JITTER = 0.2  # a Retry-After is stretched by up to this fraction, at random
 DEFAULT_ROUTE_TIMEOUT_S = 10.0
@@ -207,9 +208,9 @@ class DispatchClient:
     ) -> None:
         if max_attempts < 1:
             raise ValueError("max_attempts must be >= 1")
-        if not (backoff_base_s > 0 and backoff_max_s > 0):
+        if not (backoff_base_s >= MIN_BACKOFF_S and backoff_max_s >= MIN_BACKOFF_S):
             # no-ready polls are budgeted by the back-off they wait: a zero back-off polled without end
-            raise ValueError("back-off times must be > 0")
+            raise ValueError(f"back-off times must be at least {MIN_BACKOFF_S:g} s")
         if retry_after_max_s < 0 or wait_for_worker_s < 0:
             raise ValueError("waiting times must be >= 0")
         self._route_url = join_url(dispatcher_url, ROUTE_PATH)

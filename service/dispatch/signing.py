@@ -213,17 +213,14 @@ def write_key_file(path: Path) -> Signer:
     public_path = Path(f"{path}.pub")
     # O_EXCL for both: it also refuses a symlink, dangling or not (writing the public key through one, planted in the
     # key folder, created or filled a file of the planter's choice, as root when keygen ran as root)
-    public_fd = os.open(public_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except OSError:
-        os.close(public_fd)
-        public_path.unlink()
-        raise
-    with os.fdopen(fd, "w") as handle:
-        handle.write(bytes(key).hex() + "\n")
-    with os.fdopen(public_fd, "w") as handle:
-        handle.write(signer.public_key.hex() + "\n")
+    with os.fdopen(os.open(public_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), "w") as public:
+        try:
+            with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as private:
+                private.write(bytes(key).hex() + "\n")
+            public.write(signer.public_key.hex() + "\n")
+        except OSError:  # the private key exists already, or a full disk: no half pair left behind
+            public_path.unlink()
+            raise
     return signer
 
 

@@ -68,6 +68,8 @@ def auth_data_of(data: Mapping[str, Any]) -> Mapping[str, Any]:
 # orjson's refusals of what JSON allows (an integer past a double, a lone surrogate escape): those bodies take the
 # exact parser; anything else orjson refuses is not JSON
 _JSON_ORJSON_REFUSES = re.compile(r"infinity when parsed as double|surrogate")
+
+
 async def parse_body(body: bytes, exact_parses: asyncio.Semaphore) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """The body for ``auth_data`` and, when it took the exact parser already, for the payload. orjson first: the
     exact parser holds the event loop about 0.25 s per MiB of numbers, and anyone may send 16 MiB, so only a verified

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import fcntl
 import logging
 import multiprocessing
 import os
-import re
 import shutil
 import signal
 import sys
@@ -119,12 +119,19 @@ def hypercorn_config(settings: BaseSettings) -> Config:
 
 # The path is logged percent-decoded: "%0A" in a URL wrote a line of the client's choosing into the log (a forged
 # "200 POST /route/" entry), "%1B" a terminal escape. Control characters are logged escaped instead.
-_CONTROL_ESCAPES = {code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F)}
+_CONTROL_ESCAPES = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0))} | {
+    0x2028: "\\u2028",
+    0x2029: "\\u2029",
+}
 
 
 class EscapeControlCharacters(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        record.msg, record.args = record.getMessage().translate(_CONTROL_ESCAPES), None
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):
+            return True  # a bad format: logging reports it itself (handleError), as without this filter
+        record.msg, record.args = message.translate(_CONTROL_ESCAPES), None
         return True
 
 
@@ -203,42 +210,49 @@ async def _serve(factory: ServiceFactory, config: Config, sockets: Sockets, flee
     )
 
 
-METRICS_DIR_PREFIX = "metrics-"
-_METRICS_DIR = re.compile(rf"{METRICS_DIR_PREFIX}(\d+)-")
+METRICS_DIR_PREFIX = "llmrouter-metrics-"
+OWNER_LOCK = ".owner.lock"  # held (flock) by the supervisor for as long as its folder is in use
 
 
 def sweep_dead_metrics_folders(tmp_dir: str | None = None) -> int:
-    """Remove the metrics folders of supervisors that are gone: one killed (SIGKILL, an OOM kill) cannot remove its
-    own, and in a container's /tmp that outlives restarts they piled up. A folder's name carries its owner's pid."""
+    """Remove the metrics folders whose supervisor is gone: one killed (SIGKILL, an OOM kill) cannot remove its own,
+    and in a container's /tmp that outlives restarts they piled up. A folder is gone when its owner's lock can be
+    taken: pids cannot tell (a restarted container's supervisor has the same pid; a /tmp shared across pid
+    namespaces shows a live owner as dead), the kernel's lock can."""
     removed = 0
-    for folder in Path(tmp_dir or tempfile.gettempdir()).glob(f"{METRICS_DIR_PREFIX}*-*"):
-        match = _METRICS_DIR.match(folder.name)
-        if match is None or not folder.is_dir() or _alive(int(match.group(1))):
-            continue
+    for folder in Path(tmp_dir or tempfile.gettempdir()).glob(f"{METRICS_DIR_PREFIX}*"):
+        try:
+            fd = os.open(folder / OWNER_LOCK, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue  # no lock (still being made, or not ours): left alone
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # its owner holds it
+        finally:
+            os.close(fd)
         shutil.rmtree(folder, ignore_errors=True)
         removed += 1
     return removed
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True  # another user's process, or no pid: not ours to judge
-    return True
+def _hold_owner_lock(folder: str) -> int:
+    fd = os.open(Path(folder) / OWNER_LOCK, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd  # released with the process, however it ends
 
 
 def _run_supervisor(factory: ServiceFactory, config: Config, sockets: Sockets, workers: int) -> int:
     sweep_dead_metrics_folders()
-    with tempfile.TemporaryDirectory(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-") as metrics_dir:
+    with tempfile.TemporaryDirectory(prefix=METRICS_DIR_PREFIX) as metrics_dir:
+        lock = _hold_owner_lock(metrics_dir)
         # set before the workers start: prometheus_client picks its value class when a worker imports it
         os.environ[MULTIPROC_DIR_ENV] = metrics_dir
         try:
             return _supervise(factory, config, sockets, workers)
         finally:
             del os.environ[MULTIPROC_DIR_ENV]
+            os.close(lock)
 
 
 def _supervise(factory: ServiceFactory, config: Config, sockets: Sockets, workers: int) -> int:

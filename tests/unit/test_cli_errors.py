@@ -180,3 +180,5 @@ def test_a_secret_given_as_a_flag_is_warned_about(capsys: pytest.CaptureFixture[
     assert "LLMROUTER_SIGNING_KEY instead" in err and "s3cret" not in err
     assert main(["serve-dispatcher", "--signing-key-file", "k", "--port", "70000"]) == 2
     assert "warning" not in capsys.readouterr().err
+    assert main(["serve-dispatcher", "--admin-tok", "s3cret", "--port", "70000"]) == 2  # argparse's abbreviation
+    assert "warning: --admin-token on the command line" in capsys.readouterr().err

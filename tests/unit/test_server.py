@@ -10,9 +10,11 @@ from starlette.testclient import TestClient
 
 from service.config import RouterSettings
 from service.http.server import (
+    OWNER_LOCK,
     EscapeControlCharacters,
     Fleet,
     _access_logger,
+    _hold_owner_lock,
     hypercorn_config,
     sweep_dead_metrics_folders,
 )
@@ -71,16 +73,22 @@ def test_hypercorn_config_from_settings() -> None:
 
 def test_metrics_folders_of_dead_supervisors_are_swept(tmp_path: Path) -> None:
     """A supervisor killed with SIGKILL (an OOM kill) left its folder; in a container's /tmp, which outlives
-    restarts, they piled up (27 of them on the dev box)."""
-    dead_pid = 4_194_305  # past Linux's largest pid_max: no process has it
-    dead = tmp_path / f"metrics-{dead_pid}-abc123"
-    live = tmp_path / f"metrics-{os.getpid()}-def456"
-    other = tmp_path / "metrics-unrelated"
-    for folder in (dead, live, other):
+    restarts, they piled up (27 of them on the dev box). A folder goes once its owner's lock can be taken: a pid
+    could not tell (a restarted container's supervisor has the one before's pid; other pid namespaces)."""
+    dead, live, foreign = (tmp_path / f"llmrouter-metrics-{name}" for name in ("dead", "live", "foreign"))
+    for folder in (dead, live, foreign):
         folder.mkdir()
         (folder / "counter_1.db").write_bytes(b"\0" * 16)
-    assert sweep_dead_metrics_folders(str(tmp_path)) == 1
-    assert not dead.exists() and live.is_dir() and other.is_dir()
+    (dead / OWNER_LOCK).touch()  # its owner died: nobody holds the lock
+    held = _hold_owner_lock(str(live))
+    other = tmp_path / "metrics-2024-06-01"  # someone else's
+    other.mkdir()
+    try:
+        assert sweep_dead_metrics_folders(str(tmp_path)) == 1
+        assert not dead.exists() and live.is_dir() and foreign.is_dir() and other.is_dir()  # no lock: not ours
+    finally:
+        os.close(held)
+    assert sweep_dead_metrics_folders(str(tmp_path)) == 1 and not live.exists()  # its owner gone now
 
 
 def test_the_access_log_escapes_control_characters(caplog: pytest.LogCaptureFixture) -> None:
@@ -93,3 +101,8 @@ def test_the_access_log_escapes_control_characters(caplog: pytest.LogCaptureFixt
         logger.info('%(h)s "%(m)s %(U)s"', {"h": "127.0.0.1", "m": "GET", "U": "/x\n2026 INFO forged\x1b[31m"})
     (record,) = caplog.records
     assert record.getMessage() == '127.0.0.1 "GET /x\\x0a2026 INFO forged\\x1b[31m"'
+    assert EscapeControlCharacters().filter(logging.LogRecord("a", logging.INFO, "f", 1, "%d", ("x",), None))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="hypercorn.access"):
+        logger.info("%s", "C1 \x9b31m and \u2028 too")
+    assert caplog.records[0].getMessage() == "C1 \\x9b31m and \\u2028 too"
