@@ -150,19 +150,25 @@ async def test_a_cost_too_large_for_a_float_is_a_bad_format_not_a_crash(
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
 
 
-async def test_an_unsigned_body_is_refused_without_the_exact_parse(
-    client: httpx.AsyncClient, signer: Signer, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The exact parser took 1.8-3.9 s of the event loop for 15 MiB of numbers, before the signature was even
-    checked: anyone could stall a worker (and its heartbeat). Only a verified request pays for it now."""
-    exact_parses: list[int] = []
+@pytest.fixture
+def exact_parses(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The sizes of the bodies the middleware parsed exactly (the slow parser), in order."""
+    sizes: list[int] = []
     real = worker_auth_module.parse_exact_json_object
 
     def counting(body: bytes) -> dict[str, Any]:
-        exact_parses.append(len(body))
+        sizes.append(len(body))
         return real(body)
 
     monkeypatch.setattr(worker_auth_module, "parse_exact_json_object", counting)
+    return sizes
+
+
+async def test_an_unsigned_body_is_refused_without_the_exact_parse(
+    client: httpx.AsyncClient, signer: Signer, exact_parses: list[int]
+) -> None:
+    """The exact parser took 1.8-3.9 s of the event loop for 15 MiB of numbers, before the signature was even
+    checked: anyone could stall a worker (and its heartbeat). Only a verified request pays for it now."""
     numbers = {"payload": [1.5] * 100_000}
     assert (await rejected(client, {"auth_data": {**auth(signer, 6), "cost": 1.0}, **numbers}))["reason"] == (
         "bad_signature"
@@ -192,18 +198,10 @@ async def test_json_that_orjson_refuses_is_read_exactly_and_a_bad_payload_keeps_
 
 
 async def test_json_orjson_refuses_for_no_good_reason_is_a_400_not_an_exact_parse(
-    client: httpx.AsyncClient, signer: Signer, monkeypatch: pytest.MonkeyPatch
+    client: httpx.AsyncClient, signer: Signer, exact_parses: list[int]
 ) -> None:
     """Every body orjson refused took the exact parse, before any check: 16 MiB of garbage held the GIL for seconds.
     And a lone surrogate in a signed text field answered 500 (its refusal could not be encoded)."""
-    exact_parses: list[int] = []
-    real = worker_auth_module.parse_exact_json_object
-
-    def counting(body: bytes) -> dict[str, Any]:
-        exact_parses.append(len(body))
-        return real(body)
-
-    monkeypatch.setattr(worker_auth_module, "parse_exact_json_object", counting)
     garbage = b'{"payload": [' + b"1.5," * 10_000 + b"1] x"
     r = await client.post("/work", content=garbage, headers={"content-type": "application/json"})
     assert r.status_code == 400 and exact_parses == [], r.text
