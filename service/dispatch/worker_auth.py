@@ -46,15 +46,11 @@ def verify_request_body(verifier: AssignmentVerifier, body: bytes) -> tuple[Assi
 
     Raises ``InvalidRequest`` when the body is not a JSON object, ``AssignmentRejected`` when ``auth_data`` is
     missing or does not verify. The reqnum is used up only once the payload has parsed too."""
-    exact: dict[str, Any] | None = None
-    try:
-        data = parse_json_object(body)
-    except InvalidRequest as exc:  # what orjson refuses but JSON allows (see parse_body)
-        if not _JSON_ORJSON_REFUSES.search(exc.message):
-            raise
+    data, exact = _fast_parse(body), None
+    if data is None:
         data = exact = parse_exact_json_object(body)
     assignment = verifier.authenticate(auth_data_of(data))
-    payload = (exact if exact is not None else parse_exact_json_object(body)).get("payload")
+    payload = _payload(body, exact)
     return verifier.use(assignment), payload
 
 
@@ -76,14 +72,27 @@ async def parse_body(body: bytes, exact_parses: asyncio.Semaphore) -> tuple[dict
     request pays for it. The signed fields read the same either way (integers within 64 bits, correctly rounded
     floats). A body orjson refuses but JSON allows is parsed exactly in a thread, one at a time (``exact_parses``):
     it holds the GIL, so a thread spares the loop only its turns."""
-    try:
-        return parse_json_object(body), None
-    except InvalidRequest as exc:
-        if not _JSON_ORJSON_REFUSES.search(exc.message):
-            raise
+    fast = _fast_parse(body)
+    if fast is not None:
+        return fast, None
     async with exact_parses:
         exact = await asyncio.to_thread(parse_exact_json_object, body)
     return exact, exact
+
+
+def _fast_parse(body: bytes) -> dict[str, Any] | None:
+    """The body parsed by orjson; None when orjson refused what JSON allows (the exact parser's to read)."""
+    try:
+        return parse_json_object(body)
+    except InvalidRequest as exc:
+        if _JSON_ORJSON_REFUSES.search(exc.message):
+            return None
+        raise
+
+
+def _payload(body: bytes, exact: dict[str, Any] | None) -> object:
+    """The ``payload`` with every number exact: from the exact parse already made, else one now."""
+    return (exact if exact is not None else parse_exact_json_object(body)).get("payload")
 
 
 class AssignmentAuthMiddleware:
@@ -158,8 +167,7 @@ class AssignmentAuthMiddleware:
                 raise
             assignment = self.verifier.authenticate(auth_data)  # with the keys just fetched
         # its reqnum is used up only once the payload parsed: one refused as 400 can be sent again, fixed
-        payload = (exact if exact is not None else parse_exact_json_object(body)).get("payload")
-        return self.verifier.use(assignment), payload
+        return self.verifier.use(assignment), _payload(body, exact)
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:
