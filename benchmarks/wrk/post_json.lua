@@ -10,6 +10,8 @@
 -- done() prints one machine-readable line, "WRK_JSON {...}" (times in microseconds), with the same fields as
 -- route_unique.lua minus the prompt bookkeeping, plus body_bytes.
 
+dofile((debug.getinfo(1, "S").source:match("^@(.*[/\\])") or "") .. "common.lua")  -- response(), summary_fields()
+
 -- Globals of the thread's Lua state.
 body_bytes = 0
 
@@ -48,34 +50,10 @@ function request()
    return req
 end
 
--- wrk's own summary.errors.status counts only statuses above 399: a 1xx or 3xx (a redirect) would pass as served
-non_2xx = 0
-
-function response(status, headers, body)
-   if status < 200 or status > 299 then
-      non_2xx = non_2xx + 1
-   end
-end
-
 function done(summary, latency, requests)
    local size = 0
    for _, t in ipairs(threads) do
       size = t:get("body_bytes") or size
    end
-   local e = summary.errors
-   local failed = 0
-   for _, t in ipairs(threads) do
-      failed = failed + (t:get("non_2xx") or 0)
-   end
-   io.write(string.format(
-      'WRK_JSON {"requests":%.0f,"duration_us":%.0f,"bytes":%.0f,"non_2xx":%.0f,'
-         .. '"socket_errors":{"connect":%.0f,"read":%.0f,"write":%.0f,"timeout":%.0f},'
-         .. '"latency_us":{"min":%.1f,"mean":%.1f,"max":%.1f,"stdev":%.1f,'
-         .. '"p50":%.1f,"p90":%.1f,"p99":%.1f,"p99.9":%.1f},'
-         .. '"body_bytes":%.0f}\n',
-      summary.requests, summary.duration, summary.bytes, failed,
-      e.connect, e.read, e.write, e.timeout,
-      latency.min, latency.mean, latency.max, latency.stdev,
-      latency:percentile(50), latency:percentile(90), latency:percentile(99), latency:percentile(99.9),
-      size))
+   io.write("WRK_JSON " .. summary_fields(summary, latency, threads) .. string.format(',"body_bytes":%.0f}\n', size))
 end
