@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
 from collections import Counter
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -19,44 +17,24 @@ from benchmarks.harness.scenarios import EMBEDDING, REPEATED, Workload
 from benchmarks.harness.sweep import SweepConfig
 from benchmarks.harness.systems import BARE, ROUTER, Running
 from benchmarks.harness.targets import warnings_for
+from tests.fakes import stub_http_server
 
 CFG = SweepConfig((1, 4), (0.5,), (), 1.0, 0.5, 1.0, processes=2, client="http1", seed=0)
 
 
 @pytest.fixture
-def counting_server() -> Iterator[tuple[str, Counter[bytes]]]:
-    """A keep-alive HTTP/1.1 server that counts the bodies it was sent and answers 200."""
-    seen: Counter[bytes] = Counter()
-
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def do_POST(self) -> None:
-            seen[self.rfile.read(int(self.headers["Content-Length"]))] += 1
-            self.send_response(200)
-            self.send_header("Content-Length", "2")
-            self.end_headers()
-            self.wfile.write(b"{}")
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/v1/route", seen
-    finally:
-        server.shutdown()
-        server.server_close()
+def counting_server() -> Iterator[tuple[str, list[bytes]]]:
+    """A keep-alive HTTP/1.1 server that keeps the bodies it was sent and answers 200."""
+    with stub_http_server() as (base, bodies):
+        yield f"{base}/v1/route", bodies
 
 
-def test_priming_sends_every_body_once(counting_server: tuple[str, Counter[bytes]]) -> None:
-    url, seen = counting_server
+def test_priming_sends_every_body_once(counting_server: tuple[str, list[bytes]]) -> None:
+    url, sent = counting_server
     bodies = [b'{"prompt": "p%d"}' % i for i in range(50)]
     result = prime(url, bodies, concurrency=4)
     assert result == {"bodies": 50, "ok": 50, "status": {"200": 50}, "errors": {}}
-    assert seen == Counter(dict.fromkeys(bodies, 1))
+    assert Counter(sent) == Counter(dict.fromkeys(bodies, 1))
 
 
 def _running() -> Running:
@@ -113,11 +91,11 @@ SPIN = (
 
 
 def test_a_points_cpu_covers_the_recorded_window_only(
-    counting_server: tuple[str, Counter[bytes]], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    counting_server: tuple[str, list[bytes]], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """Two stand-in servers: one busy only while the load generator starts and warms up, one busy only from the
     window on. The point's server cores see the second and not the first (the load generator itself is neither)."""
-    url, seen = counting_server
+    url, sent = counting_server
     monkeypatch.setattr(sweep, "LOADGEN_START_S", 1.5)
     cfg = SweepConfig((1,), (), (), duration_s=1.0, warmup_s=1.0, drain_s=2.0, processes=1, client="http1", seed=0)
     bodies = prompts.write_bodies(tmp_path / "b.jsonl", [b'{"prompt": "p%d"}' % i for i in range(20)])
@@ -131,7 +109,7 @@ def test_a_points_cpu_covers_the_recorded_window_only(
         for proc in (early, late):
             proc.kill()
             proc.wait()
-    assert data["result"]["ok"] > 0 and sum(seen.values()) >= data["result"]["ok"]
+    assert data["result"]["ok"] > 0 and len(sent) >= data["result"]["ok"]
     assert cpu is not None and set(cpu["process_cores"]) == {"early", "late"}
     assert cpu["wall_s"] == pytest.approx(1.0, abs=0.3)
     assert cpu["process_cores"]["early"] < 0.1  # its whole second of CPU fell before the window

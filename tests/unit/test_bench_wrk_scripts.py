@@ -4,45 +4,22 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from benchmarks.common import WRK_DIR, run_wrk
+from tests.fakes import stub_http_server
 
 pytestmark = pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed")
 
 
 @pytest.fixture
 def stub() -> Iterator[tuple[str, list[bytes]]]:
-    """Answers POST /ok with 200 and POST /moved with 302; keeps the bodies it was sent."""
-    bodies: list[bytes] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def do_POST(self) -> None:
-            bodies.append(self.rfile.read(int(self.headers["Content-Length"])))
-            self.send_response(200 if self.path == "/ok" else 302)
-            self.send_header("Content-Length", "2")
-            self.end_headers()
-            self.wfile.write(b"{}")
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", bodies
-    finally:
-        server.shutdown()
-        server.server_close()
+    """Answers POST /ok with 200 and anything else (/moved) with 302; keeps the bodies it was sent."""
+    with stub_http_server(lambda path: 200 if path == "/ok" else 302) as server:
+        yield server
 
 
 def test_post_json_sends_its_body_and_counts_answers_outside_2xx(stub: tuple[str, list[bytes]]) -> None:
