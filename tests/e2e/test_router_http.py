@@ -100,6 +100,8 @@ def test_repeated_prompt_is_a_cache_hit(router: Server) -> None:
         (b'{"prompt": ""}', 400, "must not be empty"),
         (b'{"embedding": [0.1, 0.2]}', 400, "exactly 384"),
         (b'{"embedding": "0.1"}', 400, "must be an array"),
+        (b'{"embedding": [0' + b", 0.0" * 383 + b"]}", 400, "must not be all zeros"),
+        (b'{"prompt": " \\t\\n"}', 400, "only whitespace"),
         (b'{"embedding": [NaN' + b", 0.1" * 383 + b"]}", 400, "not valid JSON"),
         (b'{"embedding": [1e999' + b", 0.1" * 383 + b"]}", 400, "not valid JSON"),
         (b'{"prompt": "x", "available_models": []}', 400, "must not be empty"),
