@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -13,6 +14,7 @@ from service.config import RouterSettings
 from service.errors import InvalidRequest, NotReady, Overloaded
 from service.metrics import RouterMetrics
 from service.router.engine import RouterEngine, build_state
+from service.router.index import CentroidSearch, Nearest
 from service.router.schemas import RouteRequest
 from service.router.state import RouterState, StateHolder
 from service.router.weights import WeightsError, save_weights
@@ -107,6 +109,19 @@ async def test_cache_hit_on_repeat(engine: tuple[RouterEngine, FakeEmbedder, Rou
     assert embedder.texts_embedded == 1
     assert metrics.cache_hits._value.get() == 1
     assert metrics.cache_misses._value.get() == 1
+
+
+async def test_the_cache_size_and_ttl_settings_reach_the_engine_cache() -> None:
+    embedder = FakeEmbedder()
+    eng, _ = make_engine(embedder, cache_size=2, cache_ttl_s=1.0)
+    hits = [(await eng.route(request(f"c1 {name}"))).cache_hit for name in "abacda"]
+    # two entries: a and b, a hit; c evicts b, d evicts a (c was used later), so the last a is computed again
+    assert hits == [False, False, True, False, False, False]
+    assert (await eng.route(request("c1 a"))).cache_hit
+    await asyncio.sleep(1.1)  # past the ttl
+    assert not (await eng.route(request("c1 a"))).cache_hit
+    assert embedder.texts_embedded == 6
+    await eng.close()
 
 
 async def test_singleflight_shares_one_computation() -> None:
@@ -227,6 +242,33 @@ async def test_many_concurrent_prompts_are_batched() -> None:
     assert [d.cluster_id for d in decisions] == [i % DIM for i in range(200)]
     assert max(embedder.batches) > 1
     assert sum(embedder.batches) == 200
+    await eng.close()
+
+
+class CountingIndex:
+    """A centroid index that records the number of queries of each ``search`` call."""
+
+    def __init__(self, inner: CentroidSearch) -> None:
+        self.inner = inner
+        self.backend, self.num_centroids, self.dim = inner.backend, inner.num_centroids, inner.dim
+        self.calls: list[int] = []
+
+    def search(self, queries: np.ndarray, k: int = 1) -> Nearest:
+        self.calls.append(len(queries))
+        return self.inner.search(queries, k)
+
+
+async def test_the_index_is_searched_once_per_batch_not_once_per_prompt() -> None:
+    embedder = FakeEmbedder(delay_s=0.01)
+    eng, _ = make_engine(embedder)
+    state = eng._holder.current()
+    assert state is not None
+    index = CountingIndex(state.index)
+    eng.install(dataclasses.replace(state, index=index))
+    decisions = await asyncio.gather(*(eng.route(request(f"c{i % DIM} batched {i}")) for i in range(200)))
+    assert [d.cluster_id for d in decisions] == [i % DIM for i in range(200)]
+    assert max(embedder.batches) > 1
+    assert index.calls == embedder.batches  # one search of the whole batch per forward pass
     await eng.close()
 
 
