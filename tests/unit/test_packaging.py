@@ -6,12 +6,15 @@ test extras), which once hid a runtime import of httpx that only a test extra pr
 from __future__ import annotations
 
 import http.client
+import importlib
 import os
 import pkgutil
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
+
+import pytest
 
 import service
 from tests.install_closure import allowed_modules, only_these_imports, status_once_ready
@@ -70,3 +73,23 @@ def test_serve_answers_on_both_ports_with_only_the_declared_requirements(tmp_pat
         proc.terminate()
         proc.wait(timeout=60)
     assert "not installed with the declared requirements" not in log.read_text()
+
+
+def test_each_console_script_runs_its_command(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``pyproject.toml``'s ``[project.scripts]`` as pip's wrapper runs them: import the function, call it with the
+    script's own argv. A renamed function or a script wired to the wrong command fails here, not on a host."""
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    expected = {"llm-router": "service serve-router [-h]", "llm-dispatcher": "service serve-dispatcher [-h]",
+                "llm-service": "{serve,serve-router,serve-dispatcher,"}  # fmt: skip
+    assert set(scripts) == set(expected)
+    for name, target in scripts.items():
+        module, _, function = target.partition(":")
+        entry = getattr(importlib.import_module(module), function)
+        monkeypatch.setattr(sys, "argv", [name, "--help"])
+        with pytest.raises(SystemExit) as exited:
+            entry()
+        assert exited.value.code == 0
+        usage = capsys.readouterr().out
+        assert usage.startswith("usage: ") and expected[name] in usage, (name, usage[:200])
