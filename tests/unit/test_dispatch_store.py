@@ -1089,6 +1089,36 @@ async def test_concurrent_routes_from_two_replicas_are_atomic(redis_pair: tuple[
     assert await loads(first) == {"w1": 0.0, "w2": 0.0, "w3": 0.0}
 
 
+async def test_concurrent_retries_from_two_replicas_move_load_without_counting_it_twice(
+    redis_pair: tuple[RedisStore, RedisStore],
+) -> None:
+    """Ten retries of each of 50 requests at once, half through each replica: every retry moves its request's load
+    to the worker it picks, so the total stays 50 costs, and every assignment (first or retry) takes the next reqnum
+    of its worker."""
+    first, second = redis_pair
+    policy = PickPolicy(max_queue_time_s=1e9, heartbeat_timeout_s=60.0, request_ttl_s=600.0)
+    origins = {w: (await report(first, w, max_perf=10.0)).reqnum for w in ("w1", "w2", "w3", "w4")}
+    firsts = [await first.route(EP, 7.0, None, policy) for _ in range(50)]
+    assert all(isinstance(outcome, Assigned) for outcome in firsts)
+    idxs = [outcome.request_idx for outcome in firsts if isinstance(outcome, Assigned)]
+    retries = await asyncio.gather(
+        *((first if i % 2 else second).route(EP, 7.0, idx, policy) for i in range(10) for idx in idxs)
+    )
+    assert all(isinstance(outcome, Assigned) for outcome in retries)
+    reqnums: dict[str, list[int]] = defaultdict(list)
+    for outcome in [*firsts, *retries]:
+        assert isinstance(outcome, Assigned)
+        reqnums[outcome.worker_id].append(outcome.reqnum)
+    for worker_id, numbers in reqnums.items():
+        assert sorted(numbers) == list(range(origins[worker_id] + 1, origins[worker_id] + len(numbers) + 1))
+    workers = await second.workers(EP)
+    assert sum(w.load for w in workers) == 50 * 7.0
+    assert sum(w.open_requests for w in workers) == 50
+    results = await asyncio.gather(*((first if i % 2 else second).release(EP, [idx]) for i, idx in enumerate(idxs)))
+    assert sum(r.released for r in results) == len(idxs)
+    assert await loads(first) == {"w1": 0.0, "w2": 0.0, "w3": 0.0, "w4": 0.0}
+
+
 async def test_unreachable_redis_fails_at_the_first_attempt(monkeypatch: pytest.MonkeyPatch) -> None:
     """One connection attempt per call, no retry with back-off: the route answers 503 at once (and a retried route
     script could reserve its cost twice)."""
