@@ -766,6 +766,50 @@ def test_the_access_log_is_off_by_default_and_never_holds_an_api_key(tmp_path: P
         assert ('"GET /health HTTP/1.1" 200' in log) is logged, log
 
 
+def test_no_api_key_or_worker_token_reaches_any_log_even_at_debug_level(deployment: Deployment) -> None:
+    """Every path that handles a credential, logged as much as the services can: routes with the key in the body,
+    the query and the header, right and wrong; worker reports and releases; a wrong worker token; a SIGHUP reload of
+    the endpoints file (whose keys are hashes). Neither the dispatcher's log nor the worker's holds a key."""
+    dispatcher = deployment.dispatcher("--log-level", "debug", "--access-log")
+    worker = deployment.worker(dispatcher, "w1")
+    key, token = deployment.api_key, deployment.worker_token
+    try:
+        wait_for(lambda: ready_workers(dispatcher, key, 1), "a ready worker")
+        assignment = httpx.post(
+            f"{dispatcher.url}/route/",
+            params={"api_key": key},
+            headers={"Authorization": f"Bearer {key}"},
+            json={"endpoint": ENDPOINT, "api_key": key, "cost": 1.0, "request_idx": 0},
+        )
+        assert assignment.status_code == 200, assignment.text
+        served = httpx.post(f"{assignment.json()['url']}/echo", json={"auth_data": assignment.json(), "payload": 1})
+        assert served.status_code == 200, served.text
+        for wrong in (key + "x", token, key[:-1]):
+            refused = httpx.post(f"{dispatcher.url}/route/", params={"api_key": wrong},
+                                 json={"endpoint": ENDPOINT, "api_key": wrong, "cost": 1.0})  # fmt: skip
+            assert refused.status_code == 401
+        report = {"endpoint": ENDPOINT, "id": "w9", "url": "http://127.0.0.1:9", "state": "ready", "max_perf": 1.0}
+        bad_token = httpx.post(f"{dispatcher.url}/worker_status/", json=report,
+                               headers={"Authorization": f"Bearer {key}"})  # fmt: skip
+        assert bad_token.status_code == 401
+        os.kill(dispatcher.process.pid, signal.SIGHUP)
+        wait_for(lambda: "SIGHUP reload: now serving" in dispatcher.log(), "the reload")
+        wait_for(
+            lambda: all(w["load"] == 0 for w in endpoint_state(dispatcher, key)["workers"]), "the worker's release"
+        )
+    finally:
+        worker.stop()
+        assert dispatcher.stop() == 0, dispatcher.log()
+    logs = {"dispatcher": dispatcher.log(), "worker": worker.log()}
+    assert "'log_level': 'debug'" in logs["dispatcher"]
+    assert (
+        '"POST /route/ HTTP/1.1" 200' in logs["dispatcher"]
+        and '"POST /worker_status/ HTTP/1.1" 401' in logs["dispatcher"]
+    )
+    for name, log in logs.items():
+        assert key not in log and token not in log, name
+
+
 def test_a_connection_its_client_closed_is_closed_at_once(tmp_path: Path) -> None:
     """Hypercorn kept such a socket (CLOSE-WAIT, a file descriptor) until the 75 s keep-alive timer ran out: clients
     that open a connection per request used up the descriptors and the server stopped answering."""
