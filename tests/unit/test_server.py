@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import logging
 import multiprocessing
 import os
@@ -106,3 +107,19 @@ def test_the_access_log_escapes_control_characters(caplog: pytest.LogCaptureFixt
     with caplog.at_level(logging.INFO, logger="hypercorn.access"):
         logger.info("%s", "C1 \x9b31m and \u2028 too")
     assert caplog.records[0].getMessage() == "C1 \\x9b31m and \\u2028 too"
+
+
+def test_a_worker_process_serves_on_uvloop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """uvloop is a declared dependency for its speed: the worker's event loop is uvloop's, not asyncio's default."""
+    import service.http.server as server
+
+    loops: list[str] = []
+
+    async def serve(*_: object) -> None:
+        loops.append(type(asyncio.get_running_loop()).__module__)
+
+    monkeypatch.setattr(server, "_serve", serve)
+    monkeypatch.setattr(server, "hold_early_signals", lambda: None)  # the test process's own signals stay as they are
+    monkeypatch.setattr(server, "configure_logging", lambda level: None)
+    server.run_worker(lambda fleet: None, hypercorn_config(RouterSettings.from_env({})), None, Fleet())  # type: ignore[arg-type, return-value]
+    assert loops and loops[0].startswith("uvloop"), loops
