@@ -81,8 +81,13 @@ class BaseSettings:
             raw = env.get(ENV_PREFIX + f.name.upper())
             if raw is not None and raw != "":
                 values[f.name] = _parse(hints[f.name], raw, f.name)
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
+        flags = {k: v for k, v in overrides.items() if v is not None}
+        from_environment = [name for name in values if name not in flags]
+        values.update(flags)
+        try:
+            return cls(**values)
+        except ValueError as exc:  # the problems name flags: say which of them the environment set
+            raise ValueError(_name_environment_sources(str(exc), from_environment)) from None
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -325,6 +330,15 @@ def _admin_token_problems(token: str | None) -> list[str]:
     if token is not None and not token.strip():
         return ["--admin-token must be a non-blank token (leave it unset for no admin token)"]
     return []
+
+
+def _name_environment_sources(message: str, names: Sequence[str]) -> str:
+    """``message`` with each flag it names that came from an ``LLMROUTER_*`` variable followed by that variable: an
+    operator who set only the environment otherwise looks for a flag nobody passed."""
+    for name in names:
+        flag = _flag(name)
+        message = re.sub(rf"{re.escape(flag)}(?![\w-])", f"{flag} ({ENV_PREFIX}{name.upper()})", message)
+    return message
 
 
 def _base_type(hint: Any) -> type:

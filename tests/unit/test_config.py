@@ -45,6 +45,21 @@ def test_bad_env_value_names_the_variable() -> None:
         RouterSettings.from_env({"LLMROUTER_PORT": "abc"})
 
 
+def test_a_refused_setting_from_the_environment_names_its_variable_beside_the_flag() -> None:
+    env = {"LLMROUTER_CACHE_TTL_S": "-1", "LLMROUTER_MAX_BODY_BYTES": "10", "LLMROUTER_MAX_BUFFERED_BODY_BYTES": "5"}
+    with pytest.raises(ValueError) as refused:
+        RouterSettings.from_env(env)
+    assert "--cache-ttl-s (LLMROUTER_CACHE_TTL_S) must be" in str(refused.value)
+    assert (
+        "--max-buffered-body-bytes (LLMROUTER_MAX_BUFFERED_BODY_BYTES) must be 0 (auto) or at least --max-body-bytes"
+        " (LLMROUTER_MAX_BODY_BYTES);" in str(refused.value)
+    )
+    # a flag beats the variable: its problem is the flag's alone
+    with pytest.raises(ValueError) as refused:
+        RouterSettings.from_env({"LLMROUTER_CACHE_TTL_S": "60"}, cache_ttl_s=-2.0, max_body_bytes=10)
+    assert "--cache-ttl-s must be" in str(refused.value) and "LLMROUTER" not in str(refused.value)
+
+
 def test_summary_masks_secrets() -> None:
     s = RouterSettings.from_env({"LLMROUTER_ADMIN_TOKEN": "sekrit"})
     assert settings_summary(s)["admin_token"] == "***"
