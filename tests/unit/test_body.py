@@ -24,6 +24,19 @@ def chunks(*parts: bytes) -> Any:
     return receive
 
 
+def stalling(gate: asyncio.Event, size: int) -> Any:
+    """``size`` bytes, then the rest (nothing) once ``gate`` opens."""
+    messages = [{"type": "http.request", "body": b"x" * size, "more_body": True}]
+
+    async def receive() -> dict[str, Any]:
+        if messages:
+            return messages.pop()
+        await gate.wait()
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    return receive
+
+
 async def never() -> dict[str, Any]:
     await asyncio.Event().wait()
     raise AssertionError("unreachable")
@@ -107,19 +120,7 @@ async def test_bodies_being_read_share_one_memory_budget() -> None:
     reader = BodyReader(max_bytes=100, timeout_s=5, max_buffered_bytes=250)
     assert BodyReader(max_bytes=100, timeout_s=5).max_buffered_bytes == 6400  # 64 bodies by default
     gate = asyncio.Event()
-
-    def stalling() -> Any:  # 80 bytes, then the rest once the gate opens
-        messages = [{"type": "http.request", "body": b"x" * 80, "more_body": True}]
-
-        async def receive() -> dict[str, Any]:
-            if messages:
-                return messages.pop()
-            await gate.wait()
-            return {"type": "http.request", "body": b"", "more_body": False}
-
-        return receive
-
-    stalled = [asyncio.create_task(reader.read(JSON, stalling())) for _ in range(2)]
+    stalled = [asyncio.create_task(reader.read(JSON, stalling(gate, 80))) for _ in range(2)]
     await asyncio.sleep(0.01)
     assert reader._buffered == 160
     with pytest.raises(Overloaded) as refused:  # 160 + 100 > 250
@@ -129,3 +130,36 @@ async def test_bodies_being_read_share_one_memory_budget() -> None:
     gate.set()
     assert [len(body) for body in await asyncio.gather(*stalled)] == [80, 80]
     assert reader._buffered == 0  # given back as each read ends
+
+
+async def test_untrusted_bodies_hold_only_their_share_of_the_budget() -> None:
+    """About 64 stalled bodies without any credential filled the one budget, and every keyed /route/ got 429 until
+    they timed out: untrusted reads now stop at their share, and trusted ones keep the rest."""
+    reader = BodyReader(max_bytes=100, timeout_s=5, max_buffered_bytes=400, max_untrusted_bytes=200)
+    gate = asyncio.Event()
+    stalled = [asyncio.create_task(reader.read(JSON, stalling(gate, 90), trusted=False)) for _ in range(2)]
+    await asyncio.sleep(0.01)
+    assert reader._buffered == reader._untrusted == 180
+    with pytest.raises(Overloaded) as refused:  # 180 + 30 > 200 untrusted, though 210 is within the whole budget
+        await reader.read(JSON, chunks(b"u" * 30), trusted=False)
+    assert refused.value.close_connection and refused.value.status == 429
+    assert "Authorization: Bearer" in refused.value.message  # where a key-in-the-body client may move its key
+    assert await reader.read(JSON, chunks(b"t" * 100)) == b"t" * 100  # trusted: 280 of the whole 400
+    trusted = [asyncio.create_task(reader.read(JSON, stalling(gate, 100))) for _ in range(2)]
+    await asyncio.sleep(0.01)
+    assert (reader._buffered, reader._untrusted) == (380, 180)
+    with pytest.raises(Overloaded):  # untrusted bytes count against the whole budget too: 380 + 30 > 400
+        await reader.read(JSON, chunks(b"t" * 30))
+    gate.set()
+    await asyncio.gather(*stalled, *trusted)
+    assert reader._buffered == reader._untrusted == 0  # given back as each read ends
+    assert await reader.read(JSON, chunks(b"u" * 100), trusted=False) == b"u" * 100
+
+
+def test_the_untrusted_share_defaults_to_a_quarter_of_the_budget() -> None:
+    assert BodyReader(max_bytes=100, timeout_s=5).max_untrusted_bytes == 1600  # of 6400
+    assert BodyReader(max_bytes=100, timeout_s=5, max_buffered_bytes=200).max_untrusted_bytes == 100  # one body
+    assert (
+        BodyReader(max_bytes=100, timeout_s=5, max_buffered_bytes=200, max_untrusted_bytes=999).max_untrusted_bytes
+        == 200
+    )
