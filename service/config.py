@@ -229,6 +229,12 @@ class DispatcherSettings(BaseSettings):
         f" at most {MAX_LOAD_WINDOW_S} (the load history the stores keep)",
     )
     autoscale_interval_s: float = _opt(5.0, "how often the scaling decisions and worker gauges refresh")
+    max_unauthenticated_body_bytes: int = _opt(
+        0,
+        "of --max-buffered-body-bytes, what the bodies being read without a known key in their Authorization header"
+        " or ?api_key= (a key only in the body, an unknown one, none) may hold together (429 above): stalled bodies"
+        " without any key filled the whole budget and keyed clients got 429; 0: a quarter of it",
+    )
     admin_token: str | None = _opt(None, "bearer token for GET /endpoints/ (unset: only each endpoint's api key)")
 
     def __post_init__(self) -> None:
@@ -265,6 +271,7 @@ class DispatcherSettings(BaseSettings):
         for name in ("max_workers_per_endpoint", "max_open_requests"):
             if getattr(self, name) < 1:
                 problems.append(f"{_flag(name)} must be >= 1")
+        problems += _unauthenticated_body_problems(self)
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -313,6 +320,22 @@ def _base_problems(settings: BaseSettings) -> list[str]:
     if not 1 <= settings.listen_backlog <= MAX_LISTEN_BACKLOG:
         problems.append(f"--listen-backlog must be 1-{MAX_LISTEN_BACKLOG}")
     return problems
+
+
+def _unauthenticated_body_problems(settings: DispatcherSettings) -> list[str]:
+    unauthenticated = settings.max_unauthenticated_body_bytes
+    if not unauthenticated:
+        return []
+    from service.http.body import DEFAULT_BUFFERED_BODIES  # the resolved budget's default lives with the reader
+
+    buffered = settings.max_buffered_body_bytes or DEFAULT_BUFFERED_BODIES * settings.max_body_bytes
+    if not settings.max_body_bytes <= unauthenticated <= buffered:
+        # under one largest body such a body could never be read; over the whole budget it would be no share of it
+        return [
+            f"--max-unauthenticated-body-bytes must be 0 (auto) or from --max-body-bytes ({settings.max_body_bytes})"
+            f" to --max-buffered-body-bytes ({buffered})"
+        ]
+    return []
 
 
 def usable_cores() -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
@@ -13,7 +14,7 @@ from starlette.responses import Response
 from starlette.types import Receive
 
 from service.dispatch import schemas
-from service.dispatch.endpoints import EndpointSpec
+from service.dispatch.endpoints import EndpointSpec, hash_key
 from service.dispatch.ids import new_request_id
 from service.dispatch.records import Assigned, PickPolicy
 from service.dispatch.signing import ALGORITHM
@@ -31,6 +32,15 @@ BAD_CLIENT_KEY = "invalid api key for this endpoint"  # one message whether or n
 BAD_WORKER_TOKEN = "invalid worker token for this endpoint"
 
 
+@dataclass(frozen=True, slots=True)
+class KnownKey:
+    """A client key from the Authorization header or the query string that is some endpoint's, with its digest:
+    ``route`` authenticates with that digest rather than hashing the key again."""
+
+    key: str
+    digest: str
+
+
 class DispatcherApi:
     def __init__(self, service: DispatcherService) -> None:
         self.service = service
@@ -38,9 +48,26 @@ class DispatcherApi:
         self.metrics = service.metrics
         self._outcomes: dict[tuple[str, str], Counter] = {}
 
-    async def route(self, body: bytes, headers: Headers, query_string: bytes, receive: Receive) -> dict[str, Any]:
+    def vouch(self, headers: Headers, query_string: bytes) -> KnownKey | None:
+        """Before ``/route/``'s body is read: the key of its Bearer header, else of its ``api_key`` query parameter
+        (``parse_route_request``'s order), if it is a client key of some endpoint. Such a body is read against the
+        budget of keyed clients, any other (no such key, an unknown one, a key only in the body) against the smaller
+        untrusted one: bodies stalled by anyone could otherwise starve keyed clients of the whole budget. Which
+        endpoint the key opens is only known from the body; ``route`` checks that as ever."""
+        authorization = headers.get(b"authorization")
+        key = schemas.bearer_token(authorization.decode("latin-1")) if authorization else None
+        if key is None:
+            key = _query_param(query_string, "api_key")
+        if not key:
+            return None
+        digest = hash_key(key)
+        return KnownKey(key, digest) if self.service.registry.known_client_digest(digest) else None
+
+    async def route(
+        self, body: bytes, headers: Headers, query_string: bytes, receive: Receive, known: KnownKey | None
+    ) -> dict[str, Any]:
         """``POST /route/``, served on the fast path (``service.http.fastpath``): returns the JSON answer. Nothing
-        here waits long enough to watch ``receive`` for a departed client."""
+        here waits long enough to watch ``receive`` for a departed client. ``known``: what ``vouch`` found."""
         service, settings = self.service, self.settings
         if service.draining:
             raise ShuttingDown("the dispatcher is draining; send new requests elsewhere")
@@ -53,7 +80,9 @@ class DispatcherApi:
             max_cost=settings.max_cost,
             idempotency_key=idempotency_key.decode("latin-1") if idempotency_key is not None else None,
         )
-        spec = service.registry.authenticate_client(route_request.endpoint, route_request.api_key)
+        # the body's key, when it has one, beats the header's: the digest is reused only for that same key
+        digest = known.digest if known is not None and known.key == route_request.api_key else None
+        spec = service.registry.authenticate_client(route_request.endpoint, route_request.api_key, digest)
         if spec is None:
             raise Unauthorized(BAD_CLIENT_KEY)
         started = time.perf_counter()
@@ -106,10 +135,10 @@ class DispatcherApi:
         )
 
     async def worker_status(self, request: Request) -> Response:
-        token = _worker_token(request)
-        data = parse_json_object(await self.service.body.read_request(request))
+        token, digest = _worker_token(request)
+        data = await self._read_worker_body(request, digest)
         name, report = schemas.parse_worker_report(data, max_value=self.settings.max_report_value)
-        spec = self._authenticate_worker(name, token)
+        spec = self._authenticate_worker(name, token, digest)
         record = await self.service.store.report(spec.name, report, self.settings.heartbeat_timeout_s)
         self.metrics.reports.labels(endpoint=spec.name).inc()
         return ORJSONResponse(
@@ -124,10 +153,10 @@ class DispatcherApi:
         )
 
     async def delete_requests(self, request: Request) -> Response:
-        token = _worker_token(request)
-        data = parse_json_object(await self.service.body.read_request(request))
+        token, digest = _worker_token(request)
+        data = await self._read_worker_body(request, digest)
         name, idxs, success, worker_id = schemas.parse_release(data)
-        spec = self._authenticate_worker(name, token)
+        spec = self._authenticate_worker(name, token, digest)
         released = await self.service.store.release(spec.name, idxs, worker_id, self.settings.released_retry_s)
         self.metrics.released.labels(endpoint=spec.name, success=str(success).lower()).inc(released.released)
         return ORJSONResponse(
@@ -189,8 +218,14 @@ class DispatcherApi:
             request_ttl_s=self.settings.request_ttl_s,
         )
 
-    def _authenticate_worker(self, name: str, token: str) -> EndpointSpec:
-        spec = self.service.registry.authenticate_worker(name, token)
+    async def _read_worker_body(self, request: Request, digest: str) -> dict[str, Any]:
+        """A worker call's body, read against the keyed clients' budget only with a token that is some endpoint's
+        (as ``vouch`` does for ``/route/``)."""
+        trusted = self.service.registry.known_worker_digest(digest)
+        return parse_json_object(await self.service.body.read_request(request, trusted=trusted))
+
+    def _authenticate_worker(self, name: str, token: str, digest: str) -> EndpointSpec:
+        spec = self.service.registry.authenticate_worker(name, token, digest)
         if spec is None:
             raise Unauthorized(BAD_WORKER_TOKEN)
         return spec
@@ -210,13 +245,13 @@ class DispatcherApi:
         return spec
 
 
-def _worker_token(request: Request) -> str:
-    """The worker token; a request without one is a 401 before its body is read or judged (which endpoint a token
-    belongs to is only known from the body, so a wrong token is refused after parsing)."""
+def _worker_token(request: Request) -> tuple[str, str]:
+    """The worker token and its digest; a request without one is a 401 before its body is read or judged (which
+    endpoint a token belongs to is only known from the body, so a wrong token is refused after parsing)."""
     token = schemas.bearer_token(request.headers.get("authorization"))
     if token is None:
         raise Unauthorized(BAD_WORKER_TOKEN)
-    return token
+    return token, hash_key(token)
 
 
 def _query_param(query_string: bytes, name: str) -> str | None:

@@ -148,7 +148,14 @@ class DispatcherService(ServiceBase):
             Route("/metrics", self._guard(api.metrics_text), methods=["GET"]),
             Route("/openapi.json", self._guard(api.openapi), methods=["GET"]),
         ]
-        self._build_asgi(routes, lifespan=self._lifespan, fast_path="/route/", fast_handler=api.route)
+        self._build_asgi(
+            routes,
+            lifespan=self._lifespan,
+            fast_path="/route/",
+            fast_handler=api.route,
+            vouch=api.vouch,
+            max_untrusted_body_bytes=settings.max_unauthenticated_body_bytes or None,
+        )
 
     async def health(self) -> dict[str, Any]:
         body: dict[str, Any] = {

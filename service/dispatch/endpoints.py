@@ -14,6 +14,12 @@ cold_workers = 1
 Keys are random 256-bit tokens, so one SHA-256 is the right hash (as for API tokens; a slow password hash would
 buy nothing). A check hashes the presented key and compares against every stored digest in constant time, and an
 unknown endpoint is compared against a dummy digest, so the answer and its timing are the same either way.
+
+Whether a key is one of any endpoint's (``known_client_digest``, ``known_worker_digest``: where the dispatcher reads a
+body with a key in its headers against the budget of keyed clients) is one set lookup of the key's digest. Its timing
+can only tell about digests, and the digest of a chosen key is beyond the chooser's control (SHA-256, then Python's
+per-process keyed string hash), so it reveals nothing of the stored ones; the endpoint is authenticated afterwards
+as above, with the digest computed here.
 """
 
 from __future__ import annotations
@@ -58,8 +64,8 @@ def new_key(prefix: str) -> str:
     return f"{prefix}_{secrets.token_urlsafe(KEY_BYTES)}"
 
 
-def _matches(digests: tuple[str, ...], key: str) -> bool:
-    presented = hash_key(key)
+def _matches(digests: tuple[str, ...], key: str, digest: str | None) -> bool:
+    presented = hash_key(key) if digest is None else digest
     found = False
     for digest in digests or (_DUMMY_DIGEST,):
         found |= hmac.compare_digest(presented, digest)  # no early exit: same work whichever matches
@@ -98,20 +104,36 @@ class EndpointRegistry:
     """The configured endpoints, by name. Immutable; a reload builds a new one."""
 
     endpoints: Mapping[str, EndpointSpec] = field(default_factory=dict)
+    # every endpoint's key digests together, made once per registry (a reload builds a new one)
+    _client_digests: frozenset[str] = field(init=False, repr=False, compare=False)
+    _worker_digests: frozenset[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        specs = self.endpoints.values()
+        object.__setattr__(self, "_client_digests", frozenset(d for spec in specs for d in spec.api_key_sha256))
+        object.__setattr__(self, "_worker_digests", frozenset(d for spec in specs for d in spec.worker_token_sha256))
 
     def get(self, name: str) -> EndpointSpec | None:
         return self.endpoints.get(name)
 
-    def authenticate_client(self, name: str, api_key: str) -> EndpointSpec | None:
+    def known_client_digest(self, digest: str) -> bool:
+        """Whether ``digest`` (``hash_key`` of a key) is a client key's of some endpoint."""
+        return digest in self._client_digests
+
+    def known_worker_digest(self, digest: str) -> bool:
+        """Whether ``digest`` (``hash_key`` of a token) is a worker token's of some endpoint."""
+        return digest in self._worker_digests
+
+    def authenticate_client(self, name: str, api_key: str, digest: str | None = None) -> EndpointSpec | None:
         """The endpoint if ``api_key`` is one of its client keys; None otherwise, with the same work done
-        whether or not the endpoint exists."""
+        whether or not the endpoint exists. ``digest``: ``hash_key(api_key)`` where the caller has it already."""
         spec = self.endpoints.get(name)
-        ok = _matches(spec.api_key_sha256 if spec else (), api_key)
+        ok = _matches(spec.api_key_sha256 if spec else (), api_key, digest)
         return spec if spec is not None and ok else None
 
-    def authenticate_worker(self, name: str, token: str) -> EndpointSpec | None:
+    def authenticate_worker(self, name: str, token: str, digest: str | None = None) -> EndpointSpec | None:
         spec = self.endpoints.get(name)
-        ok = _matches(spec.worker_token_sha256 if spec else (), token)
+        ok = _matches(spec.worker_token_sha256 if spec else (), token, digest)
         return spec if spec is not None and ok else None
 
     def __len__(self) -> int:

@@ -10,6 +10,10 @@ leaves mid-upload, or while a handler that watches ``receive`` waits (it raises 
 reports a half-closed connection (``shutdown(SHUT_WR)`` after the request) as a disconnect too, and so does this
 path, as nginx does: such a client, if it still reads, gets the 499. Every other path falls through to the wrapped
 app.
+
+A path whose requests may carry a credential outside the body can give a ``vouch``: called with the headers and the
+query string before the body is read, it returns the credential it found good (passed on to the handler, which may
+reuse what checking it cost) or None, and the body is read trusted only with one (``BodyReader``'s split budget).
 """
 
 from __future__ import annotations
@@ -31,8 +35,10 @@ from service.http.responses import CLIENT_CLOSED_REQUEST, error_response
 logger = logging.getLogger(__name__)
 
 Headers = Mapping[bytes, bytes]
-# (body, headers, query string, receive) -> the JSON answer
-JsonHandler = Callable[[bytes, Headers, bytes, Receive], Awaitable[Any]]
+# (body, headers, query string, receive, what the vouch returned: None without one) -> the JSON answer
+JsonHandler = Callable[[bytes, Headers, bytes, Receive, Any], Awaitable[Any]]
+# (headers, query string) -> a credential known good before the body is read, or None
+Vouch = Callable[[Headers, bytes], Any]
 
 _JSON_HEADERS = [(b"content-type", b"application/json")]
 
@@ -51,8 +57,10 @@ class FastJsonPost:
         body: BodyReader,
         errors: Counter,
         retry_after_s: int,
+        vouch: Vouch | None = None,
     ) -> None:
         self.app = app
+        self.vouch = vouch
         self.path = path
         self.handler = handler
         self.body = body
@@ -64,9 +72,15 @@ class FastJsonPost:
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])  # ASGI lower-cases names; duplicates: the last wins
+        query_string = scope["query_string"]
         try:
-            body = await self.body.read(headers, receive)
-            answer = await self.handler(body, headers, scope["query_string"], receive)
+            if self.vouch is None:
+                credential = None
+                body = await self.body.read(headers, receive)
+            else:
+                credential = self.vouch(headers, query_string)
+                body = await self.body.read(headers, receive, trusted=credential is not None)
+            answer = await self.handler(body, headers, query_string, receive, credential)
         except (ClientDisconnect, ClientGone):
             await send({"type": "http.response.start", "status": CLIENT_CLOSED_REQUEST, "headers": []})
             await send({"type": "http.response.body", "body": b""})

@@ -17,7 +17,7 @@ from starlette.types import ASGIApp
 from service.config import BaseSettings
 from service.errors import NotFound
 from service.http.body import BodyReader
-from service.http.fastpath import FastJsonPost, JsonHandler
+from service.http.fastpath import FastJsonPost, JsonHandler, Vouch
 from service.http.handlers import Handler, guarded
 from service.http.middleware import RequestMetricsMiddleware
 from service.http.responses import ORJSONResponse, error_response, http_exception_to_error
@@ -64,11 +64,19 @@ class ServiceBase:
         return self._middleware
 
     def _build_asgi(
-        self, routes: list[Route], *, lifespan: Lifespan, fast_path: str, fast_handler: JsonHandler
+        self,
+        routes: list[Route],
+        *,
+        lifespan: Lifespan,
+        fast_path: str,
+        fast_handler: JsonHandler,
+        vouch: Vouch | None = None,
+        max_untrusted_body_bytes: int | None = None,
     ) -> None:
         """Starlette for every route, the one hot JSON POST path served ahead of it on raw ASGI
-        (``fastpath.py``), and the request metrics (and in-flight count that drain waits on) around both:
-        ``self._middleware``, which ``asgi`` serves."""
+        (``fastpath.py``, with its ``vouch``), and the request metrics (and in-flight count that drain waits on)
+        around both: ``self._middleware``, which ``asgi`` serves. ``max_untrusted_body_bytes``: the body budget's
+        share for untrusted reads (None: ``BodyReader``'s default)."""
         app = Starlette(
             routes=routes,
             exception_handlers={HTTPException: self._http_exception},  # type: ignore[dict-item]
@@ -82,6 +90,7 @@ class ServiceBase:
             max_bytes=self.settings.max_body_bytes,
             timeout_s=self.settings.body_timeout_s,
             max_buffered_bytes=self.settings.max_buffered_body_bytes or None,
+            max_untrusted_bytes=max_untrusted_body_bytes,
         )
         fast = FastJsonPost(
             app,
@@ -90,6 +99,7 @@ class ServiceBase:
             body=self.body,
             errors=self.metrics.errors,
             retry_after_s=self.settings.retry_after_s,
+            vouch=vouch,
         )
         self._middleware = RequestMetricsMiddleware(fast, metrics=self.metrics, routes=[route.path for route in routes])
 

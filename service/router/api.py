@@ -29,10 +29,13 @@ class RouterApi:
     def __init__(self, service: RouterService) -> None:
         self.service = service
 
-    async def route(self, body: bytes, headers: Headers, query_string: bytes, receive: Receive) -> dict[str, Any]:
+    async def route(
+        self, body: bytes, headers: Headers, query_string: bytes, receive: Receive, credential: None
+    ) -> dict[str, Any]:
         """``POST /v1/route``, served on the fast path (``service.http.fastpath``): returns the JSON answer.
         A supplied embedding or a cached prompt is answered at once; a prompt to embed waits for its batch,
-        watching for the client going away (its prompt is then dropped before compute)."""
+        watching for the client going away (its prompt is then dropped before compute). ``credential``: always
+        None, as the route takes none (no vouch)."""
         service = self.service
         if service.draining:
             raise ShuttingDown("the router is draining; send new requests elsewhere")

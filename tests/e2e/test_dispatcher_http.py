@@ -829,3 +829,41 @@ def test_a_connection_its_client_closed_is_closed_at_once(tmp_path: Path) -> Non
         assert time.monotonic() - started < 5.0
     finally:
         assert dispatcher.stop() == 0
+
+
+def test_bodies_stalled_without_a_known_key_leave_keyed_clients_served(deployment: Deployment) -> None:
+    """About 64 connections stalling a body each without any credential held the whole buffered-body budget, and
+    every /route/ got 429 until their body timeout: now they fill only the untrusted share of it (a quarter by
+    default), and requests with a known key in their headers are read against the rest."""
+    max_body, buffered = 1000, 8000
+    untrusted = buffered // 4  # the default share of --max-unauthenticated-body-bytes
+    dispatcher = deployment.dispatcher("--max-body-bytes", str(max_body), "--max-buffered-body-bytes", str(buffered))
+    host, port = "127.0.0.1", int(dispatcher.url.rsplit(":", 1)[1])
+    # enough to hold the whole budget as before; past the untrusted share they are refused at once
+    stalled = [socket.create_connection((host, port), timeout=WAIT_S) for _ in range(buffered // max_body)]
+    try:
+        for sock in stalled:  # one byte short of each body, no key anywhere
+            sock.sendall(b"POST /route/ HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n" % max_body + b" " * (max_body - 1))  # fmt: skip
+        body_key = {"endpoint": ENDPOINT, "cost": 1.0, "api_key": deployment.api_key}
+        refused = wait_for(  # once the stalled bytes are in
+            lambda: (r := httpx.post(f"{dispatcher.url}/route/", json=body_key, timeout=10)).status_code == 429 and r,
+            f"a body with its key only in the body refused while the untrusted {untrusted} bytes are held",
+        )
+        assert refused.json()["error"]["code"] == "overloaded" and "retry-after" in refused.headers
+        assert refused.headers["connection"] == "close"
+        assert route(dispatcher, deployment.api_key).status_code == 200  # Bearer: the keyed clients' budget
+        by_query = httpx.post(f"{dispatcher.url}/route/", params={"api_key": deployment.api_key},
+                              json={"endpoint": ENDPOINT, "cost": 1.0}, timeout=10)  # fmt: skip
+        assert by_query.status_code == 200
+        assert route(dispatcher, "dk_not-a-key").status_code == 429  # an unknown key is no key
+        report = {"endpoint": ENDPOINT, "id": "w", "url": "http://w:1", "state": "loading", "max_perf": 1.0}
+        for token, status in ((deployment.worker_token, 200), ("wt_not-a-token", 429)):
+            answer = httpx.post(f"{dispatcher.url}/worker_status/", json=report,
+                                headers={"authorization": f"Bearer {token}"}, timeout=10)  # fmt: skip
+            assert answer.status_code == status, answer.text
+    finally:
+        for sock in stalled:
+            sock.close()
+        assert dispatcher.stop() == 0, dispatcher.log()
+    assert deployment.api_key not in dispatcher.log()

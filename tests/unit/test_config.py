@@ -185,6 +185,9 @@ def test_invalid_dispatcher_base_settings_are_refused_up_front() -> None:
         ["--redis-timeout-s", "1e-300"],
         ["--signing-key-file", "k", "--signing-key", "00"],  # the file won, wherever each came from
         ["--host", " "],
+        ["--max-unauthenticated-body-bytes", "100", "--max-body-bytes", "1000"],  # no largest body would fit
+        ["--max-unauthenticated-body-bytes", "64001", "--max-body-bytes", "1000"],  # over the whole budget (64 bodies)
+        ["--max-unauthenticated-body-bytes", "5000", "--max-buffered-body-bytes", "4000", "--max-body-bytes", "1000"],
     ],
 )
 def test_invalid_dispatcher_settings_are_refused_up_front(flags: list[str]) -> None:
@@ -194,3 +197,11 @@ def test_invalid_dispatcher_settings_are_refused_up_front(flags: list[str]) -> N
     DispatcherSettings.add_arguments(parser)
     with pytest.raises(ValueError, match=f"^{flags[0]} must be "):
         DispatcherSettings.from_args(parser.parse_args(flags), {})
+
+
+def test_the_unauthenticated_body_budget_is_a_share_of_the_whole() -> None:
+    from service.config import DispatcherSettings
+
+    env = {"LLMROUTER_MAX_UNAUTHENTICATED_BODY_BYTES": "64000", "LLMROUTER_MAX_BODY_BYTES": "1000"}
+    assert DispatcherSettings.from_env(env).max_unauthenticated_body_bytes == 64000  # all of it: no split
+    assert DispatcherSettings.from_env({}).max_unauthenticated_body_bytes == 0  # auto

@@ -17,7 +17,9 @@ from openapi_spec_validator import validate
 from starlette.types import Message
 
 from service.config import DispatcherSettings
+from service.dispatch import api as api_module
 from service.dispatch import app as dispatch_app
+from service.dispatch import endpoints as endpoints_module
 from service.dispatch.app import DispatcherService
 from service.dispatch.endpoints import EndpointRegistry, EndpointSpec, hash_key, save_config
 from service.dispatch.memory_store import MemoryStore
@@ -196,6 +198,45 @@ async def test_the_api_key_may_come_from_body_bearer_or_query(client: httpx.Asyn
     r = await client.post(url, json=payload, headers=headers)
     assert r.status_code == 200, r.text
     assert r.json()["url"] == WORKER_URL
+
+
+def test_only_a_known_key_in_the_headers_or_query_vouches_for_a_body(service: DispatcherService) -> None:
+    """Which budget /route/'s body is read against is settled before it is read: only a key that is some endpoint's
+    (any endpoint's: which one the body names is checked later) moves it to the keyed clients' budget."""
+    vouch = api_module.DispatcherApi(service).vouch
+    bearer = {b"authorization": f"Bearer {API_KEY}".encode()}
+    assert vouch(bearer, b"") == api_module.KnownKey(API_KEY, hash_key(API_KEY))
+    assert vouch({}, f"api_key={OTHER_API_KEY}".encode()) == api_module.KnownKey(OTHER_API_KEY, hash_key(OTHER_API_KEY))
+    assert vouch({b"authorization": b"Bearer dk_unknown"}, f"api_key={API_KEY}".encode()) is None  # the header rules
+    basic, worker = f"Basic {API_KEY}".encode(), f"Bearer {WORKER_TOKEN}".encode()
+    for headers, query in (({}, b""), ({b"authorization": basic}, b""), ({b"authorization": worker}, b""), ({}, b"x=")):
+        assert vouch(headers, query) is None, (headers, query)
+
+
+async def test_a_route_hashes_its_key_once(client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """/route/ is the benchmarked path: the digest of a header key, computed to pick the body's budget, is the one
+    authenticated with when the route's key is that key (Vast's SDK sends it in the body and the header alike)."""
+    hashed: list[str] = []
+
+    def counted(key: str) -> str:
+        hashed.append(key)
+        return hash_key(key)
+
+    monkeypatch.setattr(api_module, "hash_key", counted)
+    monkeypatch.setattr(endpoints_module, "hash_key", counted)
+    for body_key, headers, times in (
+        (None, CLIENT, 1),
+        (API_KEY, CLIENT, 1),
+        (API_KEY, {}, 1),
+        ("dk_other", CLIENT, 2),
+    ):
+        hashed.clear()
+        payload = (
+            {"endpoint": EP, "cost": 1.0} if body_key is None else {"endpoint": EP, "cost": 1.0, "api_key": body_key}
+        )
+        r = await client.post("/route/", json=payload, headers=headers)
+        assert r.status_code == (401 if body_key == "dk_other" else 200), r.text
+        assert len(hashed) == times, (body_key, headers, hashed)
 
 
 async def test_the_body_key_beats_a_valid_bearer(client: httpx.AsyncClient) -> None:
