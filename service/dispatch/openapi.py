@@ -362,11 +362,18 @@ def _post(
                 "413": error("invalid_request: body over the size limit"),
                 "415": unsupported_media_type(),
                 "408": error("request_timeout: the body did not arrive within the configured time"),
+                "429": error(_OVERLOADED, retry_after=True),
                 "503": error(unavailable, retry_after=True),
                 **(extra or {}),
             },
         }
     }
+
+
+_OVERLOADED = (
+    "overloaded: the request bodies being read fill --max-buffered-body-bytes (or, for a request without a known"
+    " key or token in its Authorization header or api_key query parameter, --max-unauthenticated-body-bytes)"
+)
 
 
 @functools.cache
@@ -396,7 +403,7 @@ def dispatcher_openapi(*, max_cost: float, max_report_value: float, admin_token:
                 extra={
                     "429": error(
                         "too_many_open_requests: a new request on an endpoint holding --max-open-requests open"
-                        " requests (a retry with request_idx still routes)",
+                        f" requests (a retry with request_idx still routes); or {_OVERLOADED}",
                         retry_after=True,
                     )
                 },

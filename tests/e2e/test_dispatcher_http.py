@@ -32,6 +32,7 @@ from service.dispatch.client import DispatchClient
 from service.dispatch.records import STATUS_KEYS
 from service.dispatch.verifier import AssignmentRejected, AssignmentVerifier, RejectReason, fetch_keyring
 from tests.e2e.conftest import REPO, Server, free_port, start_process, start_server
+from tests.openapi_check import assert_answers_as_documented
 
 ENDPOINT = "echo-ep"
 JSON = {"content-type": "application/json"}
@@ -852,6 +853,8 @@ def test_bodies_stalled_without_a_known_key_leave_keyed_clients_served(deploymen
         )
         assert refused.json()["error"]["code"] == "overloaded" and "retry-after" in refused.headers
         assert refused.headers["connection"] == "close"
+        spec = httpx.get(f"{dispatcher.url}/openapi.json").json()
+        assert_answers_as_documented(spec, "/route/", "post", refused)
         assert route(dispatcher, deployment.api_key).status_code == 200  # Bearer: the keyed clients' budget
         by_query = httpx.post(f"{dispatcher.url}/route/", params={"api_key": deployment.api_key},
                               json={"endpoint": ENDPOINT, "cost": 1.0}, timeout=10)  # fmt: skip
@@ -862,6 +865,7 @@ def test_bodies_stalled_without_a_known_key_leave_keyed_clients_served(deploymen
             answer = httpx.post(f"{dispatcher.url}/worker_status/", json=report,
                                 headers={"authorization": f"Bearer {token}"}, timeout=10)  # fmt: skip
             assert answer.status_code == status, answer.text
+            assert_answers_as_documented(spec, "/worker_status/", "post", answer)
     finally:
         for sock in stalled:
             sock.close()
