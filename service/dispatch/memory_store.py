@@ -105,6 +105,9 @@ class MemoryStore:
         self._by_key: dict[tuple[str, str], int] = {}
         self._key_of: dict[int, tuple[str, str]] = {}
         self._url_owner: dict[str, tuple[str, str]] = {}  # url -> (endpoint, worker id) of the record reporting it
+        # (endpoint, worker id) -> {request_idx: its reqnum} of the requests that worker holds, which a report's
+        # reqnum_floor gives back. Entries go in as assigned, so in reqnum order: a worker's reqnums only grow.
+        self._held: dict[tuple[str, str], dict[int, int]] = {}
 
     async def route(
         self,
@@ -133,7 +136,7 @@ class MemoryStore:
                 raise UnknownRequest(request_idx)
             if previous[_WORKER] is not None:
                 # a retry's load leaves its old worker before picking, wherever it goes next
-                self._unassign(endpoint, previous[_WORKER], previous[_COST])
+                self._unassign(endpoint, previous[_WORKER], request_idx, previous[_COST])
         picked = pick_worker(
             workers.values(),
             now=now,
@@ -166,6 +169,7 @@ class MemoryStore:
         picked.load += cost
         picked.open_requests += 1
         picked.reqnum += 1
+        self._held.setdefault((endpoint, picked.worker_id), {})[request_idx] = picked.reqnum
         self._track(request_idx, (endpoint, cost, picked.worker_id, now + policy.request_ttl_s, None))
         return Assigned(
             request_idx=request_idx,
@@ -190,6 +194,8 @@ class MemoryStore:
             raise too_many_workers(endpoint, self._max_workers)
         if holder is not None:  # refusals above change nothing: only now is the URL taken over
             holder[1].state = WorkerState.STOPPED
+        if old is not None and report.reqnum_floor is not None:
+            self._give_back_issued_up_to(endpoint, report.worker_id, report.reqnum_floor, now)
         if old is not None and old.url != report.url and self._url_owner.get(old.url) == me:
             del self._url_owner[old.url]
         origin = reqnum_origin(now, self._reqnums_per_s)
@@ -237,6 +243,7 @@ class MemoryStore:
         gone = [worker_id for worker_id, worker in workers.items() if worker.forgettable(now, forget_s)]
         for worker_id in gone:
             url = workers.pop(worker_id).url
+            self._held.pop((endpoint, worker_id), None)  # empty: it holds no request
             if self._url_owner.get(url) == (endpoint, worker_id):
                 del self._url_owner[url]
         return len(gone)
@@ -285,12 +292,30 @@ class MemoryStore:
         record = self._workers.get(owner[0], {}).get(owner[1])
         return (owner[0], record) if record is not None and record.url == url else None
 
-    def _unassign(self, endpoint: str, worker_id: str, cost: float) -> None:
+    def _unassign(self, endpoint: str, worker_id: str, request_idx: int, cost: float) -> None:
         """A request of ``cost`` leaves the worker it was assigned to (if the worker is still known)."""
+        held = self._held.get((endpoint, worker_id))
+        if held is not None:
+            held.pop(request_idx, None)
+            if not held:
+                del self._held[endpoint, worker_id]
         worker = self._workers[endpoint].get(worker_id)
         if worker is not None:
             worker.open_requests = max(0, worker.open_requests - 1)
             worker.load = load_after_release(worker.load, cost, worker.open_requests)
+
+    def _give_back_issued_up_to(self, endpoint: str, worker_id: str, reqnum_floor: int, now: float) -> None:
+        """The worker's process refuses every reqnum up to ``reqnum_floor`` (``WorkerReport.reqnum_floor``): the
+        requests it holds with one died with the process before, and are released. Each stays known, without a
+        worker, until its own expiry, as it would have stayed held: a client that retries it (after the 503
+        ``issued_before_start``, or a lost connection) is routed afresh, avoiding this worker once, as any retry. No
+        clocks are compared, so no skew matters: a reqnum above the floor, assigned after the restart, stays."""
+        held = self._held.get((endpoint, worker_id), {})
+        dying = list(itertools.takewhile(lambda idx: held[idx] <= reqnum_floor, held))
+        for idx in dying:
+            request = self._live(idx, now)  # an expired one leaves as such (as in Redis)
+            if request is not None and request[_WORKER] == worker_id and request[_ENDPOINT] == endpoint:
+                self._release(idx, request, worker_id, request[_EXPIRES])
 
     def _waiting_polled_since(self, endpoint: str, since: float) -> dict[int, float]:
         """The endpoint's requests waiting for a worker, oldest poll first, once those last polled at or before
@@ -326,7 +351,7 @@ class MemoryStore:
         short so that what is kept stays near the requests in flight, not the request rate times the ttl."""
         self._unbind_key(request_idx)
         self._waiting.get(request[_ENDPOINT], {}).pop(request_idx, None)
-        self._unassign(request[_ENDPOINT], holder, request[_COST])
+        self._unassign(request[_ENDPOINT], holder, request_idx, request[_COST])
         if until < request[_EXPIRES]:
             self._track(request_idx, (request[_ENDPOINT], request[_COST], None, until, holder))
         else:
@@ -352,7 +377,7 @@ class MemoryStore:
         self._count_open(request, -1)
         self._waiting.get(request[_ENDPOINT], {}).pop(request_idx, None)
         if request[_WORKER] is not None:
-            self._unassign(request[_ENDPOINT], request[_WORKER], request[_COST])
+            self._unassign(request[_ENDPOINT], request[_WORKER], request_idx, request[_COST])
         self._unbind_key(request_idx)
 
     def _track(self, request_idx: int, request: _Request) -> None:

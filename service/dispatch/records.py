@@ -56,6 +56,11 @@ class WorkerReport:
     max_perf: float  # workload units per second, from the worker's own benchmark
     cur_load: float = 0.0  # the worker's own count of outstanding workload
     in_flight: int = 0
+    # The worker process refuses every assignment whose reqnum is at or below this (verifier ``issued_before_start``:
+    # the reqnum its first report after starting was answered), or None when the worker does not say (Vast's own
+    # workers). The requests this worker holds with such a reqnum died with a previous process: ``report`` releases
+    # them, rather than leaving their load on the worker until the request ttl.
+    reqnum_floor: int | None = None
 
 
 @dataclass(slots=True)

@@ -25,9 +25,12 @@ Key layout (``P`` is the ``prefix``, ``dispatch:`` by default; ``E`` an endpoint
     P open:E                zset    member request_idx, score its expiry: E's open requests (req:<idx> without
                                     released_by), what max_open_requests caps (MemoryStore._open); expired
                                     members leave when counted
+    P held:E/W              zset    member request_idx, score its reqnum: the requests worker W holds
+                                    (MemoryStore._held), which a report's reqnum_floor gives back; a member
+                                    leaves when its request leaves W
 
-A worker's hash, its set member and its url binding are removed together (``forget_workers``) once it has been
-silent for ``forget_s`` holding no request.
+A worker's hash, its held set, its set member and its url binding are removed together (``forget_workers``) once it
+has been silent for ``forget_s`` holding no request.
 
 Endpoint names cannot contain ``/`` (``endpoints.ENDPOINT_NAME``), which keeps ``E/W`` and ``E/K`` unambiguous; a
 worker id or key may contain anything. The scripts reach keys they discover (an expired request of any endpoint,
@@ -260,6 +263,7 @@ class RedisStore:
             str(self._reqnums_per_s),
             str(self._max_workers),
             _num(heartbeat_timeout_s),
+            "" if report.reqnum_floor is None else str(int(report.reqnum_floor)),
         )
         with self._unavailable("report"):
             reply = await self._report(args=args)

@@ -11,6 +11,10 @@ Contract, which ``tests/unit/test_dispatch_store.py`` checks against both implem
   its ttl): a retry of it (a worker refused it and the client tries again) is routed afresh, avoiding that worker,
   and is not new load again.
 * A request never released gives its load back after ``PickPolicy.request_ttl_s``.
+* A report with a ``reqnum_floor`` (a worker process that refuses every reqnum up to it: it restarted) gives back,
+  as a release by that worker would, the requests it holds with a reqnum at or below the floor, keeping each known
+  until its own expiry (not the retry window: a client may retry it as long as it could before); those assigned
+  later stay. A report without one leaves the ledger as it is.
 * A worker holding no request has a load of exactly 0.0, and a load is never negative.
 * ``forget_workers`` removes the records of workers silent for longer than ``forget_s`` that hold no request.
 * ``reqnum`` only grows per worker; ``request_idx`` is unique and never 0.
@@ -129,8 +133,8 @@ class DispatchStore(Protocol):
     async def report(
         self, endpoint: str, report: WorkerReport, heartbeat_timeout_s: float = DEFAULT_HEARTBEAT_TIMEOUT_S
     ) -> WorkerRecord:
-        """Record a worker's heartbeat (its load ledger and reqnum kept); ``TooManyWorkers`` for a new id on an
-        endpoint at the store's cap.
+        """Record a worker's heartbeat (its load ledger and reqnum kept, but for the requests its ``reqnum_floor``
+        gives back); ``TooManyWorkers`` for a new id on an endpoint at the store's cap.
 
         A URL is one worker's. Another record of the same endpoint reporting it (a worker restarted under a new id)
         is set to ``stopped``: its reqnums, below the new record's, would be refused by the new process. One of

@@ -89,9 +89,10 @@ async def report(
     endpoint: str = EP,
     url: str | None = None,
     heartbeat_timeout_s: float = 60.0,
+    reqnum_floor: int | None = None,
 ) -> WorkerRecord:
     url = url or f"http://{worker_id}.{endpoint}:8000"  # a URL is one worker's
-    report = WorkerReport(worker_id=worker_id, url=url, state=state, max_perf=max_perf)
+    report = WorkerReport(worker_id=worker_id, url=url, state=state, max_perf=max_perf, reqnum_floor=reqnum_floor)
     return await store.report(endpoint, report, heartbeat_timeout_s)
 
 
@@ -564,6 +565,141 @@ async def test_a_sweep_of_thousands_of_expired_requests_works_in_redis(
         monkeypatch.setattr(redis_store_module, "BACKGROUND_SWEEP_LIMIT", 10_000)  # every one in one script
         assert (await store.load_stats(EP, 10.0)).outstanding == 0.0
         assert await store._redis.zcard(f"{redis_prefix}expiries") == 0
+    finally:
+        await store.close()
+
+
+# -- a worker process restarted under its id (WorkerReport.reqnum_floor) ---------------------------------------
+async def held(store: DispatchStore, endpoint: str = EP) -> dict[str, dict[int, int]]:
+    """Worker id -> {request_idx: reqnum} of the requests it holds, as the store indexes them for reqnum_floor."""
+    if isinstance(store, MemoryStore):
+        return {worker: dict(idxs) for (name, worker), idxs in store._held.items() if name == endpoint}
+    assert isinstance(store, RedisStore)
+    index: dict[str, dict[int, int]] = {}
+    for key in await store._redis.keys(f"{store.prefix}held:{endpoint}/*"):
+        members = await store._redis.zrange(key, 0, -1, withscores=True)
+        index[key.rpartition("/")[2]] = {int(idx): int(reqnum) for idx, reqnum in members}
+    return index
+
+
+async def test_a_restart_report_gives_back_the_load_of_the_requests_that_died_with_the_process(
+    store: DispatchStore,
+) -> None:
+    """A worker that crashed and came back under its id kept the load of the requests lost with it until their ttl
+    (600 s), and picking avoided it all that time."""
+    await report(store, "w1")
+    dead = [await assign(store, 2.0), await assign(store, 3.0)]
+    first = await report(store, "w1")  # the new process's first report: its answer's reqnum becomes its floor
+    assert (first.load, first.reqnum) == (5.0, 2)  # nothing is known of a restart yet
+    after = await report(store, "w1", reqnum_floor=first.reqnum)
+    assert (after.load, after.open_requests, after.reqnum) == (0.0, 0, 2)
+    assert await loads(store) == {"w1": 0.0}
+    assert await store.load_stats(EP, 10.0) == LoadStats(load_rate=0.5, outstanding=0.0, open_requests=0)
+    # known still (a client retries them), held by no worker: the dead process's late release changes nothing
+    idxs = [request.request_idx for request in dead]
+    assert await store.release(EP, idxs, "w1") == Released(released=0, unknown=0, not_held=2)
+
+
+async def test_a_request_assigned_after_the_restart_stays_whatever_floor_comes_again(store: DispatchStore) -> None:
+    await report(store, "w1")
+    dead = await assign(store, 2.0)
+    floor = (await report(store, "w1")).reqnum
+    alive = await assign(store, 3.0)
+    assert alive.reqnum == floor + 1
+    for reported in (floor, floor, floor - 1, 0):  # the same floor on every report, or an older one: no change
+        record = await report(store, "w1", reqnum_floor=reported)
+        assert (record.load, record.open_requests) == (3.0, 1)
+    assert await held(store) == {"w1": {alive.request_idx: alive.reqnum}}
+    assert await store.release(EP, [alive.request_idx, dead.request_idx], "w1") == Released(1, 0, not_held=1)
+    assert await loads(store) == {"w1": 0.0}
+
+
+async def test_a_retry_of_a_request_given_back_on_a_restart_is_routed_afresh(store: DispatchStore) -> None:
+    """A client whose request died with the worker (a lost connection, or the new process's 503
+    issued_before_start) routes its request_idx again: a retry, not an unknown request nor new load."""
+    await report(store, "w1", max_perf=100.0)
+    await report(store, "w2", max_perf=1.0)
+    dead = await assign(store, 2.0)
+    assert dead.worker_id == "w1"
+    await report(store, "w1", max_perf=100.0, reqnum_floor=dead.reqnum)
+    assert await loads(store) == {"w1": 0.0, "w2": 0.0}
+    again = await assign(store, 2.0, dead.request_idx)
+    assert (again.request_idx, again.retry, again.worker_id) == (dead.request_idx, True, "w2")  # as any retry
+    assert await loads(store) == {"w1": 0.0, "w2": 2.0}
+    assert await store.load_stats(EP, 10.0) == LoadStats(load_rate=0.2, outstanding=2.0, open_requests=1)
+    assert await store.release(EP, [again.request_idx], "w2") == Released(released=1, unknown=0)
+
+
+async def test_a_retry_of_a_request_the_only_worker_lost_polls_back_to_it(store: DispatchStore) -> None:
+    await report(store, "w1")
+    dead = await assign(store, 2.0)
+    await report(store, "w1", reqnum_floor=dead.reqnum)
+    assert await loads(store) == {"w1": 0.0}
+    await no_ready(store, 2.0, dead.request_idx)  # the retry avoids its last worker once, as any retry
+    again = await assign(store, 2.0, dead.request_idx)
+    assert (again.request_idx, again.worker_id) == (dead.request_idx, "w1")
+    assert await loads(store) == {"w1": 2.0}
+
+
+async def test_a_report_without_a_floor_changes_nothing(store: DispatchStore) -> None:
+    """Vast's own workers do not send reqnum_floor: their requests' loads stay until released or expired."""
+    await report(store, "w1")
+    first, second = await assign(store, 2.0), await assign(store, 3.0)
+    record = await report(store, "w1", reqnum_floor=None)
+    assert (record.load, record.open_requests, record.reqnum) == (5.0, 2, 2)
+    assert await held(store) == {"w1": {first.request_idx: 1, second.request_idx: 2}}
+    below = await report(store, "w1", reqnum_floor=first.reqnum - 1)  # below every request held: none died
+    assert (below.load, below.open_requests) == (5.0, 2)
+
+
+async def test_a_request_expired_before_the_restart_report_leaves_as_expired(store: DispatchStore) -> None:
+    short = PickPolicy(max_queue_time_s=30.0, heartbeat_timeout_s=60.0, request_ttl_s=0.2)
+    await report(store, "w1")
+    expiring = await assign(store, 2.0, policy=short)
+    dead = await assign(store, 3.0)
+    await asyncio.sleep(0.35)
+    record = await report(store, "w1", reqnum_floor=dead.reqnum)
+    assert (record.load, record.open_requests) == (0.0, 0)
+    with pytest.raises(UnknownRequest):
+        await store.route(EP, 2.0, expiring.request_idx, short)
+    assert (await no_ready(store, 3.0, dead.request_idx)).request_idx == dead.request_idx  # this one is kept
+
+
+async def test_the_index_of_held_requests_follows_them_and_empties(store: DispatchStore) -> None:
+    short = PickPolicy(max_queue_time_s=30.0, heartbeat_timeout_s=60.0, request_ttl_s=0.2)
+    await report(store, "w1")
+    released, moved = await assign(store, 1.0), await assign(store, 1.0)
+    expiring = await assign(store, 1.0, policy=short)
+    assert await held(store) == {"w1": {released.request_idx: 1, moved.request_idx: 2, expiring.request_idx: 3}}
+    await report(store, "w2")
+    again = await assign(store, 1.0, moved.request_idx)  # a retry moves it to w2
+    await store.release(EP, [released.request_idx])
+    assert await held(store) == {"w1": {expiring.request_idx: 3}, "w2": {again.request_idx: again.reqnum}}
+    await asyncio.sleep(0.35)
+    await store.release(EP, [again.request_idx])
+    assert await loads(store) == {"w1": 0.0, "w2": 0.0}  # the expired one swept
+    assert await held(store) == {}
+
+
+async def test_a_held_member_an_older_script_left_is_dropped_and_its_request_left_alone(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """In a rolling deploy, a replica without the held index moves requests without telling it: a restart report
+    must not give back a request another worker holds now."""
+    store = RedisStore(redis_url, prefix=redis_prefix, reqnums_per_s=0)
+    try:
+        await report(store, "w1", max_perf=100.0)
+        await report(store, "w2", max_perf=1.0)
+        moved = await assign(store, 2.0)
+        assert await held(store) == {"w1": {moved.request_idx: moved.reqnum}}
+        # an older replica's retry: the request and its load go to w2, the held index is not told
+        await store._redis.hset(f"{redis_prefix}req:{moved.request_idx}", "worker", "w2")
+        await store._redis.hset(f"{redis_prefix}worker:{EP}/w1", mapping={"load": "0", "open_requests": "0"})
+        await store._redis.hset(f"{redis_prefix}worker:{EP}/w2", mapping={"load": "2", "open_requests": "1"})
+        await report(store, "w1", max_perf=100.0, reqnum_floor=moved.reqnum)
+        assert await held(store) == {}
+        assert await loads(store) == {"w1": 0.0, "w2": 2.0}
+        assert await store.release(EP, [moved.request_idx], "w2") == Released(released=1, unknown=0)
     finally:
         await store.close()
 
@@ -1242,8 +1378,11 @@ async def test_redis_mirrors_memory_step_by_step(redis_url: str, redis_prefix: s
             action = rng.random()
             endpoint = EP if rng.random() < 0.8 else OTHER_EP
             if action < 0.2:
+                floor = rng.choice([None, None, rng.randrange(40)])  # a restarted process's, or none
                 report_ = WorkerReport(rng.choice(ids), f"http://{rng.randrange(12)}", rng.choice(states),
-                                       max_perf=rng.choice([0.0, 0.5, 1.0, 3.7, 1e-3]))  # fmt: skip
+                                       max_perf=rng.choice([0.0, 0.5, 1.0, 3.7, 1e-3]),
+                                       reqnum_floor=floor)  # fmt: skip
+                open_before = sum(w.open_requests for w in await memory.workers(endpoint))
                 results: list[object] = []
                 for store in stores:
                     try:
@@ -1251,6 +1390,8 @@ async def test_redis_mirrors_memory_step_by_step(redis_url: str, redis_prefix: s
                         results.append((record.load, record.reqnum))
                     except UrlTaken:
                         results.append("url_taken")
+                if sum(w.open_requests for w in await memory.workers(endpoint)) < open_before:
+                    seen.add("given back on a restart")
             elif action < 0.85:
                 cost = rng.choice([0.1, 0.2, 0.3, 1.0, 2.5, 7.0, 1e-10, 1e8, 0.0])
                 idx = rng.choice(issued) if issued and rng.random() < 0.3 else None
@@ -1283,8 +1424,9 @@ async def test_redis_mirrors_memory_step_by_step(redis_url: str, redis_prefix: s
                             for w in await s.workers(name)] for s in stores]  # fmt: skip
                 assert ledgers[0] == ledgers[1]
                 assert await open_requests(memory, name) == await open_requests(redis_store, name)
+                assert await held(memory, name) == await held(redis_store, name)
         assert seen >= {"Assigned", "NoReadyWorker", "unknown", "released", "not_held", "retried by key", "url_taken",
-                        "too_many_open_requests"}  # fmt: skip
+                        "too_many_open_requests", "given back on a restart"}  # fmt: skip
     finally:
         await redis_store.close()
 

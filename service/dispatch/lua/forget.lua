@@ -13,7 +13,7 @@ for _, id in ipairs(redis.call('SMEMBERS', members)) do
   if not r[1] then
     redis.call('SREM', members, id)  -- a member without a record: nothing to keep (routes skip it anyway)
   elseif now - tonumber(r[1]) > forget and tonumber(r[2] or '0') == 0 then
-    redis.call('DEL', key)
+    redis.call('DEL', key, held_key(endpoint, id))  -- held: empty, but for members an older script version left
     redis.call('SREM', members, id)
     if r[3] and redis.call('HGET', urls, r[3]) == endpoint .. '/' .. id then redis.call('HDEL', urls, r[3]) end
     gone = gone + 1

@@ -22,15 +22,19 @@ local function idem_key(endpoint, key) return prefix .. 'idem:' .. endpoint .. '
 -- by expiry. A set rather than a counter, so that what a script without it (an older replica in a rolling deploy)
 -- released or let expire leaves by itself once its score passes (count_open), instead of counting for ever.
 local function open_key(endpoint) return prefix .. 'open:' .. endpoint end
+-- MemoryStore._held: the requests worker W holds, as a zset of request_idx scored by reqnum (below 2**53, exact as
+-- a double), which a report's reqnum_floor gives back (report.lua)
+local function held_key(endpoint, worker_id) return prefix .. 'held:' .. endpoint .. '/' .. worker_id end
 local function count_open(endpoint, now)
   local key = open_key(endpoint)
   redis.call('ZREMRANGEBYSCORE', key, '-inf', fmt(now))  -- expired: no longer open, swept or not
   return redis.call('ZCARD', key)
 end
 
--- MemoryStore._unassign: a request of `cost` leaves its worker (if the worker exists); returns the new load or nil.
+-- MemoryStore._unassign: request idx of `cost` leaves its worker (if the worker exists); returns the new load or nil.
 -- memory_store.load_after_release: exactly 0 once the worker holds no request, never below 0 (float dust).
-local function unassign(endpoint, worker_id, cost)
+local function unassign(endpoint, worker_id, idx, cost)
+  redis.call('ZREM', held_key(endpoint, worker_id), idx)
   local key = worker_key(endpoint, worker_id)
   local r = redis.call('HMGET', key, 'load', 'open_requests')
   if not r[1] then return nil end
@@ -48,7 +52,7 @@ end
 local function drop(idx)
   local key = prefix .. 'req:' .. idx
   local r = redis.call('HMGET', key, 'endpoint', 'cost', 'worker')
-  if r[1] and r[3] then unassign(r[1], r[3], tonumber(r[2])) end
+  if r[1] and r[3] then unassign(r[1], r[3], idx, tonumber(r[2])) end
   if r[1] then
     redis.call('ZREM', open_key(r[1]), idx)
     redis.call('ZREM', waiting_key(r[1]), idx)  -- else an endpoint no longer configured keeps its entries for good
@@ -75,4 +79,22 @@ local function expired(idx, now)
     return true
   end
   return false
+end
+
+-- MemoryStore._release: worker `holder` is done with request idx (r: its HMGET endpoint, cost, worker, idem): its
+-- load goes back and its Idempotency-Key is unbound, but it stays known, without a worker, until keep_until (or its
+-- own expiry, if sooner), so that a retry of it routes afresh, avoiding the worker that let it go.
+local function give_back(endpoint, idx, r, keep_until)
+  local key = prefix .. 'req:' .. idx
+  redis.call('HDEL', key, 'worker', 'idem')
+  redis.call('HSET', key, 'released_by', r[3])
+  redis.call('ZREM', waiting_key(endpoint), idx)
+  if r[4] then
+    local idem = idem_key(endpoint, r[4])
+    if redis.call('GET', idem) == idx then redis.call('DEL', idem) end
+  end
+  local expires = tonumber(redis.call('ZSCORE', expiries, idx))
+  if expires and keep_until < expires then redis.call('ZADD', expiries, fmt(keep_until), idx) end
+  unassign(endpoint, r[3], idx, tonumber(r[2]))
+  redis.call('ZREM', open_key(endpoint), idx)
 end

@@ -15,17 +15,7 @@ for i = 6, #ARGV do
   elseif not r[3] or (holder ~= '' and r[3] ~= holder) then
     not_held = not_held + 1
   else
-    redis.call('HDEL', key, 'worker', 'idem')
-    redis.call('HSET', key, 'released_by', r[3])
-    redis.call('ZREM', waiting_key(endpoint), idx)
-    if r[4] then
-      local idem = idem_key(endpoint, r[4])
-      if redis.call('GET', idem) == idx then redis.call('DEL', idem) end
-    end
-    local expires = tonumber(redis.call('ZSCORE', expiries, idx))
-    if expires and keep_until < expires then redis.call('ZADD', expiries, fmt(keep_until), idx) end
-    unassign(endpoint, r[3], tonumber(r[2]))
-    redis.call('ZREM', open_key(endpoint), idx)
+    give_back(endpoint, idx, r, keep_until)
     released = released + 1
   end
 end

@@ -1,6 +1,7 @@
 -- ARGV[3..]: endpoint, worker_id, url, state, max_perf, cur_load, in_flight, reqnums_per_s, max_workers,
--- heartbeat_timeout_s. Returns {last_seen, load, reqnum, open_requests}, {0} when the id is new and the endpoint
--- holds max_workers, or {-1} when an active worker of another endpoint reports the url (MemoryStore.report).
+-- heartbeat_timeout_s, reqnum_floor ('' for none). Returns {last_seen, load, reqnum, open_requests}, {0} when the id
+-- is new and the endpoint holds max_workers, or {-1} when an active worker of another endpoint reports the url
+-- (MemoryStore.report).
 local endpoint, id, url = ARGV[3], ARGV[4], ARGV[5]
 local me = endpoint .. '/' .. id
 local urls = prefix .. 'urls'
@@ -26,6 +27,18 @@ if redis.call('SISMEMBER', members, id) == 0 and redis.call('SCARD', members) >=
   return {0}
 end
 if holder then redis.call('HSET', holder, 'state', 'stopped') end
+if ARGV[13] ~= '' then
+  -- MemoryStore._give_back_issued_up_to: the process there refuses these reqnums, so the requests it holds with one
+  -- died with the process before it; each stays known until its own expiry, for a retry
+  local held = held_key(endpoint, id)
+  for _, idx in ipairs(redis.call('ZRANGEBYSCORE', held, '-inf', ARGV[13])) do
+    redis.call('ZREM', held, idx)  -- a member an older script version left (it moved the request on) goes too
+    if not expired(idx, t) then
+      local r = redis.call('HMGET', prefix .. 'req:' .. idx, 'endpoint', 'cost', 'worker', 'idem')
+      if r[1] == endpoint and r[3] == id then give_back(endpoint, idx, r, math.huge) end
+    end
+  end
+end
 local now = fmt(t)
 local key = worker_key(endpoint, id)
 local old_url = redis.call('HGET', key, 'url')

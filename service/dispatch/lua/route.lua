@@ -54,7 +54,7 @@ end
 
 if retry and prev_worker then
   -- a retry's load leaves its old worker before picking, wherever it goes next (as MemoryStore does)
-  local load = unassign(endpoint, prev_worker, prev_cost)
+  local load = unassign(endpoint, prev_worker, idx, prev_cost)
   if load then
     for _, w in ipairs(workers) do
       if w.id == prev_worker then
@@ -136,6 +136,7 @@ if best then
   redis.call('HSET', key, 'load', fmt(best.load + cost))
   redis.call('HINCRBY', key, 'open_requests', 1)
   local reqnum = redis.call('HINCRBY', key, 'reqnum', 1)
+  redis.call('ZADD', held_key(endpoint, best.id), fmt(reqnum), idx)
   fields[#fields + 1] = 'worker'
   fields[#fields + 1] = best.id
   redis.call('HSET', req_key, unpack(fields))
