@@ -13,6 +13,7 @@ from service.dispatch.schemas import (
     MAX_ID_CHARS,
     MAX_IN_FLIGHT,
     MAX_RELEASE_BATCH,
+    MAX_REQNUM,
     MAX_REQUEST_IDX,
     MAX_URL_CHARS,
 )
@@ -173,6 +174,17 @@ def _worker_report(max_value: float) -> dict[str, Any]:
                 "minimum": 0,
                 "maximum": MAX_IN_FLIGHT,
                 "description": f"null or absent: 0; {_INTEGRAL}",
+            },
+            "reqnum_floor": {
+                "type": ["integer", "null"],
+                "minimum": 0,
+                "maximum": MAX_REQNUM,
+                "description": "the reqnum at or below which this worker process refuses every assignment (as"
+                " issued_before_start): the reqnum its first report after starting was answered. Requests this"
+                " worker holds with such a reqnum died with the process before, and their load is released at once"
+                " (not at the request ttl); each stays known until its expiry, so a client's retry of it routes"
+                " afresh. Requests assigned after that answer stay. null or absent: nothing is released, as for"
+                f" workers that do not send it; {_INTEGRAL}",
             },
         },
         # schemas.parse_worker_report: picking divides by a ready worker's max_perf

@@ -16,6 +16,9 @@ from service.errors import InvalidRequest, Unauthorized
 
 MAX_REQUEST_IDX = 2**53  # JSON numbers above this lose precision in many clients
 MAX_IN_FLIGHT = 2**53  # a count the operator view sends back: the same bound, for the same reason
+# A reqnum is unix time x records.REQNUMS_PER_SECOND plus a count, below this until the year 2255; above it, a Redis
+# zset score (a double) would no longer hold it exactly
+MAX_REQNUM = 2**53
 MAX_ID_CHARS = 256
 MAX_URL_CHARS = 2048
 MAX_RELEASE_BATCH = 10_000
@@ -110,10 +113,15 @@ def parse_worker_report(data: Mapping[str, Any], *, max_value: float) -> tuple[s
     in_flight = _optional_int(data, "in_flight") or 0
     if not 0 <= in_flight <= MAX_IN_FLIGHT:
         raise InvalidRequest(f"'in_flight' must be an integer between 0 and {MAX_IN_FLIGHT}")
+    reqnum_floor = _optional_int(data, "reqnum_floor")
+    if reqnum_floor is not None and not 0 <= reqnum_floor <= MAX_REQNUM:
+        raise InvalidRequest(f"'reqnum_floor' must be an integer between 0 and {MAX_REQNUM}")
     if state is WorkerState.READY and not max_perf > 0:
         # picking divides by it: a ready worker without speed could never be given a request
         raise InvalidRequest("'max_perf' must be > 0 for a worker reporting state 'ready'")
-    report = WorkerReport(worker_id, url, state, max_perf=max_perf, cur_load=cur_load, in_flight=in_flight)
+    report = WorkerReport(
+        worker_id, url, state, max_perf=max_perf, cur_load=cur_load, in_flight=in_flight, reqnum_floor=reqnum_floor
+    )
     return endpoint, report
 
 

@@ -16,6 +16,7 @@ from service.dispatch.schemas import (
     MAX_ID_CHARS,
     MAX_IN_FLIGHT,
     MAX_RELEASE_BATCH,
+    MAX_REQNUM,
     MAX_REQUEST_IDX,
     UNKNOWN_REQUEST_IDX,
     RouteRequest,
@@ -241,6 +242,26 @@ def test_max_perf_and_cur_load_are_bounded(field: str) -> None:
             parse_report(report(**{field: bad}))
 
 
+def test_a_reqnum_floor_is_read_as_an_integer_and_absent_or_null_is_none() -> None:
+    """The floor below which a restarted worker process refuses assignments (WorkerReport.reqnum_floor)."""
+    assert parse_report(report(reqnum_floor=1795405757743383))[1].reqnum_floor == 1795405757743383
+    assert parse_report(report(reqnum_floor=7.0))[1].reqnum_floor == 7
+    assert parse_report(report(reqnum_floor=0))[1].reqnum_floor == 0
+    assert parse_report(report(reqnum_floor=MAX_REQNUM))[1].reqnum_floor == MAX_REQNUM
+    assert parse_report(report(reqnum_floor=None))[1].reqnum_floor is None
+    assert parse_report(report())[1].reqnum_floor is None  # Vast's own workers do not send it
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["5", "", True, False, [], {}, -1, -1.0, 1.5, float("nan"), float("inf"), -float("inf"), MAX_REQNUM + 1,
+     float(2**60), 10**30],
+)  # fmt: skip
+def test_a_bad_reqnum_floor_is_invalid(bad: object) -> None:
+    with pytest.raises(InvalidRequest, match="'reqnum_floor' must be an integer"):
+        parse_report(report(reqnum_floor=bad))
+
+
 def test_a_report_without_endpoint_is_invalid() -> None:
     data = report()
     del data["endpoint"]
@@ -385,6 +406,8 @@ def test_integer_fields_take_what_the_schema_takes(value: object) -> None:
     assert route_schema.is_valid(route_request) is accepted(lambda: route(route_request))
     worker_report = report(in_flight=value)
     assert request_schema("/worker_status/").is_valid(worker_report) is accepted(lambda: parse_report(worker_report))
+    restarted = report(reqnum_floor=value)
+    assert request_schema("/worker_status/").is_valid(restarted) is accepted(lambda: parse_report(restarted))
     release = {"endpoint": "ep", "request_idxs": [3, value]}
     assert request_schema("/delete_requests/").is_valid(release) is accepted(lambda: parse_release(release))
 
