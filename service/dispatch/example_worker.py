@@ -7,7 +7,9 @@ It exists to show (and to test end to end) what a real worker must do, in the or
    rotation is picked up;
 2. report ``state: ready`` (``POST /worker_status/``) and, from the answer's ``reqnum``, refuse every
    assignment issued before this process started (a fresh replay window cannot tell which were served); only
-   then accept work, and keep reporting its load well within the dispatcher's ``heartbeat_timeout_s``;
+   then accept work, and keep reporting its load well within the dispatcher's ``heartbeat_timeout_s``, each
+   report naming that floor (``reqnum_floor``), the first of them at once: the dispatcher then gives back the load
+   of the requests that died with a previous process under this id, instead of holding it until the request ttl;
 3. accept work only with a valid signed assignment (``AssignmentAuthMiddleware``);
 4. give each finished request's load back (``POST /delete_requests/``), without making the client wait for it,
    those finished within ``RELEASE_BATCH_S`` in one call (one call each took 3.8 s for a burst of 1000, and
@@ -106,6 +108,7 @@ class ExampleWorker:
         self.verifier = AssignmentVerifier(KeyRing([]), own_urls=[own_url], endpoint=endpoint)
         self._given_keyring = keyring
         self.keys_loaded = False
+        self.reqnum_floor: int | None = None  # what the verifier refuses up to, once the first report set it
         self._headers = {"Authorization": f"Bearer {worker_token}"}
         self._given_http = http
         self._http: httpx.AsyncClient | None = None
@@ -164,6 +167,10 @@ class ExampleWorker:
             keyring = await self._fetch_keys_until_answered()
         interval = await self._first_report()
         self._install_keys(keyring)
+        if self.reqnum_floor is not None:
+            # the floor at once, not a report interval later: until the dispatcher hears it, the requests that died
+            # with a previous process here keep their load on this worker, and picking avoids it
+            interval = await self.report(WorkerState.READY)
         await self._report_loop(interval)
 
     # -- talking to the dispatcher ----------------------------------------------------------------------------
@@ -225,6 +232,7 @@ class ExampleWorker:
         issued = answer.get("reqnum")
         if isinstance(issued, int) and not isinstance(issued, bool):
             self.verifier.reject_up_to(issued)
+            self.reqnum_floor = issued
         return self._next_report_in(answer)
 
     async def _report_loop(self, interval: float) -> None:
@@ -254,6 +262,8 @@ class ExampleWorker:
             "cur_load": 0.0,
             "in_flight": 0,
         }
+        if self.reqnum_floor is not None:
+            body["reqnum_floor"] = self.reqnum_floor
         url = join_url(self.dispatcher_url, WORKER_STATUS_PATH)
         try:
             assert self._report_http is not None  # set with self.http

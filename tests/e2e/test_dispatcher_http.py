@@ -53,7 +53,11 @@ BAD_REPORT_FIELDS: tuple[dict[str, Any], ...] = (
     {"max_perf": 0},  # ready with no speed: every route would answer busy
     {"max_perf": 1.7e308},  # over --max-report-value: autoscaling's mean overflowed
     {"max_perf": 10, "cur_load": 1e300},
+    {"max_perf": 10, "reqnum_floor": -1},
+    {"max_perf": 10, "reqnum_floor": "12"},
+    {"max_perf": 10, "reqnum_floor": 2**60},
 )
+RESTART_WAIT_S = 10.0  # far below the request ttl (600 s), which the lost requests' load used to wait for
 
 
 @dataclass
@@ -322,6 +326,38 @@ def test_a_silent_worker_gets_no_more_requests_and_retries_land_elsewhere(
     # the retried request's cost moved: the dead worker holds none of it
     dead = next(w for w in by_id.values() if not w["active"])
     assert dead["load"] == 0.0
+
+
+@pytest.mark.parametrize("store", ["memory", "redis"])
+def test_a_worker_restarted_under_its_id_sheds_the_load_of_the_requests_lost_with_it(
+    deployment: Deployment, store: str, request: pytest.FixtureRequest
+) -> None:
+    """The example worker reports its reqnum_floor: the requests the killed process held stop counting on its id at
+    once, not at the request ttl, and a client retrying one of them is routed again."""
+    options = () if store == "memory" else ("--redis-url", request.getfixturevalue("redis_url"),
+                                            "--redis-prefix", f"e2e-{uuid.uuid4().hex[:8]}:")  # fmt: skip
+    dispatcher = deployment.dispatcher(*options)
+    worker = deployment.worker(dispatcher, "w1")
+    try:
+        wait_for(lambda: ready_workers(dispatcher, deployment.api_key, 1), "a ready worker")
+        lost = [route(dispatcher, deployment.api_key).json() for _ in range(3)]  # routed, never sent to it
+        assert [answer["url"] for answer in lost] == [worker.url] * 3
+
+        def load() -> float:
+            [record] = endpoint_state(dispatcher, deployment.api_key)["workers"]
+            return float(record["load"])
+
+        assert load() == 30.0
+        worker.process.send_signal(signal.SIGKILL)
+        worker.process.wait()
+        worker = deployment.worker(dispatcher, "w1")  # the same id, come back (on another port here)
+        wait_for(lambda: load() == 0.0, "the lost requests' load to be given back", timeout_s=RESTART_WAIT_S)
+        retried = route(dispatcher, deployment.api_key, request_idx=lost[0]["request_idx"])
+        assert retried.status_code == 200, retried.text  # known still: routed again, not unknown_request_idx
+        assert retried.json()["request_idx"] == lost[0]["request_idx"]
+    finally:
+        worker.stop()
+        assert dispatcher.stop() == 0, dispatcher.log()
 
 
 async def test_package_client_retries_with_the_same_request_idx_until_a_worker_is_ready(

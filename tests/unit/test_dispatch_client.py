@@ -42,6 +42,7 @@ FIRST_IDX = 41
 SEED = 1234
 LOADING = {"ready": 0, "busy": 0, "loading": 2, "error": 0, "stopped": 0, "inactive": 0}
 WAIT_TIMEOUT_S = 5.0
+SLOW_REPORTS_S = 600.0  # a report interval no wait in these tests reaches: a report seen came at once
 PACE_S = 0.05
 
 # Scripted steps: what the fake dispatcher answers to one /route/, what a fake worker answers to one call.
@@ -538,6 +539,21 @@ async def test_end_to_end_with_the_example_worker(signer: Signer) -> None:
         "in_flight": 0,
     }
     assert dispatcher.reports[-1]["state"] == "stopped"
+
+
+async def test_the_example_worker_names_its_reqnum_floor_at_once_and_in_every_later_report(signer: Signer) -> None:
+    """The dispatcher gives back the load of the requests a previous process under this id held when it hears the
+    floor: the report naming it goes right after the first, not a report interval later."""
+    dispatcher = FakeDispatcherForWorker(signer)
+    dispatcher.assigned(FIRST_IDX, COST)  # issued to a previous process: the first answer's reqnum is the floor
+    async with httpx.AsyncClient(transport=httpx.MockTransport(dispatcher.handle)) as worker_http:
+        app = example_worker(worker_http, report_interval_s=SLOW_REPORTS_S)
+        async with app.router.lifespan_context(app):
+            await wait_for(lambda: len(dispatcher.reports) >= 2)
+            assert app.state.worker.reqnum_floor == dispatcher.reqnum == 1
+    assert "reqnum_floor" not in dispatcher.reports[0]
+    assert [report.get("reqnum_floor") for report in dispatcher.reports[1:]] == [1] * (len(dispatcher.reports) - 1)
+    assert [report["state"] for report in dispatcher.reports] == ["ready", "ready", "stopped"]
 
 
 async def test_a_key_rotation_is_picked_up_by_the_worker_before_it_answers(signer: Signer) -> None:
