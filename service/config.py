@@ -332,8 +332,8 @@ def _unauthenticated_body_problems(settings: DispatcherSettings) -> list[str]:
     if not settings.max_body_bytes <= unauthenticated <= buffered:
         # under one largest body such a body could never be read; over the whole budget it would be no share of it
         return [
-            f"--max-unauthenticated-body-bytes must be 0 (auto) or from --max-body-bytes ({settings.max_body_bytes})"
-            f" to --max-buffered-body-bytes ({buffered})"
+            f"--max-unauthenticated-body-bytes must be 0 (auto) or {settings.max_body_bytes}-{buffered}: from"
+            " --max-body-bytes to --max-buffered-body-bytes"
         ]
     return []
 

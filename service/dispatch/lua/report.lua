@@ -32,7 +32,10 @@ if ARGV[13] ~= '' then
   -- died with the process before it; each stays known until its own expiry, for a retry
   local held = held_key(endpoint, id)
   for _, idx in ipairs(redis.call('ZRANGEBYSCORE', held, '-inf', ARGV[13])) do
-    redis.call('ZREM', held, idx)  -- a member an older script version left (it moved the request on) goes too
+    -- a member an older script version left (it moved the request on) goes too. Left as is: during a rolling deploy
+    -- a replica without the index may move a request off W and back under a new reqnum, and its stale entry below
+    -- the floor then gives the request back early (load undercounted until W releases it, answered not_held).
+    redis.call('ZREM', held, idx)
     if not expired(idx, t) then
       local r = redis.call('HMGET', prefix .. 'req:' .. idx, 'endpoint', 'cost', 'worker', 'idem')
       if r[1] == endpoint and r[3] == id then give_back(endpoint, idx, r, math.huge) end
