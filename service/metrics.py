@@ -225,6 +225,12 @@ class DispatcherMetrics(HttpMetrics):
             ["endpoint", "success"],
             registry=registry,
         )
+        self.given_back = Counter(
+            "dispatcher_restart_given_back_requests",
+            "Requests a restarted worker's reqnum_floor gave back (they died with its previous process), by endpoint",
+            ["endpoint"],
+            registry=registry,
+        )
         self.workers = Gauge(
             "dispatcher_workers", "Workers by endpoint and state (as routing sees them)", ["endpoint", "state"],
             multiprocess_mode=SHARED_VIEW, registry=registry,

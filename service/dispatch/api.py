@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import logging
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -28,6 +29,9 @@ if TYPE_CHECKING:
     from service.dispatch.app import DispatcherService
 
 MS_PER_S = 1000
+
+logger = logging.getLogger(__name__)
+
 BAD_CLIENT_KEY = "invalid api key for this endpoint"  # one message whether or not the endpoint exists
 BAD_WORKER_TOKEN = "invalid worker token for this endpoint"
 
@@ -141,6 +145,12 @@ class DispatcherApi:
         spec = self._authenticate_worker(name, token, digest)
         record = await self.service.store.report(spec.name, report, self.settings.heartbeat_timeout_s)
         self.metrics.reports.labels(endpoint=spec.name).inc()
+        if record.given_back:
+            self.metrics.given_back.labels(endpoint=spec.name).inc(record.given_back)
+            logger.info(
+                "worker %r of endpoint %s restarted: %d request(s) it held gave their load back",
+                record.worker_id, spec.name, record.given_back,
+            )  # fmt: skip
         return ORJSONResponse(
             {
                 "ok": True,

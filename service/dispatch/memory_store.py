@@ -194,8 +194,9 @@ class MemoryStore:
             raise too_many_workers(endpoint, self._max_workers)
         if holder is not None:  # refusals above change nothing: only now is the URL taken over
             holder[1].state = WorkerState.STOPPED
+        given_back = 0
         if old is not None and report.reqnum_floor is not None:
-            self._give_back_issued_up_to(endpoint, report.worker_id, report.reqnum_floor, now)
+            given_back = self._give_back_issued_up_to(endpoint, report.worker_id, report.reqnum_floor, now)
         if old is not None and old.url != report.url and self._url_owner.get(old.url) == me:
             del self._url_owner[old.url]
         origin = reqnum_origin(now, self._reqnums_per_s)
@@ -211,7 +212,7 @@ class MemoryStore:
             open_requests=old.open_requests if old else 0,
         )
         workers[report.worker_id] = record
-        return dataclasses.replace(record)
+        return dataclasses.replace(record, given_back=given_back)
 
     async def release(
         self,
@@ -304,7 +305,7 @@ class MemoryStore:
             worker.open_requests = max(0, worker.open_requests - 1)
             worker.load = load_after_release(worker.load, cost, worker.open_requests)
 
-    def _give_back_issued_up_to(self, endpoint: str, worker_id: str, reqnum_floor: int, now: float) -> None:
+    def _give_back_issued_up_to(self, endpoint: str, worker_id: str, reqnum_floor: int, now: float) -> int:
         """The worker's process refuses every reqnum up to ``reqnum_floor`` (``WorkerReport.reqnum_floor``): the
         requests it holds with one died with the process before, and are released. Each stays known, without a
         worker, until its own expiry, as it would have stayed held: a client that retries it (after the 503
@@ -312,10 +313,13 @@ class MemoryStore:
         clocks are compared, so no skew matters: a reqnum above the floor, assigned after the restart, stays."""
         held = self._held.get((endpoint, worker_id), {})
         dying = list(itertools.takewhile(lambda idx: held[idx] <= reqnum_floor, held))
+        given_back = 0
         for idx in dying:
             request = self._live(idx, now)  # an expired one leaves as such (as in Redis)
             if request is not None and request[_WORKER] == worker_id and request[_ENDPOINT] == endpoint:
                 self._release(idx, request, worker_id, request[_EXPIRES])
+                given_back += 1
+        return given_back
 
     def _waiting_polled_since(self, endpoint: str, since: float) -> dict[int, float]:
         """The endpoint's requests waiting for a worker, oldest poll first, once those last polled at or before

@@ -80,10 +80,19 @@ class WorkerRecord:
     # how many requests assigned here are not yet released: when it reaches 0 the load is set to exactly 0, which a
     # float sum of added and removed costs (up to max_cost apart) cannot promise
     open_requests: int = 0
+    # on the record ``report`` returns: how many held requests its ``reqnum_floor`` gave back (0 on any other read)
+    given_back: int = 0
 
     @classmethod
     def from_report(
-        cls, report: WorkerReport, *, last_seen: float, load: float, reqnum: int, open_requests: int = 0
+        cls,
+        report: WorkerReport,
+        *,
+        last_seen: float,
+        load: float,
+        reqnum: int,
+        open_requests: int = 0,
+        given_back: int = 0,
     ) -> WorkerRecord:
         """The record after ``report``: what the worker said of itself plus the store's ledger."""
         return cls(
@@ -97,6 +106,7 @@ class WorkerRecord:
             load=load,
             reqnum=reqnum,
             open_requests=open_requests,
+            given_back=given_back,
         )
 
     def active(self, now: float, heartbeat_timeout_s: float) -> bool:

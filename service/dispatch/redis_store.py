@@ -271,9 +271,14 @@ class RedisStore:
             if int(reply[0]) == -1:
                 raise url_taken(report.url, heartbeat_timeout_s)
             raise too_many_workers(endpoint, self._max_workers)
-        last_seen, load, reqnum, open_requests = reply
+        last_seen, load, reqnum, open_requests, given_back = reply
         return WorkerRecord.from_report(
-            report, last_seen=float(last_seen), load=float(load), reqnum=int(reqnum), open_requests=int(open_requests)
+            report,
+            last_seen=float(last_seen),
+            load=float(load),
+            reqnum=int(reqnum),
+            open_requests=int(open_requests),
+            given_back=int(given_back),
         )
 
     async def release(

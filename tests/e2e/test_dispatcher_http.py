@@ -352,6 +352,9 @@ def test_a_worker_restarted_under_its_id_sheds_the_load_of_the_requests_lost_wit
         worker.process.wait()
         worker = deployment.worker(dispatcher, "w1")  # the same id, come back (on another port here)
         wait_for(lambda: load() == 0.0, "the lost requests' load to be given back", timeout_s=RESTART_WAIT_S)
+        metrics = httpx.get(f"{dispatcher.url}/metrics").text
+        assert f'dispatcher_restart_given_back_requests_total{{endpoint="{ENDPOINT}"}} 3.0' in metrics
+        assert "restarted: 3 request(s) it held gave their load back" in dispatcher.log()
         retried = route(dispatcher, deployment.api_key, request_idx=lost[0]["request_idx"])
         assert retried.status_code == 200, retried.text  # known still: routed again, not unknown_request_idx
         assert retried.json()["request_idx"] == lost[0]["request_idx"]

@@ -591,8 +591,10 @@ async def test_a_restart_report_gives_back_the_load_of_the_requests_that_died_wi
     dead = [await assign(store, 2.0), await assign(store, 3.0)]
     first = await report(store, "w1")  # the new process's first report: its answer's reqnum becomes its floor
     assert (first.load, first.reqnum) == (5.0, 2)  # nothing is known of a restart yet
+    assert first.given_back == 0
     after = await report(store, "w1", reqnum_floor=first.reqnum)
-    assert (after.load, after.open_requests, after.reqnum) == (0.0, 0, 2)
+    assert (after.load, after.open_requests, after.reqnum, after.given_back) == (0.0, 0, 2, 2)
+    assert (await report(store, "w1", reqnum_floor=first.reqnum)).given_back == 0  # the same floor again: nothing
     assert await loads(store) == {"w1": 0.0}
     assert await store.load_stats(EP, 10.0) == LoadStats(load_rate=0.5, outstanding=0.0, open_requests=0)
     # known still (a client retries them), held by no worker: the dead process's late release changes nothing
@@ -606,9 +608,10 @@ async def test_a_request_assigned_after_the_restart_stays_whatever_floor_comes_a
     floor = (await report(store, "w1")).reqnum
     alive = await assign(store, 3.0)
     assert alive.reqnum == floor + 1
-    for reported in (floor, floor, floor - 1, 0):  # the same floor on every report, or an older one: no change
+    # the dead one goes at the first; the same floor again, or an older one: no change
+    for reported, given_back in ((floor, 1), (floor, 0), (floor - 1, 0), (0, 0)):
         record = await report(store, "w1", reqnum_floor=reported)
-        assert (record.load, record.open_requests) == (3.0, 1)
+        assert (record.load, record.open_requests, record.given_back) == (3.0, 1, given_back)
     assert await held(store) == {"w1": {alive.request_idx: alive.reqnum}}
     assert await store.release(EP, [alive.request_idx, dead.request_idx], "w1") == Released(1, 0, not_held=1)
     assert await loads(store) == {"w1": 0.0}
@@ -659,7 +662,7 @@ async def test_a_request_expired_before_the_restart_report_leaves_as_expired(sto
     dead = await assign(store, 3.0)
     await asyncio.sleep(0.35)
     record = await report(store, "w1", reqnum_floor=dead.reqnum)
-    assert (record.load, record.open_requests) == (0.0, 0)
+    assert (record.load, record.open_requests, record.given_back) == (0.0, 0, 1)  # the expired one is not counted
     with pytest.raises(UnknownRequest):
         await store.route(EP, 2.0, expiring.request_idx, short)
     assert (await no_ready(store, 3.0, dead.request_idx)).request_idx == dead.request_idx  # this one is kept

@@ -1,7 +1,7 @@
 -- ARGV[3..]: endpoint, worker_id, url, state, max_perf, cur_load, in_flight, reqnums_per_s, max_workers,
--- heartbeat_timeout_s, reqnum_floor ('' for none). Returns {last_seen, load, reqnum, open_requests}, {0} when the id
--- is new and the endpoint holds max_workers, or {-1} when an active worker of another endpoint reports the url
--- (MemoryStore.report).
+-- heartbeat_timeout_s, reqnum_floor ('' for none). Returns {last_seen, load, reqnum, open_requests, given_back}, {0}
+-- when the id is new and the endpoint holds max_workers, or {-1} when an active worker of another endpoint reports
+-- the url (MemoryStore.report).
 local endpoint, id, url = ARGV[3], ARGV[4], ARGV[5]
 local me = endpoint .. '/' .. id
 local urls = prefix .. 'urls'
@@ -27,6 +27,7 @@ if redis.call('SISMEMBER', members, id) == 0 and redis.call('SCARD', members) >=
   return {0}
 end
 if holder then redis.call('HSET', holder, 'state', 'stopped') end
+local given_back = 0
 if ARGV[13] ~= '' then
   -- MemoryStore._give_back_issued_up_to: the process there refuses these reqnums, so the requests it holds with one
   -- died with the process before it; each stays known until its own expiry, for a retry
@@ -38,7 +39,10 @@ if ARGV[13] ~= '' then
     redis.call('ZREM', held, idx)
     if not expired(idx, t) then
       local r = redis.call('HMGET', prefix .. 'req:' .. idx, 'endpoint', 'cost', 'worker', 'idem')
-      if r[1] == endpoint and r[3] == id then give_back(endpoint, idx, r, math.huge) end
+      if r[1] == endpoint and r[3] == id then
+        give_back(endpoint, idx, r, math.huge)
+        given_back = given_back + 1
+      end
     end
   end
 end
@@ -62,4 +66,4 @@ end
 redis.call('SADD', members, id)
 redis.call('SADD', prefix .. 'endpoints', endpoint)
 local r = redis.call('HMGET', key, 'load', 'reqnum', 'open_requests')
-return {now, r[1], r[2], r[3]}
+return {now, r[1], r[2], r[3], given_back}
