@@ -13,11 +13,19 @@ def _verdict(passed: bool | None) -> str:
     return "n/a" if passed is None else ("PASS" if passed else "FAIL")
 
 
+# Below this many 2xx answers a point's p99.9 is its slowest answer or near it, not a percentile: marked so
+P999_MIN_SAMPLES = 1000
+FEW_SAMPLES_MARK = "*"
+
+
 def _latency(point: dict[str, Any]) -> str:
     lat = point["latency_ms"]
     if not lat:
         return "-"
-    return " / ".join(f"{lat[q]:.2f}" for q in ("p50", "p90", "p99", "p99.9"))
+    few = point.get("ok", P999_MIN_SAMPLES) < P999_MIN_SAMPLES
+    return " / ".join(f"{lat[q]:.2f}" for q in ("p50", "p90", "p99")) + (
+        f" / {lat['p99.9']:.2f}{FEW_SAMPLES_MARK if few else ''}"
+    )
 
 
 def _failed(point: dict[str, Any]) -> str:
@@ -120,6 +128,8 @@ def render(run: dict[str, Any]) -> str:
                 f"| {point_label(p)} | {offered} | {p['ok_rps']:.1f} | {_latency(p)} | {_failed(p)} | {server} "
                 f"| {p['client_cpu_cores']:.2f} | {foreign} |"
             )
+        if any(p["latency_ms"] and p.get("ok", P999_MIN_SAMPLES) < P999_MIN_SAMPLES for p in result["points"]):
+            lines += ["", f"{FEW_SAMPLES_MARK} p99.9 of fewer than {P999_MIN_SAMPLES:,} answers: about their slowest"]
         lines.append("")
 
     if run["skipped"]:

@@ -123,12 +123,16 @@ def test_report_and_plot_render(tmp_path: Path) -> None:
         errors={"naive-st": "RuntimeError: load generator exited with 1:\nTraceback (most recent call last):\n  boom"},
         warnings=["w1"],
     )
+    run["results"]["router/unique"]["points"][2]["ok"] = 999  # a p99.9 of under 1,000 answers is marked
+    run["results"]["router/unique"]["points"][1]["ok"] = 1000
     text = render(run)
     assert (tmp_path / "x.png").stat().st_size > 10_000
     assert "| router embedding vs bare HTTP ceiling | 0.75 | >= 0.9 | **FAIL**" in text
     assert "Overall: **FAIL**" in text
     assert "### router/unique: max 900.0 ok req/s" in text
-    assert "| rate=450/s | 450.0 | 450.0 | 10.00 / 15.00 / 30.00 / 45.00 | 0 | 1.80 | 0.10 | 0.01 |" in text
+    assert "| rate=450/s | 450.0 | 450.0 | 10.00 / 15.00 / 30.00 / 45.00* | 0 | 1.80 | 0.10 | 0.01 |" in text
+    assert "| c=64 | - | 900.0 | 13.33 / 20.00 / 40.00 / 60.00 | 0 |" in text  # 1,000 answers: a p99.9
+    assert text.count("* p99.9 of fewer than 1,000 answers") == 1  # under the one table with such a point
     assert (
         "- `naive-st`: RuntimeError: load generator exited with 1: / Traceback (most recent call last): / boom\n"
         in text
