@@ -61,6 +61,11 @@ class Service(Protocol):
     def on_reload_signal(self) -> None:
         """SIGHUP."""
 
+    @property
+    def exit_code(self) -> int:
+        """What the worker process exits with once served: non-zero when the service stopped itself for a fault
+        (the supervisor then stops the others and exits 1)."""
+
 
 class Fleet:
     """Readiness shared by the worker processes behind one port.
@@ -187,12 +192,14 @@ def run_worker(factory: ServiceFactory, config: Config, sockets: Sockets, fleet:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        asyncio.run(_serve(factory, config, sockets, fleet))
+        code = asyncio.run(_serve(factory, config, sockets, fleet))
     else:
-        uvloop.run(_serve(factory, config, sockets, fleet))
+        code = uvloop.run(_serve(factory, config, sockets, fleet))
+    if code:
+        sys.exit(code)
 
 
-async def _serve(factory: ServiceFactory, config: Config, sockets: Sockets, fleet: Fleet) -> None:
+async def _serve(factory: ServiceFactory, config: Config, sockets: Sockets, fleet: Fleet) -> int:
     hypercorn_close.install()
     service = factory(fleet)
     loop = asyncio.get_running_loop()
@@ -208,6 +215,7 @@ async def _serve(factory: ServiceFactory, config: Config, sockets: Sockets, flee
         sockets=sockets,
         shutdown_trigger=service.drained,
     )
+    return service.exit_code
 
 
 METRICS_DIR_PREFIX = "llmrouter-metrics-"

@@ -36,6 +36,7 @@ class ServiceBase:
 
     def __init__(self) -> None:
         self._tasks: set[asyncio.Task[Any]] = set()  # kept referenced; cancelled by the lifespan
+        self.exit_code = 0  # the worker process's, once served (``server.Service.exit_code``)
 
     def _guard(self, handler: Handler) -> Handler:
         return guarded(handler, errors=self.metrics.errors, retry_after_s=self.settings.retry_after_s)

@@ -44,6 +44,7 @@ WARMUP_ROUNDS = 3
 # After the drain timeout, how long the 503s of the requests still waiting get to reach their clients (they are
 # answered at once; this bounds a client that does not read).
 ABORT_ANSWER_GRACE_S = 2.0
+LOAD_FAILED_EXIT_CODE = 1  # a worker process of several that failed to load (see _load)
 DRAIN_TIMEOUT_MESSAGE = "the router shut down before this request's turn came; retry on another replica"
 OPEN_ADMIN_WARNING = (
     "NO ADMIN TOKEN on %s: anyone who reaches this port can POST /admin/reload, load any weights file on the host "
@@ -158,6 +159,13 @@ class RouterService(ServiceBase):
             self.phase = Phase.FAILED
             self.load_error = str(exc)
             logger.exception("router failed to load")
+            if self.fleet.size > 1:
+                # Behind one port with siblings that may have loaded, the failure showed on whichever process a
+                # probe reached: /livez flipped between 200 and 503, and the supervisor, seeing no process exit,
+                # never stopped. This one drains and exits 1; the supervisor then stops the rest and exits 1.
+                logger.error("router worker process exits: the supervisor stops the server for a restart")
+                self.exit_code = LOAD_FAILED_EXIT_CODE
+                self.begin_drain()
             return
         self.engine = engine
         if self._reload_pending:  # a SIGHUP came while loading, maybe after the file was read: read it again

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import shutil
 import signal
@@ -330,3 +331,19 @@ def test_workers_drain_when_their_supervisor_dies(tmp_path: Path) -> None:
     server.process.send_signal(signal.SIGKILL)
     server.process.wait()
     _wait(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), "the orphaned workers to exit")
+
+
+def test_weights_every_worker_fails_to_load_stop_a_server_of_several_with_exit_1(tmp_path: Path) -> None:
+    """Weights that read fine but were fitted with another model fail each process's load: under ``--workers 2`` the
+    server exits 1 for its process manager, where one process stays up answering 503 (``test_app``)."""
+    weights = dataclasses.replace(load_weights(default_weights_path()), embedder_sha256="0" * 64)
+    save_weights(weights, tmp_path / "other-model.safetensors")
+    server = start_server(
+        tmp_path, "--workers", "2", "--weights", str(tmp_path / "other-model.safetensors"), wait=False
+    )
+    try:
+        assert server.process.wait(STARTUP_TIMEOUT_S) == 1, server.log()
+        log = server.log()
+        assert log.count("router failed to load") == 2 and "exited unasked (code 1)" in log
+    finally:
+        server.stop()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import multiprocessing
 import subprocess
 import sys
 import threading
@@ -17,6 +18,7 @@ from openapi_spec_validator import validate
 from starlette.testclient import TestClient
 
 from service.config import RouterSettings
+from service.http.server import Fleet
 from service.router.app import RouterService, _is_loopback
 from service.router.weights import save_weights
 from tests.fakes import DIM, FakeEmbedder, toy_weights
@@ -197,6 +199,29 @@ def test_failed_load_reports_why(tmp_path: Path) -> None:
         assert "failed to load" in r.json()["error"]["message"]
         livez = c.get("/livez")  # failed for good: restarting is the remedy
         assert (livez.status_code, livez.json()) == (503, {"status": "failed"})
+
+
+def test_a_failed_load_in_one_of_several_worker_processes_drains_it_to_exit_1(tmp_path: Path) -> None:
+    """Behind one port its siblings may have loaded: its failure showed only on the probes it took (/livez flipped
+    between 200 and 503) and the supervisor, seeing no process exit, never stopped. It drains and exits 1 instead,
+    which has the supervisor stop the others and exit 1 for a restart."""
+    settings = RouterSettings.from_env({}, weights=tmp_path / "missing.safetensors", compute_threads=1)
+    counter = multiprocessing.get_context("spawn").Value("i", 0)
+    service = RouterService(settings, embedder_factory=FakeEmbedder, fleet=Fleet(2, counter))
+    with TestClient(service.asgi) as c:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while service.exit_code == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert c.get("/health").json()["status"] == "draining"
+        c.portal.call(service.drained)  # the server's shutdown trigger fires at once: nothing was admitted
+    assert service.exit_code == 1 and "missing.safetensors" in str(service.load_error)
+    alone = RouterService(settings, embedder_factory=FakeEmbedder)  # one process: it stays up, /livez says failed
+    with TestClient(alone.asgi) as c:
+        while c.get("/health").json()["status"] != "failed":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    assert alone.exit_code == 0
 
 
 class FailingWarmUp(FakeEmbedder):
