@@ -181,6 +181,17 @@ class DispatcherService(ServiceBase):
             self.metrics.store_up.set(1)
         return body
 
+    async def _check_store(self) -> None:
+        """Once at start, off the way of serving: what about the store's server would break the state, as warnings
+        (not a refusal to start: the store is shared, and its operator may be mending it while this one starts)."""
+        try:
+            problems = await asyncio.wait_for(self.store.server_problems(), HEALTH_STORE_TIMEOUT_S)
+        except (StoreUnavailable, TimeoutError) as exc:
+            logger.warning("could not check the state store's settings at start: %s", exc or "timed out")
+            return
+        for problem in problems:
+            logger.warning("state store: %s", problem)
+
     # -- lifecycle ----------------------------------------------------------------------------------------------
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
@@ -196,6 +207,7 @@ class DispatcherService(ServiceBase):
         self.fleet.mark_ready()
         self.metrics.ready.set(1)
         self._spawn(self._refresh_loop())
+        self._spawn(self._check_store())
         try:
             yield
         finally:

@@ -281,6 +281,9 @@ class MemoryStore:
     async def ping(self) -> None:
         return None
 
+    async def server_problems(self) -> list[str]:
+        return []
+
     async def close(self) -> None:
         return None
 

@@ -47,6 +47,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import re
 from collections.abc import Iterator, Sequence
 from importlib import resources
 from typing import Any
@@ -98,7 +99,12 @@ def _script(name: str) -> str:
     return (_LUA / "prelude.lua").read_text(encoding="utf-8") + (_LUA / f"{name}.lua").read_text(encoding="utf-8")
 
 
-_ROUTE = _script("route")
+# Redis refuses a script over maxmemory only at its first write that may use memory, and route's first writes (the
+# expiry sweep) free memory: over the limit, routes went on adding requests while reports were refused, so clients got
+# "no ready worker" from a full store. A shebang without allow-oom (Redis 7) has a route refused before it runs, a 503;
+# the other scripts run on, so releases and the autoscale loop's sweeps still free memory.
+_ROUTE = "#!lua\n" + _script("route")
+MIN_REDIS_MAJOR = 7  # script shebangs
 _REPORT = _script("report")
 _RELEASE = _script("release")
 _FORGET = _script("forget")
@@ -129,11 +135,18 @@ def _redacted(url: str) -> str:
     if parts.password is not None:
         user = f"{parts.username}:" if parts.username else ":"
         parts = parts._replace(netloc=f"{user}***@{parts.netloc.rsplit('@', 1)[1]}")
+    elif _RAW_USERINFO.match(url):
+        # a password with an unencoded '#', '/' or '?' ends the authority early, so the parser sees no password:
+        # everything up to the last '@' goes (a host masked with it is safe; a password shown is not)
+        return _RAW_USERINFO.sub(r"\1***@", url)
     query = parse_qsl(parts.query, keep_blank_values=True)
     if any(_secret(name) for name, _ in query):
         masked = [(name, "***" if _secret(name) else value) for name, value in query]
         parts = parts._replace(query=urlencode(masked, safe="*"))
     return parts.geturl()
+
+
+_RAW_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://).*@")  # greedy: up to the last '@'
 
 
 def _secret(query_argument: str) -> bool:
@@ -148,6 +161,11 @@ def check_url(url: str) -> None:
         parse_url(url)
         BlockingConnectionPool.from_url(url).make_connection()
     except (ValueError, TypeError, RedisError) as exc:  # RedisError: ?protocol=4, ?ssl_cert_reqs=bogus
+        if _RAW_USERINFO.match(url) and urlsplit(url).password is None:  # the parser quotes pieces of the password
+            raise ValueError(
+                f"--redis-url {_redacted(url)}: cannot be parsed ({type(exc).__name__}); percent-encode the"
+                " characters # / ? @ : in the user name and password"
+            ) from None
         raise ValueError(f"--redis-url {_redacted(url)}: {exc}") from None
 
 
@@ -355,6 +373,26 @@ class RedisStore:
     async def ping(self) -> None:
         with self._unavailable("PING"):
             await self._redis.ping()
+
+    async def server_problems(self) -> list[str]:
+        """A Redis before 7 (route's script has a shebang: every route would fail), and one that may evict keys: an
+        evicted request took its load with it, for good (its worker looked busy until restarted). Managed services
+        that refuse CONFIG are not judged on their policy."""
+        problems = []
+        with self._unavailable("INFO"):
+            version = str((await self._redis.info("server")).get("redis_version", "0"))
+        if int(version.split(".")[0]) < MIN_REDIS_MAJOR:
+            problems.append(f"Redis {version}: the dispatcher's scripts need Redis {MIN_REDIS_MAJOR} or later")
+        try:
+            policy = (await self._redis.config_get("maxmemory-policy")).get("maxmemory-policy")
+        except RedisError:  # CONFIG renamed or refused (managed Redis, ACLs)
+            return problems
+        if policy is not None and policy != "noeviction":
+            problems.append(
+                f"maxmemory-policy is {policy}: Redis may evict the dispatcher's keys, and an evicted request keeps"
+                " its load on its worker for good; set maxmemory-policy noeviction"
+            )
+        return problems
 
     async def close(self) -> None:
         await self._redis.aclose()

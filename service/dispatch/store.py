@@ -175,4 +175,9 @@ class DispatchStore(Protocol):
         """Raise ``StoreUnavailable`` if the store cannot serve."""
         ...
 
+    async def server_problems(self) -> list[str]:
+        """What about the store's server would break the dispatcher's state (checked once at start, logged as
+        warnings); ``StoreUnavailable`` when it cannot be asked."""
+        ...
+
     async def close(self) -> None: ...

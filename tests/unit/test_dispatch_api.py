@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import os
 import time
@@ -791,13 +792,33 @@ async def test_openapi_is_valid(client: httpx.AsyncClient) -> None:
 
 # -- the state store down ---------------------------------------------------------------------------------------
 class DownStore(MemoryStore):
-    """Routes and pings fail as an unreachable Redis would; everything else works."""
+    """Routes, pings and the start-up check fail as an unreachable Redis would; everything else works."""
 
     async def route(self, *args: object, **kwargs: object) -> RouteOutcome:
         raise StoreUnavailable("connection refused")
 
     async def ping(self) -> None:
         raise StoreUnavailable("connection refused")
+
+    async def server_problems(self) -> list[str]:
+        raise StoreUnavailable("connection refused")
+
+
+class EvictingStore(MemoryStore):
+    async def server_problems(self) -> list[str]:
+        return ["maxmemory-policy is allkeys-lru: set maxmemory-policy noeviction"]
+
+
+async def test_what_would_break_the_store_is_warned_about_at_start(caplog: pytest.LogCaptureFixture) -> None:
+    down = "could not check the state store's settings at start: connection refused"
+    for store, expected in ((EvictingStore(), "state store: maxmemory-policy is allkeys-lru"), (DownStore(), down)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="service.dispatch.app"):
+            async with serving(make_service(store)):
+                deadline = time.monotonic() + 5.0
+                while expected not in caplog.text:  # checked off the way of serving, once
+                    assert time.monotonic() < deadline, caplog.text
+                    await asyncio.sleep(0.01)
 
 
 async def test_store_unavailable_is_503_with_retry_after() -> None:

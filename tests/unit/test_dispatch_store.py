@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import math
 import random
+import re
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -35,7 +36,7 @@ from service.dispatch.records import (
     reqnum_origin,
     request_idx_origin,
 )
-from service.dispatch.redis_store import RedisStore
+from service.dispatch.redis_store import RedisStore, check_url
 from service.dispatch.store import DispatchStore, LoadStats, StoreUnavailable, UnknownRequest, waiting_load
 from service.errors import TooManyOpenRequests, TooManyWorkers, UrlTaken
 from tests.redis_server import RedisServer, free_port
@@ -1258,6 +1259,47 @@ async def test_concurrent_retries_from_two_replicas_move_load_without_counting_i
     assert await loads(first) == {"w1": 0.0, "w2": 0.0, "w3": 0.0, "w4": 0.0}
 
 
+async def test_a_route_on_a_redis_over_maxmemory_is_unavailable_and_releases_still_free_memory(
+    redis_pair: tuple[RedisStore, RedisStore], redis_prefix: str
+) -> None:
+    """Redis refuses a script only at its first write that may use memory, and route.lua's first writes (the expiry
+    sweep) free memory: over maxmemory, routes went on adding requests while worker reports were refused, so clients
+    got 200 "no ready worker" from a full store. A route is now refused up front, a 503; what frees memory runs."""
+    store, _ = redis_pair
+    client = store._redis
+    await report(store, "w1")
+    held = await assign(store, 2.0)
+    fillers = [f"{redis_prefix}filler:{i}" for i in range(10)]
+    try:
+        for filler in fillers:
+            await client.set(filler, "x" * 100_000)
+        used = int((await client.info("memory"))["used_memory"])
+        await client.config_set("maxmemory", used - 500_000)  # over it now; noeviction, redis-server's default
+        with pytest.raises(redis.exceptions.OutOfMemoryError):
+            await client.set(redis_prefix + "one-more", "x")
+        with pytest.raises(StoreUnavailable, match=r"route failed: .*maxmemory"):
+            await store.route(EP, 1.0, None, POLICY)
+        assert await store.release(EP, [held.request_idx], "w1") == Released(released=1, unknown=0)
+        assert await loads(store) == {"w1": 0.0}
+    finally:
+        await client.config_set("maxmemory", 0)
+        await client.delete(*fillers)
+    assert isinstance(await store.route(EP, 1.0, None, POLICY), Assigned)
+
+
+async def test_a_redis_that_may_evict_keys_is_named_a_problem(redis_pair: tuple[RedisStore, RedisStore]) -> None:
+    """An evicted request took its load with it for good (its worker looked busy until restarted); nothing warned."""
+    store, _ = redis_pair
+    assert await store.server_problems() == []  # redis-server's defaults: 7.x, noeviction
+    await store._redis.config_set("maxmemory-policy", "allkeys-lru")
+    try:
+        [problem] = await store.server_problems()
+        assert problem.startswith("maxmemory-policy is allkeys-lru") and "noeviction" in problem
+    finally:
+        await store._redis.config_set("maxmemory-policy", "noeviction")
+    assert await MemoryStore().server_problems() == []
+
+
 async def test_unreachable_redis_fails_at_the_first_attempt(monkeypatch: pytest.MonkeyPatch) -> None:
     """One connection attempt per call, no retry with back-off: the route answers 503 at once (and a retried route
     script could reserve its cost twice)."""
@@ -1318,6 +1360,19 @@ async def test_redis_error_message_hides_the_password() -> None:
         assert "hunter2" not in str(caught.value) and "user:***@127.0.0.1" in str(caught.value)
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize("password", ["Us3r#Pw9/xQ", "pa7Z/sK2", "pQ7?sZ4", "aX1#bY2"])
+def test_a_password_with_unencoded_reserved_characters_is_never_shown(password: str) -> None:
+    """An unencoded '#', '/' or '?' ends the URL's authority early: the parser saw no password, and start-up printed
+    the URL whole, with redis-py's error quoting a piece of it ("cast to integer value as 'Us3r'")."""
+    url = f"redis://disp:{password}@127.0.0.1:6393/0"
+    with pytest.raises(ValueError) as refused:
+        check_url(url)
+    message = str(refused.value)
+    pieces = [piece for piece in re.split(r"[#/?]", password) if piece]
+    assert not any(piece in message for piece in pieces), message
+    assert "redis://***@127.0.0.1:6393/0" in message and "percent-encode" in message
 
 
 async def test_a_password_given_as_a_query_parameter_is_hidden_too() -> None:
