@@ -153,6 +153,7 @@ class DispatcherService(ServiceBase):
             lifespan=self._lifespan,
             fast_path="/route/",
             fast_handler=api.route,
+            draining=lambda: self.draining,
             vouch=api.vouch,
             max_untrusted_body_bytes=settings.max_unauthenticated_body_bytes or None,
         )

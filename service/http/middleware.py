@@ -1,10 +1,13 @@
-"""Pure ASGI middleware: per-request metrics and the in-flight count that graceful drain waits on."""
+"""Pure ASGI middleware: per-request metrics, the in-flight count that graceful drain waits on, and ``Connection:
+close`` on every HTTP/1 answer once draining: a keep-alive client answered 200 during the drain sent its next request
+on a connection the server was about to close, and lost it (a POST is not retried); told to close, it opens a new
+connection, which the balancer sends elsewhere."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 from prometheus_client import Counter
 from starlette.routing import compile_path
@@ -19,6 +22,7 @@ HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OP
 OTHER_METHOD = "other"
 # A request that ended without any answer: the server answers 500 itself (the apps answer a departed client 499).
 UNHANDLED_ERROR = 500
+HTTP1_VERSIONS = frozenset({"1.0", "1.1"})  # HTTP/2 has no Connection header (RFC 9113 8.2.2)
 
 
 class RequestMetricsMiddleware:
@@ -27,8 +31,16 @@ class RequestMetricsMiddleware:
     Unknown paths and methods are labelled ``other`` so a scanner cannot blow up the label set.
     """
 
-    def __init__(self, app: ASGIApp, *, metrics: HttpMetrics, routes: Collection[str]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        metrics: HttpMetrics,
+        routes: Collection[str],
+        draining: Callable[[], bool] = lambda: False,
+    ) -> None:
         self.app = app
+        self.draining = draining
         self.metrics = metrics
         self.routes = frozenset(route for route in routes if "{" not in route)
         # templated routes (``/endpoints/{name}/``) are labelled by their template, never by the client's path
@@ -57,6 +69,8 @@ class RequestMetricsMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                if self.draining() and scope.get("http_version", "1.1") in HTTP1_VERSIONS:
+                    message = _closing(message)
             await send(message)
 
         self.in_flight += 1
@@ -86,3 +100,11 @@ class RequestMetricsMiddleware:
             if pattern.match(path):
                 return template
         return OTHER_ROUTE
+
+
+def _closing(start: Message) -> Message:
+    """A response start that also says ``Connection: close`` (once: an error answer may say it already)."""
+    headers = list(start.get("headers", []))
+    if not any(name.lower() == b"connection" for name, _ in headers):
+        headers.append((b"connection", b"close"))
+    return {**start, "headers": headers}

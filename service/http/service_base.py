@@ -71,13 +71,15 @@ class ServiceBase:
         lifespan: Lifespan,
         fast_path: str,
         fast_handler: JsonHandler,
+        draining: Callable[[], bool],
         vouch: Vouch | None = None,
         max_untrusted_body_bytes: int | None = None,
     ) -> None:
         """Starlette for every route, the one hot JSON POST path served ahead of it on raw ASGI
         (``fastpath.py``, with its ``vouch``), and the request metrics (and in-flight count that drain waits on)
         around both: ``self._middleware``, which ``asgi`` serves. ``max_untrusted_body_bytes``: the body budget's
-        share for untrusted reads (None: ``BodyReader``'s default)."""
+        share for untrusted reads (None: ``BodyReader``'s default). ``draining``: whether the service stopped admitting
+        work, when every answer closes its connection."""
         app = Starlette(
             routes=routes,
             exception_handlers={HTTPException: self._http_exception},  # type: ignore[dict-item]
@@ -102,7 +104,9 @@ class ServiceBase:
             retry_after_s=self.settings.retry_after_s,
             vouch=vouch,
         )
-        self._middleware = RequestMetricsMiddleware(fast, metrics=self.metrics, routes=[route.path for route in routes])
+        self._middleware = RequestMetricsMiddleware(
+            fast, metrics=self.metrics, routes=[route.path for route in routes], draining=draining
+        )
 
     def alive(self) -> bool:
         """False only when restarting the process is the remedy; loading and draining are alive."""

@@ -90,7 +90,13 @@ class RouterService(ServiceBase):
             Route("/openapi.json", self._guard(api.openapi), methods=["GET"]),
             Route("/admin/reload", self._guard(api.reload), methods=["POST"]),
         ]
-        self._build_asgi(routes, lifespan=self._lifespan, fast_path="/v1/route", fast_handler=api.route)
+        self._build_asgi(
+            routes,
+            lifespan=self._lifespan,
+            fast_path="/v1/route",
+            fast_handler=api.route,
+            draining=lambda: self.draining,
+        )
 
     @property
     def draining(self) -> bool:

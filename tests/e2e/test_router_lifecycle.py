@@ -149,6 +149,8 @@ async def test_sigterm_drains_admitted_work_then_exits(tmp_path: Path) -> None:
         assert refused.headers["connection"] == "close"  # a kept-alive connection would be cut at exit, mid-request
         responses = await asyncio.gather(*tasks)
     assert [r.status_code for r in responses] == [200] * 60
+    # those answered after the SIGTERM close their connections too: a next request on one would be cut at exit
+    assert sum(r.headers.get("connection") == "close" for r in responses) > 0
     assert await asyncio.to_thread(server.process.wait, 60) == 0
     assert "drained" in server.log()
 

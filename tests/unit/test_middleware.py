@@ -122,3 +122,38 @@ async def test_an_exception_that_escapes_the_app_is_counted_500() -> None:
         await run_asgi(app)
     labels = {"route": "/x", "method": "POST", "status": "500"}
     assert registry.get_sample_value("t_http_requests_total", labels) == 1
+
+
+async def test_every_http1_answer_closes_its_connection_once_draining() -> None:
+    """A keep-alive client answered 200 during a drain sent its next request on a connection the server was about to
+    close, and lost it; HTTP/2 has no Connection header, and an answer that says it already is left alone."""
+    draining = False
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        headers = [(b"connection", b"close")] if scope["path"] == "/closing" else []
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    middleware = RequestMetricsMiddleware(
+        app, metrics=HttpMetrics(CollectorRegistry(), "t"), routes=["/a", "/closing"], draining=lambda: draining
+    )
+
+    async def headers_of(path: str, http_version: str = "1.1") -> list[tuple[bytes, bytes]]:
+        sent: list[Message] = []
+
+        async def receive() -> Message:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: Message) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "method": "GET", "path": path, "http_version": http_version, "headers": []}
+        await middleware(scope, receive, send)
+        return list(sent[0]["headers"])
+
+    assert await headers_of("/a") == []
+    draining = True
+    assert await headers_of("/a") == [(b"connection", b"close")]
+    assert await headers_of("/a", "1.0") == [(b"connection", b"close")]
+    assert await headers_of("/a", "2") == []
+    assert await headers_of("/closing") == [(b"connection", b"close")]  # not twice
