@@ -346,6 +346,7 @@ def test_weights_every_worker_fails_to_load_stop_a_server_of_several_with_exit_1
     try:
         assert server.process.wait(STARTUP_TIMEOUT_S) == 1, server.log()
         log = server.log()
-        assert log.count("router failed to load") == 2 and "exited unasked (code 1)" in log
+        # the first to fail stops the other, which may not have got as far as failing itself
+        assert "router failed to load" in log and "exited unasked (code 1)" in log
     finally:
         server.stop()
