@@ -34,7 +34,8 @@ has been silent for ``forget_s`` holding no request.
 
 Endpoint names cannot contain ``/`` (``endpoints.ENDPOINT_NAME``), which keeps ``E/W`` and ``E/K`` unambiguous; a
 worker id or key may contain anything. The scripts reach keys they discover (an expired request of any endpoint,
-an endpoint's workers), so this needs a single Redis primary (Sentinel is fine), not Redis Cluster. Redis >= 6.
+an endpoint's workers), so this needs a single Redis primary (Sentinel is fine), not Redis Cluster. Redis >= 7
+(route's script declares flags).
 
 Numbers cross into Lua as strings (Python ``repr``: shortest round-trip) and come back through
 ``string.format('%.17g', x)``: Lua numbers are C doubles, so loads follow exactly the arithmetic ``MemoryStore``
@@ -51,7 +52,6 @@ import re
 from collections.abc import Iterator, Sequence
 from importlib import resources
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.connection import parse_url
@@ -130,27 +130,39 @@ def _check_endpoint(endpoint: str) -> str:
 def _redacted(url: str) -> str:
     """The URL without its secrets (``user:password@``, and query arguments such as ``?password=`` or
     ``?ssl_password=``, which redis-py passes through), for messages that unauthenticated callers can read
-    (``/health``)."""
-    parts = urlsplit(url)
-    if parts.password is not None:
-        user = f"{parts.username}:" if parts.username else ":"
-        parts = parts._replace(netloc=f"{user}***@{parts.netloc.rsplit('@', 1)[1]}")
-    elif _RAW_USERINFO.match(url):
-        # a password with an unencoded '#', '/' or '?' ends the authority early, so the parser sees no password:
-        # everything up to the last '@' goes (a host masked with it is safe; a password shown is not)
-        return _RAW_USERINFO.sub(r"\1***@", url)
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    if any(_secret(name) for name, _ in query):
-        masked = [(name, "***" if _secret(name) else value) for name, value in query]
-        parts = parts._replace(query=urlencode(masked, safe="*"))
-    return parts.geturl()
+    (``/health``). Done on the text, not on a parse: a password with an unencoded '#', '/' or '?' ends the authority
+    early, and one with '[' makes the parser raise, quoting it."""
+    masked = _QUERY_SECRET.sub(r"\1***", url)  # a value runs to the next '&', whatever it holds ('#', '@')
+    scheme, sep, rest = masked.partition("://")
+    if not sep or "@" not in rest:
+        return masked
+    userinfo, _, host = rest.rpartition("@")  # the last '@': a password may hold more (a host masked too is safe)
+    user, colon, _ = userinfo.partition(":")
+    shown = f"{user}:" if colon and not _AUTHORITY_END.search(user) else ""
+    return f"{scheme}://{shown}***@{host}"
 
 
-_RAW_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://).*@")  # greedy: up to the last '@'
+_QUERY_SECRET = re.compile(r"(?i)([?&][^=&]*password[^=&]*=)[^&]*")
+_AUTHORITY_END = re.compile(r"[/?#]")
 
 
-def _secret(query_argument: str) -> bool:
-    return "password" in query_argument.lower()
+def _scrubbed(message: str, url: str) -> str:
+    """``message`` without what ``_redacted`` hides, in the pieces a parser's error may quote ("cast to integer value
+    as 'Us3r'"): split where a parser splits, each piece replaced where quoted, and anywhere from 3 characters on
+    (shorter ones are words of any message: 'as', 'pw')."""
+    rest = url.partition("://")[2]
+    hidden = [value for _, value in _QUERY_SECRET_VALUE.findall(url)]
+    if "@" in rest:
+        hidden.append(rest.rpartition("@")[0])
+    for piece in sorted({p for secret in hidden for p in re.split(r"[:/?#@\[\]]", secret) if p}, key=len, reverse=True):
+        message = re.sub(f"(['\"]){re.escape(piece)}\\1", r"\1***\1", message)
+        if len(piece) >= MIN_SCRUBBED_PIECE:
+            message = message.replace(piece, "***")
+    return message
+
+
+_QUERY_SECRET_VALUE = re.compile(r"(?i)[?&]([^=&]*password[^=&]*)=([^&]*)")
+MIN_SCRUBBED_PIECE = 3
 
 
 def check_url(url: str) -> None:
@@ -161,12 +173,11 @@ def check_url(url: str) -> None:
         parse_url(url)
         BlockingConnectionPool.from_url(url).make_connection()
     except (ValueError, TypeError, RedisError) as exc:  # RedisError: ?protocol=4, ?ssl_cert_reqs=bogus
-        if _RAW_USERINFO.match(url) and urlsplit(url).password is None:  # the parser quotes pieces of the password
-            raise ValueError(
-                f"--redis-url {_redacted(url)}: cannot be parsed ({type(exc).__name__}); percent-encode the"
-                " characters # / ? @ : in the user name and password"
-            ) from None
-        raise ValueError(f"--redis-url {_redacted(url)}: {exc}") from None
+        detail = _scrubbed(str(exc), url)
+        hint = ""
+        if "@" in url.partition("://")[2] and _AUTHORITY_END.search(url.partition("://")[2].rpartition("@")[0]):
+            hint = "; percent-encode the characters # / ? @ : in the user name and password"
+        raise ValueError(f"--redis-url {_redacted(url)}: {detail}{hint}") from None
 
 
 class RedisStore:
@@ -381,7 +392,8 @@ class RedisStore:
         problems = []
         with self._unavailable("INFO"):
             version = str((await self._redis.info("server")).get("redis_version", "0"))
-        if int(version.split(".")[0]) < MIN_REDIS_MAJOR:
+        major = re.match(r"\d+", version)
+        if major is None or int(major.group()) < MIN_REDIS_MAJOR:
             problems.append(f"Redis {version}: the dispatcher's scripts need Redis {MIN_REDIS_MAJOR} or later")
         try:
             policy = (await self._redis.config_get("maxmemory-policy")).get("maxmemory-policy")

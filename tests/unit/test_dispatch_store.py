@@ -1372,7 +1372,30 @@ def test_a_password_with_unencoded_reserved_characters_is_never_shown(password: 
     message = str(refused.value)
     pieces = [piece for piece in re.split(r"[#/?]", password) if piece]
     assert not any(piece in message for piece in pieces), message
-    assert "redis://***@127.0.0.1:6393/0" in message and "percent-encode" in message
+    assert "redis://disp:***@127.0.0.1:6393/0" in message and "percent-encode" in message
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("unix:///tmp/redis.sock?password=hunt3r@SecretTail&db=0", "unix:///tmp/redis.sock?password=***&db=0"),
+        ("redis://host:6379/0?password=abc@SecretTail", "redis://host:6379/0?password=***"),
+        ("rediss://host:6380/0?ssl_password=k3y@SecretTail", "rediss://host:6380/0?ssl_password=***"),
+        ("unix:///s?password=se#SecretTail", "unix:///s?password=***"),
+        ("rediss://:p/w@host/0?ssl_password=SecretTail", "rediss://:***@host/0?ssl_password=***"),
+        ("redis://u:[SecretTail]@h:1/0", "redis://u:***@h:1/0"),
+        ("redis://u@ser:SecretTail@host:1/0", "redis://u@ser:***@host:1/0"),
+        ("redis://u:SecretTail@[::1]:6379/0", "redis://u:***@[::1]:6379/0"),
+    ],
+)
+def test_every_url_shape_hides_its_secrets(url: str, shown: str) -> None:
+    """Masking by parse showed the tail of a query password holding an '@' (``/health`` quotes the store's URL), and
+    a password holding '[' made the parser raise, quoting it."""
+    assert redis_store_module._redacted(url) == shown
+    try:
+        check_url(url)
+    except ValueError as refused:
+        assert "SecretTail" not in str(refused) and "hunt3r" not in str(refused), str(refused)
 
 
 async def test_a_password_given_as_a_query_parameter_is_hidden_too() -> None:
