@@ -52,6 +52,7 @@ import re
 from collections.abc import Iterator, Sequence
 from importlib import resources
 from typing import Any
+from urllib.parse import urlsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.connection import parse_url
@@ -130,39 +131,47 @@ def _check_endpoint(endpoint: str) -> str:
 def _redacted(url: str) -> str:
     """The URL without its secrets (``user:password@``, and query arguments such as ``?password=`` or
     ``?ssl_password=``, which redis-py passes through), for messages that unauthenticated callers can read
-    (``/health``). Done on the text, not on a parse: a password with an unencoded '#', '/' or '?' ends the authority
-    early, and one with '[' makes the parser raise, quoting it."""
+    (``/health``). A parse is trusted only where it is unambiguous: a password with an unencoded '#', '/' or '?' ends
+    the authority early, and one with '[' makes the parser raise; then everything up to the '@' goes (a host masked
+    with it is safe, a password shown is not)."""
     masked = _QUERY_SECRET.sub(r"\1***", url)  # a value runs to the next '&', whatever it holds ('#', '@')
     scheme, sep, rest = masked.partition("://")
-    if not sep or "@" not in rest:
+    if not sep or rest.startswith("/") or "@" not in rest:  # no authority (unix:///path), or no user in it
         return masked
-    userinfo, _, host = rest.rpartition("@")  # the last '@': a password may hold more (a host masked too is safe)
-    user, colon, _ = userinfo.partition(":")
-    shown = f"{user}:" if colon and not _AUTHORITY_END.search(user) else ""
-    return f"{scheme}://{shown}***@{host}"
+    before_query = rest.split("?", 1)[0]
+    try:
+        netloc: str | None = urlsplit(masked).netloc
+    except ValueError:  # '[' in a password: the parse cannot be trusted
+        netloc = None
+    if netloc is not None and not before_query.startswith(netloc):
+        netloc = None  # the parser dropped characters (tabs, newlines): its authority is not the text's
+    query = rest.partition("?")[2]
+    if netloc is not None and "@" in netloc and "@" not in before_query[len(netloc) :] and _in_values(query):
+        userinfo, _, host = netloc.rpartition("@")
+        if _HOST_ANY_PORT.match(host):  # a port that is no number is the user's error to see (h:notaport)
+            return masked.replace(netloc, f"{userinfo.partition(':')[0]}:***@{host}", 1)
+    elif netloc is not None and "@" not in before_query and _HOST_PORT.match(netloc) and _in_values(query):
+        return masked  # an '@' only in a query value (?client_name=ops@team): no user, the host stays shown
+    return f"{scheme}://***@{rest.rpartition('@')[2]}"
+
+
+def _in_values(query: str) -> bool:
+    """Whether every '@' of ``query`` is inside an argument's value (``name=...@...``), not text a '?' in a password
+    cut off from its authority."""
+    return all("=" in part.partition("@")[0] for part in query.split("&") if "@" in part)
 
 
 _QUERY_SECRET = re.compile(r"(?i)([?&][^=&]*password[^=&]*=)[^&]*")
-_AUTHORITY_END = re.compile(r"[/?#]")
+# host[:port] or [IPv6][:port]: an authority a '?' in a password did not cut short ('user:p' of 'user:p?w@host')
+_HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.%a-z]+\]|[A-Za-z0-9._%-]+)(:\d+)?$")
+_HOST_ANY_PORT = re.compile(r"^(\[[0-9A-Fa-f:.%a-z]+\]|[A-Za-z0-9._%-]+)(:[A-Za-z0-9._%-]*)?$")
+# what an error message quotes, from its first quote to its last: a quote inside the quoted text (a password's) is
+# escaped by repr, so matching pairs would stop there
+_QUOTED = re.compile(r"""(['"]).*\1""", re.DOTALL)
 
 
-def _scrubbed(message: str, url: str) -> str:
-    """``message`` without what ``_redacted`` hides, in the pieces a parser's error may quote ("cast to integer value
-    as 'Us3r'"): split where a parser splits, each piece replaced where quoted, and anywhere from 3 characters on
-    (shorter ones are words of any message: 'as', 'pw')."""
-    rest = url.partition("://")[2]
-    hidden = [value for _, value in _QUERY_SECRET_VALUE.findall(url)]
-    if "@" in rest:
-        hidden.append(rest.rpartition("@")[0])
-    for piece in sorted({p for secret in hidden for p in re.split(r"[:/?#@\[\]]", secret) if p}, key=len, reverse=True):
-        message = re.sub(f"(['\"]){re.escape(piece)}\\1", r"\1***\1", message)
-        if len(piece) >= MIN_SCRUBBED_PIECE:
-            message = message.replace(piece, "***")
-    return message
-
-
-_QUERY_SECRET_VALUE = re.compile(r"(?i)[?&]([^=&]*password[^=&]*)=([^&]*)")
-MIN_SCRUBBED_PIECE = 3
+def _has_secret(url: str) -> bool:
+    return "@" in url.partition("://")[2] or _QUERY_SECRET.search(url) is not None
 
 
 def check_url(url: str) -> None:
@@ -172,12 +181,17 @@ def check_url(url: str) -> None:
     try:
         parse_url(url)
         BlockingConnectionPool.from_url(url).make_connection()
-    except (ValueError, TypeError, RedisError) as exc:  # RedisError: ?protocol=4, ?ssl_cert_reqs=bogus
-        detail = _scrubbed(str(exc), url)
+    except Exception as exc:  # not only ValueError: ?retry=x raised AttributeError, a traceback at start
+        # a parser quotes what it could not read ("cast to integer value as 'Us3r'"): with a secret in the URL, a
+        # quoted literal is shown only if the redacted URL shows its text anyway ('notaport', a misspelt argument)
+        shown = _redacted(url)
+        detail = str(exc)
+        if _has_secret(url):
+            detail = _QUOTED.sub(lambda m: m.group() if m.group()[1:-1] in shown else "'***'", detail)
         hint = ""
-        if "@" in url.partition("://")[2] and _AUTHORITY_END.search(url.partition("://")[2].rpartition("@")[0]):
+        if "@" in url.partition("://")[2] and shown.partition("://")[2].startswith("***@"):
             hint = "; percent-encode the characters # / ? @ : in the user name and password"
-        raise ValueError(f"--redis-url {_redacted(url)}: {detail}{hint}") from None
+        raise ValueError(f"--redis-url {shown}: {detail or type(exc).__name__}{hint}") from None
 
 
 class RedisStore:
