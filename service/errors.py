@@ -119,9 +119,8 @@ class ShuttingDown(ServiceError):
     status = 503
     code = "shutting_down"
     retry_after = True
-    # the client's next request must open a new connection (to another replica): one kept alive to a draining
-    # server is cut when it exits, taking whatever request is on it then
-    close_connection = True
+    # raised only while a service drains, when every answer says Connection: close (http/middleware.py): the
+    # client's next request opens a new connection, to another replica
 
 
 class StoreUnavailable(ServiceError):

@@ -189,7 +189,7 @@ def check_url(url: str) -> None:
         if _has_secret(url):
             detail = _QUOTED.sub(lambda m: m.group() if m.group()[1:-1] in shown else "'***'", detail)
         hint = ""
-        if "@" in url.partition("://")[2] and shown.partition("://")[2].startswith("***@"):
+        if shown.partition("://")[2].startswith("***@"):  # the user info could not be told apart
             hint = "; percent-encode the characters # / ? @ : in the user name and password"
         raise ValueError(f"--redis-url {shown}: {detail or type(exc).__name__}{hint}") from None
 
