@@ -274,6 +274,7 @@ def build_embedder(settings: RouterSettings) -> Embedder:
         device=settings.device,
         dtype=settings.dtype,
         torchscript=settings.torchscript,
+        onednn=settings.onednn_linear,
         cuda=cuda_options(settings),
     )
 

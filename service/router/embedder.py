@@ -11,6 +11,7 @@ ever called on the event loop: the batcher runs them in its worker threads.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,8 +25,10 @@ from tokenizers import Tokenizer
 from service.router.buckets import BucketGrid
 from service.router.cuda_encoder import CudaEncoder
 from service.router.kernels import RouterKernels, load_kernels
-from service.router.minilm import MiniLM, script_for_inference
+from service.router.minilm import MiniLM, onednn_available, prepack_for_onednn, script_for_inference
 from service.router.model_card import EMBEDDING_DIM, MODEL_ID, default_model_dir, model_sha256
+
+logger = logging.getLogger(__name__)
 
 # Weights never come from a hub at run time.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -108,9 +111,11 @@ class MiniLMEmbedder:
         device: str = "auto",
         dtype: str = "auto",
         torchscript: bool = True,
+        onednn: bool = True,
         cuda: CudaOptions | None = None,
     ) -> None:
-        """``torchscript`` applies to CPU only; on CUDA, graphs remove the per-operator overhead."""
+        """``torchscript`` and ``onednn`` (prepacked fp32 GEMMs) apply to CPU only; on CUDA, graphs remove the
+        per-operator overhead."""
         folder = model_dir or default_model_dir()
         self.model_id = MODEL_ID
         self.model_sha256 = model_sha256(folder)
@@ -126,10 +131,12 @@ class MiniLMEmbedder:
         if model.cfg.hidden_size != self.dim:
             raise ValueError(f"{folder}: hidden size {model.cfg.hidden_size}, expected {self.dim}")
         self._cuda: CudaEncoder | None = None
+        self.onednn = False
         if self.torch_device.type == "cuda":
             self._cuda = _cuda_encoder(model, self.torch_device, cuda or CudaOptions(), self.max_seq_length)
             self._model: torch.jit.ScriptModule | MiniLM = model
         else:
+            self.onednn = onednn and _prepack_for_onednn(model)
             self._model = script_for_inference(model) if torchscript else model
         self.scripted = isinstance(self._model, torch.jit.ScriptModule)
 
@@ -141,7 +148,9 @@ class MiniLMEmbedder:
     def runtime_info(self) -> dict[str, object]:
         """What /health reports about how the encoder runs."""
         info: dict[str, object] = {"dtype": str(self.dtype).removeprefix("torch."), "torchscript": self.scripted}
-        if self._cuda is not None:
+        if self._cuda is None:
+            info["onednn_linear"] = self.onednn
+        else:
             info.update(cuda_graphs=self._cuda.graphs, fused_kernels=self._cuda.fused_kernels)
         return info
 
@@ -190,6 +199,21 @@ class MiniLMEmbedder:
             chunk = order[start : start + batch_size]
             out[chunk] = self.embed_ids([ids[i] for i in chunk])
         return out
+
+
+def _prepack_for_onednn(model: MiniLM) -> bool:
+    """Prepack an fp32 CPU model's GEMM weights for oneDNN; False (and nn.Linear kept) where that cannot run."""
+    if next(model.parameters()).dtype != torch.float32:
+        return False  # oneDNN's packed fp32 path only; bf16/fp16 on CPU keep torch's own kernels
+    if not onednn_available():
+        logger.warning("torch was built without oneDNN; the encoder's GEMMs run on its default BLAS")
+        return False
+    try:
+        prepack_for_onednn(model)
+    except Exception:
+        logger.warning("oneDNN prepacking failed; the encoder's GEMMs run on torch's default BLAS", exc_info=True)
+        return False
+    return True
 
 
 def _cuda_encoder(model: MiniLM, device: torch.device, options: CudaOptions, max_seq_length: int) -> CudaEncoder:

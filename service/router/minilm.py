@@ -55,6 +55,39 @@ class BertConfig:
         )
 
 
+# The row count oneDNN's packed weight layout is chosen for. Any hint from 32 rows up gave the same speed for
+# every batch from 22 to 5,000 tokens (2-core Zen 4 VM); a hint of 1 was 20 % slower on small batches.
+ONEDNN_PACK_ROWS = 256
+
+
+class OneDnnLinear(nn.Module):
+    """``nn.Linear`` for CPU inference, its weight reordered once into oneDNN's blocked layout.
+
+    torch's CPU ``addmm`` calls MKL, which on AMD CPUs keeps to its AVX2 kernels; oneDNN runs the widest ISA the
+    CPU has. On the 2-core Zen 4 VM (AVX-512) the encoder's GEMMs ran 10-25 % faster this way and a forward pass
+    13-20 % faster; with AVX2 only, the two measured alike. The maths stays fp32 (cosine >= 0.9999997 against
+    ``nn.Linear`` on every embedding). The op is torch's own (the one inductor's CPU freezing pass emits), so it
+    scripts like any other.
+    """
+
+    def __init__(self, linear: nn.Linear, activation: str = "none") -> None:
+        """``activation``: "none", or "gelu" (exact, erf) applied inside the GEMM as oneDNN's post-op."""
+        super().__init__()
+        if linear.bias is None:
+            raise ValueError("OneDnnLinear needs a bias")
+        if activation not in ("none", "gelu"):
+            raise ValueError(f"unsupported activation {activation!r}")
+        self.activation = activation
+        # oneDNN names the GELU variant: "none" is the exact erf form (nn.GELU's default), as BERT uses.
+        self.algorithm = "none" if activation == "gelu" else ""
+        with torch.no_grad():
+            self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach().float(), ONEDNN_PACK_ROWS)
+            self.bias = linear.bias.detach().float()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, self.activation, [], self.algorithm)
+
+
 class BertLayer(nn.Module):
     def __init__(self, cfg: BertConfig) -> None:
         super().__init__()
@@ -62,11 +95,13 @@ class BertLayer(nn.Module):
         self.num_heads = cfg.num_heads
         self.head_dim = h // cfg.num_heads
         self.eps = cfg.layer_norm_eps
-        self.qkv = nn.Linear(h, 3 * h)  # query, key and value fused: one GEMM instead of three
-        self.attn_out = nn.Linear(h, h)
+        # Typed as Module: prepack_for_onednn swaps them for OneDnnLinear on CPU.
+        self.qkv: nn.Module = nn.Linear(h, 3 * h)  # query, key and value fused: one GEMM instead of three
+        self.attn_out: nn.Module = nn.Linear(h, h)
         self.attn_norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
-        self.ffn_in = nn.Linear(h, cfg.intermediate_size)
-        self.ffn_out = nn.Linear(cfg.intermediate_size, h)
+        self.ffn_in: nn.Module = nn.Linear(h, cfg.intermediate_size)
+        self.ffn_act: nn.Module = nn.GELU()  # an Identity once prepack_for_onednn fuses it into ffn_in
+        self.ffn_out: nn.Module = nn.Linear(cfg.intermediate_size, h)
         self.ffn_norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
 
     def forward(self, x: Tensor, groups: list[tuple[int, int]]) -> Tensor:
@@ -81,7 +116,7 @@ class BertLayer(nn.Module):
             attn[start:stop] = out.transpose(1, 2).reshape(length * count, hidden)
             start = stop
         x = self.attn_norm(self.attn_out(attn) + x)
-        return self.ffn_norm(self.ffn_out(F.gelu(self.ffn_in(x))) + x)
+        return self.ffn_norm(self.ffn_out(self.ffn_act(self.ffn_in(x))) + x)
 
     def forward_padded(self, x: Tensor, attend: Tensor) -> Tensor:
         """``x`` [B, L, H]; ``attend`` [B, 1, 1, L] bool, false on padding keys."""
@@ -90,7 +125,7 @@ class BertLayer(nn.Module):
         attn = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=attend)
         attn = attn.transpose(1, 2).reshape(batch, length, hidden)
         x = self.attn_norm(self.attn_out(attn) + x)
-        return self.ffn_norm(self.ffn_out(F.gelu(self.ffn_in(x))) + x)
+        return self.ffn_norm(self.ffn_out(self.ffn_act(self.ffn_in(x))) + x)
 
 
 class MiniLM(nn.Module):
@@ -142,6 +177,29 @@ class MiniLM(nn.Module):
         model = cls(cfg)
         model.load_state_dict(_convert_hf_state(state, cfg.num_layers), strict=True)
         return model.eval()
+
+
+LINEAR_NAMES = ("qkv", "attn_out", "ffn_in", "ffn_out")
+
+
+def onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available()
+
+
+def prepack_for_onednn(model: MiniLM) -> MiniLM:
+    """Swap every layer's linear layers for ``OneDnnLinear``, the FFN's GELU fused into its first GEMM
+    (an fp32 CPU model; in place, returned for chaining). A model already packed is left as it is."""
+    # Everything is packed before anything is swapped, so a failure leaves the model as it was.
+    swaps: list[tuple[nn.Module, str, nn.Module]] = []
+    for layer in model.layers:
+        if not all(isinstance(getattr(layer, name), nn.Linear) for name in LINEAR_NAMES):
+            continue
+        for name in LINEAR_NAMES:
+            swaps.append((layer, name, OneDnnLinear(getattr(layer, name), "gelu" if name == "ffn_in" else "none")))
+        swaps.append((layer, "ffn_act", nn.Identity()))
+    for layer, name, module in swaps:
+        setattr(layer, name, module)
+    return model
 
 
 def script_for_inference(model: MiniLM) -> torch.jit.ScriptModule | MiniLM:

@@ -132,7 +132,10 @@ _HEALTH = {
         },
         "encoder": {
             "type": "object",
-            "description": "how the encoder runs: dtype, torchscript; on CUDA cuda_graphs (count) and fused_kernels",
+            "description": (
+                "how the encoder runs: dtype, torchscript; on CPU onednn_linear; on CUDA cuda_graphs (count) and"
+                " fused_kernels"
+            ),
         },
         "error": {"type": "string"},
     },

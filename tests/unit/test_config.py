@@ -205,3 +205,26 @@ def test_the_unauthenticated_body_budget_is_a_share_of_the_whole() -> None:
     env = {"LLMROUTER_MAX_UNAUTHENTICATED_BODY_BYTES": "64000", "LLMROUTER_MAX_BODY_BYTES": "1000"}
     assert DispatcherSettings.from_env(env).max_unauthenticated_body_bytes == 64000  # all of it: no split
     assert DispatcherSettings.from_env({}).max_unauthenticated_body_bytes == 0  # auto
+
+
+@pytest.mark.parametrize(
+    ("flags", "environ", "expected"),
+    [
+        ([], {}, True),
+        (["--no-onednn-linear"], {}, False),
+        ([], {"LLMROUTER_ONEDNN_LINEAR": "false"}, False),
+        (["--onednn-linear"], {"LLMROUTER_ONEDNN_LINEAR": "false"}, True),
+    ],
+)
+def test_the_onednn_setting_reaches_the_embedder(
+    flags: list[str], environ: dict[str, str], expected: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from service.router import app, embedder
+
+    parser = argparse.ArgumentParser()
+    RouterSettings.add_arguments(parser)
+    settings = RouterSettings.from_args(parser.parse_args(flags), environ)
+    seen: dict[str, object] = {}
+    monkeypatch.setattr(embedder, "MiniLMEmbedder", lambda **kwargs: seen.update(kwargs))
+    app.build_embedder(settings)
+    assert seen["onednn"] is expected and seen["torchscript"] is True

@@ -100,6 +100,17 @@ def test_torchscript_is_used_and_matches_eager(ours: MiniLMEmbedder) -> None:
     np.testing.assert_allclose(ours.embed(PROMPTS, batch_size=5), eager.embed(PROMPTS, batch_size=5), atol=1e-6)
 
 
+def test_onednn_linear_is_used_on_cpu_and_matches_torch_kernels(ours: MiniLMEmbedder) -> None:
+    # torch's CPU wheels are built with oneDNN, so the default CPU encoder runs its prepacked GEMMs
+    assert torch.backends.mkldnn.is_available()
+    assert ours.onednn and ours.runtime_info()["onednn_linear"] is True
+    plain = MiniLMEmbedder(device="cpu", dtype="float32", onednn=False)
+    assert plain.scripted and not plain.onednn and plain.runtime_info()["onednn_linear"] is False
+    got, expected = ours.embed(PROMPTS, batch_size=5), plain.embed(PROMPTS, batch_size=5)
+    np.testing.assert_allclose(got, expected, atol=2e-5)
+    assert (got * expected).sum(axis=1).min() >= 0.99999
+
+
 def test_empty_batch(ours: MiniLMEmbedder) -> None:
     assert ours.embed_ids([]).shape == (0, 384)
 

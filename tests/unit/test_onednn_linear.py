@@ -1,0 +1,114 @@
+"""OneDnnLinear (prepacked oneDNN GEMM, GELU fused as a post-op) against torch's own Linear and GELU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from service.router.minilm import (
+    LINEAR_NAMES,
+    BertConfig,
+    MiniLM,
+    OneDnnLinear,
+    prepack_for_onednn,
+    script_for_inference,
+)
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+
+TINY = BertConfig(
+    vocab_size=50,
+    hidden_size=32,
+    num_layers=2,
+    num_heads=4,
+    intermediate_size=64,
+    max_positions=16,
+    layer_norm_eps=1e-12,
+)
+
+
+@pytest.fixture
+def linear() -> nn.Linear:
+    torch.manual_seed(0)
+    return nn.Linear(48, 96).eval()
+
+
+@pytest.mark.parametrize("rows", [1, 7, 300])
+@torch.inference_mode()
+def test_matches_nn_linear(linear: nn.Linear, rows: int) -> None:
+    x = torch.randn(rows, 48)
+    torch.testing.assert_close(OneDnnLinear(linear)(x), linear(x), rtol=1e-5, atol=1e-5)
+
+
+@torch.inference_mode()
+def test_gelu_post_op_is_the_exact_erf_gelu(linear: nn.Linear) -> None:
+    x = torch.randn(40, 48) * 3  # wide enough that tanh-approximated GELU would differ
+    expected = F.gelu(linear(x))
+    assert (F.gelu(linear(x), approximate="tanh") - expected).abs().max() > 1e-4
+    torch.testing.assert_close(OneDnnLinear(linear, "gelu")(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@torch.inference_mode()
+def test_batched_input_keeps_its_leading_dimensions(linear: nn.Linear) -> None:
+    x = torch.randn(3, 5, 48)
+    out = OneDnnLinear(linear)(x)
+    assert out.shape == (3, 5, 96)
+    torch.testing.assert_close(out, linear(x), rtol=1e-5, atol=1e-5)
+
+
+def test_refuses_what_it_cannot_run(linear: nn.Linear) -> None:
+    with pytest.raises(ValueError, match="activation"):
+        OneDnnLinear(linear, "relu")
+    with pytest.raises(ValueError, match="bias"):
+        OneDnnLinear(nn.Linear(4, 4, bias=False))
+
+
+@torch.inference_mode()
+def test_prepacked_model_matches_and_scripts() -> None:
+    torch.manual_seed(1)
+    model = MiniLM(TINY).eval()
+    reference = MiniLM(TINY).eval()
+    reference.load_state_dict(model.state_dict())
+    ids = torch.randint(0, TINY.vocab_size, (3 * 5 + 2 * 9,))
+    positions = torch.cat([torch.arange(5).repeat(3), torch.arange(9).repeat(2)])
+    groups = [(5, 3), (9, 2)]
+
+    assert prepack_for_onednn(model) is model
+    for layer in model.layers:
+        assert all(isinstance(getattr(layer, name), OneDnnLinear) for name in LINEAR_NAMES)
+        assert isinstance(layer.ffn_act, nn.Identity)  # GELU now runs inside ffn_in
+        assert layer.ffn_in.activation == "gelu" and layer.qkv.activation == "none"
+    expected = reference(ids, positions, groups)
+    torch.testing.assert_close(model(ids, positions, groups), expected, rtol=1e-5, atol=1e-5)
+    scripted = script_for_inference(model)
+    assert isinstance(scripted, torch.jit.ScriptModule)
+    torch.testing.assert_close(scripted(ids, positions, groups), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_prepacking_twice_changes_nothing() -> None:
+    model = prepack_for_onednn(MiniLM(TINY).eval())
+    before = [getattr(layer, name) for layer in model.layers for name in (*LINEAR_NAMES, "ffn_act")]
+    prepack_for_onednn(model)
+    assert [getattr(layer, name) for layer in model.layers for name in (*LINEAR_NAMES, "ffn_act")] == before
+
+
+def test_a_failure_leaves_the_model_unpacked(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = MiniLM(TINY).eval()
+    calls = 0
+    real = torch.ops.mkldnn._reorder_linear_weight
+
+    def fail_on_the_fifth(weight: torch.Tensor, rows: int) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        if calls == 5:  # the second layer's first GEMM: the first layer is already packed by then
+            raise RuntimeError("simulated oneDNN failure")
+        return real(weight, rows)
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", fail_on_the_fifth)
+    with pytest.raises(RuntimeError, match="simulated"):
+        prepack_for_onednn(model)
+    for layer in model.layers:
+        assert all(type(getattr(layer, name)) is nn.Linear for name in LINEAR_NAMES)
+        assert isinstance(layer.ffn_act, nn.GELU)
