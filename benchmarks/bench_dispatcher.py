@@ -65,6 +65,7 @@ from benchmarks.common import (
     ServerProcess,
     WrkResult,
     _process_tree_cpu_s,
+    cpu_detail,
     cpu_snapshot,
     exit_on_sigterm,
     find_free_port,
@@ -724,7 +725,7 @@ def markdown_summary(result: dict[str, Any]) -> str:
     lines = [
         f"# Dispatcher benchmark ({m['date']})",
         "",
-        f"- Machine: `{m['hostname']}`, {m['cpu_model']}, {m['cpu_count']} cores; {m['wrk']}, "
+        f"- Machine: `{m['hostname']}`, {m['cpu_model']}{cpu_detail(m)}, {m['cpu_count']} cores; {m['wrk']}, "
         f"redis-server {m['redis_server'] or 'n/a'}, hypercorn {m['hypercorn']}, starlette {m['starlette']}",
         f"- Commit: `{m['git_commit'] or 'n/a'}`",
         f"- {cfg['rounds']} interleaved round(s) of {cfg['warmup_s']:g} s warm-up + {cfg['duration_s']:g} s recorded "

@@ -44,6 +44,7 @@ from benchmarks.common import (
     ServerProcess,
     WrkResult,
     _process_tree_cpu_s,
+    cpu_detail,
     cpu_snapshot,
     exit_on_sigterm,
     find_free_port,
@@ -450,7 +451,7 @@ def markdown_summary(result: dict[str, Any]) -> str:
     lines = [
         f"# Router benchmark ({m['date']})",
         "",
-        f"- Machine: `{m['hostname']}`, {m['cpu_model']}, {m['cpu_count']} cores; torch {m['torch']}, "
+        f"- Machine: `{m['hostname']}`, {m['cpu_model']}{cpu_detail(m)}, {m['cpu_count']} cores; torch {m['torch']}, "
         f"sentence-transformers {m['sentence_transformers']}, {m['wrk']}",
         f"- Commit: `{m['git_commit'] or 'n/a'}`",
         f"- Server: `{' '.join(cfg['server_cmd'])}` (healthy after {result['server']['startup_to_healthy_s']:.2f} s)",

@@ -19,7 +19,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -416,13 +416,34 @@ def foreign_cpu(before: CpuSnapshot | None, after: CpuSnapshot | None) -> dict[s
 
 
 def cpu_model() -> str:
+    return _cpuinfo_field("model name") or platform.processor() or "unknown"
+
+
+def cpu_isa(flags: Iterable[str] | None = None) -> str:
+    """The widest x86 vector extension the CPU reports: "avx512", "avx2", "avx" or "baseline".
+
+    GEMM-bound figures move with it (oneDNN runs AVX-512 kernels where MKL, on AMD CPUs, keeps to AVX2), and a
+    VM's model name alone ("AMD EPYC") does not tell which. ``flags``: the cpuinfo flags (default: this machine's).
+    """
+    if flags is None:
+        flags = _cpuinfo_field("flags").split()
+    present = set(flags)
+    for isa, flag in (("avx512", "avx512f"), ("avx2", "avx2"), ("avx", "avx")):
+        if flag in present:
+            return isa
+    return "baseline"
+
+
+def _cpuinfo_field(name: str) -> str:
+    """The first value of ``name`` in /proc/cpuinfo ("" where there is none, as off Linux)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            if key.strip() == name:
+                return value.strip()
     except OSError:
         pass
-    return platform.processor() or "unknown"
+    return ""
 
 
 def package_version(name: str) -> str | None:
@@ -437,6 +458,8 @@ def machine_info() -> dict[str, Any]:
     return {
         "hostname": platform.node(),
         "cpu_model": cpu_model(),
+        "cpu_isa": cpu_isa(),
+        "cpu_family_model": f"{_cpuinfo_field('cpu family') or '?'}/{_cpuinfo_field('model') or '?'}",
         "cpu_count": os.cpu_count(),
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
@@ -448,6 +471,14 @@ def machine_info() -> dict[str, Any]:
         "git_commit": git_commit(REPO_ROOT) or _carried_commit(),
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
+
+
+def cpu_detail(machine: Mapping[str, Any]) -> str:
+    """ " (avx512, family/model 25/17)" for a report's machine line; "" for results recorded before these fields."""
+    parts = [str(machine[key]) for key in ("cpu_isa",) if machine.get(key)]
+    if machine.get("cpu_family_model"):
+        parts.append(f"family/model {machine['cpu_family_model']}")
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def _carried_commit() -> str | None:

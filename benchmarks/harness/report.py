@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from benchmarks.common import cpu_detail
 from benchmarks.harness.scenarios import DESCRIPTIONS
 from benchmarks.harness.sweep import point_label
 from benchmarks.harness.systems import BARE, ROUTER
@@ -56,7 +57,7 @@ def render(run: dict[str, Any]) -> str:
     lines = [
         f"# Benchmark `{cfg['scenario_set']}` on {run['machine_label']} ({m['date']})",
         "",
-        f"- Machine: `{m['hostname']}`, {m['cpu_model']}, {m['cpu_count']} cores; python {m['python']}, "
+        f"- Machine: `{m['hostname']}`, {m['cpu_model']}{cpu_detail(m)}, {m['cpu_count']} cores; python {m['python']}, "
         f"torch {m['torch']}, sentence-transformers {m['sentence_transformers']}",
         f"- Commit: `{m['git_commit'] or 'n/a'}`",
         f"- Each point: {cfg['warmup_s']:g} s warm-up + {cfg['duration_s']:g} s recorded; closed loop at c = "

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import FOREIGN_CPU_WARN_CORES, foreign_cpu_warning, parse_wrk_output
+from benchmarks.common import FOREIGN_CPU_WARN_CORES, cpu_detail, cpu_isa, foreign_cpu_warning, parse_wrk_output
 from benchmarks.harness.plots import load_order, plot
 from benchmarks.harness.report import render
 from benchmarks.harness.targets import compute_targets, warnings_for
@@ -102,6 +102,8 @@ def test_report_and_plot_render(tmp_path: Path) -> None:
             "date": "2026-01-01",
             "hostname": "h",
             "cpu_model": "cpu",
+            "cpu_isa": "avx512",
+            "cpu_family_model": "25/17",
             "cpu_count": 2,
             "python": "3.11",
             "torch": "2",
@@ -128,6 +130,7 @@ def test_report_and_plot_render(tmp_path: Path) -> None:
     text = render(run)
     assert (tmp_path / "x.png").stat().st_size > 10_000
     assert "| router embedding vs bare HTTP ceiling | 0.75 | >= 0.9 | **FAIL**" in text
+    assert "- Machine: `h`, cpu (avx512, family/model 25/17), 2 cores;" in text
     assert "Overall: **FAIL**" in text
     assert "### router/unique: max 900.0 ok req/s" in text
     assert "| rate=450/s | 450.0 | 450.0 | 10.00 / 15.00 / 30.00 / 45.00* | 0 | 1.80 | 0.10 | 0.01 |" in text
@@ -201,3 +204,14 @@ def test_wrk_ok_requests_are_its_answers_less_non_2xx_and_socket_errors_are_not_
     result = parse_wrk_output(f"Running 2s test\n{line}\n", threads=1, connections=8)
     assert result.ok_requests == 90 and result.ok_rps == 45.0 and result.rps == 50.0
     assert result.socket_errors == {"connect": 5, "read": 3, "write": 1, "timeout": 2, "total": 11}
+
+
+def test_cpu_isa_is_the_widest_vector_extension_reported() -> None:
+    assert cpu_isa(["fpu", "sse2", "avx", "f16c", "avx2", "fma", "avx512f", "avx512bw"]) == "avx512"
+    assert cpu_isa(["fpu", "sse2", "avx", "fma", "avx2", "bmi2"]) == "avx2"  # Zen 3: no avx512f
+    assert cpu_isa(["avx"]) == "avx" and cpu_isa(["sse2", "avx512_bf16"]) == "baseline"
+
+
+def test_cpu_detail_for_results_recorded_with_and_without_the_fields() -> None:
+    assert cpu_detail({"cpu_isa": "avx2", "cpu_family_model": "25/1"}) == " (avx2, family/model 25/1)"
+    assert cpu_detail({"cpu_model": "AMD EPYC"}) == ""  # a JSON recorded before the fields existed
