@@ -121,10 +121,7 @@ class RouterSettings(BaseSettings):
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N")
     dtype: str = _opt("auto", "auto (fp16 on CUDA, fp32 on CPU), float32, float16 or bfloat16")
     torchscript: bool = _opt(True, "run the encoder as TorchScript (forward passes without the GIL)")
-    onednn_linear: bool = _opt(
-        True,
-        "CPU fp32: prepack the encoder's GEMM weights for oneDNN (AVX-512 where the CPU has it; else MKL's kernels)",
-    )
+    onednn_linear: bool = _opt(True, "CPU fp32: run the encoder's GEMMs on oneDNN, weights prepacked (else MKL)")
     compute_threads: int = _opt(0, "CPU: batches computed at once, one core each (0 = one per core)")
     cuda_inflight_batches: int = _opt(
         2, "CUDA: batches in flight at once (one packs its inputs or waits for its result while another runs)"

@@ -63,11 +63,11 @@ ONEDNN_PACK_ROWS = 256
 class OneDnnLinear(nn.Module):
     """``nn.Linear`` for CPU inference, its weight reordered once into oneDNN's blocked layout.
 
-    torch's CPU ``addmm`` calls MKL, which on AMD CPUs keeps to its AVX2 kernels; oneDNN runs the widest ISA the
-    CPU has. On the 2-core Zen 4 VM (AVX-512) the encoder's GEMMs ran 10-25 % faster this way and a forward pass
-    13-20 % faster; with AVX2 only, the two measured alike. The maths stays fp32 (cosine >= 0.9999997 against
-    ``nn.Linear`` on every embedding). The op is torch's own (the one inductor's CPU freezing pass emits), so it
-    scripts like any other.
+    torch's CPU ``addmm`` calls MKL, which on AMD CPUs keeps to its AVX2 kernels (capping it at AVX2 with
+    ``MKL_ENABLE_INSTRUCTIONS`` did not slow it); oneDNN runs the widest ISA the CPU has. On the 2-core Zen 4 VM
+    (AVX-512) the encoder's GEMMs ran 10-25 % faster this way and a forward pass 13-20 % faster; with AVX2 only,
+    the two measured alike. The maths stays fp32 (cosine >= 0.9999997 against ``nn.Linear`` on every embedding).
+    The op is torch's own (the one inductor's CPU freezing pass emits), so it scripts like any other.
     """
 
     def __init__(self, linear: nn.Linear, activation: str = "none") -> None:
