@@ -446,6 +446,12 @@ def _cpuinfo_field(name: str) -> str:
     return ""
 
 
+def _cpu_family_model() -> str | None:
+    """x86 "family/model" ("25/17" is Zen 4, "25/1" Zen 3); None where cpuinfo does not say."""
+    family, model = _cpuinfo_field("cpu family"), _cpuinfo_field("model")
+    return f"{family}/{model}" if family and model else None
+
+
 def package_version(name: str) -> str | None:
     try:
         return metadata.version(name)
@@ -459,7 +465,7 @@ def machine_info() -> dict[str, Any]:
         "hostname": platform.node(),
         "cpu_model": cpu_model(),
         "cpu_isa": cpu_isa(),
-        "cpu_family_model": f"{_cpuinfo_field('cpu family') or '?'}/{_cpuinfo_field('model') or '?'}",
+        "cpu_family_model": _cpu_family_model(),
         "cpu_count": os.cpu_count(),
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
@@ -474,8 +480,11 @@ def machine_info() -> dict[str, Any]:
 
 
 def cpu_detail(machine: Mapping[str, Any]) -> str:
-    """ " (avx512, family/model 25/17)" for a report's machine line; "" for results recorded before these fields."""
-    parts = [str(machine[key]) for key in ("cpu_isa",) if machine.get(key)]
+    """The CPU's vector extension and family/model for a report's machine line, as " (avx512, family/model 25/17)";
+    "" for results recorded before these fields."""
+    parts = []
+    if machine.get("cpu_isa"):
+        parts.append(str(machine["cpu_isa"]))
     if machine.get("cpu_family_model"):
         parts.append(f"family/model {machine['cpu_family_model']}")
     return f" ({', '.join(parts)})" if parts else ""
