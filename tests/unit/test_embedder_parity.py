@@ -111,6 +111,22 @@ def test_onednn_linear_is_used_on_cpu_and_matches_torch_kernels(ours: MiniLMEmbe
     assert (got * expected).sum(axis=1).min() >= 0.99999
 
 
+def test_a_failed_prepack_keeps_torch_kernels_and_says_so(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, ours: MiniLMEmbedder
+) -> None:
+    from service.router import embedder
+
+    def fail(model: object) -> object:
+        raise RuntimeError("simulated oneDNN failure")
+
+    monkeypatch.setattr(embedder, "prepack_for_onednn", fail)
+    with caplog.at_level("WARNING", logger=embedder.__name__):
+        fallback = MiniLMEmbedder(device="cpu", dtype="float32")
+    assert not fallback.onednn and fallback.scripted
+    assert "oneDNN prepacking failed" in caplog.text
+    np.testing.assert_allclose(fallback.embed(PROMPTS[:4]), ours.embed(PROMPTS[:4]), atol=2e-5)
+
+
 def test_empty_batch(ours: MiniLMEmbedder) -> None:
     assert ours.embed_ids([]).shape == (0, 384)
 
