@@ -206,7 +206,7 @@ def _prepack_for_onednn(model: MiniLM) -> bool:
     if next(model.parameters()).dtype != torch.float32:
         return False  # oneDNN's packed fp32 path only; bf16/fp16 on CPU keep torch's own kernels
     if not onednn_available():
-        logger.warning("torch was built without oneDNN; the encoder's GEMMs run on its default BLAS")
+        logger.warning("oneDNN unavailable; the encoder's GEMMs run on torch's default BLAS")
         return False
     try:
         prepack_for_onednn(model)

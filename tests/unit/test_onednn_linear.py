@@ -12,6 +12,7 @@ from service.router.minilm import (
     BertConfig,
     MiniLM,
     OneDnnLinear,
+    onednn_available,
     prepack_for_onednn,
     script_for_inference,
 )
@@ -63,6 +64,8 @@ def test_refuses_what_it_cannot_run(linear: nn.Linear) -> None:
         OneDnnLinear(linear, "relu")
     with pytest.raises(ValueError, match="bias"):
         OneDnnLinear(nn.Linear(4, 4, bias=False))
+    with pytest.raises(ValueError, match="fp32 only"):  # it used to upcast, then fail at the first GEMM
+        OneDnnLinear(linear.to(torch.bfloat16))
 
 
 @torch.inference_mode()
@@ -112,3 +115,13 @@ def test_a_failure_leaves_the_model_unpacked(monkeypatch: pytest.MonkeyPatch) ->
     for layer in model.layers:
         assert all(type(getattr(layer, name)) is nn.Linear for name in LINEAR_NAMES)
         assert isinstance(layer.ffn_act, nn.GELU)
+
+
+def test_onednn_is_unavailable_when_its_gemm_fails_though_packing_works(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert onednn_available()
+
+    def fail(*args: object) -> torch.Tensor:
+        raise RuntimeError("could not create a primitive descriptor")
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", fail)
+    assert not onednn_available()
