@@ -9,7 +9,7 @@
    - ``dispatcher-redis``: the same with ``--redis-url`` and a random ``--redis-prefix``.
 3. Registers ``--workers-per-endpoint`` fake ready workers with each dispatcher (``POST /worker_status/``, so huge
    a ``max_perf`` that load never saturates them) and checks one ``/route/`` answer: a worker ``url`` and a valid
-   128-hex Ed25519 ``signature``.
+   128-hex Ed25519 ``signature`` (with its batch proof, if the answer has one).
 4. Interleaved rounds (robust to a noisy box): for each of ``--rounds`` rounds, for each system (the order rotates
    every round), ``--warmup`` s unrecorded then ``--duration`` s recorded with ``wrk/post_json.lua`` at
    ``-t --threads -c --concurrency``. Every request carries the same body,
@@ -84,6 +84,7 @@ from service.dispatch.endpoints import EndpointRegistry, EndpointSpec, hash_key,
 from service.dispatch.signing import (
     SIGNATURE_HEX_DIGITS,
     Assignment,
+    BatchProof,
     KeyRing,
     Signer,
     write_key_file,
@@ -385,7 +386,8 @@ def check_route(base_url: str, body: dict[str, Any], creds: Credentials) -> dict
         problems.append(f"signature is not {SIGNATURE_HEX_DIGITS} lowercase hex digits")
     else:
         try:
-            verified = KeyRing([creds.signer.public_key]).verify(Assignment.from_mapping(answer), signature)
+            batch = None if answer.get("batch") is None else BatchProof.from_json(answer["batch"])
+            verified = KeyRing([creds.signer.public_key]).verify(Assignment.from_mapping(answer), signature, batch)
         except ValueError as exc:
             problems.append(f"not a complete assignment: {exc}")
         else:

@@ -202,6 +202,11 @@ class DispatcherSettings(BaseSettings):
         " SIGHUP; a missing or empty file publishes nothing",
     )
     assignment_ttl_s: float = _opt(60.0, "how long a signed assignment stays valid")
+    batch_signatures: bool = _opt(
+        True,
+        "sign the assignments of one event-loop iteration together, one Ed25519 signature over their Merkle tree"
+        " (each answer carries its proof, `batch`); off: one signature each, for workers that predate batch proofs",
+    )
     heartbeat_timeout_s: float = _opt(30.0, "a worker silent this long gets no new requests")
     worker_forget_s: float = _opt(
         3600.0, "a worker silent this long and holding no request is forgotten (>= --heartbeat-timeout-s)"

@@ -51,6 +51,7 @@ DURATION_BUCKETS_S = (
     10.0,
 )
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 256, 512, 1024, 2048)  # CUDA batches reach 1024+
+SIGNATURE_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # up to signing's MAX_BATCH_LEAVES
 BATCH_TOKEN_BUCKETS = (16, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 
 PROMETHEUS_CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -214,6 +215,12 @@ class DispatcherMetrics(HttpMetrics):
             "dispatcher_pick_duration_seconds",
             "Time to pick a worker and reserve its load (one store call)",
             buckets=DURATION_BUCKETS_S,
+            registry=registry,
+        )
+        self.signature_batch_size = Histogram(
+            "dispatcher_signature_batch_size",
+            "Assignments per Ed25519 signature (1: signed alone; more: one Merkle tree, signed once)",
+            buckets=SIGNATURE_BATCH_BUCKETS,
             registry=registry,
         )
         self.reports = Counter(

@@ -127,7 +127,7 @@ class DispatcherService(ServiceBase):
         self.store = store if store is not None else open_store(settings)
         self.registry = registry if registry is not None else load_registry(settings)
         self.signer = signer if signer is not None else load_signer(settings)
-        self.signing = SignatureBatcher(self.signer)
+        self.signing = self._signature_batcher(self.signer)
         self._configured_previous_keys = read_public_keys(settings.previous_public_keys)
         self._retired_keys: list[bytes] = []  # replaced on SIGHUP, published until their assignments expired
         # Published ahead of signing, so that every worker knows the key before the first assignment under it.
@@ -232,6 +232,11 @@ class DispatcherService(ServiceBase):
             logger.warning("drain timeout (%.0fs) reached with requests still open", self.settings.drain_timeout_s)
         logger.info("drained")
 
+    def _signature_batcher(self, signer: Signer) -> SignatureBatcher:
+        return SignatureBatcher(
+            signer, batch=self.settings.batch_signatures, observe=self.metrics.signature_batch_size.observe
+        )
+
     def on_reload_signal(self) -> None:
         """SIGHUP: re-read the endpoints file, the signing key file and the next key's public key file. Each part
         stands alone: a failure the checks did not foresee in one must not skip the others (a key rotation)."""
@@ -276,7 +281,7 @@ class DispatcherService(ServiceBase):
         retired = self.signer
         # Both at once, on the loop: a route reads the signer and hands its assignment to the batcher without
         # yielding, so each assignment names the key that signs it.
-        self.signer, self.signing = signer, SignatureBatcher(signer)
+        self.signer, self.signing = signer, self._signature_batcher(signer)
         self._retired_keys.insert(0, retired.public_key)
         self._publish_keys()
         until_expired = self.settings.assignment_ttl_s + RETIRED_KEY_GRACE_S

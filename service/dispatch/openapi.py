@@ -99,7 +99,20 @@ _ASSIGNED = {
         "cost": {"type": "number"},
         "reqnum": {"type": "integer", "description": "this worker's request number, increasing"},
         "request_idx": {"type": "integer", "description": "the request's lifetime id; pass it to retry"},
-        "signature": {"type": "string", "description": "Ed25519 over the canonical assignment, hex"},
+        "signature": {
+            "type": "string",
+            "description": "Ed25519, hex: over the canonical assignment, or with `batch` over its batch's Merkle root",
+        },
+        "batch": {
+            "type": "object",
+            "description": "present when the signature covers a batch: this assignment's RFC 9162 inclusion proof",
+            "required": ["index", "size", "path"],
+            "properties": {
+                "index": {"type": "integer", "minimum": 0},
+                "size": {"type": "integer", "minimum": 2},
+                "path": {"type": "array", "items": {"type": "string", "description": "SHA-256, hex"}},
+            },
+        },
         "key_id": {"type": "string", "description": "which /pubkey/ key signed"},
         "expires_at_ms": {"type": "integer", "description": "unix milliseconds after which workers refuse it"},
         "__request_id": {"type": "string", "format": "uuid"},

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from service.dispatch.records import Assigned, NoReadyWorker, WorkerRecord, WorkerReport, WorkerState
-from service.dispatch.signing import Assignment, is_safe_text
+from service.dispatch.signing import Assignment, Signature, is_safe_text
 from service.dispatch.worker_url import canonical_url
 from service.errors import InvalidRequest, Unauthorized
 
@@ -142,18 +142,21 @@ def parse_release(data: Mapping[str, Any]) -> tuple[str, list[int], bool, str | 
     return endpoint, checked, success, worker_id
 
 
-def assigned_answer(assignment: Assignment, signature: str, request_id: str) -> dict[str, Any]:
-    return {
+def assigned_answer(assignment: Assignment, signature: Signature, request_id: str) -> dict[str, Any]:
+    answer = {
         "endpoint": assignment.endpoint,
         "url": assignment.url,
         "cost": assignment.cost,
         "reqnum": assignment.reqnum,
         "request_idx": assignment.request_idx,
-        "signature": signature,
+        "signature": signature.hex,
         "key_id": assignment.key_id,
         "expires_at_ms": assignment.expires_at_ms,
         "__request_id": request_id,
     }
+    if signature.batch is not None:
+        answer["batch"] = signature.batch.to_json()
+    return answer
 
 
 def no_ready_answer(endpoint: str, outcome: NoReadyWorker, request_id: str) -> dict[str, Any]:

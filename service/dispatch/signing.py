@@ -14,6 +14,15 @@ The signed message is ``DOMAIN`` followed by a canonical JSON object of exactly 
 
 ``signature`` is the 64-byte Ed25519 signature in lowercase hex; ``key_id`` is the first 16 hex digits of
 SHA-256 over the 32-byte public key. Public keys travel as lowercase hex (``GET /pubkey/``).
+
+Batch signatures (the dispatcher's default, ``--no-batch-signatures`` turns them off): the assignments routed in one
+event-loop iteration share one signature, as Roughtime servers sign a batch of replies. Their canonical bytes are the
+leaves of an RFC 9162 (Certificate Transparency v2) Merkle tree with SHA-256, leaf hash ``SHA-256(0x00 || bytes)``,
+node hash ``SHA-256(0x01 || left || right)``, and the signed message is ``BATCH_DOMAIN``, the tree's size as 4 bytes
+big-endian, then its 32-byte root. Each answer carries ``batch``: ``{"index": i, "size": n, "path": [hex, ...]}``,
+its leaf's RFC 9162 inclusion proof (section 2.1.3.2 gives the verifier's algorithm). An answer without ``batch``
+is signed alone, over its canonical bytes. The two domains differ, so neither kind of signature passes for the
+other, and the size is signed, so a proof's index and size cannot be changed either.
 """
 
 from __future__ import annotations
@@ -23,16 +32,27 @@ import math
 import os
 import re
 import stat
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, TypeVar
 
 from nacl.bindings import crypto_sign, crypto_sign_seed_keypair
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
 DOMAIN = b"llm-dispatch-assignment-v1\n"
+BATCH_DOMAIN = b"llm-dispatch-batch-v1\n"
+# RFC 9162's prefixes: a leaf's hash can never equal an inner node's, so no proof passes off one for the other
+LEAF_PREFIX = b"\x00"
+NODE_PREFIX = b"\x01"
+HASH_BYTES = 32
+HASH_HEX_DIGITS = 2 * HASH_BYTES
+BATCH_SIZE_BYTES = 4
+# Leaves in one signed tree. More assignments in one loop iteration make several trees: proofs stay short.
+MAX_BATCH_LEAVES = 256
+# What a verifier accepts: a proof of a tree this large has at most 16 hashes (bounded work per request).
+MAX_VERIFIED_BATCH_SIZE = 1 << 16
 ALGORITHM = "ed25519"
 SEED_BYTES = 32
 PUBLIC_KEY_BYTES = 32
@@ -44,7 +64,11 @@ SIGNATURE_HEX_DIGITS = 2 * SIGNATURE_BYTES
 DEFAULT_CLOCK_SKEW_S = 5.0
 # Printable ASCII except '"' and '\\': what may appear in a signed string field.
 SAFE_TEXT = re.compile(r"^[\x20\x21\x23-\x5b\x5d-\x7e]+$")
+HASH_HEX = re.compile(f"[0-9a-f]{{{HASH_HEX_DIGITS}}}")  # lowercase only, as signatures
 SIGNED_FIELDS = ("cost", "endpoint", "expires_at_ms", "key_id", "reqnum", "request_idx", "url")
+
+
+T = TypeVar("T")
 
 
 class KeyFileError(ValueError):
@@ -102,13 +126,116 @@ def format_cost(cost: float) -> str:
 
 def canonical_bytes(a: Assignment) -> bytes:
     """The exact bytes that are signed (see the module docstring)."""
-    for name, value in (("endpoint", a.endpoint), ("url", a.url), ("key_id", a.key_id)):
-        if not is_safe_text(value):
-            raise ValueError(f"{name} must be printable ASCII without quotes or backslashes")
+    if not (a.endpoint and a.url and a.key_id and is_safe_text(a.endpoint + a.url + a.key_id)):  # one regex, hot
+        for name, value in (("endpoint", a.endpoint), ("url", a.url), ("key_id", a.key_id)):
+            if not is_safe_text(value):
+                raise ValueError(f"{name} must be printable ASCII without quotes or backslashes")
     return DOMAIN + (
         f'{{"cost":"{format_cost(a.cost)}","endpoint":"{a.endpoint}","expires_at_ms":{a.expires_at_ms},'
         f'"key_id":"{a.key_id}","reqnum":{a.reqnum},"request_idx":{a.request_idx},"url":"{a.url}"}}'
     ).encode("ascii")
+
+
+def leaf_hash(message: bytes) -> bytes:
+    return hashlib.sha256(LEAF_PREFIX + message).digest()
+
+
+def node_hash(left: bytes, right: bytes) -> bytes:
+    return hashlib.sha256(NODE_PREFIX + left + right).digest()
+
+
+def batch_message(size: int, root: bytes) -> bytes:
+    """The bytes a batch signature signs: the domain, the tree's size (4 bytes, big-endian) and its root."""
+    return BATCH_DOMAIN + size.to_bytes(BATCH_SIZE_BYTES, "big") + root
+
+
+def merkle_levels(leaves: Sequence[bytes]) -> list[list[bytes]]:
+    """RFC 9162's tree over ``leaves`` (leaf hashes), level by level from the leaves up to ``[root]``.
+
+    A lone last node moves up unpaired: that gives RFC 9162's shape (its left subtree holds the largest power of
+    two of leaves below the size), and each node's parent sits at half its index."""
+    if not leaves:
+        raise ValueError("a Merkle tree needs at least one leaf")
+    levels = [list(leaves)]
+    level = levels[0]
+    while len(level) > 1:
+        parents = [node_hash(level[j], level[j + 1]) for j in range(0, len(level) - 1, 2)]
+        if len(level) % 2:
+            parents.append(level[-1])
+        levels.append(parents)
+        level = parents
+    return levels
+
+
+def inclusion_path(levels: Sequence[Sequence[T]], index: int) -> list[T]:
+    """Leaf ``index``'s RFC 9162 inclusion proof: its sibling on each level that has one, bottom up. ``levels``
+    as ``merkle_levels`` returns them, or any same-shaped copy (their hex)."""
+    path = []
+    for level in levels[:-1]:
+        sibling = index ^ 1
+        if sibling < len(level):
+            path.append(level[sibling])
+        index >>= 1
+    return path
+
+
+def root_from_proof(leaf: bytes, index: int, size: int, path: Sequence[bytes]) -> bytes | None:
+    """The root that ``path`` proves ``leaf`` (at ``index`` of ``size``) under, or None when the proof cannot be
+    one: RFC 9162, section 2.1.3.2, step for step."""
+    if not 0 <= index < size:
+        return None
+    fn, sn, r = index, size - 1, leaf
+    for p in path:
+        if sn == 0:
+            return None
+        if fn & 1 or fn == sn:
+            r = node_hash(p, r)
+            while not fn & 1 and fn != 0:
+                fn >>= 1
+                sn >>= 1
+        else:
+            r = node_hash(r, p)
+        fn >>= 1
+        sn >>= 1
+    return r if sn == 0 else None
+
+
+class BatchProof(NamedTuple):  # a tuple: made once per routed request, a frozen dataclass costs twice as much
+    """Where an assignment sits in the batch its signature covers: the answer's ``batch``, path in hex as sent."""
+
+    leaf_index: int  # RFC 9162's names; "index" and "size" on the wire
+    tree_size: int
+    path: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"index": self.leaf_index, "size": self.tree_size, "path": list(self.path)}
+
+    def root(self, leaf: bytes) -> bytes | None:
+        """The root this proof puts ``leaf`` under (``root_from_proof``)."""
+        return root_from_proof(leaf, self.leaf_index, self.tree_size, [bytes.fromhex(node) for node in self.path])
+
+    @classmethod
+    def from_json(cls, data: object) -> BatchProof:
+        """``ValueError`` unless ``data`` is a well-formed ``batch`` object (lowercase hex, bounded size)."""
+        if not isinstance(data, Mapping):
+            raise ValueError("batch must be an object")
+        index, size, path = data.get("index"), data.get("size"), data.get("path")
+        if isinstance(index, bool) or not isinstance(index, int) or isinstance(size, bool) or not isinstance(size, int):
+            raise ValueError("batch.index and batch.size must be integers")
+        if not 2 <= size <= MAX_VERIFIED_BATCH_SIZE or not 0 <= index < size:
+            raise ValueError(f"batch.size must be 2 to {MAX_VERIFIED_BATCH_SIZE} and batch.index below it")
+        if not isinstance(path, list) or len(path) > size.bit_length():
+            raise ValueError("batch.path must be a list of at most log2(size) + 1 hashes")
+        if not all(isinstance(node, str) and HASH_HEX.fullmatch(node) for node in path):
+            raise ValueError(f"batch.path must hold {HASH_HEX_DIGITS} lowercase hex digits per hash")
+        return cls(index, size, tuple(path))
+
+
+class Signature(NamedTuple):
+    """A signature as an answer carries it: hex, and its batch proof unless it signs this assignment alone."""
+
+    hex: str
+    batch: BatchProof | None = None
 
 
 def key_id_for(public_key: bytes) -> str:
@@ -135,6 +262,17 @@ class Signer:
 
     def sign(self, assignment: Assignment) -> str:
         return self.sign_bytes(canonical_bytes(assignment)).hex()
+
+    def sign_batch(self, messages: Sequence[bytes]) -> list[Signature]:
+        """One signature over the canonical bytes ``messages`` (``canonical_bytes``) of one batch; a batch of one
+        is signed alone, as ``sign`` does."""
+        if len(messages) == 1:
+            return [Signature(self.sign_bytes(messages[0]).hex())]
+        size = len(messages)
+        levels = merkle_levels([leaf_hash(message) for message in messages])
+        signature = self.sign_bytes(batch_message(size, levels[-1][0])).hex()
+        in_hex = [[node.hex() for node in level] for level in levels]  # each node once, shared by the paths
+        return [Signature(signature, BatchProof(i, size, tuple(inclusion_path(in_hex, i)))) for i in range(size)]
 
     def sign_bytes(self, message: bytes) -> bytes:
         """The 64-byte signature of ``message``: one libsodium call, which runs without the GIL."""
@@ -170,14 +308,21 @@ class KeyRing:
     def key_ids(self) -> frozenset[str]:
         return frozenset(self._keys)
 
-    def verify(self, assignment: Assignment, signature_hex: str) -> bool:
-        """True when ``signature_hex`` is a valid signature of ``assignment`` by the key it names."""
+    def verify(self, assignment: Assignment, signature_hex: str, batch: BatchProof | None = None) -> bool:
+        """True when ``signature_hex`` is a valid signature of ``assignment`` by the key it names: alone, or with
+        ``batch``, of the batch that proof places it in."""
         key = self._keys.get(assignment.key_id)
         if key is None or len(signature_hex) != SIGNATURE_HEX_DIGITS:
             return False
         try:
             signature = bytes.fromhex(signature_hex)
-            key.verify(canonical_bytes(assignment), signature)
+            message = canonical_bytes(assignment)
+            if batch is not None:
+                root = batch.root(leaf_hash(message))
+                if root is None:
+                    return False
+                message = batch_message(batch.tree_size, root)
+            key.verify(message, signature)
         except (ValueError, BadSignatureError):
             return False
         return True

@@ -4,7 +4,8 @@ A worker must not trust that a caller went through the dispatcher: the route ans
 ``auth_data`` is signed (see ``signing``), so the worker checks, in this order,
 
 1. the shape of the signed fields (``bad_format``);
-2. the signing key, among those ``GET /pubkey/`` publishes (``unknown_key``), and the signature (``bad_signature``);
+2. the signing key, among those ``GET /pubkey/`` publishes (``unknown_key``), and the signature (``bad_signature``),
+   alone or, with ``batch``, through its Merkle proof;
 3. that the assignment names this worker (``wrong_url``) and, when configured, its endpoint (``wrong_endpoint``);
 4. that it has not expired (``expired``), allowing for some clock skew between the two machines;
 5. that its ``reqnum`` was not used before (``replayed``, ``too_old``) nor issued before this process started
@@ -37,7 +38,9 @@ from service.dispatch.signing import (
     PUBLIC_KEY_BYTES,
     SIGNATURE_HEX_DIGITS,
     Assignment,
+    BatchProof,
     KeyRing,
+    Signature,
     key_id_for,
     parse_hex,
 )
@@ -222,14 +225,14 @@ class AssignmentVerifier:
             self._window.record(assignment.reqnum)
         return assignment
 
-    def _check_signature(self, assignment: Assignment, signature: str) -> None:
+    def _check_signature(self, assignment: Assignment, signature: Signature) -> None:
         keyring = self._keyring
         if assignment.key_id not in keyring.key_ids:
             # unknown_key makes a worker fetch the dispatcher's keys: only for an assignment that could be its own
             self._check_target(assignment)
             self._check_expiry(assignment)
             raise AssignmentRejected(RejectReason.UNKNOWN_KEY, f"key {assignment.key_id!r} is not a published key")
-        if not keyring.verify(assignment, signature):
+        if not keyring.verify(assignment, signature.hex, signature.batch):
             raise AssignmentRejected(RejectReason.BAD_SIGNATURE, "signature does not match the assignment")
 
     def _check_target(self, assignment: Assignment) -> None:
@@ -248,17 +251,18 @@ class AssignmentVerifier:
             )
 
 
-def _parse(auth_data: Mapping[str, Any]) -> tuple[Assignment, str]:
+def _parse(auth_data: Mapping[str, Any]) -> tuple[Assignment, Signature]:
     if not isinstance(auth_data, Mapping):
         raise AssignmentRejected(RejectReason.BAD_FORMAT, "auth_data must be a JSON object")
     try:
         assignment = Assignment.from_mapping(auth_data)
+        batch = None if auth_data.get("batch") is None else BatchProof.from_json(auth_data["batch"])
     except ValueError as exc:
         raise AssignmentRejected(RejectReason.BAD_FORMAT, str(exc)) from None
     signature = auth_data.get("signature")
     if not isinstance(signature, str) or not SIGNATURE_HEX.fullmatch(signature):
         raise AssignmentRejected(RejectReason.BAD_FORMAT, "signature must be 128 lowercase hex digits")
-    return assignment, signature
+    return assignment, Signature(signature, batch)
 
 
 # -- fetching the published keys ----------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ all as subprocesses talking HTTP; endpoints and keys made with the real CLI."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import re
@@ -30,6 +31,7 @@ from starlette.routing import Route
 
 from service.dispatch.client import DispatchClient
 from service.dispatch.records import STATUS_KEYS
+from service.dispatch.signing import KeyRing
 from service.dispatch.verifier import AssignmentRejected, AssignmentVerifier, RejectReason, fetch_keyring
 from tests.e2e.conftest import REPO, Server, free_port, start_process, start_server
 from tests.openapi_check import assert_answers_as_documented
@@ -257,6 +259,102 @@ def test_every_single_byte_change_to_a_signed_field_is_refused_by_the_worker(
             assert (answer.status_code, answer.json()["error"]["reason"]) == refused, (field_name, tampered)
         # untouched, it is still accepted: the refusals did not burn its reqnum
         assert client.post(f"{worker_url}/echo", json={"auth_data": assignment, "payload": {}}).status_code == 200
+
+
+async def concurrent_routes(dispatcher: Server, api_key: str, count: int) -> list[dict[str, Any]]:
+    auth = {"authorization": f"Bearer {api_key}"}
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=count), timeout=30) as http:
+        answers = await asyncio.gather(
+            *(http.post(f"{dispatcher.url}/route/", json={"endpoint": ENDPOINT, "cost": 1.0}, headers=auth)
+              for _ in range(count))
+        )  # fmt: skip
+    assert all(a.status_code == 200 for a in answers)
+    return [dict(a.json()) for a in answers]
+
+
+def signature_batches(dispatcher: Server) -> dict[str, float]:
+    """``dispatcher_signature_batch_size``: signatures made alone, signatures, and the assignments they signed."""
+    text = httpx.get(f"{dispatcher.url}/metrics").text
+    values = {}
+    for name, pattern in (("alone", r'_bucket\{le="1.0"\}'), ("count", "_count"), ("sum", "_sum")):
+        found = re.search(rf"^dispatcher_signature_batch_size{pattern} (\S+)$", text, re.MULTILINE)
+        assert found, name
+        values[name] = float(found.group(1))
+    return values
+
+
+def rfc9162_root(leaf: bytes, index: int, size: int, path: list[bytes]) -> bytes:
+    """The README's recipe, with nothing of the package: RFC 9162, section 2.1.3.2."""
+    fn, sn, r = index, size - 1, hashlib.sha256(b"\x00" + leaf).digest()
+    for p in path:
+        assert sn != 0
+        if fn & 1 or fn == sn:
+            r = hashlib.sha256(b"\x01" + p + r).digest()
+            while not fn & 1 and fn != 0:
+                fn, sn = fn >> 1, sn >> 1
+        else:
+            r = hashlib.sha256(b"\x01" + r + p).digest()
+        fn, sn = fn >> 1, sn >> 1
+    assert sn == 0
+    return r
+
+
+async def test_concurrent_routes_share_batch_signatures_that_workers_verify(
+    deployment: Deployment, stack: tuple[Server, list[Server]]
+) -> None:
+    dispatcher, _ = stack
+    await asyncio.to_thread(wait_for, lambda: ready_workers(dispatcher, deployment.api_key, 2), "two ready workers")
+    answers: list[dict[str, Any]] = []
+    for _ in range(10):  # requests that arrive in one loop iteration share a signature: 64 at once make some
+        answers += await concurrent_routes(dispatcher, deployment.api_key, 64)
+        if any("batch" in a for a in answers):
+            break
+    batched = [a for a in answers if "batch" in a]
+    assert batched, "no two of 640 concurrent routes were signed together"
+    pubkey = (await asyncio.to_thread(httpx.get, f"{dispatcher.url}/pubkey/")).json()
+    key = VerifyKey(bytes.fromhex(pubkey["public_key"]))
+    for a in batched:  # verified as the README tells a worker in another language to
+        signed = "llm-dispatch-assignment-v1\n" + (
+            f'{{"cost":"{a["cost"]:.17g}","endpoint":"{a["endpoint"]}","expires_at_ms":{a["expires_at_ms"]},'
+            f'"key_id":"{a["key_id"]}","reqnum":{a["reqnum"]},"request_idx":{a["request_idx"]},"url":"{a["url"]}"}}'
+        )
+        batch = a["batch"]
+        root = rfc9162_root(signed.encode(), batch["index"], batch["size"], [bytes.fromhex(p) for p in batch["path"]])
+        message = b"llm-dispatch-batch-v1\n" + batch["size"].to_bytes(4, "big") + root
+        key.verify(message, bytes.fromhex(a["signature"]))
+    shared = {a["signature"] for a in batched}
+    assert len(shared) < len(batched)  # one signature, several assignments
+    batches = signature_batches(dispatcher)
+    assert batches["count"] < len(answers) == batches["sum"] and batches["alone"] < batches["count"]
+    async with httpx.AsyncClient(timeout=10) as http:
+        tampered = dict(batched[0])
+        path = list(tampered["batch"]["path"])
+        path[0] = ("1" if path[0][0] != "1" else "2") + path[0][1:]
+        tampered["batch"] = {**tampered["batch"], "path": path}
+        refused = await http.post(f"{tampered['url']}/echo", json={"auth_data": tampered, "payload": {}})
+        assert (refused.status_code, refused.json()["error"]["reason"]) == (401, "bad_signature")
+        for a in answers:  # every one, batched or alone, is served by its worker
+            served = await http.post(f"{a['url']}/echo", json={"auth_data": a, "payload": {"n": a["reqnum"]}})
+            assert served.status_code == 200, served.text
+
+
+async def test_without_batch_signatures_every_assignment_is_signed_alone(deployment: Deployment) -> None:
+    dispatcher = deployment.dispatcher("--no-batch-signatures")
+    auth = {"authorization": f"Bearer {deployment.worker_token}"}
+    try:
+        report = {"endpoint": ENDPOINT, "id": "w", "url": "http://10.0.0.1:8000", "state": "ready", "max_perf": 1e9}
+        answer = await asyncio.to_thread(httpx.post, f"{dispatcher.url}/worker_status/", json=report, headers=auth)
+        assert answer.status_code == 200, answer.text
+        answers = await concurrent_routes(dispatcher, deployment.api_key, 64)
+        assert not any("batch" in a for a in answers)
+        pubkey = (await asyncio.to_thread(httpx.get, f"{dispatcher.url}/pubkey/")).json()
+        verifier = AssignmentVerifier(
+            KeyRing.from_hex([pubkey["public_key"]]), own_urls=["http://10.0.0.1:8000"], endpoint=ENDPOINT
+        )
+        assert sorted(verifier.verify(a).reqnum for a in answers) == sorted(a["reqnum"] for a in answers)
+        assert await asyncio.to_thread(signature_batches, dispatcher) == {"alone": 64, "count": 64, "sum": 64}
+    finally:
+        assert dispatcher.stop() == 0, dispatcher.log()
 
 
 def _tampered(assignment: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:

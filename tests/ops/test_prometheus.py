@@ -53,6 +53,7 @@ DISPATCHER_METRICS: dict[str, tuple[str, set[str]]] = {
     "dispatcher_errors": ("counter", {"code"}),
     "dispatcher_routes": ("counter", {"endpoint", "outcome"}),
     "dispatcher_pick_duration_seconds": ("histogram", set()),
+    "dispatcher_signature_batch_size": ("histogram", set()),
     "dispatcher_worker_reports": ("counter", {"endpoint"}),
     "dispatcher_released_requests": ("counter", {"endpoint", "success"}),
     "dispatcher_workers": ("gauge", {"endpoint", "state"}),

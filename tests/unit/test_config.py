@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from service.config import RouterSettings, settings_summary
+from service.dispatch.signing import MAX_BATCH_LEAVES
 
 
 def test_defaults() -> None:
@@ -228,3 +229,24 @@ def test_the_onednn_setting_reaches_the_embedder(
     monkeypatch.setattr(embedder, "MiniLMEmbedder", lambda **kwargs: seen.update(kwargs))
     app.build_embedder(settings)
     assert seen["onednn"] is expected and seen["torchscript"] is True
+
+
+@pytest.mark.parametrize(
+    ("flags", "environ", "expected"),
+    [
+        ([], {}, True),
+        (["--no-batch-signatures"], {}, False),
+        ([], {"LLMROUTER_BATCH_SIGNATURES": "false"}, False),
+        (["--batch-signatures"], {"LLMROUTER_BATCH_SIGNATURES": "false"}, True),
+    ],
+)
+def test_the_batch_signatures_setting_reaches_the_signer(
+    flags: list[str], environ: dict[str, str], expected: bool
+) -> None:
+    from service.config import DispatcherSettings
+    from service.dispatch.app import DispatcherService
+
+    parser = argparse.ArgumentParser()
+    DispatcherSettings.add_arguments(parser)
+    service = DispatcherService(DispatcherSettings.from_args(parser.parse_args(flags), environ))
+    assert service.signing.batch is expected and service.signing.max_leaves == (MAX_BATCH_LEAVES if expected else 1)

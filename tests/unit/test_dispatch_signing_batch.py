@@ -1,54 +1,132 @@
-"""The loop-side signature batcher: every caller gets its own signature, one failure stays with its caller."""
+"""The loop-side signature batcher: the assignments queued in one loop iteration share one signature per
+endpoint (each with its own proof), or are signed one by one without batching; one failure stays with its caller."""
 
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 
 import pytest
 
-from service.dispatch.signing import Assignment, Signer
+from service.dispatch.signing import Assignment, KeyRing, Signature, Signer
 from service.dispatch.signing_batch import SignatureBatcher
 
+SEED = b"\x07" * 32  # every test's signer holds this key: the assignments name its key id
+KEY_ID = Signer.generate(SEED).key_id
 
-def assignment(reqnum: int, url: str = "http://w:1") -> Assignment:
-    return Assignment(endpoint="ep", url=url, cost=1.5, reqnum=reqnum, request_idx=reqnum, expires_at_ms=1, key_id="k")
+
+def assignment(reqnum: int, url: str = "http://w:1", endpoint: str = "ep") -> Assignment:
+    return Assignment(
+        endpoint=endpoint, url=url, cost=1.5, reqnum=reqnum, request_idx=reqnum, expires_at_ms=1, key_id=KEY_ID
+    )
 
 
-async def test_concurrent_callers_are_signed_in_one_batch_each_with_its_own_signature() -> None:
-    signer = Signer.generate()
-    batcher = SignatureBatcher(signer)
-    flushes = 0
+def counting_flushes(batcher: SignatureBatcher) -> list[int]:
+    flushes: list[int] = []
     original = batcher._flush
 
     def counting_flush() -> None:
-        nonlocal flushes
-        flushes += 1
+        flushes.append(len(batcher._pending))
         original()
 
     batcher._flush = counting_flush  # type: ignore[method-assign]
+    return flushes
+
+
+def verifies(signer: Signer, a: Assignment, signature: Signature) -> bool:
+    return KeyRing([signer.public_key]).verify(a, signature.hex, signature.batch)
+
+
+async def test_concurrent_callers_share_one_signature_each_with_its_own_proof() -> None:
+    signer = Signer.generate(SEED)
+    batcher = SignatureBatcher(signer)
+    flushes = counting_flushes(batcher)
     items = [assignment(n) for n in range(1, 21)]
     signatures = await asyncio.gather(*(batcher.sign(a) for a in items))
-    assert flushes == 1  # queued in the same loop iteration: signed back to back
+    assert flushes == [20]  # queued in the same loop iteration: one flush
+    assert len({s.hex for s in signatures}) == 1
+    for i, (a, signature) in enumerate(zip(items, signatures, strict=True)):
+        assert signature.batch is not None and (signature.batch.leaf_index, signature.batch.tree_size) == (i, 20)
+        assert verifies(signer, a, signature)
+    assert not verifies(signer, items[0], signatures[1])  # each proof is its own assignment's
+
+
+async def test_without_batching_each_caller_gets_its_own_lone_signature() -> None:
+    signer = Signer.generate(SEED)
+    batcher = SignatureBatcher(signer, batch=False)
+    flushes = counting_flushes(batcher)
+    items = [assignment(n) for n in range(1, 6)]
+    signatures = await asyncio.gather(*(batcher.sign(a) for a in items))
+    assert flushes == [5]  # still signed back to back in one callback
     for a, signature in zip(items, signatures, strict=True):
-        assert signature == signer.sign(a)  # Ed25519 is deterministic: each caller got its own assignment's
-    assert len(set(signatures)) == len(items)
+        assert signature.batch is None
+        assert signature.hex == signer.sign(a)  # Ed25519 is deterministic: each caller got its own assignment's
 
 
-async def test_a_failing_signature_fails_only_its_caller() -> None:
-    batcher = SignatureBatcher(Signer.generate())
-    good, bad = assignment(1), assignment(2, url='http://bad"url')  # refused by the canonical encoding
-    results = await asyncio.gather(batcher.sign(good), batcher.sign(bad), return_exceptions=True)
-    assert isinstance(results[0], str) and len(results[0]) == 128
+async def test_a_lone_caller_gets_a_lone_signature() -> None:
+    signer = Signer.generate(SEED)
+    signature = await SignatureBatcher(signer).sign(assignment(7))
+    assert signature == Signature(signer.sign(assignment(7)), None)
+
+
+async def test_each_endpoint_gets_its_own_tree() -> None:
+    """Proofs carry sibling hashes: a worker only ever sees those of its own endpoint's assignments."""
+    signer = Signer.generate(SEED)
+    batcher = SignatureBatcher(signer)
+    items = [assignment(n, endpoint="a" if n % 3 else "b") for n in range(1, 13)]
+    signatures = await asyncio.gather(*(batcher.sign(a) for a in items))
+    by_endpoint: dict[str, set[str]] = {"a": set(), "b": set()}
+    for a, signature in zip(items, signatures, strict=True):
+        by_endpoint[a.endpoint].add(signature.hex)
+        assert signature.batch is not None
+        assert signature.batch.tree_size == (8 if a.endpoint == "a" else 4)
+        assert verifies(signer, a, signature)
+    assert len(by_endpoint["a"]) == len(by_endpoint["b"]) == 1 and by_endpoint["a"] != by_endpoint["b"]
+
+
+async def test_a_large_batch_is_split_into_trees_of_at_most_max_leaves() -> None:
+    signer = Signer.generate(SEED)
+    observed: list[float] = []
+    batcher = SignatureBatcher(signer, max_leaves=4, observe=observed.append)
+    items = [assignment(n) for n in range(1, 11)]
+    signatures = await asyncio.gather(*(batcher.sign(a) for a in items))
+    sizes = Counter(s.batch.tree_size if s.batch else 1 for s in signatures)
+    assert sizes == {4: 8, 2: 2}
+    assert observed == [4, 4, 2]  # the metric: assignments per signature
+    assert len({s.hex for s in signatures}) == 3
+    assert all(verifies(signer, a, s) for a, s in zip(items, signatures, strict=True))
+
+
+async def test_a_failing_encoding_fails_only_its_caller() -> None:
+    signer = Signer.generate(SEED)
+    batcher = SignatureBatcher(signer)
+    good, bad, other = assignment(1), assignment(2, url='http://bad"url'), assignment(3)  # bad: no canonical bytes
+    results = await asyncio.gather(*(batcher.sign(a) for a in (good, bad, other)), return_exceptions=True)
     assert isinstance(results[1], ValueError)
+    first, third = results[0], results[2]
+    assert isinstance(first, Signature) and isinstance(third, Signature)
+    assert first.batch is not None and first.batch.tree_size == 2  # the rest still share one signature
+    assert verifies(signer, good, first) and verifies(signer, other, third)
+
+
+async def test_a_failing_signer_fails_its_batch_and_the_next_batch_is_signed() -> None:
+    signer = Signer.generate(SEED)
+    batcher = SignatureBatcher(signer)
+    original = signer.sign_bytes
+    signer.sign_bytes = lambda message: (_ for _ in ()).throw(RuntimeError("libsodium failed"))  # type: ignore[method-assign]
+    results = await asyncio.gather(batcher.sign(assignment(1)), batcher.sign(assignment(2)), return_exceptions=True)
+    assert [type(r) for r in results] == [RuntimeError, RuntimeError]
+    signer.sign_bytes = original  # type: ignore[method-assign]
+    assert verifies(signer, assignment(3), await batcher.sign(assignment(3)))
 
 
 async def test_a_cancelled_caller_is_skipped() -> None:
-    signer = Signer.generate()
+    signer = Signer.generate(SEED)
     batcher = SignatureBatcher(signer)
     first = asyncio.ensure_future(batcher.sign(assignment(1)))
     second = asyncio.ensure_future(batcher.sign(assignment(2)))
     await asyncio.sleep(0)  # both queued
     first.cancel()
-    assert await second == signer.sign(assignment(2))
+    assert await second == Signature(signer.sign(assignment(2)), None)  # alone in its batch now
     with pytest.raises(asyncio.CancelledError):
         await first

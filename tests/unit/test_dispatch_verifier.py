@@ -13,7 +13,7 @@ import httpx
 import orjson
 import pytest
 
-from service.dispatch.signing import Assignment, KeyRing, Signer, publish
+from service.dispatch.signing import Assignment, KeyRing, Signer, canonical_bytes, publish
 from service.dispatch.verifier import (
     AssignmentRejected,
     AssignmentVerifier,
@@ -158,6 +158,70 @@ def test_a_signature_by_another_key_is_rejected(signer: Signer) -> None:
     # claiming the trusted key id does not help a signature made by another key
     forged = assignment(signer)
     assert rejection(verifier, {**dataclasses.asdict(forged), "signature": other.sign(forged)}) == "bad_signature"
+
+
+def batch_signed(signer: Signer, items: list[Assignment]) -> list[dict[str, Any]]:
+    """``auth_data`` of assignments signed together, as the dispatcher answers them under load."""
+    signatures = signer.sign_batch([canonical_bytes(a) for a in items])
+    answers = []
+    for a, signature in zip(items, signatures, strict=True):
+        assert signature.batch is not None
+        answers.append({**dataclasses.asdict(a), "signature": signature.hex, "batch": signature.batch.to_json()})
+    return answers
+
+
+def test_batch_signed_assignments_are_accepted_each_once(signer: Signer) -> None:
+    verifier = make_verifier(signer)
+    items = [assignment(signer, reqnum=n) for n in range(1, 8)]
+    answers = batch_signed(signer, items)
+    assert [verifier.verify(a) for a in answers] == items
+    assert all(rejection(verifier, a) is RejectReason.REPLAYED for a in answers)
+
+
+def test_every_single_byte_change_of_a_batch_signed_assignment_is_rejected(signer: Signer) -> None:
+    verifier = make_verifier(signer)
+    genuine = batch_signed(signer, [assignment(signer, reqnum=n) for n in range(1, 6)])[2]
+    tried: Counter[str] = Counter()
+    for name in (*STRING_FIELDS, *NUMBER_FIELDS):
+        mutations = string_mutations(genuine[name]) if name in STRING_FIELDS else number_mutations(genuine[name])
+        for mutated in mutations:
+            with pytest.raises(AssignmentRejected):
+                verifier.verify({**genuine, name: mutated})
+            tried[name] += 1
+    batch = genuine["batch"]
+    for name in ("index", "size"):
+        for mutated in number_mutations(batch[name]):
+            with pytest.raises(AssignmentRejected):
+                verifier.verify({**genuine, "batch": {**batch, name: mutated}})
+            tried[name] += 1
+    for j, node in enumerate(batch["path"]):
+        for changed in string_mutations(node):
+            path = [*batch["path"][:j], changed, *batch["path"][j + 1 :]]
+            with pytest.raises(AssignmentRejected):
+                verifier.verify({**genuine, "batch": {**batch, "path": path}})
+            tried["path"] += 1
+    assert tried["path"] == sum(len(node) for node in batch["path"]) * (len(ALL_BYTES) - 1)
+    assert all(tried[name] > 0 for name in (*STRING_FIELDS, *NUMBER_FIELDS, "index", "size")), tried
+    assert verifier.verify(genuine).reqnum == 3  # the rejected copies did not use its reqnum up
+
+
+@pytest.mark.parametrize(
+    "batch",
+    [[], {"index": 0, "size": 1, "path": []}, {"index": "2", "size": 5, "path": []}, {"index": 2, "size": 5}],
+)
+def test_a_malformed_batch_is_bad_format(signer: Signer, batch: object) -> None:
+    genuine = batch_signed(signer, [assignment(signer, reqnum=n) for n in range(1, 6)])[2]
+    assert rejection(make_verifier(signer), {**genuine, "batch": batch}) is RejectReason.BAD_FORMAT
+
+
+def test_a_batch_signature_without_its_proof_or_a_lone_one_with_a_proof_is_rejected(signer: Signer) -> None:
+    verifier = make_verifier(signer)
+    genuine = batch_signed(signer, [assignment(signer, reqnum=n) for n in range(1, 3)])[0]
+    without = {k: v for k, v in genuine.items() if k != "batch"}
+    assert rejection(verifier, without) is RejectReason.BAD_SIGNATURE
+    assert rejection(verifier, {**genuine, "batch": None}) is RejectReason.BAD_SIGNATURE  # null: no proof
+    lone = auth(signer, reqnum=9)
+    assert rejection(verifier, {**lone, "batch": genuine["batch"]}) is RejectReason.BAD_SIGNATURE
 
 
 # -- target and expiry -----------------------------------------------------------------------------------------
