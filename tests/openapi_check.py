@@ -9,7 +9,7 @@ from typing import Any, Protocol
 from jsonschema import Draft202012Validator
 
 # keys an answer carries only where there is one: an error's reason, the dispatcher's /health error (store down)
-SOMETIMES_SENT = frozenset({"reason", "error"})
+SOMETIMES_SENT = frozenset({"reason", "error", "batch"})  # batch: only on an assignment signed with others
 
 
 class Answer(Protocol):

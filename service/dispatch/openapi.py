@@ -17,7 +17,7 @@ from service.dispatch.schemas import (
     MAX_REQUEST_IDX,
     MAX_URL_CHARS,
 )
-from service.dispatch.signing import ALGORITHM
+from service.dispatch.signing import ALGORITHM, HASH_HEX_DIGITS, MAX_VERIFIED_BATCH_SIZE, NONCE_HEX_DIGITS
 from service.http.openapi import (
     ERROR_SCHEMA,
     common_paths,
@@ -106,11 +106,20 @@ _ASSIGNED = {
         "batch": {
             "type": "object",
             "description": "present when the signature covers a batch: this assignment's RFC 9162 inclusion proof",
-            "required": ["index", "size", "path"],
+            "required": ["index", "size", "nonce", "path"],
             "properties": {
-                "index": {"type": "integer", "minimum": 0},
-                "size": {"type": "integer", "minimum": 2},
-                "path": {"type": "array", "items": {"type": "string", "description": "SHA-256, hex"}},
+                "index": {"type": "integer", "minimum": 0, "maximum": MAX_VERIFIED_BATCH_SIZE - 1},
+                "size": {"type": "integer", "minimum": 2, "maximum": MAX_VERIFIED_BATCH_SIZE},
+                "nonce": {"type": "string", "pattern": f"^[0-9a-f]{{{NONCE_HEX_DIGITS}}}$"},
+                "path": {
+                    "type": "array",
+                    "maxItems": (MAX_VERIFIED_BATCH_SIZE - 1).bit_length(),
+                    "items": {
+                        "type": "string",
+                        "pattern": f"^[0-9a-f]{{{HASH_HEX_DIGITS}}}$",
+                        "description": "SHA-256",
+                    },
+                },
             },
         },
         "key_id": {"type": "string", "description": "which /pubkey/ key signed"},

@@ -16,13 +16,17 @@ The signed message is ``DOMAIN`` followed by a canonical JSON object of exactly 
 SHA-256 over the 32-byte public key. Public keys travel as lowercase hex (``GET /pubkey/``).
 
 Batch signatures (the dispatcher's default, ``--no-batch-signatures`` turns them off): the assignments routed in one
-event-loop iteration share one signature, as Roughtime servers sign a batch of replies. Their canonical bytes are the
-leaves of an RFC 9162 (Certificate Transparency v2) Merkle tree with SHA-256, leaf hash ``SHA-256(0x00 || bytes)``,
-node hash ``SHA-256(0x01 || left || right)``, and the signed message is ``BATCH_DOMAIN``, the tree's size as 4 bytes
-big-endian, then its 32-byte root. Each answer carries ``batch``: ``{"index": i, "size": n, "path": [hex, ...]}``,
-its leaf's RFC 9162 inclusion proof (section 2.1.3.2 gives the verifier's algorithm). An answer without ``batch``
-is signed alone, over its canonical bytes. The two domains differ, so neither kind of signature passes for the
-other, and the size is signed, so a proof's index and size cannot be changed either.
+event-loop iteration share one signature, as Roughtime servers sign a batch of replies. Each assignment's leaf is a
+16-byte random nonce followed by its canonical bytes, in an RFC 9162 (Certificate Transparency v2) Merkle tree with
+SHA-256 (leaf hash ``SHA-256(0x00 || nonce || bytes)``, node hash ``SHA-256(0x01 || left || right)``), and the
+signed message is ``BATCH_DOMAIN``, the tree's size as 4 bytes big-endian, then its 32-byte root. Each answer
+carries ``batch``: ``{"index": i, "size": n, "nonce": hex, "path": [hex, ...]}``, its nonce and its leaf's RFC 9162
+inclusion proof (section 2.1.3.2 gives the verifier's algorithm). An answer without ``batch`` is signed alone, over
+its canonical bytes. The two domains differ, so neither kind of signature passes for the other; the size is signed,
+so a proof's index and size cannot be changed either. The nonce is what keeps a batch's members apart: without it,
+whoever held one answer could guess a neighbour's assignment (its fields are predictable: the same endpoint and
+expiry, nearby counters), check the guess against the sibling hash in their own proof, and present it with the
+shared signature. Only the leaf's own answer carries its nonce, so a sibling hash cannot be inverted.
 """
 
 from __future__ import annotations
@@ -49,6 +53,8 @@ NODE_PREFIX = b"\x01"
 HASH_BYTES = 32
 HASH_HEX_DIGITS = 2 * HASH_BYTES
 BATCH_SIZE_BYTES = 4
+NONCE_BYTES = 16  # 128 random bits per leaf: no guessed assignment can be checked against a sibling hash
+NONCE_HEX_DIGITS = 2 * NONCE_BYTES
 # Leaves in one signed tree. More assignments in one loop iteration make several trees: proofs stay short.
 MAX_BATCH_LEAVES = 256
 # What a verifier accepts: a proof of a tree this large has at most 16 hashes (bounded work per request).
@@ -65,6 +71,7 @@ DEFAULT_CLOCK_SKEW_S = 5.0
 # Printable ASCII except '"' and '\\': what may appear in a signed string field.
 SAFE_TEXT = re.compile(r"^[\x20\x21\x23-\x5b\x5d-\x7e]+$")
 HASH_HEX = re.compile(f"[0-9a-f]{{{HASH_HEX_DIGITS}}}")  # lowercase only, as signatures
+NONCE_HEX = re.compile(f"[0-9a-f]{{{NONCE_HEX_DIGITS}}}")
 SIGNED_FIELDS = ("cost", "endpoint", "expires_at_ms", "key_id", "reqnum", "request_idx", "url")
 
 
@@ -205,13 +212,18 @@ class BatchProof(NamedTuple):  # a tuple: made once per routed request, a frozen
 
     leaf_index: int  # RFC 9162's names; "index" and "size" on the wire
     tree_size: int
+    nonce: str
     path: tuple[str, ...]
 
     def to_json(self) -> dict[str, Any]:
-        return {"index": self.leaf_index, "size": self.tree_size, "path": list(self.path)}
+        return {"index": self.leaf_index, "size": self.tree_size, "nonce": self.nonce, "path": list(self.path)}
 
-    def root(self, leaf: bytes) -> bytes | None:
-        """The root this proof puts ``leaf`` under (``root_from_proof``)."""
+    def root(self, message: bytes) -> bytes | None:
+        """The root this proof puts the assignment of canonical bytes ``message`` under, or None when it is no
+        proof of a batch this verifier accepts."""
+        if not 2 <= self.tree_size <= MAX_VERIFIED_BATCH_SIZE:
+            return None
+        leaf = leaf_hash(bytes.fromhex(self.nonce) + message)
         return root_from_proof(leaf, self.leaf_index, self.tree_size, [bytes.fromhex(node) for node in self.path])
 
     @classmethod
@@ -219,16 +231,18 @@ class BatchProof(NamedTuple):  # a tuple: made once per routed request, a frozen
         """``ValueError`` unless ``data`` is a well-formed ``batch`` object (lowercase hex, bounded size)."""
         if not isinstance(data, Mapping):
             raise ValueError("batch must be an object")
-        index, size, path = data.get("index"), data.get("size"), data.get("path")
+        index, size, nonce, path = data.get("index"), data.get("size"), data.get("nonce"), data.get("path")
         if isinstance(index, bool) or not isinstance(index, int) or isinstance(size, bool) or not isinstance(size, int):
             raise ValueError("batch.index and batch.size must be integers")
         if not 2 <= size <= MAX_VERIFIED_BATCH_SIZE or not 0 <= index < size:
             raise ValueError(f"batch.size must be 2 to {MAX_VERIFIED_BATCH_SIZE} and batch.index below it")
-        if not isinstance(path, list) or len(path) > size.bit_length():
-            raise ValueError("batch.path must be a list of at most log2(size) + 1 hashes")
+        if not isinstance(nonce, str) or not NONCE_HEX.fullmatch(nonce):
+            raise ValueError(f"batch.nonce must be {NONCE_HEX_DIGITS} lowercase hex digits")
+        if not isinstance(path, list) or len(path) > (size - 1).bit_length():
+            raise ValueError("batch.path must be a list of at most ceil(log2(size)) hashes")
         if not all(isinstance(node, str) and HASH_HEX.fullmatch(node) for node in path):
             raise ValueError(f"batch.path must hold {HASH_HEX_DIGITS} lowercase hex digits per hash")
-        return cls(index, size, tuple(path))
+        return cls(index, size, nonce, tuple(path))
 
 
 class Signature(NamedTuple):
@@ -269,10 +283,15 @@ class Signer:
         if len(messages) == 1:
             return [Signature(self.sign_bytes(messages[0]).hex())]
         size = len(messages)
-        levels = merkle_levels([leaf_hash(message) for message in messages])
+        random = os.urandom(NONCE_BYTES * size)  # one call for the batch
+        nonces = [random[i * NONCE_BYTES : (i + 1) * NONCE_BYTES] for i in range(size)]
+        levels = merkle_levels([leaf_hash(nonce + message) for nonce, message in zip(nonces, messages, strict=True)])
         signature = self.sign_bytes(batch_message(size, levels[-1][0])).hex()
         in_hex = [[node.hex() for node in level] for level in levels]  # each node once, shared by the paths
-        return [Signature(signature, BatchProof(i, size, tuple(inclusion_path(in_hex, i)))) for i in range(size)]
+        return [
+            Signature(signature, BatchProof(i, size, nonces[i].hex(), tuple(inclusion_path(in_hex, i))))
+            for i in range(size)
+        ]
 
     def sign_bytes(self, message: bytes) -> bytes:
         """The 64-byte signature of ``message``: one libsodium call, which runs without the GIL."""
@@ -318,7 +337,7 @@ class KeyRing:
             signature = bytes.fromhex(signature_hex)
             message = canonical_bytes(assignment)
             if batch is not None:
-                root = batch.root(leaf_hash(message))
+                root = batch.root(message)
                 if root is None:
                     return False
                 message = batch_message(batch.tree_size, root)

@@ -6,11 +6,10 @@ parser and the framework) and costs about three times what it costs in a tight l
 assignment and the loop signs everything queued in the same iteration, one callback later: no thread (a signing
 thread measured slower: GIL hand-offs cost more than they free) and no timer.
 
-With ``batch`` (the default), each endpoint's assignments of one iteration share one signature over a Merkle tree
-of them (``signing``: RFC 9162 proofs): one Ed25519 signature and a few SHA-256 hashes per batch instead of one
-signature per assignment. Batches stay within one endpoint, so the sibling hashes in a proof only ever come from
-assignments to that endpoint's own workers. Without it, every assignment is signed alone, for workers whose
-verifier predates batch proofs.
+With ``batch`` (the default), the assignments of one iteration share one signature over a Merkle tree of them
+(``signing``: RFC 9162 proofs, a random nonce per leaf): one Ed25519 signature and a few SHA-256 hashes per batch
+instead of one signature per assignment. Without it, every assignment is signed alone, for workers whose verifier
+predates batch proofs.
 """
 
 from __future__ import annotations
@@ -19,6 +18,8 @@ import asyncio
 from collections.abc import Callable
 
 from service.dispatch.signing import MAX_BATCH_LEAVES, Assignment, Signature, Signer, canonical_bytes
+
+Pending = tuple[bytes, "asyncio.Future[Signature]"]
 
 
 class SignatureBatcher:
@@ -46,24 +47,21 @@ class SignatureBatcher:
 
     def _flush(self) -> None:
         pending, self._pending = self._pending, []
-        by_endpoint: dict[str, list[tuple[bytes, asyncio.Future[Signature]]]] = {}
+        queued: list[Pending] = []
         for assignment, future in pending:
             if future.done():  # the caller went away
                 continue
             try:
-                message = canonical_bytes(assignment)
-            except ValueError as exc:  # that caller gets the error; the rest of the batch is unaffected
+                queued.append((canonical_bytes(assignment), future))
+            except Exception as exc:  # that caller gets the error; the rest are signed (a callback must not raise)
                 future.set_exception(exc)
-                continue
-            by_endpoint.setdefault(assignment.endpoint, []).append((message, future))
-        for queued in by_endpoint.values():
-            for start in range(0, len(queued), self.max_leaves):
-                self._sign(queued[start : start + self.max_leaves])
+        for start in range(0, len(queued), self.max_leaves):
+            self._sign(queued[start : start + self.max_leaves])
 
-    def _sign(self, batch: list[tuple[bytes, asyncio.Future[Signature]]]) -> None:
-        if self._observe is not None:
-            self._observe(len(batch))
+    def _sign(self, batch: list[Pending]) -> None:
         try:
+            if self._observe is not None:
+                self._observe(len(batch))
             signatures = self.signer.sign_batch([message for message, _ in batch])
         except Exception as exc:  # handed to the callers, who answer it: the loop callback must not lose it
             for _, future in batch:

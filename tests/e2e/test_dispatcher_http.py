@@ -268,7 +268,10 @@ async def concurrent_routes(dispatcher: Server, api_key: str, count: int) -> lis
             *(http.post(f"{dispatcher.url}/route/", json={"endpoint": ENDPOINT, "cost": 1.0}, headers=auth)
               for _ in range(count))
         )  # fmt: skip
-    assert all(a.status_code == 200 for a in answers)
+        spec = (await http.get(f"{dispatcher.url}/openapi.json")).json()
+    for answer in answers:  # batch proofs included
+        assert answer.status_code == 200, answer.text
+        assert_answers_as_documented(spec, "/route/", "post", answer)
     return [dict(a.json()) for a in answers]
 
 
@@ -283,9 +286,9 @@ def signature_batches(dispatcher: Server) -> dict[str, float]:
     return values
 
 
-def rfc9162_root(leaf: bytes, index: int, size: int, path: list[bytes]) -> bytes:
+def rfc9162_root(entry: bytes, index: int, size: int, path: list[bytes]) -> bytes:
     """The README's recipe, with nothing of the package: RFC 9162, section 2.1.3.2."""
-    fn, sn, r = index, size - 1, hashlib.sha256(b"\x00" + leaf).digest()
+    fn, sn, r = index, size - 1, hashlib.sha256(b"\x00" + entry).digest()
     for p in path:
         assert sn != 0
         if fn & 1 or fn == sn:
@@ -319,7 +322,8 @@ async def test_concurrent_routes_share_batch_signatures_that_workers_verify(
             f'"key_id":"{a["key_id"]}","reqnum":{a["reqnum"]},"request_idx":{a["request_idx"]},"url":"{a["url"]}"}}'
         )
         batch = a["batch"]
-        root = rfc9162_root(signed.encode(), batch["index"], batch["size"], [bytes.fromhex(p) for p in batch["path"]])
+        entry = bytes.fromhex(batch["nonce"]) + signed.encode()
+        root = rfc9162_root(entry, batch["index"], batch["size"], [bytes.fromhex(p) for p in batch["path"]])
         message = b"llm-dispatch-batch-v1\n" + batch["size"].to_bytes(4, "big") + root
         key.verify(message, bytes.fromhex(a["signature"]))
     shared = {a["signature"] for a in batched}

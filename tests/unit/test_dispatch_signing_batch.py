@@ -1,9 +1,10 @@
-"""The loop-side signature batcher: the assignments queued in one loop iteration share one signature per
-endpoint (each with its own proof), or are signed one by one without batching; one failure stays with its caller."""
+"""The loop-side signature batcher: the assignments queued in one loop iteration share one signature (each with its
+own proof), or are signed one by one without batching; one failure stays with its caller."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections import Counter
 
 import pytest
@@ -69,19 +70,28 @@ async def test_a_lone_caller_gets_a_lone_signature() -> None:
     assert signature == Signature(signer.sign(assignment(7)), None)
 
 
-async def test_each_endpoint_gets_its_own_tree() -> None:
-    """Proofs carry sibling hashes: a worker only ever sees those of its own endpoint's assignments."""
+async def test_several_endpoints_share_one_tree() -> None:
+    """Each leaf's secret nonce keeps the sibling hashes in a proof meaningless to whoever holds it, whatever endpoint
+    the neighbours were routed for."""
     signer = Signer.generate(SEED)
     batcher = SignatureBatcher(signer)
     items = [assignment(n, endpoint="a" if n % 3 else "b") for n in range(1, 13)]
     signatures = await asyncio.gather(*(batcher.sign(a) for a in items))
-    by_endpoint: dict[str, set[str]] = {"a": set(), "b": set()}
-    for a, signature in zip(items, signatures, strict=True):
-        by_endpoint[a.endpoint].add(signature.hex)
-        assert signature.batch is not None
-        assert signature.batch.tree_size == (8 if a.endpoint == "a" else 4)
-        assert verifies(signer, a, signature)
-    assert len(by_endpoint["a"]) == len(by_endpoint["b"]) == 1 and by_endpoint["a"] != by_endpoint["b"]
+    assert len({s.hex for s in signatures}) == 1
+    assert all(s.batch is not None and s.batch.tree_size == 12 for s in signatures)
+    assert all(verifies(signer, a, s) for a, s in zip(items, signatures, strict=True))
+
+
+async def test_a_batch_queued_before_a_key_rotation_is_signed_by_the_key_it_names() -> None:
+    """SIGHUP swaps in a new batcher; the old one's pending flush still runs, with the old signer."""
+    old, new = Signer.generate(SEED), Signer.generate()
+    old_batcher, new_batcher = SignatureBatcher(old), SignatureBatcher(new)
+    before = [asyncio.ensure_future(old_batcher.sign(assignment(n))) for n in (1, 2)]
+    after = dataclasses.replace(assignment(3), key_id=new.key_id)
+    signed_after = await new_batcher.sign(after)
+    for n, signature in zip((1, 2), await asyncio.gather(*before), strict=True):
+        assert verifies(old, assignment(n), signature)
+    assert verifies(new, after, signed_after)
 
 
 async def test_a_large_batch_is_split_into_trees_of_at_most_max_leaves() -> None:
@@ -107,6 +117,16 @@ async def test_a_failing_encoding_fails_only_its_caller() -> None:
     assert isinstance(first, Signature) and isinstance(third, Signature)
     assert first.batch is not None and first.batch.tree_size == 2  # the rest still share one signature
     assert verifies(signer, good, first) and verifies(signer, other, third)
+
+
+async def test_any_error_encoding_one_assignment_fails_only_its_caller() -> None:
+    """Not only the encoding's ValueError: a callback that raised left every other caller of its flush waiting."""
+    signer = Signer.generate(SEED)
+    batcher = SignatureBatcher(signer)
+    broken = dataclasses.replace(assignment(2), endpoint=None)  # type: ignore[arg-type]
+    results = await asyncio.gather(*(batcher.sign(a) for a in (assignment(1), broken)), return_exceptions=True)
+    assert isinstance(results[1], TypeError)
+    assert isinstance(results[0], Signature) and verifies(signer, assignment(1), results[0])
 
 
 async def test_a_failing_signer_fails_its_batch_and_the_next_batch_is_signed() -> None:

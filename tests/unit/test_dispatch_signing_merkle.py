@@ -122,13 +122,6 @@ def test_a_proof_proves_nothing_else(n: int) -> None:
             assert root_from_proof(leaf, m, n, changed) != root
 
 
-def test_a_leaf_hash_never_equals_a_node_hash_of_the_same_bytes() -> None:
-    """RFC 9162's 0x00 / 0x01 prefixes: two leaf hashes concatenated, as a leaf, do not hash to their parent."""
-    left, right = leaf_hash(b"a"), leaf_hash(b"b")
-    parent = merkle_levels([left, right])[-1][0]
-    assert leaf_hash(left + right) != parent
-
-
 # -- batch signatures ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("n", [2, 3, 7, 16, 33])
 def test_a_batch_signature_verifies_for_every_assignment_in_it(n: int) -> None:
@@ -146,15 +139,36 @@ def test_a_batch_signature_verifies_for_every_assignment_in_it(n: int) -> None:
         assert not any(ring.verify(b, signature.hex, signature.batch) for b in others)  # nor of a neighbour's
 
 
-def test_the_signed_message_is_the_domain_the_size_and_the_root() -> None:
+def test_the_signed_message_is_the_domain_the_size_and_the_root_over_nonce_and_bytes() -> None:
     """What the README tells a worker in another language to build."""
     signer = Signer.generate()
     items = assignments(signer, 5)
     data = [canonical_bytes(a) for a in items]
-    signature = signer.sign_batch(data)[0]
-    message = b"llm-dispatch-batch-v1\n" + (5).to_bytes(4, "big") + mth(data)
+    signatures = signer.sign_batch(data)
+    nonces = [bytes.fromhex(s.batch.nonce) for s in signatures if s.batch is not None]
+    assert len(nonces) == 5 and len(set(nonces)) == 5 and all(len(nonce) == 16 for nonce in nonces)
+    message = (
+        b"llm-dispatch-batch-v1\n" + (5).to_bytes(4, "big") + mth([n + d for n, d in zip(nonces, data, strict=True)])
+    )
     assert message.startswith(BATCH_DOMAIN)
-    assert signer.sign_bytes(message).hex() == signature.hex  # Ed25519 is deterministic
+    assert signer.sign_bytes(message).hex() == signatures[0].hex  # Ed25519 is deterministic
+
+
+def test_a_batch_member_cannot_pass_off_a_neighbours_assignment() -> None:
+    """Whoever holds one answer knows (or can guess) every field of its neighbour's assignment and sees the
+    neighbour's leaf hash in its own proof. Without a secret per leaf that was enough: confirm the guess against the
+    sibling hash and present it with the shared signature. The neighbour's nonce is only in the neighbour's answer."""
+    signer = Signer.generate()
+    ring = KeyRing([signer.public_key])
+    mine, theirs = assignments(signer, 2)
+    own, _ = signer.sign_batch([canonical_bytes(mine), canonical_bytes(theirs)])
+    assert own.batch is not None
+    sibling = own.batch.path[0]
+    own_leaf = leaf_hash(bytes.fromhex(own.batch.nonce) + canonical_bytes(mine)).hex()
+    for nonce in (own.batch.nonce, "00" * 16, "ff" * 16):
+        assert leaf_hash(bytes.fromhex(nonce) + canonical_bytes(theirs)).hex() != sibling  # a guess cannot be checked
+        forged = BatchProof(1, 2, nonce, (own_leaf,))
+        assert not ring.verify(theirs, own.hex, forged)
 
 
 def test_a_batch_of_one_is_signed_alone() -> None:
@@ -170,7 +184,7 @@ def test_neither_kind_of_signature_passes_for_the_other() -> None:
     ring = KeyRing([signer.public_key])
     a, b = assignments(signer, 2)
     alone = signer.sign(a)
-    fake = BatchProof(0, 2, (leaf_hash(canonical_bytes(b)).hex(),))
+    fake = BatchProof(0, 2, "00" * 16, (leaf_hash(canonical_bytes(b)).hex(),))
     assert not ring.verify(a, alone, fake)
     batch = signer.sign_batch([canonical_bytes(a), canonical_bytes(b)])[0]
     assert not ring.verify(a, batch.hex)
@@ -206,13 +220,20 @@ def test_a_changed_proof_breaks_a_batch_signature() -> None:
             changed = node[:position] + ("1" if node[position] != "1" else "2") + node[position + 1 :]
             path = (*proof.path[:j], changed, *proof.path[j + 1 :])
             assert not ring.verify(a, signature.hex, proof._replace(path=path))
+    for position in range(len(proof.nonce)):
+        nonce = proof.nonce[:position] + ("1" if proof.nonce[position] != "1" else "2") + proof.nonce[position + 1 :]
+        assert not ring.verify(a, signature.hex, proof._replace(nonce=nonce))
     assert not ring.verify(a, signature.hex, proof._replace(path=proof.path[:-1]))
+    assert not ring.verify(a, signature.hex, proof._replace(tree_size=2**32))  # refused, not an OverflowError
 
 
 # -- the answer's "batch" object ---------------------------------------------------------------------------------
+NONCE = "5a" * 16
+
+
 def test_batch_proof_round_trips_through_json() -> None:
-    proof = BatchProof(2, 5, ("ab" * 32, "cd" * 32, "ef" * 32))
-    assert proof.to_json() == {"index": 2, "size": 5, "path": ["ab" * 32, "cd" * 32, "ef" * 32]}
+    proof = BatchProof(2, 5, NONCE, ("ab" * 32, "cd" * 32, "ef" * 32))
+    assert proof.to_json() == {"index": 2, "size": 5, "nonce": NONCE, "path": ["ab" * 32, "cd" * 32, "ef" * 32]}
     assert BatchProof.from_json(proof.to_json()) == proof
 
 
@@ -220,18 +241,23 @@ def test_batch_proof_round_trips_through_json() -> None:
     ("data", "message"),
     [
         ([], "must be an object"),
-        ({"index": True, "size": 2, "path": []}, "integers"),
-        ({"index": 0, "size": 2.0, "path": []}, "integers"),
-        ({"size": 2, "path": []}, "integers"),
-        ({"index": 0, "size": 1, "path": []}, "size must be 2"),
-        ({"index": 2, "size": 2, "path": []}, "index below"),
-        ({"index": -1, "size": 2, "path": []}, "index below"),
-        ({"index": 0, "size": MAX_VERIFIED_BATCH_SIZE + 1, "path": []}, "size must be 2"),
-        ({"index": 0, "size": 2, "path": "ab" * 32}, "list"),
-        ({"index": 0, "size": 2, "path": ["ab" * 32] * 3}, "at most"),
-        ({"index": 0, "size": 2, "path": ["AB" * 32]}, "lowercase hex"),
-        ({"index": 0, "size": 2, "path": ["ab" * 31]}, "lowercase hex"),
-        ({"index": 0, "size": 2, "path": [5]}, "lowercase hex"),
+        ({"index": True, "size": 2, "nonce": NONCE, "path": []}, "integers"),
+        ({"index": 0, "size": 2.0, "nonce": NONCE, "path": []}, "integers"),
+        ({"size": 2, "nonce": NONCE, "path": []}, "integers"),
+        ({"index": 0, "size": 1, "nonce": NONCE, "path": []}, "size must be 2"),
+        ({"index": 2, "size": 2, "nonce": NONCE, "path": []}, "index below"),
+        ({"index": -1, "size": 2, "nonce": NONCE, "path": []}, "index below"),
+        ({"index": 0, "size": MAX_VERIFIED_BATCH_SIZE + 1, "nonce": NONCE, "path": []}, "size must be 2"),
+        ({"index": 0, "size": 2, "path": []}, "nonce"),
+        ({"index": 0, "size": 2, "nonce": NONCE.upper(), "path": []}, "nonce"),
+        ({"index": 0, "size": 2, "nonce": NONCE[:-2], "path": []}, "nonce"),
+        ({"index": 0, "size": 2, "nonce": 5, "path": []}, "nonce"),
+        ({"index": 0, "size": 2, "nonce": NONCE, "path": "ab" * 32}, "list"),
+        ({"index": 0, "size": 2, "nonce": NONCE, "path": ["ab" * 32] * 2}, "at most"),  # 2 leaves: one sibling
+        ({"index": 0, "size": 4, "nonce": NONCE, "path": ["ab" * 32] * 3}, "at most"),
+        ({"index": 0, "size": 2, "nonce": NONCE, "path": ["AB" * 32]}, "lowercase hex"),
+        ({"index": 0, "size": 2, "nonce": NONCE, "path": ["ab" * 31]}, "lowercase hex"),
+        ({"index": 0, "size": 2, "nonce": NONCE, "path": [5]}, "lowercase hex"),
     ],
 )
 def test_malformed_batch_objects_are_refused(data: object, message: str) -> None:

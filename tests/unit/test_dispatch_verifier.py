@@ -189,19 +189,37 @@ def test_every_single_byte_change_of_a_batch_signed_assignment_is_rejected(signe
                 verifier.verify({**genuine, name: mutated})
             tried[name] += 1
     batch = genuine["batch"]
+    hex_digits = set("0123456789abcdef")
+
+    def reason(changed_batch: dict[str, Any]) -> RejectReason:
+        return rejection(verifier, {**genuine, "batch": changed_batch})
+
     for name in ("index", "size"):
         for mutated in number_mutations(batch[name]):
-            with pytest.raises(AssignmentRejected):
-                verifier.verify({**genuine, "batch": {**batch, name: mutated}})
-            tried[name] += 1
+            changed = {**batch, name: mutated}
+            index, size = changed["index"], changed["size"]
+            parses = type(mutated) is int and size >= 2 and 0 <= index < size
+            parses = parses and len(batch["path"]) <= (size - 1).bit_length()
+            # a proof that still parses reaches the signature check, and fails there
+            assert reason(changed) is (RejectReason.BAD_SIGNATURE if parses else RejectReason.BAD_FORMAT), mutated
+            tried[f"{name} {'signature' if parses else 'format'}"] += 1
+    for position, original in enumerate(batch["nonce"]):
+        for code in ALL_BYTES:
+            if chr(code) != original:
+                nonce = batch["nonce"][:position] + chr(code) + batch["nonce"][position + 1 :]
+                expected = RejectReason.BAD_SIGNATURE if chr(code) in hex_digits else RejectReason.BAD_FORMAT
+                assert reason({**batch, "nonce": nonce}) is expected
+                tried["nonce"] += 1
     for j, node in enumerate(batch["path"]):
         for changed in string_mutations(node):
             path = [*batch["path"][:j], changed, *batch["path"][j + 1 :]]
-            with pytest.raises(AssignmentRejected):
-                verifier.verify({**genuine, "batch": {**batch, "path": path}})
+            expected = RejectReason.BAD_SIGNATURE if set(changed) <= hex_digits else RejectReason.BAD_FORMAT
+            assert reason({**batch, "path": path}) is expected
             tried["path"] += 1
     assert tried["path"] == sum(len(node) for node in batch["path"]) * (len(ALL_BYTES) - 1)
-    assert all(tried[name] > 0 for name in (*STRING_FIELDS, *NUMBER_FIELDS, "index", "size")), tried
+    assert tried["nonce"] == len(batch["nonce"]) * (len(ALL_BYTES) - 1)
+    kinds = (*STRING_FIELDS, *NUMBER_FIELDS, "index signature", "index format", "size signature", "size format")
+    assert all(tried[name] > 0 for name in kinds), tried
     assert verifier.verify(genuine).reqnum == 3  # the rejected copies did not use its reqnum up
 
 
