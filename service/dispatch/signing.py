@@ -221,7 +221,10 @@ class BatchProof(NamedTuple):  # a tuple: made once per routed request, a frozen
     def root(self, message: bytes) -> bytes | None:
         """The root this proof puts the assignment of canonical bytes ``message`` under, or None when it is no
         proof of a batch this verifier accepts."""
-        if not 2 <= self.tree_size <= MAX_VERIFIED_BATCH_SIZE:
+        # from_json checked all of this for what came over the wire; a proof built in code is held to the same
+        if not 2 <= self.tree_size <= MAX_VERIFIED_BATCH_SIZE or len(self.path) > (self.tree_size - 1).bit_length():
+            return None
+        if not NONCE_HEX.fullmatch(self.nonce) or not all(HASH_HEX.fullmatch(node) for node in self.path):
             return None
         leaf = leaf_hash(bytes.fromhex(self.nonce) + message)
         return root_from_proof(leaf, self.leaf_index, self.tree_size, [bytes.fromhex(node) for node in self.path])

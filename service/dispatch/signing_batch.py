@@ -31,6 +31,8 @@ class SignatureBatcher:
         max_leaves: int = MAX_BATCH_LEAVES,
         observe: Callable[[float], None] | None = None,
     ) -> None:
+        if not 1 <= max_leaves <= MAX_BATCH_LEAVES:
+            raise ValueError(f"max_leaves must be 1 to {MAX_BATCH_LEAVES}")
         self.signer = signer
         self.batch = batch
         self.max_leaves = max_leaves if batch else 1
@@ -48,15 +50,20 @@ class SignatureBatcher:
     def _flush(self) -> None:
         pending, self._pending = self._pending, []
         queued: list[Pending] = []
-        for assignment, future in pending:
-            if future.done():  # the caller went away
-                continue
-            try:
-                queued.append((canonical_bytes(assignment), future))
-            except Exception as exc:  # that caller gets the error; the rest are signed (a callback must not raise)
-                future.set_exception(exc)
-        for start in range(0, len(queued), self.max_leaves):
-            self._sign(queued[start : start + self.max_leaves])
+        try:
+            for assignment, future in pending:
+                if future.done():  # the caller went away
+                    continue
+                try:
+                    queued.append((canonical_bytes(assignment), future))
+                except Exception as exc:  # that caller gets the error; the rest are signed
+                    future.set_exception(exc)
+            for start in range(0, len(queued), self.max_leaves):
+                self._sign(queued[start : start + self.max_leaves])
+        finally:  # whatever escaped (a BaseException, a bug): no caller is left waiting for ever
+            for _, future in pending:
+                if not future.done():
+                    future.set_exception(RuntimeError("the signature batch failed"))
 
     def _sign(self, batch: list[Pending]) -> None:
         try:

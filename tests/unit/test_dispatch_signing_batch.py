@@ -150,3 +150,29 @@ async def test_a_cancelled_caller_is_skipped() -> None:
     assert await second == Signature(signer.sign(assignment(2)), None)  # alone in its batch now
     with pytest.raises(asyncio.CancelledError):
         await first
+
+
+class Escape(BaseException):
+    """What ``except Exception`` does not catch (as KeyboardInterrupt)."""
+
+
+async def test_nothing_that_escapes_a_flush_leaves_a_caller_waiting() -> None:
+    signer = Signer.generate(SEED)
+    batcher = SignatureBatcher(signer)
+    loop = asyncio.get_running_loop()
+    futures: list[asyncio.Future[Signature]] = [loop.create_future() for _ in range(3)]
+    batcher._pending = [(assignment(n), future) for n, future in enumerate(futures, start=1)]
+
+    def escaping(messages: object) -> list[Signature]:
+        raise Escape
+
+    signer.sign_batch = escaping  # type: ignore[assignment]
+    with pytest.raises(Escape):  # called as the loop would: it stops the loop, as it should
+        batcher._flush()
+    assert all(isinstance(future.exception(), RuntimeError) for future in futures)
+
+
+@pytest.mark.parametrize("max_leaves", [0, -1, 257])
+def test_max_leaves_is_bounded(max_leaves: int) -> None:
+    with pytest.raises(ValueError, match="max_leaves"):
+        SignatureBatcher(Signer.generate(SEED), max_leaves=max_leaves)

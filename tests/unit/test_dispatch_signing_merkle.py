@@ -225,6 +225,11 @@ def test_a_changed_proof_breaks_a_batch_signature() -> None:
         assert not ring.verify(a, signature.hex, proof._replace(nonce=nonce))
     assert not ring.verify(a, signature.hex, proof._replace(path=proof.path[:-1]))
     assert not ring.verify(a, signature.hex, proof._replace(tree_size=2**32))  # refused, not an OverflowError
+    # what from_json refuses on the wire, refused for a proof built in code too
+    assert not ring.verify(a, signature.hex, proof._replace(nonce=proof.nonce.upper()))
+    assert not ring.verify(a, signature.hex, proof._replace(nonce=proof.nonce + "00"))
+    assert not ring.verify(a, signature.hex, proof._replace(path=(*proof.path, "ab" * 32)))
+    assert not ring.verify(a, signature.hex, proof._replace(path=tuple(node.upper() for node in proof.path)))
 
 
 # -- the answer's "batch" object ---------------------------------------------------------------------------------
