@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import json
 import os
 import platform
@@ -436,14 +437,20 @@ def cpu_isa(flags: Iterable[str] | None = None) -> str:
 
 def _cpuinfo_field(name: str) -> str:
     """The first value of ``name`` in /proc/cpuinfo ("" where there is none, as off Linux)."""
+    return _cpuinfo().get(name, "")
+
+
+@functools.cache
+def _cpuinfo() -> dict[str, str]:
+    """/proc/cpuinfo's fields, the first CPU's value of each: read once for all of ``machine_info``'s fields."""
+    fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
-            if key.strip() == name:
-                return value.strip()
+            fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return ""
+    return fields
 
 
 def _cpu_family_model() -> str | None:

@@ -28,6 +28,7 @@ from service.dispatch.records import STATUS_KEYS, WorkerRecord
 from service.dispatch.selection import status_breakdown
 from service.dispatch.signing import (
     DEFAULT_CLOCK_SKEW_S,
+    MAX_BATCH_LEAVES,
     KeyFileError,
     PublishedKey,
     Signer,
@@ -233,9 +234,8 @@ class DispatcherService(ServiceBase):
         logger.info("drained")
 
     def _signature_batcher(self, signer: Signer) -> SignatureBatcher:
-        return SignatureBatcher(
-            signer, batch=self.settings.batch_signatures, observe=self.metrics.signature_batch_size.observe
-        )
+        max_leaves = MAX_BATCH_LEAVES if self.settings.batch_signatures else 1
+        return SignatureBatcher(signer, max_leaves=max_leaves, observe=self.metrics.signature_batch_size.observe)
 
     def on_reload_signal(self) -> None:
         """SIGHUP: re-read the endpoints file, the signing key file and the next key's public key file. Each part

@@ -220,11 +220,8 @@ class BatchProof(NamedTuple):  # a tuple: made once per routed request, a frozen
 
     def root(self, message: bytes) -> bytes | None:
         """The root this proof puts the assignment of canonical bytes ``message`` under, or None when it is no
-        proof of a batch this verifier accepts."""
-        # from_json checked all of this for what came over the wire; a proof built in code is held to the same
-        if not 2 <= self.tree_size <= MAX_VERIFIED_BATCH_SIZE or len(self.path) > (self.tree_size - 1).bit_length():
-            return None
-        if not NONCE_HEX.fullmatch(self.nonce) or not all(HASH_HEX.fullmatch(node) for node in self.path):
+        proof of a batch this verifier accepts (a proof built in code is held to the wire's rules too)."""
+        if _proof_problem(self.leaf_index, self.tree_size, self.nonce, self.path) is not None:
             return None
         leaf = leaf_hash(bytes.fromhex(self.nonce) + message)
         return root_from_proof(leaf, self.leaf_index, self.tree_size, [bytes.fromhex(node) for node in self.path])
@@ -235,17 +232,27 @@ class BatchProof(NamedTuple):  # a tuple: made once per routed request, a frozen
         if not isinstance(data, Mapping):
             raise ValueError("batch must be an object")
         index, size, nonce, path = data.get("index"), data.get("size"), data.get("nonce"), data.get("path")
-        if isinstance(index, bool) or not isinstance(index, int) or isinstance(size, bool) or not isinstance(size, int):
-            raise ValueError("batch.index and batch.size must be integers")
-        if not 2 <= size <= MAX_VERIFIED_BATCH_SIZE or not 0 <= index < size:
-            raise ValueError(f"batch.size must be 2 to {MAX_VERIFIED_BATCH_SIZE} and batch.index below it")
-        if not isinstance(nonce, str) or not NONCE_HEX.fullmatch(nonce):
-            raise ValueError(f"batch.nonce must be {NONCE_HEX_DIGITS} lowercase hex digits")
-        if not isinstance(path, list) or len(path) > (size - 1).bit_length():
-            raise ValueError("batch.path must be a list of at most ceil(log2(size)) hashes")
-        if not all(isinstance(node, str) and HASH_HEX.fullmatch(node) for node in path):
-            raise ValueError(f"batch.path must hold {HASH_HEX_DIGITS} lowercase hex digits per hash")
-        return cls(index, size, nonce, tuple(path))
+        if not isinstance(path, list):
+            raise ValueError("batch.path must be a list of hashes")
+        problem = _proof_problem(index, size, nonce, path)
+        if problem is not None:
+            raise ValueError(problem)
+        return cls(index, size, nonce, tuple(path))  # type: ignore[arg-type]  # checked by _proof_problem
+
+
+def _proof_problem(index: object, size: object, nonce: object, path: Sequence[object]) -> str | None:
+    """What makes these no batch proof a verifier accepts, or None: the rules of the wire format, in one place."""
+    if isinstance(index, bool) or not isinstance(index, int) or isinstance(size, bool) or not isinstance(size, int):
+        return "batch.index and batch.size must be integers"
+    if not 2 <= size <= MAX_VERIFIED_BATCH_SIZE or not 0 <= index < size:
+        return f"batch.size must be 2 to {MAX_VERIFIED_BATCH_SIZE} and batch.index below it"
+    if not isinstance(nonce, str) or not NONCE_HEX.fullmatch(nonce):
+        return f"batch.nonce must be {NONCE_HEX_DIGITS} lowercase hex digits"
+    if len(path) > (size - 1).bit_length():
+        return "batch.path must hold at most ceil(log2(size)) hashes"
+    if not all(isinstance(node, str) and HASH_HEX.fullmatch(node) for node in path):
+        return f"batch.path must hold {HASH_HEX_DIGITS} lowercase hex digits per hash"
+    return None
 
 
 class Signature(NamedTuple):

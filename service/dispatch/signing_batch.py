@@ -6,10 +6,10 @@ parser and the framework) and costs about three times what it costs in a tight l
 assignment and the loop signs everything queued in the same iteration, one callback later: no thread (a signing
 thread measured slower: GIL hand-offs cost more than they free) and no timer.
 
-With ``batch`` (the default), the assignments of one iteration share one signature over a Merkle tree of them
+The assignments of one iteration share one signature over a Merkle tree of up to ``max_leaves`` of them
 (``signing``: RFC 9162 proofs, a random nonce per leaf): one Ed25519 signature and a few SHA-256 hashes per batch
-instead of one signature per assignment. Without it, every assignment is signed alone, for workers whose verifier
-predates batch proofs.
+instead of one signature per assignment. ``max_leaves=1`` signs every assignment alone, for workers whose verifier
+predates batch proofs (``--no-batch-signatures``).
 """
 
 from __future__ import annotations
@@ -27,15 +27,13 @@ class SignatureBatcher:
         self,
         signer: Signer,
         *,
-        batch: bool = True,
         max_leaves: int = MAX_BATCH_LEAVES,
         observe: Callable[[float], None] | None = None,
     ) -> None:
         if not 1 <= max_leaves <= MAX_BATCH_LEAVES:
             raise ValueError(f"max_leaves must be 1 to {MAX_BATCH_LEAVES}")
         self.signer = signer
-        self.batch = batch
-        self.max_leaves = max_leaves if batch else 1
+        self.max_leaves = max_leaves
         self._observe = observe  # each signature's batch size (a histogram's observe)
         self._pending: list[tuple[Assignment, asyncio.Future[Signature]]] = []
 

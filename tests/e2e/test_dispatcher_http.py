@@ -328,7 +328,7 @@ async def test_concurrent_routes_share_batch_signatures_that_workers_verify(
         key.verify(message, bytes.fromhex(a["signature"]))
     shared = {a["signature"] for a in batched}
     assert len(shared) < len(batched)  # one signature, several assignments
-    batches = signature_batches(dispatcher)
+    batches = await asyncio.to_thread(signature_batches, dispatcher)
     assert batches["count"] < len(answers) == batches["sum"] and batches["alone"] < batches["count"]
     async with httpx.AsyncClient(timeout=10) as http:
         tampered = dict(batched[0])

@@ -54,7 +54,7 @@ async def test_concurrent_callers_share_one_signature_each_with_its_own_proof() 
 
 async def test_without_batching_each_caller_gets_its_own_lone_signature() -> None:
     signer = Signer.generate(SEED)
-    batcher = SignatureBatcher(signer, batch=False)
+    batcher = SignatureBatcher(signer, max_leaves=1)
     flushes = counting_flushes(batcher)
     items = [assignment(n) for n in range(1, 6)]
     signatures = await asyncio.gather(*(batcher.sign(a) for a in items))
