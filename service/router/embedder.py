@@ -202,11 +202,13 @@ class MiniLMEmbedder:
 
 
 def _prepack_for_onednn(model: MiniLM) -> bool:
-    """Prepack an fp32 CPU model's GEMM weights for oneDNN; False (and nn.Linear kept) where that cannot run."""
-    if next(model.parameters()).dtype != torch.float32:
-        return False  # oneDNN's packed fp32 path only; bf16/fp16 on CPU keep torch's own kernels
-    if not onednn_available():
-        logger.warning("oneDNN unavailable; the encoder's GEMMs run on torch's default BLAS")
+    """Prepack a CPU model's GEMM weights for oneDNN (fp32, or bf16 where oneDNN runs it); False (and nn.Linear
+    kept) where that cannot run."""
+    dtype = next(model.parameters()).dtype
+    if dtype == torch.bfloat16 and not native_bf16():
+        logger.warning("bfloat16 on a CPU without bf16 dot products (AVX512-BF16, AMX): expect it slower than float32")
+    if not onednn_available(dtype):
+        logger.warning("oneDNN cannot run %s GEMMs here; the encoder's GEMMs run on torch's default BLAS", dtype)
         return False
     try:
         prepack_for_onednn(model)
@@ -214,6 +216,12 @@ def _prepack_for_onednn(model: MiniLM) -> bool:
         logger.warning("oneDNN prepacking failed; the encoder's GEMMs run on torch's default BLAS", exc_info=True)
         return False
     return True
+
+
+def native_bf16() -> bool:
+    """Whether the CPU has bf16 dot-product instructions (AVX512-BF16 or AMX); torch only says so privately."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
 
 
 def _cuda_encoder(model: MiniLM, device: torch.device, options: CudaOptions, max_seq_length: int) -> CudaEncoder:

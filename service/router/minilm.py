@@ -58,6 +58,8 @@ class BertConfig:
 # The row count oneDNN's packed weight layout is chosen for. Any hint from 32 rows up gave the same speed for
 # every batch from 22 to 5,000 tokens (2-core Zen 4 VM); a hint of 1 was 20 % slower on small batches.
 ONEDNN_PACK_ROWS = 256
+# fp16 is left out: oneDNN runs it natively only with AMX-FP16, and no CPU here had it to measure.
+ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 
 
 class OneDnnLinear(nn.Module):
@@ -67,8 +69,9 @@ class OneDnnLinear(nn.Module):
     ``MKL_ENABLE_INSTRUCTIONS`` did not slow it); oneDNN runs the widest ISA the CPU has. On the 2-core Zen 4 VM
     (AVX-512) the encoder's GEMMs ran 13-22 % faster this way and a one-thread forward pass 13-23 % faster; with
     AVX2 only, the two measured alike. The maths stays fp32 (on the parity prompts, cosine >= 0.99999994 against
-    ``nn.Linear``). The op is torch's own (the one inductor's CPU freezing pass emits), so it scripts like any
-    other. Inference only: the packed weight is an opaque oneDNN tensor that ``state_dict()`` and ``.to()`` skip.
+    ``nn.Linear``). A bf16 layer packs a bf16 weight: oneDNN then runs the CPU's bf16 dot products (AVX512-BF16,
+    AMX), fp32 accumulation. The op is torch's own (the one inductor's CPU freezing pass emits), so it scripts like
+    any other. Inference only: the packed weight is an opaque oneDNN tensor that ``state_dict()`` and ``.to()`` skip.
     """
 
     def __init__(self, linear: nn.Linear, activation: str = "none") -> None:
@@ -76,8 +79,8 @@ class OneDnnLinear(nn.Module):
         super().__init__()
         if linear.bias is None:
             raise ValueError("OneDnnLinear needs a bias")
-        if linear.weight.dtype != torch.float32:
-            raise ValueError(f"OneDnnLinear runs fp32 only, not {linear.weight.dtype}")
+        if linear.weight.dtype not in ONEDNN_DTYPES:
+            raise ValueError(f"OneDnnLinear runs fp32 or bf16, not {linear.weight.dtype}")
         if activation not in ("none", "gelu"):
             raise ValueError(f"unsupported activation {activation!r}")
         self.activation = activation
@@ -185,16 +188,19 @@ class MiniLM(nn.Module):
 LINEAR_NAMES = ("qkv", "attn_out", "ffn_in", "ffn_out")
 
 
-def onednn_available() -> bool:
-    """Whether this torch and CPU run ``OneDnnLinear``: a build can carry oneDNN and still fail to create the
-    primitive at the first call (the pack succeeds, the GEMM raises), so one tiny GEMM of each kind is run."""
-    if not torch.backends.mkldnn.is_available():
+def onednn_available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether this torch and CPU run ``OneDnnLinear`` in ``dtype``: a build can carry oneDNN and still fail to
+    create the primitive at the first call (the pack succeeds, the GEMM raises), so one tiny GEMM of each kind is
+    run."""
+    if not torch.backends.mkldnn.is_available() or dtype not in ONEDNN_DTYPES:
         return False
-    probe = nn.Linear(8, 8)
+    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return False
+    probe = nn.Linear(8, 8).to(dtype)
     try:
         with torch.inference_mode():
             for activation in ("none", "gelu"):
-                OneDnnLinear(probe, activation)(torch.zeros(2, 8))
+                OneDnnLinear(probe, activation)(torch.zeros(2, 8, dtype=dtype))
     except Exception:
         logger.warning("oneDNN cannot run its packed GEMM here", exc_info=True)
         return False
@@ -203,7 +209,7 @@ def onednn_available() -> bool:
 
 def prepack_for_onednn(model: MiniLM) -> MiniLM:
     """Swap every layer's linear layers for ``OneDnnLinear``, the FFN's GELU fused into its first GEMM
-    (an fp32 CPU model; in place, returned for chaining). A model already packed is left as it is."""
+    (an fp32 or bf16 CPU model; in place, returned for chaining). A model already packed is left as it is."""
     # Everything is packed before anything is swapped, so a failure leaves the model as it was.
     swaps: list[tuple[nn.Module, str, nn.Module]] = []
     for layer in model.layers:

@@ -127,6 +127,34 @@ def test_a_failed_prepack_keeps_torch_kernels_and_says_so(
     np.testing.assert_allclose(fallback.embed(PROMPTS[:4]), ours.embed(PROMPTS[:4]), atol=2e-5)
 
 
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="oneDNN runs no bf16 GEMM on this CPU")
+def test_cpu_bf16_prepacks_and_routes_like_fp32(reference: np.ndarray) -> None:
+    bf16 = MiniLMEmbedder(device="cpu", dtype="bfloat16")
+    assert bf16.runtime_info() == {"dtype": "bfloat16", "torchscript": True, "onednn_linear": True}
+    got = bf16.embed(PROMPTS, batch_size=7)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, rtol=1e-5)
+    ref = reference / np.linalg.norm(reference, axis=1, keepdims=True)
+    cosine = (got * ref).sum(axis=1)
+    # 8 mantissa bits: close, not the fp32 parity (0.9999 measured at worst on routerbench's 2,225 prompts)
+    assert cosine.min() >= 0.999, cosine
+    assert np.abs(got - ref).max() > 1e-4  # it really ran in bf16
+    index = CentroidIndex(load_weights(default_weights_path()).centroids)
+    np.testing.assert_array_equal(index.search(got).ids[:, 0], index.search(ref).ids[:, 0])
+
+
+def test_bf16_without_bf16_instructions_says_it_will_be_slow(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from service.router import embedder
+
+    monkeypatch.setattr(embedder, "native_bf16", lambda: False)
+    with caplog.at_level("WARNING", logger=embedder.__name__):
+        slow = MiniLMEmbedder(device="cpu", dtype="bfloat16")
+    assert "expect it slower than float32" in caplog.text
+    assert slow.embed(PROMPTS[:2]).shape == (2, 384)
+
+
 def test_empty_batch(ours: MiniLMEmbedder) -> None:
     assert ours.embed_ids([]).shape == (0, 384)
 

@@ -64,8 +64,46 @@ def test_refuses_what_it_cannot_run(linear: nn.Linear) -> None:
         OneDnnLinear(linear, "relu")
     with pytest.raises(ValueError, match="bias"):
         OneDnnLinear(nn.Linear(4, 4, bias=False))
-    with pytest.raises(ValueError, match="fp32 only"):  # it used to upcast, then fail at the first GEMM
-        OneDnnLinear(linear.to(torch.bfloat16))
+    with pytest.raises(ValueError, match="fp32 or bf16"):  # it used to upcast, then fail at the first GEMM
+        OneDnnLinear(linear.to(torch.float16))
+
+
+needs_bf16 = pytest.mark.skipif(
+    not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="oneDNN runs no bf16 GEMM on this CPU"
+)
+
+
+@needs_bf16
+@pytest.mark.parametrize("activation", ["none", "gelu"])
+@torch.inference_mode()
+def test_bf16_matches_fp32_to_bf16_rounding(linear: nn.Linear, activation: str) -> None:
+    x = torch.randn(33, 48)
+    expected = linear(x) if activation == "none" else F.gelu(linear(x))
+    out = OneDnnLinear(linear.to(torch.bfloat16), activation)(x.to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+    # Inputs and weights rounded to 8 mantissa bits, fp32 accumulation: about 2^-8 of the output's scale.
+    torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)
+    assert not torch.equal(out.float(), expected)  # it really ran in bf16, not fp32 upcast and back
+
+
+@needs_bf16
+@torch.inference_mode()
+def test_bf16_model_prepacks_and_stays_close_to_fp32() -> None:
+    torch.manual_seed(2)
+    reference = MiniLM(TINY).eval()
+    model = MiniLM(TINY).eval()
+    model.load_state_dict(reference.state_dict())
+    model = prepack_for_onednn(model.to(torch.bfloat16))
+    assert all(isinstance(layer.qkv, OneDnnLinear) for layer in model.layers)
+    ids = torch.randint(0, TINY.vocab_size, (4 * 7,))
+    positions = torch.arange(7).repeat(4)
+    out = script_for_inference(model)(ids, positions, [(7, 4)])
+    cosine = F.cosine_similarity(out.float(), reference(ids, positions, [(7, 4)]), dim=-1)
+    assert out.shape == (4, TINY.hidden_size) and cosine.min() > 0.999
+
+
+def test_onednn_has_no_fp16_path() -> None:
+    assert not onednn_available(torch.float16)
 
 
 @torch.inference_mode()
