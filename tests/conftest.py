@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import signal
 import uuid
 from collections.abc import Iterator
@@ -21,6 +22,15 @@ def _signal_dispositions() -> Iterator[None]:
     yield
     for sig, handler in saved.items():
         signal.signal(sig, handler)
+
+
+@pytest.fixture(autouse=True)
+def _unfrozen_heap() -> Iterator[None]:
+    """A service that becomes ready freezes the heap (``service.http.heap``): in a test process that would keep
+    every earlier test's cyclic garbage for good, and tell a test nothing about its own service's freeze."""
+    gc.unfreeze()
+    yield
+    gc.unfreeze()
 
 
 @pytest.fixture(scope="session")

@@ -112,10 +112,10 @@ class BatchResult:
     search_s: float
 
 
-@dataclass(frozen=True)
-class CachedRoute:
-    cluster_ids: np.ndarray  # [k]
-    similarity: np.ndarray  # [k]
+# A cached prompt's nearest clusters: (cluster ids [k], similarity [k]). A plain tuple of arrays, not a class: the
+# garbage collector stops tracking a tuple of untracked objects (an exact tuple only), and then the LRU's entry
+# around it, so 100,000 cached prompts add nothing for a full collection to walk (``service/http/heap.py``).
+CachedRoute = tuple[np.ndarray, np.ndarray]
 
 
 class RouterEngine:
@@ -193,7 +193,7 @@ class RouterEngine:
         cached = self._cache.get((state.generation, key))
         if cached is not None:
             self._metrics.cache_hits.inc()
-            return self._decide_now(state, query, cached.cluster_ids, cached.similarity, True, started)
+            return self._decide_now(state, query, *cached, True, started)
         job = self._inflight.get(key)
         now = time.monotonic()
         if job is None or job.abandoned():
@@ -271,7 +271,7 @@ class RouterEngine:
         ids, sims = result.nearest.ids, result.nearest.similarity
         for row, job in enumerate(jobs):
             self._forget(job)
-            self._cache.put((result.state.generation, job.key), CachedRoute(ids[row].copy(), sims[row].copy()))
+            self._cache.put((result.state.generation, job.key), (ids[row].copy(), sims[row].copy()))
             for waiter in job.waiters:
                 if waiter.future.done():
                     continue

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 import multiprocessing
 import subprocess
@@ -93,6 +94,7 @@ def test_health_when_ready(client: TestClient) -> None:
     assert body["weights_version"] == toy_weights().version
     assert body["encoder"] == {"dtype": "float32", "fake": True}  # the embedder's own runtime_info
     assert body["index"] == "faiss-cpu"
+    assert gc.get_freeze_count() > 0  # once loaded, start-up's objects are out of the collector's sight
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -109,6 +110,21 @@ async def test_cache_hit_on_repeat(engine: tuple[RouterEngine, FakeEmbedder, Rou
     assert embedder.texts_embedded == 1
     assert metrics.cache_hits._value.get() == 1
     assert metrics.cache_misses._value.get() == 1
+
+
+async def test_cached_prompts_leave_nothing_for_the_garbage_collector_to_walk(
+    engine: tuple[RouterEngine, FakeEmbedder, RouterMetrics],
+) -> None:
+    eng, _, _ = engine
+    for i in range(20):
+        await eng.route(request(f"c{i % 8} prompt {i}"))
+    entries = list(eng._cache._entries.items())
+    assert len(entries) == 20
+    gc.collect()
+    gc.collect()  # a tuple is untracked once what it holds is: the inner (ids, similarity) first, then the entry
+    assert not any(gc.is_tracked(key) or gc.is_tracked(entry) for key, entry in entries)
+    hit = await eng.route(request("c3 prompt 3"))
+    assert hit.cache_hit and hit.cluster_id == 3
 
 
 async def test_the_cache_size_and_ttl_settings_reach_the_engine_cache() -> None:
