@@ -2,10 +2,10 @@
 the collector's sight.
 
 CPython's full (generation 2) collection walks every container object alive. After the router loads, that is about
-195,000 objects (torch, the model, every imported module), and a full collection of them stalled the event loop for
-up to 74 ms at idle and 154 ms under load on the 2-core VM: in an open-loop run at half the router's maximum load,
-13 full collections in 40 s made the p99 latency. ``gc.freeze`` moves them into a permanent generation that no
-collection visits, as Instagram's Django servers and CPython's own documentation for pre-fork servers do.
+195,000 objects (torch, the model, every imported module). Serving unique prompts on the 2-core VM, each full
+collection then held the event loop for 100-150 ms, about ten a minute; after ``gc.freeze``, 1-7 ms
+(``benchmarks/README.md``). ``gc.freeze`` moves every live object into a permanent generation that no collection
+visits, as CPython's documentation suggests for pre-fork servers and Instagram did for its Django servers.
 """
 
 from __future__ import annotations
