@@ -86,13 +86,19 @@ def test_bf16_matches_fp32_to_bf16_rounding(linear: nn.Linear, activation: str) 
     assert not torch.equal(out.float(), expected)  # it really ran in bf16, not fp32 upcast and back
 
 
+def twin_models(seed: int) -> tuple[MiniLM, MiniLM]:
+    """Two tiny models with the same random weights: one to pack, one to compare with."""
+    torch.manual_seed(seed)
+    model = MiniLM(TINY).eval()
+    reference = MiniLM(TINY).eval()
+    reference.load_state_dict(model.state_dict())
+    return model, reference
+
+
 @needs_bf16
 @torch.inference_mode()
 def test_bf16_model_prepacks_and_stays_close_to_fp32() -> None:
-    torch.manual_seed(2)
-    reference = MiniLM(TINY).eval()
-    model = MiniLM(TINY).eval()
-    model.load_state_dict(reference.state_dict())
+    model, reference = twin_models(2)
     model = prepack_for_onednn(model.to(torch.bfloat16))
     assert all(isinstance(layer.qkv, OneDnnLinear) for layer in model.layers)
     ids = torch.randint(0, TINY.vocab_size, (4 * 7,))
@@ -108,10 +114,7 @@ def test_onednn_has_no_fp16_path() -> None:
 
 @torch.inference_mode()
 def test_prepacked_model_matches_and_scripts() -> None:
-    torch.manual_seed(1)
-    model = MiniLM(TINY).eval()
-    reference = MiniLM(TINY).eval()
-    reference.load_state_dict(model.state_dict())
+    model, reference = twin_models(1)
     ids = torch.randint(0, TINY.vocab_size, (3 * 5 + 2 * 9,))
     positions = torch.cat([torch.arange(5).repeat(3), torch.arange(9).repeat(2)])
     groups = [(5, 3), (9, 2)]
