@@ -17,14 +17,18 @@ class Node:
 
 
 def test_live_objects_are_frozen_and_garbage_is_collected_first(caplog: pytest.LogCaptureFixture) -> None:
-    kept = Node()
-    cycle_a, cycle_b = Node(), Node()
-    cycle_a.other, cycle_b.other = cycle_b, cycle_a  # garbage only a collection frees
-    gone = weakref.ref(cycle_a)
-    del cycle_a, cycle_b
-    assert gone() is not None
-    with caplog.at_level("INFO", logger="service.http.heap"):
-        frozen = freeze_startup_heap()
+    gc.disable()  # no automatic collection may free the cycle first: only the freeze's own
+    try:
+        kept = Node()
+        cycle_a, cycle_b = Node(), Node()
+        cycle_a.other, cycle_b.other = cycle_b, cycle_a  # garbage only a collection frees
+        gone = weakref.ref(cycle_a)
+        del cycle_a, cycle_b
+        assert gone() is not None
+        with caplog.at_level("INFO", logger="service.http.heap"):
+            frozen = freeze_startup_heap()
+    finally:
+        gc.enable()
     assert gone() is None  # collected, not frozen for the process's lifetime
     assert frozen > 0 and gc.get_freeze_count() > 0
     assert f"froze {frozen} start-up objects" in caplog.text
