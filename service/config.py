@@ -125,6 +125,9 @@ class RouterSettings(BaseSettings):
     torchscript: bool = _opt(True, "run the encoder as TorchScript (forward passes without the GIL)")
     onednn_linear: bool = _opt(True, "CPU fp32/bf16: run the encoder's GEMMs on oneDNN, weights prepacked (else MKL)")
     compute_threads: int = _opt(0, "CPU: batches computed at once, one core each (0 = one per core)")
+    compute_nice: int = _opt(
+        10, "CPU, Linux: niceness added to the compute threads, so the event loop and tokenizer go first (0 = off)"
+    )
     cuda_inflight_batches: int = _opt(
         2, "CUDA: batches in flight at once (one packs its inputs or waits for its result while another runs)"
     )
@@ -159,6 +162,8 @@ class RouterSettings(BaseSettings):
         for name in ("compute_threads", "cache_size"):
             if getattr(self, name) < 0:
                 problems.append(f"{_flag(name)} must be >= 0")
+        if not 0 <= self.compute_nice <= MAX_NICE:
+            problems.append(f"--compute-nice must be 0-{MAX_NICE}")
         if not (self.cache_ttl_s > 0 and math.isfinite(self.cache_ttl_s)):
             problems.append("--cache-ttl-s must be a positive number of seconds")
         if not _DEVICE.fullmatch(self.device):
@@ -285,6 +290,7 @@ class DispatcherSettings(BaseSettings):
 
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+MAX_NICE = 19  # Linux's lowest priority
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 INDEX_BACKENDS = ("auto", "faiss", "torch")
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")

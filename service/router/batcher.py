@@ -15,6 +15,8 @@ the event loop:
 * Admission is bounded: past ``max_queue`` prompts admitted and not finished, ``submit`` raises
   ``Overloaded`` (429 with Retry-After) instead of growing the queue.
 * A failing batch fails only its own jobs; the loop keeps going.
+* On Linux the compute threads can run at a lower priority (``compute_nice``): when both take every core, the event
+  loop and the tokenizer, which every request waits on, still run at once rather than sharing a core with them.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
+import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -30,6 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
+from service.config import MAX_NICE
 from service.errors import Overloaded, ShuttingDown
 from service.metrics import RouterMetrics
 
@@ -56,6 +62,22 @@ class BatcherConfig:
     max_batch_tokens: int
     max_queue: int
     workers: int
+    compute_nice: int = 0  # added to the compute threads' niceness (Linux; 0 leaves them as they are)
+
+
+def lower_thread_priority(nice: int) -> None:
+    """Add ``nice`` to the calling thread's niceness (Linux keeps one per thread; threads it starts later, such as
+    OpenMP's, inherit it). Elsewhere, or where it fails, the thread keeps its priority, with a warning."""
+    if nice <= 0:
+        return
+    if not sys.platform.startswith("linux"):
+        logger.warning("compute threads keep their priority: per-thread niceness is Linux's")
+        return
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, min(MAX_NICE, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+    except OSError as exc:
+        logger.warning("compute thread keeps its priority: %s", exc)
 
 
 class MicroBatcher(Generic[J, R]):
@@ -92,7 +114,11 @@ class MicroBatcher(Generic[J, R]):
         self._closed = False
         self._maybe_abandoned = False  # a waiter left since the queue was last swept for jobs no one waits for
         self._tokenizer_pool = ThreadPoolExecutor(1, thread_name_prefix="tokenizer")
-        self._compute_pool = ThreadPoolExecutor(config.workers, thread_name_prefix="compute")
+        self._compute_pool = ThreadPoolExecutor(
+            config.workers,
+            thread_name_prefix="compute",
+            initializer=functools.partial(lower_thread_priority, config.compute_nice),
+        )
         self._tokenizer_task: asyncio.Task[None] | None = None
 
     # -- public ---------------------------------------------------------------------------------

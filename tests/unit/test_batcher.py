@@ -1,15 +1,20 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
+import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
 
 from service.errors import Overloaded, ShuttingDown
 from service.metrics import RouterMetrics
-from service.router.batcher import BatcherConfig, MicroBatcher
+from service.router import batcher
+from service.router.batcher import BatcherConfig, MicroBatcher, lower_thread_priority
 
 
 @dataclass(eq=False)
@@ -23,9 +28,13 @@ class Job:
         return self.future.done()
 
 
+def own_niceness() -> int:
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+
 class Harness:
     def __init__(self, *, size: int = 8, tokens: int = 1000, queue: int = 100, workers: int = 1,
-                 delay_s: float = 0.02, fail_on: str | None = None) -> None:  # fmt: skip
+                 delay_s: float = 0.02, fail_on: str | None = None, nice: int = 0) -> None:  # fmt: skip
         self.batches: list[list[str]] = []
         self.dropped: list[Job] = []
         self.computing = 0
@@ -33,11 +42,14 @@ class Harness:
         self._lock = threading.Lock()
         self.tokenize_threads: set[str] = set()
         self.compute_threads: set[str] = set()
+        self.niceness: dict[str, int] = {}  # stage -> the niceness its thread ran at
         self.delay_s = delay_s
         self.fail_on = fail_on
         self.metrics = RouterMetrics()
         self.batcher: MicroBatcher[Job, list[str]] = MicroBatcher(
-            config=BatcherConfig(max_batch_size=size, max_batch_tokens=tokens, max_queue=queue, workers=workers),
+            config=BatcherConfig(
+                max_batch_size=size, max_batch_tokens=tokens, max_queue=queue, workers=workers, compute_nice=nice
+            ),
             tokenize=self.tokenize,
             compute=self.compute,
             on_batch=self.on_batch,
@@ -48,11 +60,13 @@ class Harness:
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         self.tokenize_threads.add(threading.current_thread().name)
+        self.niceness["tokenize"] = own_niceness()
         return [list(range(len(t))) for t in texts]
 
     def compute(self, jobs: list[Job]) -> list[str]:
         with self._lock:
             self.compute_threads.add(threading.current_thread().name)
+            self.niceness["compute"] = own_niceness()
             self.batches.append([j.text for j in jobs])
             self.computing += 1
             self.max_computing = max(self.max_computing, self.computing)
@@ -93,6 +107,71 @@ async def test_batches_follow_load_and_every_job_is_answered() -> None:
     assert h.compute_threads and all(n.startswith("compute") for n in h.compute_threads)
     assert h.batcher.admitted == 0
     await h.batcher.close()
+
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness is Linux's")
+
+
+@linux_only
+async def test_compute_threads_run_at_a_lower_priority_than_the_loop_and_the_tokenizer() -> None:
+    base = own_niceness()
+    if base + 5 > 19:
+        pytest.skip("the test process already runs at the lowest priority")
+    h = Harness(workers=2, nice=5)
+    h.batcher.start()
+    assert await (await h.submit("p")).future == "P"
+    assert h.niceness == {"tokenize": base, "compute": base + 5}
+    assert own_niceness() == base  # the event loop's thread
+    await h.batcher.close()
+
+
+@linux_only
+async def test_compute_nice_zero_leaves_the_compute_threads_alone() -> None:
+    h = Harness(nice=0)
+    h.batcher.start()
+    await (await h.submit("p")).future
+    assert h.niceness["compute"] == own_niceness()
+    await h.batcher.close()
+
+
+def run_in_thread(target: Callable[[], None]) -> None:
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join()
+
+
+@linux_only
+def test_lower_thread_priority_stops_at_the_lowest_priority() -> None:
+    seen: list[int] = []
+
+    def lowered() -> None:
+        lower_thread_priority(40)
+        seen.append(own_niceness())
+
+    run_in_thread(lowered)
+    assert seen == [19]
+
+
+def test_lower_thread_priority_warns_when_the_kernel_refuses(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def refuse(*args: object) -> None:
+        raise PermissionError("not permitted")
+
+    monkeypatch.setattr(batcher.sys, "platform", "linux")  # getpriority runs; setpriority is the one refused
+    monkeypatch.setattr(batcher.os, "setpriority", refuse)
+    with caplog.at_level(logging.WARNING, logger=batcher.__name__):
+        run_in_thread(lambda: lower_thread_priority(10))
+    assert "compute thread keeps its priority: not permitted" in caplog.text
+
+
+def test_lower_thread_priority_warns_off_linux(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(batcher.sys, "platform", "darwin")
+    with caplog.at_level(logging.WARNING, logger=batcher.__name__):
+        run_in_thread(lambda: lower_thread_priority(10))
+    assert "per-thread niceness is Linux's" in caplog.text
 
 
 async def test_idle_batcher_runs_a_lone_job_at_once() -> None:
