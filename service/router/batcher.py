@@ -15,8 +15,9 @@ the event loop:
 * Admission is bounded: past ``max_queue`` prompts admitted and not finished, ``submit`` raises
   ``Overloaded`` (429 with Retry-After) instead of growing the queue.
 * A failing batch fails only its own jobs; the loop keeps going.
-* On Linux the compute threads can run at a lower priority (``compute_nice``): when both take every core, the event
-  loop and the tokenizer, which every request waits on, still run at once rather than sharing a core with them.
+* On Linux the compute threads can run at a lower priority (``compute_nice``): when the forward passes take every
+  core, the event loop and the tokenizer, which every request waits on, still run at once rather than sharing a core
+  with them.
 """
 
 from __future__ import annotations
