@@ -63,8 +63,11 @@ RELOAD_RESULTS = (RELOAD_OK, RELOAD_REJECTED)
 class HttpMetrics:
     """Request counts and latency by route template and status; shared by both services."""
 
-    def __init__(self, registry: CollectorRegistry, prefix: str) -> None:
+    def __init__(
+        self, registry: CollectorRegistry, prefix: str, *, ready_help: str = "1 when serving and not draining"
+    ) -> None:
         self.registry = registry
+        self.ready = Gauge(f"{prefix}_ready", ready_help, multiprocess_mode=ALL_LIVE, registry=registry)
         self.requests = Counter(
             f"{prefix}_http_requests",
             "HTTP requests by route and status",
@@ -117,7 +120,7 @@ def multiprocess() -> bool:
 class RouterMetrics(HttpMetrics):
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         registry = registry or CollectorRegistry(auto_describe=True)
-        super().__init__(registry, "router")
+        super().__init__(registry, "router", ready_help="1 when weights and model are loaded and not draining")
         self.queue_wait = Histogram(
             "router_queue_wait_seconds",
             "Time a prompt waited before its batch started",
@@ -180,12 +183,6 @@ class RouterMetrics(HttpMetrics):
         )
         self.cluster_requests = Counter(
             "router_cluster_requests", "Routing decisions by cluster", ["cluster"], registry=registry
-        )
-        self.ready = Gauge(
-            "router_ready",
-            "1 when weights and model are loaded and not draining",
-            multiprocess_mode=ALL_LIVE,
-            registry=registry,
         )
         self.weights_info = Gauge(
             "router_weights_info",
@@ -284,9 +281,6 @@ class DispatcherMetrics(HttpMetrics):
             "1 when the state store answered its last call",
             multiprocess_mode=ALL_LIVE,
             registry=registry,
-        )
-        self.ready = Gauge(
-            "dispatcher_ready", "1 when serving and not draining", multiprocess_mode=ALL_LIVE, registry=registry
         )
 
     def forget_endpoint(self, endpoint: str, states: Iterable[str]) -> None:

@@ -41,7 +41,6 @@ from service.dispatch.signing import (
 from service.dispatch.signing_batch import SignatureBatcher
 from service.dispatch.store import DispatchStore, LoadStats, StoreUnavailable
 from service.http.fastpath import served_by_fast_path
-from service.http.heap import freeze_startup_heap
 from service.http.server import Fleet
 from service.http.service_base import ServiceBase
 from service.metrics import DispatcherMetrics
@@ -207,9 +206,7 @@ class DispatcherService(ServiceBase):
             "redis" if self.settings.redis_url else "in-memory",
             self.signer.key_id,
         )
-        freeze_startup_heap()
-        self.fleet.mark_ready()
-        self.metrics.ready.set(1)
+        self._become_ready()
         self._spawn(self._refresh_loop())
         self._spawn(self._check_store())
         try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -19,9 +19,13 @@ from service.errors import NotFound
 from service.http.body import BodyReader
 from service.http.fastpath import FastJsonPost, JsonHandler, Vouch
 from service.http.handlers import Handler, guarded
+from service.http.heap import freeze_startup_heap
 from service.http.middleware import RequestMetricsMiddleware
 from service.http.responses import ORJSONResponse, error_response, http_exception_to_error
 from service.metrics import HttpMetrics
+
+if TYPE_CHECKING:
+    from service.http.server import Fleet
 
 Lifespan = Callable[[Starlette], AbstractAsyncContextManager[None]]
 HTTP_NOT_FOUND = 404
@@ -30,6 +34,7 @@ HTTP_NOT_FOUND = 404
 class ServiceBase:
     settings: BaseSettings
     metrics: HttpMetrics
+    fleet: Fleet  # the processes serving this port (one unless --workers)
     _middleware: RequestMetricsMiddleware  # set by _build_asgi
     body: BodyReader  # set by _build_asgi: every handler reads its JSON body through it
     _routes: list[Route]  # set by _build_asgi: for a 404's hint
@@ -107,6 +112,13 @@ class ServiceBase:
         self._middleware = RequestMetricsMiddleware(
             fast, metrics=self.metrics, routes=[route.path for route in routes], draining=draining
         )
+
+    def _become_ready(self) -> None:
+        """Everything the process keeps for its lifetime is loaded: freeze it out of the garbage collector's sight
+        (``heap.py``), then say ready (this process's share of the fleet, and the ready gauge)."""
+        freeze_startup_heap()
+        self.fleet.mark_ready()
+        self.metrics.ready.set(1)
 
     def alive(self) -> bool:
         """False only when restarting the process is the remedy; loading and draining are alive."""

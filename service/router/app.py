@@ -26,7 +26,6 @@ from service import __version__
 from service.config import RouterSettings, settings_summary
 from service.errors import Conflict, ShuttingDown
 from service.http.fastpath import served_by_fast_path
-from service.http.heap import freeze_startup_heap
 from service.http.server import Fleet
 from service.http.service_base import ServiceBase
 from service.metrics import RouterMetrics
@@ -178,11 +177,9 @@ class RouterService(ServiceBase):
         if self._reload_pending:  # a SIGHUP came while loading, maybe after the file was read: read it again
             self._reload_pending = False
             await self._reload_from_signal()
-        freeze_startup_heap()
         if self.phase is Phase.LOADING:
             self.phase = Phase.READY
-            self.fleet.mark_ready()
-            self.metrics.ready.set(1)
+            self._become_ready()
         logger.info("router ready in %.1fs on %s", time.perf_counter() - started, embedder.device)
 
     def begin_drain(self) -> None:

@@ -140,7 +140,7 @@ class RouterEngine:
                 max_batch_tokens=settings.max_batch_tokens,
                 max_queue=settings.max_queue,
                 workers=workers,
-                compute_nice=settings.compute_nice if embedder.device.startswith("cpu") else 0,
+                compute_nice=settings.compute_nice if self._cpu else 0,
             ),
             tokenize=embedder.tokenize,
             compute=self._compute,

@@ -69,21 +69,6 @@ def test_compute_nice_from_env_and_its_bounds() -> None:
             RouterSettings.from_env({}, compute_nice=bad)
 
 
-async def test_compute_nice_reaches_the_batcher_on_cpu_only() -> None:
-    from service.metrics import RouterMetrics
-    from service.router.engine import RouterEngine
-    from service.router.state import StateHolder
-    from tests.fakes import FakeEmbedder
-
-    settings = RouterSettings.from_env({"LLMROUTER_COMPUTE_NICE": "7"})
-    for device, expected in (("cpu", 7), ("cuda:0", 0)):
-        embedder = FakeEmbedder()
-        embedder.device = device
-        engine = RouterEngine(embedder=embedder, holder=StateHolder(), settings=settings, metrics=RouterMetrics())
-        assert engine._batcher.config.compute_nice == expected
-        await engine.close()
-
-
 def test_summary_masks_secrets() -> None:
     s = RouterSettings.from_env({"LLMROUTER_ADMIN_TOKEN": "sekrit"})
     assert settings_summary(s)["admin_token"] == "***"

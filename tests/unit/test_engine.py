@@ -127,6 +127,15 @@ async def test_cached_prompts_leave_nothing_for_the_garbage_collector_to_walk(
     assert hit.cache_hit and hit.cluster_id == 3
 
 
+@pytest.mark.parametrize(("device", "expected"), [("cpu", 7), ("cuda:0", 0)])
+async def test_compute_nice_reaches_the_batcher_on_cpu_only(device: str, expected: int) -> None:
+    embedder = FakeEmbedder()
+    embedder.device = device
+    eng, _ = make_engine(embedder, compute_nice=7)
+    assert eng._batcher.config.compute_nice == expected
+    await eng.close()
+
+
 async def test_the_cache_size_and_ttl_settings_reach_the_engine_cache() -> None:
     embedder = FakeEmbedder()
     eng, _ = make_engine(embedder, cache_size=2, cache_ttl_s=1.0)
