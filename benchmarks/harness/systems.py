@@ -94,6 +94,12 @@ def _check(url: str, body: bytes, key: str) -> dict[str, Any]:
     return {"status": resp.status_code, "client_ms": round(resp.elapsed.total_seconds() * 1e3, 3)}
 
 
+def router_encoder(base_url: str) -> dict[str, Any]:
+    """How the router's encoder runs (``/health``'s ``encoder``): its default dtype depends on the CPU."""
+    encoder = httpx.get(base_url + "/health", timeout=SAMPLE_TIMEOUT_S).json().get("encoder")
+    return encoder if isinstance(encoder, dict) else {}
+
+
 def _server(name: str, cmd: list[str], s: Settings, port: int, env: dict[str, str] | None = None) -> ServerProcess:
     base_url = f"http://{s.host}:{port}"
     return ServerProcess(cmd=cmd, base_url=base_url, log_path=s.tmp_dir / f"{name}.log", env=env)
@@ -148,6 +154,8 @@ def start(name: str, s: Settings) -> Iterator[Running]:
         url = server.base_url + spec.path
         sample = _check(url, spec.encode_prompt("Benchmark sample: which model should answer this?"), spec.check_key)
         info = {"cmd": cmd, "startup_s": round(server.startup_s or 0.0, 2), "sample": sample}
+        if name == ROUTER:
+            info["encoder"] = router_encoder(server.base_url)
         yield Running(name, url, {name: server.proc.pid}, spec.encode_prompt, info=info)
     info.update(stop_s=server.stop_s, exit_code=server.exit_code, killed=server.killed)
 

@@ -5,9 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import httpx
+import pytest
+
 from benchmarks.common import FOREIGN_CPU_WARN_CORES, cpu_detail, cpu_isa, foreign_cpu_warning, parse_wrk_output
+from benchmarks.harness import systems
 from benchmarks.harness.plots import load_order, plot
-from benchmarks.harness.report import render
+from benchmarks.harness.report import render, router_encoder_line
 from benchmarks.harness.targets import compute_targets, warnings_for
 from benchmarks.run import overall
 
@@ -124,6 +128,7 @@ def test_report_and_plot_render(tmp_path: Path) -> None:
         skipped={"infinity": "not installed"},
         errors={"naive-st": "RuntimeError: load generator exited with 1:\nTraceback (most recent call last):\n  boom"},
         warnings=["w1"],
+        servers={"router": {"cmd": ["python"], "encoder": {"dtype": "bfloat16", "onednn_linear": True}}},
     )
     run["results"]["router/unique"]["points"][2]["ok"] = 999  # a p99.9 of under 1,000 answers is marked
     run["results"]["router/unique"]["points"][1]["ok"] = 1000
@@ -132,6 +137,7 @@ def test_report_and_plot_render(tmp_path: Path) -> None:
     assert "| router embedding vs bare HTTP ceiling | 0.75 | >= 0.9 | **FAIL**" in text
     assert "- Machine: `h`, cpu (avx512, family/model 25/17), 2 cores;" in text
     assert "Overall: **FAIL**" in text
+    assert "- Router encoder (its `/health`): dtype `bfloat16`, onednn_linear `True`\n" in text
     assert "### router/unique: max 900.0 ok req/s" in text
     assert "| rate=450/s | 450.0 | 450.0 | 10.00 / 15.00 / 30.00 / 45.00* | 0 | 1.80 | 0.10 | 0.01 |" in text
     assert "| c=64 | - | 900.0 | 13.33 / 20.00 / 40.00 / 60.00 | 0 |" in text  # 1,000 answers: a p99.9
@@ -215,3 +221,20 @@ def test_cpu_isa_is_the_widest_vector_extension_reported() -> None:
 def test_cpu_detail_for_results_recorded_with_and_without_the_fields() -> None:
     assert cpu_detail({"cpu_isa": "avx2", "cpu_family_model": "25/1"}) == " (avx2, family/model 25/1)"
     assert cpu_detail({"cpu_model": "AMD EPYC"}) == ""  # a JSON recorded before the fields existed
+
+
+def test_therouter_encoder_line_only_where_the_run_recorded_it() -> None:
+    assert "Router encoder" not in "\n".join(router_encoder_line({"servers": {"router": {"cmd": []}}}))
+    assert router_encoder_line({}) == []
+
+
+def test_the_harness_records_the_routers_encoder_from_its_health(monkeypatch: pytest.MonkeyPatch) -> None:
+    asked: list[str] = []
+
+    def get(url: str, **_: Any) -> httpx.Response:
+        asked.append(url)
+        return httpx.Response(200, json={"status": "ok", "encoder": {"dtype": "float32", "torchscript": True}})
+
+    monkeypatch.setattr(systems.httpx, "get", get)
+    assert systems.router_encoder("http://127.0.0.1:1") == {"dtype": "float32", "torchscript": True}
+    assert asked == ["http://127.0.0.1:1/health"]

@@ -155,6 +155,39 @@ def test_bf16_without_bf16_instructions_says_it_will_be_slow(
     assert slow.embed(PROMPTS[:2]).shape == (2, 384)
 
 
+@pytest.mark.parametrize(("fast_bf16", "expected"), [(True, torch.bfloat16), (False, torch.float32)])
+def test_auto_dtype_on_cpu_is_bf16_where_it_is_the_faster(
+    monkeypatch: pytest.MonkeyPatch, fast_bf16: bool, expected: torch.dtype
+) -> None:
+    from service.router import embedder
+
+    monkeypatch.setattr(embedder, "fast_cpu_bf16", lambda: fast_bf16)
+    assert embedder.resolve_dtype("auto", torch.device("cpu")) == expected
+    assert embedder.resolve_dtype("auto", torch.device("cuda")) == torch.float16
+    assert embedder.resolve_dtype("float32", torch.device("cpu")) == torch.float32  # asked for: never changed
+
+
+@pytest.mark.parametrize(
+    ("native", "onednn_ok", "expected", "probes"),
+    [(True, True, True, 1), (True, False, False, 1), (False, True, False, 0)],  # no probe without the instructions
+)
+def test_bf16_is_the_faster_only_with_bf16_instructions_and_a_onednn_bf16_gemm(
+    monkeypatch: pytest.MonkeyPatch, native: bool, onednn_ok: bool, expected: bool, probes: int
+) -> None:
+    from service.router import embedder
+
+    probed: list[torch.dtype] = []
+
+    def onednn(dtype: torch.dtype) -> bool:
+        probed.append(dtype)
+        return onednn_ok
+
+    monkeypatch.setattr(embedder, "onednn_available", onednn)
+    monkeypatch.setattr(embedder, "native_bf16", lambda: native)
+    assert embedder.fast_cpu_bf16() is expected
+    assert probed == [torch.bfloat16] * probes
+
+
 def test_empty_batch(ours: MiniLMEmbedder) -> None:
     assert ours.embed_ids([]).shape == (0, 384)
 
