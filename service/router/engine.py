@@ -32,7 +32,7 @@ from service.router.batcher import BatcherConfig, MicroBatcher
 from service.router.cache import LRUCache
 from service.router.index import Nearest
 from service.router.schemas import RouteDecision, RouteRequest
-from service.router.scoring import score_batch, score_one
+from service.router.scoring import score_batch, verdict
 from service.router.state import RouterState, StateHolder
 from service.router.weights import RouterWeights, WeightsError, check_embedder, load_weights
 
@@ -53,6 +53,7 @@ class RouteQuery:
     state: RouterState
     cost_weight: float
     columns: tuple[int, ...]  # the candidates' columns in the score table, ascending
+    default: bool  # the weights' lambda over every model: ``state.default_verdicts`` holds its outcomes
 
     @functools.cached_property
     def allowed(self) -> np.ndarray:
@@ -71,7 +72,9 @@ class RouteQuery:
                     f"known: {_some_names(state.weights.models)}"
                 )
         weight = state.weights.default_lambda if request.cost_weight is None else request.cost_weight
-        return cls(state=state, cost_weight=weight, columns=state.allowed_columns(request.available_models))
+        columns = state.allowed_columns(request.available_models)
+        default = weight == state.weights.default_lambda and columns == state.table_columns
+        return cls(state=state, cost_weight=weight, columns=columns, default=default)
 
 
 def _some_names(names: Sequence[str]) -> str:
@@ -218,21 +221,22 @@ class RouterEngine:
     def _decide_now(
         self, state: RouterState, query: RouteQuery, ids: np.ndarray, sims: np.ndarray, cache_hit: bool, started: float
     ) -> RouteDecision:
-        """One request whose clusters are already known (cache hit or supplied embedding): ``score_one``."""
+        """One request whose clusters are already known (cache hit or supplied embedding): scored on the spot, or
+        read from the weights' default verdicts."""
         cluster = int(ids[0])
-        table = state.table
-        best, scores = score_one(table, cluster, query.cost_weight, query.columns)
-        chosen = query.columns[best]
-        selected = table.models[chosen]
+        if query.default:
+            outcome = state.default_verdicts[cluster]
+        else:
+            outcome = verdict(state.table, cluster, query.cost_weight, query.columns)
         routing = time.perf_counter() - started
         self._metrics.routing_duration.observe(routing)
-        self._count(selected, cluster)
+        self._count(outcome.selected, cluster)
         return RouteDecision(
-            selected_model=selected,
+            selected_model=outcome.selected,
             cluster_id=cluster,
-            expected_error=table.error_rows[cluster][chosen],
-            cost_adjusted_score=scores[best],
-            all_scores={table.models[m]: score for m, score in zip(query.columns, scores, strict=True)},
+            expected_error=outcome.expected_error,
+            cost_adjusted_score=outcome.score,
+            all_scores=outcome.all_scores,
             cache_hit=cache_hit,
             routing_ms=routing * 1e3,
             embedding_ms=0.0,

@@ -6,6 +6,7 @@ Validation here needs no weights; checks against the serving weights (model name
 
 from __future__ import annotations
 
+import array
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -62,6 +63,7 @@ def _prompt(value: Any, max_chars: int) -> str | None:
     return value
 
 
+_ONLY_NUMBERS = "'embedding' must contain only numbers"
 _NUMBER_TYPES = frozenset({int, float})  # what orjson gives for JSON numbers (never subclasses)
 _SMALLEST_NORMAL = float(np.finfo(np.float64).tiny)
 
@@ -73,9 +75,15 @@ def _embedding(value: Any, dim: int) -> np.ndarray | None:
         raise InvalidRequest(f"'embedding' must be an array of {dim} numbers, got {_json_type(value)}")
     if len(value) != dim:
         raise InvalidRequest(f"'embedding' must have exactly {dim} numbers, got {len(value)}")
-    if not _NUMBER_TYPES.issuperset(map(type, value)):  # exact types: bool is not a number here
-        raise InvalidRequest("'embedding' must contain only numbers")
-    vector = np.asarray(value, dtype=np.float64)
+    try:
+        # One C pass from JSON numbers to doubles that refuses anything else: a string (which np.asarray would read
+        # as its number), null (NaN to np.asarray), an array or an object.
+        vector = np.frombuffer(array.array("d", value), dtype=np.float64)
+    except (TypeError, OverflowError):
+        raise InvalidRequest(_ONLY_NUMBERS) from None
+    # It reads booleans as 1 and 0 though; only where such a value is there are the types checked one by one.
+    if ((vector == 0.0) | (vector == 1.0)).any() and not _NUMBER_TYPES.issuperset(map(type, value)):
+        raise InvalidRequest(_ONLY_NUMBERS)
     with np.errstate(over="ignore", invalid="ignore"):  # huge or non-finite numbers take the careful path below
         squared = float(vector @ vector)
     # the common case in one pass: every number finite, no overflow, and no underflow (a subnormal sum has lost

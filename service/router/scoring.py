@@ -9,15 +9,16 @@ Ties are broken without extra work: models are kept in (cost, id) order, so ``ar
 minimum is already the cheaper one.
 
 ``score_batch`` is the rule over a batch (numpy); ``score_one`` the same rule for one request answered on the
-spot (a cache hit, a supplied embedding), in Python floats: for a dozen models numpy's per-call overhead costs
-more than the arithmetic. Both do the same IEEE double operations in the same order, so they agree bit for bit
-(tests/unit/test_scoring.py checks it).
+spot (a cache hit, a supplied embedding), in Python floats (``verdict`` adds the names an answer shows): for a
+dozen models numpy's per-call overhead costs more than the arithmetic. Both do the same IEEE double operations in
+the same order, so they agree bit for bit (tests/unit/test_scoring.py checks it).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -85,3 +86,20 @@ def score_one(table: ScoreTable, cluster: int, lam: float, columns: Sequence[int
     cost = table.cost_values
     scores = [errors[m] + lam * cost[m] for m in columns]
     return min(range(len(scores)), key=scores.__getitem__), scores
+
+
+class Verdict(NamedTuple):
+    """One request's outcome on its cluster, as an answer shows it."""
+
+    selected: str
+    expected_error: float
+    score: float
+    all_scores: dict[str, float]  # every candidate's score by name; answers may share it, so never mutated
+
+
+def verdict(table: ScoreTable, cluster: int, lam: float, columns: Sequence[int]) -> Verdict:
+    """``score_one`` with the chosen model's name, error and score, and every candidate's score by name."""
+    best, scores = score_one(table, cluster, lam, columns)
+    chosen, models = columns[best], table.models
+    all_scores = {models[m]: score for m, score in zip(columns, scores, strict=True)}
+    return Verdict(models[chosen], table.error_rows[cluster][chosen], scores[best], all_scores)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from service.router.index import CentroidSearch, build_index
-from service.router.scoring import ScoreTable
+from service.router.scoring import ScoreTable, Verdict, verdict
 from service.router.weights import RouterWeights
 
 if TYPE_CHECKING:
@@ -41,12 +41,14 @@ class RouterState:
         """Everything derived from a validated weights file, built before it is swapped in (the torch
         index backend on ``device``; see ``index.build_index``)."""
         table = ScoreTable.build(weights.models, weights.expected_error, weights.cost_per_1k)
-        return cls(
+        state = cls(
             weights=weights,
             index=build_index(weights.centroids, backend=index_backend, device=device, kernels=kernels),
             table=table,
             model_index=table.model_index(),
         )
+        state.default_verdicts  # noqa: B018 - scored now, not by the first requests after a swap
+        return state
 
     def allowed_columns(self, available: list[str] | None) -> tuple[int, ...]:
         """The candidates' columns in the score table, ascending (its (cost, id) order)."""
@@ -57,6 +59,13 @@ class RouterState:
     @functools.cached_property
     def table_columns(self) -> tuple[int, ...]:
         return tuple(range(len(self.table.models)))
+
+    @functools.cached_property
+    def default_verdicts(self) -> tuple[Verdict, ...]:
+        """Each cluster's verdict for the query most requests make (the weights' lambda, every model): scored
+        once per weights instead of once per answer on the spot."""
+        lam, columns = self.weights.default_lambda, self.table_columns
+        return tuple(verdict(self.table, cluster, lam, columns) for cluster in range(len(self.table.error_rows)))
 
 
 class StateHolder:

@@ -14,9 +14,11 @@ import pytest
 from service.config import RouterSettings
 from service.errors import InvalidRequest, NotReady, Overloaded
 from service.metrics import RouterMetrics
+from service.router import engine as engine_module
 from service.router.engine import RouterEngine, build_state
 from service.router.index import CentroidSearch, Nearest
 from service.router.schemas import RouteRequest
+from service.router.scoring import verdict
 from service.router.state import RouterState, StateHolder
 from service.router.weights import WeightsError, save_weights
 from tests.fakes import DIM, FakeEmbedder, toy_weights
@@ -98,6 +100,55 @@ async def test_embedding_input_skips_the_embedder(engine: tuple[RouterEngine, Fa
     assert decision.cluster_id == 5
     assert decision.embedding_ms == 0.0
     assert embedder.texts_embedded == 0
+
+
+@pytest.mark.parametrize(
+    ("cost_weight", "models", "default"),
+    [
+        (None, None, True),
+        (0.1, None, True),  # the weights' lambda, given
+        (None, ["mid", "cheap", "big"], True),  # every model, listed
+        (0.0, None, False),
+        (None, ["big", "mid"], False),
+    ],
+)
+async def test_answers_on_the_spot_read_the_default_verdicts_only_for_the_default_query(
+    engine: tuple[RouterEngine, FakeEmbedder, RouterMetrics],
+    monkeypatch: pytest.MonkeyPatch,
+    cost_weight: float | None,
+    models: list[str] | None,
+    default: bool,
+) -> None:
+    """The weights' lambda over every model (however the request spells it) is scored once per weights; any other
+    query is scored for itself, and both give what scoring the request would."""
+    eng, _, _ = engine
+    state = eng._holder.current()
+    assert state is not None
+    scored: list[int] = []
+    score = engine_module.verdict
+
+    def counting_verdict(*args: object) -> object:
+        scored.append(1)
+        return score(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(engine_module, "verdict", counting_verdict)
+    for cluster in range(DIM):
+        vector = np.zeros(DIM, dtype=np.float32)
+        vector[cluster] = 1.0
+        decision = await eng.route(request(embedding=vector, models=models, cost_weight=cost_weight))
+        weight = 0.1 if cost_weight is None else cost_weight
+        columns = state.allowed_columns(models)
+        expected = score(state.table, cluster, weight, columns)
+        assert (decision.selected_model, decision.expected_error, decision.cost_adjusted_score) == expected[:3]
+        assert decision.all_scores == expected.all_scores
+    assert len(scored) == (0 if default else DIM)
+
+
+def test_default_verdicts_are_scored_when_the_state_is_built() -> None:
+    state = RouterState.build(toy_weights(default_lambda=5.0))
+    assert "default_verdicts" in vars(state)  # cached_property: already computed
+    assert [v.selected for v in state.default_verdicts] == ["cheap"] * DIM  # lambda 5: 0.6 + 0.05 beats the rest
+    assert state.default_verdicts[3] == verdict(state.table, 3, 5.0, (0, 1, 2))
 
 
 async def test_cache_hit_on_repeat(engine: tuple[RouterEngine, FakeEmbedder, RouterMetrics]) -> None:

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from service.router.scoring import ScoreTable, score_batch, score_one
+from service.router.scoring import ScoreTable, score_batch, score_one, verdict
 
 MODELS = ("gpt-4o", "gpt-4o-mini", "ministral-3b")
 ERROR = np.array([[0.01, 0.30], [0.04, 0.30], [0.18, 0.30]])  # [M, K]
@@ -90,3 +90,8 @@ def test_score_one_agrees_with_score_batch_bit_for_bit() -> None:
         assert scores[best] == float(batch.score[0])
         assert scores == [float(batch.all_scores[0, m]) for m in columns]
         assert table_.error_rows[cluster][columns[best]] == float(batch.expected_error[0])
+        named = verdict(table_, cluster, lam, columns)
+        assert named.selected == table_.models[int(batch.chosen[0])]
+        assert (named.expected_error, named.score) == (float(batch.expected_error[0]), float(batch.score[0]))
+        assert list(named.all_scores) == [table_.models[m] for m in columns]
+        assert list(named.all_scores.values()) == scores
