@@ -205,7 +205,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 print(f"  {offline['prompts_per_s']:.1f} prompts/s", flush=True)
             except (RuntimeError, subprocess.TimeoutExpired) as exc:
                 out.errors["st-offline"] = str(exc)
-    targets = compute_targets(out.results, offline, ceilings)
+    router_dtype = out.servers.get(systems.ROUTER, {}).get("encoder", {}).get("dtype")
+    targets = compute_targets(out.results, offline, ceilings, router_dtype=router_dtype)
     return {
         "benchmark": "harness",
         "machine": machine,

@@ -121,7 +121,8 @@ class RouterSettings(BaseSettings):
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N")
     dtype: str = _opt(
         "auto",
-        "auto (fp16 on CUDA; on CPU bf16 where it has AVX512-BF16 or AMX, else fp32), float32, float16 or bfloat16",
+        "auto (fp16 on CUDA; on CPU bf16 where it has AVX512-BF16 or AMX and oneDNN runs bf16 GEMMs, else fp32), "
+        "float32, float16 or bfloat16",
     )
     torchscript: bool = _opt(True, "run the encoder as TorchScript (forward passes without the GIL)")
     onednn_linear: bool = _opt(True, "CPU fp32/bf16: run the encoder's GEMMs on oneDNN, weights prepacked (else MKL)")

@@ -95,8 +95,12 @@ def _check(url: str, body: bytes, key: str) -> dict[str, Any]:
 
 
 def router_encoder(base_url: str) -> dict[str, Any]:
-    """How the router's encoder runs (``/health``'s ``encoder``): its default dtype depends on the CPU."""
-    encoder = httpx.get(base_url + "/health", timeout=SAMPLE_TIMEOUT_S).json().get("encoder")
+    """How the router's encoder runs (``/health``'s ``encoder``): its default dtype depends on the CPU. Empty when
+    that cannot be read: it is only a note in the report, not a reason to stop the run."""
+    try:
+        encoder = httpx.get(base_url + "/health", timeout=SAMPLE_TIMEOUT_S).json().get("encoder")
+    except (httpx.HTTPError, ValueError, AttributeError):  # unreachable, not JSON, not an object
+        return {}
     return encoder if isinstance(encoder, dict) else {}
 
 

@@ -63,18 +63,21 @@ def compute_targets(
     results: dict[str, dict[str, Any]],
     offline: dict[str, Any] | None,
     ceilings: dict[str, dict[str, Any]] | None = None,
+    router_dtype: str | None = None,
 ) -> list[dict[str, Any]]:
     """One entry per check; ``pass`` is None when the run lacks what the check needs (``detail`` says what).
     ``ceilings``: the interleaved rounds (``rounds.ceiling_rounds``), which the HTTP-ceiling checks read when
-    present; without them they compare the two sweeps' maxima."""
+    present; without them they compare the two sweeps' maxima. ``router_dtype``: the router's encoder dtype (its
+    ``/health``), named in the unique-prompt check, whose offline encode is always fp32."""
     checks = []
     unique = results.get(f"{ROUTER}/{UNIQUE}")
     if unique is not None:
         st = offline["prompts_per_s"] if offline else None
         ratio = unique["max_ok_rps"] / st if st else None  # unrounded: 0.8996 must not pass 0.9
+        in_dtype = f" in {router_dtype}" if router_dtype else ""
         detail = (
-            f"router unique-prompt max {unique['max_ok_rps']:.1f} ok req/s over HTTP / sentence-transformers "
-            f"encode(batch_size=256) {st:.1f} prompts/s"
+            f"router unique-prompt max {unique['max_ok_rps']:.1f} ok req/s over HTTP{in_dtype} / sentence-transformers "
+            f"encode(batch_size=256) {st:.1f} prompts/s in float32"
             if st
             else "sentence-transformers' offline encode was not timed"
         )

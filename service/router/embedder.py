@@ -1,4 +1,5 @@
-"""Prompt -> 384-d unit vector, exactly as ``SentenceTransformer('all-MiniLM-L6-v2').encode`` does.
+"""Prompt -> 384-d unit vector, as ``SentenceTransformer('all-MiniLM-L6-v2').encode`` does: exactly in fp32, to
+within bf16's or fp16's precision in those (``resolve_dtype``).
 
 CPU: the packed, padding-free module (``minilm.py``), TorchScript. CUDA: ``cuda_encoder.py`` (fp16 or
 bf16, bucketed padded batches, CUDA graphs, the fused kernels of ``kernels/`` when built).

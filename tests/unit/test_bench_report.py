@@ -238,3 +238,11 @@ def test_the_harness_records_the_routers_encoder_from_its_health(monkeypatch: py
     monkeypatch.setattr(systems.httpx, "get", get)
     assert systems.router_encoder("http://127.0.0.1:1") == {"dtype": "float32", "torchscript": True}
     assert asked == ["http://127.0.0.1:1/health"]
+
+    def down(url: str, **_: Any) -> httpx.Response:
+        raise httpx.ConnectError("refused")
+
+    monkeypatch.setattr(systems.httpx, "get", down)
+    assert systems.router_encoder("http://127.0.0.1:1") == {}  # a note for the report, never a failed run
+    monkeypatch.setattr(systems.httpx, "get", lambda url, **_: httpx.Response(200, text="not json"))
+    assert systems.router_encoder("http://127.0.0.1:1") == {}

@@ -111,6 +111,9 @@ def test_ratios_are_compared_with_the_targets_unrounded() -> None:
     checks = {c["check"]: c for c in compute_targets({f"{ROUTER}/{UNIQUE}": unique}, {"prompts_per_s": 100.0})}
     check = checks["router unique prompts vs ST offline encode"]
     assert check["value"] < UNIQUE_VS_OFFLINE_MIN and check["pass"] is False
+    assert " over HTTP / " in check["detail"] and check["detail"].endswith("prompts/s in float32")
+    named = compute_targets({f"{ROUTER}/{UNIQUE}": unique}, {"prompts_per_s": 100.0}, router_dtype="bfloat16")
+    assert "ok req/s over HTTP in bfloat16 / sentence-transformers" in named[0]["detail"]
 
 
 def test_a_round_whose_bare_point_served_nothing_has_no_ratio() -> None:

@@ -141,6 +141,8 @@ async def test_answers_on_the_spot_read_the_default_verdicts_only_for_the_defaul
         expected = score(state.table, cluster, weight, columns)
         assert (decision.selected_model, decision.expected_error, decision.cost_adjusted_score) == expected[:3]
         assert decision.all_scores == expected.all_scores
+        # the default query's answers share their cluster's dict, by design (``RouteDecision.all_scores``)
+        assert (decision.all_scores is state.default_verdicts[cluster].all_scores) is default
     assert len(scored) == (0 if default else DIM)
 
 
