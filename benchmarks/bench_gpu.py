@@ -39,7 +39,6 @@ import torch  # noqa: E402
 
 from benchmarks.common import generate_prompts, machine_info  # noqa: E402
 from service.router.embedder import CudaOptions, MiniLMEmbedder  # noqa: E402
-from service.router.scoring import score_batch  # noqa: E402
 from service.router.state import RouterState  # noqa: E402
 from service.router.weights import default_weights_path, load_weights  # noqa: E402
 
@@ -78,15 +77,12 @@ def batches(items: list[Any], size: int) -> list[list[Any]]:
 def route_rate(
     embedder: MiniLMEmbedder, state: RouterState, prompts: list[str], batch: int, inflight: int
 ) -> dict[str, float]:
-    """Prompts/s through tokenize -> embed -> search -> score, tokenization overlapped with the GPU."""
-    lambdas = np.full(batch, state.weights.default_lambda)
-    allowed = np.ones((batch, len(state.table.models)), dtype=bool)
+    """Prompts/s through tokenize -> embed -> search -> each prompt's verdict, tokenization overlapped with the GPU.
+    The default query's verdicts, as the server answers it (``RouterEngine._outcome``)."""
 
     def route(ids: list[list[int]]) -> int:
         nearest = state.index.search(embedder.embed_ids(ids), 1)
-        n = len(ids)
-        selection = score_batch(state.table, nearest.ids[:, 0], lambdas[:n], allowed[:n])
-        return len(selection.chosen)
+        return len([state.default_verdicts[cluster] for cluster in nearest.ids[:, 0].tolist()])
 
     parts = batches(prompts, batch)
     with ThreadPoolExecutor(1, thread_name_prefix="tokenizer") as tok, ThreadPoolExecutor(inflight) as compute:

@@ -13,7 +13,6 @@ Everything here but ``_compute`` runs on the event loop; ``_compute`` runs in a 
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
 import logging
 import time
@@ -32,7 +31,7 @@ from service.router.batcher import BatcherConfig, MicroBatcher
 from service.router.cache import LRUCache
 from service.router.index import Nearest
 from service.router.schemas import RouteDecision, RouteRequest
-from service.router.scoring import score_batch, verdict
+from service.router.scoring import Verdict, verdict
 from service.router.state import RouterState, StateHolder
 from service.router.weights import RouterWeights, WeightsError, check_embedder, load_weights
 
@@ -54,13 +53,6 @@ class RouteQuery:
     cost_weight: float
     columns: tuple[int, ...]  # the candidates' columns in the score table, ascending
     default: bool  # the weights' lambda over every model: ``state.default_verdicts`` holds its outcomes
-
-    @functools.cached_property
-    def allowed(self) -> np.ndarray:
-        """The candidates as a [M] bool mask, for ``score_batch`` (answers on the spot never need it)."""
-        mask = np.zeros(len(self.state.table.models), dtype=bool)
-        mask[list(self.columns)] = True
-        return mask
 
     @classmethod
     def build(cls, request: RouteRequest, state: RouterState) -> RouteQuery:
@@ -221,15 +213,34 @@ class RouterEngine:
     def _decide_now(
         self, state: RouterState, query: RouteQuery, ids: np.ndarray, sims: np.ndarray, cache_hit: bool, started: float
     ) -> RouteDecision:
-        """One request whose clusters are already known (cache hit or supplied embedding): scored on the spot, or
-        read from the weights' default verdicts."""
-        cluster = int(ids[0])
+        """One request whose clusters are already known (cache hit or supplied embedding)."""
+        outcome = self._outcome(state, query, int(ids[0]))
+        return self._decision(state, query, outcome, ids, sims, cache_hit=cache_hit,
+                              routing_s=time.perf_counter() - started)  # fmt: skip
+
+    def _outcome(self, state: RouterState, query: RouteQuery, cluster: int) -> Verdict:
+        """The query's verdict on its cluster: the weights' default verdict for the default query (scored once per
+        weights), else scored for this query."""
         if query.default:
-            outcome = state.default_verdicts[cluster]
-        else:
-            outcome = verdict(state.table, cluster, query.cost_weight, query.columns)
-        routing = time.perf_counter() - started
-        self._metrics.routing_duration.observe(routing)
+            return state.default_verdicts[cluster]
+        return verdict(state.table, cluster, query.cost_weight, query.columns)
+
+    def _decision(
+        self,
+        state: RouterState,
+        query: RouteQuery,
+        outcome: Verdict,
+        ids: np.ndarray,
+        sims: np.ndarray,
+        *,
+        cache_hit: bool,
+        routing_s: float,
+        embedding_s: float = 0.0,
+        queue_s: float = 0.0,
+    ) -> RouteDecision:
+        """The answer for one request (either path), counted in the routing metrics."""
+        cluster = int(ids[0])
+        self._metrics.routing_duration.observe(routing_s)
         self._count(outcome.selected, cluster)
         return RouteDecision(
             selected_model=outcome.selected,
@@ -238,9 +249,9 @@ class RouterEngine:
             cost_adjusted_score=outcome.score,
             all_scores=outcome.all_scores,
             cache_hit=cache_hit,
-            routing_ms=routing * 1e3,
-            embedding_ms=0.0,
-            queue_ms=0.0,
+            routing_ms=routing_s * 1e3,
+            embedding_ms=embedding_s * 1e3,
+            queue_ms=queue_s * 1e3,
             cost_weight=query.cost_weight,
             clusters=list(zip(ids.tolist(), sims.tolist(), strict=True)),
             weights_version=state.weights.version,
@@ -295,7 +306,6 @@ class RouterEngine:
                 [w.query for w in waiters],
                 found_ids,
                 found_sims,
-                cache_hit=False,
                 # each waiter's own share: one that joined a job while it computed did not wait for the batch, nor
                 # for the part of the forward pass before it came
                 embedding_s=[max(0.0, result.embedding_s - max(0.0, w.joined_at - result.started)) for w in waiters],
@@ -343,46 +353,20 @@ class RouterEngine:
         cluster_ids: np.ndarray,
         similarity: np.ndarray,
         *,
-        cache_hit: bool,
         embedding_s: list[float],
         queue_s: list[float],
         routing_s: list[float],
     ) -> list[RouteDecision]:
-        started = time.perf_counter()
-        clusters = cluster_ids[:, 0]
-        selection = score_batch(
-            state.table,
-            clusters,
-            np.array([q.cost_weight for q in queries], dtype=np.float64),
-            np.stack([q.allowed for q in queries]),
-        )
-        scoring_s = time.perf_counter() - started
-        models = state.table.models
-        version = state.weights.version
+        """A batch's live waiters, each scored as an answer on the spot is (``_outcome``)."""
         decisions = []
         for i, query in enumerate(queries):
-            row = selection.all_scores[i]
-            selected = models[int(selection.chosen[i])]
-            cluster = int(clusters[i])
-            routing = routing_s[i] + scoring_s
+            started = time.perf_counter()
+            outcome = self._outcome(state, query, int(cluster_ids[i, 0]))
+            routing = routing_s[i] + time.perf_counter() - started
             decisions.append(
-                RouteDecision(
-                    selected_model=selected,
-                    cluster_id=cluster,
-                    expected_error=float(selection.expected_error[i]),
-                    cost_adjusted_score=float(selection.score[i]),
-                    all_scores={models[m]: float(row[m]) for m in query.columns},
-                    cache_hit=cache_hit,
-                    routing_ms=routing * 1e3,
-                    embedding_ms=embedding_s[i] * 1e3,
-                    queue_ms=max(0.0, queue_s[i]) * 1e3,
-                    cost_weight=query.cost_weight,
-                    clusters=[(int(c), float(s)) for c, s in zip(cluster_ids[i], similarity[i], strict=True)],
-                    weights_version=version,
-                )
-            )
-            self._metrics.routing_duration.observe(routing)
-            self._count(selected, cluster)
+                self._decision(state, query, outcome, cluster_ids[i], similarity[i], cache_hit=False,
+                               routing_s=routing, embedding_s=embedding_s[i], queue_s=max(0.0, queue_s[i]))
+            )  # fmt: skip
         return decisions
 
     def _count(self, model: str, cluster: int) -> None:

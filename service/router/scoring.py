@@ -8,10 +8,11 @@ For a request in cluster ``c`` with trade-off ``lambda`` and candidate set ``A``
 Ties are broken without extra work: models are kept in (cost, id) order, so ``argmin``'s first
 minimum is already the cheaper one.
 
-``score_batch`` is the rule over a batch (numpy); ``score_one`` the same rule for one request answered on the
-spot (a cache hit, a supplied embedding), in Python floats (``verdict`` adds the names an answer shows): for a
-dozen models numpy's per-call overhead costs more than the arithmetic. Both do the same IEEE double operations in
-the same order, so they agree bit for bit (tests/unit/test_scoring.py checks it).
+``score_one`` is the rule for one request in Python floats (``verdict`` adds the names an answer shows), which the
+server runs for every answer, batched or not: for a dozen models numpy's per-call overhead costs more than the
+arithmetic. ``score_batch`` is the same rule vectorised over many requests (numpy), the reference the tests hold
+``score_one`` to and the form offline checks use; both do the same IEEE double operations in the same order, so
+they agree bit for bit (tests/unit/test_scoring.py checks it).
 """
 
 from __future__ import annotations

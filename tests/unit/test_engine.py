@@ -146,6 +146,23 @@ async def test_answers_on_the_spot_read_the_default_verdicts_only_for_the_defaul
     assert len(scored) == (0 if default else DIM)
 
 
+async def test_batched_prompts_are_scored_as_answers_on_the_spot_are(
+    engine: tuple[RouterEngine, FakeEmbedder, RouterMetrics],
+) -> None:
+    """One scoring for both paths: a batched default query reads its cluster's default verdict, any other is
+    scored for itself, with the same numbers an answer on the spot gets."""
+    eng, _, _ = engine
+    state = eng._holder.current()
+    assert state is not None
+    batched = await asyncio.gather(eng.route(request("c3 default")), eng.route(request("c3 own", cost_weight=5.0)))
+    assert [d.cache_hit for d in batched] == [False, False]
+    assert batched[0].all_scores is state.default_verdicts[3].all_scores
+    own = batched[1]
+    assert (own.selected_model, own.expected_error, own.cost_adjusted_score, own.all_scores) == verdict(
+        state.table, 3, 5.0, state.table_columns
+    )
+
+
 def test_default_verdicts_are_scored_when_the_state_is_built() -> None:
     state = RouterState.build(toy_weights(default_lambda=5.0))
     assert "default_verdicts" in vars(state)  # cached_property: already computed
