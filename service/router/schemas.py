@@ -135,7 +135,7 @@ class RouteDecision:
     cluster_id: int
     expected_error: float
     cost_adjusted_score: float
-    all_scores: dict[str, float]  # the default query's answers on the spot share one per cluster: never mutated
+    all_scores: dict[str, float]  # the default query's answers share one per cluster: never mutated
     cache_hit: bool
     routing_ms: float
     embedding_ms: float
