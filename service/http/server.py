@@ -34,7 +34,7 @@ from prometheus_client.multiprocess import mark_process_dead
 from starlette.types import ASGIApp
 
 from service.config import MULTIPROC_DIR_ENV, BaseSettings
-from service.http import hypercorn_close
+from service.http import hypercorn_keepalive
 
 logger = logging.getLogger(__name__)
 
@@ -200,7 +200,7 @@ def run_worker(factory: ServiceFactory, config: Config, sockets: Sockets, fleet:
 
 
 async def _serve(factory: ServiceFactory, config: Config, sockets: Sockets, fleet: Fleet) -> int:
-    hypercorn_close.install()
+    hypercorn_keepalive.install()
     service = factory(fleet)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

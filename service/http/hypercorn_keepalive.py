@@ -1,0 +1,116 @@
+"""Hypercorn's keep-alive timer as a timer handle, installed by the servers: armed when a connection goes idle,
+cancelled when its next request comes, never a task of the connection.
+
+Hypercorn (0.17, 0.18) runs that timer as a task per idle period (``AsyncioSingleTask`` over ``_idle_timeout``).
+Every request on a keep-alive connection cancelled one and waited for it to end (a lock and a trip through the event
+loop), and every answer started another (two tasks, with ``wait_for``). That was about a tenth of a bare endpoint's
+CPU per request (2-core VM, py-spy), paid by every service behind Hypercorn. And being a task of the connection's
+task group, the timer kept a socket whose client had closed it in CLOSE-WAIT (a file descriptor) until it ran out:
+75 s with the services' keep-alive, so clients that open a connection per request used up the descriptors.
+
+Hypercorn's behaviour is kept: an idle connection is closed ``keep_alive_timeout`` after its last answer, and every
+idle one at once when the worker terminates (Hypercorn sets ``context.terminated`` on shutdown: one watcher task per
+worker closes the armed connections then; one that goes idle later is closed as it does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import weakref
+from typing import Any
+
+from hypercorn.asyncio import tcp_server
+
+logger = logging.getLogger(__name__)
+
+_INSTALLED = "_service_keep_alive_timer"
+# What the timer uses of Hypercorn's TCPServer; without one of them, Hypercorn's own timer is left in place.
+_SERVER_ATTRIBUTES = ("_initiate_server_close", "_idle_timeout", "__init__")
+
+
+class _IdleConnections:
+    """The armed timers of one worker (one ``WorkerContext``), and the task that closes them when it terminates."""
+
+    def __init__(self, context: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self.timers: set[KeepAliveTimer] = set()
+        self.watcher = loop.create_task(self._close_all_when_terminated(context))
+
+    async def _close_all_when_terminated(self, context: Any) -> None:
+        await context.terminated.wait()
+        for timer in list(self.timers):
+            timer.expire()
+
+
+_WORKERS: weakref.WeakKeyDictionary[Any, _IdleConnections] = weakref.WeakKeyDictionary()
+
+
+class KeepAliveTimer:
+    """Hypercorn's ``SingleTask`` interface (``restart``, ``stop``) for ``TCPServer.idle_task``, on a timer handle."""
+
+    __slots__ = ("_handle", "_server", "_task_group")
+
+    def __init__(self, server: Any) -> None:
+        self._server = server
+        self._handle: asyncio.TimerHandle | None = None
+        self._task_group: Any = None
+
+    @property
+    def armed(self) -> bool:
+        return self._handle is not None
+
+    async def restart(self, task_group: Any, action: Any) -> None:
+        """The connection is idle: close it in ``keep_alive_timeout`` unless a request comes first. ``action`` is
+        Hypercorn's own ``_idle_timeout``, which this replaces."""
+        self._disarm()
+        server = self._server
+        self._task_group = task_group
+        if server.context.terminated.is_set():  # shutting down: an idle connection is closed at once
+            self.expire()
+            return
+        self._handle = server.loop.call_later(server.config.keep_alive_timeout, self.expire)
+        _idle_connections(server).timers.add(self)
+
+    async def stop(self) -> None:
+        """A request came, or the connection is closing."""
+        self._disarm()
+
+    def expire(self) -> None:
+        """Close the connection (the timer ran out, or the worker terminates)."""
+        self._disarm()
+        with contextlib.suppress(RuntimeError):  # its task group has finished: the connection is closing already
+            self._task_group.spawn(self._server._initiate_server_close)
+
+    def _disarm(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+            _idle_connections(self._server).timers.discard(self)
+
+
+def _idle_connections(server: Any) -> _IdleConnections:
+    context = server.context
+    connections = _WORKERS.get(context)
+    if connections is None:
+        connections = _WORKERS[context] = _IdleConnections(context, server.loop)
+    return connections
+
+
+def install() -> None:
+    """Give every Hypercorn ``TCPServer`` made from now on this timer (idempotent). Left alone, with a warning,
+    where Hypercorn no longer has what it replaces."""
+    server = tcp_server.TCPServer
+    if getattr(server, _INSTALLED, False):
+        return
+    if not all(hasattr(server, name) for name in _SERVER_ATTRIBUTES):
+        logger.warning("this Hypercorn has no TCPServer._idle_timeout: its own keep-alive timer is kept")
+        return
+    original_init = server.__init__
+
+    def init_with_keep_alive_timer(self: Any, *args: Any, **kwargs: Any) -> None:
+        original_init(self, *args, **kwargs)
+        self.idle_task = KeepAliveTimer(self)
+
+    server.__init__ = init_with_keep_alive_timer  # type: ignore[method-assign]
+    setattr(server, _INSTALLED, True)
