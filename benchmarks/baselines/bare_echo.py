@@ -24,6 +24,7 @@ from starlette.routing import Route
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the service package, from a plain checkout
 
 from service.config import BaseSettings
+from service.http import hypercorn_keepalive
 
 
 async def echo(request: Request) -> Response:
@@ -44,7 +45,15 @@ def run(make_app: Callable[[], Starlette], *, default_port: int, description: st
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=default_port)
+    parser.add_argument(
+        "--service-keep-alive-timer",
+        action="store_true",
+        help="serve with the services' keep-alive timer (service/http/hypercorn_keepalive.py) instead of stock "
+        "Hypercorn's: the HTTP layer the services run on, for comparison only (the targets' baseline is stock)",
+    )
     args = parser.parse_args()
+    if args.service_keep_alive_timer:
+        hypercorn_keepalive.install()
     config = Config()
     config.bind = [f"{args.host}:{args.port}"]
     config.accesslog = None

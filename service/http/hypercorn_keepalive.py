@@ -16,7 +16,6 @@ worker closes the idle connections then; one that goes idle later is closed as i
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import weakref
 from typing import Any
@@ -95,8 +94,13 @@ class KeepAliveTimer:
         """Close the connection (it stayed idle for the keep-alive, or the worker terminates)."""
         self._idle_since = None
         self._disarm()
-        with contextlib.suppress(RuntimeError):  # its task group has finished: the connection is closing already
-            self._task_group.spawn(self._server._initiate_server_close)
+        if self._server.writer.is_closing():  # closing already (its client left): nothing to start
+            return
+        close = self._server._initiate_server_close()
+        try:
+            self._task_group.spawn(lambda: close)
+        except RuntimeError:  # its task group has finished: the connection is closing already
+            close.close()  # never awaited: closed here, not left to a warning
 
     def _arm(self, delay: float) -> None:
         self._handle = self._server.loop.call_later(delay, self._fire)
