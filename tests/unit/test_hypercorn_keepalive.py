@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import time
 import warnings
 from collections.abc import AsyncIterator
@@ -13,6 +14,7 @@ from typing import Any, cast
 import h2.config
 import h2.connection
 import h2.events
+import pytest
 from hypercorn.asyncio import tcp_server
 from hypercorn.asyncio.run import worker_serve
 from hypercorn.asyncio.task_group import TaskGroup
@@ -97,6 +99,20 @@ def test_install_gives_every_new_connection_the_timer_once() -> None:
     init = tcp_server.TCPServer.__init__
     hypercorn_keepalive.install()
     assert tcp_server.TCPServer.__init__ is init
+
+
+def test_a_hypercorn_without_the_timer_it_replaces_keeps_its_own(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    class OtherTCPServer:
+        def __init__(self) -> None:
+            self.idle_task = "its own"
+
+    monkeypatch.setattr(tcp_server, "TCPServer", OtherTCPServer)
+    with caplog.at_level(logging.WARNING, logger=hypercorn_keepalive.__name__):
+        hypercorn_keepalive.install()
+    assert OtherTCPServer().idle_task == "its own"
+    assert "its own is kept" in caplog.text
 
 
 async def test_an_idle_connection_closes_after_the_keep_alive_and_requests_keep_it_open() -> None:
