@@ -140,7 +140,8 @@ def _idle_connections(server: Any) -> _IdleConnections:
 
 def install() -> None:
     """Give every Hypercorn ``TCPServer`` made from now on this timer (idempotent). Left alone, with a warning,
-    where Hypercorn no longer has what it replaces."""
+    where Hypercorn no longer has what it replaces (``pyproject.toml`` holds Hypercorn below 0.19, whose private
+    parts this was written against)."""
     server = tcp_server.TCPServer
     if getattr(server, _INSTALLED, False):
         return
