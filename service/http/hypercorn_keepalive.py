@@ -26,8 +26,9 @@ from hypercorn.asyncio import tcp_server
 logger = logging.getLogger(__name__)
 
 _INSTALLED = "_service_keep_alive_timer"
-# What the timer uses of Hypercorn's TCPServer; without one of them, Hypercorn's own timer is left in place.
-_SERVER_ATTRIBUTES = ("_initiate_server_close", "_idle_timeout", "__init__")
+# What the timer replaces (``_idle_timeout``) and calls (``_initiate_server_close``) on Hypercorn's TCPServer; without
+# one of them, Hypercorn's own timer is left in place.
+_SERVER_ATTRIBUTES = ("_initiate_server_close", "_idle_timeout")
 
 
 class _IdleConnections:
@@ -36,6 +37,7 @@ class _IdleConnections:
 
     def __init__(self, context: Any, loop: asyncio.AbstractEventLoop) -> None:
         self.timers: set[KeepAliveTimer] = set()
+        # held here: the loop keeps only a weak reference to a task
         self.watcher = loop.create_task(self._close_idle_when_terminated(context))
 
     async def _close_idle_when_terminated(self, context: Any) -> None:

@@ -94,7 +94,7 @@ async def closed_after(reader: asyncio.StreamReader) -> float:
     return time.monotonic() - started
 
 
-def test_install_gives_every_new_connection_the_timer_once() -> None:
+def test_install_is_idempotent() -> None:
     hypercorn_keepalive.install()
     init = tcp_server.TCPServer.__init__
     hypercorn_keepalive.install()
