@@ -24,7 +24,7 @@ from starlette.routing import Route
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the service package, from a plain checkout
 
 from service.config import BaseSettings
-from service.http import hypercorn_keepalive
+from service.http import hypercorn_keepalive, hypercorn_single_write
 
 
 async def echo(request: Request) -> Response:
@@ -51,9 +51,17 @@ def run(make_app: Callable[[], Starlette], *, default_port: int, description: st
         help="serve with the services' keep-alive timer (service/http/hypercorn_keepalive.py) instead of stock "
         "Hypercorn's: the HTTP layer the services run on, for comparison only (the targets' baseline is stock)",
     )
+    parser.add_argument(
+        "--service-single-write",
+        action="store_true",
+        help="write each answer of known length in one send, as the services do (service/http/"
+        "hypercorn_single_write.py): for comparison only, like --service-keep-alive-timer",
+    )
     args = parser.parse_args()
     if args.service_keep_alive_timer:
         hypercorn_keepalive.install()
+    if args.service_single_write:
+        hypercorn_single_write.install()
     config = Config()
     config.bind = [f"{args.host}:{args.port}"]
     config.accesslog = None

@@ -50,7 +50,7 @@ from service.dispatch.schemas import MAX_RELEASE_BATCH
 from service.dispatch.signing import Assignment, KeyRing
 from service.dispatch.verifier import AssignmentVerifier, fetch_keyring
 from service.dispatch.worker_auth import STATE_ASSIGNMENT, STATE_PAYLOAD, AssignmentAuthMiddleware
-from service.http import hypercorn_keepalive
+from service.http import hypercorn_keepalive, hypercorn_single_write
 from service.http.server import configure_logging
 
 logger = logging.getLogger(__name__)
@@ -442,6 +442,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 async def _serve(app: Starlette, config: Config, sockets: Sockets) -> None:
     hypercorn_keepalive.install()
+    hypercorn_single_write.install()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

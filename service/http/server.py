@@ -21,6 +21,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from multiprocessing.connection import wait
 from multiprocessing.sharedctypes import Synchronized
@@ -34,7 +35,7 @@ from prometheus_client.multiprocess import mark_process_dead
 from starlette.types import ASGIApp
 
 from service.config import MULTIPROC_DIR_ENV, BaseSettings
-from service.http import hypercorn_keepalive
+from service.http import hypercorn_keepalive, hypercorn_single_write
 
 logger = logging.getLogger(__name__)
 
@@ -108,8 +109,25 @@ class Fleet:
 ServiceFactory = Callable[[Fleet], Service]
 
 
+class ServiceConfig(Config):
+    """Hypercorn's config with its response headers (``Date``, ``Server``) made once a second per protocol rather
+    than per answer: formatting the date was about 1.7 us of every response. The ``Date`` header counts whole
+    seconds, so the answers are the same."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._headers_made: dict[str, tuple[int, list[tuple[bytes, bytes]]]] = {}
+
+    def response_headers(self, protocol: str) -> list[tuple[bytes, bytes]]:
+        second = int(time.time())
+        made = self._headers_made.get(protocol)
+        if made is None or made[0] != second:
+            made = self._headers_made[protocol] = (second, super().response_headers(protocol))
+        return list(made[1])  # a list of its own: callers may add to it
+
+
 def hypercorn_config(settings: BaseSettings) -> Config:
-    config = Config()
+    config = ServiceConfig()
     config.bind = [f"{settings.host}:{settings.port}"]
     config.backlog = settings.listen_backlog
     config.graceful_timeout = CONNECTION_CLOSE_GRACE_S
@@ -201,6 +219,7 @@ def run_worker(factory: ServiceFactory, config: Config, sockets: Sockets, fleet:
 
 async def _serve(factory: ServiceFactory, config: Config, sockets: Sockets, fleet: Fleet) -> int:
     hypercorn_keepalive.install()
+    hypercorn_single_write.install()
     service = factory(fleet)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 
 import pytest
+from hypercorn import config as hypercorn_config_module
+from hypercorn.config import Config
 from starlette.testclient import TestClient
 
 from service.config import RouterSettings
@@ -14,6 +16,7 @@ from service.http.server import (
     OWNER_LOCK,
     EscapeControlCharacters,
     Fleet,
+    ServiceConfig,
     _access_logger,
     _hold_owner_lock,
     hypercorn_config,
@@ -70,6 +73,27 @@ def test_hypercorn_config_from_settings() -> None:
     assert config.keep_alive_timeout == 75.0  # above common load balancers' 60 s idle timeout: they close first
     # Google Cloud's load balancer keeps idle connections 600 s: the server must outlast it
     assert hypercorn_config(RouterSettings.from_env({"LLMROUTER_KEEP_ALIVE_S": "620"})).keep_alive_timeout == 620.0
+
+
+def test_response_headers_are_hypercorns_made_once_a_second(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [1_790_000_000.25]
+    monkeypatch.setattr("service.http.server.time.time", lambda: now[0])
+    monkeypatch.setattr(hypercorn_config_module, "time", lambda: now[0])
+    config, stock = ServiceConfig(), Config()
+    first = config.response_headers("h11")
+    assert (
+        first
+        == stock.response_headers("h11")
+        == [(b"date", b"Mon, 21 Sep 2026 14:13:20 GMT"), (b"server", b"hypercorn-h11")]
+    )
+    first.append((b"x-added", b"by a caller"))  # callers extend the list they get: the next one is unchanged
+    now[0] += 0.7  # the same second
+    assert config.response_headers("h11") == stock.response_headers("h11") != first
+    assert config.response_headers("h2") == stock.response_headers("h2")  # per protocol
+    now[0] += 0.1  # the next second: a new date
+    assert config.response_headers("h11") == stock.response_headers("h11")
+    assert config.response_headers("h11")[0] == (b"date", b"Mon, 21 Sep 2026 14:13:21 GMT")
+    assert isinstance(hypercorn_config(RouterSettings.from_env({})), ServiceConfig)
 
 
 def test_metrics_folders_of_dead_supervisors_are_swept(tmp_path: Path) -> None:

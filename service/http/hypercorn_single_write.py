@@ -1,0 +1,86 @@
+"""One socket write per HTTP/1 answer of known length, installed by the servers: the head waits for the body.
+
+Hypercorn (0.17, 0.18) writes an HTTP/1 response in three sends through the connection (``TCPServer.protocol_send``,
+each under its send lock, with a ``drain``): the head, the body, and the empty end of message. For a small JSON
+answer that is two ``send`` system calls and three trips through the lock where one of each does. So here the head
+of a response that says its length (``Content-Length``) is held until its body comes and leaves in the same write,
+and an empty write is not made at all.
+
+What is kept: a streamed response (no ``Content-Length``: chunked, or ended by closing) sends its head at once, as
+Hypercorn does, so a client sees it before the first chunk; informational responses (100, 101) are never held; a
+head whose body never comes (the app failed after starting its answer) is written when the stream closes, before
+the connection is closed, as Hypercorn would have written it earlier. A body larger than ``MAX_JOINED_BYTES`` is
+written after the head rather than copied into one buffer with it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import h11
+from hypercorn.events import RawData
+from hypercorn.protocol import h11 as hypercorn_h11
+
+logger = logging.getLogger(__name__)
+
+_INSTALLED = "_service_single_write"
+_HELD = "_service_held_head"
+# Past this a body is not copied to join its head: one more send costs less than copying that much.
+MAX_JOINED_BYTES = 64 * 1024
+_CONTENT_LENGTH = b"content-length"
+# What this replaces on Hypercorn's H11Protocol; without one of them, Hypercorn's own writes are left in place.
+_PROTOCOL_ATTRIBUTES = ("_send_h11_event", "_maybe_recycle")
+
+
+def _has_length(response: h11.Response) -> bool:
+    return any(name == _CONTENT_LENGTH for name, _ in response.headers)  # h11 lower-cases the names
+
+
+async def _send_h11_event(self: Any, event: Any) -> None:
+    try:
+        data = self.connection.send(event)
+    except h11.LocalProtocolError:
+        if self.connection.their_state != h11.ERROR:
+            raise
+        return
+    if type(event) is h11.Response and _has_length(event):  # its body, or its end, comes next
+        setattr(self, _HELD, data)
+        return
+    held = getattr(self, _HELD)
+    if held:
+        setattr(self, _HELD, b"")
+        if len(data) > MAX_JOINED_BYTES:
+            await self.send(RawData(data=held))
+        else:
+            data = held + data
+    if data:
+        await self.send(RawData(data=data))
+
+
+async def _flush_held(self: Any) -> None:
+    held = getattr(self, _HELD)
+    if held:
+        setattr(self, _HELD, b"")
+        await self.send(RawData(data=held))
+
+
+def install() -> None:
+    """Make every Hypercorn HTTP/1 connection write this way (idempotent). Left alone, with a warning, where
+    Hypercorn no longer has what it replaces (``pyproject.toml`` holds Hypercorn below 0.19)."""
+    protocol = hypercorn_h11.H11Protocol
+    if getattr(protocol, _INSTALLED, False):
+        return
+    if not all(hasattr(protocol, name) for name in _PROTOCOL_ATTRIBUTES):
+        logger.warning("this Hypercorn's H11Protocol lacks what the single-write answer replaces: its own is kept")
+        return
+    original_maybe_recycle = protocol._maybe_recycle
+
+    async def maybe_recycle(self: Any) -> None:  # the stream closed: a head still held goes out first
+        await _flush_held(self)
+        await original_maybe_recycle(self)
+
+    setattr(protocol, _HELD, b"")
+    protocol._send_h11_event = _send_h11_event  # type: ignore[method-assign]
+    protocol._maybe_recycle = maybe_recycle  # type: ignore[method-assign]
+    setattr(protocol, _INSTALLED, True)

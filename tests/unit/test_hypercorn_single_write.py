@@ -1,0 +1,232 @@
+"""One socket write per HTTP/1 answer of known length, served by a real Hypercorn worker on a free port."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, cast
+
+import pytest
+from hypercorn.asyncio import tcp_server
+from hypercorn.asyncio.run import worker_serve
+from hypercorn.config import Config
+from hypercorn.events import RawData
+from hypercorn.protocol import h11 as hypercorn_h11
+from hypercorn.utils import wrap_app
+
+from service.http import hypercorn_single_write
+
+ANSWER = b'{"ok":true}'
+BIG = b"x" * (hypercorn_single_write.MAX_JOINED_BYTES + 1000)
+CHUNK = b"first chunk"
+WAIT_S = 10.0
+
+
+class Harness:
+    """The app's paths, and what the test holds them with."""
+
+    def __init__(self) -> None:
+        self.release_stream = asyncio.Event()
+
+    async def app(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        path = scope["path"]
+        if path == "/stream":  # no Content-Length: its head must not wait for the chunk
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await self.release_stream.wait()
+            await send({"type": "http.response.body", "body": CHUNK, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        if path == "/fail":  # starts a sized answer, then fails before its body
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"11")]})
+            raise RuntimeError("the app failed mid-answer")
+        if path == "/empty":
+            await send({"type": "http.response.start", "status": 204, "headers": [(b"content-length", b"0")]})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        if path == "/continue":  # reads the body a client sends only after "100 Continue"
+            body = b""
+            while True:
+                message = await receive()
+                body += message.get("body", b"")
+                if not message.get("more_body"):
+                    break
+            answer = body
+        else:
+            answer = BIG if path == "/big" else ANSWER
+        length = str(len(answer)).encode()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", length)]})
+        await send({"type": "http.response.body", "body": answer})
+
+
+@asynccontextmanager
+async def serving(harness: Harness) -> AsyncIterator[int]:
+    hypercorn_single_write.install()
+    config = Config()
+    config.bind = ["127.0.0.1:0"]
+    config.accesslog = None
+    config.graceful_timeout = WAIT_S
+    sockets = config.create_sockets()
+    port = sockets.insecure_sockets[0].getsockname()[1]
+    stop = asyncio.Event()
+    wrapped = wrap_app(cast(Any, harness.app), config.wsgi_max_body_size, "asgi")
+    task = asyncio.create_task(worker_serve(wrapped, config, sockets=sockets, shutdown_trigger=stop.wait))
+    try:
+        yield port
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, WAIT_S)
+
+
+async def connect(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        try:
+            return await asyncio.open_connection("127.0.0.1", port)
+        except ConnectionRefusedError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.01)
+
+
+def request(method: str, path: str, extra: bytes = b"") -> bytes:
+    return f"{method} {path} HTTP/1.1\r\nHost: x\r\n".encode() + extra + b"\r\n"
+
+
+async def answer(reader: asyncio.StreamReader, *, has_body: bool = True) -> tuple[bytes, bytes]:
+    """One response: (its head, its body, read by its Content-Length)."""
+    async with asyncio.timeout(WAIT_S):
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(
+            int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")
+        )
+        return head, await reader.readexactly(length) if has_body else b""
+
+
+@pytest.fixture
+def writes(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """Every chunk of bytes a connection hands its socket writer."""
+    sent: list[bytes] = []
+    original = tcp_server.TCPServer.protocol_send
+
+    async def recording(self: Any, event: Any) -> None:
+        if isinstance(event, RawData):
+            sent.append(event.data)
+        await original(self, event)
+
+    monkeypatch.setattr(tcp_server.TCPServer, "protocol_send", recording)
+    return sent
+
+
+async def test_an_answer_of_known_length_is_one_write(writes: list[bytes]) -> None:
+    async with serving(Harness()) as port:
+        reader, writer = await connect(port)
+        for _ in range(3):  # on one keep-alive connection
+            writes.clear()
+            writer.write(request("GET", "/"))
+            head, body = await answer(reader)
+            assert head.startswith(b"HTTP/1.1 200") and body == ANSWER
+            assert writes == [head + body]  # Hypercorn alone: head, body and an empty end of message
+        writer.close()
+
+
+async def test_pipelined_requests_get_their_answers_in_order(writes: list[bytes]) -> None:
+    async with serving(Harness()) as port:
+        reader, writer = await connect(port)
+        writer.write(request("GET", "/") + request("GET", "/empty") + request("GET", "/"))
+        assert (await answer(reader))[1] == ANSWER
+        head, body = await answer(reader)
+        assert head.startswith(b"HTTP/1.1 204") and body == b""
+        assert (await answer(reader))[1] == ANSWER
+        assert len(writes) == 3
+        writer.close()
+
+
+async def test_a_head_request_gets_the_head_alone_and_the_connection_stays_usable(writes: list[bytes]) -> None:
+    async with serving(Harness()) as port:
+        reader, writer = await connect(port)
+        writer.write(request("HEAD", "/"))
+        head, _ = await answer(reader, has_body=False)
+        assert head.startswith(b"HTTP/1.1 200") and b"content-length: 11" in head
+        assert writes == [head]
+        writer.write(request("GET", "/"))  # no stray body bytes were sent: the next answer parses
+        assert (await answer(reader))[1] == ANSWER
+        writer.close()
+
+
+async def test_a_streamed_answer_sends_its_head_before_its_first_chunk() -> None:
+    harness = Harness()
+    async with serving(harness) as port:
+        reader, writer = await connect(port)
+        writer.write(request("GET", "/stream"))
+        try:
+            async with asyncio.timeout(WAIT_S):  # the app is still waiting: only the head can have come
+                head = await reader.readuntil(b"\r\n\r\n")
+        finally:
+            harness.release_stream.set()
+        assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding: chunked" in head.lower()
+        async with asyncio.timeout(WAIT_S):
+            assert await reader.readuntil(b"0\r\n\r\n") == b"%x\r\n%s\r\n0\r\n\r\n" % (len(CHUNK), CHUNK)
+        writer.close()
+
+
+async def test_an_interim_100_continue_is_not_held() -> None:
+    async with serving(Harness()) as port:
+        reader, writer = await connect(port)
+        writer.write(request("POST", "/continue", b"Content-Length: 5\r\nExpect: 100-continue\r\n"))
+        async with asyncio.timeout(WAIT_S):  # the body is sent only after this
+            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 100")
+        writer.write(b"hello")
+        assert (await answer(reader))[1] == b"hello"
+        writer.close()
+
+
+async def test_a_head_whose_body_never_comes_is_written_before_the_close() -> None:
+    """The app failed after starting a sized answer: the client gets the head, then the close, as from Hypercorn
+    alone (which wrote the head at once)."""
+    async with serving(Harness()) as port:
+        reader, writer = await connect(port)
+        writer.write(request("GET", "/fail"))
+        async with asyncio.timeout(WAIT_S):
+            received = await reader.read()
+            while chunk := await reader.read():
+                received += chunk
+        assert received.startswith(b"HTTP/1.1 200") and received.endswith(b"\r\n\r\n")
+        writer.close()
+
+
+async def test_a_large_body_follows_its_head_in_a_write_of_its_own(writes: list[bytes]) -> None:
+    async with serving(Harness()) as port:
+        reader, writer = await connect(port)
+        writer.write(request("GET", "/big"))
+        head, body = await answer(reader)
+        assert body == BIG
+        assert writes == [head, BIG]  # not copied into one buffer with its head
+        writer.close()
+
+
+def test_install_is_idempotent() -> None:
+    hypercorn_single_write.install()
+    send_event = hypercorn_h11.H11Protocol._send_h11_event
+    recycle = hypercorn_h11.H11Protocol._maybe_recycle
+    hypercorn_single_write.install()
+    assert hypercorn_h11.H11Protocol._send_h11_event is send_event
+    assert hypercorn_h11.H11Protocol._maybe_recycle is recycle
+
+
+def test_a_hypercorn_without_what_it_replaces_keeps_its_own_writes(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    class OtherH11Protocol:
+        async def _send_h11_event(self, event: Any) -> None:
+            return None
+
+    monkeypatch.setattr(hypercorn_h11, "H11Protocol", OtherH11Protocol)
+    with caplog.at_level(logging.WARNING, logger=hypercorn_single_write.__name__):
+        hypercorn_single_write.install()
+    assert OtherH11Protocol._send_h11_event.__module__ == __name__
+    assert "its own is kept" in caplog.text
