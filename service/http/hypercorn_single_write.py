@@ -34,7 +34,8 @@ _PROTOCOL_ATTRIBUTES = ("_send_h11_event", "_maybe_recycle")
 
 
 def _has_length(response: h11.Response) -> bool:
-    return any(name == _CONTENT_LENGTH for name, _ in response.headers)  # h11 lower-cases the names
+    # raw_items: a plain list (iterating h11's Headers goes through the Sequence ABC, about twice as slow)
+    return any(name.lower() == _CONTENT_LENGTH for name, _ in response.headers.raw_items())
 
 
 async def _send_h11_event(self: Any, event: Any) -> None:
