@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, cast
@@ -18,6 +17,7 @@ from hypercorn.protocol import h11 as hypercorn_h11
 from hypercorn.utils import wrap_app
 
 from service.http import hypercorn_single_write
+from tests.unit.test_hypercorn_keepalive import connect
 
 ANSWER = b'{"ok":true}'
 BIG = b"x" * (hypercorn_single_write.MAX_JOINED_BYTES + 1000)
@@ -80,17 +80,6 @@ async def serving(harness: Harness) -> AsyncIterator[int]:
     finally:
         stop.set()
         await asyncio.wait_for(task, WAIT_S)
-
-
-async def connect(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    deadline = time.monotonic() + WAIT_S
-    while True:
-        try:
-            return await asyncio.open_connection("127.0.0.1", port)
-        except ConnectionRefusedError:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.01)
 
 
 def request(method: str, path: str, extra: bytes = b"") -> bytes:
