@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the service pack
 
 from service.config import BaseSettings
 from service.http import hypercorn_keepalive, hypercorn_single_write
+from service.http.server import ServiceConfig
 
 
 async def echo(request: Request) -> Response:
@@ -54,15 +55,16 @@ def run(make_app: Callable[[], Starlette], *, default_port: int, description: st
     parser.add_argument(
         "--service-single-write",
         action="store_true",
-        help="write each answer of known length in one send, as the services do (service/http/"
-        "hypercorn_single_write.py): for comparison only, like --service-keep-alive-timer",
+        help="write each answer of known length in one send and make the Date and Server headers once a second, as "
+        "the services do (service/http/hypercorn_single_write.py, ServiceConfig): for comparison only, like "
+        "--service-keep-alive-timer",
     )
     args = parser.parse_args()
     if args.service_keep_alive_timer:
         hypercorn_keepalive.install()
     if args.service_single_write:
         hypercorn_single_write.install()
-    config = Config()
+    config = ServiceConfig() if args.service_single_write else Config()
     config.bind = [f"{args.host}:{args.port}"]
     config.accesslog = None
     config.keep_alive_timeout = 75

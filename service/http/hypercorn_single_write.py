@@ -6,11 +6,17 @@ answer that is two ``send`` system calls and three trips through the lock where 
 of a response that says its length (``Content-Length``) is held until its body comes and leaves in the same write,
 and an empty write is not made at all.
 
-What is kept: a streamed response (no ``Content-Length``: chunked, or ended by closing) sends its head at once, as
-Hypercorn does, so a client sees it before the first chunk; informational responses (100, 101) are never held; a
-head whose body never comes (the app failed after starting its answer) is written when the stream closes, before
-the connection is closed, as Hypercorn would have written it earlier. A body larger than ``MAX_JOINED_BYTES`` is
-written after the head rather than copied into one buffer with it.
+What is kept: a streamed response (no ``Content-Length``, or a ``Transfer-Encoding`` beside it: chunked, or ended
+by closing) sends its head at once, as Hypercorn does, so a client sees it before the first chunk; informational
+responses (100, 101) are never held; a head whose body never comes (the app failed after starting its answer) is
+written when the stream closes, before the connection is closed, as Hypercorn would have written it earlier. A body
+larger than ``MAX_JOINED_BYTES`` is written after the head rather than copied into one buffer with it.
+
+What differs, besides the writes: an answer that says its length but sends its body later, or in pieces (a file, a
+proxied upstream), sends its head with its first piece rather than at once. And where Hypercorn closes a connection
+on its own between an answer's head and its body (the client sent a malformed request body, or half-closed its side,
+while the app had started but not finished its answer), the client gets no bytes instead of a bare head: a failed
+answer either way. The services' handlers send a head and its body with nothing awaited in between.
 """
 
 from __future__ import annotations
@@ -29,13 +35,17 @@ _HELD = "_service_held_head"
 # Past this a body is not copied to join its head: one more send costs less than copying that much.
 MAX_JOINED_BYTES = 64 * 1024
 _CONTENT_LENGTH = b"content-length"
+_TRANSFER_ENCODING = b"transfer-encoding"
 # What this replaces on Hypercorn's H11Protocol; without one of them, Hypercorn's own writes are left in place.
 _PROTOCOL_ATTRIBUTES = ("_send_h11_event", "_maybe_recycle")
 
 
-def _has_length(response: h11.Response) -> bool:
+def _sized(response: h11.Response) -> bool:
+    """Whether h11 frames this answer by its Content-Length: a Transfer-Encoding beside it wins (h11 then drops the
+    length and streams it chunked)."""
     # raw_items: a plain list (iterating h11's Headers goes through the Sequence ABC, about twice as slow)
-    return any(name.lower() == _CONTENT_LENGTH for name, _ in response.headers.raw_items())
+    names = {name.lower() for name, _ in response.headers.raw_items()}
+    return _CONTENT_LENGTH in names and _TRANSFER_ENCODING not in names
 
 
 async def _send_h11_event(self: Any, event: Any) -> None:
@@ -45,7 +55,7 @@ async def _send_h11_event(self: Any, event: Any) -> None:
         if self.connection.their_state != h11.ERROR:
             raise
         return
-    if type(event) is h11.Response and _has_length(event):  # its body, or its end, comes next
+    if type(event) is h11.Response and _sized(event):  # its body, or its end, comes next
         setattr(self, _HELD, data)
         return
     held = getattr(self, _HELD)

@@ -112,7 +112,8 @@ ServiceFactory = Callable[[Fleet], Service]
 class ServiceConfig(Config):
     """Hypercorn's config with its response headers (``Date``, ``Server``) made once a second per protocol rather
     than per answer: formatting the date was about 1.7 us of every response. The ``Date`` header counts whole
-    seconds, so the answers are the same."""
+    seconds, so the answers are the same. Settings changed after the first answer (nothing here does; Hypercorn
+    changes its own only in ``create_sockets``, before serving) show from the next second."""
 
     def __init__(self) -> None:
         super().__init__()

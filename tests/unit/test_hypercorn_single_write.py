@@ -22,6 +22,11 @@ from tests.unit.test_hypercorn_keepalive import connect
 ANSWER = b'{"ok":true}'
 BIG = b"x" * (hypercorn_single_write.MAX_JOINED_BYTES + 1000)
 CHUNK = b"first chunk"
+# Streamed answers by path: no Content-Length, or one with a Transfer-Encoding (which h11 then frames by, chunked)
+STREAMED = {
+    "/stream": [],
+    "/stream-with-length": [(b"content-length", b"11"), (b"transfer-encoding", b"chunked")],
+}
 WAIT_S = 10.0
 
 
@@ -30,13 +35,20 @@ class Harness:
 
     def __init__(self) -> None:
         self.release_stream = asyncio.Event()
+        self.send_errors: list[Exception] = []
 
     async def app(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "websocket":  # accepted (a 101), then held open until the test lets go
+            assert (await receive())["type"] == "websocket.connect"
+            await send({"type": "websocket.accept"})
+            await self.release_stream.wait()
+            await send({"type": "websocket.close"})
+            return
         if scope["type"] != "http":
             return
         path = scope["path"]
-        if path == "/stream":  # no Content-Length: its head must not wait for the chunk
-            await send({"type": "http.response.start", "status": 200, "headers": []})
+        if path in STREAMED:  # its head must not wait for the chunk
+            await send({"type": "http.response.start", "status": 200, "headers": STREAMED[path]})
             await self.release_stream.wait()
             await send({"type": "http.response.body", "body": CHUNK, "more_body": True})
             await send({"type": "http.response.body", "body": b""})
@@ -44,6 +56,13 @@ class Harness:
         if path == "/fail":  # starts a sized answer, then fails before its body
             await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"11")]})
             raise RuntimeError("the app failed mid-answer")
+        if path == "/too-long":  # more body than its Content-Length: h11 refuses it, and the app is told
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+            try:
+                await send({"type": "http.response.body", "body": ANSWER})
+            except Exception as exc:
+                self.send_errors.append(exc)
+            return
         if path == "/empty":
             await send({"type": "http.response.start", "status": 204, "headers": [(b"content-length", b"0")]})
             await send({"type": "http.response.body", "body": b""})
@@ -58,8 +77,8 @@ class Harness:
             answer = body
         else:
             answer = BIG if path == "/big" else ANSWER
-        length = str(len(answer)).encode()
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", length)]})
+        name = b"Content-Length" if path == "/capitalised" else b"content-length"  # ASGI asks for lower case only
+        await send({"type": "http.response.start", "status": 200, "headers": [(name, str(len(answer)).encode())]})
         await send({"type": "http.response.body", "body": answer})
 
 
@@ -147,11 +166,12 @@ async def test_a_head_request_gets_the_head_alone_and_the_connection_stays_usabl
         writer.close()
 
 
-async def test_a_streamed_answer_sends_its_head_before_its_first_chunk() -> None:
+@pytest.mark.parametrize("path", list(STREAMED))
+async def test_a_streamed_answer_sends_its_head_before_its_first_chunk(path: str) -> None:
     harness = Harness()
     async with serving(harness) as port:
         reader, writer = await connect(port)
-        writer.write(request("GET", "/stream"))
+        writer.write(request("GET", path))
         try:
             async with asyncio.timeout(WAIT_S):  # the app is still waiting: only the head can have come
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -160,6 +180,45 @@ async def test_a_streamed_answer_sends_its_head_before_its_first_chunk() -> None
         assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding: chunked" in head.lower()
         async with asyncio.timeout(WAIT_S):
             assert await reader.readuntil(b"0\r\n\r\n") == b"%x\r\n%s\r\n0\r\n\r\n" % (len(CHUNK), CHUNK)
+        writer.close()
+
+
+async def test_a_capitalised_content_length_is_one_write_too(writes: list[bytes]) -> None:
+    async with serving(Harness()) as port:
+        reader, writer = await connect(port)
+        writer.write(request("GET", "/capitalised"))
+        head, body = await answer(reader)
+        assert body == ANSWER and writes == [head + body]
+        writer.close()
+
+
+async def test_a_body_longer_than_its_length_is_refused_to_the_app() -> None:
+    harness = Harness()
+    async with serving(harness) as port:
+        reader, writer = await connect(port)
+        writer.write(request("GET", "/too-long"))
+        async with asyncio.timeout(WAIT_S):
+            received = await reader.read()
+            while chunk := await reader.read():
+                received += chunk
+        assert received.startswith(b"HTTP/1.1 200") and received.endswith(b"\r\n\r\n")  # the head, then the close
+        assert [type(exc).__name__ for exc in harness.send_errors] == ["LocalProtocolError"]
+        writer.close()
+
+
+async def test_a_websocket_accept_101_is_not_held() -> None:
+    """A 101 is followed by WebSocket frames written past h11: held, it would never be written at all."""
+    harness = Harness()
+    upgrade = b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    async with serving(harness) as port:
+        reader, writer = await connect(port)
+        writer.write(request("GET", "/ws", upgrade + b"Sec-WebSocket-Version: 13\r\n"))
+        try:
+            async with asyncio.timeout(WAIT_S):  # the app holds the socket open: only the 101 can have come
+                head = await reader.readuntil(b"\r\n\r\n")
+        finally:
+            harness.release_stream.set()
+        assert head.startswith(b"HTTP/1.1 101")
         writer.close()
 
 
