@@ -115,6 +115,23 @@ async def answer(reader: asyncio.StreamReader, *, has_body: bool = True) -> tupl
         return head, await reader.readexactly(length) if has_body else b""
 
 
+async def read_to_close(reader: asyncio.StreamReader) -> bytes:
+    async with asyncio.timeout(WAIT_S):
+        received = await reader.read()
+        while chunk := await reader.read():
+            received += chunk
+    return received
+
+
+async def head_while_held(reader: asyncio.StreamReader, harness: Harness) -> bytes:
+    """A response head read while the app still waits on ``release_stream`` (then let go, whatever came)."""
+    try:
+        async with asyncio.timeout(WAIT_S):
+            return await reader.readuntil(b"\r\n\r\n")
+    finally:
+        harness.release_stream.set()
+
+
 @pytest.fixture
 def writes(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
     """Every chunk of bytes a connection hands its socket writer."""
@@ -172,11 +189,7 @@ async def test_a_streamed_answer_sends_its_head_before_its_first_chunk(path: str
     async with serving(harness) as port:
         reader, writer = await connect(port)
         writer.write(request("GET", path))
-        try:
-            async with asyncio.timeout(WAIT_S):  # the app is still waiting: only the head can have come
-                head = await reader.readuntil(b"\r\n\r\n")
-        finally:
-            harness.release_stream.set()
+        head = await head_while_held(reader, harness)
         assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding: chunked" in head.lower()
         async with asyncio.timeout(WAIT_S):
             assert await reader.readuntil(b"0\r\n\r\n") == b"%x\r\n%s\r\n0\r\n\r\n" % (len(CHUNK), CHUNK)
@@ -197,10 +210,7 @@ async def test_a_body_longer_than_its_length_is_refused_to_the_app() -> None:
     async with serving(harness) as port:
         reader, writer = await connect(port)
         writer.write(request("GET", "/too-long"))
-        async with asyncio.timeout(WAIT_S):
-            received = await reader.read()
-            while chunk := await reader.read():
-                received += chunk
+        received = await read_to_close(reader)
         assert received.startswith(b"HTTP/1.1 200") and received.endswith(b"\r\n\r\n")  # the head, then the close
         assert [type(exc).__name__ for exc in harness.send_errors] == ["LocalProtocolError"]
         writer.close()
@@ -213,11 +223,7 @@ async def test_a_websocket_accept_101_is_not_held() -> None:
     async with serving(harness) as port:
         reader, writer = await connect(port)
         writer.write(request("GET", "/ws", upgrade + b"Sec-WebSocket-Version: 13\r\n"))
-        try:
-            async with asyncio.timeout(WAIT_S):  # the app holds the socket open: only the 101 can have come
-                head = await reader.readuntil(b"\r\n\r\n")
-        finally:
-            harness.release_stream.set()
+        head = await head_while_held(reader, harness)  # the app holds the socket open: only the 101 can have come
         assert head.startswith(b"HTTP/1.1 101")
         writer.close()
 
@@ -239,10 +245,7 @@ async def test_a_head_whose_body_never_comes_is_written_before_the_close() -> No
     async with serving(Harness()) as port:
         reader, writer = await connect(port)
         writer.write(request("GET", "/fail"))
-        async with asyncio.timeout(WAIT_S):
-            received = await reader.read()
-            while chunk := await reader.read():
-                received += chunk
+        received = await read_to_close(reader)
         assert received.startswith(b"HTTP/1.1 200") and received.endswith(b"\r\n\r\n")
         writer.close()
 
