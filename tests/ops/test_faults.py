@@ -72,11 +72,22 @@ async def test_redis_restart_and_a_dead_worker_under_load(
         recovered_after_s = time.monotonic() - restarted_at
         await asyncio.sleep(STEADY_S)
 
-        victim = next(w for w in workers if w.url == ledger.assignments[-1][1])
-        survivor = next(w for w in workers if w is not victim)
-        victim.process.send_signal(signal.SIGKILL)
-        dead_at = time.monotonic()
-        await asyncio.to_thread(victim.process.wait)
+        # One request certainly meets the dead worker: routed before the kill, sent to its worker after it. (The
+        # clients alone may not: the victim can hold more unreleased load than the survivor when it dies, and then
+        # gets no new request before its heartbeat runs out.)
+        async with httpx.AsyncClient(timeout=30) as http:
+            held = await _route(http, dispatcher, deployment, ledger)
+            victim = next(w for w in workers if w.url == held["url"])
+            survivor = next(w for w in workers if w is not victim)
+            victim.process.send_signal(signal.SIGKILL)
+            dead_at = time.monotonic()
+            await asyncio.to_thread(victim.process.wait)
+            with pytest.raises(httpx.TransportError):
+                await _call_worker(http, held)
+            ledger.worker_failures.append((time.monotonic(), victim.url))
+            retried = await _route(http, dispatcher, deployment, ledger, held["request_idx"])
+            ledger.retries.append((victim.url, retried["url"], held["request_idx"]))
+            assert (await _call_worker(http, retried)).status_code == 200
         await asyncio.sleep(HEARTBEAT_TIMEOUT_S + EXCLUSION_SLACK_S + STEADY_S)
         stop.set()
         await asyncio.wait_for(load, 60)
@@ -129,6 +140,26 @@ async def test_redis_restart_and_a_dead_worker_under_load(
     )
 
 
+async def _route(
+    http: httpx.AsyncClient, dispatcher: Server, deployment: Deployment, ledger: Ledger, request_idx: int | None = None
+) -> dict[str, Any]:
+    """One assignment (a retry with ``request_idx``), recorded in the ledger."""
+    body: dict[str, Any] = {"endpoint": ENDPOINT, "cost": 1.0}
+    if request_idx is not None:
+        body["request_idx"] = request_idx
+    answer = await http.post(
+        f"{dispatcher.url}/route/", json=body, headers={"authorization": f"Bearer {deployment.api_key}"}
+    )
+    assignment: dict[str, Any] = answer.json()
+    assert answer.status_code == 200 and "url" in assignment, assignment
+    ledger.assignments.append((time.monotonic(), assignment["url"], assignment["reqnum"], assignment["request_idx"]))
+    return assignment
+
+
+async def _call_worker(http: httpx.AsyncClient, assignment: dict[str, Any]) -> httpx.Response:
+    return await http.post(f"{assignment['url']}/echo", json={"auth_data": assignment, "payload": {"n": 1}})
+
+
 async def _client(dispatcher: Server, deployment: Deployment, ledger: Ledger, stop: asyncio.Event) -> None:
     """Route, call the worker with the assignment; on a dead worker, route again with the same request_idx."""
     auth = {"authorization": f"Bearer {deployment.api_key}"}
@@ -158,7 +189,7 @@ async def _client(dispatcher: Server, deployment: Deployment, ledger: Ledger, st
             if request_idx is not None:
                 ledger.retries.append((failed_url, url, request_idx))
             try:
-                echo = await http.post(f"{url}/echo", json={"auth_data": assignment, "payload": {"n": 1}})
+                echo = await _call_worker(http, assignment)
             except httpx.TransportError:
                 ledger.worker_failures.append((time.monotonic(), url))
                 request_idx, failed_url = assignment["request_idx"], url
