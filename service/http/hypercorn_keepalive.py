@@ -17,13 +17,12 @@ worker closes the idle connections then; one that goes idle later is closed as i
 from __future__ import annotations
 
 import asyncio
-import logging
 import weakref
 from typing import Any
 
 from hypercorn.asyncio import tcp_server
 
-logger = logging.getLogger(__name__)
+from service.http.hypercorn_patching import should_patch
 
 _INSTALLED = "_service_keep_alive_timer"
 # What the timer replaces (``_idle_timeout``) and calls (``_initiate_server_close``) on Hypercorn's TCPServer; without
@@ -145,10 +144,7 @@ def install() -> None:
     where Hypercorn no longer has what it replaces (``pyproject.toml`` holds Hypercorn below 0.19, whose private
     parts this was written against)."""
     server = tcp_server.TCPServer
-    if getattr(server, _INSTALLED, False):
-        return
-    if not all(hasattr(server, name) for name in _SERVER_ATTRIBUTES):
-        logger.warning("this Hypercorn's TCPServer lacks what the services' keep-alive timer replaces: its own is kept")
+    if not should_patch(server, _INSTALLED, _SERVER_ATTRIBUTES, "the services' keep-alive timer"):
         return
     original_init = server.__init__
 

@@ -21,17 +21,15 @@ answer either way. The services' handlers send a head and its body with nothing 
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import h11
 from hypercorn.events import RawData
 from hypercorn.protocol import h11 as hypercorn_h11
 
-logger = logging.getLogger(__name__)
+from service.http.hypercorn_patching import should_patch
 
 _INSTALLED = "_service_single_write"
-_HELD = "_service_held_head"
 # Past this a body is not copied to join its head: one more send costs less than copying that much.
 MAX_JOINED_BYTES = 64 * 1024
 _CONTENT_LENGTH = b"content-length"
@@ -56,11 +54,11 @@ async def _send_h11_event(self: Any, event: Any) -> None:
             raise
         return
     if type(event) is h11.Response and _sized(event):  # its body, or its end, comes next
-        setattr(self, _HELD, data)
+        self._service_held_head = data
         return
-    held = getattr(self, _HELD)
+    held = self._service_held_head
     if held:
-        setattr(self, _HELD, b"")
+        self._service_held_head = b""
         if len(data) > MAX_JOINED_BYTES:
             await self.send(RawData(data=held))
         else:
@@ -70,9 +68,9 @@ async def _send_h11_event(self: Any, event: Any) -> None:
 
 
 async def _flush_held(self: Any) -> None:
-    held = getattr(self, _HELD)
+    held = self._service_held_head
     if held:
-        setattr(self, _HELD, b"")
+        self._service_held_head = b""
         await self.send(RawData(data=held))
 
 
@@ -80,10 +78,7 @@ def install() -> None:
     """Make every Hypercorn HTTP/1 connection write this way (idempotent). Left alone, with a warning, where
     Hypercorn no longer has what it replaces (``pyproject.toml`` holds Hypercorn below 0.19)."""
     protocol = hypercorn_h11.H11Protocol
-    if getattr(protocol, _INSTALLED, False):
-        return
-    if not all(hasattr(protocol, name) for name in _PROTOCOL_ATTRIBUTES):
-        logger.warning("this Hypercorn's H11Protocol lacks what the single-write answer replaces: its own is kept")
+    if not should_patch(protocol, _INSTALLED, _PROTOCOL_ATTRIBUTES, "the services' single write"):
         return
     original_maybe_recycle = protocol._maybe_recycle
 
@@ -91,7 +86,7 @@ def install() -> None:
         await _flush_held(self)
         await original_maybe_recycle(self)
 
-    setattr(protocol, _HELD, b"")
+    protocol._service_held_head = b""  # type: ignore[attr-defined]  # the head held by a connection, or none
     protocol._send_h11_event = _send_h11_event  # type: ignore[method-assign]
     protocol._maybe_recycle = maybe_recycle  # type: ignore[method-assign]
     setattr(protocol, _INSTALLED, True)

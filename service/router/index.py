@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 FAISS_MISSING = "FAISS is missing: pip install 'llm-routing-service[cpu]' (or '[faiss-gpu]' on CUDA hosts)"
 
 
-class Nearest(NamedTuple):  # per search: a NamedTuple costs a third of a frozen dataclass
+class Nearest(NamedTuple):  # one per search: cheaper to make than a frozen dataclass (0.35 against 0.49 us)
     """``ids`` [B, k] nearest centroids, best first; ``similarity`` [B, k] their cosine similarity."""
 
     ids: np.ndarray

@@ -22,7 +22,7 @@ from hypercorn.asyncio.worker_context import WorkerContext
 from hypercorn.config import Config
 from hypercorn.utils import wrap_app
 
-from service.http import hypercorn_keepalive
+from service.http import hypercorn_keepalive, hypercorn_patching
 from service.http.hypercorn_keepalive import KeepAliveTimer
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -109,10 +109,10 @@ def test_a_hypercorn_without_the_timer_it_replaces_keeps_its_own(
             self.idle_task = "its own"
 
     monkeypatch.setattr(tcp_server, "TCPServer", OtherTCPServer)
-    with caplog.at_level(logging.WARNING, logger=hypercorn_keepalive.__name__):
+    with caplog.at_level(logging.WARNING, logger=hypercorn_patching.__name__):
         hypercorn_keepalive.install()
     assert OtherTCPServer().idle_task == "its own"
-    assert "its own is kept" in caplog.text
+    assert "lacks _initiate_server_close, _idle_timeout" in caplog.text and "its own is kept" in caplog.text
 
 
 async def test_an_idle_connection_closes_after_the_keep_alive_and_requests_keep_it_open() -> None:
